@@ -1,0 +1,1 @@
+"""PyTorch state dicts -> Flax parameters."""

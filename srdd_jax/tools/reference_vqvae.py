@@ -1,0 +1,173 @@
+"""Checks of `kind='vqvae'` reference files: the tokenizer against VAR's PyTorch outputs."""
+from __future__ import annotations
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from srdd_jax.convert import state_dict as sd
+from srdd_jax.convert import var_vqvae
+from srdd_jax.tokenizer import resample
+from srdd_jax.tokenizer.api import Tokenizer
+from srdd_jax.tokenizer.vqvae import VQVAEConfig
+from srdd_jax.tools import reference_common as rc
+
+_OPTIONAL_FIELDS = ('num_res_blocks', 'using_sa', 'using_mid_sa', 'default_qresi_counts', 'in_channels')
+
+
+def vqvae_config_from_meta(meta: dict, path: str) -> VQVAEConfig:
+  kw = dict(
+      vocab_size=int(rc.meta_get(meta, 'V', path)),
+      z_channels=int(rc.meta_get(meta, 'Cvae', path)),
+      ch=int(rc.meta_get(meta, 'ch', path)),
+      ch_mult=tuple(rc.meta_get(meta, 'ch_mult', path)),
+      patch_nums=tuple(rc.meta_get(meta, 'patch_nums', path)),
+      share_quant_resi=int(rc.meta_get(meta, 'share_quant_resi', path)),
+      quant_resi=float(rc.meta_get(meta, 'quant_resi', path)),
+  )
+  for k in _OPTIONAL_FIELDS:
+    if k in meta:
+      kw[k] = meta[k]
+  try:
+    config = VQVAEConfig(**kw)
+  except ValueError as e:
+    raise rc.ReferenceFormatError(f'{path}: meta describes an invalid tokenizer: {e}') from e
+  size = meta.get('image_size')
+  if size is not None and int(size) != config.image_size:
+    raise rc.ReferenceFormatError(
+        f'{path}: meta image_size={size} but patch_nums[-1]={config.latent_side} x downsampling '
+        f'{config.downsample} = {config.image_size}')
+  return config
+
+
+def _ids_from_reference_f(module, f, ref_ids):
+  """Per scale: our nearest codes for the residual left by the *reference* tokens of earlier scales,
+  so a near-tie at one scale cannot cascade into the next. Returns our ids and the distances of our
+  and of the reference's code."""
+  c = module.config
+  q = module.quantize
+  f_rest = f
+  ours, d_ours, d_ref = [], [], []
+  for si, pn in enumerate(c.patch_nums):
+    z = resample.area_resize(f_rest, pn) if si != c.num_scales - 1 else f_rest
+    d = q.distances(z.reshape(-1, c.z_channels))
+    idx = jnp.argmin(d, axis=-1)
+    ref = ref_ids[si].reshape(-1)
+    ours.append(idx.reshape(f.shape[0], pn * pn))
+    d_ours.append(jnp.take_along_axis(d, idx[:, None], axis=-1)[:, 0])
+    d_ref.append(jnp.take_along_axis(d, ref[:, None], axis=-1)[:, 0])
+    f_rest = f_rest - q.scale_residual(ref_ids[si], si)
+  return ours, d_ours, d_ref
+
+
+def check_vqvae(z, meta: dict, path: str) -> list[rc.Result]:
+  config = vqvae_config_from_meta(meta, path)
+  tok = Tokenizer(config)
+  results: list[rc.Result] = []
+  used = {'meta'}
+
+  weight_keys = [k for k in z.files if k.startswith('vae/')]
+  used.update(weight_keys)
+  try:
+    params = var_vqvae.convert_vqvae({k[4:]: z[k] for k in weight_keys}, config)
+  except sd.StateDictMismatch as e:
+    return [rc.Result('vae/* weights', rc.FAIL, str(e))]
+  results.append(rc.Result('vae/* weights', rc.PASS, f'{len(weight_keys)} keys converted'))
+
+  S = config.num_scales
+  idx_keys = [f'idx_{k}' for k in range(S)]
+  have_ids = all(k in z.files for k in idx_keys)
+  ref_ids = [jnp.asarray(z[k].astype(np.int32)) for k in idx_keys] if have_ids else None
+
+  if 'img' in z.files:
+    used.add('img')
+    img = jnp.asarray(rc.nchw_to_nhwc(z['img']).astype(np.float32))
+    f_ours = jax.jit(tok.encode)(params, img)
+    if 'f' in z.files:
+      results.append(rc.rel_result('f', f_ours, rc.nchw_to_nhwc(z['f']), how=' (image -> encoder)'))
+    if 'rec' in z.files:
+      used.add('rec')
+      rec = jax.jit(tok.reconstruct)(params, img)
+      results.append(rc.rel_result('rec', rec, rc.nchw_to_nhwc(z['rec']), how=' (image -> image)'))
+    if have_ids:
+      ids_e2e = jax.jit(tok.img_to_idx)(params, img)
+      same = sum(int(np.sum(np.asarray(a) == np.asarray(b))) for a, b in zip(ids_e2e, ref_ids))
+      total = sum(int(np.size(b)) for b in ref_ids)
+      results.append(rc.Result('idx (image -> tokens)', rc.INFO,
+                               f'{same}/{total} ids identical end to end (informative; the per-scale '
+                               'idx_k checks below are the ones from the same f)'))
+
+  if 'f' in z.files:
+    used.add('f')
+    f_ref = jnp.asarray(rc.nchw_to_nhwc(z['f']).astype(np.float32))
+    if have_ids:
+      used.update(idx_keys)
+      ours, d_ours, d_ref = jax.jit(
+          lambda p, f, r: tok.module.apply({'params': p}, f, r, method=_ids_from_reference_f)
+      )(params, f_ref, ref_ids)
+      for k in range(S):
+        a, b = np.asarray(ours[k]).reshape(-1), np.asarray(ref_ids[k]).reshape(-1)
+        diff = np.flatnonzero(a != b)
+        if not diff.size:
+          results.append(rc.Result(f'idx_{k}', rc.PASS, f'0/{b.size} ids differ (from the reference f)'))
+          continue
+        do, dr = np.asarray(d_ours[k], np.float64)[diff], np.asarray(d_ref[k], np.float64)[diff]
+        gap = (dr - do) / np.maximum(np.abs(do), 1e-30)
+        worst = float(gap.max())
+        if worst < rc.TIE_REL:
+          results.append(rc.Result(
+              f'idx_{k}', rc.PASS, f'{diff.size}/{b.size} ids differ, all near-ties: the two nearest '
+              f'codebook distances differ by at most {worst:.1e} relative (< {rc.TIE_REL:.0e})'))
+        else:
+          results.append(rc.Result(
+              f'idx_{k}', rc.FAIL, f'{diff.size}/{b.size} ids differ; largest distance gap '
+              f'{worst:.1e} relative (a tie needs < {rc.TIE_REL:.0e})'))
+
+  if have_ids:
+    used.update(idx_keys)
+    fhat_keys = [f'fhat_{k}' for k in range(S) if f'fhat_{k}' in z.files]
+    if fhat_keys:
+      fhats = jax.jit(tok.idx_to_fhat)(params, ref_ids)
+      for key in fhat_keys:
+        used.add(key)
+        k = int(key.split('_')[1])
+        results.append(rc.rel_result(key, fhats[k], rc.nchw_to_nhwc(z[key]), how=' (from reference ids)'))
+    if 'var_input' in z.files:
+      used.add('var_input')
+      vi = jax.jit(tok.idx_to_var_input)(params, ref_ids)
+      results.append(rc.rel_result('var_input', vi, z['var_input'], how=' (from reference ids)'))
+    if 'dec_from_idx' in z.files:
+      used.add('dec_from_idx')
+      dec = jax.jit(tok.idx_to_img)(params, ref_ids)
+      results.append(rc.rel_result('dec_from_idx', dec, rc.nchw_to_nhwc(z['dec_from_idx']),
+                                   how=' (from reference ids)'))
+
+  # Resampling operators: the target size is read from the arrays, not from the key names.
+  if 'area_in' in z.files:
+    used.add('area_in')
+    x = jnp.asarray(rc.nchw_to_nhwc(z['area_in']).astype(np.float32))
+    for key in sorted((k for k in z.files if re.fullmatch(r'area_out_\d+', k)), key=_num):
+      used.add(key)
+      out = z[key]
+      ours = resample.area_resize(x, (out.shape[2], out.shape[3]))
+      results.append(rc.abs_result(key, ours, rc.nchw_to_nhwc(out)))
+  for key in sorted((k for k in z.files if re.fullmatch(r'bicubic_out_\d+', k)), key=_num):
+    src = key.replace('_out_', '_in_')
+    if src not in z.files:
+      continue
+    used.update((key, src))
+    out = z[key]
+    x = jnp.asarray(rc.nchw_to_nhwc(z[src]).astype(np.float32))
+    ours = resample.bicubic_resize(x, (out.shape[2], out.shape[3]))
+    results.append(rc.abs_result(key, ours, rc.nchw_to_nhwc(out)))
+
+  for key in z.files:
+    if key not in used and not re.fullmatch(r'bicubic_in_\d+', key):
+      results.append(rc.Result(key, rc.NOT_CHECKED, 'no check for this entry'))
+  return results
+
+
+def _num(key):
+  return int(key.rsplit('_', 1)[1])

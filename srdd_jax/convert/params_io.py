@@ -1,0 +1,99 @@
+"""Saving and loading converted parameters: an Orbax tree plus a JSON description of the model."""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import hashlib
+import json
+import os
+from typing import Any
+
+import numpy as np
+
+MODEL_JSON = 'model.json'
+PARAMS_DIR = 'params'
+
+
+def file_sha256(path: str, chunk: int = 1 << 22) -> str:
+  h = hashlib.sha256()
+  with open(path, 'rb') as f:
+    while block := f.read(chunk):
+      h.update(block)
+  return h.hexdigest()
+
+
+def save_params(out_dir: str, params, *, kind: str, config: Any, source: str | None = None,
+                overwrite: bool = False) -> str:
+  """Writes `out_dir/params` (Orbax) and `out_dir/model.json` (kind, config, source, parameter count).
+
+  Refuses to touch an existing conversion unless `overwrite`, so a typo never destroys saved work.
+  """
+  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+
+  out_dir = os.path.abspath(out_dir)
+  ppath = os.path.join(out_dir, PARAMS_DIR)
+  mpath = os.path.join(out_dir, MODEL_JSON)
+  if (os.path.exists(ppath) or os.path.exists(mpath)) and not overwrite:
+    raise FileExistsError(f'{out_dir} already holds converted parameters; pass overwrite=True '
+                          '(--overwrite) to replace them, or choose another directory')
+  os.makedirs(out_dir, exist_ok=True)
+  cfg = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config)
+  leaves = [np.asarray(x) for x in _leaves(params)]
+  meta = {
+      'kind': kind,
+      'config': cfg,
+      'num_params': int(sum(x.size for x in leaves)),
+      'source': os.path.abspath(source) if isinstance(source, str) and os.path.exists(source) else source,
+      'source_sha256': file_sha256(source) if isinstance(source, str) and os.path.isfile(source) else None,
+      'created': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
+  }
+  if os.path.exists(ppath):  # overwrite: write beside, then swap, so a crash keeps the old copy.
+    tmp = ppath + '.new'
+    _orbax_save(ocp, tmp, params)
+    old = ppath + '.old'
+    os.replace(ppath, old)
+    os.replace(tmp, ppath)
+    import shutil  # pylint: disable=import-outside-toplevel
+    shutil.rmtree(old)
+  else:
+    _orbax_save(ocp, ppath, params)
+  with open(mpath + '.tmp', 'w') as f:
+    json.dump(meta, f, indent=1)
+  os.replace(mpath + '.tmp', mpath)
+  return out_dir
+
+
+def _orbax_save(ocp, path, params):
+  ckptr = ocp.StandardCheckpointer()
+  ckptr.save(path, params)
+  ckptr.wait_until_finished()
+
+
+def _leaves(tree):
+  import jax  # pylint: disable=import-outside-toplevel
+  return jax.tree_util.tree_leaves(tree)
+
+
+def load_params(directory: str, kind: str | None = None):
+  """Returns (model description dict, params as numpy arrays) saved by `save_params`."""
+  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+
+  directory = os.path.abspath(directory)
+  mpath = os.path.join(directory, MODEL_JSON)
+  ppath = os.path.join(directory, PARAMS_DIR)
+  if not os.path.isfile(mpath) or not os.path.isdir(ppath):
+    raise FileNotFoundError(f'{directory} holds no converted parameters (expected {MODEL_JSON} and '
+                            f'{PARAMS_DIR}/; create them with `python -m srdd_jax.tools.convert_var`)')
+  with open(mpath) as f:
+    meta = json.load(f)
+  if kind is not None and meta.get('kind') != kind:
+    raise ValueError(f'{directory} holds a {meta.get("kind")!r} model, not a {kind!r} one')
+  params = ocp.StandardCheckpointer().restore(ppath)
+  return meta, params
+
+
+def load_vqvae(directory: str):
+  """(VQVAEConfig, params) of a converted tokenizer."""
+  from srdd_jax.tokenizer.vqvae import VQVAEConfig  # pylint: disable=import-outside-toplevel
+  meta, params = load_params(directory, kind='vqvae')
+  return VQVAEConfig(**meta['config']), params

@@ -1,0 +1,85 @@
+"""The device mesh (data, fsdp, tensor) and the logical-axis rules that place parameters on it."""
+from __future__ import annotations
+
+import math
+from typing import Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+MESH_AXES = ('data', 'fsdp', 'tensor')
+
+# Logical axis -> mesh axes. Configs may override; these fit the tokenizer and the transformer.
+DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+    ('batch', ('data', 'fsdp')),
+    ('embed', 'fsdp'),
+    ('heads', 'tensor'),
+    ('mlp', 'tensor'),
+    ('vocab', 'tensor'),
+    ('conv_in', 'fsdp'),
+    ('conv_out', 'tensor'),
+    ('vq_embed', None),
+    ('norm', None),
+)
+
+
+def resolve_mesh_shape(shape: Mapping[str, int] | Sequence[int], num_devices: int) -> tuple[int, ...]:
+  """Fills a single -1 so the product equals `num_devices`; errors name the offending axis."""
+  sizes = [int(shape[a]) for a in MESH_AXES] if isinstance(shape, Mapping) else [int(s) for s in shape]
+  if len(sizes) != len(MESH_AXES):
+    raise ValueError(f'mesh shape {tuple(sizes)} must give one size per axis {MESH_AXES}')
+  fill = [i for i, s in enumerate(sizes) if s == -1]
+  if len(fill) > 1:
+    raise ValueError(f'mesh shape {tuple(sizes)}: at most one axis may be -1')
+  for a, s in zip(MESH_AXES, sizes):
+    if s == 0 or s < -1:
+      raise ValueError(f'mesh axis {a!r} has size {s}; sizes are positive or -1 (fill)')
+  known = math.prod(s for s in sizes if s != -1)
+  if fill:
+    if num_devices % known:
+      raise ValueError(f'mesh shape {tuple(sizes)}: {num_devices} devices are not divisible by {known}')
+    sizes[fill[0]] = num_devices // known
+  if math.prod(sizes) != num_devices:
+    raise ValueError(f'mesh shape {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, '
+                     f'but {num_devices} are available')
+  return tuple(sizes)
+
+
+def make_mesh(shape: Mapping[str, int] | Sequence[int] = (-1, 1, 1), devices=None) -> jax.sharding.Mesh:
+  devices = jax.devices() if devices is None else list(devices)
+  sizes = resolve_mesh_shape(shape, len(devices))
+  try:
+    from jax.sharding import AxisType  # pylint: disable=import-outside-toplevel
+    return jax.make_mesh(sizes, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
+                         devices=devices)
+  except (ImportError, TypeError):  # Older JAX: no axis types, every axis is auto.
+    return jax.sharding.Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
+
+
+def param_shardings(abstract_boxed_params, mesh, rules=DEFAULT_RULES):
+  """NamedShardings of a boxed parameter tree (from `jax.eval_shape(init)`) under `rules`.
+
+  A dimension that the mapped mesh axes do not divide (the 3 RGB channels of a conv, say) stays
+  replicated instead of failing: such parameters are tiny.
+  """
+  specs = nn.get_partition_spec(abstract_boxed_params)
+  shardings = nn.logical_to_mesh_sharding(specs, mesh, list(rules))
+  shapes = nn.meta.unbox(abstract_boxed_params)
+
+  def fit(sharding, leaf):
+    spec = list(sharding.spec) + [None] * (len(leaf.shape) - len(sharding.spec))
+    for i, axes in enumerate(spec):
+      if axes is None:
+        continue
+      n = math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes))
+      if leaf.shape[i] % n:
+        spec[i] = None
+    return NamedSharding(mesh, PartitionSpec(*spec))
+
+  return jax.tree_util.tree_map(fit, shardings, shapes)
+
+
+def replicated(mesh) -> NamedSharding:
+  return NamedSharding(mesh, PartitionSpec())

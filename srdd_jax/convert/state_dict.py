@@ -140,6 +140,7 @@ def map_state_dict(
   drop = set(drop)
   targets, dropped = {}, []
   unexpected, misshaped, filled = [], [], {}
+  wrong_shape_paths = set()  # Reported as mis-shaped, so not again as missing.
   for key in sorted(state_shapes):
     if key in drop:
       dropped.append(key)
@@ -160,6 +161,7 @@ def map_state_dict(
     got = _shape_after(transform, shape)
     want = tuple(expected[path].shape)
     if got != want:
+      wrong_shape_paths.add(path)
       misshaped.append(f'{key}: shape {shape} (as {"/".join(path)}: {got}) but the model expects {want}')
       continue
     if path in filled:
@@ -167,7 +169,8 @@ def map_state_dict(
       continue
     filled[path] = key
     targets[key] = (path, transform)
-  missing = ['/'.join(p) + f' {tuple(expected[p].shape)}' for p in expected if p not in filled]
+  missing = ['/'.join(p) + f' {tuple(expected[p].shape)}' for p in expected
+             if p not in filled and p not in wrong_shape_paths]
   if unexpected or missing or misshaped:
     lines = [f'the {what} does not match the model:']
     if unexpected:

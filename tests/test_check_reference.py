@@ -1,0 +1,135 @@
+"""`check_reference`: the real reference file, failures, strictness, and files of other configurations."""
+import json
+import math
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from srdd_jax.tokenizer.api import Tokenizer, unbox
+from srdd_jax.tokenizer.vqvae import VQVAEConfig
+from srdd_jax.tools import check_reference
+from tests.conftest import reference_file
+from tests.test_resample import _area_loop, _bicubic_loop
+
+
+def _run(capsys, *args):
+  rc = check_reference.main(list(args))
+  out = capsys.readouterr().out
+  lines = {m.group(2): (m.group(1), m.group(3))
+           for m in re.finditer(r'^(PASS|FAIL|NOT CHECKED|INFO)\s+(\S+(?: \S+)*?)\s{2,}(.*)$', out, re.M)}
+  return rc, out, lines
+
+
+def test_reference_vqvae_file_passes(capsys):
+  rc, out, lines = _run(capsys, reference_file('vqvae_ch32_256.npz'))
+  assert rc == 0, out
+  names = {'f', 'rec', 'var_input', 'dec_from_idx', *[f'idx_{k}' for k in range(10)],
+           *[f'fhat_{k}' for k in range(10)],
+           *[f'area_out_{p}' for p in (1, 2, 3, 4, 5, 6, 8, 10, 13)],
+           *[f'bicubic_out_{p}' for p in (1, 2, 3, 4, 5, 6, 8, 10, 13)]}
+  assert names <= set(lines), names - set(lines)
+  assert all(lines[n][0] == 'PASS' for n in names)
+  assert re.search(r'^4[0-9] passed, 0 failed, 0 not checked$', out, re.M), out
+
+
+def test_a_wrong_output_fails(tmp_path, capsys):
+  with np.load(reference_file('vqvae_ch32_256.npz')) as z:
+    data = {k: z[k] for k in z.files}
+  data['rec'] = data['rec'] * 1.01
+  data['idx_4'] = data['idx_4'].copy()
+  data['idx_4'][0, 7] = (data['idx_4'][0, 7] + 1) % 4096
+  data['area_out_5'] = data['area_out_5'] + 1e-3
+  bad = tmp_path / 'bad.npz'
+  np.savez(bad, **data)
+  rc, out, lines = _run(capsys, str(bad))
+  assert rc == 1
+  assert lines['rec'][0] == 'FAIL' and lines['idx_4'][0] == 'FAIL' and lines['area_out_5'][0] == 'FAIL'
+  assert '1/50 ids differ' in lines['idx_4'][1]
+  assert lines['f'][0] == 'PASS' and lines['fhat_3'][0] == 'PASS'
+
+
+def test_unsupported_entries_are_not_checked_and_strict_fails(capsys):
+  path = reference_file('fid_inception.npz')
+  rc, out, lines = _run(capsys, path)
+  assert rc == 0 and lines['pool3'][0] == 'NOT CHECKED'
+  rc, out, _ = _run(capsys, path, '--strict')
+  assert rc == 1
+
+
+def test_unreadable_input_is_a_clear_error(tmp_path, capsys):
+  np.savez(tmp_path / 'nometa.npz', x=np.zeros(3))
+  rc, out, _ = _run(capsys, str(tmp_path / 'nometa.npz'), str(tmp_path / 'absent.npz'))
+  assert rc == 2
+  assert 'nometa.npz: no `meta` entry' in out and 'absent.npz: no such file' in out
+
+
+def _torch_key(path):
+  """Inverse of the converter's key rule, for writing test files in PyTorch layout."""
+  parts = []
+  for i, m in enumerate(path[:-1]):
+    mm = re.fullmatch(r'(.+)_(\d+)', m)
+    parts += [mm.group(1), mm.group(2)] if mm and (i == 0 or path[i - 1] != 'mid') else [m]
+  return '.'.join(parts + ['weight' if path[-1] in ('kernel', 'scale', 'embedding') else path[-1]])
+
+
+def _sep(fn, x, out):
+  """Applies a 1-D resampler separably to NCHW `x`."""
+  x = np.apply_along_axis(fn, 2, x, out)
+  return np.apply_along_axis(fn, 3, x, out)
+
+
+def test_file_of_another_configuration_512px(tmp_path, capsys):
+  """A file in the reference format for 512 px, patch_nums ending at 32, non-shared phis, V=512,
+  Cvae=16, batch 1, another seed: the tool builds everything from `meta` and checks every entry.
+  The resampling entries come from the per-pixel transcriptions of PyTorch, not from the port."""
+  pns = (1, 2, 3, 4, 6, 9, 13, 18, 24, 32)
+  config = VQVAEConfig(vocab_size=512, z_channels=16, ch=32, patch_nums=pns, share_quant_resi=0)
+  tok = Tokenizer(config)
+  params = unbox(tok.init(jax.random.PRNGKey(7)))
+  # Stored as float16 like the reference files; outputs from exactly those rounded weights.
+  params = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float16).astype(np.float32), params)
+  from srdd_jax.convert.state_dict import flatten_params
+  data = {}
+  for path, leaf in flatten_params(params).items():
+    a = np.asarray(leaf)
+    if path[-1] == 'kernel':
+      a = np.transpose(a, (3, 2, 0, 1))
+    data['vae/' + _torch_key(path)] = a.astype(np.float16)
+  data['vae/quantize.ema_vocab_hit_SV'] = np.zeros((len(pns), 512), np.float16)
+  rng = np.random.default_rng(7)
+  img = rng.uniform(-1, 1, (1, 512, 512, 3)).astype(np.float32)
+  nchw = lambda a: np.transpose(np.asarray(a), (0, 3, 1, 2))
+  f = tok.encode(params, jnp.asarray(img))
+  ids, fhats = tok.f_to_idx(params, f, return_fhat=True)
+  data.update(img=nchw(img), f=nchw(f), rec=nchw(tok.reconstruct(params, img)),
+              dec_from_idx=nchw(tok.idx_to_img(params, ids)),
+              var_input=np.asarray(tok.idx_to_var_input(params, ids)))
+  for k in range(len(pns)):
+    data[f'idx_{k}'] = np.asarray(ids[k]).astype(np.int64)
+    data[f'fhat_{k}'] = nchw(fhats[k])
+  data['area_in'] = rng.normal(size=(1, 4, 32, 32)).astype(np.float32)
+  for pn in pns[:-1]:
+    data[f'area_out_{pn}'] = _sep(_area_loop, data['area_in'].astype(np.float64), pn).astype(np.float32)
+    data[f'bicubic_in_{pn}'] = rng.normal(size=(1, 4, pn, pn)).astype(np.float32)
+    data[f'bicubic_out_{pn}'] = _sep(_bicubic_loop, data[f'bicubic_in_{pn}'].astype(np.float64),
+                                     32).astype(np.float32)
+  meta = dict(kind='vqvae', seed=7, V=512, Cvae=16, ch=32, ch_mult=[1, 1, 2, 2, 4], patch_nums=list(pns),
+              image_size=512, batch=1, share_quant_resi=0, quant_resi=0.5)
+  path = tmp_path / 'vqvae_other.npz'
+  np.savez(path, meta=np.array(json.dumps(meta)), **data)
+
+  rc, out, lines = _run(capsys, str(path))
+  assert rc == 0, out
+  assert all(lines[f'idx_{k}'][0] == 'PASS' for k in range(len(pns)))
+  assert all(lines[f'bicubic_out_{pn}'][0] == 'PASS' for pn in pns[:-1])
+  assert lines['fhat_9'][0] == 'PASS' and lines['rec'][0] == 'PASS'
+  assert 'patch_nums=[1, 2, 3, 4, 6, 9, 13, 18, 24, 32]' in out
+
+  # The same file with meta claiming the wrong image size is rejected with the key named.
+  meta['image_size'] = 256
+  np.savez(path, meta=np.array(json.dumps(meta)), **data)
+  rc, out, _ = _run(capsys, str(path))
+  assert rc == 2 and 'meta image_size=256' in out

@@ -84,11 +84,9 @@ def test_quantizer_picks_the_nearest_code_and_residual_shrinks(tiny):
   f = tok.encode(params, img)
   ids, fhats = tok.f_to_idx(params, f, return_fhat=True)
   codes = np.asarray(params['quantize']['embedding']['embedding'])
-  z = np.asarray(f).reshape(-1, TINY.z_channels)  # The 1x1 scale sees the mean of f.
-  mean = np.asarray(f).mean(axis=(1, 2))
+  mean = np.asarray(f).mean(axis=(1, 2))  # The 1x1 scale sees the mean of f.
   d = ((mean[:, None, :] - codes[None]) ** 2).sum(-1)
   np.testing.assert_array_equal(np.asarray(ids[0])[:, 0], d.argmin(-1))
-  del z
   errs = [float(jnp.linalg.norm(f - fh)) for fh in fhats]
   assert errs[-1] < errs[0]
 

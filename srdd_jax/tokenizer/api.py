@@ -70,7 +70,7 @@ class Tokenizer:
       raise ValueError(f'expected token ids for {c.num_scales} scales (patch_nums={c.patch_nums}), '
                        f'got {len(ids)}')
     b = np.shape(ids[0])[0] if np.ndim(ids[0]) else None
-    for k, (idx, pn) in enumerate(zip(ids, c.patch_nums)):
+    for k, idx in enumerate(ids):
       self.check_scale_ids(idx, k, batch=b)
 
   def check_scale_ids(self, idx, k: int, batch: int | None = None) -> None:

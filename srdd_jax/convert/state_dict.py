@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from typing import Any, Callable, Iterable, Mapping
 
 import jax
@@ -131,18 +132,19 @@ def map_state_dict(
   """Plans the conversion of `state_shapes` (key -> shape) onto `abstract_params`.
 
   Raises StateDictMismatch listing every unexpected key, every Flax parameter no key fills, and every
-  shape that does not match after the layout transform. Keys in `drop` (known buffers) are skipped.
+  shape that does not match after the layout transform. Keys matching a regular expression of `drop`
+  (known buffers, matched whole) are skipped.
   """
   expected = flatten_params(abstract_params)
   modules: dict[tuple[str, ...], set[str]] = {}
   for path in expected:
     modules.setdefault(path[:-1], set()).add(path[-1])
-  drop = set(drop)
+  drop_res = [re.compile(p) for p in drop]
   targets, dropped = {}, []
   unexpected, misshaped, filled = [], [], {}
   wrong_shape_paths = set()  # Reported as mis-shaped, so not again as missing.
   for key in sorted(state_shapes):
-    if key in drop:
+    if any(r.fullmatch(key) for r in drop_res):
       dropped.append(key)
       continue
     mod, leaf = torch_key_to_module_path(rename(key) if rename else key)

@@ -11,7 +11,7 @@ from srdd_jax.convert import state_dict as sd
 from srdd_jax.tokenizer.vqvae import VQVAE, VQVAEConfig
 
 # Buffers a released checkpoint carries that are not parameters of the function.
-VQVAE_BUFFERS = ('quantize.ema_vocab_hit_SV',)
+VQVAE_BUFFERS = (r'quantize\.ema_vocab_hit_SV',)  # Regular expressions.
 
 
 def abstract_params(config: VQVAEConfig, batch: int = 1):

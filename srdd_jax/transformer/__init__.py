@@ -1,0 +1,1 @@
+"""VAR's scale-wise transformer with the causal (VAR) and markov (SRDD) attention masks."""

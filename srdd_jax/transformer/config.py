@@ -1,0 +1,115 @@
+"""Configuration and size presets of the scale-wise transformer (SPEC §2)."""
+from __future__ import annotations
+
+import dataclasses
+
+MASKS = ('causal', 'markov')
+DTYPES = ('float32', 'bfloat16')
+
+PATCH_NUMS_256 = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
+PATCH_NUMS_512 = (1, 2, 3, 4, 6, 9, 13, 18, 24, 32)
+
+# VAR's `init_adaln_gamma` per depth (its training script); deeper models start closer to identity.
+_ADALN_GAMMA = {16: 1e-3, 20: 1e-3, 24: 1e-4, 30: 1e-5, 36: 1e-5}
+
+
+@dataclasses.dataclass(frozen=True)
+class VARConfig:
+  depth: int = 16
+  width: int = 0  # 0 = 64 * depth.
+  num_heads: int = 0  # 0 = depth (head dim 64 at the default width).
+  mlp_ratio: float = 4.0
+  num_classes: int = 1000
+  vocab_size: int = 4096
+  z_channels: int = 32  # Cvae of the tokenizer.
+  patch_nums: tuple[int, ...] = PATCH_NUMS_256
+  shared_aln: bool = False
+  attn_l2_norm: bool = True
+  drop_path_rate: float = -1.0  # -1 = VAR's 0.1 * depth / 24.
+  cond_drop_rate: float = 0.1  # Label dropout to the null class, for classifier-free guidance.
+  norm_eps: float = 1e-6
+  mask: str = 'markov'
+  # Initialisation (VAR): std sqrt(1/(3C)) when init_std < 0.
+  init_std: float = -1.0
+  init_head: float = 0.02
+  init_adaln: float = 0.5
+  init_adaln_gamma: float = -1.0  # -1 = by depth (1e-3 d16/d20, 1e-4 d24, 1e-5 d30+).
+  dtype: str = 'float32'  # Compute dtype of the matmuls; params, residual, norms, softmax stay f32.
+
+  def __post_init__(self):
+    object.__setattr__(self, 'patch_nums', tuple(int(p) for p in self.patch_nums))
+    if self.width == 0:
+      object.__setattr__(self, 'width', 64 * self.depth)
+    if self.num_heads == 0:
+      object.__setattr__(self, 'num_heads', self.depth)
+    if self.drop_path_rate < 0:
+      object.__setattr__(self, 'drop_path_rate', 0.1 * self.depth / 24)
+    if self.init_adaln_gamma < 0:
+      nearest = min(_ADALN_GAMMA, key=lambda d: (abs(d - self.depth), d))
+      object.__setattr__(self, 'init_adaln_gamma', _ADALN_GAMMA[nearest])
+    self.validate()
+
+  def validate(self):
+    def bad(key, why):
+      raise ValueError(f'VARConfig.{key}={getattr(self, key)!r}: {why}')
+
+    if self.depth < 1:
+      bad('depth', 'must be >= 1')
+    if self.width < 1 or self.num_heads < 1 or self.width % self.num_heads:
+      bad('width', f'must be a positive multiple of num_heads={self.num_heads}')
+    if self.mask not in MASKS:
+      bad('mask', f'must be one of {MASKS}')
+    if self.dtype not in DTYPES:
+      bad('dtype', f'must be one of {DTYPES}')
+    if not self.patch_nums or any(p < 1 for p in self.patch_nums):
+      bad('patch_nums', 'must be a non-empty sequence of positive sides')
+    if self.num_classes < 1:
+      bad('num_classes', 'must be >= 1 (use 1 for unconditional models)')
+    if not 0 <= self.cond_drop_rate < 1:
+      bad('cond_drop_rate', 'must be in [0, 1)')
+
+  @property
+  def head_dim(self) -> int:
+    return self.width // self.num_heads
+
+  @property
+  def num_scales(self) -> int:
+    return len(self.patch_nums)
+
+  @property
+  def seq_len(self) -> int:
+    return sum(p * p for p in self.patch_nums)
+
+  @property
+  def first_l(self) -> int:
+    return self.patch_nums[0] ** 2
+
+  @property
+  def begin_ends(self) -> tuple[tuple[int, int], ...]:
+    out, cur = [], 0
+    for p in self.patch_nums:
+      out.append((cur, cur + p * p))
+      cur += p * p
+    return tuple(out)
+
+  @property
+  def mlp_dim(self) -> int:
+    return round(self.width * self.mlp_ratio)
+
+  @property
+  def std(self) -> float:
+    return self.init_std if self.init_std >= 0 else (1 / self.width / 3) ** 0.5
+
+
+def preset(name: str, **overrides) -> VARConfig:
+  """VAR's released sizes: d16, d20, d24, d30 (256 px) and d36 (shared AdaLN, 512 px)."""
+  presets = {
+      'd16': dict(depth=16),
+      'd20': dict(depth=20),
+      'd24': dict(depth=24),
+      'd30': dict(depth=30),
+      'd36': dict(depth=36, shared_aln=True, patch_nums=PATCH_NUMS_512),
+  }
+  if name not in presets:
+    raise ValueError(f'unknown model preset {name!r}; known: {sorted(presets)}')
+  return VARConfig(**{**presets[name], **overrides})

@@ -97,3 +97,10 @@ def load_vqvae(directory: str):
   from srdd_jax.tokenizer.vqvae import VQVAEConfig  # pylint: disable=import-outside-toplevel
   meta, params = load_params(directory, kind='vqvae')
   return VQVAEConfig(**meta['config']), params
+
+
+def load_var(directory: str):
+  """(VARConfig, params) of a converted transformer."""
+  from srdd_jax.transformer.config import VARConfig  # pylint: disable=import-outside-toplevel
+  meta, params = load_params(directory, kind='var')
+  return VARConfig(**meta['config']), params

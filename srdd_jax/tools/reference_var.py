@@ -1,0 +1,105 @@
+"""Checks of `kind='var'` reference files: transformer logits under both masks against VAR's PyTorch."""
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from srdd_jax.convert import state_dict as sd
+from srdd_jax.convert import var_transformer
+from srdd_jax.tools import reference_common as rc
+from srdd_jax.transformer.config import MASKS, VARConfig
+from srdd_jax.transformer.model import VAR
+
+
+def var_config_from_meta(meta: dict, state_shapes, path: str) -> VARConfig:
+  """The architecture from `meta`; what meta leaves out (vocabulary, Cvae, MLP ratio) from the weights."""
+  kw = dict(
+      depth=int(rc.meta_get(meta, 'depth', path)),
+      width=int(rc.meta_get(meta, 'width', path)),
+      num_heads=int(rc.meta_get(meta, 'heads', path)),
+      num_classes=int(rc.meta_get(meta, 'num_classes', path)),
+      attn_l2_norm=bool(rc.meta_get(meta, 'attn_l2_norm', path)),
+      shared_aln=bool(rc.meta_get(meta, 'shared_aln', path)),
+      patch_nums=tuple(rc.meta_get(meta, 'patch_nums', path)),
+      # The reference forward is deterministic: no label or path dropout.
+      cond_drop_rate=0.0, drop_path_rate=0.0, dtype='float32',
+  )
+  for key, field in (('V', 'vocab_size'), ('Cvae', 'z_channels'), ('mlp_ratio', 'mlp_ratio'),
+                     ('norm_eps', 'norm_eps')):
+    if key in meta:
+      kw[field] = meta[key]
+  if 'head.weight' in state_shapes and 'vocab_size' not in kw:
+    kw['vocab_size'] = int(state_shapes['head.weight'][0])
+  if 'word_embed.weight' in state_shapes and 'z_channels' not in kw:
+    kw['z_channels'] = int(state_shapes['word_embed.weight'][1])
+  if 'blocks.0.ffn.fc1.weight' in state_shapes and 'mlp_ratio' not in kw:
+    kw['mlp_ratio'] = state_shapes['blocks.0.ffn.fc1.weight'][0] / kw['width']
+  try:
+    return VARConfig(**kw)
+  except ValueError as e:
+    raise rc.ReferenceFormatError(f'{path}: meta describes an invalid transformer: {e}') from e
+
+
+def _argmax_result(name, logits, ref_argmax):
+  ours = np.asarray(jnp.argmax(logits, -1))
+  ref = np.asarray(ref_argmax)
+  if ours.shape != ref.shape:
+    return rc.Result(name, rc.FAIL, f'shape {ours.shape} but the reference has {ref.shape}')
+  diff = np.argwhere(ours != ref)
+  if not diff.size:
+    return rc.Result(name, rc.PASS, f'0/{ref.size} argmax differ')
+  lg = np.asarray(logits, np.float64)
+  gaps = [(lg[tuple(i)][ours[tuple(i)]] - lg[tuple(i)][ref[tuple(i)]]) /
+          max(abs(lg[tuple(i)][ours[tuple(i)]]), 1e-30) for i in diff]
+  worst = float(max(gaps))
+  status = rc.PASS if worst < rc.TIE_REL else rc.FAIL
+  return rc.Result(name, status, f'{len(diff)}/{ref.size} argmax differ; largest logit gap {worst:.1e} '
+                   f'relative ({"near-ties" if status == rc.PASS else "not ties"}, tie < {rc.TIE_REL:.0e})')
+
+
+def check_var(z, meta: dict, path: str) -> list[rc.Result]:
+  weight_keys = [k for k in z.files if k.startswith('var/')]
+  state = {k[4:]: z[k] for k in weight_keys}
+  config = var_config_from_meta(meta, {k: v.shape for k, v in state.items()}, path)
+  used = {'meta', *weight_keys}
+  results = []
+  try:
+    params = var_transformer.convert_var(state, config)
+  except sd.StateDictMismatch as e:
+    return [rc.Result('var/* weights', rc.FAIL, str(e))]
+  results.append(rc.Result('var/* weights', rc.PASS, f'{len(weight_keys)} keys converted'))
+  vae_keys = [k for k in z.files if k.startswith('vae/')]
+  if vae_keys:
+    used.update(vae_keys)
+    results.append(rc.Result(f'vae/* ({len(vae_keys)} keys)', rc.INFO,
+                             'the embedded tokenizer is used by the greedy-sampling checks'))
+  if 'labels' not in z.files or 'x_in' not in z.files:
+    raise rc.ReferenceFormatError(f'{path}: a var file needs `labels` and `x_in`')
+  used.update(('labels', 'x_in'))
+  labels = jnp.asarray(z['labels'].astype(np.int32))
+  x_in = jnp.asarray(z['x_in'].astype(np.float32))
+  for mask in MASKS:
+    keys = [f'logits_{mask}_{s}' for s in ('slice', 'lse', 'argmax')]
+    if not any(k in z.files for k in keys):
+      continue
+    cfg = dataclasses.replace(config, mask=mask)
+    logits = jax.jit(lambda p, l, x, cfg=cfg: VAR(cfg).apply({'params': p}, l, x))(params, labels, x_in)
+    if keys[0] in z.files:
+      ref = z[keys[0]]
+      results.append(rc.rel_result(keys[0], np.asarray(logits)[..., :ref.shape[-1]], ref))
+    if keys[1] in z.files:
+      results.append(rc.rel_result(keys[1], jax.nn.logsumexp(logits, axis=-1), z[keys[1]]))
+    if keys[2] in z.files:
+      results.append(_argmax_result(keys[2], logits, z[keys[2]]))
+    used.update(k for k in keys if k in z.files)
+  for key in z.files:
+    if key in used:
+      continue
+    why = ('greedy sampling is checked once the sampler exists' if re.match(r'greedy_', key)
+           else 'no check for this entry')
+    results.append(rc.Result(key, rc.NOT_CHECKED, why))
+  return results

@@ -1,0 +1,36 @@
+"""The training objective: mean cross-entropy over all L tokens, with accuracy overall and last scale.
+
+With the deterministic forward process of the discrete-diffusion reading (SPEC §3) the ELBO reduces to
+this per-scale cross-entropy, so training is VAR's loss under the chosen mask.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from srdd_jax.transformer.config import VARConfig
+from srdd_jax.transformer.model import VAR
+
+
+def cross_entropy_metrics(logits, targets, config: VARConfig):
+  """logits (B, L, V), targets (B, L) int -> (mean loss, metrics dict of scalars)."""
+  logits = logits.astype(jnp.float32)
+  logp = jax.nn.log_softmax(logits, axis=-1)
+  nll = -jnp.take_along_axis(logp, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+  correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+  b, e = config.begin_ends[-1]
+  loss = jnp.mean(nll)
+  metrics = {
+      'loss': loss,
+      'accuracy': jnp.mean(correct),
+      'last_scale_loss': jnp.mean(nll[:, b:e]),
+      'last_scale_accuracy': jnp.mean(correct[:, b:e]),
+  }
+  return loss, metrics
+
+
+def training_loss(params, labels, x_in, targets, rng, config: VARConfig):
+  """Forward in training mode (label dropout to the null class at `config.cond_drop_rate`, drop path)
+  and the loss. `rng` drives both dropouts."""
+  logits = VAR(config).apply({'params': params}, labels, x_in, train=True, rngs={'dropout': rng})
+  return cross_entropy_metrics(logits, targets, config)

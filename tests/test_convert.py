@@ -30,7 +30,7 @@ def test_manifest_of_released_vqvae_maps_every_key_and_counts_params():
   assert km.dropped == ['quantize.ema_vocab_hit_SV']
   assert count_params(var_vqvae.unbox(var_vqvae.abstract_params(config))) == 108_948_355
   # The architecture is read from the keys and shapes alone.
-  assert convert_var.infer_vqvae_config(shapes) == config
+  assert var_vqvae.infer_vqvae_config(shapes) == config
 
 
 def test_cli_checks_manifest(capsys):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 from typing import Any, Mapping
 
 import jax
@@ -41,3 +42,36 @@ def convert_vqvae(source: str | os.PathLike | Mapping[str, Any], config: VQVAECo
   state = sd.load_state_dict(source, prefix=prefix)
   return sd.convert_state_dict(state, unbox(abstract_params(config)), drop=VQVAE_BUFFERS,
                                what='VQ-VAE state dict')
+
+
+def infer_vqvae_config(shapes, patch_nums=VQVAEConfig.patch_nums, quant_resi=0.5) -> VQVAEConfig:
+  """Reads the architecture of a VAR VQ-VAE from its state-dict keys and shapes."""
+  def need(key):
+    if key not in shapes:
+      raise sd.StateDictMismatch(f'not a VAR VQ-VAE state dict: key {key!r} is missing')
+    return tuple(shapes[key])
+
+  ch, in_channels = need('encoder.conv_in.weight')[:2]
+  vocab, cvae = need('quantize.embedding.weight')
+  levels = sorted({int(m.group(1)) for k in shapes if (m := re.match(r'encoder\.down\.(\d+)\.', k))})
+  if not levels:
+    raise sd.StateDictMismatch('not a VAR VQ-VAE state dict: no encoder.down.* keys')
+  ch_mult = tuple(need(f'encoder.down.{i}.block.0.conv1.weight')[0] // ch for i in levels)
+  blocks = {int(m.group(1)) for k in shapes if (m := re.match(r'encoder\.down\.0\.block\.(\d+)\.', k))}
+  qresi = [k for k in shapes if k.startswith('quantize.quant_resi.') and k.endswith('.weight')]
+  if not qresi:
+    share, counts, ratio = 1, 0, 0.0
+  elif any('.qresi.' in k for k in qresi):
+    share, counts, ratio = 1, 0, quant_resi
+  elif any('.qresi_ls.' in k for k in qresi):
+    share, counts, ratio = len(qresi), 0, quant_resi
+  else:
+    share, ratio = 0, quant_resi
+    counts = 0 if len(qresi) == len(patch_nums) else len(qresi)
+  return VQVAEConfig(
+      vocab_size=int(vocab), z_channels=int(cvae), ch=int(ch), ch_mult=ch_mult,
+      num_res_blocks=len(blocks), in_channels=int(in_channels),
+      using_sa=f'encoder.down.{levels[-1]}.attn.0.qkv.weight' in shapes,
+      using_mid_sa='encoder.mid.attn_1.qkv.weight' in shapes,
+      patch_nums=tuple(patch_nums), share_quant_resi=share, default_qresi_counts=counts,
+      quant_resi=ratio)

@@ -92,3 +92,31 @@ def bicubic_resize(x: jax.Array, size: int | tuple[int, int]) -> jax.Array:
     # Same size: PyTorch's cubic weights are exactly (0, 1, 0, 0), the identity.
     return x
   return _apply_separable(x, bicubic_matrix(h, oh), bicubic_matrix(w, ow))
+
+
+@functools.lru_cache(maxsize=None)
+def bilinear_matrix(in_size: int, out_size: int) -> np.ndarray:
+  """(out, in) matrix of PyTorch bilinear interpolation, align_corners=False, no antialiasing."""
+  if in_size < 1 or out_size < 1:
+    raise ValueError(f'bilinear resampling needs positive sizes, got in={in_size}, out={out_size}')
+  m = np.zeros((out_size, in_size), np.float64)
+  scale = in_size / out_size
+  for o in range(out_size):
+    src = max((o + 0.5) * scale - 0.5, 0.0)  # Linear modes clamp the source coordinate at 0.
+    i0 = min(int(np.floor(src)), in_size - 1)
+    i1 = min(i0 + 1, in_size - 1)
+    lam = min(max(src - i0, 0.0), 1.0)
+    m[o, i0] += 1.0 - lam
+    m[o, i1] += lam
+  m.flags.writeable = False
+  return m
+
+
+def bilinear_resize(x: jax.Array, size: int | tuple[int, int]) -> jax.Array:
+  """`F.interpolate(x, size, mode='bilinear', align_corners=False)` for NHWC `x`."""
+  _check_nhwc(x, 'bilinear_resize')
+  oh, ow = (size, size) if isinstance(size, int) else size
+  h, w = x.shape[1], x.shape[2]
+  if (oh, ow) == (h, w):
+    return x
+  return _apply_separable(x, bilinear_matrix(h, oh), bilinear_matrix(w, ow))

@@ -78,7 +78,10 @@ class SelfAttention(nn.Module):
   config: VARConfig
 
   @nn.compact
-  def __call__(self, x, mask_kind: str, begin_ends=None, mask=None):
+  def __call__(self, x, mask_kind: str, begin_ends=None, mask=None, cache=None, cache_index: int = 0):
+    """Self-attention of x (B, l, C). With `cache` = (k, v), each (B, L, H, D) preallocated, the keys
+    and values of x are written at [cache_index, cache_index + l) and the queries attend to the whole
+    prefix [0, cache_index + l) (VAR's causal inference); returns (out, cache) then."""
     c = self.config
     dt = jnp.dtype(c.dtype)
     b, l, width = x.shape
@@ -103,13 +106,20 @@ class SelfAttention(nn.Module):
       scale = 1.0
     else:
       scale = 0.25 / math.sqrt(hd)
-    if mask_kind == 'markov':
+    if cache is not None:
+      end = cache_index + l
+      k_cache = jax.lax.dynamic_update_slice_in_dim(cache[0], k.astype(cache[0].dtype), cache_index, 1)
+      v_cache = jax.lax.dynamic_update_slice_in_dim(cache[1], v.astype(cache[1].dtype), cache_index, 1)
+      o = attention.dot_product_attention(q, k_cache[:, :end], v_cache[:, :end], scale, None, dt)
+      cache = (k_cache, v_cache)
+    elif mask_kind == 'markov':
       o = attention.markov_attention(q, k, v, scale, begin_ends, dt)
     else:
       o = attention.dot_product_attention(q, k, v, scale, mask, dt)
     o = o.reshape(b, l, width)
-    return Dense(width, ('heads', 'embed'), trunc_normal(c.std, 1 / math.sqrt(2 * c.depth)), dtype=dt,
-                 name='proj')(o)
+    o = Dense(width, ('heads', 'embed'), trunc_normal(c.std, 1 / math.sqrt(2 * c.depth)), dtype=dt,
+              name='proj')(o)
+    return o if cache is None else (o, cache)
 
 
 def _l2_normalize(x, eps=1e-12):
@@ -144,7 +154,8 @@ class AdaLNSelfAttn(nn.Module):
   drop_path: float = 0.0
 
   @nn.compact
-  def __call__(self, x, cond, train: bool, mask_kind: str, begin_ends=None, mask=None):
+  def __call__(self, x, cond, train: bool, mask_kind: str, begin_ends=None, mask=None, cache=None,
+               cache_index: int = 0):
     c = self.config
     width = c.width
     if c.shared_aln:
@@ -161,10 +172,13 @@ class AdaLNSelfAttn(nn.Module):
       mods = mods.reshape(-1, 1, 6, width)
     g1, g2, s1, s2, b1, b2 = (mods[:, :, i] for i in range(6))
     h = SelfAttention(c, name='attn')(layer_norm(x, c.norm_eps) * (1 + s1) + b1, mask_kind, begin_ends,
-                                      mask)
+                                      mask, cache, cache_index)
+    if cache is not None:
+      h, cache = h
     x = x + self._drop_path(h * g1, train)
     h = FFN(c, name='ffn')(layer_norm(x, c.norm_eps) * (1 + s2) + b2)
-    return x + self._drop_path(h * g2, train)
+    x = x + self._drop_path(h * g2, train)
+    return x if cache is None else (x, cache)
 
   def _drop_path(self, h, train):
     if not train or self.drop_path <= 0:
@@ -227,11 +241,31 @@ class VAR(nn.Module):
       x = self.word_embed(x_scale.astype(jnp.float32))
     return x + self.lvl_embed(jnp.asarray(si)) + self.pos_1LC[:, b:e]
 
-  def run_blocks(self, x, cond, train: bool, mask_kind: str, begin_ends=None, mask=None):
+  def run_blocks(self, x, cond, train: bool, mask_kind: str, begin_ends=None, mask=None, caches=None,
+                 cache_index: int = 0):
+    """The block stack; with `caches` (one (k, v) pair per block) returns (x, updated caches)."""
     bc = self.block_condition(cond)
-    for blk in self.blocks:
-      x = blk(x, bc, train, mask_kind, begin_ends, mask)
-    return x
+    if caches is None:
+      for blk in self.blocks:
+        x = blk(x, bc, train, mask_kind, begin_ends, mask)
+      return x
+    new = []
+    for blk, cache in zip(self.blocks, caches):
+      x, cache = blk(x, bc, train, mask_kind, begin_ends, mask, cache, cache_index)
+      new.append(cache)
+    return x, new
+
+  def scale_logits(self, cond, x_scale, si: int, caches=None):
+    """Inference for one scale: logits (B, pn_si^2, V) from its input alone (markov: no cache, the
+    scale attends to itself) or with the KV cache of the coarser scales (causal); returns
+    (logits, caches)."""
+    x = self.embed_scale(cond, x_scale, si)
+    if caches is None:
+      x = self.run_blocks(x, cond, False, 'markov', begin_ends=((0, x.shape[1]),))
+    else:
+      x, caches = self.run_blocks(x, cond, False, 'causal', caches=caches,
+                                  cache_index=self.config.begin_ends[si][0])
+    return self.logits(x, cond), caches
 
   def logits(self, x, cond):
     return self.head(self.head_nm(x.astype(jnp.float32), cond))

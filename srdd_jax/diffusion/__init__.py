@@ -1,0 +1,1 @@
+"""The discrete-diffusion view: the scale-wise sampler, guidance, masked resampling, editing."""

@@ -1,0 +1,130 @@
+"""Per-scale token distributions: guidance schedules, temperature, top-k / top-p, masked resampling."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerConfig:
+  """How tokens are drawn at each scale (SPEC §4-§5). Defaults: VAR's evaluation settings."""
+  cfg: float = 1.5
+  # 'linear' (VAR: t_k = cfg * k / (S-1)), 'constant' (t_k = cfg), or an explicit per-scale tuple.
+  cfg_schedule: str | tuple[float, ...] = 'linear'
+  temperature: float = 1.0
+  top_k: int = 900  # 0 = off.
+  top_p: float = 0.96  # 0 = off.
+  greedy: bool = False  # argmax of the guided logits (VAR's top_k=1).
+  # Masked Resampling, `redraw` mode: tokens with probability < mr_threshold under the final
+  # distribution are drawn again, up to mr_iterations times; mr_scales switches it per scale (None: all).
+  mr_threshold: float = 0.0
+  mr_iterations: int = 0
+  mr_scales: tuple[bool, ...] | None = None
+
+  def __post_init__(self):
+    if not isinstance(self.cfg_schedule, str):
+      object.__setattr__(self, 'cfg_schedule', tuple(float(t) for t in self.cfg_schedule))
+    if self.mr_scales is not None:
+      object.__setattr__(self, 'mr_scales', tuple(bool(b) for b in self.mr_scales))
+    if isinstance(self.cfg_schedule, str) and self.cfg_schedule not in ('linear', 'constant'):
+      raise ValueError(f"SamplerConfig.cfg_schedule={self.cfg_schedule!r}: use 'linear', 'constant' or "
+                       'a list of one guidance value per scale')
+    if self.temperature <= 0:
+      raise ValueError(f'SamplerConfig.temperature={self.temperature}: must be > 0')
+    if self.top_k < 0:
+      raise ValueError(f'SamplerConfig.top_k={self.top_k}: must be >= 0 (0 = off)')
+    if not 0 <= self.top_p <= 1:
+      raise ValueError(f'SamplerConfig.top_p={self.top_p}: must be in [0, 1] (0 = off)')
+    if self.mr_iterations < 0 or not 0 <= self.mr_threshold < 1:
+      raise ValueError(f'SamplerConfig.mr_iterations={self.mr_iterations}, mr_threshold='
+                       f'{self.mr_threshold}: need iterations >= 0 and a threshold in [0, 1)')
+
+  def guidance(self, num_scales: int) -> tuple[float, ...]:
+    """t_k of every scale."""
+    if isinstance(self.cfg_schedule, tuple):
+      if len(self.cfg_schedule) != num_scales:
+        raise ValueError(f'SamplerConfig.cfg_schedule has {len(self.cfg_schedule)} values for '
+                         f'{num_scales} scales')
+      return self.cfg_schedule
+    if self.cfg_schedule == 'constant':
+      return (float(self.cfg),) * num_scales
+    return tuple(self.cfg * k / max(num_scales - 1, 1) for k in range(num_scales))
+
+  def mr_on(self, si: int, num_scales: int) -> bool:
+    if self.mr_iterations <= 0 or self.mr_threshold <= 0 or self.greedy:
+      return False
+    if self.mr_scales is None:
+      return True
+    if len(self.mr_scales) != num_scales:
+      raise ValueError(f'SamplerConfig.mr_scales has {len(self.mr_scales)} entries for {num_scales} scales')
+    return self.mr_scales[si]
+
+
+def guide(cond_logits, uncond_logits, t: float):
+  """Classifier-free guidance (1 + t) * cond - t * uncond."""
+  return (1.0 + t) * cond_logits - t * uncond_logits
+
+
+def top_k_filter(logits, k: int):
+  """Drops logits strictly below the k-th largest (ties with it stay), as VAR."""
+  if k <= 0 or k >= logits.shape[-1]:
+    return logits
+  kth = jax.lax.top_k(logits, k)[0][..., -1:]
+  return jnp.where(logits < kth, -jnp.inf, logits)
+
+
+def top_p_filter(logits, p: float):
+  """Keeps the smallest set of most likely tokens with mass >= p; the top token is always kept.
+
+  VAR's rule: sort ascending, drop the tokens whose cumulative probability is <= 1 - p."""
+  if p <= 0 or p >= 1:
+    return logits
+  order = jnp.argsort(logits, axis=-1)
+  srt = jnp.take_along_axis(logits, order, axis=-1)
+  drop_sorted = jnp.cumsum(jax.nn.softmax(srt, axis=-1), axis=-1) <= (1 - p)
+  drop_sorted = drop_sorted.at[..., -1].set(False)
+  drop = jnp.take_along_axis(drop_sorted, jnp.argsort(order, axis=-1), axis=-1)
+  return jnp.where(drop, -jnp.inf, logits)
+
+
+def final_logits(logits, sc: SamplerConfig):
+  """Temperature, then top-k, then top-p: the logits of the distribution the tokens are drawn from."""
+  logits = logits.astype(jnp.float32) / sc.temperature
+  return top_p_filter(top_k_filter(logits, sc.top_k), sc.top_p)
+
+
+def draw(rng, logits, sc: SamplerConfig, mr: bool):
+  """Tokens (B, l) from filtered logits (B, l, V), with `redraw` Masked Resampling when `mr`."""
+  if sc.greedy:
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  rng, sub = jax.random.split(rng)
+  tokens = jax.random.categorical(sub, logits, axis=-1).astype(jnp.int32)
+  if mr:
+    tokens = masked_redraw(rng, logits, tokens, sc.mr_threshold, sc.mr_iterations)
+  return tokens
+
+
+def masked_redraw(rng, logits, tokens, threshold: float, iterations: int):
+  """Redraws every token whose probability is < threshold, `iterations` times (fixed shapes).
+
+  Each pass keeps the confident tokens and draws the others afresh from the same distribution, so
+  after n passes a token is low-probability only if all n + 1 draws were: as n grows this converges to
+  sampling from the distribution restricted to the tokens with p >= threshold.
+  """
+  logp = jax.nn.log_softmax(logits, axis=-1)
+  log_thr = np.log(threshold)
+
+  def body(i, tok):
+    low = jnp.take_along_axis(logp, tok[..., None], axis=-1)[..., 0] < log_thr
+    new = jax.random.categorical(jax.random.fold_in(rng, i), logits, axis=-1).astype(tok.dtype)
+    return jnp.where(low, new, tok)
+
+  return jax.lax.fori_loop(0, iterations, body, tokens)
+
+
+def scale_keys(rng, num_scales: int) -> Sequence[jax.Array]:
+  return [jax.random.fold_in(rng, si) for si in range(num_scales)]

@@ -1,0 +1,119 @@
+"""The scale-wise sampler: the reverse process of the discrete-diffusion reading (SPEC §3-§4).
+
+At scale k the transformer predicts the tokens of scale k from f_hat after scales < k:
+- `markov`: one forward pass over the pn_k^2 tokens of the scale alone; no KV cache exists.
+- `causal`: VAR's inference, the scale attending to a KV cache of all coarser scales, preallocated for
+  L tokens (static shapes).
+Guidance doubles the batch (conditional | null class, both fed the same f_hat). Every function is a
+pure, jittable function of (params, labels, rng); the loop over scales is unrolled, one program.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec
+
+from srdd_jax.diffusion import filtering
+from srdd_jax.diffusion.filtering import SamplerConfig
+from srdd_jax.tokenizer.api import Tokenizer
+from srdd_jax.tokenizer.vqvae import VQVAEConfig
+from srdd_jax.transformer.config import MASKS, VARConfig
+from srdd_jax.transformer.model import VAR
+
+BATCH_AXES = ('data', 'fsdp')
+
+
+def batch_rng(seed: int, batch_index: int) -> jax.Array:
+  """The key of one batch: the base seed with the batch index folded in (a reused key biases FID)."""
+  return jax.random.fold_in(jax.random.PRNGKey(seed), batch_index)
+
+
+class Sampler:
+  """Tokens and images from class labels; `mask` defaults to the transformer config's."""
+
+  def __init__(self, var_config: VARConfig, vae_config: VQVAEConfig, sampler_config: SamplerConfig,
+               mask: str | None = None, mesh=None):
+    mask = mask or var_config.mask
+    if mask not in MASKS:
+      raise ValueError(f'mask={mask!r}: must be one of {MASKS}')
+    if tuple(var_config.patch_nums) != tuple(vae_config.patch_nums):
+      raise ValueError(f'the transformer patch_nums {var_config.patch_nums} differ from the tokenizer '
+                       f'patch_nums {vae_config.patch_nums}')
+    if (var_config.vocab_size, var_config.z_channels) != (vae_config.vocab_size, vae_config.z_channels):
+      raise ValueError(f'transformer vocabulary/Cvae ({var_config.vocab_size}, {var_config.z_channels}) '
+                       f'differ from the tokenizer ({vae_config.vocab_size}, {vae_config.z_channels})')
+    self.var_config = var_config
+    self.vae_config = vae_config
+    self.config = sampler_config
+    self.mask = mask
+    self.mesh = mesh
+    self.model = VAR(var_config)
+    self.tokenizer = Tokenizer(vae_config)
+    self.guidance = sampler_config.guidance(var_config.num_scales)
+
+  def check_labels(self, labels) -> None:
+    """Out-of-range class ids are an error when the labels are concrete (the null class is allowed)."""
+    if isinstance(labels, jax.core.Tracer):
+      return
+    import numpy as np  # pylint: disable=import-outside-toplevel
+    a = np.asarray(labels)
+    if a.ndim != 1:
+      raise ValueError(f'labels must have shape (B,), got {a.shape}')
+    if a.size and (a.min() < 0 or a.max() > self.var_config.num_classes):
+      bad = int(a.min() if a.min() < 0 else a.max())
+      raise ValueError(f'class id {bad} is out of range: the model has {self.var_config.num_classes} '
+                       f'classes (0..{self.var_config.num_classes - 1}, {self.var_config.num_classes} = '
+                       'unconditional)')
+
+  def _constrain(self, x):
+    if self.mesh is None:
+      return x
+    return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, PartitionSpec(BATCH_AXES)))
+
+  def tokens(self, var_params, vae_params, labels, rng, keep_ids: Sequence | None = None,
+             keep_masks: Sequence | None = None):
+    """-> (token ids per scale [(B, pn^2)], f_hat (B, h, w, Cvae)).
+
+    With `keep_ids`/`keep_masks` (per scale, (B, pn^2)), tokens where the mask is True are replaced by
+    the given ones before f_hat is updated: the zero-shot editing of SPEC §7.
+    """
+    self.check_labels(labels)
+    c, sc = self.var_config, self.config
+    labels = self._constrain(jnp.asarray(labels, jnp.int32))
+    b = labels.shape[0]
+    guided = any(t != 0 for t in self.guidance)
+    lab = jnp.concatenate([labels, jnp.full_like(labels, c.num_classes)]) if guided else labels
+    apply = lambda method, *a: self.model.apply({'params': var_params}, *a, method=method)
+    cond = apply(VAR.condition, lab)
+    caches = None
+    if self.mask == 'causal':
+      shape = (lab.shape[0], c.seq_len, c.num_heads, c.head_dim)
+      dt = jnp.dtype(c.dtype)
+      caches = [(jnp.zeros(shape, dt), jnp.zeros(shape, dt)) for _ in range(c.depth)]
+    f_hat = self.tokenizer.zero_fhat(b)
+    x_scale = None
+    ids = []
+    for si in range(c.num_scales):
+      x_in = None if si == 0 else (jnp.concatenate([x_scale, x_scale]) if guided else x_scale)
+      logits, caches = apply(VAR.scale_logits, cond, x_in, si, caches)
+      if guided:
+        logits = filtering.guide(logits[:b], logits[b:], self.guidance[si])
+      logits = filtering.final_logits(logits, sc)
+      tok = filtering.draw(jax.random.fold_in(rng, si), logits, sc, sc.mr_on(si, c.num_scales))
+      if keep_masks is not None:
+        tok = jnp.where(keep_masks[si], jnp.asarray(keep_ids[si], jnp.int32), tok)
+      tok = self._constrain(tok)
+      ids.append(tok)
+      f_hat, x_scale = self.tokenizer.next_input(vae_params, f_hat, tok, si)
+    return ids, f_hat
+
+  def decode(self, vae_params, f_hat):
+    """f_hat -> images in [0, 1] (NHWC)."""
+    return self.tokenizer.fhat_to_img(vae_params, f_hat) * 0.5 + 0.5
+
+  def sample(self, var_params, vae_params, labels, rng):
+    """-> (token ids per scale, images in [0, 1])."""
+    ids, f_hat = self.tokens(var_params, vae_params, labels, rng)
+    return ids, self.decode(vae_params, f_hat)

@@ -101,15 +101,17 @@ def test_what_each_scale_sees(mask):
   assert changed == ([False, False, True, True] if mask == 'causal' else [False, False, True, False])
 
 
-def test_reference_var_files_pass_and_greedy_entries_wait(capsys):
+def test_reference_var_files_pass_logits_and_greedy_sampling(capsys):
   files = [reference_file('var_d2_w128.npz'), reference_file('var_d2_w128_shared_aln.npz')]
-  assert check_reference.main(files) == 0
+  assert check_reference.main(files + ['--strict']) == 0
   out = capsys.readouterr().out
   for m in ('causal', 'markov'):
     for s in ('slice', 'lse', 'argmax'):
       assert out.count(f'PASS         logits_{m}_{s}') == 2
-  assert 'NOT CHECKED  greedy_markov_idx_9' in out and 'FAIL' not in out
-  assert check_reference.main(files + ['--strict']) == 1
+    for k in range(10):
+      assert f'PASS         greedy_{m}_idx_{k} ' in out
+    assert f'PASS         greedy_{m}_img' in out
+  assert 'FAIL' not in out and 'NOT CHECKED' not in out
 
 
 def test_check_reference_reads_other_var_files(tmp_path, capsys):

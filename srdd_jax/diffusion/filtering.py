@@ -92,20 +92,43 @@ def top_p_filter(logits, p: float):
 
 
 def final_logits(logits, sc: SamplerConfig):
-  """Temperature, then top-k, then top-p: the logits of the distribution the tokens are drawn from."""
+  """Temperature, then top-k, then top-p over the full vocabulary (reference semantics)."""
   logits = logits.astype(jnp.float32) / sc.temperature
   return top_p_filter(top_k_filter(logits, sc.top_k), sc.top_p)
 
 
+def candidates(logits, sc: SamplerConfig):
+  """The final distribution in a compact form: (logits (..., K), token ids (..., K) or None).
+
+  With top-k on, only the k best tokens can be drawn, so top-p, sampling and masked resampling work on
+  those k (sorted, no sort of the whole vocabulary: far less memory at the 4096-token vocabulary).
+  `lax.top_k` keeps exactly k tokens where VAR would keep every tie of the k-th value, a difference
+  of measure zero for real-valued logits.
+  """
+  logits = logits.astype(jnp.float32) / sc.temperature
+  if 0 < sc.top_k < logits.shape[-1]:
+    vals, ids = jax.lax.top_k(logits, sc.top_k)  # Descending.
+    if 0 < sc.top_p < 1:
+      asc = vals[..., ::-1]
+      drop = jnp.cumsum(jax.nn.softmax(asc, axis=-1), axis=-1) <= (1 - sc.top_p)
+      drop = drop.at[..., -1].set(False)
+      vals = jnp.where(drop[..., ::-1], -jnp.inf, vals)
+    return vals, ids
+  return top_p_filter(logits, sc.top_p), None
+
+
 def draw(rng, logits, sc: SamplerConfig, mr: bool):
-  """Tokens (B, l) from filtered logits (B, l, V), with `redraw` Masked Resampling when `mr`."""
+  """Tokens (B, l) from guided logits (B, l, V), with `redraw` Masked Resampling when `mr`."""
   if sc.greedy:
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  vals, ids = candidates(logits, sc)
   rng, sub = jax.random.split(rng)
-  tokens = jax.random.categorical(sub, logits, axis=-1).astype(jnp.int32)
+  choice = jax.random.categorical(sub, vals, axis=-1).astype(jnp.int32)
   if mr:
-    tokens = masked_redraw(rng, logits, tokens, sc.mr_threshold, sc.mr_iterations)
-  return tokens
+    choice = masked_redraw(rng, vals, choice, sc.mr_threshold, sc.mr_iterations)
+  if ids is None:
+    return choice
+  return jnp.take_along_axis(ids, choice[..., None], axis=-1)[..., 0].astype(jnp.int32)
 
 
 def masked_redraw(rng, logits, tokens, threshold: float, iterations: int):

@@ -170,10 +170,6 @@ class AdaLNSelfAttn(nn.Module):
                    _column_scaled(trunc_normal(c.std), lambda n: _adaln_scales(c, n)),
                    dtype=jnp.dtype(c.dtype), name='ada_lin_1')(nn.silu(cond))
       mods = mods.reshape(-1, 1, 6, width)
-    # Tie the modulation to this block's input: it depends only on the class, so a scheduler may
-    # otherwise compute (and broadcast) every block's modulation up front and keep them all alive
-    # (seen on XLA:CPU, +1 GB for d16 sampling at batch 32).
-    x, mods = jax.lax.optimization_barrier((x, mods))
     g1, g2, s1, s2, b1, b2 = (mods[:, :, i] for i in range(6))
     h = SelfAttention(c, name='attn')(layer_norm(x, c.norm_eps) * (1 + s1) + b1, mask_kind, begin_ends,
                                       mask, cache, cache_index)

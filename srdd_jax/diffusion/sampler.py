@@ -100,7 +100,6 @@ class Sampler:
       logits, caches = apply(VAR.scale_logits, cond, x_in, si, caches)
       if guided:
         logits = filtering.guide(logits[:b], logits[b:], self.guidance[si])
-      logits = filtering.final_logits(logits, sc)
       tok = filtering.draw(jax.random.fold_in(rng, si), logits, sc, sc.mr_on(si, c.num_scales))
       if keep_masks is not None:
         tok = jnp.where(keep_masks[si], jnp.asarray(keep_ids[si], jnp.int32), tok)

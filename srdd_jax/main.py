@@ -1,13 +1,12 @@
 """Entry point: python -m srdd_jax.main --config=configs/<x>.py --workdir=DIR --mode=<mode>.
 
-Modes available now: `reconstruct` (tokenizer: images -> per-scale tokens -> images, with PSNR).
-`train`, `sample`, `edit`, `tokenize`, `train_tokenizer` and `eval` are added by later work and are
-refused with a clear message until then.
+Modes available now: `reconstruct` (tokenizer: images -> per-scale tokens -> images, with PSNR),
+`sample` and `edit` (from converted checkpoints, see configs/sample.py). `train`, `tokenize`,
+`train_tokenizer` and `eval` are added by later work and are refused with a clear message until then.
 """
 import json
 import os
 import sys
-import time
 
 from absl import app
 from absl import flags
@@ -20,7 +19,7 @@ _MODE = flags.DEFINE_enum('mode', 'reconstruct', ['reconstruct', 'train', 'sampl
                                                    'train_tokenizer', 'eval'], 'What to run.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
-_NOT_YET = ('train', 'sample', 'edit', 'tokenize', 'train_tokenizer', 'eval')
+_NOT_YET = ('train', 'tokenize', 'train_tokenizer', 'eval')
 
 
 def main(argv):
@@ -28,14 +27,23 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   config, workdir, mode = _CONFIG.value, _WORKDIR.value, _MODE.value
   if mode in _NOT_YET:
-    logging.error('--mode=%s is not implemented yet in this version of srdd_jax; available: reconstruct',
-                  mode)
+    logging.error('--mode=%s is not implemented yet in this version of srdd_jax; available: '
+                  'reconstruct, sample, edit', mode)
     sys.exit(2)
   os.makedirs(workdir, exist_ok=True)
+  # pylint: disable=import-outside-toplevel
   if mode == 'reconstruct':
-    from srdd_jax import reconstruct  # pylint: disable=import-outside-toplevel
+    from srdd_jax import reconstruct
     summary = reconstruct.run(config, workdir)
-    print(json.dumps(summary, indent=1))
+  else:
+    from srdd_jax.diffusion import cli
+    try:
+      summary = cli.run_sample(config, workdir) if mode == 'sample' else cli.run_edit(config, workdir)
+    except cli.ConfigError as e:
+      logging.error('%s', e)
+      print(f'error: {e}', file=sys.stderr)
+      sys.exit(2)
+  print(json.dumps(summary, indent=1))
 
 
 if __name__ == '__main__':

@@ -1,0 +1,226 @@
+"""The sampler: filtering semantics, RNG, sharding, masked resampling, editing, the CLI."""
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from srdd_jax.convert import var_transformer as cvt
+from srdd_jax.convert import var_vqvae
+from srdd_jax.diffusion import editing, filtering
+from srdd_jax.diffusion.filtering import SamplerConfig
+from srdd_jax.diffusion.sampler import Sampler, batch_rng
+from srdd_jax.parallel import mesh as pm
+from srdd_jax.tools import convert_var
+from srdd_jax.tools.reference_var import var_config_from_meta
+from tests.conftest import reference_file
+
+
+@pytest.fixture(scope='module')
+def models():
+  """The reference transformer (depth 2, width 128, 10 classes) and its tokenizer, converted."""
+  path = reference_file('var_d2_w128.npz')
+  with np.load(path) as z:
+    data = {k: z[k] for k in z.files}
+  st = {k[4:]: v for k, v in data.items() if k.startswith('var/')}
+  vc = var_config_from_meta(json.loads(str(data['meta'])), {k: v.shape for k, v in st.items()}, path)
+  vst = {k[4:]: v for k, v in data.items() if k.startswith('vae/')}
+  vae_config = var_vqvae.infer_vqvae_config({k: v.shape for k, v in vst.items()}, patch_nums=vc.patch_nums)
+  return vc, cvt.convert_var(st, vc), vae_config, var_vqvae.convert_vqvae(vst, vae_config)
+
+
+def test_guidance_schedules():
+  assert SamplerConfig(cfg=1.5).guidance(4) == (0.0, 0.5, 1.0, 1.5)
+  assert SamplerConfig(cfg=5.0, cfg_schedule='constant').guidance(3) == (5.0, 5.0, 5.0)
+  assert SamplerConfig(cfg_schedule=[0, 1, 2]).guidance(3) == (0.0, 1.0, 2.0)
+  with pytest.raises(ValueError, match='3 values for 4 scales'):
+    SamplerConfig(cfg_schedule=[0, 1, 2]).guidance(4)
+  with pytest.raises(ValueError, match="cfg_schedule='cosine'"):
+    SamplerConfig(cfg_schedule='cosine')
+  np.testing.assert_allclose(filtering.guide(jnp.array([2.0]), jnp.array([1.0]), 0.5), [2.5])
+
+
+def test_top_k_and_top_p_semantics():
+  logits = jnp.log(jnp.array([[0.05, 0.4, 0.1, 0.3, 0.15]]))
+  k2 = filtering.top_k_filter(logits, 2)
+  np.testing.assert_array_equal(np.isfinite(k2), [[False, True, False, True, False]])
+  tie = filtering.top_k_filter(jnp.array([[1.0, 3.0, 2.0, 2.0]]), 2)  # Ties with the k-th stay.
+  np.testing.assert_array_equal(np.isfinite(tie), [[False, True, True, True]])
+  # Mass >= 0.8: 0.4 + 0.3 + 0.15 = 0.85 is the smallest such set.
+  p = filtering.top_p_filter(logits, 0.8)
+  np.testing.assert_array_equal(np.isfinite(p), [[False, True, False, True, True]])
+  # A top token above p alone is kept alone, and always kept.
+  p = filtering.top_p_filter(jnp.log(jnp.array([[0.9, 0.05, 0.05]])), 0.5)
+  np.testing.assert_array_equal(np.isfinite(p), [[True, False, False]])
+
+
+def test_compact_candidates_give_the_reference_distribution():
+  logits = 3 * jax.random.normal(jax.random.PRNGKey(0), (4, 7, 300))
+  for sc in (SamplerConfig(top_k=50, top_p=0.9, temperature=0.7), SamplerConfig(top_k=0, top_p=0.8),
+             SamplerConfig(top_k=20, top_p=0.0)):
+    ref = jax.nn.softmax(filtering.final_logits(logits, sc), -1)
+    vals, ids = filtering.candidates(logits, sc)
+    got = jax.nn.softmax(vals, -1)
+    if ids is not None:
+      got = jnp.zeros_like(ref).at[jnp.arange(4)[:, None, None], jnp.arange(7)[None, :, None], ids].set(got)
+    np.testing.assert_allclose(got, ref, atol=1e-6)
+
+
+def test_masked_redraw_frequency_follows_the_distribution():
+  """7 tokens of p = 0.1 and 10 of p = 0.03 (threshold 0.05): after n redraws a low token survives
+  only if all n + 1 draws were low, q^(n+1) with q = 0.3; the high ones share the rest equally."""
+  probs = np.array([0.1] * 7 + [0.03] * 10)
+  logits = jnp.broadcast_to(jnp.log(jnp.asarray(probs, jnp.float32)), (400, 250, 17))
+  n = 400 * 250
+  for it in (0, 1, 2, 3, 5):
+    key = jax.random.PRNGKey(it)
+    tok = jax.random.categorical(key, logits)
+    tok = filtering.masked_redraw(jax.random.fold_in(key, 99), logits, tok, 0.05, it)
+    tok = np.asarray(tok).reshape(-1)
+    low = float(np.mean(tok >= 7))
+    q = 0.3 ** (it + 1)
+    sd = np.sqrt(q * (1 - q) / n)
+    assert abs(low - q) <= 5 * sd + 1e-12, (it, low, q)
+    counts = np.bincount(tok, minlength=17)[:7] / n
+    share = (1 - q) / 7
+    assert np.all(np.abs(counts - share) <= 5 * np.sqrt(share * (1 - share) / n)), (it, counts)
+
+
+def test_rng_seed_and_batch_index(models):
+  vc, p, vae_c, vae_p = models
+  s = Sampler(vc, vae_c, SamplerConfig(cfg=1.5), mask='markov')
+  fn = jax.jit(s.tokens)
+  labels = jnp.array([3, 3, 5, 5])
+  a, _ = fn(p, vae_p, labels, batch_rng(0, 0))
+  b, _ = fn(p, vae_p, labels, batch_rng(0, 0))
+  c, _ = fn(p, vae_p, labels, batch_rng(0, 1))
+  for x, y in zip(a, b):
+    np.testing.assert_array_equal(x, y)
+  assert any(np.any(np.asarray(x) != np.asarray(y)) for x, y in zip(a, c))
+  # Two examples of the same class in one batch draw different noise.
+  assert np.any(np.asarray(a[-1])[0] != np.asarray(a[-1])[1])
+  with pytest.raises(ValueError, match='class id 11 is out of range'):
+    s.tokens(p, vae_p, jnp.array([11]), batch_rng(0, 0))
+
+
+def test_sharded_sampling_equals_single_device(models):
+  """The batch is sharded over the data axes. Greedy tokens equal the single-device ones exactly; a
+  random draw is reproducible on the mesh (across shardings, float rounding of the logits may flip a
+  near-tied draw, after which the scales diverge, so those are not compared token by token)."""
+  vc, p, vae_c, vae_p = models
+  mesh = pm.make_mesh({'data': 8, 'fsdp': 1, 'tensor': 1})
+  labels = jnp.arange(8) % 10
+  single_p = jax.device_put(p, jax.devices()[0])
+  greedy = SamplerConfig(cfg=2.0, greedy=True)
+  ids, _ = jax.jit(Sampler(vc, vae_c, greedy, mask='causal', mesh=mesh).tokens)(p, vae_p, labels,
+                                                                                batch_rng(1, 0))
+  assert ids[-1].sharding.spec[0] in (('data', 'fsdp'), 'data')
+  assert len(ids[-1].sharding.device_set) == 8
+  ref, _ = jax.jit(Sampler(vc, vae_c, greedy, mask='causal').tokens)(single_p, vae_p, labels,
+                                                                     batch_rng(1, 0))
+  for x, y in zip(ids, ref):
+    np.testing.assert_array_equal(x, y)
+  sc = SamplerConfig(cfg=2.0, cfg_schedule='constant', mr_threshold=0.01, mr_iterations=3)
+  fn = jax.jit(Sampler(vc, vae_c, sc, mask='markov', mesh=mesh).tokens)
+  a, _ = fn(p, vae_p, labels, batch_rng(1, 0))
+  b, _ = fn(p, vae_p, labels, batch_rng(1, 0))
+  for x, y in zip(a, b):
+    np.testing.assert_array_equal(x, y)
+
+
+@pytest.fixture(scope='module')
+def image():
+  with np.load(reference_file('vqvae_ch32_256.npz')) as z:
+    return np.transpose(z['img'], (0, 2, 3, 1)).astype(np.float32)
+
+
+def _check_edit(ids, gt, keep, out):
+  kept = total_gen = differ = 0
+  for k, (a, g, m) in enumerate(zip(ids, gt, keep)):
+    a, g, m = np.asarray(a), np.asarray(g), np.asarray(m)
+    np.testing.assert_array_equal(a[m], g[m], err_msg=f'scale {k}')
+    kept += m.sum()
+    total_gen += (~m).sum()
+    differ += (a[~m] != g[~m]).sum()
+  assert kept > 0 and total_gen > 0
+  assert differ > 0.5 * total_gen  # The generated region is not a copy of the image's tokens.
+  assert out.shape == (2, 256, 256, 3) and 0.0 <= float(out.min()) and float(out.max()) <= 1.0
+
+
+@pytest.mark.parametrize('task', ['inpaint', 'outpaint', 'class_edit'])
+def test_editing_keeps_the_kept_region(models, image, task):
+  vc, p, vae_c, vae_p = models
+  editor = editing.Editor(Sampler(vc, vae_c, SamplerConfig(cfg=1.5), mask='markov'))
+  box = (64, 64, 192, 192) if task != 'class_edit' else (0, 0, 256, 128)
+  pixel = editing.box_keep_mask(256, box, keep_inside=task != 'inpaint')
+  latent = editing.latent_keep_mask(np.stack([pixel] * 2), 16)
+  labels = jnp.array([vc.num_classes] * 2) if task != 'class_edit' else jnp.array([4, 4])
+  ids, out, gt, keep = jax.jit(editor.edit)(p, vae_p, image, latent, labels, batch_rng(0, 0))
+  _check_edit(ids, gt, keep, out)
+  assert bool(np.all(np.asarray(keep[0])))  # The 1x1 scale is always kept.
+  if task == 'inpaint':  # Scale 16x16: exactly the latent cells outside the box are kept.
+    np.testing.assert_array_equal(np.asarray(keep[-1])[0].reshape(16, 16), latent[0] > 0.5)
+
+
+def test_super_resolution_keeps_the_coarse_scales(models, image):
+  vc, p, vae_c, vae_p = models
+  editor = editing.Editor(Sampler(vc, vae_c, SamplerConfig(cfg=1.5), mask='causal'))
+  low = np.asarray(jax.image.resize(image, (2, 64, 64, 3), 'lanczos3'))
+  keep_scales = editing.default_sr_keep_scales(64, 256, vc.patch_nums)
+  assert keep_scales == 4  # pn <= 16 * 64 / 256 = 4: scales 1, 2, 3, 4.
+  ids, out, gt, keep = jax.jit(editor.super_resolve, static_argnums=3)(p, vae_p, low, keep_scales,
+                                                                       jnp.array([10, 10]), batch_rng(0, 0))
+  assert [bool(np.all(np.asarray(m))) for m in keep] == [True] * 4 + [False] * 6
+  _check_edit(ids, gt, keep, out)
+
+
+def test_editing_masks():
+  m = editing.latent_keep_mask(editing.box_keep_mask(64, (16, 16, 40, 40), keep_inside=False), 16)
+  assert m.shape == (4, 4) and m[1, 1] == 0 and m[2, 2] == 0 and m[0, 0] == 1
+  assert m[1, 2] == 0  # Pixels 32..47 of row 1 include 32..39 of the box: not kept.
+  with pytest.raises(ValueError, match='box'):
+    editing.box_keep_mask(64, (10, 10, 80, 20), keep_inside=True)
+
+
+def _run_main(argv):
+  """Runs the real entry point in a subprocess (absl flags are process-global) on 1 CPU device."""
+  env = dict(os.environ, XLA_FLAGS='', JAX_PLATFORMS='cpu')
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  r = subprocess.run([sys.executable, '-m', 'srdd_jax.main'] + argv, cwd=repo, env=env,
+                     capture_output=True, text=True, timeout=600)
+  return r.returncode, r.stdout + r.stderr
+
+
+def test_cli_sample_and_edit(tmp_path, models):
+  ck = tmp_path / 'ck'
+  assert convert_var.main(['--var', reference_file('var_d2_w128.npz'), '--prefix', 'var/', '--out',
+                           str(ck / 'var')]) == 0
+  assert convert_var.main(['--vae', reference_file('var_d2_w128.npz'), '--prefix', 'vae/', '--out',
+                           str(ck / 'vae')]) == 0
+  base = ['--config=configs/sample.py', f'--workdir={tmp_path / "w"}',
+          f'--config.model.checkpoint={ck / "var"}', f'--config.tokenizer.checkpoint={ck / "vae"}',
+          '--config.sample.batch_size=4']
+  rc, out = _run_main(base + ['--mode=sample', '--config.sample.classes=1,4',
+                              '--config.sample.num_per_class=3'])
+  assert rc == 0, out
+  with np.load(tmp_path / 'w' / 'samples' / 'samples.npz') as z:
+    assert z['arr_0'].shape == (6, 256, 256, 3) and z['arr_0'].dtype == np.uint8
+    np.testing.assert_array_equal(z['arr_1'], [1, 1, 1, 4, 4, 4])
+    from PIL import Image
+    Image.fromarray(z['arr_0'][0]).save(tmp_path / 'in.png')
+  assert len(os.listdir(tmp_path / 'w' / 'samples' / 'images')) == 6
+  assert (tmp_path / 'w' / 'samples' / 'grid.png').exists()
+  rc, out = _run_main(base + ['--mode=edit', f'--config.edit.image={tmp_path / "in.png"}',
+                              '--config.edit.box=64,64,192,192', '--config.edit.num_samples=2'])
+  assert rc == 0, out
+  with np.load(tmp_path / 'w' / 'edit' / 'inpaint.npz') as z:
+    assert z['arr_0'].shape == (2, 256, 256, 3)
+  rc, out = _run_main(base + ['--mode=sample', '--config.sample.classes=10'])
+  assert rc == 2 and 'class id 10 is out of range' in out
+  missing = [a if not a.startswith('--config.model.checkpoint') else '--config.model.checkpoint=/nope'
+             for a in base]
+  rc, out = _run_main(missing + ['--mode=sample'])
+  assert rc == 2 and "config.model.checkpoint='/nope' does not exist" in out

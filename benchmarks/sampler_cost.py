@@ -4,8 +4,10 @@
   python -m benchmarks.sampler_cost speed [--depth 4] [--width 256] [--batch 16] [--repeats 3]
 
 `memory` compiles the token sampler on abstract (random-shape) parameters and prints the arguments,
-outputs and temporaries of each mask. `speed` times the jitted sampler (tokens, and tokens + decoding
-with a ch=32 tokenizer) on the local backend with random weights, after one warm-up call.
+outputs and temporaries of each mask, with the sampler's compiler options (on CPU: XLA's YNN fusion
+off, see srdd_jax/parallel/compile.py) and with the backend defaults. `speed` times the jitted sampler
+(tokens, and tokens + decoding with a ch=32 tokenizer) on the local backend with random weights, after
+one warm-up call.
 """
 import argparse
 import dataclasses
@@ -18,13 +20,14 @@ import jax.numpy as jnp
 from srdd_jax.convert import var_transformer, var_vqvae
 from srdd_jax.diffusion.filtering import SamplerConfig
 from srdd_jax.diffusion.sampler import Sampler
+from srdd_jax.parallel.compile import inference_compiler_options, jit_inference
 from srdd_jax.tokenizer.api import Tokenizer, unbox
 from srdd_jax.tokenizer.vqvae import VQVAEConfig
 from srdd_jax.transformer.config import VARConfig, preset
 from srdd_jax.transformer.model import VAR
 
 
-def memory(var_config: VARConfig, batch: int, sc: SamplerConfig) -> dict:
+def memory(var_config: VARConfig, batch: int, sc: SamplerConfig, options=None) -> dict:
   vae_config = VQVAEConfig(patch_nums=var_config.patch_nums)
   vae_params = var_vqvae.unbox(var_vqvae.abstract_params(vae_config))
   params = var_transformer.abstract_params(var_config)
@@ -33,7 +36,7 @@ def memory(var_config: VARConfig, batch: int, sc: SamplerConfig) -> dict:
     s = Sampler(var_config, vae_config, sc, mask=mask)
     fn = jax.jit(s.tokens)
     compiled = fn.lower(params, vae_params, jax.ShapeDtypeStruct((batch,), jnp.int32),
-                        jax.ShapeDtypeStruct((2,), jnp.uint32)).compile()
+                        jax.ShapeDtypeStruct((2,), jnp.uint32)).compile(compiler_options=options)
     m = compiled.memory_analysis()
     out[mask] = {'arguments': m.argument_size_in_bytes, 'outputs': m.output_size_in_bytes,
                  'temporaries': m.temp_size_in_bytes,
@@ -42,7 +45,7 @@ def memory(var_config: VARConfig, batch: int, sc: SamplerConfig) -> dict:
   return out
 
 
-def speed(var_config: VARConfig, batch: int, sc: SamplerConfig, repeats: int) -> dict:
+def speed(var_config: VARConfig, batch: int, sc: SamplerConfig, repeats: int, options: bool = True) -> dict:
   vae_config = VQVAEConfig(ch=32, patch_nums=var_config.patch_nums)
   vae_params = unbox(Tokenizer(vae_config).init(jax.random.PRNGKey(1)))
   x = jnp.zeros((1, var_config.seq_len - 1, var_config.z_channels))
@@ -51,8 +54,9 @@ def speed(var_config: VARConfig, batch: int, sc: SamplerConfig, repeats: int) ->
   out = {}
   for mask in ('causal', 'markov'):
     s = Sampler(var_config, vae_config, sc, mask=mask)
-    tokens = jax.jit(s.tokens)
-    full = jax.jit(s.sample)
+    jit = jit_inference if options else jax.jit
+    tokens = jit(s.tokens)
+    full = jit(s.sample)
     res = {}
     for name, fn in (('tokens', tokens), ('tokens_and_decode', full)):
       jax.block_until_ready(fn(params, vae_params, labels, jax.random.PRNGKey(0)))  # Compile, warm up.
@@ -77,18 +81,24 @@ def main():
   ap.add_argument('--batch', type=int, default=0)
   ap.add_argument('--dtype', default='float32')
   ap.add_argument('--repeats', type=int, default=3)
+  ap.add_argument('--default_compiler_options', action='store_true',
+                  help='speed: compile without inference_compiler_options()')
   args = ap.parse_args()
   sc = SamplerConfig(cfg=1.5, top_k=900, top_p=0.96)
   info = {'backend': jax.default_backend(), 'device': jax.devices()[0].device_kind, 'sampler': dataclasses.asdict(sc)}
   if args.what == 'memory':
     cfg = preset(args.preset, dtype=args.dtype)
     info.update(preset=args.preset, batch=args.batch or 32, dtype=args.dtype,
-                result=memory(cfg, args.batch or 32, sc))
+                compiler_options=inference_compiler_options(),
+                result=memory(cfg, args.batch or 32, sc, inference_compiler_options()))
+    if inference_compiler_options():  # What the backend's default options would give.
+      info['result_default_compiler_options'] = memory(cfg, args.batch or 32, sc)
   else:
     cfg = VARConfig(depth=args.depth, width=args.width, num_heads=max(1, args.width // 64), num_classes=10,
                     dtype=args.dtype)
     info.update(depth=args.depth, width=args.width, batch=args.batch or 16, dtype=args.dtype,
-                result=speed(cfg, args.batch or 16, sc, args.repeats))
+                compiler_options=None if args.default_compiler_options else inference_compiler_options(),
+                result=speed(cfg, args.batch or 16, sc, args.repeats, not args.default_compiler_options))
   print(json.dumps(info, indent=1))
 
 

@@ -155,7 +155,7 @@ def test_released_manifests_map_and_count(name):
   assert config.attn_l2_norm and config.shared_aln == name.startswith('var_d36')
   assert count_params(cvt.abstract_params(config)) == PARAM_COUNTS[name]
   depth = int(name[5:7])
-  assert config == preset(f'd{depth}', num_classes=1000)
+  assert config == preset(f'd{depth}', num_classes=1000, mask='causal')
   assert count_params(cvt.abstract_params(preset(f'd{depth}'))) == PARAM_COUNTS[name]
 
 

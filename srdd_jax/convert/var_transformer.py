@@ -65,6 +65,7 @@ def infer_var_config(shapes: Mapping[str, Any], patch_nums=None, num_heads: int 
   kw = dict(depth=depth, width=width, num_heads=heads, z_channels=cvae,
             num_classes=need('class_emb.weight')[0] - 1, vocab_size=need('head.weight')[0],
             mlp_ratio=need('blocks.0.ffn.fc1.weight')[0] / width, patch_nums=tuple(patch_nums),
-            shared_aln='shared_ada_lin.1.weight' in shapes, attn_l2_norm=l2)
+            shared_aln='shared_ada_lin.1.weight' in shapes, attn_l2_norm=l2,
+            mask='causal')  # VAR's checkpoints were trained with the causal mask.
   kw.update(overrides)
   return VARConfig(**kw)

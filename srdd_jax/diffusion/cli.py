@@ -17,6 +17,7 @@ from srdd_jax.diffusion import editing
 from srdd_jax.diffusion.filtering import SamplerConfig
 from srdd_jax.diffusion.sampler import Sampler, batch_rng
 from srdd_jax.parallel import mesh as pm
+from srdd_jax.parallel.compile import jit_inference
 
 
 class ConfigError(ValueError):
@@ -98,7 +99,7 @@ def run_sample(config, workdir: str) -> dict:
   n_dev = len(jax.devices())
   if bs < 1 or bs % n_dev:
     raise ConfigError(f'config.sample.batch_size={bs} must be a positive multiple of the {n_dev} devices')
-  fn = jax.jit(sampler.sample)
+  fn = jit_inference(sampler.sample)
   out_dir = os.path.join(workdir, 'samples')
   os.makedirs(os.path.join(out_dir, 'images'), exist_ok=True)
   images, t0 = [], time.time()
@@ -167,7 +168,7 @@ def run_edit(config, workdir: str) -> dict:
     keep = int(e.keep_scales) or editing.default_sr_keep_scales(low.shape[0], size,
                                                                 sampler.var_config.patch_nums)
     batch = jnp.asarray(np.repeat(low[None], n, 0))
-    _, out, _, _ = jax.jit(editor.super_resolve, static_argnums=3)(var_params, vae_params, batch, keep,
+    _, out, _, _ = jit_inference(editor.super_resolve, static_argnums=3)(var_params, vae_params, batch, keep,
                                                                    labels, rng)
     shown = np.asarray(jax.image.resize(low, (size, size, 3), 'nearest'))
     info = {'low_res': int(low.shape[0]), 'keep_scales': keep}
@@ -187,7 +188,7 @@ def run_edit(config, workdir: str) -> dict:
       raise ConfigError('config.edit.box or config.edit.mask is required for ' + e.task)
     latent = editing.latent_keep_mask(pixel_keep, sampler.tokenizer.config.downsample)
     batch = jnp.asarray(np.repeat(img[None], n, 0))
-    _, out, _, _ = jax.jit(editor.edit)(var_params, vae_params, batch,
+    _, out, _, _ = jit_inference(editor.edit)(var_params, vae_params, batch,
                                         np.repeat(latent[None], n, 0), labels, rng)
     shown = img * (0.25 + 0.75 * pixel_keep[..., None])
     info = {'kept_pixels': float(pixel_keep.mean())}

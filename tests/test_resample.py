@@ -94,3 +94,22 @@ def test_bad_sizes_raise():
     resample.area_matrix(16, 0)
   with pytest.raises(ValueError, match='rank 4'):
     resample.area_resize(np.zeros((16, 16, 3)), 4)
+
+
+def _bilinear_loop(x, out):
+  """PyTorch's upsample_bilinear2d (align_corners=False, no antialias) per output pixel, 1-D."""
+  n = len(x)
+  res = []
+  for o in range(out):
+    src = max((o + 0.5) * n / out - 0.5, 0.0)
+    i0 = min(math.floor(src), n - 1)
+    i1 = i0 + 1 if i0 < n - 1 else i0
+    lam = src - i0
+    res.append((1 - lam) * x[i0] + lam * x[i1])
+  return np.array(res)
+
+
+@pytest.mark.parametrize('n_in,n_out', [(16, 1), (16, 5), (16, 13), (32, 9), (4, 16), (16, 16)])
+def test_bilinear_matrix_matches_definition(n_in, n_out):
+  x = np.random.default_rng(n_in * 7 + n_out).normal(size=n_in)
+  np.testing.assert_allclose(resample.bilinear_matrix(n_in, n_out) @ x, _bilinear_loop(x, n_out), atol=1e-12)

@@ -73,27 +73,6 @@ def _check_nhwc(x, name):
     raise ValueError(f'{name} expects an NHWC array of rank 4, got shape {tuple(x.shape)}')
 
 
-def area_resize(x: jax.Array, size: int | tuple[int, int]) -> jax.Array:
-  """`F.interpolate(x, size, mode='area')` for NHWC `x`."""
-  _check_nhwc(x, 'area_resize')
-  oh, ow = (size, size) if isinstance(size, int) else size
-  h, w = x.shape[1], x.shape[2]
-  if (oh, ow) == (h, w):
-    return x
-  return _apply_separable(x, area_matrix(h, oh), area_matrix(w, ow))
-
-
-def bicubic_resize(x: jax.Array, size: int | tuple[int, int]) -> jax.Array:
-  """`F.interpolate(x, size, mode='bicubic', align_corners=False)` for NHWC `x`."""
-  _check_nhwc(x, 'bicubic_resize')
-  oh, ow = (size, size) if isinstance(size, int) else size
-  h, w = x.shape[1], x.shape[2]
-  if (oh, ow) == (h, w):
-    # Same size: PyTorch's cubic weights are exactly (0, 1, 0, 0), the identity.
-    return x
-  return _apply_separable(x, bicubic_matrix(h, oh), bicubic_matrix(w, ow))
-
-
 @functools.lru_cache(maxsize=None)
 def bilinear_matrix(in_size: int, out_size: int) -> np.ndarray:
   """(out, in) matrix of PyTorch bilinear interpolation, align_corners=False, no antialiasing."""
@@ -112,11 +91,26 @@ def bilinear_matrix(in_size: int, out_size: int) -> np.ndarray:
   return m
 
 
-def bilinear_resize(x: jax.Array, size: int | tuple[int, int]) -> jax.Array:
-  """`F.interpolate(x, size, mode='bilinear', align_corners=False)` for NHWC `x`."""
-  _check_nhwc(x, 'bilinear_resize')
+def _resize(x, size, matrix, name):
+  _check_nhwc(x, name)
   oh, ow = (size, size) if isinstance(size, int) else size
   h, w = x.shape[1], x.shape[2]
   if (oh, ow) == (h, w):
+    # Same size is the identity in all three modes (cubic weights (0, 1, 0, 0), zero lerp, 1-cell windows).
     return x
-  return _apply_separable(x, bilinear_matrix(h, oh), bilinear_matrix(w, ow))
+  return _apply_separable(x, matrix(h, oh), matrix(w, ow))
+
+
+def area_resize(x: jax.Array, size: int | tuple[int, int]) -> jax.Array:
+  """`F.interpolate(x, size, mode='area')` for NHWC `x`."""
+  return _resize(x, size, area_matrix, 'area_resize')
+
+
+def bicubic_resize(x: jax.Array, size: int | tuple[int, int]) -> jax.Array:
+  """`F.interpolate(x, size, mode='bicubic', align_corners=False)` for NHWC `x`."""
+  return _resize(x, size, bicubic_matrix, 'bicubic_resize')
+
+
+def bilinear_resize(x: jax.Array, size: int | tuple[int, int]) -> jax.Array:
+  """`F.interpolate(x, size, mode='bilinear', align_corners=False)` for NHWC `x`."""
+  return _resize(x, size, bilinear_matrix, 'bilinear_resize')

@@ -254,3 +254,23 @@ def test_loss_metrics_and_label_dropout():
   assert 305 < dropped.sum() < 495
   loss, m = training_loss(params, jnp.zeros((2,), jnp.int32), x[:2], jnp.zeros((2, 5), jnp.int32), rng, config)
   assert np.isfinite(float(loss)) and set(m) == {'loss', 'accuracy', 'last_scale_loss', 'last_scale_accuracy'}
+
+
+def test_drop_path_is_per_example_and_only_in_training():
+  config = VARConfig(depth=3, width=64, num_heads=1, num_classes=3, vocab_size=8, z_channels=4,
+                     patch_nums=(1, 2), cond_drop_rate=0.0, drop_path_rate=0.9, init_adaln_gamma=0.5)
+  assert config.drop_path_rate == 0.9
+  model = VAR(config)
+  x = jax.random.normal(jax.random.PRNGKey(1), (64, 4, 4))
+  labels = jnp.zeros((64,), jnp.int32)
+  params = model.init(jax.random.PRNGKey(0), labels, x)['params']
+  ev = model.apply({'params': params}, labels, x)
+  tr = lambda k: model.apply({'params': params}, labels, x, train=True, rngs={'dropout': jax.random.PRNGKey(k)})
+  np.testing.assert_array_equal(tr(3), tr(3))
+  assert not np.allclose(tr(3), ev)
+  # Rates linspace(0, 0.9, 3): blocks 1 and 2 keep or drop each example independently, so two draws
+  # agree on an example with probability (0.45^2 + 0.55^2) * (0.9^2 + 0.1^2) = 0.414; a mask shared by
+  # the batch would make them agree on all examples or none. Binomial(64, 0.414): 26.5 +- 3.9.
+  same = np.all(np.asarray(tr(3)) == np.asarray(tr(4)), axis=(1, 2))
+  assert 10 <= same.sum() <= 43
+  assert VARConfig(depth=16).drop_path_rate == pytest.approx(0.1 * 16 / 24)

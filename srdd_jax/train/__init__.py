@@ -1,0 +1,1 @@
+"""Training of the transformer on tokens of the frozen tokenizer."""

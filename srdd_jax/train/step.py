@@ -1,0 +1,122 @@
+"""Train state, sharded initialisation and the jitted, donated train step."""
+from __future__ import annotations
+
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec
+
+from srdd_jax.parallel import mesh as pm
+from srdd_jax.tokenizer.api import Tokenizer
+from srdd_jax.tokenizer.vqvae import VQVAEConfig
+from srdd_jax.train.optimizer import OptimConfig, build_optimizer, lr_schedule
+from srdd_jax.transformer.config import VARConfig
+from srdd_jax.transformer.loss import cross_entropy_metrics
+from srdd_jax.transformer.model import VAR
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  ema_params: Any = None
+
+
+class Trainer:
+  """Builds the sharded state and the train step for one configuration on one mesh.
+
+  The step's randomness (label dropout, drop path) is `fold_in(PRNGKey(seed), step)`, so a resumed run
+  draws exactly what an uninterrupted one would.
+  """
+
+  def __init__(self, var_config: VARConfig, vae_config: VQVAEConfig, optim: OptimConfig, mesh,
+               rules=pm.DEFAULT_RULES, accum_steps: int = 1, ema_decay: float = 0.0, seed: int = 0):
+    if accum_steps < 1:
+      raise ValueError(f'accum_steps={accum_steps}: must be >= 1')
+    self.var_config, self.vae_config, self.optim = var_config, vae_config, optim
+    self.mesh, self.rules = mesh, tuple(rules)
+    self.accum_steps, self.ema_decay, self.seed = accum_steps, ema_decay, seed
+    self.model = VAR(var_config)
+    self.tokenizer = Tokenizer(vae_config)
+    self.tx = build_optimizer(optim)
+    self.lr = lr_schedule(optim)
+    self.batch_sharding = NamedSharding(mesh, PartitionSpec(('data', 'fsdp')))
+
+  # --- state ------------------------------------------------------------------------------------
+
+  def _boxed_state(self, rng):
+    c = self.var_config
+    x = jnp.zeros((1, c.seq_len - 1, c.z_channels), jnp.float32)
+    params = self.model.init(rng, jnp.zeros((1,), jnp.int32), x)['params']
+    return TrainState(step=jnp.zeros([], jnp.int32), params=params, opt_state=self.tx.init(params),
+                      ema_params=params if self.ema_decay > 0 else None)
+
+  def abstract_state(self):
+    """Unboxed shapes of the state and its NamedShardings (parameters and optimiser moments follow
+    the logical-axis rules; counters are replicated)."""
+    boxed = jax.eval_shape(self._boxed_state, jax.random.PRNGKey(0))
+    shardings = pm.param_shardings(boxed, self.mesh, self.rules)
+    return nn.meta.unbox(boxed), shardings
+
+  def init(self, rng) -> TrainState:
+    """Initialises the state directly in its shardings; no host holds the whole model."""
+    _, shardings = self.abstract_state()
+    return jax.jit(lambda r: nn.meta.unbox(self._boxed_state(r)), out_shardings=shardings)(rng)
+
+  # --- the step ---------------------------------------------------------------------------------
+
+  def _loss(self, params, vae_params, labels, ids, rng):
+    c = self.var_config
+    scales = [ids[:, b:e] for b, e in c.begin_ends]
+    x_in = self.tokenizer.idx_to_var_input(vae_params, scales)
+    logits = self.model.apply({'params': params}, labels, x_in, train=True, rngs={'dropout': rng})
+    return cross_entropy_metrics(logits, ids, c)
+
+  def _step(self, state: TrainState, vae_params, batch):
+    rng = jax.random.fold_in(jax.random.PRNGKey(self.seed), state.step)
+    labels, ids = batch['labels'], batch['ids']
+    grad_fn = jax.value_and_grad(self._loss, has_aux=True)
+    if self.accum_steps == 1:
+      (_, metrics), grads = grad_fn(state.params, vae_params, labels, ids, rng)
+    else:
+      k = self.accum_steps
+      mb = lambda a: a.reshape((k, a.shape[0] // k) + a.shape[1:])
+
+      def body(carry, xs):
+        g_acc, m_acc = carry
+        i, lab, idx = xs
+        (_, m), g = grad_fn(state.params, vae_params, lab, idx, jax.random.fold_in(rng, i))
+        return (jax.tree_util.tree_map(jnp.add, g_acc, g), jax.tree_util.tree_map(jnp.add, m_acc, m)), None
+
+      zeros_g = jax.tree_util.tree_map(jnp.zeros_like, state.params)
+      zeros_m = {n: jnp.zeros([], jnp.float32) for n in ('loss', 'accuracy', 'last_scale_loss',
+                                                          'last_scale_accuracy')}
+      (grads, metrics), _ = jax.lax.scan(body, (zeros_g, zeros_m), (jnp.arange(k), mb(labels), mb(ids)))
+      grads = jax.tree_util.tree_map(lambda g: g / k, grads)
+      metrics = jax.tree_util.tree_map(lambda m: m / k, metrics)
+    metrics['grad_norm'] = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree_util.tree_leaves(grads)))
+    metrics['lr'] = self.lr(state.step)
+    updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+    params = jax.tree_util.tree_map(lambda p, u: p + u, state.params, updates)
+    ema = state.ema_params
+    if ema is not None:
+      d = self.ema_decay
+      ema = jax.tree_util.tree_map(lambda e, p: d * e + (1 - d) * p, ema, params)
+    return TrainState(state.step + 1, params, opt_state, ema), metrics
+
+  def make_step(self, vae_params):
+    """The jitted step (state, batch) -> (state, metrics) with the state donated; `vae_params` (the
+    frozen tokenizer) are closed over, replicated."""
+    _, shardings = self.abstract_state()
+    vae_params = jax.device_put(vae_params, pm.replicated(self.mesh))
+    batch_sh = {'labels': self.batch_sharding, 'ids': self.batch_sharding}
+    step = jax.jit(lambda s, b: self._step(s, vae_params, b), in_shardings=(shardings, batch_sh),
+                   out_shardings=(shardings, pm.replicated(self.mesh)), donate_argnums=0)
+    return step
+
+  def shard_batch(self, batch):
+    """Places a global host batch on the mesh (single process)."""
+    return jax.device_put(batch, self.batch_sharding)

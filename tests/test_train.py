@@ -1,0 +1,100 @@
+"""Training pieces (issue 5, in progress): optimiser groups and schedules, the sharded train step."""
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from srdd_jax.convert import var_transformer
+from srdd_jax.convert.state_dict import flatten_params
+from srdd_jax.parallel import mesh as pm
+from srdd_jax.tokenizer.api import Tokenizer, unbox
+from srdd_jax.tokenizer.vqvae import VQVAEConfig
+from srdd_jax.train.optimizer import OptimConfig, decay_mask, lr_schedule, peak_lr_for, wd_schedule
+from srdd_jax.train.step import Trainer
+from srdd_jax.transformer.config import VARConfig
+
+PN = (1, 2, 3, 4)
+VAR_CFG = VARConfig(depth=2, width=64, num_heads=2, num_classes=10, vocab_size=64, z_channels=8,
+                    patch_nums=PN, dtype='bfloat16')
+VAE_CFG = VQVAEConfig(vocab_size=64, z_channels=8, ch=32, ch_mult=(1, 1, 2), patch_nums=PN)
+
+
+def test_lr_schedule_is_vars_lin0():
+  c = OptimConfig(peak_lr=2.0, warmup_steps=10, total_steps=110, final_fraction=0.1)
+  f = lambda s: float(lr_schedule(c)(s))
+  assert f(0) == pytest.approx(2.0 * 0.005)
+  assert f(5) == pytest.approx(2.0 * (0.005 + 0.995 * 0.5))
+  assert f(10) == f(14) == pytest.approx(2.0)  # Constant for 5% of the 99 post-warm-up steps.
+  passed = (60 - 10) / 99
+  assert f(60) == pytest.approx(2.0 * (0.1 + 0.9 * (1 - passed) / 0.95), rel=1e-6)
+  assert f(109) == pytest.approx(0.2)
+  assert peak_lr_for(768) == pytest.approx(3e-4)
+
+
+def test_weight_decay_schedule_and_groups():
+  c = OptimConfig(weight_decay=0.05, weight_decay_end=0.08, total_steps=101)
+  w = wd_schedule(c)
+  assert float(w(0)) == pytest.approx(0.05) and float(w(100)) == pytest.approx(0.08)
+  assert float(w(50)) == pytest.approx(0.065)
+  assert float(wd_schedule(OptimConfig(weight_decay=0.05))(7)) == pytest.approx(0.05)
+  ab = var_transformer.abstract_params(VARConfig(depth=1, width=64, num_heads=1, shared_aln=True))
+  m = {'/'.join(k): v for k, v in flatten_params(decay_mask(ab)).items()}
+  assert m['class_emb/embedding'] and m['blocks_0/ffn/fc1/kernel'] and m['head/kernel']
+  for k in ('pos_start', 'pos_1LC', 'lvl_embed/embedding', 'blocks_0/attn/scale_mul_1H11', 'blocks_0/ada_gss',
+            'blocks_0/attn/q_bias', 'head/bias', 'word_embed/bias'):
+    assert not m[k], k
+
+
+@pytest.fixture(scope='module')
+def setup():
+  vae_params = unbox(Tokenizer(VAE_CFG).init(jax.random.PRNGKey(1)))
+  rng = np.random.default_rng(0)
+  batches = [{'labels': rng.integers(0, 10, 16).astype(np.int32),
+              'ids': rng.integers(0, 64, (16, VAR_CFG.seq_len)).astype(np.int32)} for _ in range(5)]
+  return vae_params, batches
+
+
+def _run(shape, vae_params, batches, var_cfg=VAR_CFG, accum=1, ema=0.0):
+  mesh = pm.make_mesh(shape, devices=jax.devices()[:math.prod(shape)])
+  tr = Trainer(var_cfg, VAE_CFG, OptimConfig(peak_lr=1e-3, warmup_steps=2, total_steps=5), mesh,
+               accum_steps=accum, ema_decay=ema)
+  state = tr.init(jax.random.PRNGKey(0))
+  step = tr.make_step(vae_params)
+  losses = []
+  for b in batches:
+    state, m = step(state, tr.shard_batch(b))
+    losses.append(float(m['loss']))
+  return np.array(losses), state
+
+
+def test_same_losses_on_one_device_and_two_meshes(setup):
+  """bfloat16 compute, label dropout on: 5 steps on 1 device, (data=8) and (data=2, fsdp=2, tensor=2)."""
+  vae_params, batches = setup
+  one, _ = _run((1, 1, 1), vae_params, batches)
+  for shape in ((8, 1, 1), (2, 2, 2)):
+    other, state = _run(shape, vae_params, batches)
+    np.testing.assert_allclose(other, one, rtol=1e-4)
+  assert state.params['head']['kernel'].sharding.spec == jax.sharding.PartitionSpec('fsdp', 'tensor')
+  assert np.all(np.isfinite(one)) and one[-1] != one[0]
+
+
+def test_gradient_accumulation_equals_the_full_batch(setup):
+  vae_params, batches = setup
+  cfg = dataclasses.replace(VAR_CFG, cond_drop_rate=0.0, drop_path_rate=0.0, dtype='float32')
+  full, s1 = _run((1, 1, 1), vae_params, batches[:2], cfg)
+  acc, s2 = _run((1, 1, 1), vae_params, batches[:2], cfg, accum=4)
+  np.testing.assert_allclose(acc, full, rtol=1e-5)
+  np.testing.assert_allclose(s2.params['head']['kernel'], s1.params['head']['kernel'], atol=1e-6)
+
+
+def test_ema_tracks_the_parameters(setup):
+  vae_params, batches = setup
+  _, s = _run((1, 1, 1), vae_params, batches[:3], ema=0.5)
+  init = Trainer(VAR_CFG, VAE_CFG, OptimConfig(), pm.make_mesh((1, 1, 1), jax.devices()[:1]),
+                 ema_decay=0.5).init(jax.random.PRNGKey(0))
+  p, e, p0 = (np.asarray(t['head']['kernel']) for t in (s.params, s.ema_params, init.params))
+  assert not np.allclose(e, p) and not np.allclose(e, p0)
+  assert np.linalg.norm(e - p) < np.linalg.norm(p0 - p)

@@ -19,7 +19,7 @@ _MODE = flags.DEFINE_enum('mode', 'reconstruct', ['reconstruct', 'train', 'sampl
                                                    'train_tokenizer', 'eval'], 'What to run.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
-_NOT_YET = ('train', 'tokenize', 'train_tokenizer', 'eval')
+_NOT_YET = ('tokenize', 'train_tokenizer', 'eval')
 
 
 def main(argv):
@@ -28,13 +28,21 @@ def main(argv):
   config, workdir, mode = _CONFIG.value, _WORKDIR.value, _MODE.value
   if mode in _NOT_YET:
     logging.error('--mode=%s is not implemented yet in this version of srdd_jax; available: '
-                  'reconstruct, sample, edit', mode)
+                  'reconstruct, train, sample, edit', mode)
     sys.exit(2)
   os.makedirs(workdir, exist_ok=True)
   # pylint: disable=import-outside-toplevel
   if mode == 'reconstruct':
     from srdd_jax import reconstruct
     summary = reconstruct.run(config, workdir)
+  elif mode == 'train':
+    from srdd_jax.train import loop
+    from srdd_jax.train.checkpoint import CheckpointMismatch
+    try:
+      summary = loop.run_train(config, workdir)
+    except (loop.TrainConfigError, CheckpointMismatch) as e:
+      print(f'error: {e}', file=sys.stderr)
+      sys.exit(2)
   else:
     from srdd_jax.diffusion import cli
     try:

@@ -1,0 +1,127 @@
+"""The training loop (issue 5, in progress): exact resume, another mesh, unreadable checkpoints,
+config errors, non-finite losses, SIGTERM."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from configs import smoke
+from srdd_jax.train import loop
+
+
+def _config(**train):
+  c = smoke.get_config()
+  c.mesh.data = 8
+  c.train.update(train)
+  return c
+
+
+def _losses(workdir):
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return [(r['step'], r['loss']) for r in map(json.loads, f)]
+
+
+def _params(summary):
+  return {'/'.join(map(str, k)): np.asarray(v) for k, v in
+          jax.tree_util.tree_flatten_with_path(jax.device_get(summary['state'].params))[0]}
+
+
+@pytest.fixture(scope='module')
+def straight(tmp_path_factory):
+  wd = str(tmp_path_factory.mktemp('straight'))
+  return wd, loop.run_train(_config(), wd, return_state=True)
+
+
+def test_exact_resume_is_bitwise(straight, tmp_path):
+  wd, full = straight
+  part = str(tmp_path / 'part')
+  first = loop.run_train(_config(), part, stop_after_steps=10)
+  assert first['end_step'] == 10
+  second = loop.run_train(_config(), part, return_state=True)
+  assert second['start_step'] == 10 and second['end_step'] == 20
+  assert _losses(part) == _losses(wd)  # Bitwise equal floats, data order and RNG included.
+  a, b = _params(full), _params(second)
+  assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_resume_on_another_mesh(straight, tmp_path):
+  wd, _ = straight
+  part = str(tmp_path / 'mesh')
+  loop.run_train(_config(), part, stop_after_steps=10)
+  c = _config()
+  c.mesh.update(data=2, fsdp=2, tensor=2)
+  loop.run_train(c, part)
+  got, want = dict(_losses(part)), dict(_losses(wd))
+  np.testing.assert_allclose([got[s] for s in range(11, 21)], [want[s] for s in range(11, 21)], rtol=1e-4)
+
+
+def test_unreadable_checkpoint_is_skipped_and_kept(tmp_path):
+  wd = str(tmp_path / 'crash')
+  loop.run_train(_config(steps=10), wd)
+  bad = os.path.join(wd, 'checkpoints', '15')
+  os.makedirs(os.path.join(bad, 'state'))
+  with open(os.path.join(bad, 'state', 'garbage'), 'w') as f:
+    f.write('half a checkpoint')
+  s = loop.run_train(_config(steps=12), wd)
+  assert s['start_step'] == 10 and s['end_step'] == 12
+  names = os.listdir(os.path.join(wd, 'checkpoints'))
+  assert any(n.startswith('15.incomplete-') for n in names) and '10' in names and '12' in names
+
+
+def test_config_errors_name_the_key(tmp_path):
+  with pytest.raises(loop.TrainConfigError, match=r'config.train.global_batch=12 is not divisible by .* 8'):
+    loop.run_train(_config(global_batch=12), str(tmp_path / 'a'))
+  from srdd_jax.tools import convert_var
+  from tests.conftest import reference_file
+  vae = str(tmp_path / 'vae')
+  assert convert_var.main(['--vae', reference_file('vqvae_ch32_256.npz'), '--prefix', 'vae/', '--out', vae]) == 0
+  c = _config()
+  c.tokenizer.checkpoint = vae  # Latent side 16; the smoke model's patch_nums end at 4.
+  with pytest.raises(loop.TrainConfigError, match=r'config.model.patch_nums=\(1, 2, 3, 4\) must end at .* 16'):
+    loop.run_train(c, str(tmp_path / 'b'))
+  c = _config()
+  c.tokenizer.checkpoint = '/nope'
+  with pytest.raises(loop.TrainConfigError, match="config.tokenizer.checkpoint='/nope' does not exist"):
+    loop.run_train(c, str(tmp_path / 'c'))
+
+
+def test_non_finite_loss_stops_and_keeps_the_checkpoint(tmp_path):
+  wd = str(tmp_path / 'nan')
+  loop.run_train(_config(steps=5), wd)
+  c = _config(steps=40)
+  c.optim.base_lr = 1e30
+  with pytest.raises(loop.NonFiniteLoss, match=r'non-finite loss or gradient at step \d+'):
+    loop.run_train(c, wd)
+  assert '5' in os.listdir(os.path.join(wd, 'checkpoints'))
+  # A complete checkpoint that does not fit the config is an error, and stays where it is.
+  c = _config(steps=10)
+  c.train.ema_decay = 0.9
+  from srdd_jax.train.checkpoint import CheckpointMismatch
+  with pytest.raises(CheckpointMismatch, match='does not fit the state of the current config'):
+    loop.run_train(c, wd)
+  assert '5' in os.listdir(os.path.join(wd, 'checkpoints'))
+
+
+def test_sigterm_saves_and_exits_cleanly(tmp_path):
+  wd = tmp_path / 'term'
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, XLA_FLAGS='', JAX_PLATFORMS='cpu')
+  p = subprocess.Popen([sys.executable, '-m', 'srdd_jax.main', '--config=configs/smoke.py', f'--workdir={wd}',
+                        '--mode=train', '--config.train.steps=100000', '--config.train.checkpoint_every=1000'],
+                       cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  deadline = time.time() + 240
+  while time.time() < deadline:
+    if (wd / 'metrics.jsonl').exists() and len((wd / 'metrics.jsonl').read_text().splitlines()) >= 3:
+      break
+    time.sleep(0.5)
+  p.send_signal(signal.SIGTERM)
+  out, _ = p.communicate(timeout=240)
+  assert p.returncode == 0, out[-3000:]
+  last = json.loads((wd / 'metrics.jsonl').read_text().splitlines()[-1])['step']
+  assert str(last) in os.listdir(wd / 'checkpoints')

@@ -1,12 +1,10 @@
 """`check_reference`: the real reference file, failures, strictness, and files of other configurations."""
 import json
-import math
 import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
 from srdd_jax.tokenizer.api import Tokenizer, unbox
 from srdd_jax.tokenizer.vqvae import VQVAEConfig

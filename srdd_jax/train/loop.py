@@ -14,7 +14,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from absl import logging
 
 from srdd_jax.convert import params_io

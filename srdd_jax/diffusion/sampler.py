@@ -13,11 +13,12 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from srdd_jax.diffusion import filtering
 from srdd_jax.diffusion.filtering import SamplerConfig
-from srdd_jax.tokenizer.api import Tokenizer
+from srdd_jax.tokenizer.api import Tokenizer, is_concrete
 from srdd_jax.tokenizer.vqvae import VQVAEConfig
 from srdd_jax.transformer.config import MASKS, VARConfig
 from srdd_jax.transformer.model import VAR
@@ -55,9 +56,8 @@ class Sampler:
 
   def check_labels(self, labels) -> None:
     """Out-of-range class ids are an error when the labels are concrete (the null class is allowed)."""
-    if isinstance(labels, jax.core.Tracer):
+    if not is_concrete(labels):
       return
-    import numpy as np  # pylint: disable=import-outside-toplevel
     a = np.asarray(labels)
     if a.ndim != 1:
       raise ValueError(f'labels must have shape (B,), got {a.shape}')

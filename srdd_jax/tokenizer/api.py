@@ -16,8 +16,16 @@ import numpy as np
 from srdd_jax.tokenizer.vqvae import VQVAE, VQVAEConfig
 
 
-def _is_concrete(x) -> bool:
-  return not isinstance(x, jax.core.Tracer)
+def is_concrete(x) -> bool:
+  """False for traced values (inside jit), whose contents cannot be checked on the host."""
+  tracer = getattr(jax.core, 'Tracer', None)  # Public in every JAX we support; guarded all the same.
+  if tracer is not None:
+    return not isinstance(x, tracer)
+  try:
+    np.asarray(x)
+  except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+    return False
+  return True
 
 
 class Tokenizer:
@@ -85,7 +93,7 @@ class Tokenizer:
     if not jnp.issubdtype(idx.dtype, jnp.integer):
       raise ValueError(f'token ids of scale {k} must be integers, got dtype {idx.dtype}')
     # Under jit the values are unknown; a gather would silently clamp, so check whenever we can.
-    if _is_concrete(idx) and np.size(idx):
+    if is_concrete(idx) and np.size(idx):
       a = np.asarray(idx)
       lo, hi = int(a.min()), int(a.max())
       if lo < 0 or hi >= c.vocab_size:

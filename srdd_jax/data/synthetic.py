@@ -30,9 +30,11 @@ class SyntheticImages:
 
   def batch(self, seed: int, step: int, global_batch: int):
     """The global batch of `step`: images (B, H, W, 3) and labels (B,)."""
-    idx = []
+    idx, perms = [], {}
     start = step * global_batch
     for j in range(start, start + global_batch):
       epoch, pos = divmod(j, self.n)
-      idx.append(int(np.random.default_rng([seed, epoch]).permutation(self.n)[pos]))
+      if epoch not in perms:  # One permutation per epoch touched, not one per example.
+        perms[epoch] = np.random.default_rng([seed, epoch]).permutation(self.n)
+      idx.append(int(perms[epoch][pos]))
     return (np.stack([self.image(i) for i in idx]), np.array([self.label(i) for i in idx], np.int32))

@@ -1,0 +1,164 @@
+"""The order of examples and the batch of any step: a pure function of (seed, step), sliced per process.
+
+The examples form an infinite sequence, one permutation of the dataset per epoch drawn from (seed, epoch);
+the global batch of step s is positions s*B .. (s+1)*B-1 of it. The random crop and flip of an example
+depend on (seed, step, position in the global batch) only, never on which rows a process asked for, so
+processes taking disjoint rows together see exactly the batch one process would see, and a run resumed at
+step s sees the batches it would have seen.
+
+Unreadable examples (a corrupt or vanished file, bytes that do not decode) never stop a run: the position
+takes the next readable example of the same epoch's permutation (wrapping around), keeping its own crop and
+flip. Each bad example is logged once at warning level with its name and counted in `skipped`. Which
+examples are bad is a property of the files, so the batches stay a function of (seed, step) for a given set
+of files; the set of known-bad examples is only a cache and the order it is discovered in does not matter.
+"""
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+
+import numpy as np
+from absl import logging
+
+from srdd_jax.data import preprocess as pp
+
+# Appended to the augmentation seed so it can never equal a permutation seed [seed, epoch] (numpy's
+# SeedSequence pads with zeros, so a zero tag would not be enough).
+_AUG_TAG = 0xA06
+
+
+class DataError(ValueError):
+  """A data config or dataset that cannot work; the message names the config key and the path."""
+
+
+class Unreadable(Exception):
+  """Raised by a source's `load` for an example whose bytes cannot be read or decoded."""
+
+
+class ImageSource:
+  """Base class: subclasses set the sizes and implement `load(index) -> (image, label)` and `name(index)`.
+
+  `load` returns a PIL image of any mode or a uint8 array, and raises `Unreadable` for a bad example.
+  """
+
+  def __init__(self, *, num_examples: int, num_classes: int, image_size: int, description: str,
+               resize_ratio: float = 1.125, random_crop: bool = False, flip: bool = False):
+    if num_examples < 1:
+      raise DataError(f'{description}: the dataset is empty')
+    self.num_examples, self.num_classes, self.image_size = int(num_examples), int(num_classes), int(image_size)
+    self.description = description
+    self.resize_ratio, self.random_crop, self.flip = float(resize_ratio), bool(random_crop), bool(flip)
+    self._lock = threading.Lock()
+    self._perms: dict[tuple[int, int], np.ndarray] = {}
+    self._bad: set[int] = set()
+
+  # --- what a subclass provides ---
+  def load(self, index: int):
+    raise NotImplementedError
+
+  def name(self, index: int) -> str:
+    return f'example {index}'
+
+  # --- order ---
+  @property
+  def skipped(self) -> int:
+    """How many distinct unreadable examples were met (and replaced) so far in this process."""
+    return len(self._bad)
+
+  def permutation(self, seed: int, epoch: int) -> np.ndarray:
+    key = (int(seed), int(epoch))
+    with self._lock:
+      perm = self._perms.get(key)
+    if perm is None:
+      perm = np.random.default_rng([key[0], key[1]]).permutation(self.num_examples)
+      with self._lock:
+        if len(self._perms) >= 4:  # A batch touches at most a few consecutive epochs.
+          self._perms.pop(next(iter(self._perms)))
+        self._perms[key] = perm
+    return perm
+
+  def _mark_bad(self, index: int, reason: str):
+    with self._lock:
+      new = index not in self._bad
+      self._bad.add(index)
+      count = len(self._bad)
+    if new:
+      logging.warning('skipping unreadable %s (%s); %d skipped so far in %s', self.name(index), reason, count,
+                      self.description)
+
+  # --- one example ---
+  def decode(self, index: int, seed: int, step: int, position: int):
+    """The preprocessed image of example `index` with the crop and flip of (seed, step, position)."""
+    image, label = self.load(index)
+    uv, flip = None, False
+    if self.random_crop or self.flip:
+      r = np.random.default_rng([seed, step, position, _AUG_TAG]).random(3)
+      uv = (float(r[0]), float(r[1])) if self.random_crop else None
+      flip = self.flip and r[2] < 0.5
+    return pp.preprocess(image, self.image_size, self.resize_ratio, uv, flip), label
+
+  def example(self, seed: int, step: int, position: int, global_batch: int):
+    """(image, label) at `position` of the global batch of `step`, unreadable examples replaced."""
+    if seed < 0 or step < 0:
+      raise DataError(f'seed and step must be >= 0, got seed={seed}, step={step}')
+    epoch, k = divmod(step * global_batch + position, self.num_examples)
+    perm = self.permutation(seed, epoch)
+    for t in range(self.num_examples):
+      index = int(perm[(k + t) % self.num_examples])
+      if index in self._bad:
+        continue
+      try:
+        image, label = self.decode(index, seed, step, position)
+      except Unreadable as e:
+        self._mark_bad(index, str(e))
+        continue
+      return image, np.int32(label)
+    raise DataError(f'{self.description}: none of the {self.num_examples} examples is readable')
+
+  # --- batches ---
+  def _rows(self, global_batch: int, rows: slice | None) -> tuple[int, int]:
+    if global_batch < 1:
+      raise DataError(f'global_batch must be >= 1, got {global_batch}')
+    if rows is None:
+      return 0, global_batch
+    start = 0 if rows.start is None else rows.start
+    stop = global_batch if rows.stop is None else rows.stop
+    if rows.step not in (None, 1) or not 0 <= start < stop <= global_batch:
+      raise DataError(f'rows={rows} must be a non-empty contiguous slice of [0, {global_batch}) '
+                      '(the global batch)')
+    return start, stop
+
+  def batch(self, seed: int, step: int, global_batch: int, rows: slice | None = None):
+    """Rows [rows.start, rows.stop) of the global batch of `step` (all of it for None): images float32
+    (n, S, S, 3) in [-1, 1] and labels int32 (n,)."""
+    start, stop = self._rows(global_batch, rows)
+    pairs = [self.example(seed, step, p, global_batch) for p in range(start, stop)]
+    return np.stack([p[0] for p in pairs]), np.array([p[1] for p in pairs], np.int32)
+
+  def iterator(self, seed: int, start_step: int, global_batch: int,
+               rows: slice | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """batch(seed, s, global_batch, rows) for s = start_step, start_step+1, ..., decoded by tf.data on
+    parallel threads (PIL releases the GIL while decoding and resizing) and prefetched."""
+    start, stop = self._rows(global_batch, rows)
+    n, size = stop - start, self.image_size
+    # Deferred: TensorFlow takes seconds to import and only this path needs it.
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+    try:  # Keep TensorFlow off accelerators that JAX owns.
+      tf.config.set_visible_devices([], 'GPU')
+    except (RuntimeError, ValueError):
+      pass
+
+    def one(j):
+      step, p = divmod(int(j), n)
+      return self.example(seed, start_step + step, start + p, global_batch)
+
+    def load(j):
+      image, label = tf.numpy_function(one, [j], (tf.float32, tf.int32))
+      image.set_shape((size, size, 3))
+      label.set_shape(())
+      return image, label
+
+    ds = tf.data.Dataset.range(np.iinfo(np.int64).max)
+    ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.batch(n, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+    yield from ds.as_numpy_iterator()

@@ -22,6 +22,8 @@ setup(
         'numpy',
         'pillow',
         'scipy',
+        # The 8x8 digits bundled in its wheel: a real, offline dataset for tiny tests.
+        'scikit-learn',
     ],
     extras_require={
         'test': ['pytest'],

@@ -49,11 +49,15 @@ def test_a_wrong_output_fails(tmp_path, capsys):
   assert lines['f'][0] == 'PASS' and lines['fhat_3'][0] == 'PASS'
 
 
-def test_unsupported_entries_are_not_checked_and_strict_fails(capsys):
-  path = reference_file('fid_inception.npz')
-  rc, out, lines = _run(capsys, path)
-  assert rc == 0 and lines['pool3'][0] == 'NOT CHECKED'
-  rc, out, _ = _run(capsys, path, '--strict')
+def test_unsupported_entries_are_not_checked_and_strict_fails(tmp_path, capsys):
+  path = tmp_path / 'future_kind.npz'
+  np.savez(path, meta=np.array(json.dumps({'kind': 'proxy_classifier'})),
+           **{'inception/fc.weight': np.zeros((4, 2), np.float16), 'features': np.zeros((2, 4))})
+  rc, out, lines = _run(capsys, str(path))
+  assert rc == 0 and lines['features'][0] == 'NOT CHECKED'
+  assert "kind 'proxy_classifier' is not supported yet" in lines['features'][1]
+  assert lines['1 weight entries'][0] == 'NOT CHECKED'
+  rc, out, _ = _run(capsys, str(path), '--strict')
   assert rc == 1
 
 
@@ -131,3 +135,78 @@ def test_file_of_another_configuration_512px(tmp_path, capsys):
   np.savez(path, meta=np.array(json.dumps(meta)), **data)
   rc, out, _ = _run(capsys, str(path))
   assert rc == 2 and 'meta image_size=256' in out
+
+
+# ---------------------------------------------------------------------------------------------------
+# kind='fid_inception'
+# ---------------------------------------------------------------------------------------------------
+
+def _rel_errs(lines):
+  return {k: float(re.search(r'rel_err (\S+)', lines[k][1]).group(1)) for k in ('pool3', 'logits')}
+
+
+def test_reference_fid_inception_file_passes(capsys):
+  rc, out, lines = _run(capsys, reference_file('fid_inception.npz'))
+  assert rc == 0, out
+  assert lines['inception/* weights'] == ('PASS', '566 keys converted')
+  assert lines['pool3'][0] == 'PASS' and lines['logits'][0] == 'PASS', out
+  errs = _rel_errs(lines)
+  # Far inside the 1e-4 of the README: the port computes the same function, not an approximation.
+  assert errs['pool3'] < 1e-6 and errs['logits'] < 1e-5, errs
+  assert re.search(r'^3 passed, 0 failed, 0 not checked$', out, re.M), out
+
+
+def test_fid_inception_with_one_perturbed_weight_fails(tmp_path, capsys):
+  with np.load(reference_file('fid_inception.npz')) as z:
+    data = {k: z[k] for k in z.files}
+  # Random weights leave many units dead, so perturb one that is alive: the BatchNorm shift of the
+  # most active pool3 channel of Mixed_7c's 1x1 branch (pool3 channels 0..319).
+  c = int(np.argmax(data['pool3'][0, :320]))
+  b = data['inception/Mixed_7c.branch1x1.bn.bias'].copy()
+  b[c] += np.float16(0.25)
+  data['inception/Mixed_7c.branch1x1.bn.bias'] = b
+  bad = tmp_path / 'fid_bad.npz'
+  np.savez(bad, **data)
+  rc, out, lines = _run(capsys, str(bad))
+  assert rc == 1, out
+  assert lines['inception/* weights'][0] == 'PASS'
+  assert lines['pool3'][0] == 'FAIL' and lines['logits'][0] == 'FAIL', out
+
+  # A weight of the wrong shape is a conversion failure that names the key.
+  data['inception/fc.bias'] = data['inception/fc.bias'][:1000]
+  np.savez(bad, **data)
+  rc, out, lines = _run(capsys, str(bad))
+  assert rc == 1 and lines['inception/* weights'][0] == 'FAIL'
+  assert 'fc.bias: shape (1000,)' in out
+
+
+def test_fid_inception_file_of_another_format_passes(tmp_path, capsys):
+  """A file "of that format" with batch 3 and 128 px images, weights re-randomised from the reference
+  ones (each tensor's entries permuted, BatchNorm scales rescaled), stored as float16, and outputs
+  from the independent float64 NumPy transcription in tests/inception_numpy.py."""
+  from tests.inception_numpy import inception_forward
+  rng = np.random.default_rng(11)
+  with np.load(reference_file('fid_inception.npz')) as z:
+    weights = {k: z[k] for k in z.files if k.startswith('inception/')}
+  for k, v in weights.items():
+    if v.dtype == np.float16:
+      v = rng.permutation(v.reshape(-1)).reshape(v.shape)
+      if k.endswith('.bn.weight'):
+        v = (v.astype(np.float32) * rng.uniform(0.7, 1.3, v.shape)).astype(np.float16)
+      weights[k] = v
+  images = rng.uniform(0, 1, (3, 3, 128, 128)).astype(np.float32)
+  pool3, logits = inception_forward({k[10:]: v for k, v in weights.items()}, images)
+  meta = {'kind': 'fid_inception', 'seed': 11, 'source': 'tests: float64 NumPy transcription'}
+  path = tmp_path / 'fid_other.npz'
+  np.savez(path, meta=np.array(json.dumps(meta)), images=images, pool3=pool3.astype(np.float32),
+           logits=logits.astype(np.float32), **weights)
+
+  rc, out, lines = _run(capsys, str(path))
+  assert rc == 0, out
+  assert lines['pool3'][0] == 'PASS' and lines['logits'][0] == 'PASS'
+  assert 'images 128x128' in lines['pool3'][1]
+  errs = _rel_errs(lines)
+  assert errs['pool3'] < 1e-5 and errs['logits'] < 1e-5, errs
+  # The re-randomised network computes something else: the check is not passing trivially.
+  with np.load(reference_file('fid_inception.npz')) as z:
+    assert pool3.shape == (3, 2048) and not np.allclose(pool3[:2], z['pool3'], rtol=0.1)

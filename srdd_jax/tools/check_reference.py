@@ -21,9 +21,10 @@ from srdd_jax.tools import reference_common as rc
 def _checkers():
   # Imported lazily so `--help` stays fast; later kinds register here.
   # pylint: disable=import-outside-toplevel
+  from srdd_jax.tools.reference_fid import check_fid_inception
   from srdd_jax.tools.reference_var import check_var
   from srdd_jax.tools.reference_vqvae import check_vqvae
-  return {'vqvae': check_vqvae, 'var': check_var}
+  return {'vqvae': check_vqvae, 'var': check_var, 'fid_inception': check_fid_inception}
 
 
 def check_file(path: str) -> tuple[dict, list[rc.Result]]:

@@ -17,6 +17,14 @@ _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config fil
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for outputs, checkpoints and logs.')
 _MODE = flags.DEFINE_enum('mode', 'reconstruct', ['reconstruct', 'train', 'sample', 'edit', 'tokenize',
                                                    'train_tokenizer', 'eval'], 'What to run.')
+_MULTIHOST = flags.DEFINE_bool('multihost', False, 'Start jax.distributed with the cluster detected by '
+                                'JAX (TPU pods, SLURM, Open MPI).')
+_COORDINATOR = flags.DEFINE_string('coordinator_address', None, 'host:port of process 0, for a manual '
+                                   'multi-process start (or $SRDD_COORDINATOR_ADDRESS).')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Processes of a manual multi-process start '
+                                      '(or $SRDD_NUM_PROCESSES).')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process, 0..num_processes-1 (or '
+                                   '$SRDD_PROCESS_ID).')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 _NOT_YET = ('tokenize', 'train_tokenizer', 'eval')
@@ -30,8 +38,14 @@ def main(argv):
     logging.error('--mode=%s is not implemented yet in this version of srdd_jax; available: '
                   'reconstruct, train, sample, edit', mode)
     sys.exit(2)
-  os.makedirs(workdir, exist_ok=True)
   # pylint: disable=import-outside-toplevel
+  from srdd_jax.parallel import multihost
+  try:
+    multihost.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, auto=_MULTIHOST.value)
+  except ValueError as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(2)
+  os.makedirs(workdir, exist_ok=True)
   if mode == 'reconstruct':
     from srdd_jax import reconstruct
     summary = reconstruct.run(config, workdir)
@@ -51,7 +65,8 @@ def main(argv):
       logging.error('%s', e)
       print(f'error: {e}', file=sys.stderr)
       sys.exit(2)
-  print(json.dumps(summary, indent=1))
+  if multihost.is_main_process():
+    print(json.dumps(summary, indent=1))
 
 
 if __name__ == '__main__':

@@ -97,3 +97,23 @@ def test_ema_tracks_the_parameters(setup):
   p, e, p0 = (np.asarray(t['head']['kernel']) for t in (s.params, s.ema_params, init.params))
   assert not np.allclose(e, p) and not np.allclose(e, p0)
   assert np.linalg.norm(e - p) < np.linalg.norm(p0 - p)
+
+
+def test_progressive_growth_counts_only_the_active_scales():
+  optim = OptimConfig(total_steps=10)
+  t = Trainer(VAR_CFG, VAE_CFG, optim, pm.make_mesh((1, 1, 1), devices=jax.devices()[:1]), progressive=(2, 4))
+  assert [int(t.active_scales(s)) for s in (0, 1, 2, 3, 4, 9)] == [2, 2, 3, 3, 4, 4]
+  assert int(Trainer(VAR_CFG, VAE_CFG, optim, t.mesh).active_scales(0)) == 4
+  with pytest.raises(ValueError, match=r'progressive=\(5, 4\)'):
+    Trainer(VAR_CFG, VAE_CFG, optim, t.mesh, progressive=(5, 4))
+  from srdd_jax.transformer.loss import cross_entropy_metrics
+  rng = np.random.default_rng(3)
+  logits = rng.standard_normal((3, VAR_CFG.seq_len, 64)).astype(np.float32)
+  ids = rng.integers(0, 64, (3, VAR_CFG.seq_len))
+  logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+  nll = -np.take_along_axis(logp, ids[..., None], -1)[..., 0]
+  for active, n_tok in ((1, 1), (2, 5), (3, 14), (4, 30)):
+    loss, m = cross_entropy_metrics(logits, ids, VAR_CFG, active)
+    np.testing.assert_allclose(float(loss), nll[:, :n_tok].mean(), rtol=1e-5)
+    np.testing.assert_allclose(m['accuracy'], (logits.argmax(-1) == ids)[:, :n_tok].mean(), rtol=1e-6)
+    np.testing.assert_allclose(m['last_scale_loss'], nll[:, 14:].mean(), rtol=1e-5)

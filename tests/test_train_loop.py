@@ -35,7 +35,21 @@ def _params(summary):
 @pytest.fixture(scope='module')
 def straight(tmp_path_factory):
   wd = str(tmp_path_factory.mktemp('straight'))
-  return wd, loop.run_train(_config(), wd, return_state=True)
+  # Sample grids on: the resumed runs below (without grids) must still match it bitwise.
+  return wd, loop.run_train(_config(sample_every=10), wd, return_state=True)
+
+
+def test_sample_grids_as_png_and_tensorboard(straight):
+  wd, _ = straight
+  from PIL import Image
+  assert sorted(os.listdir(os.path.join(wd, 'samples'))) == ['step_00000010.png', 'step_00000020.png']
+  g = np.asarray(Image.open(os.path.join(wd, 'samples', 'step_00000020.png')))
+  assert g.shape == (4 * 32, 2 * 32, 3) and g.std() > 0  # 4 classes x 2 samples of 32 px.
+  from tensorboard.backend.event_processing import event_accumulator
+  ea = event_accumulator.EventAccumulator(wd, size_guidance={'images': 0, 'tensors': 0})
+  ea.Reload()
+  tags = ea.Tags()
+  assert any('samples' in t for t in tags.get('images', []) + tags.get('tensors', [])), tags
 
 
 def test_exact_resume_is_bitwise(straight, tmp_path):
@@ -72,6 +86,13 @@ def test_unreadable_checkpoint_is_skipped_and_kept(tmp_path):
   assert s['start_step'] == 10 and s['end_step'] == 12
   names = os.listdir(os.path.join(wd, 'checkpoints'))
   assert any(n.startswith('15.incomplete-') for n in names) and '10' in names and '12' in names
+
+
+def test_epochs_and_progressive_growth(tmp_path):
+  c = _config(steps=0, epochs=0.5, progressive_start_scales=2, progressive_steps=1)  # 64 examples, batch 16.
+  s = loop.run_train(c, str(tmp_path))
+  recs = [json.loads(line) for line in open(tmp_path / 'metrics.jsonl')]
+  assert s['end_step'] == 2 and [r['active_scales'] for r in recs] == [2, 4]
 
 
 def test_config_errors_name_the_key(tmp_path):

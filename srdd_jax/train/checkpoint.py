@@ -10,6 +10,12 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 
+def _sync(name: str) -> None:
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    multihost_utils.sync_global_devices(name)
+
+
 class CheckpointMismatch(ValueError):
   """A complete checkpoint whose contents do not fit the configured train state."""
 
@@ -40,7 +46,9 @@ class Checkpointer:
       if not os.path.exists(os.path.join(path, '_CHECKPOINT_METADATA')):
         # Left incomplete (a crash mid-save): moved aside, not deleted, so its step can be saved again.
         aside = f'{path}.incomplete-{int(time.time())}'
-        os.replace(path, aside)
+        if jax.process_index() == 0:  # One process moves it; the others wait, then all re-read.
+          os.replace(path, aside)
+        _sync(f'checkpoint-aside-{step}')
         logging.warning('checkpoint %d in %s is incomplete; moved to %s, trying the previous one', step,
                         self.directory, aside)
         self.manager.reload()

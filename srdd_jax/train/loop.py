@@ -13,18 +13,19 @@ import signal
 import time
 
 import jax
-import jax.numpy as jnp
+import numpy as np
 from absl import logging
 
 from srdd_jax.convert import params_io
-from srdd_jax.data.synthetic import SyntheticImages
 from srdd_jax.parallel import mesh as pm
+from srdd_jax.parallel import multihost
 from srdd_jax.tokenizer.api import Tokenizer, unbox
 from srdd_jax.tokenizer.vqvae import VQVAEConfig
+from srdd_jax.train import recipe
 from srdd_jax.train.checkpoint import Checkpointer
 from srdd_jax.train.optimizer import OptimConfig
 from srdd_jax.train.step import Trainer
-from srdd_jax.transformer.config import VARConfig
+from srdd_jax.transformer.config import VARConfig, preset
 
 
 class TrainConfigError(ValueError):
@@ -39,13 +40,34 @@ def _tokenizer(config):
   tc = config.tokenizer
   if tc.checkpoint:
     if not os.path.isdir(tc.checkpoint):
-      raise TrainConfigError(f'config.tokenizer.checkpoint={tc.checkpoint!r} does not exist')
+      raise TrainConfigError(
+          f'config.tokenizer.checkpoint={tc.checkpoint!r} does not exist; convert VAR\'s tokenizer with '
+          f'`python -m srdd_jax.tools.convert_var --vae vae_ch160v4096z32.pth --out {tc.checkpoint}`')
     return params_io.load_vqvae(tc.checkpoint)
+  if not tc.allow_random:
+    raise TrainConfigError('config.tokenizer.checkpoint is empty: give a converted or trained tokenizer '
+                           '(or set config.tokenizer.allow_random=True for a smoke run)')
   vq = VQVAEConfig(vocab_size=tc.vocab_size, z_channels=tc.z_channels, ch=tc.ch, ch_mult=tuple(tc.ch_mult),
                    patch_nums=tuple(config.model.patch_nums))
   logging.warning('config.tokenizer.checkpoint is empty: a freshly initialised (seed %d) tokenizer is '
                   'used, fine for smoke runs only', config.seed)
   return vq, unbox(Tokenizer(vq).init(jax.random.PRNGKey(config.seed + 1)))
+
+
+def _var_config(config, vq: VQVAEConfig) -> VARConfig:
+  m = config.model
+  sizes = {k: int(v) for k, v in (('depth', m.depth), ('width', m.width), ('num_heads', m.heads)) if int(v)}
+  common = dict(num_classes=m.num_classes, vocab_size=vq.vocab_size, z_channels=vq.z_channels,
+                patch_nums=tuple(m.patch_nums), mask=m.mask, dtype=m.dtype, cond_drop_rate=m.cond_drop_rate,
+                drop_path_rate=m.drop_path_rate)
+  try:
+    if m.preset:
+      return preset(m.preset, **sizes, **common)
+    if 'depth' not in sizes:
+      raise ValueError('config.model.preset is empty, so config.model.depth must be > 0')
+    return VARConfig(**sizes, **common)
+  except ValueError as e:
+    raise TrainConfigError(f'config.model: {e}') from e
 
 
 def _validate(config, mesh, vq: VQVAEConfig):
@@ -60,34 +82,117 @@ def _validate(config, mesh, vq: VQVAEConfig):
   if tuple(config.model.patch_nums)[-1] != vq.latent_side:
     raise TrainConfigError(f'config.model.patch_nums={tuple(config.model.patch_nums)} must end at the '
                            f'tokenizer latent side {vq.latent_side}')
+  if int(config.train.steps) <= 0 and float(config.train.epochs) <= 0:
+    raise TrainConfigError('config.train.steps and config.train.epochs are both 0: say how long to train')
+
+
+def _data(config, image_size: int):
+  """The training images; the source's errors (missing path, empty data set) name their config key."""
+  from srdd_jax.data import pipeline  # pylint: disable=import-outside-toplevel
+  d = config.data.to_dict()
+  if d.get('source') == 'synthetic':
+    d.setdefault('num_classes', int(config.model.num_classes))
+  try:
+    source = pipeline.build_source(d, image_size, train=True)
+  except pipeline.DataError as e:
+    raise TrainConfigError(str(e)) from e
+  if source.num_classes > int(config.model.num_classes):
+    raise TrainConfigError(f'config.model.num_classes={config.model.num_classes} but the data '
+                           f'({source.description}) has {source.num_classes} classes')
+  return source
+
+
+def _rules(config):
+  rules = tuple(tuple(r) for r in config.mesh_rules)
+  if not rules:
+    return pm.DEFAULT_RULES
+  for r in rules:
+    if len(r) != 2 or not isinstance(r[0], str):
+      raise TrainConfigError(f'config.mesh_rules: {r!r} is not a (logical axis, mesh axes) pair')
+  return rules
+
+
+class _Grids:
+  """Sample grids of the model being trained: PNG under DIR/samples/ and a TensorBoard image."""
+
+  def __init__(self, config, var_config, vq, mesh, workdir):
+    # pylint: disable=import-outside-toplevel
+    from srdd_jax.diffusion.cli import ConfigError, sampler_config
+    from srdd_jax.diffusion.sampler import Sampler
+    from srdd_jax.parallel.compile import jit_inference
+    try:
+      self.sampler = Sampler(var_config, vq, sampler_config(config.sampler), mesh=mesh)
+    except (ConfigError, ValueError) as e:
+      raise TrainConfigError(f'config.sampler: {e}') from e
+    nc = var_config.num_classes
+    classes = [int(x) for x in str(config.sample.classes).split(',') if x.strip()] or list(range(min(nc, 10)))
+    bad = [k for k in classes if not 0 <= k < nc]
+    if bad:
+      raise TrainConfigError(f'config.sample.classes: class {bad[0]} is out of range 0..{nc - 1}')
+    self.per = max(int(config.sample.num_per_class), 1)
+    labels = np.repeat(np.asarray(classes, np.int32), self.per)
+    data_par = mesh.shape['data'] * mesh.shape['fsdp']
+    self.n = len(labels)
+    pad = -len(labels) % data_par  # Padded to split over the batch axes, trimmed after.
+    self.labels = jax.device_put(np.concatenate([labels, np.repeat(labels[-1:], pad)]), pm.replicated(mesh))
+    self.fn = jit_inference(self.sampler.sample)
+    self.seed = int(config.seed)
+    self.dir = os.path.join(workdir, 'samples')
+
+  def write(self, step, var_params, vae_params, writer):
+    from srdd_jax.diffusion.cli import grid, to_uint8  # pylint: disable=import-outside-toplevel
+    from PIL import Image  # pylint: disable=import-outside-toplevel
+    # The same key at every step, so grids of successive steps show the same noise evolving.
+    _, images = self.fn(var_params, vae_params, self.labels, jax.random.PRNGKey(self.seed))
+    images = to_uint8(multihost.gather(images))[:self.n]
+    if not multihost.is_main_process():
+      return None
+    g = grid(images, self.per)
+    os.makedirs(self.dir, exist_ok=True)
+    path = os.path.join(self.dir, f'step_{step:08d}.png')
+    Image.fromarray(g).save(path)
+    writer.write_images(step, {'samples': g[None]})
+    return path
 
 
 def run_train(config, workdir: str, stop_after_steps: int | None = None, return_state: bool = False) -> dict:
   """Trains to config.train.steps (or stops after `stop_after_steps` steps of this call, saving)."""
   t_start = time.time()
-  # --- mesh and tokenizer ---
+  config = recipe.with_defaults(config)
+  # --- mesh, tokenizer, validation ---
   try:
     mesh = pm.make_mesh(dict(config.mesh))
   except ValueError as e:
     raise TrainConfigError(f'config.mesh: {e}') from e
   vq, vae_params = _tokenizer(config)
   _validate(config, mesh, vq)
-  m = config.model
-  var_config = VARConfig(depth=m.depth, width=m.width, num_heads=m.heads, num_classes=m.num_classes,
-                         vocab_size=vq.vocab_size, z_channels=vq.z_channels, patch_nums=tuple(m.patch_nums),
-                         mask=m.mask, dtype=m.dtype, cond_drop_rate=m.cond_drop_rate,
-                         drop_path_rate=m.drop_path_rate)
-  t = config.train
-  total = int(t.steps)
-  o = config.optim
-  optim = OptimConfig(peak_lr=o.base_lr * t.global_batch / 256, weight_decay=o.weight_decay,
-                      weight_decay_end=o.weight_decay_end, warmup_steps=int(o.warmup_steps),
-                      total_steps=total, final_fraction=o.final_fraction, clip_norm=o.clip_norm)
+  var_config = _var_config(config, vq)
   # --- data ---
-  data = SyntheticImages(config.data.num_examples, m.num_classes, vq.image_size)
+  data = _data(config, vq.image_size)
+  t = config.train
+  gb = int(t.global_batch)
+  total = int(t.steps) if int(t.steps) > 0 else math.ceil(float(t.epochs) * data.num_examples / gb)
+  o = config.optim
+  warmup = int(o.warmup_steps) if int(o.warmup_steps) >= 0 else total // 50
+  optim = OptimConfig(peak_lr=o.base_lr * gb / 256, weight_decay=o.weight_decay,
+                      weight_decay_end=o.weight_decay_end, warmup_steps=warmup,
+                      total_steps=total, final_fraction=o.final_fraction, clip_norm=o.clip_norm)
+  progressive = None
+  if int(t.progressive_start_scales) > 0:
+    progressive = (int(t.progressive_start_scales), int(t.progressive_steps))
   # --- trainer, state, restore ---
-  trainer = Trainer(var_config, vq, optim, mesh, accum_steps=int(t.accum_steps),
-                    ema_decay=float(t.ema_decay), seed=int(config.seed))
+  try:
+    trainer = Trainer(var_config, vq, optim, mesh, rules=_rules(config), accum_steps=int(t.accum_steps),
+                      ema_decay=float(t.ema_decay), seed=int(config.seed), progressive=progressive)
+  except ValueError as e:
+    raise TrainConfigError(f'config.train: {e}') from e
+  grids = _Grids(config, var_config, vq, mesh, workdir) if int(t.sample_every) > 0 else None
+  main_process = multihost.is_main_process()
+  if main_process:
+    logging.info('data: %s; %d steps of %d examples (%.2f epochs); model %s, %d scales, mask %s; mesh %s; '
+                 '%d process(es)', data.description, total, gb, total * gb / data.num_examples,
+                 config.model.preset or f'depth {var_config.depth}', var_config.num_scales, var_config.mask,
+                 dict(mesh.shape), jax.process_count())
   ckpt = Checkpointer(os.path.join(workdir, 'checkpoints'), max_to_keep=int(t.keep_checkpoints),
                       save_every=int(t.checkpoint_every))
   abstract, shardings = trainer.abstract_state()
@@ -98,23 +203,22 @@ def run_train(config, workdir: str, stop_after_steps: int | None = None, return_
   else:
     state, start = trainer.init(jax.random.PRNGKey(config.seed)), 0
   step_fn = trainer.make_step(vae_params)
-  encode = jax.jit(Tokenizer(vq).img_to_idx)
+  vae_replicated = jax.device_put(vae_params, pm.replicated(mesh))
+  rows = trainer.local_rows(gb)
+  batches = data.iterator(int(config.seed), start, gb, rows)
   # --- logging ---
-  main_process = jax.process_index() == 0
   metrics_path = os.path.join(workdir, 'metrics.jsonl')
-  writer = None
-  if main_process:
-    from clu import metric_writers  # pylint: disable=import-outside-toplevel
-    writer = metric_writers.create_default_writer(workdir)
+  from clu import metric_writers  # pylint: disable=import-outside-toplevel
+  writer = metric_writers.create_default_writer(workdir, just_logging=not main_process)
   stop = {'sigterm': False}
   previous = signal.signal(signal.SIGTERM, lambda *_: stop.update(sigterm=True))
-  tokens_per_step = t.global_batch * var_config.seq_len
+  tokens_per_step = gb * var_config.seq_len
   last_loss, step, t_log, n_log = None, start, time.time(), 0
   try:
     while step < total:
-      images, labels = data.batch(int(config.seed), step, int(t.global_batch))
-      ids = jnp.concatenate(encode(vae_params, images), axis=1)
-      state, metrics = step_fn(state, trainer.shard_batch({'labels': labels, 'ids': ids}))
+      images, labels = next(batches)
+      batch = trainer.assemble_batch({'labels': labels, 'images': images}, gb)
+      state, metrics = step_fn(state, batch)
       step += 1
       n_log += 1
       metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -125,7 +229,7 @@ def run_train(config, workdir: str, stop_after_steps: int | None = None, return_
       if step % int(t.log_every) == 0 or step == total:
         dt = time.time() - t_log
         rec = {'step': step, **metrics, 'steps_per_s': n_log / dt, 'tokens_per_s': n_log * tokens_per_step / dt,
-               'examples_seen': step * int(t.global_batch)}
+               'examples_seen': step * gb, 'skipped_examples': data.skipped}
         if main_process:
           with open(metrics_path, 'a') as f:
             f.write(json.dumps(rec) + '\n')
@@ -134,6 +238,11 @@ def run_train(config, workdir: str, stop_after_steps: int | None = None, return_
           logging.info('step %d/%d loss %.4f acc %.3f lr %.2e %.2f steps/s ETA %.0fs', step, total,
                        rec['loss'], rec['accuracy'], rec['lr'], rec['steps_per_s'], eta)
         t_log, n_log = time.time(), 0
+      if grids is not None and (step % int(t.sample_every) == 0 or step == total):
+        path = grids.write(step, state.ema_params if state.ema_params is not None else state.params,
+                           vae_replicated, writer)
+        if path:
+          logging.info('sample grid: %s', path)
       ckpt.save(step, state, {'step': step})
       if stop['sigterm'] or (stop_after_steps is not None and step - start >= stop_after_steps):
         ckpt.save(step, state, {'step': step}, force=True)
@@ -145,8 +254,7 @@ def run_train(config, workdir: str, stop_after_steps: int | None = None, return_
   finally:
     ckpt.close()
     signal.signal(signal.SIGTERM, previous)
-    if writer is not None:
-      writer.flush()
+    writer.flush()
   summary = {'start_step': start, 'end_step': step, 'last_loss': last_loss,
              'seconds': round(time.time() - t_start, 2), 'workdir': workdir}
   if return_state:

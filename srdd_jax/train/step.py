@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec
 
 from srdd_jax.parallel import mesh as pm
+from srdd_jax.parallel import multihost
 from srdd_jax.tokenizer.api import Tokenizer
 from srdd_jax.tokenizer.vqvae import VQVAEConfig
 from srdd_jax.train.optimizer import OptimConfig, build_optimizer, lr_schedule
@@ -33,9 +34,16 @@ class Trainer:
   """
 
   def __init__(self, var_config: VARConfig, vae_config: VQVAEConfig, optim: OptimConfig, mesh,
-               rules=pm.DEFAULT_RULES, accum_steps: int = 1, ema_decay: float = 0.0, seed: int = 0):
+               rules=pm.DEFAULT_RULES, accum_steps: int = 1, ema_decay: float = 0.0, seed: int = 0,
+               progressive: tuple[int, int] | None = None):
     if accum_steps < 1:
       raise ValueError(f'accum_steps={accum_steps}: must be >= 1')
+    if progressive is not None:
+      start, ramp = progressive
+      if not 1 <= start <= var_config.num_scales or ramp < 1:
+        raise ValueError(f'progressive={progressive}: needs 1 <= start scales <= {var_config.num_scales} '
+                         'and a ramp of >= 1 steps')
+    self.progressive = progressive
     self.var_config, self.vae_config, self.optim = var_config, vae_config, optim
     self.mesh, self.rules = mesh, tuple(rules)
     self.accum_steps, self.ema_decay, self.seed = accum_steps, ema_decay, seed
@@ -68,19 +76,38 @@ class Trainer:
 
   # --- the step ---------------------------------------------------------------------------------
 
-  def _loss(self, params, vae_params, labels, ids, rng):
+  def active_scales(self, step):
+    """Scales trained at `step`: all of them, or under progressive growth a count rising linearly from
+    the start value to S over the ramp. Finer scales never influence coarser ones under either mask,
+    so dropping their loss is the same as training the shorter model."""
+    s = self.var_config.num_scales
+    if self.progressive is None:
+      return jnp.asarray(s, jnp.int32)
+    start, ramp = self.progressive
+    grown = start + ((s - start) * jnp.minimum(step, ramp)) // ramp
+    return jnp.asarray(grown, jnp.int32)
+
+  def _loss(self, params, vae_params, labels, ids, rng, active):
     c = self.var_config
     scales = [ids[:, b:e] for b, e in c.begin_ends]
     x_in = self.tokenizer.idx_to_var_input(vae_params, scales)
     logits = self.model.apply({'params': params}, labels, x_in, train=True, rngs={'dropout': rng})
-    return cross_entropy_metrics(logits, ids, c)
+    return cross_entropy_metrics(logits, ids, c, None if self.progressive is None else active)
+
+  def tokens(self, vae_params, batch):
+    """The batch's token ids (B, L): given, or encoded on the fly by the frozen tokenizer (float32)."""
+    if 'ids' in batch:
+      return batch['ids']
+    scales = self.tokenizer.img_to_idx(vae_params, batch['images'].astype(jnp.float32))
+    return jax.lax.stop_gradient(jnp.concatenate(scales, axis=1))
 
   def _step(self, state: TrainState, vae_params, batch):
     rng = jax.random.fold_in(jax.random.PRNGKey(self.seed), state.step)
-    labels, ids = batch['labels'], batch['ids']
+    labels, ids = batch['labels'], self.tokens(vae_params, batch)
+    active = self.active_scales(state.step)
     grad_fn = jax.value_and_grad(self._loss, has_aux=True)
     if self.accum_steps == 1:
-      (_, metrics), grads = grad_fn(state.params, vae_params, labels, ids, rng)
+      (_, metrics), grads = grad_fn(state.params, vae_params, labels, ids, rng, active)
     else:
       k = self.accum_steps
       mb = lambda a: a.reshape((k, a.shape[0] // k) + a.shape[1:])
@@ -88,7 +115,7 @@ class Trainer:
       def body(carry, xs):
         g_acc, m_acc = carry
         i, lab, idx = xs
-        (_, m), g = grad_fn(state.params, vae_params, lab, idx, jax.random.fold_in(rng, i))
+        (_, m), g = grad_fn(state.params, vae_params, lab, idx, jax.random.fold_in(rng, i), active)
         return (jax.tree_util.tree_map(jnp.add, g_acc, g), jax.tree_util.tree_map(jnp.add, m_acc, m)), None
 
       zeros_g = jax.tree_util.tree_map(jnp.zeros_like, state.params)
@@ -99,6 +126,7 @@ class Trainer:
       metrics = jax.tree_util.tree_map(lambda m: m / k, metrics)
     metrics['grad_norm'] = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree_util.tree_leaves(grads)))
     metrics['lr'] = self.lr(state.step)
+    metrics['active_scales'] = active
     updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
     params = jax.tree_util.tree_map(lambda p, u: p + u, state.params, updates)
     ema = state.ema_params
@@ -109,14 +137,22 @@ class Trainer:
 
   def make_step(self, vae_params):
     """The jitted step (state, batch) -> (state, metrics) with the state donated; `vae_params` (the
-    frozen tokenizer) are closed over, replicated."""
+    frozen tokenizer) are closed over, replicated. The batch holds 'labels' and either token 'ids'
+    (B, L) or 'images' (B, H, W, 3) in [-1, 1], all split over the batch axes."""
     _, shardings = self.abstract_state()
     vae_params = jax.device_put(vae_params, pm.replicated(self.mesh))
-    batch_sh = {'labels': self.batch_sharding, 'ids': self.batch_sharding}
-    step = jax.jit(lambda s, b: self._step(s, vae_params, b), in_shardings=(shardings, batch_sh),
+    step = jax.jit(lambda s, b: self._step(s, vae_params, b), in_shardings=(shardings, self.batch_sharding),
                    out_shardings=(shardings, pm.replicated(self.mesh)), donate_argnums=0)
     return step
 
   def shard_batch(self, batch):
     """Places a global host batch on the mesh (single process)."""
     return jax.device_put(batch, self.batch_sharding)
+
+  def local_rows(self, global_batch: int) -> slice:
+    """The rows of each global batch that this process loads."""
+    return multihost.local_rows(self.batch_sharding, global_batch)
+
+  def assemble_batch(self, local: dict, global_batch: int) -> dict:
+    """This process's rows (numpy) -> the global batch on the mesh (any number of processes)."""
+    return multihost.global_batch(self.batch_sharding, local, global_batch)

@@ -7,22 +7,33 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from srdd_jax.transformer.config import VARConfig
 from srdd_jax.transformer.model import VAR
 
 
-def cross_entropy_metrics(logits, targets, config: VARConfig):
-  """logits (B, L, V), targets (B, L) int -> (mean loss, metrics dict of scalars)."""
+def cross_entropy_metrics(logits, targets, config: VARConfig, active_scales=None):
+  """logits (B, L, V), targets (B, L) int -> (mean loss, metrics dict of scalars).
+
+  `active_scales` (a traced int, for progressive growth): only the tokens of the first that many scales
+  count in the loss and the accuracy; the last-scale metrics are always those of the final scale.
+  """
   logits = logits.astype(jnp.float32)
   logp = jax.nn.log_softmax(logits, axis=-1)
   nll = -jnp.take_along_axis(logp, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
   correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
   b, e = config.begin_ends[-1]
-  loss = jnp.mean(nll)
+  if active_scales is None:
+    loss, accuracy = jnp.mean(nll), jnp.mean(correct)
+  else:
+    scale_of_token = np.repeat(np.arange(config.num_scales), [pn * pn for pn in config.patch_nums])
+    w = (jnp.asarray(scale_of_token) < active_scales).astype(jnp.float32)[None]
+    denom = jnp.sum(w) * nll.shape[0]
+    loss, accuracy = jnp.sum(nll * w) / denom, jnp.sum(correct * w) / denom
   metrics = {
       'loss': loss,
-      'accuracy': jnp.mean(correct),
+      'accuracy': accuracy,
       'last_scale_loss': jnp.mean(nll[:, b:e]),
       'last_scale_accuracy': jnp.mean(correct[:, b:e]),
   }

@@ -1,0 +1,100 @@
+"""Several processes, one program: start-up, per-process batch slices, and who writes.
+
+Every process runs the same code on its own devices. A global batch is never built on one host: each
+process loads only the rows its devices hold, and `jax.make_array_from_process_local_data` assembles
+the global array. Outputs (logs, metrics, images) are written by process 0 only; checkpoints are
+written by all processes together (Orbax coordinates them).
+"""
+from __future__ import annotations
+
+import os
+
+import jax
+import numpy as np
+from absl import logging
+
+# Environment variables that request a multi-process start when the flags are not given (handy for
+# launchers that can set the environment but not the command line).
+ENV_COORDINATOR = 'SRDD_COORDINATOR_ADDRESS'
+ENV_NUM_PROCESSES = 'SRDD_NUM_PROCESSES'
+ENV_PROCESS_ID = 'SRDD_PROCESS_ID'
+
+
+def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
+               process_id: int | None = None, auto: bool = False) -> bool:
+  """Starts `jax.distributed` when several processes are asked for; returns whether it did.
+
+  Explicit values (flags, else the SRDD_* environment variables) start a manual cluster, e.g. several
+  processes on one machine; `auto` lets JAX detect the cluster (TPU pods, SLURM, Open MPI). With
+  neither, nothing happens and the program is a single process. Must run before any JAX computation.
+  """
+  coordinator_address = coordinator_address or os.environ.get(ENV_COORDINATOR) or None
+  if num_processes is None and os.environ.get(ENV_NUM_PROCESSES):
+    num_processes = int(os.environ[ENV_NUM_PROCESSES])
+  if process_id is None and os.environ.get(ENV_PROCESS_ID):
+    process_id = int(os.environ[ENV_PROCESS_ID])
+  manual = coordinator_address is not None or num_processes is not None or process_id is not None
+  if not manual and not auto:
+    return False
+  if manual:
+    missing = [n for n, v in (('coordinator_address', coordinator_address), ('num_processes', num_processes),
+                              ('process_id', process_id)) if v is None]
+    if missing:
+      raise ValueError(f'a multi-process start needs --coordinator_address, --num_processes and '
+                       f'--process_id (or {ENV_COORDINATOR}, {ENV_NUM_PROCESSES}, {ENV_PROCESS_ID}); '
+                       f'missing: {", ".join(missing)}')
+    if not 0 <= process_id < num_processes:
+      raise ValueError(f'--process_id={process_id} must be in 0..{num_processes - 1} (--num_processes='
+                       f'{num_processes})')
+  # CPU processes need a collectives backend to talk to each other; gloo ships with jaxlib. Harmless
+  # on TPU and GPU, whose collectives do not use it.
+  try:
+    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  except (AttributeError, KeyError, ValueError):  # A JAX without the option has a working default.
+    pass
+  if manual:
+    jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
+                               process_id=process_id)
+  else:
+    jax.distributed.initialize()
+  logging.info('process %d of %d, %d local / %d global devices', jax.process_index(), jax.process_count(),
+               jax.local_device_count(), jax.device_count())
+  return True
+
+
+def is_main_process() -> bool:
+  return jax.process_index() == 0
+
+
+def local_rows(sharding, global_batch: int) -> slice:
+  """The rows of a batch-sharded (B, ...) array that this process's devices hold, as one slice.
+
+  Meshes built from `jax.devices()` give each process a contiguous block of the batch; anything else
+  (a hand-made device order) is refused rather than silently mixing examples between processes.
+  """
+  spans = sorted({(s[0].start or 0, global_batch if s[0].stop is None else s[0].stop)
+                  for s in sharding.addressable_devices_indices_map((global_batch,)).values()})
+  start, stop = spans[0][0], spans[0][0]
+  for a, b in spans:
+    if a > stop:
+      raise ValueError(f'process {jax.process_index()} holds non-contiguous batch rows {spans}; build the '
+                       'mesh from jax.devices() in their default order')
+    stop = max(stop, b)
+  return slice(start, stop)
+
+
+def global_batch(sharding, local: dict, global_size: int) -> dict:
+  """Per-process numpy rows -> global jax.Arrays laid out by `sharding` (the leading axis is the batch)."""
+  out = {}
+  for k, v in local.items():
+    v = np.asarray(v)
+    out[k] = jax.make_array_from_process_local_data(sharding, v, (global_size,) + v.shape[1:])
+  return out
+
+
+def gather(x) -> np.ndarray:
+  """A (possibly multi-process) global array -> the whole value as numpy on every process."""
+  if jax.process_count() == 1:
+    return np.asarray(jax.device_get(x))
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))

@@ -5,6 +5,7 @@ definition (convolution as a sum over windows, count_include_pad=False averages,
 pools, bilinear resize per output pixel), so it shares no code with the Flax port, its converter or
 srdd_jax.tokenizer.resample.
 """
+import functools
 import math
 
 import numpy as np
@@ -147,3 +148,45 @@ def inception_forward(sd, images01_nchw):
   net = _Net(sd)
   outs = [net.forward(images01_nchw[i:i + 1]) for i in range(len(images01_nchw))]
   return np.concatenate([o[0] for o in outs]), np.concatenate([o[1] for o in outs])
+
+
+def structured_images(size=128):
+  """Three NCHW images in [0, 1] that differ in layout, not only in noise (gradients, waves, a skewed
+  noise field), so their Inception features differ substantially."""
+  yy, xx = np.mgrid[0:size, 0:size] / (size - 1.0)
+  noise = np.random.default_rng(size).uniform(0, 1, (3, size, size)) ** 3
+  return np.stack([
+      np.stack([xx, yy, np.full_like(xx, 0.5)]),
+      np.stack([0.5 + 0.5 * np.sin(12 * xx) * np.cos(9 * yy), 1 - xx, yy * xx]),
+      noise,
+  ]).astype(np.float32)
+
+
+def rerandomised_weights(reference_state, seed=11):
+  """A new float16 FID Inception state dict drawn from the reference one: every tensor's entries
+  permuted, conv kernels scaled by sqrt(6) (the reference's uniform(±1/sqrt(fan_in)) becomes He-scaled,
+  so the signal of the image survives to pool3), BatchNorm scales multiplied by U(0.7, 1.3)."""
+  rng = np.random.default_rng(seed)
+  out = {}
+  for k, v in sorted(reference_state.items()):
+    if v.dtype == np.float16:
+      v = rng.permutation(v.reshape(-1)).reshape(v.shape).astype(np.float32)
+      if k.endswith('.conv.weight'):
+        v = v * np.sqrt(6.0)
+      elif k.endswith('.bn.weight'):
+        v = v * rng.uniform(0.7, 1.3, v.shape)
+      v = v.astype(np.float16)
+    out[k] = v
+  return out
+
+
+@functools.lru_cache(maxsize=None)
+def generated_case(reference_path):
+  """(weights with `inception/` keys, NCHW images, pool3, logits) of a file "of the reference format"
+  with batch 3 and 128 px images; computed once per test session."""
+  with np.load(reference_path) as z:
+    state = {k[len('inception/'):]: z[k] for k in z.files if k.startswith('inception/')}
+  weights = rerandomised_weights(state)
+  images = structured_images(128)
+  pool3, logits = inception_forward(weights, images)
+  return {'inception/' + k: v for k, v in weights.items()}, images, pool3, logits

@@ -154,6 +154,9 @@ def test_reference_fid_inception_file_passes(capsys):
   # Far inside the 1e-4 of the README: the port computes the same function, not an approximation.
   assert errs['pool3'] < 1e-6 and errs['logits'] < 1e-5, errs
   assert re.search(r'^3 passed, 0 failed, 0 not checked$', out, re.M), out
+  # The file's random weights wash the image out of pool3, and the tool says so.
+  assert lines['pool3 input sensitivity'][0] == 'INFO'
+  assert 'barely depend on the image' in lines['pool3 input sensitivity'][1]
 
 
 def test_fid_inception_with_one_perturbed_weight_fails(tmp_path, capsys):
@@ -182,31 +185,30 @@ def test_fid_inception_with_one_perturbed_weight_fails(tmp_path, capsys):
 
 def test_fid_inception_file_of_another_format_passes(tmp_path, capsys):
   """A file "of that format" with batch 3 and 128 px images, weights re-randomised from the reference
-  ones (each tensor's entries permuted, BatchNorm scales rescaled), stored as float16, and outputs
-  from the independent float64 NumPy transcription in tests/inception_numpy.py."""
-  from tests.inception_numpy import inception_forward
-  rng = np.random.default_rng(11)
-  with np.load(reference_file('fid_inception.npz')) as z:
-    weights = {k: z[k] for k in z.files if k.startswith('inception/')}
-  for k, v in weights.items():
-    if v.dtype == np.float16:
-      v = rng.permutation(v.reshape(-1)).reshape(v.shape)
-      if k.endswith('.bn.weight'):
-        v = (v.astype(np.float32) * rng.uniform(0.7, 1.3, v.shape)).astype(np.float16)
-      weights[k] = v
-  images = rng.uniform(0, 1, (3, 3, 128, 128)).astype(np.float32)
-  pool3, logits = inception_forward({k[10:]: v for k, v in weights.items()}, images)
+  ones (see tests/inception_numpy.rerandomised_weights), stored as float16, and outputs from the
+  independent float64 NumPy transcription of tests/inception_numpy.py."""
+  from tests.inception_numpy import generated_case
+  weights, images, pool3, logits = generated_case(reference_file('fid_inception.npz'))
+  # Unlike the reference file's, these features depend on the image: a check of the whole network.
+  for i, j in ((0, 1), (0, 2), (1, 2)):
+    assert np.linalg.norm(pool3[i] - pool3[j]) > 0.1 * np.linalg.norm(pool3[i])
   meta = {'kind': 'fid_inception', 'seed': 11, 'source': 'tests: float64 NumPy transcription'}
+  data = dict(meta=np.array(json.dumps(meta)), images=images, pool3=pool3.astype(np.float32),
+              logits=logits.astype(np.float32), **weights)
   path = tmp_path / 'fid_other.npz'
-  np.savez(path, meta=np.array(json.dumps(meta)), images=images, pool3=pool3.astype(np.float32),
-           logits=logits.astype(np.float32), **weights)
-
+  np.savez(path, **data)
   rc, out, lines = _run(capsys, str(path))
   assert rc == 0, out
   assert lines['pool3'][0] == 'PASS' and lines['logits'][0] == 'PASS'
   assert 'images 128x128' in lines['pool3'][1]
   errs = _rel_errs(lines)
   assert errs['pool3'] < 1e-5 and errs['logits'] < 1e-5, errs
-  # The re-randomised network computes something else: the check is not passing trivially.
-  with np.load(reference_file('fid_inception.npz')) as z:
-    assert pool3.shape == (3, 2048) and not np.allclose(pool3[:2], z['pool3'], rtol=0.1)
+  assert 'barely' not in lines['pool3 input sensitivity'][1]
+
+  # One weight of the *first* convolution perturbed: the outputs no longer match.
+  w = data['inception/Conv2d_1a_3x3.conv.weight'].copy()
+  w[3, 1, 0, 2] += np.float16(0.25)
+  data['inception/Conv2d_1a_3x3.conv.weight'] = w
+  np.savez(path, **data)
+  rc, out, lines = _run(capsys, str(path))
+  assert rc == 1 and lines['pool3'][0] == 'FAIL' and lines['logits'][0] == 'FAIL', out

@@ -40,7 +40,22 @@ def check_fid_inception(z, meta: dict, path: str) -> list[rc.Result]:
       used.add(key)
       results.append(rc.rel_result(key, ours[key], z[key],
                                    how=f' (images {side} -> bilinear 299 -> network)'))
+    if 'pool3' in outputs and len(images) > 1:
+      results.append(_input_sensitivity(np.asarray(z['pool3'], np.float64)))
   for key in z.files:
     if key not in used:
       results.append(rc.Result(key, rc.NOT_CHECKED, 'no check for this entry'))
   return results
+
+
+def _input_sensitivity(pool3) -> rc.Result:
+  # Random weights can wash the image out of the features (the BatchNorm statistics of
+  # fid_inception.npz do: its two images' pool3 agree to ~1e-7). A check on such a file tests mostly
+  # the last layers, which the reader of the report should know.
+  spread = max(float(np.linalg.norm(p - pool3[0])) for p in pool3[1:]) / max(
+      float(np.linalg.norm(pool3[0])), 1e-30)
+  detail = f'pool3 of the {len(pool3)} reference images differ by at most {spread:.1e} relative'
+  if spread < 10 * rc.REL_TOL:
+    detail += ('; the features barely depend on the image, so this file checks mostly the last '
+               'layers (a file with image-dependent features checks the whole network)')
+  return rc.Result('pool3 input sensitivity', rc.INFO, detail)

@@ -44,7 +44,7 @@ def test_sample_grids_as_png_and_tensorboard(straight):
   from PIL import Image
   assert sorted(os.listdir(os.path.join(wd, 'samples'))) == ['step_00000010.png', 'step_00000020.png']
   g = np.asarray(Image.open(os.path.join(wd, 'samples', 'step_00000020.png')))
-  assert g.shape == (4 * 32, 2 * 32, 3) and g.std() > 0  # 4 classes x 2 samples of 32 px.
+  assert g.shape == (4 * 16, 2 * 16, 3) and g.std() > 0  # 4 classes x 2 samples of 16 px.
   from tensorboard.backend.event_processing import event_accumulator
   ea = event_accumulator.EventAccumulator(wd, size_guidance={'images': 0, 'tensors': 0})
   ea.Reload()

@@ -27,7 +27,7 @@ _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process, 0..num_pro
                                    '$SRDD_PROCESS_ID).')
 flags.mark_flags_as_required(['config', 'workdir'])
 
-_NOT_YET = ('tokenize', 'train_tokenizer', 'eval')
+_NOT_YET = ('train_tokenizer', 'eval')
 
 
 def main(argv):
@@ -55,6 +55,13 @@ def main(argv):
     try:
       summary = loop.run_train(config, workdir)
     except (loop.TrainConfigError, CheckpointMismatch) as e:
+      print(f'error: {e}', file=sys.stderr)
+      sys.exit(2)
+  elif mode == 'tokenize':
+    from srdd_jax.train import loop, tokenize
+    try:
+      summary = tokenize.run_tokenize(config, workdir)
+    except loop.TrainConfigError as e:
       print(f'error: {e}', file=sys.stderr)
       sys.exit(2)
   else:

@@ -146,3 +146,79 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
   assert p.returncode == 0, out[-3000:]
   last = json.loads((wd / 'metrics.jsonl').read_text().splitlines()[-1])['step']
   assert str(last) in os.listdir(wd / 'checkpoints')
+
+
+@pytest.fixture(scope='module')
+def cache(tmp_path_factory):
+  from srdd_jax.train import tokenize
+  wd = tmp_path_factory.mktemp('tok')
+  c = _config()
+  c.tokenize = {'flips': True, 'shard_size': 24, 'batch_size': 16}
+  return str(wd / 'tokens'), tokenize.run_tokenize(c, str(wd)), c
+
+
+def test_tokenize_writes_a_manifest_and_the_tokens_of_each_example(cache):
+  from srdd_jax.data import pipeline, token_cache
+  from srdd_jax.tokenizer.api import Tokenizer
+  directory, summary, c = cache
+  m = json.load(open(os.path.join(directory, 'manifest.json')))
+  assert (m['count'], m['num_shards'], m['flips'], tuple(m['patch_nums'])) == (64, 3, True, (1, 2, 3, 4))
+  assert summary['examples'] == 64 and summary['shards_written'] == 3
+  vq, vae = loop._tokenizer(loop.recipe.with_defaults(c))
+  assert m['tokenizer_hash'] == token_cache.params_hash(vae)
+  tc = token_cache.TokenCache(directory, tokenizer_hash=m['tokenizer_hash'], patch_nums=(1, 2, 3, 4))
+  src = pipeline.build_source({'source': 'synthetic', 'num_examples': 64, 'num_classes': 10}, 16, train=False)
+  images = np.stack([src.load(i)[0] for i in (0, 37, 63)])
+  ids = np.concatenate(jax.jit(Tokenizer(vq).img_to_idx)(vae, images), axis=1)
+  flipped = np.concatenate(jax.jit(Tokenizer(vq).img_to_idx)(vae, images[:, :, ::-1]), axis=1)
+  np.testing.assert_array_equal(tc.ids[[0, 37, 63], 0], ids)
+  np.testing.assert_array_equal(tc.ids[[0, 37, 63], 1], flipped)
+  np.testing.assert_array_equal(tc.labels, np.arange(64) % 10)
+  # Same order as the image source: the examples of a step are the same in both.
+  _, lab = tc.batch(0, 5, 16)
+  np.testing.assert_array_equal(lab, src.batch(0, 5, 16)[1])
+
+
+def test_tokenize_never_overwrites_and_resumes_missing_shards(cache, tmp_path):
+  import shutil
+  from srdd_jax.train import tokenize
+  directory, _, c = cache
+  c2 = loop.recipe.with_defaults(c)
+  c2.tokenize.out_dir = directory
+  with pytest.raises(loop.TrainConfigError, match='already holds a complete token cache'):
+    tokenize.run_tokenize(c2, str(tmp_path))
+  part = str(tmp_path / 'part')
+  shutil.copytree(directory, part)
+  os.remove(os.path.join(part, 'manifest.json'))  # As if killed while writing shard 1.
+  os.remove(os.path.join(part, 'shard_00001.npz'))
+  kept = os.stat(os.path.join(part, 'shard_00000.npz')).st_mtime_ns
+  c2.tokenize.out_dir = part
+  s = tokenize.run_tokenize(c2, str(tmp_path))
+  assert (s['shards_written'], s['shards_kept']) == (1, 2)
+  assert os.stat(os.path.join(part, 'shard_00000.npz')).st_mtime_ns == kept
+  for i in range(3):
+    a, b = np.load(os.path.join(directory, f'shard_0000{i}.npz')), np.load(os.path.join(part, f'shard_0000{i}.npz'))
+    np.testing.assert_array_equal(a['ids'], b['ids'])
+
+
+def test_training_from_the_cache_equals_training_from_images(cache, straight, tmp_path):
+  from srdd_jax.train import tokenize
+  straight_wd, _ = straight
+  c = _config()
+  c.tokenize = {'out_dir': str(tmp_path / 'plain'), 'shard_size': 64, 'batch_size': 16}  # No flips.
+  tokenize.run_tokenize(c, str(tmp_path))
+  c.data.token_cache = str(tmp_path / 'plain')
+  wd = str(tmp_path / 'cached')
+  loop.run_train(c, wd, stop_after_steps=3)
+  got, want = _losses(wd), _losses(straight_wd)[:3]
+  assert [s for s, _ in got] == [1, 2, 3]
+  np.testing.assert_allclose([l for _, l in got], [l for _, l in want], rtol=1e-5)
+  directory, _, _ = cache
+  c = _config()
+  c.data.token_cache = directory
+  c.seed = 5  # The random smoke tokenizer depends on the seed: another tokenizer.
+  with pytest.raises(loop.TrainConfigError, match='config.data.token_cache=.* another tokenizer'):
+    loop.run_train(c, str(tmp_path / 'other'))
+  c.data.token_cache = str(tmp_path / 'nothing')
+  with pytest.raises(loop.TrainConfigError, match='config.data.token_cache=.* does not exist'):
+    loop.run_train(c, str(tmp_path / 'other'))

@@ -6,6 +6,7 @@ so a run resumed from a checkpoint continues exactly as an uninterrupted one.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -86,19 +87,26 @@ def _validate(config, mesh, vq: VQVAEConfig):
     raise TrainConfigError('config.train.steps and config.train.epochs are both 0: say how long to train')
 
 
-def _data(config, image_size: int):
-  """The training images; the source's errors (missing path, empty data set) name their config key."""
-  from srdd_jax.data import pipeline  # pylint: disable=import-outside-toplevel
+def _data(config, image_size: int, vae_params=None, patch_nums=None):
+  """The training examples: a token cache (config.data.token_cache) or an image source. Errors (missing
+  path, empty data set, a cache of another tokenizer) name their config key."""
+  from srdd_jax.data import pipeline, token_cache  # pylint: disable=import-outside-toplevel
   d = config.data.to_dict()
-  if d.get('source') == 'synthetic':
-    d.setdefault('num_classes', int(config.model.num_classes))
+  cache = d.pop('token_cache', '')
   try:
-    source = pipeline.build_source(d, image_size, train=True)
+    if cache:
+      source = token_cache.TokenCache(cache, tokenizer_hash=token_cache.params_hash(vae_params),
+                                      patch_nums=patch_nums)
+    else:
+      if d.get('source') == 'synthetic':
+        d.setdefault('num_classes', int(config.model.num_classes))
+      source = pipeline.build_source(d, image_size, train=True)
   except pipeline.DataError as e:
     raise TrainConfigError(str(e)) from e
   if source.num_classes > int(config.model.num_classes):
     raise TrainConfigError(f'config.model.num_classes={config.model.num_classes} but the data '
                            f'({source.description}) has {source.num_classes} classes')
+  source.yields = 'ids' if cache else 'images'
   return source
 
 
@@ -166,9 +174,11 @@ def run_train(config, workdir: str, stop_after_steps: int | None = None, return_
     raise TrainConfigError(f'config.mesh: {e}') from e
   vq, vae_params = _tokenizer(config)
   _validate(config, mesh, vq)
+  # The scales are the model's choice; the tokenizer quantizes at whatever scales it is given.
+  vq = dataclasses.replace(vq, patch_nums=tuple(config.model.patch_nums))
   var_config = _var_config(config, vq)
   # --- data ---
-  data = _data(config, vq.image_size)
+  data = _data(config, vq.image_size, vae_params, vq.patch_nums)
   t = config.train
   gb = int(t.global_batch)
   total = int(t.steps) if int(t.steps) > 0 else math.ceil(float(t.epochs) * data.num_examples / gb)
@@ -216,8 +226,8 @@ def run_train(config, workdir: str, stop_after_steps: int | None = None, return_
   last_loss, step, t_log, n_log = None, start, time.time(), 0
   try:
     while step < total:
-      images, labels = next(batches)
-      batch = trainer.assemble_batch({'labels': labels, 'images': images}, gb)
+      x, labels = next(batches)
+      batch = trainer.assemble_batch({'labels': labels, data.yields: x}, gb)
       state, metrics = step_fn(state, batch)
       step += 1
       n_log += 1

@@ -34,7 +34,14 @@ def _defaults() -> dict:
           depth=0, width=0, heads=0,  # 0 = from the preset (width 64*depth, heads = depth).
           num_classes=1000, patch_nums=PATCH_NUMS_256, mask='markov', dtype='bfloat16',
           cond_drop_rate=0.1, drop_path_rate=-1.0),
-      'data': dict(source='synthetic', num_examples=1024),
+      # The keys of the input pipeline (srdd_jax/data/pipeline.py), plus `token_cache`: a directory
+      # written by --mode=tokenize, read instead of encoding images at every step ('' = encode).
+      'data': dict(source='synthetic', num_examples=1024, token_cache=''),
+      'tokenize': dict(
+          out_dir='',  # '' = WORKDIR/tokens.
+          split='',  # '' = config.data.split, else 'train'.
+          flips=False,  # Also cache the mirror image; training then picks one copy per example.
+          batch_size=64, shard_size=4096),
       'train': dict(
           global_batch=768, epochs=0.0, steps=0,  # steps > 0 wins; else epochs * examples / batch.
           accum_steps=1, ema_decay=0.0, log_every=100, checkpoint_every=1000, keep_checkpoints=3,

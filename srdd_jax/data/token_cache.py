@@ -1,0 +1,200 @@
+"""Token caches: a data set's token ids under a frozen tokenizer, written once, read by training.
+
+Layout of a cache directory:
+  manifest.json            written last (its presence means the cache is complete): tokenizer hash and
+                           checkpoint, patch_nums, vocab size, counts, flips, data description, shards
+  shard_00000.npz          ids (n, F, L) uint16/int32 (F = 2 with the flipped copy, else 1), labels (n,),
+  shard_00001.npz ...      index (n,): example index in the source's order
+
+Shards are written whole under a temporary name and renamed, so a killed run leaves complete shards
+only; running `--mode=tokenize` again keeps them and writes the rest. A complete cache is never
+overwritten. Reading follows the same order as the image sources (one permutation per epoch from
+(seed, epoch)); with flips cached, the copy of a position is drawn from (seed, step, position), so a
+resumed run sees exactly the batches it would have seen.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+
+import jax
+import numpy as np
+from absl import logging
+
+from srdd_jax.data.source import _AUG_TAG, DataError
+
+MANIFEST = 'manifest.json'
+FORMAT = 1
+
+
+def params_hash(params) -> str:
+  """SHA-256 of a parameter tree (names, dtypes, shapes and bytes): the identity of a tokenizer."""
+  h = hashlib.sha256()
+  for path, leaf in sorted(jax.tree_util.tree_flatten_with_path(jax.device_get(params))[0],
+                           key=lambda kv: jax.tree_util.keystr(kv[0])):
+    a = np.ascontiguousarray(np.asarray(leaf))
+    h.update(f'{jax.tree_util.keystr(path)}|{a.dtype.str}|{a.shape}'.encode())
+    h.update(a.tobytes())
+  return h.hexdigest()
+
+
+def _shard_path(directory: str, i: int) -> str:
+  return os.path.join(directory, f'shard_{i:05d}.npz')
+
+
+def write(directory: str, source, encode, *, tokenizer_hash: str, tokenizer_checkpoint: str, patch_nums,
+          vocab_size: int, flips: bool, batch_size: int, shard_size: int, process_index: int = 0,
+          process_count: int = 1, sync=lambda name: None) -> dict:
+  """Tokenizes every example of `source` (in index order, preprocessed without randomness) into
+  `directory`. `encode(images (n, S, S, 3) in [-1, 1]) -> ids (n, L)`. Process p writes the shards
+  i with i % process_count == p; process 0 writes the manifest once all shards exist."""
+  manifest_path = os.path.join(directory, MANIFEST)
+  if os.path.exists(manifest_path):
+    raise DataError(f'{directory} already holds a complete token cache ({manifest_path}); it is never '
+                    'overwritten: choose another config.tokenize.out_dir or delete it yourself')
+  if source.random_crop or source.flip:
+    raise DataError('the token cache is written from center crops without random flips: build the source '
+                    'with train=False')
+  os.makedirs(directory, exist_ok=True)
+  n = source.num_examples
+  num_shards = math.ceil(n / shard_size)
+  dtype = np.uint16 if vocab_size <= 1 << 16 else np.int32
+  done = todo = 0
+  t0, last = time.time(), time.time()
+  mine = [i for i in range(num_shards) if i % process_count == process_index]
+  for i in mine:
+    path = _shard_path(directory, i)
+    if os.path.exists(path):  # Written by an earlier, interrupted run: complete by construction.
+      done += 1
+      continue
+    lo, hi = i * shard_size, min(n, (i + 1) * shard_size)
+    ids, labels, index = [], [], []
+    for b in range(lo, hi, batch_size):
+      idx = list(range(b, min(hi, b + batch_size)))
+      images, labs = _load(source, idx)
+      views = [images] + ([images[:, :, ::-1]] if flips else [])
+      pad = batch_size - len(idx)  # The last batch is padded to the compiled size, then trimmed.
+      enc = [np.asarray(encode(np.concatenate([v, np.repeat(v[-1:], pad, 0)]) if pad else v))[:len(idx)]
+             for v in views]
+      ids.append(np.stack(enc, axis=1).astype(dtype))
+      labels.append(labs)
+      index.append(np.asarray(idx, np.int64))
+      todo += len(idx)
+      if time.time() - last > 30:
+        rate = todo / (time.time() - t0)
+        logging.info('tokenize: %d/%d examples of process %d (%.1f img/s, ETA %.0fs)', todo,
+                     sum(min(n, (j + 1) * shard_size) - j * shard_size for j in mine), process_index, rate,
+                     (n / process_count - todo) / max(rate, 1e-9))
+        last = time.time()
+    tmp = path + '.tmp.npz'
+    np.savez(tmp, ids=np.concatenate(ids), labels=np.concatenate(labels).astype(np.int32),
+             index=np.concatenate(index))
+    os.replace(tmp, path)
+  seconds = time.time() - t0
+  sync('token-cache-shards')
+  manifest = {
+      'format': FORMAT, 'tokenizer_hash': tokenizer_hash, 'tokenizer_checkpoint': tokenizer_checkpoint,
+      'patch_nums': [int(p) for p in patch_nums], 'vocab_size': int(vocab_size), 'count': n,
+      'num_classes': int(source.num_classes), 'flips': bool(flips), 'image_size': int(source.image_size),
+      'data': source.description, 'shard_size': int(shard_size), 'num_shards': num_shards,
+      'skipped': int(source.skipped), 'created': time.strftime('%Y-%m-%dT%H:%M:%S%z'),
+  }
+  if process_index == 0:
+    missing = [i for i in range(num_shards) if not os.path.exists(_shard_path(directory, i))]
+    if missing:
+      raise DataError(f'{directory}: shards {missing[:5]} are missing after tokenization')
+    tmp = manifest_path + '.tmp'
+    with open(tmp, 'w') as f:
+      json.dump(manifest, f, indent=1)
+    os.replace(tmp, manifest_path)
+  sync('token-cache-manifest')
+  return {'examples': todo, 'shards_written': len(mine) - done, 'shards_kept': done,
+          'seconds': round(seconds, 2), 'images_per_s': round(todo * (2 if flips else 1) / max(seconds, 1e-9), 2)}
+
+
+def _load(source, indices):
+  """Examples by index, without augmentation (the source decides nothing random with train=False).
+  An unreadable example is replaced by the next readable one, as the image sources do."""
+  pairs = []
+  for i in indices:
+    for t in range(source.num_examples):
+      j = (i + t) % source.num_examples
+      try:
+        image, label = source.decode(j, 0, 0, 0)
+        break
+      except Exception as e:  # pylint: disable=broad-except
+        from srdd_jax.data.source import Unreadable  # pylint: disable=import-outside-toplevel
+        if not isinstance(e, Unreadable):
+          raise
+        source._mark_bad(j, str(e))  # pylint: disable=protected-access
+    else:
+      raise DataError(f'{source.description}: no readable example')
+    pairs.append((image, label))
+  return np.stack([p[0] for p in pairs]), np.array([p[1] for p in pairs], np.int32)
+
+
+class TokenCache:
+  """A complete cache, checked against the tokenizer and patch_nums the training run uses."""
+
+  def __init__(self, directory: str, *, tokenizer_hash: str | None = None, patch_nums=None,
+               key: str = 'config.data.token_cache'):
+    path = os.path.join(directory, MANIFEST)
+    if not os.path.isdir(directory):
+      raise DataError(f'{key}={directory!r} does not exist (write it with --mode=tokenize)')
+    if not os.path.exists(path):
+      raise DataError(f'{key}={directory!r} has no {MANIFEST}: the cache is incomplete; run --mode=tokenize '
+                      'again to finish it')
+    with open(path) as f:
+      self.manifest = m = json.load(f)
+    if m.get('format') != FORMAT:
+      raise DataError(f'{key}: {path} has format {m.get("format")}, this version reads {FORMAT}')
+    if patch_nums is not None and tuple(m['patch_nums']) != tuple(patch_nums):
+      raise DataError(f'{key}={directory!r} holds tokens for patch_nums {tuple(m["patch_nums"])}, the model '
+                      f'uses {tuple(patch_nums)}')
+    if tokenizer_hash is not None and m['tokenizer_hash'] != tokenizer_hash:
+      raise DataError(f'{key}={directory!r} was written by another tokenizer (hash {m["tokenizer_hash"][:12]}, '
+                      f'from {m["tokenizer_checkpoint"]!r}) than config.tokenizer.checkpoint '
+                      f'(hash {tokenizer_hash[:12]})')
+    ids, labels = [], []
+    for i in range(m['num_shards']):
+      with np.load(_shard_path(directory, i)) as z:
+        ids.append(z['ids'])
+        labels.append(z['labels'])
+    self.ids, self.labels = np.concatenate(ids), np.concatenate(labels)
+    if len(self.ids) != m['count']:
+      raise DataError(f'{key}={directory!r}: {len(self.ids)} examples in the shards, manifest says {m["count"]}')
+    self.num_examples, self.num_classes, self.skipped = m['count'], m['num_classes'], 0
+    self.flips = m['flips']
+    self.description = f'token cache {directory} ({m["count"]} examples of {m["data"]})'
+    self._perms: dict[int, np.ndarray] = {}
+
+  def _perm(self, seed: int, epoch: int) -> np.ndarray:
+    if epoch not in self._perms:
+      if len(self._perms) >= 4:
+        self._perms.pop(next(iter(self._perms)))
+      self._perms[epoch] = np.random.default_rng([seed, epoch]).permutation(self.num_examples)
+    return self._perms[epoch]
+
+  def batch(self, seed: int, step: int, global_batch: int, rows: slice | None = None):
+    """Rows of the global batch of `step`: token ids (n, L) int32 and labels (n,) int32; the same
+    examples, in the same order, as the image source gives for (seed, step)."""
+    rows = rows or slice(0, global_batch)
+    out_ids, out_labels = [], []
+    for p in range(rows.start or 0, global_batch if rows.stop is None else rows.stop):
+      epoch, k = divmod(step * global_batch + p, self.num_examples)
+      i = int(self._perm(seed, epoch)[k])
+      copy = 0
+      if self.flips and np.random.default_rng([seed, step, p, _AUG_TAG]).random(3)[2] < 0.5:
+        copy = 1
+      out_ids.append(self.ids[i, copy])
+      out_labels.append(self.labels[i])
+    return np.stack(out_ids).astype(np.int32), np.asarray(out_labels, np.int32)
+
+  def iterator(self, seed: int, start_step: int, global_batch: int, rows: slice | None = None):
+    step = start_step
+    while True:
+      yield self.batch(seed, step, global_batch, rows)
+      step += 1

@@ -52,6 +52,17 @@ def test_sample_grids_as_png_and_tensorboard(straight):
   assert any('samples' in t for t in tags.get('images', []) + tags.get('tensors', [])), tags
 
 
+def test_the_trained_model_is_exported_for_sampling(straight):
+  from srdd_jax.convert import params_io
+  wd, full = straight
+  assert full['export'] == os.path.join(wd, 'export', 'step_00000020')
+  cfg, params = params_io.load_var(full['export'])
+  assert (cfg.depth, cfg.width, cfg.patch_nums, cfg.mask) == (2, 64, (1, 2, 3, 4), 'markov')
+  a = _params(full)
+  b = {'/'.join(map(str, k)): np.asarray(v) for k, v in jax.tree_util.tree_flatten_with_path(params)[0]}
+  assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
 def test_exact_resume_is_bitwise(straight, tmp_path):
   wd, full = straight
   part = str(tmp_path / 'part')

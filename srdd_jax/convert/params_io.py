@@ -33,16 +33,18 @@ def save_params(out_dir: str, params, *, kind: str, config: Any, source: str | N
   out_dir = os.path.abspath(out_dir)
   ppath = os.path.join(out_dir, PARAMS_DIR)
   mpath = os.path.join(out_dir, MODEL_JSON)
+  import jax  # pylint: disable=import-outside-toplevel
   if (os.path.exists(ppath) or os.path.exists(mpath)) and not overwrite:
     raise FileExistsError(f'{out_dir} already holds converted parameters; pass overwrite=True '
                           '(--overwrite) to replace them, or choose another directory')
   os.makedirs(out_dir, exist_ok=True)
   cfg = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config)
-  leaves = [np.asarray(x) for x in _leaves(params)]
+  # Shapes only: the leaves may be sharded over several processes (every process calls this).
+  num_params = int(sum(int(np.prod(x.shape)) for x in _leaves(params)))
   meta = {
       'kind': kind,
       'config': cfg,
-      'num_params': int(sum(x.size for x in leaves)),
+      'num_params': num_params,
       'source': os.path.abspath(source) if isinstance(source, str) and os.path.exists(source) else source,
       'source_sha256': file_sha256(source) if isinstance(source, str) and os.path.isfile(source) else None,
       'created': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
@@ -57,9 +59,10 @@ def save_params(out_dir: str, params, *, kind: str, config: Any, source: str | N
     shutil.rmtree(old)
   else:
     _orbax_save(ocp, ppath, params)
-  with open(mpath + '.tmp', 'w') as f:
-    json.dump(meta, f, indent=1)
-  os.replace(mpath + '.tmp', mpath)
+  if jax.process_index() == 0:
+    with open(mpath + '.tmp', 'w') as f:
+      json.dump(meta, f, indent=1)
+    os.replace(mpath + '.tmp', mpath)
   return out_dir
 
 

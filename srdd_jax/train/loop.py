@@ -163,6 +163,18 @@ class _Grids:
     return path
 
 
+def _export(workdir: str, step: int, state, var_config: VARConfig) -> str:
+  """The trained transformer (EMA weights when kept) as a model directory that `--mode=sample`,
+  `--mode=eval` and `params_io.load_var` read: WORKDIR/export/step_<n>, written once, never replaced."""
+  out = os.path.join(workdir, 'export', f'step_{step:08d}')
+  if os.path.exists(os.path.join(out, params_io.MODEL_JSON)):
+    return out
+  params = state.ema_params if state.ema_params is not None else state.params
+  params_io.save_params(out, params, kind='var', config=var_config, source=f'{workdir} (train step {step})')
+  logging.info('exported the trained transformer to %s', out)
+  return out
+
+
 def run_train(config, workdir: str, stop_after_steps: int | None = None, return_state: bool = False) -> dict:
   """Trains to config.train.steps (or stops after `stop_after_steps` steps of this call, saving)."""
   t_start = time.time()
@@ -223,7 +235,7 @@ def run_train(config, workdir: str, stop_after_steps: int | None = None, return_
   stop = {'sigterm': False}
   previous = signal.signal(signal.SIGTERM, lambda *_: stop.update(sigterm=True))
   tokens_per_step = gb * var_config.seq_len
-  last_loss, step, t_log, n_log = None, start, time.time(), 0
+  last_loss, step, t_log, n_log, export = None, start, time.time(), 0, None
   try:
     while step < total:
       x, labels = next(batches)
@@ -261,12 +273,13 @@ def run_train(config, workdir: str, stop_after_steps: int | None = None, return_
         break
     if step == total:
       ckpt.save(step, state, {'step': step}, force=True)
+      export = _export(workdir, step, state, var_config)
   finally:
     ckpt.close()
     signal.signal(signal.SIGTERM, previous)
     writer.flush()
   summary = {'start_step': start, 'end_step': step, 'last_loss': last_loss,
-             'seconds': round(time.time() - t_start, 2), 'workdir': workdir}
+             'seconds': round(time.time() - t_start, 2), 'workdir': workdir, 'export': export}
   if return_state:
     summary['state'] = state
   return summary

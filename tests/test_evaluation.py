@@ -349,3 +349,40 @@ def test_statistics_files_and_openai_reference_batches(fid_generated, tmp_path):
   np.savez(tmp_path / 'empty.npz', x=np.zeros(2))
   with pytest.raises(ValueError, match=r"empty.npz: neither `mu`/`sigma` nor `arr_0`"):
     stats.load_reference_batch(tmp_path / 'empty.npz')
+
+
+def test_inception_stats_cli_folder_and_refusals(fid_generated, tmp_path, monkeypatch, capsys):
+  from PIL import Image
+  from srdd_jax.tools import inception_stats
+  params, images, _ = fid_generated
+  imgs = np.round(images * 255).astype(np.uint8)
+  folder = tmp_path / 'imgs'
+  folder.mkdir()
+  for i, im in enumerate(imgs):
+    Image.fromarray(im).save(folder / f'{i:03d}.png')
+  # Verified weights: a converted .npz of a stand-in file whose hash plays the published one.
+  stand_in = hashlib.sha256(b'stand-in').hexdigest()
+  monkeypatch.setattr(fid_inception, 'FID_WEIGHTS_SHA256', stand_in)
+  weights = generated_case(reference_file('fid_inception.npz'))[0]
+  wpath = fid_inception.save_npz(tmp_path / 'w.npz', {k[len('inception/'):]: v for k, v in weights.items()},
+                                 source_sha256=stand_in)
+  out = tmp_path / 'stats.npz'
+  rc = inception_stats.main(['--weights', wpath, '--images', str(folder), '--out', str(out),
+                             '--batch_size', '2'])
+  assert rc == 0, capsys.readouterr()
+  ref = stats.load_reference_batch(out)
+  mu, sigma = stats.feature_statistics(inception.extract(params, imgs, batch_size=2)['pool3'])
+  np.testing.assert_allclose(ref.mu, mu, rtol=1e-12)
+  np.testing.assert_allclose(ref.sigma, sigma, rtol=1e-9, atol=1e-15)
+  assert ref.meta['count'] == 3 and ref.meta['inception_weights_sha256'] == stand_in
+  capsys.readouterr()
+
+  # Weights that are not the published ones (the random reference file): refused, nothing written.
+  out2 = tmp_path / 'stats2.npz'
+  assert inception_stats.main(['--weights', reference_file('fid_inception.npz'), '--images', str(folder),
+                               '--out', str(out2)]) == 1
+  assert "meta kind 'fid_inception'" in capsys.readouterr().err and not out2.exists()
+  # Images of different sizes in one folder: the file is named.
+  Image.fromarray(imgs[0, :64]).save(folder / '999.png')
+  assert inception_stats.main(['--weights', wpath, '--images', str(folder), '--out', str(out2)]) == 1
+  assert '999.png: size 128x64' in capsys.readouterr().err

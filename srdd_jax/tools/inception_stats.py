@@ -1,0 +1,92 @@
+"""Reference statistics (mean and covariance of pool3 features) of a set of images.
+
+  python -m srdd_jax.tools.inception_stats --weights fid_inception_weights.npz --images DIR_OR_NPZ --out stats.npz
+
+--weights: pytorch-fid's `pt_inception-2015-12-05-6726825d.pth` or its conversion by
+`python -m srdd_jax.tools.convert_inception`; the published SHA-256 is required, so statistics are
+never computed with other weights. --images: a folder of PNG/JPEG files (all of one size, read as
+RGB, as pytorch-fid does) or an `.npz` whose `arr_0` holds uint8 NHWC images (OpenAI's reference
+batches, the sampler's npz). The output (`mu`, `sigma`, `meta`) is read by
+`srdd_jax.evaluation.stats.load_reference_batch`.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import numpy as np
+
+_IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.webp', '.bmp')
+
+
+def image_files(folder: str) -> list[str]:
+  files = sorted(os.path.join(folder, f) for f in os.listdir(folder)
+                 if f.lower().endswith(_IMAGE_EXTENSIONS))
+  if not files:
+    raise ValueError(f'{folder}: no image files ({", ".join(_IMAGE_EXTENSIONS)})')
+  return files
+
+
+def folder_chunks(files: list[str], chunk: int):
+  """uint8 NHWC arrays of up to `chunk` images; every image must have the first one's size."""
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  size = None
+  for start in range(0, len(files), chunk):
+    arrays = []
+    for f in files[start:start + chunk]:
+      with Image.open(f) as im:
+        a = np.asarray(im.convert('RGB'), np.uint8)
+      if size is None:
+        size = a.shape
+      elif a.shape != size:
+        raise ValueError(f'{f}: size {a.shape[1]}x{a.shape[0]}, but {files[0]} is {size[1]}x{size[0]}; '
+                         'resize the images to one size first')
+      arrays.append(a)
+    yield np.stack(arrays)
+
+
+def main(argv=None) -> int:
+  ap = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
+                               formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+  ap.add_argument('--weights', required=True, help='published .pth or its converted .npz')
+  ap.add_argument('--images', required=True, help='folder of images, or .npz with arr_0')
+  ap.add_argument('--out', required=True, help='output .npz (mu, sigma, meta)')
+  ap.add_argument('--batch_size', type=int, default=64)
+  ap.add_argument('--overwrite', action='store_true')
+  args = ap.parse_args(argv)
+
+  # pylint: disable=import-outside-toplevel
+  from srdd_jax.convert import fid_inception
+  from srdd_jax.evaluation import stats
+
+  if os.path.exists(args.out) and not args.overwrite:
+    print(f'error: {args.out} exists; pass --overwrite to replace it', file=sys.stderr)
+    return 1
+  t0 = time.time()
+  try:
+    params, info = fid_inception.load_inception(args.weights)
+    chunk = 50 * args.batch_size
+    if os.path.isdir(args.images):
+      files = image_files(args.images)
+      batches, n = folder_chunks(files, chunk), len(files)
+    else:
+      images = stats.load_reference_batch(args.images, images=True).images
+      batches = (images[i:i + chunk] for i in range(0, len(images), chunk))
+      n = len(images)
+    print(f'{n} images from {args.images}; weights {args.weights} (SHA-256 {info["sha256"]})', flush=True)
+    mu, sigma, count = stats.statistics_from_images(params, batches, batch_size=args.batch_size)
+    stats.save_statistics(args.out, mu, sigma, count=count, weights_sha256=info['sha256'],
+                          source=os.path.abspath(args.images), overwrite=args.overwrite)
+  except (FileNotFoundError, ImportError, ValueError) as e:
+    # WeightsHashMismatch is a ValueError that names the file and both digests.
+    print(f'error: {e}', file=sys.stderr)
+    return 1
+  print(f'wrote mu {mu.shape} and sigma {sigma.shape} of {count} images to {args.out} '
+        f'in {time.time() - t0:.1f}s')
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())

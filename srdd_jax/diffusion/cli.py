@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
+from jax.sharding import NamedSharding, PartitionSpec
 from PIL import Image
 
 from srdd_jax.convert import params_io
@@ -17,6 +18,7 @@ from srdd_jax.diffusion import editing
 from srdd_jax.diffusion.filtering import SamplerConfig
 from srdd_jax.diffusion.sampler import Sampler, batch_rng
 from srdd_jax.parallel import mesh as pm
+from srdd_jax.parallel import multihost
 from srdd_jax.parallel.compile import jit_inference
 
 
@@ -96,24 +98,12 @@ def run_sample(config, workdir: str) -> dict:
     raise ConfigError(f'config.sample.num_per_class={per}: must be >= 1')
   labels = np.repeat(np.asarray(classes, np.int32), per)
   bs = int(config.sample.batch_size)
-  n_dev = len(jax.devices())
-  if bs < 1 or bs % n_dev:
-    raise ConfigError(f'config.sample.batch_size={bs} must be a positive multiple of the {n_dev} devices')
-  fn = jit_inference(sampler.sample)
   out_dir = os.path.join(workdir, 'samples')
   os.makedirs(os.path.join(out_dir, 'images'), exist_ok=True)
-  images, t0 = [], time.time()
-  for bi, start in enumerate(range(0, len(labels), bs)):
-    lab = labels[start:start + bs]
-    pad = bs - len(lab)  # The last batch is padded to the compiled size and trimmed after.
-    _, img = fn(var_params, vae_params, np.concatenate([lab, np.repeat(lab[-1:], pad)]),
-                batch_rng(config.seed, bi))
-    images.append(to_uint8(img)[:len(lab)])
-    done = start + len(lab)
-    rate = done / (time.time() - t0)
-    logging.info('sampled %d/%d images (%.2f img/s, ETA %.0fs)', done, len(labels), rate,
-                 (len(labels) - done) / rate)
-  images = np.concatenate(images)
+  t0 = time.time()
+  images = generate(sampler, var_params, vae_params, labels, bs, int(config.seed), key='config.sample.batch_size')
+  if not multihost.is_main_process():  # Process 0 writes; every process took part in sampling.
+    return {'num_images': int(len(images))}
   np.savez(os.path.join(out_dir, 'samples.npz'), arr_0=images, arr_1=labels)
   for i, (im, k) in enumerate(zip(images, labels)):
     Image.fromarray(im).save(os.path.join(out_dir, 'images', f'class{k:04d}_{i:06d}.png'))
@@ -126,6 +116,33 @@ def run_sample(config, workdir: str) -> dict:
   with open(os.path.join(out_dir, 'summary.json'), 'w') as f:
     json.dump(summary, f, indent=1)
   return summary
+
+
+def generate(sampler, var_params, vae_params, labels, batch_size: int, seed: int,
+             key: str = 'batch_size') -> np.ndarray:
+  """uint8 NHWC images for `labels`, batch by batch; batch i uses the key batch_rng(seed, i), so no two
+  batches share noise. Each batch is split over the mesh's batch axes; the last one is padded to the
+  compiled size and trimmed."""
+  mesh = sampler.mesh
+  n_par = mesh.shape['data'] * mesh.shape['fsdp'] if mesh is not None else 1
+  if batch_size < 1 or batch_size % n_par:
+    raise ConfigError(f'{key}={batch_size} must be a positive multiple of the data-parallel size {n_par}')
+  fn = jit_inference(sampler.sample)
+  out, t0 = [], time.time()
+  labels = np.asarray(labels, np.int32)
+  for bi, start in enumerate(range(0, len(labels), batch_size)):
+    lab = labels[start:start + batch_size]
+    pad = batch_size - len(lab)
+    full = np.concatenate([lab, np.repeat(lab[-1:], pad)])
+    if mesh is not None:
+      full = jax.device_put(full, NamedSharding(mesh, PartitionSpec(('data', 'fsdp'))))
+    _, img = fn(var_params, vae_params, full, batch_rng(seed, bi))
+    out.append(to_uint8(multihost.gather(img))[:len(lab)])
+    done = start + len(lab)
+    rate = done / (time.time() - t0)
+    logging.info('sampled %d/%d images (%.2f img/s, ETA %.0fs)', done, len(labels), rate,
+                 (len(labels) - done) / rate)
+  return np.concatenate(out)
 
 
 def load_image(path: str, size: int) -> np.ndarray:

@@ -1,8 +1,10 @@
 """Entry point: python -m srdd_jax.main --config=configs/<x>.py --workdir=DIR --mode=<mode>.
 
-Modes available now: `reconstruct` (tokenizer: images -> per-scale tokens -> images, with PSNR),
-`sample` and `edit` (from converted checkpoints, see configs/sample.py). `train`, `tokenize`,
-`train_tokenizer` and `eval` are added by later work and are refused with a clear message until then.
+Modes: `train_tokenizer` (the VQ-VAE, configs/tokenizer_smoke.py), `tokenize` (a token cache of a data
+set), `train` (the transformer), `sample`, `edit` and `eval` (from trained or converted checkpoints,
+configs/sample.py), `reconstruct` (tokenizer round trip with PSNR), `all` (every stage of an embedded
+config in order: configs/fashion_mnist.py). Several processes: --multihost, or --coordinator_address,
+--num_processes, --process_id (launch/README.md).
 """
 import json
 import os
@@ -27,17 +29,10 @@ _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process, 0..num_pro
                                    '$SRDD_PROCESS_ID).')
 flags.mark_flags_as_required(['config', 'workdir'])
 
-_NOT_YET = ('train_tokenizer', 'eval')
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   config, workdir, mode = _CONFIG.value, _WORKDIR.value, _MODE.value
-  if mode in _NOT_YET:
-    logging.error('--mode=%s is not implemented yet in this version of srdd_jax; available: '
-                  'reconstruct, train, sample, edit', mode)
-    sys.exit(2)
   # pylint: disable=import-outside-toplevel
   from srdd_jax.parallel import multihost
   try:
@@ -64,10 +59,20 @@ def main(argv):
     except loop.TrainConfigError as e:
       print(f'error: {e}', file=sys.stderr)
       sys.exit(2)
+  elif mode == 'train_tokenizer':
+    from srdd_jax.tokenizer import train_loop
+    from srdd_jax.train.checkpoint import CheckpointMismatch
+    try:
+      summary = train_loop.run_train_tokenizer(config, workdir)
+    except (train_loop.TokenizerTrainConfigError, CheckpointMismatch) as e:
+      print(f'error: {e}', file=sys.stderr)
+      sys.exit(2)
   else:
     from srdd_jax.diffusion import cli
+    from srdd_jax.evaluation import run as evaluation
+    run = {'sample': cli.run_sample, 'edit': cli.run_edit, 'eval': evaluation.run_eval}[mode]
     try:
-      summary = cli.run_sample(config, workdir) if mode == 'sample' else cli.run_edit(config, workdir)
+      summary = run(config, workdir)
     except cli.ConfigError as e:
       logging.error('%s', e)
       print(f'error: {e}', file=sys.stderr)

@@ -38,6 +38,7 @@ DEFAULTS = dict(
     inception_batch_size=64,
     proxy_examples=10000,  # Held-out real images of config.data (its test split) for the proxy metrics.
     proxy_epochs=0,  # 0 = the classifier's default training length.
+    samples='',  # An existing samples .npz (arr_0 uint8 NHWC, arr_1 labels) to evaluate instead of sampling.
 )
 
 
@@ -103,20 +104,24 @@ def run_eval(config, workdir: str) -> dict:
   if 'proxy' in o['metrics'] and not config.get('data'):
     raise ConfigError('config.data is missing: the proxy metrics compare with held-out images of the '
                       'data set (its test split)')
-  sampler, var_params, vae_params = cli.load_models(config)
-  nc = sampler.var_config.num_classes
-  classes = tuple(int(c) for c in str(o['classes']).split(',') if c.strip()) or tuple(range(nc))
-  bad = [k for k in classes if not 0 <= k < nc]
-  if bad:
-    raise ConfigError(f'config.eval.classes: class {bad[0]} is out of range 0..{nc - 1}')
-  per = int(o['num_per_class'])
-  if per < 1:
-    raise ConfigError(f'config.eval.num_per_class={per} must be >= 1')
-  labels = np.repeat(np.asarray(classes, np.int32), per)
-  logging.info('eval: sampling %d images (%d classes x %d) for %s', len(labels), len(classes), per,
-               ', '.join(o['metrics']))
-  images = cli.generate(sampler, var_params, vae_params, labels, int(o['batch_size']), int(config.seed),
-                        key='config.eval.batch_size')
+  if o['samples']:
+    images, labels, sampler = _existing_samples(o['samples']) + (None,)
+    classes, per = tuple(sorted(set(labels.tolist()))), None
+  else:
+    sampler, var_params, vae_params = cli.load_models(config)
+    nc = sampler.var_config.num_classes
+    classes = tuple(int(c) for c in str(o['classes']).split(',') if c.strip()) or tuple(range(nc))
+    bad = [k for k in classes if not 0 <= k < nc]
+    if bad:
+      raise ConfigError(f'config.eval.classes: class {bad[0]} is out of range 0..{nc - 1}')
+    per = int(o['num_per_class'])
+    if per < 1:
+      raise ConfigError(f'config.eval.num_per_class={per} must be >= 1')
+    labels = np.repeat(np.asarray(classes, np.int32), per)
+    logging.info('eval: sampling %d images (%d classes x %d) for %s', len(labels), len(classes), per,
+                 ', '.join(o['metrics']))
+    images = cli.generate(sampler, var_params, vae_params, labels, int(o['batch_size']), int(config.seed),
+                          key='config.eval.batch_size')
   t_sample = time.time() - t0
   results: dict = {}
   if inception_params is not None:
@@ -127,23 +132,42 @@ def run_eval(config, workdir: str) -> dict:
       'metrics': results,
       'protocol': {'num_samples': int(len(labels)), 'classes': list(classes), 'per_class': per,
                    'seed': int(config.seed), 'seeds': f'batch i uses fold_in(PRNGKey({int(config.seed)}), i)',
-                   'batch_size': int(o['batch_size']), 'mask': sampler.mask,
-                   'sampler': dataclasses.asdict(sampler.config), 'model': config.model.checkpoint,
-                   'tokenizer': config.tokenizer.checkpoint, 'reference': o['reference'] or None,
+                   'batch_size': int(o['batch_size']), 'mask': sampler.mask if sampler else None,
+                   'sampler': dataclasses.asdict(sampler.config) if sampler else None,
+                   'samples': o['samples'] or None,
+                   'model': config.model.checkpoint if sampler else None,
+                   'tokenizer': config.tokenizer.checkpoint if sampler else None,
+                   'reference': o['reference'] or None,
                    'inception_weights_sha256': inception_info['sha256'] if inception_info else None},
       'seconds': {'sampling': round(t_sample, 2), 'total': round(time.time() - t0, 2)},
   }
   if multihost.is_main_process():
     out = os.path.join(workdir, 'eval')
     os.makedirs(out, exist_ok=True)
-    np.savez(os.path.join(out, 'samples.npz'), arr_0=images, arr_1=labels)
+    if not o['samples']:
+      np.savez(os.path.join(out, 'samples.npz'), arr_0=images, arr_1=labels)
     with open(os.path.join(out, 'eval.json'), 'w') as f:
       json.dump(summary, f, indent=1)
     logging.info('eval: %s', json.dumps(results))
   return summary
 
 
+def _existing_samples(path: str):
+  try:
+    with np.load(path) as z:
+      images, labels = z['arr_0'], (z['arr_1'] if 'arr_1' in z.files else None)
+  except (OSError, ValueError, KeyError) as e:
+    raise ConfigError(f'config.eval.samples={path!r}: not a samples .npz with arr_0 ({e})') from e
+  if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+    raise ConfigError(f'config.eval.samples={path!r}: arr_0 must be uint8 NHWC RGB, got {images.dtype} '
+                      f'{images.shape}')
+  if labels is None:
+    labels = np.zeros(len(images), np.int32)
+  return images, np.asarray(labels, np.int32)
+
+
 def _inception_metrics(o, params, ref, images) -> dict:
+  """FID against the reference statistics, IS over 10 splits, precision/recall (k = 3)."""
   # pylint: disable=import-outside-toplevel
   from srdd_jax.evaluation import inception, metrics, stats
   feats = inception.extract(params, images, batch_size=int(o['inception_batch_size']))
@@ -160,9 +184,27 @@ def _inception_metrics(o, params, ref, images) -> dict:
     real = stats.load_reference_batch(o['reference'], images=True).images
     real_feats = inception.extract(params, real, batch_size=int(o['inception_batch_size']))['pool3']
     out.update(metrics.precision_recall(real_feats, feats['pool3'], k=3))
-  del ref
+  del ref  # Checked before sampling; read again here for the statistics or images it holds.
   return out
 
 
 def _proxy_metrics(config, o, images, labels, workdir) -> dict:
-  raise ConfigError('config.eval.metrics=proxy is not available yet')
+  """fd_<classifier> against held-out real images and class consistency, with the project's own
+  classifier of config.data (trained once, cached under WORKDIR/proxy_classifier)."""
+  # pylint: disable=import-outside-toplevel
+  from srdd_jax.data import pipeline
+  from srdd_jax.evaluation import classifier, proxy
+  size = int(images.shape[1])
+  kwargs = {'epochs': int(o['proxy_epochs'])} if int(o['proxy_epochs']) > 0 else {}
+  try:
+    clf = classifier.train_or_load(config.data, size, os.path.join(workdir, 'proxy_classifier'),
+                                   seed=int(config.seed), **kwargs)
+    real, _ = classifier.held_out_images(clf, config.data)
+  except pipeline.DataError as e:
+    raise ConfigError(str(e)) from e
+  real = real[:int(o['proxy_examples'])]
+  # Class consistency only means something for a class-conditional model of a labelled data set.
+  out = proxy.proxy_metrics(clf, real, images, labels if clf.num_classes > 1 else None)
+  out['proxy_classifier'] = clf.key
+  out['proxy_real_examples'] = int(len(real))
+  return out

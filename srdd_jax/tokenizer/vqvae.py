@@ -329,6 +329,35 @@ class MultiScaleQuantizer(nn.Module):
       fhats.append(f_hat)
     return (ids, fhats) if return_fhat else ids
 
+  def quantize_train(self, f, beta: float):
+    """Training form of `f_to_idx`: (straight-through f_hat, VQ loss, per-scale code hits (S, V)).
+
+    Per scale k the loss is beta * ||sg(f_hat_k) - f||^2 + ||f_hat_k - sg(f)||^2 (means over elements),
+    averaged over the S scales: the first term pulls the encoder to its codes, the second the codes and
+    phi to the encoder. The token choice uses the same float32 residuals as `f_to_idx` (VAR quantizes a
+    detached copy of f), so training and inference pick the same ids. The decoder's gradient reaches the
+    encoder only, through f_hat_st = f + sg(f_hat - f).
+    """
+    c = self.config
+    b = f.shape[0]
+    f = f.astype(jnp.float32)
+    f_ng = jax.lax.stop_gradient(f)
+    f_rest = f_ng
+    f_hat = jnp.zeros_like(f)
+    loss = jnp.zeros([], jnp.float32)
+    hits = []
+    for si, pn in enumerate(c.patch_nums):
+      z = resample.area_resize(f_rest, pn) if si != c.num_scales - 1 else f_rest
+      idx = self.nearest(z.reshape(-1, z.shape[-1]))
+      hits.append(jnp.zeros((c.vocab_size,), jnp.float32).at[idx].add(1.0))
+      h = self.scale_residual(idx.reshape(b, pn * pn), si)
+      f_hat = f_hat + h
+      f_rest = f_rest - jax.lax.stop_gradient(h)
+      loss = loss + beta * jnp.mean(jnp.square(jax.lax.stop_gradient(f_hat) - f)) \
+          + jnp.mean(jnp.square(f_hat - f_ng))
+    f_hat_st = f + jax.lax.stop_gradient(f_hat - f)
+    return f_hat_st, loss / c.num_scales, jnp.stack(hits)
+
 
 class VQVAE(nn.Module):
   config: VQVAEConfig
@@ -352,6 +381,17 @@ class VQVAE(nn.Module):
 
   def encode(self, img):
     return self.quant_conv(self.encoder(img))
+
+  def train_forward(self, img, beta: float = 0.25):
+    """Training pass: (unclipped reconstruction, {'f', 'vq_loss', 'hits'}); see `quantize_train`.
+
+    The reconstruction is not clipped to [-1, 1] (clipping would zero the gradient of every pixel
+    outside it); `decode` and `__call__` clip, as VAR's inference does.
+    """
+    f = self.encode(img)
+    f_hat, vq_loss, hits = self.quantize.quantize_train(f, beta)
+    recon = self.decoder(self.post_quant_conv(f_hat))
+    return recon, {'f': f, 'vq_loss': vq_loss, 'hits': hits}
 
   def decode(self, f_hat):
     return jnp.clip(self.decoder(self.post_quant_conv(f_hat)), -1.0, 1.0)

@@ -1,4 +1,4 @@
-"""A tokenizer training run of about a minute on CPU: a tiny VQ-VAE on scikit-learn's 8x8 digits at 16 px.
+"""A tokenizer training run of one to two minutes on 2 CPU cores: a tiny VQ-VAE on sklearn digits at 16 px.
 
   python -m srdd_jax.main --config=configs/tokenizer_smoke.py --workdir=DIR --mode=train_tokenizer
 

@@ -143,11 +143,15 @@ def _export(out_root: str, params, vq, step: int, workdir: str) -> str | None:
   out = os.path.join(out_root, EXPORT_DIR)
   marker = os.path.join(out, EXPORT_MARKER)
   host_params = jax.tree_util.tree_map(multihost.gather, params)  # Collective: every process joins.
-  if os.path.exists(out):
-    old_step = None
-    if os.path.isfile(marker):
-      with open(marker) as f:
-        old_step = json.load(f).get('step')
+  # Every process looks before any of them moves or writes (process 0 creating the directory must not
+  # make another believe an old export is there), so all take the same branch below.
+  _sync('tokenizer-export-look')
+  exists, old_step = os.path.exists(out), None
+  if os.path.isfile(marker):
+    with open(marker) as f:
+      old_step = json.load(f).get('step')
+  _sync('tokenizer-export-looked')
+  if exists:
     if old_step == step:
       logging.info('the tokenizer of step %d is already exported to %s', step, out)
       return out

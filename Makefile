@@ -2,9 +2,10 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-WORKDIR ?= workdir/demo
+WORKDIR ?= workdir/fashion_mnist
+FASHION_MNIST ?= /usr/share/datasets/fashion-mnist
 
-.PHONY: venv demo test clean
+.PHONY: venv data demo tokenizer-demo test clean
 
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -14,8 +15,20 @@ $(VENV)/.installed: setup.py
 
 venv: $(VENV)/.installed
 
-demo: venv
-	$(PY) -m srdd_jax.main --config=configs/tokenizer_demo.py --workdir=$(WORKDIR) --mode=reconstruct
+# Debian's dataset-fashion-mnist: the IDX files, offline. Installed when missing and we may.
+data:
+	@if [ ! -d $(FASHION_MNIST) ]; then \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; \
+	  elif sudo -n true 2>/dev/null; then sudo apt-get update -qq && sudo apt-get install -y -qq dataset-fashion-mnist; \
+	  else echo "Fashion-MNIST is not in $(FASHION_MNIST) and installing it needs root:"; \
+	       echo "  sudo apt-get install dataset-fashion-mnist"; exit 1; fi; fi
+
+# The embedded default, every stage: tokenizer, token cache, transformer, samples, proxy metrics.
+demo: venv data
+	$(PY) -m srdd_jax.main --config=configs/fashion_mnist.py --workdir=$(WORKDIR) --mode=all
+
+tokenizer-demo: venv
+	$(PY) -m srdd_jax.main --config=configs/tokenizer_demo.py --workdir=workdir/tokenizer_demo --mode=reconstruct
 
 test: venv
 	$(PY) -m pytest -q tests

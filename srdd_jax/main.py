@@ -7,6 +7,7 @@ config in order: configs/fashion_mnist.py). Several processes: --multihost, or -
 --num_processes, --process_id (launch/README.md).
 """
 import json
+import logging as std_logging
 import os
 import sys
 
@@ -18,7 +19,8 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file (configs/<x>.py).')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for outputs, checkpoints and logs.')
 _MODE = flags.DEFINE_enum('mode', 'reconstruct', ['reconstruct', 'train', 'sample', 'edit', 'tokenize',
-                                                   'train_tokenizer', 'eval'], 'What to run.')
+                                                   'train_tokenizer', 'eval', 'all'],
+                            'What to run.')
 _MULTIHOST = flags.DEFINE_bool('multihost', False, 'Start jax.distributed with the cluster detected by '
                                 'JAX (TPU pods, SLURM, Open MPI).')
 _COORDINATOR = flags.DEFINE_string('coordinator_address', None, 'host:port of process 0, for a manual '
@@ -29,9 +31,17 @@ _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process, 0..num_pro
                                    '$SRDD_PROCESS_ID).')
 flags.mark_flags_as_required(['config', 'workdir'])
 
+class _QuietLibraries(std_logging.Filter):
+  """Orbax logs every step of every save at INFO; our progress lines would drown in it."""
+
+  def filter(self, record):
+    return record.levelno >= std_logging.WARNING or '/orbax/' not in record.pathname
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  logging.get_absl_handler().addFilter(_QuietLibraries())
   config, workdir, mode = _CONFIG.value, _WORKDIR.value, _MODE.value
   # pylint: disable=import-outside-toplevel
   from srdd_jax.parallel import multihost
@@ -44,6 +54,17 @@ def main(argv):
   if mode == 'reconstruct':
     from srdd_jax import reconstruct
     summary = reconstruct.run(config, workdir)
+  elif mode == 'all':
+    from srdd_jax import stages
+    from srdd_jax.diffusion.cli import ConfigError
+    from srdd_jax.tokenizer.train_config import TokenizerTrainConfigError
+    from srdd_jax.train.checkpoint import CheckpointMismatch
+    from srdd_jax.train.loop import TrainConfigError
+    try:
+      summary = stages.run_all(config, workdir)
+    except (TrainConfigError, TokenizerTrainConfigError, CheckpointMismatch, ConfigError) as e:
+      print(f'error: {e}', file=sys.stderr)
+      sys.exit(2)
   elif mode == 'train':
     from srdd_jax.train import loop
     from srdd_jax.train.checkpoint import CheckpointMismatch

@@ -1,0 +1,54 @@
+"""The embedded default: Fashion-MNIST, offline, every stage on 2 CPU cores in under 30 minutes.
+
+  make demo      # = python -m srdd_jax.main --config=configs/fashion_mnist.py --workdir=workdir/fashion_mnist --mode=all
+
+Data: Debian's `dataset-fashion-mnist` IDX files (/usr/share/datasets/fashion-mnist), 28x28 grey images
+resized (Lanczos) to 32x32 RGB, the size a 4x-downsampling tokenizer maps to an 8x8 latent. Stages:
+a small multi-scale VQ-VAE (6 scales, 130 tokens), the token cache, a class-conditional Markov
+transformer, 100 samples per class, and the offline proxy metrics (a classifier of the project's own,
+never called FID). Any stage runs alone with its --mode and this config.
+"""
+import ml_collections
+
+PATCH_NUMS = (1, 2, 3, 4, 6, 8)
+
+
+def get_config(arg=None):
+  del arg
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.data = ml_collections.ConfigDict(dict(
+      source='fashion_mnist', split='train', resize_ratio=1.0, random_crop=False, flip=False,
+      token_cache=''))
+  # --- tokenizer: architecture (VQVAEConfig fields) and its training ---
+  c.tokenizer = ml_collections.ConfigDict(dict(
+      checkpoint='',  # '' = train it (stage 1); or a directory of a trained / converted one.
+      vocab_size=512, z_channels=16, ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, using_sa=False,
+      using_mid_sa=True, share_quant_resi=4, patch_nums=PATCH_NUMS))
+  c.tokenizer_train = ml_collections.ConfigDict(dict(
+      global_batch=32, steps=1000, lr=1e-3, lr_schedule='cosine', lr_final_fraction=0.1, warmup_steps=50,
+      beta=0.25, l1_weight=1.0, l2_weight=1.0, vq_weight=1.0, gan_weight=0.0,
+      usage_ema_decay=0.99, dead_code_restart_every=250, dead_code_threshold=0.05,
+      log_every=50, eval_every=500, eval_examples=512, eval_split='test', grid_examples=16,
+      checkpoint_every=500, keep_checkpoints=2, prefetch=True))
+  c.tokenize = ml_collections.ConfigDict(dict(out_dir='', split='train', flips=False, batch_size=256,
+                                              shard_size=10000))
+  # --- transformer ---
+  c.model = ml_collections.ConfigDict(dict(
+      preset='', depth=4, width=128, heads=4, num_classes=10, patch_nums=PATCH_NUMS, mask='markov',
+      dtype='bfloat16', cond_drop_rate=0.1, drop_path_rate=0.0, checkpoint=''))
+  c.train = ml_collections.ConfigDict(dict(
+      global_batch=32, steps=1500, epochs=0.0, accum_steps=1, ema_decay=0.0, log_every=50,
+      checkpoint_every=500, keep_checkpoints=2, sample_every=0, progressive_start_scales=0,
+      progressive_steps=0))
+  c.optim = ml_collections.ConfigDict(dict(
+      base_lr=8e-3,  # Peak 1e-3 at batch 32 (VAR's rule: base_lr * batch / 256).
+      weight_decay=0.05, weight_decay_end=-1.0, warmup_steps=50, final_fraction=0.1, clip_norm=2.0))
+  # --- sampling and evaluation ---
+  c.sampler = ml_collections.ConfigDict(dict(
+      cfg=5.0, cfg_schedule='linear', temperature=1.0, top_k=0, top_p=0.96, greedy=False,
+      mr_threshold=0.01, mr_iterations=10, mr_scales=''))
+  c.sample = ml_collections.ConfigDict(dict(classes='', num_per_class=100, batch_size=100))
+  c.eval = ml_collections.ConfigDict(dict(metrics='proxy', proxy_examples=10000, samples=''))
+  c.mesh = ml_collections.ConfigDict({'data': -1, 'fsdp': 1, 'tensor': 1})
+  return c

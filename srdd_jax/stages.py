@@ -1,0 +1,95 @@
+"""`--mode=all`: every stage of a config in order, each resumable, with the wall time of each.
+
+  tokenizer   --mode=train_tokenizer   (skipped when config.tokenizer.checkpoint names a trained one)
+  tokenize    --mode=tokenize          (skipped when WORKDIR/tokens is complete)
+  train       --mode=train             (on the token cache; resumes from its checkpoints)
+  sample      --mode=sample            (config.sample: grid, per-image PNGs, samples.npz)
+  evaluate    --mode=eval              (config.eval on those samples; proxy metrics offline)
+
+Running it again after an interruption continues where it stopped: finished stages are skipped (their
+outputs are kept, never recomputed or overwritten) and the interrupted one resumes from its checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import numpy as np
+from absl import logging
+
+from srdd_jax.parallel import multihost
+
+
+def _done(path: str) -> bool:
+  return os.path.exists(path)
+
+
+def run_all(config, workdir: str) -> dict:
+  # pylint: disable=import-outside-toplevel
+  from srdd_jax.diffusion import cli
+  from srdd_jax.evaluation import run as evaluation
+  from srdd_jax.train import loop, recipe, tokenize
+  config = recipe.with_defaults(config)
+  times, results, t_all = {}, {}, time.time()
+
+  def stage(name, fn):
+    t0 = time.time()
+    logging.info('=== stage %s ===', name)
+    out = fn()
+    times[name] = round(time.time() - t0, 1)
+    results[name] = {k: v for k, v in (out or {}).items() if k != 'state'}
+    logging.info('=== stage %s done in %.0fs ===', name, times[name])
+    return out
+
+  # --- tokenizer ---
+  if not config.tokenizer.checkpoint:
+    from srdd_jax.tokenizer import train_loop
+    summary = stage('train_tokenizer', lambda: train_loop.run_train_tokenizer(config, workdir))
+    if not summary.get('export'):
+      raise loop.TrainConfigError('the tokenizer stage stopped before the end of training; run again to resume')
+    config.tokenizer.checkpoint = summary['export']
+  # --- token cache ---
+  cache = config.tokenize.out_dir or os.path.join(workdir, 'tokens')
+  if _done(os.path.join(cache, 'manifest.json')):
+    logging.info('token cache %s is complete: kept', cache)
+  else:
+    stage('tokenize', lambda: tokenize.run_tokenize(config, workdir))
+  config.data.token_cache = cache
+  # --- transformer ---
+  summary = stage('train', lambda: loop.run_train(config, workdir))
+  if not summary.get('export'):
+    raise loop.TrainConfigError('the training stage stopped before the end; run again to resume')
+  config.model.checkpoint = summary['export']
+  # --- samples ---
+  samples = os.path.join(workdir, 'samples', 'samples.npz')
+  if _done(samples):
+    logging.info('%s exists: kept', samples)
+  else:
+    stage('sample', lambda: cli.run_sample(config, workdir))
+  if multihost.is_main_process():
+    _small_grid(samples, os.path.join(workdir, 'samples', 'grid_10x10.png'), per=10)
+  # --- evaluation ---
+  config.eval.samples = samples
+  stage('eval', lambda: evaluation.run_eval(config, workdir))
+  summary = {'seconds': {**times, 'total': round(time.time() - t_all, 1)}, 'stages': results,
+             'outputs': {
+                 'tokenizer': config.tokenizer.checkpoint,
+                 'reconstructions': os.path.join(workdir, 'tokenizer', 'reconstructions.png'),
+                 'token_cache': cache, 'model': config.model.checkpoint,
+                 'sample_grid': os.path.join(workdir, 'samples', 'grid_10x10.png'), 'samples': samples,
+                 'metrics': os.path.join(workdir, 'eval', 'eval.json')}}
+  if multihost.is_main_process():
+    with open(os.path.join(workdir, 'summary.json'), 'w') as f:
+      json.dump(summary, f, indent=1, default=str)
+  return summary
+
+
+def _small_grid(samples_npz: str, out: str, per: int):
+  """The first `per` samples of each class, a row per class."""
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  from srdd_jax.diffusion.cli import grid  # pylint: disable=import-outside-toplevel
+  with np.load(samples_npz) as z:
+    images, labels = z['arr_0'], z['arr_1']
+  rows = [images[labels == k][:per] for k in np.unique(labels)]
+  Image.fromarray(grid(np.concatenate(rows), per)).save(out)

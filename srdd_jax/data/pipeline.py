@@ -92,6 +92,14 @@ class SyntheticSource(ImageSource):
   def decode(self, index: int, seed: int, step: int, position: int):
     return self.load(index)
 
+  def iterator(self, seed: int, start_step: int, global_batch: int, rows: slice | None = None):
+    # Images computed from their index need no decoding threads: skipping tf.data keeps smoke runs and
+    # their subprocesses free of TensorFlow's start-up.
+    step = start_step
+    while True:
+      yield self.batch(seed, step, global_batch, rows)
+      step += 1
+
 
 def _options(data_config, train: bool) -> dict:
   get = data_config.get

@@ -6,6 +6,7 @@ configs/sample.py), `reconstruct` (tokenizer round trip with PSNR), `all` (every
 config in order: configs/fashion_mnist.py). Several processes: --multihost, or --coordinator_address,
 --num_processes, --process_id (launch/README.md).
 """
+import importlib
 import json
 import logging as std_logging
 import os
@@ -31,6 +32,29 @@ _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process, 0..num_pro
                                    '$SRDD_PROCESS_ID).')
 flags.mark_flags_as_required(['config', 'workdir'])
 
+# --mode -> (module, function(config, workdir) -> summary dict).
+_RUNNERS = {
+    'reconstruct': ('srdd_jax.reconstruct', 'run'),
+    'all': ('srdd_jax.stages', 'run_all'),
+    'train': ('srdd_jax.train.loop', 'run_train'),
+    'tokenize': ('srdd_jax.train.tokenize', 'run_tokenize'),
+    'train_tokenizer': ('srdd_jax.tokenizer.train_loop', 'run_train_tokenizer'),
+    'sample': ('srdd_jax.diffusion.cli', 'run_sample'),
+    'edit': ('srdd_jax.diffusion.cli', 'run_edit'),
+    'eval': ('srdd_jax.evaluation.run', 'run_eval'),
+}
+
+
+def _config_errors() -> tuple[type[Exception], ...]:
+  """The errors that mean "this config cannot work" (exit 2 with the message), not a bug."""
+  # pylint: disable=import-outside-toplevel
+  from srdd_jax.diffusion.cli import ConfigError
+  from srdd_jax.tokenizer.train_config import TokenizerTrainConfigError
+  from srdd_jax.train.checkpoint import CheckpointMismatch
+  from srdd_jax.train.loop import TrainConfigError
+  return (ConfigError, TokenizerTrainConfigError, CheckpointMismatch, TrainConfigError)
+
+
 class _QuietLibraries(std_logging.Filter):
   """Orbax logs every step of every save at INFO; our progress lines would drown in it."""
 
@@ -51,53 +75,14 @@ def main(argv):
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
   os.makedirs(workdir, exist_ok=True)
-  if mode == 'reconstruct':
-    from srdd_jax import reconstruct
-    summary = reconstruct.run(config, workdir)
-  elif mode == 'all':
-    from srdd_jax import stages
-    from srdd_jax.diffusion.cli import ConfigError
-    from srdd_jax.tokenizer.train_config import TokenizerTrainConfigError
-    from srdd_jax.train.checkpoint import CheckpointMismatch
-    from srdd_jax.train.loop import TrainConfigError
-    try:
-      summary = stages.run_all(config, workdir)
-    except (TrainConfigError, TokenizerTrainConfigError, CheckpointMismatch, ConfigError) as e:
-      print(f'error: {e}', file=sys.stderr)
-      sys.exit(2)
-  elif mode == 'train':
-    from srdd_jax.train import loop
-    from srdd_jax.train.checkpoint import CheckpointMismatch
-    try:
-      summary = loop.run_train(config, workdir)
-    except (loop.TrainConfigError, CheckpointMismatch) as e:
-      print(f'error: {e}', file=sys.stderr)
-      sys.exit(2)
-  elif mode == 'tokenize':
-    from srdd_jax.train import loop, tokenize
-    try:
-      summary = tokenize.run_tokenize(config, workdir)
-    except loop.TrainConfigError as e:
-      print(f'error: {e}', file=sys.stderr)
-      sys.exit(2)
-  elif mode == 'train_tokenizer':
-    from srdd_jax.tokenizer import train_loop
-    from srdd_jax.train.checkpoint import CheckpointMismatch
-    try:
-      summary = train_loop.run_train_tokenizer(config, workdir)
-    except (train_loop.TokenizerTrainConfigError, CheckpointMismatch) as e:
-      print(f'error: {e}', file=sys.stderr)
-      sys.exit(2)
-  else:
-    from srdd_jax.diffusion import cli
-    from srdd_jax.evaluation import run as evaluation
-    run = {'sample': cli.run_sample, 'edit': cli.run_edit, 'eval': evaluation.run_eval}[mode]
-    try:
-      summary = run(config, workdir)
-    except cli.ConfigError as e:
-      logging.error('%s', e)
-      print(f'error: {e}', file=sys.stderr)
-      sys.exit(2)
+  module, function = _RUNNERS[mode]
+  run = getattr(importlib.import_module(module), function)
+  try:
+    summary = run(config, workdir)
+  except _config_errors() as e:
+    logging.error('%s', e)
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(2)
   if multihost.is_main_process():
     print(json.dumps(summary, indent=1))
 

@@ -203,12 +203,7 @@ def run_train_tokenizer(config, workdir: str, stop_after_steps: int | None = Non
   ckpt = Checkpointer(os.path.join(root, 'checkpoints'), max_to_keep=s.keep_checkpoints,
                       save_every=s.checkpoint_every)
   abstract, shardings = trainer.abstract_state()
-  restored = ckpt.restore_latest(abstract, shardings)
-  if restored:
-    state, _, start = restored
-    logging.info('resumed from step %d', start)
-  else:
-    state, start = trainer.init(jax.random.PRNGKey(s.seed)), 0
+  state, start = ckpt.restore_or_init(abstract, shardings, lambda: trainer.init(jax.random.PRNGKey(s.seed)))
   step_fn = trainer.step_fn
   held_out = _HeldOut(held_out_source, s, trainer, mesh) if held_out_source is not None else None
   gb = s.global_batch

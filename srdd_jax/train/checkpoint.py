@@ -63,6 +63,15 @@ class Checkpointer:
       return r['state'], r['extra'], step
     return None
 
+  def restore_or_init(self, abstract_state, shardings, init):
+    """(state, step): the newest readable checkpoint, else `init()` at step 0."""
+    restored = self.restore_latest(abstract_state, shardings)
+    if restored is None:
+      return init(), 0
+    state, _, step = restored
+    logging.info('resumed from step %d of %s', step, self.directory)
+    return state, step
+
   def close(self):
     self.manager.wait_until_finished()
     self.manager.close()

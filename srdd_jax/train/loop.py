@@ -218,12 +218,7 @@ def run_train(config, workdir: str, stop_after_steps: int | None = None, return_
   ckpt = Checkpointer(os.path.join(workdir, 'checkpoints'), max_to_keep=int(t.keep_checkpoints),
                       save_every=int(t.checkpoint_every))
   abstract, shardings = trainer.abstract_state()
-  restored = ckpt.restore_latest(abstract, shardings)
-  if restored:
-    state, _, start = restored
-    logging.info('resumed from step %d', start)
-  else:
-    state, start = trainer.init(jax.random.PRNGKey(config.seed)), 0
+  state, start = ckpt.restore_or_init(abstract, shardings, lambda: trainer.init(jax.random.PRNGKey(config.seed)))
   step_fn = trainer.make_step(vae_params)
   vae_replicated = jax.device_put(vae_params, pm.replicated(mesh))
   rows = trainer.local_rows(gb)

@@ -16,6 +16,9 @@ import statistics
 import tempfile
 import time
 
+from srdd_jax.data import pipeline
+from srdd_jax.modes import tokenize, train
+
 
 def _config(path):
   spec = importlib.util.spec_from_file_location('bench_config', path)
@@ -37,7 +40,6 @@ def main(argv=None):
   p.add_argument('--examples', type=int, default=4096)
   p.add_argument('--steps', type=int, default=30)
   a = p.parse_args(argv)
-  from srdd_jax.train import loop, tokenize  # pylint: disable=import-outside-toplevel
   out = {}
   with tempfile.TemporaryDirectory() as tmp:
     c = _config(a.config)
@@ -46,7 +48,6 @@ def main(argv=None):
     c.tokenize.shard_size = a.examples
     # A subset of the data: the first `examples` images, by index (the cache's order).
     c.data.split = f'train[:{a.examples}]' if c.data.source == 'tfds' else c.data.split
-    from srdd_jax.data import pipeline  # pylint: disable=import-outside-toplevel
     real_build = pipeline.build_source
 
     def subset(*args, **kw):
@@ -56,7 +57,7 @@ def main(argv=None):
 
     pipeline.build_source = subset
     t0 = time.time()
-    r = tokenize.run_tokenize(c, tmp)
+    r = tokenize.run(c, tmp)
     out['tokenize_images_per_s'] = r['images_per_s']
     out['tokenize_wall_s'] = round(time.time() - t0, 1)
     for name, cache in (('images', ''), ('cache', c.tokenize.out_dir)):
@@ -65,7 +66,7 @@ def main(argv=None):
       c2.data.token_cache = cache
       c2.train.update(steps=a.steps, log_every=1, checkpoint_every=10 ** 6, sample_every=0)
       wd = os.path.join(tmp, f'train_{name}')
-      loop.run_train(c2, wd)
+      train.run(c2, wd)
       times = _step_times(wd)
       out[f'step_s_from_{name}'] = round(statistics.median(times), 4)
     pipeline.build_source = real_build

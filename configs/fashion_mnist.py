@@ -24,7 +24,7 @@ def get_config(arg=None):
   c.tokenizer = ml_collections.ConfigDict(dict(
       checkpoint='',  # '' = train it (stage 1); or a directory of a trained / converted one.
       vocab_size=512, z_channels=16, ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, using_sa=False,
-      using_mid_sa=True, share_quant_resi=4, patch_nums=PATCH_NUMS))
+      using_mid_sa=True, share_quant_resi=4))
   c.tokenizer_train = ml_collections.ConfigDict(dict(
       global_batch=32, steps=1000, lr=1e-3, lr_schedule='cosine', lr_final_fraction=0.1, warmup_steps=50,
       beta=0.25, l1_weight=1.0, l2_weight=1.0, vq_weight=1.0, gan_weight=0.0,

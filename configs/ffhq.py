@@ -7,7 +7,7 @@
 """
 import ml_collections
 
-from srdd_jax.train import recipe
+from srdd_jax import config as recipe
 
 
 def get_config(arg=None):

@@ -3,7 +3,7 @@
   python -m srdd_jax.main --config=configs/tokenizer_smoke.py --workdir=DIR --mode=train_tokenizer
 
 Every key of config.tokenizer and config.tokenizer_train, with its default, is documented in
-srdd_jax/tokenizer/train_config.py. The held-out PSNR is measured on the digits' test split.
+srdd_jax/config.py. The held-out PSNR is measured on the digits' test split.
 """
 import ml_collections
 
@@ -15,7 +15,8 @@ def get_config(arg=None):
   # 16 px images: patch_nums end at a 4x4 latent and ch_mult (1, 1, 2) downsamples 4x.
   c.tokenizer = ml_collections.ConfigDict(dict(
       vocab_size=64, z_channels=8, ch=32, ch_mult=(1, 1, 2), num_res_blocks=1, using_sa=False,
-      using_mid_sa=True, share_quant_resi=4, patch_nums=(1, 2, 3, 4)))
+      using_mid_sa=True, share_quant_resi=4))
+  c.model = ml_collections.ConfigDict(dict(patch_nums=(1, 2, 3, 4)))  # The scales, for every stage.
   c.tokenizer_train = ml_collections.ConfigDict(dict(
       global_batch=32, steps=300, lr=2e-3, warmup_steps=20, lr_schedule='cosine', beta=0.25,
       l1_weight=1.0, l2_weight=1.0, vq_weight=1.0,

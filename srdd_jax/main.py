@@ -6,7 +6,6 @@ configs/sample.py), `reconstruct` (tokenizer round trip with PSNR), `all` (every
 config in order: configs/fashion_mnist.py). Several processes: --multihost, or --coordinator_address,
 --num_processes, --process_id (launch/README.md).
 """
-import importlib
 import json
 import logging as std_logging
 import os
@@ -16,6 +15,13 @@ from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
+
+from srdd_jax.config import ConfigError
+from srdd_jax.modes import all as all_stages
+from srdd_jax.modes import edit
+from srdd_jax.modes import eval as evaluation
+from srdd_jax.modes import reconstruct, sample, tokenize, train, train_tokenizer
+from srdd_jax.parallel import multihost
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file (configs/<x>.py).')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for outputs, checkpoints and logs.')
@@ -32,27 +38,17 @@ _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process, 0..num_pro
                                    '$SRDD_PROCESS_ID).')
 flags.mark_flags_as_required(['config', 'workdir'])
 
-# --mode -> (module, function(config, workdir) -> summary dict).
-_RUNNERS = {
-    'reconstruct': ('srdd_jax.reconstruct', 'run'),
-    'all': ('srdd_jax.stages', 'run_all'),
-    'train': ('srdd_jax.train.loop', 'run_train'),
-    'tokenize': ('srdd_jax.train.tokenize', 'run_tokenize'),
-    'train_tokenizer': ('srdd_jax.tokenizer.train_loop', 'run_train_tokenizer'),
-    'sample': ('srdd_jax.diffusion.cli', 'run_sample'),
-    'edit': ('srdd_jax.diffusion.cli', 'run_edit'),
-    'eval': ('srdd_jax.evaluation.run', 'run_eval'),
+# --mode -> its runner: run(config, workdir) -> summary dict.
+_MODES = {
+    'reconstruct': reconstruct.run,
+    'all': all_stages.run,
+    'train': train.run,
+    'tokenize': tokenize.run,
+    'train_tokenizer': train_tokenizer.run,
+    'sample': sample.run,
+    'edit': edit.run,
+    'eval': evaluation.run,
 }
-
-
-def _config_errors() -> tuple[type[Exception], ...]:
-  """The errors that mean "this config cannot work" (exit 2 with the message), not a bug."""
-  # pylint: disable=import-outside-toplevel
-  from srdd_jax.diffusion.cli import ConfigError
-  from srdd_jax.tokenizer.train_config import TokenizerTrainConfigError
-  from srdd_jax.train.checkpoint import CheckpointMismatch
-  from srdd_jax.train.loop import TrainConfigError
-  return (ConfigError, TokenizerTrainConfigError, CheckpointMismatch, TrainConfigError)
 
 
 class _QuietLibraries(std_logging.Filter):
@@ -67,19 +63,15 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   logging.get_absl_handler().addFilter(_QuietLibraries())
   config, workdir, mode = _CONFIG.value, _WORKDIR.value, _MODE.value
-  # pylint: disable=import-outside-toplevel
-  from srdd_jax.parallel import multihost
   try:
     multihost.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, auto=_MULTIHOST.value)
   except ValueError as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
   os.makedirs(workdir, exist_ok=True)
-  module, function = _RUNNERS[mode]
-  run = getattr(importlib.import_module(module), function)
   try:
-    summary = run(config, workdir)
-  except _config_errors() as e:
+    summary = _MODES[mode](config, workdir)
+  except ConfigError as e:
     logging.error('%s', e)
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)

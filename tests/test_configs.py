@@ -1,10 +1,13 @@
 """The real training configs: recipes per SPEC §8, and start-up validation that names the config key
 (nothing is compiled: every error comes before the first program)."""
 import importlib
+import os
 
 import pytest
 
-from srdd_jax.train import loop, recipe
+from srdd_jax import config as recipe
+from srdd_jax.config import ConfigError
+from srdd_jax.modes import train as train_mode
 
 REAL = ('ffhq', 'afhq', 'sun397', 'miniimagenet', 'imagenet')
 CLASSES = {'ffhq': 1, 'afhq': 3, 'sun397': 397, 'miniimagenet': 100, 'imagenet': 1000}
@@ -49,9 +52,9 @@ def test_config_arguments_are_checked():
 
 @pytest.mark.parametrize('name', REAL)
 def test_missing_tokenizer_checkpoint_names_the_key(name, tmp_path):
-  with pytest.raises(loop.TrainConfigError,
+  with pytest.raises(ConfigError,
                      match=r"config.tokenizer.checkpoint='checkpoints/vae_ch160v4096z32' does not exist"):
-    loop.run_train(_config(name), str(tmp_path))
+    train_mode.run(_config(name), str(tmp_path))
 
 
 @pytest.mark.parametrize('name,key', [('ffhq', r"config.data.path='data/ffhq'"),
@@ -64,8 +67,8 @@ def test_missing_data_names_the_key(name, key, vae_dir, tmp_path):
   c.tokenizer.checkpoint = vae_dir
   if c.data.source == 'tfds':
     c.data.data_dir = str(tmp_path / 'no_tfds_here')
-  with pytest.raises(loop.TrainConfigError, match=key):
-    loop.run_train(c, str(tmp_path / 'run'))
+  with pytest.raises(ConfigError, match=key):
+    train_mode.run(c, str(tmp_path / 'run'))
   assert not (tmp_path / 'run' / 'checkpoints').exists()  # Refused before anything is written.
 
 
@@ -73,16 +76,64 @@ def test_batch_and_patch_nums_errors_name_the_key(vae_dir, tmp_path):
   c = _config('afhq')
   c.tokenizer.checkpoint = vae_dir
   c.train.global_batch = 12  # 8 devices: data 1 x fsdp 8.
-  with pytest.raises(loop.TrainConfigError, match=r'config.train.global_batch=12 is not divisible by the '
+  with pytest.raises(ConfigError, match=r'config.train.global_batch=12 is not divisible by the '
                                                   r'data-parallel size 8'):
-    loop.run_train(c, str(tmp_path))
+    train_mode.run(c, str(tmp_path))
   c = _config('afhq')
   c.tokenizer.checkpoint = vae_dir
   c.model.patch_nums = (1, 2, 4, 8)
-  with pytest.raises(loop.TrainConfigError, match=r'config.model.patch_nums=\(1, 2, 4, 8\) must end at .* 16'):
-    loop.run_train(c, str(tmp_path))
+  with pytest.raises(ConfigError, match=r'config.model.patch_nums=\(1, 2, 4, 8\) must end at .* 16'):
+    train_mode.run(c, str(tmp_path))
   c = _config('afhq')
   c.tokenizer.checkpoint = vae_dir
   c.mesh.fsdp = 3
-  with pytest.raises(loop.TrainConfigError, match=r'config.mesh: .*8 devices are not divisible by 3'):
-    loop.run_train(c, str(tmp_path))
+  with pytest.raises(ConfigError, match=r'config.mesh: .*8 devices are not divisible by 3'):
+    train_mode.run(c, str(tmp_path))
+
+
+# --- the one config module ------------------------------------------------------------------------
+
+@pytest.mark.parametrize('section', sorted(k for k, v in recipe.DEFAULTS.items() if isinstance(v, dict)))
+def test_an_unknown_key_is_refused_in_every_section(section):
+  with pytest.raises(ConfigError, match=rf'config\.{section}\.stepz is not a key of config\.{section}; '
+                                        r'known: \[.*\]'):
+    recipe.with_defaults({section: {'stepz': 5}})
+
+
+def test_unknown_sections_moved_keys_and_defaults():
+  with pytest.raises(ConfigError, match=r'config\.trian is not a config section'):
+    recipe.with_defaults({'trian': {}})
+  with pytest.raises(ConfigError, match=r'config\.tokenizer\.patch_nums .* config\.model\.patch_nums'):
+    recipe.with_defaults({'tokenizer': {'patch_nums': (1, 2)}})
+  c = recipe.with_defaults({'train': {'steps': 7}})
+  assert c.train.steps == 7 and c.train.global_batch == recipe.DEFAULTS['train']['global_batch']
+  assert c.sampler.cfg == recipe.DEFAULTS['sampler']['cfg'] and tuple(c.model.patch_nums) == recipe.PATCH_NUMS_256
+  assert recipe.with_defaults(c).to_dict() == c.to_dict()  # Idempotent: every runner may apply it.
+  assert recipe.DEFAULTS['train']['steps'] == 0  # The defaults themselves were not changed by a merge.
+
+
+def test_every_shipped_config_has_only_known_keys():
+  import glob
+  import os
+  names = [os.path.basename(p)[:-3] for p in glob.glob(os.path.join(os.path.dirname(__file__), '..', 'configs', '*.py'))]
+  assert len(names) >= 10
+  for name in names:
+    recipe.with_defaults(_config(name))
+
+
+def test_a_runner_refuses_an_unknown_key_before_writing(tmp_path):
+  c = _config('ffhq')
+  c.train.stepz = 5
+  with pytest.raises(ConfigError, match=r'config\.train\.stepz is not a key'):
+    train_mode.run(c, str(tmp_path / 'run'))
+  assert not os.path.exists(tmp_path / 'run')
+
+
+def test_one_function_makes_the_tokenizer_config():
+  from srdd_jax.tokenizer.api import tokenizer_config
+  c = recipe.with_defaults({'tokenizer': {'ch': 32, 'ch_mult': (1, 2)}, 'model': {'patch_nums': (1, 2, 4)}})
+  vq = tokenizer_config(c)
+  assert (vq.ch, vq.ch_mult, vq.patch_nums, vq.image_size, vq.vocab_size) == (32, (1, 2), (1, 2, 4), 8, 4096)
+  c.tokenizer.image_size = 16
+  with pytest.raises(ConfigError, match=r'config\.tokenizer\.image_size=16, but config\.model\.patch_nums'):
+    tokenizer_config(c)

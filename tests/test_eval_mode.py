@@ -1,16 +1,16 @@
 """--mode=eval: samples with per-batch seeds, metrics against references, eval.json; no FID or IS
 without the published Inception weights."""
 import json
-import os
 
 import jax
 import ml_collections
 import numpy as np
 import pytest
 
+from srdd_jax.config import DEFAULTS, ConfigError
 from srdd_jax.convert import params_io
-from srdd_jax.diffusion.cli import ConfigError
-from srdd_jax.evaluation import run as evaluation
+from srdd_jax.evaluation import protocol
+from srdd_jax.modes import eval as evaluation
 from srdd_jax.tokenizer.api import Tokenizer, unbox
 from srdd_jax.tokenizer.vqvae import VQVAEConfig
 from srdd_jax.transformer.config import VARConfig
@@ -45,23 +45,23 @@ def _config(checkpoints, **eval_options):
 
 def test_no_fid_without_the_published_weights(checkpoints, tmp_path):
   with pytest.raises(ConfigError, match='config.eval.inception_weights is empty: .* No FID or IS is computed'):
-    evaluation.run_eval(_config(checkpoints, metrics='fid,is'), str(tmp_path))
+    evaluation.run(_config(checkpoints, metrics='fid,is'), str(tmp_path))
   # The reference file's Inception weights are random: refused, whatever they are called.
   with pytest.raises(ConfigError, match='config.eval.inception_weights: .*not an .npz written from the '
                                         'published weights'):
-    evaluation.run_eval(_config(checkpoints, metrics='is', inception_weights=reference_file('fid_inception.npz')),
+    evaluation.run(_config(checkpoints, metrics='is', inception_weights=reference_file('fid_inception.npz')),
                         str(tmp_path))
   with pytest.raises(ConfigError, match=r"config.eval.metrics='fid,bogus'"):
-    evaluation.run_eval(_config(checkpoints, metrics='fid,bogus'), str(tmp_path))
+    evaluation.run(_config(checkpoints, metrics='fid,bogus'), str(tmp_path))
   with pytest.raises(ConfigError, match='config.data is missing'):
-    evaluation.run_eval(_config(checkpoints, metrics='proxy'), str(tmp_path))
+    evaluation.run(_config(checkpoints, metrics='proxy'), str(tmp_path))
   assert not (tmp_path / 'eval').exists()  # Refused before sampling: nothing written.
 
 
 def test_proxy_metrics_of_generated_samples(checkpoints, tmp_path):
   c = _config(checkpoints, metrics='proxy', proxy_epochs=1, proxy_examples=200)
   c.data = ml_collections.ConfigDict(dict(source='digits', flip=False))
-  s = evaluation.run_eval(c, str(tmp_path))
+  s = evaluation.run(c, str(tmp_path))
   m = json.load(open(tmp_path / 'eval' / 'eval.json'))
   assert m['metrics'] == s['metrics'] and set(m['metrics']) >= {'fd_cnn_digits', 'class_consistency',
                                                                'classifier_test_accuracy'}
@@ -75,7 +75,7 @@ def test_proxy_metrics_of_generated_samples(checkpoints, tmp_path):
   assert not np.array_equal(images[:8], images[8:16])
   # The same samples evaluated from their file give the same numbers (classifier from the cache).
   c.eval.samples = str(tmp_path / 'eval' / 'samples.npz')
-  again = evaluation.run_eval(c, str(tmp_path))
+  again = evaluation.run(c, str(tmp_path))
   assert again['metrics'] == s['metrics']
 
 
@@ -90,8 +90,8 @@ def test_inception_metrics_are_assembled_from_the_features(monkeypatch, tmp_path
   monkeypatch.setattr(inception, 'extract', lambda p, im, batch_size: fake if len(im) == 40 else real)
   ref = str(tmp_path / 'ref.npz')
   np.savez(ref, arr_0=real_images)
-  o = {**evaluation.DEFAULTS, 'metrics': ('fid', 'is', 'pr'), 'reference': ref}
-  out = evaluation._inception_metrics(o, {}, None, np.zeros((40, 8, 8, 3), np.uint8))
+  o = {**DEFAULTS['eval'], 'metrics': ('fid', 'is', 'pr'), 'reference': ref}
+  out = protocol.inception_metrics(o, {}, None, np.zeros((40, 8, 8, 3), np.uint8))
   mu, sigma = stats.feature_statistics(fake['pool3'])
   mu_r, sigma_r = stats.feature_statistics(real['pool3'])
   assert out['fid'] == pytest.approx(metrics.frechet_distance(mu, sigma, mu_r, sigma_r))

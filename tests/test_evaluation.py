@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import scipy.linalg
 
-from srdd_jax.convert import fid_inception
+from srdd_jax.evaluation import inception_weights as fid_inception
 from srdd_jax.convert import state_dict as sd
 from srdd_jax.evaluation import inception, metrics, stats
 from srdd_jax.tools import convert_inception

@@ -16,10 +16,14 @@ import pytest
 from configs import tokenizer_smoke
 from srdd_jax.convert import params_io
 from srdd_jax.parallel import mesh as pm
-from srdd_jax.tokenizer import code_restart, losses, train_loop
-from srdd_jax.tokenizer import train_config as tcfg
-from srdd_jax.tokenizer import trainer as tr
-from srdd_jax.tokenizer.api import Tokenizer, unbox
+from srdd_jax.config import ConfigError
+from srdd_jax.modes import train_tokenizer as train_loop
+from srdd_jax.tokenizer.api import Tokenizer, tokenizer_config, unbox
+from srdd_jax.train import code_restart
+from srdd_jax.train import export
+from srdd_jax.train import tokenizer_losses as losses
+from srdd_jax.train import tokenizer_settings as tcfg
+from srdd_jax.train import tokenizer_step as tr
 from srdd_jax.tokenizer.vqvae import VQVAE, VQVAEConfig
 
 STEPS, GAN_START, RESTART_EVERY = 8, 4, 4
@@ -30,7 +34,8 @@ def _config(**train):
   c = tokenizer_smoke.get_config()
   # Smaller than the smoke model so the step compiles in seconds: one level (no downsampling), 8 px
   # digits (their native size), a one-layer discriminator.
-  c.tokenizer.update(ch_mult=(1,), using_mid_sa=False, patch_nums=(1, 2, 4, 8))
+  c.tokenizer.update(ch_mult=(1,), using_mid_sa=False)
+  c.model.patch_nums = (1, 2, 4, 8)
   c.tokenizer_train.update(disc_layers=1)
   c.tokenizer_train.update(steps=STEPS, warmup_steps=0, log_every=1, eval_every=4, eval_examples=32,
                            grid_examples=4, checkpoint_every=4, gan_start_step=GAN_START,
@@ -50,22 +55,22 @@ def _flat(tree):
 
 
 def _trainer(config):
-  s, vq = tcfg.train_settings(config), tcfg.vqvae_config(config)
+  s, vq = tcfg.train_settings(config), tokenizer_config(config)
   return tr.trainer_for(vq, s, pm.make_mesh(dict(config.mesh)), pm.DEFAULT_RULES)
 
 
 @pytest.fixture(scope='module')
 def straight(tmp_path_factory):
   wd = str(tmp_path_factory.mktemp('straight'))
-  summary = train_loop.run_train_tokenizer(_config(), wd, return_state=True)
+  summary = train_loop.run(_config(), wd, return_state=True)
   return os.path.join(wd, 'tokenizer'), summary
 
 
 @pytest.fixture(scope='module')
 def resumed(tmp_path_factory):
   wd = str(tmp_path_factory.mktemp('resumed'))
-  first = train_loop.run_train_tokenizer(_config(), wd, stop_after_steps=STEPS // 2, return_state=True)
-  second = train_loop.run_train_tokenizer(_config(), wd, return_state=True)
+  first = train_loop.run(_config(), wd, stop_after_steps=STEPS // 2, return_state=True)
+  second = train_loop.run(_config(), wd, return_state=True)
   return os.path.join(wd, 'tokenizer'), first, second
 
 
@@ -288,9 +293,9 @@ def test_export_of_another_step_is_moved_aside_never_overwritten(straight, tmp_p
   params = summary['state'].params
   vq = _trainer(_config()).vq
   root = str(tmp_path)
-  out = train_loop._export(root, params, vq, 5, 'wd')  # pylint: disable=protected-access
-  assert train_loop._export(root, params, vq, 5, 'wd') == out  # Same step: left as it is.
-  train_loop._export(root, params, vq, 9, 'wd')  # pylint: disable=protected-access
+  out = export.export_tokenizer(root, params, vq, 5, 'wd')
+  assert export.export_tokenizer(root, params, vq, 5, 'wd') == out  # Same step: left as it is.
+  export.export_tokenizer(root, params, vq, 9, 'wd')
   assert sorted(os.listdir(root)) == ['params', 'params.step_5']
   with open(os.path.join(root, 'params', 'export.json')) as f:
     assert json.load(f)['step'] == 9
@@ -299,16 +304,16 @@ def test_export_of_another_step_is_moved_aside_never_overwritten(straight, tmp_p
 
 @pytest.mark.parametrize('section, key, value, message', [
     ('tokenizer_train', 'global_batch', 12, 'config.tokenizer_train.global_batch=12 is not divisible'),
-    ('tokenizer_train', 'gan_wieght', 1.0, "unknown keys ['gan_wieght']"),
+    ('tokenizer_train', 'gan_wieght', 1.0, 'config.tokenizer_train.gan_wieght is not a key of config.tokenizer_train'),
     ('tokenizer_train', 'disc_layers', 3, 'config.tokenizer_train.disc_layers=3 is too deep'),
     ('tokenizer_train', 'b2', 1.0, 'config.tokenizer_train.b2=1.0'),
     ('tokenizer', 'image_size', 32, 'config.tokenizer.image_size=32'),
     ('tokenizer', 'ch', 24, 'config.tokenizer.ch=24'),
-    ('tokenizer', 'patch_nums', (1, 2, 4, 3), 'config.tokenizer.patch_nums'),
+    ('model', 'patch_nums', (1, 2, 4, 3), 'config.model.patch_nums'),
 ])
 def test_config_errors_name_the_key(tmp_path, section, key, value, message):
   c = _config()
   c[section][key] = value
-  with pytest.raises(tcfg.TokenizerTrainConfigError, match=message.replace('[', r'\[').replace(']', r'\]')):
-    train_loop.run_train_tokenizer(c, str(tmp_path))
+  with pytest.raises(ConfigError, match=message.replace('[', r'\[').replace(']', r'\]')):
+    train_loop.run(c, str(tmp_path))
   assert not os.listdir(tmp_path)  # Nothing written before the config is known to work.

@@ -12,7 +12,11 @@ import numpy as np
 import pytest
 
 from configs import smoke
-from srdd_jax.train import loop
+from srdd_jax.config import ConfigError, with_defaults
+from srdd_jax.convert.loading import load_tokenizer
+from srdd_jax.modes import tokenize
+from srdd_jax.modes import train as train_mode
+from srdd_jax.train.driver import NonFiniteLoss
 
 
 def _config(**train):
@@ -36,7 +40,7 @@ def _params(summary):
 def straight(tmp_path_factory):
   wd = str(tmp_path_factory.mktemp('straight'))
   # Sample grids on: the resumed runs below (without grids) must still match it bitwise.
-  return wd, loop.run_train(_config(sample_every=10), wd, return_state=True)
+  return wd, train_mode.run(_config(sample_every=10), wd, return_state=True)
 
 
 def test_sample_grids_as_png_and_tensorboard(straight):
@@ -66,9 +70,9 @@ def test_the_trained_model_is_exported_for_sampling(straight):
 def test_exact_resume_is_bitwise(straight, tmp_path):
   wd, full = straight
   part = str(tmp_path / 'part')
-  first = loop.run_train(_config(), part, stop_after_steps=10)
+  first = train_mode.run(_config(), part, stop_after_steps=10)
   assert first['end_step'] == 10
-  second = loop.run_train(_config(), part, return_state=True)
+  second = train_mode.run(_config(), part, return_state=True)
   assert second['start_step'] == 10 and second['end_step'] == 20
   assert _losses(part) == _losses(wd)  # Bitwise equal floats, data order and RNG included.
   a, b = _params(full), _params(second)
@@ -78,22 +82,22 @@ def test_exact_resume_is_bitwise(straight, tmp_path):
 def test_resume_on_another_mesh(straight, tmp_path):
   wd, _ = straight
   part = str(tmp_path / 'mesh')
-  loop.run_train(_config(), part, stop_after_steps=10)
+  train_mode.run(_config(), part, stop_after_steps=10)
   c = _config()
   c.mesh.update(data=2, fsdp=2, tensor=2)
-  loop.run_train(c, part)
+  train_mode.run(c, part)
   got, want = dict(_losses(part)), dict(_losses(wd))
   np.testing.assert_allclose([got[s] for s in range(11, 21)], [want[s] for s in range(11, 21)], rtol=1e-4)
 
 
 def test_unreadable_checkpoint_is_skipped_and_kept(tmp_path):
   wd = str(tmp_path / 'crash')
-  loop.run_train(_config(steps=10), wd)
+  train_mode.run(_config(steps=10), wd)
   bad = os.path.join(wd, 'checkpoints', '15')
   os.makedirs(os.path.join(bad, 'state'))
   with open(os.path.join(bad, 'state', 'garbage'), 'w') as f:
     f.write('half a checkpoint')
-  s = loop.run_train(_config(steps=12), wd)
+  s = train_mode.run(_config(steps=12), wd)
   assert s['start_step'] == 10 and s['end_step'] == 12
   names = os.listdir(os.path.join(wd, 'checkpoints'))
   assert any(n.startswith('15.incomplete-') for n in names) and '10' in names and '12' in names
@@ -101,42 +105,42 @@ def test_unreadable_checkpoint_is_skipped_and_kept(tmp_path):
 
 def test_epochs_and_progressive_growth(tmp_path):
   c = _config(steps=0, epochs=0.5, progressive_start_scales=2, progressive_steps=1)  # 64 examples, batch 16.
-  s = loop.run_train(c, str(tmp_path))
+  s = train_mode.run(c, str(tmp_path))
   recs = [json.loads(line) for line in open(tmp_path / 'metrics.jsonl')]
   assert s['end_step'] == 2 and [r['active_scales'] for r in recs] == [2, 4]
 
 
 def test_config_errors_name_the_key(tmp_path):
-  with pytest.raises(loop.TrainConfigError, match=r'config.train.global_batch=12 is not divisible by .* 8'):
-    loop.run_train(_config(global_batch=12), str(tmp_path / 'a'))
+  with pytest.raises(ConfigError, match=r'config.train.global_batch=12 is not divisible by .* 8'):
+    train_mode.run(_config(global_batch=12), str(tmp_path / 'a'))
   from srdd_jax.tools import convert_var
   from tests.conftest import reference_file
   vae = str(tmp_path / 'vae')
   assert convert_var.main(['--vae', reference_file('vqvae_ch32_256.npz'), '--prefix', 'vae/', '--out', vae]) == 0
   c = _config()
   c.tokenizer.checkpoint = vae  # Latent side 16; the smoke model's patch_nums end at 4.
-  with pytest.raises(loop.TrainConfigError, match=r'config.model.patch_nums=\(1, 2, 3, 4\) must end at .* 16'):
-    loop.run_train(c, str(tmp_path / 'b'))
+  with pytest.raises(ConfigError, match=r'config.model.patch_nums=\(1, 2, 3, 4\) must end at .* 16'):
+    train_mode.run(c, str(tmp_path / 'b'))
   c = _config()
   c.tokenizer.checkpoint = '/nope'
-  with pytest.raises(loop.TrainConfigError, match="config.tokenizer.checkpoint='/nope' does not exist"):
-    loop.run_train(c, str(tmp_path / 'c'))
+  with pytest.raises(ConfigError, match="config.tokenizer.checkpoint='/nope' does not exist"):
+    train_mode.run(c, str(tmp_path / 'c'))
 
 
 def test_non_finite_loss_stops_and_keeps_the_checkpoint(tmp_path):
   wd = str(tmp_path / 'nan')
-  loop.run_train(_config(steps=5), wd)
+  train_mode.run(_config(steps=5), wd)
   c = _config(steps=40)
   c.optim.base_lr = 1e30
-  with pytest.raises(loop.NonFiniteLoss, match=r'non-finite loss or gradient at step \d+'):
-    loop.run_train(c, wd)
+  with pytest.raises(NonFiniteLoss, match=r'non-finite loss or gradient at step \d+'):
+    train_mode.run(c, wd)
   assert '5' in os.listdir(os.path.join(wd, 'checkpoints'))
   # A complete checkpoint that does not fit the config is an error, and stays where it is.
   c = _config(steps=10)
   c.train.ema_decay = 0.9
   from srdd_jax.train.checkpoint import CheckpointMismatch
   with pytest.raises(CheckpointMismatch, match='does not fit the state of the current config'):
-    loop.run_train(c, wd)
+    train_mode.run(c, wd)
   assert '5' in os.listdir(os.path.join(wd, 'checkpoints'))
 
 
@@ -161,11 +165,10 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
 
 @pytest.fixture(scope='module')
 def cache(tmp_path_factory):
-  from srdd_jax.train import tokenize
   wd = tmp_path_factory.mktemp('tok')
   c = _config()
   c.tokenize = {'flips': True, 'shard_size': 24, 'batch_size': 16}
-  return str(wd / 'tokens'), tokenize.run_tokenize(c, str(wd)), c
+  return str(wd / 'tokens'), tokenize.run(c, str(wd)), c
 
 
 def test_tokenize_writes_a_manifest_and_the_tokens_of_each_example(cache):
@@ -175,7 +178,8 @@ def test_tokenize_writes_a_manifest_and_the_tokens_of_each_example(cache):
   m = json.load(open(os.path.join(directory, 'manifest.json')))
   assert (m['count'], m['num_shards'], m['flips'], tuple(m['patch_nums'])) == (64, 3, True, (1, 2, 3, 4))
   assert summary['examples'] == 64 and summary['shards_written'] == 3
-  vq, vae = loop._tokenizer(loop.recipe.with_defaults(c))
+  tok = load_tokenizer(c)
+  vq, vae = tok.config, tok.params
   assert m['tokenizer_hash'] == token_cache.params_hash(vae)
   tc = token_cache.TokenCache(directory, tokenizer_hash=m['tokenizer_hash'], patch_nums=(1, 2, 3, 4))
   src = pipeline.build_source({'source': 'synthetic', 'num_examples': 64, 'num_classes': 10}, 16, train=False)
@@ -192,19 +196,18 @@ def test_tokenize_writes_a_manifest_and_the_tokens_of_each_example(cache):
 
 def test_tokenize_never_overwrites_and_resumes_missing_shards(cache, tmp_path):
   import shutil
-  from srdd_jax.train import tokenize
   directory, _, c = cache
-  c2 = loop.recipe.with_defaults(c)
+  c2 = with_defaults(c)
   c2.tokenize.out_dir = directory
-  with pytest.raises(loop.TrainConfigError, match='already holds a complete token cache'):
-    tokenize.run_tokenize(c2, str(tmp_path))
+  with pytest.raises(ConfigError, match='already holds a complete token cache'):
+    tokenize.run(c2, str(tmp_path))
   part = str(tmp_path / 'part')
   shutil.copytree(directory, part)
   os.remove(os.path.join(part, 'manifest.json'))  # As if killed while writing shard 1.
   os.remove(os.path.join(part, 'shard_00001.npz'))
   kept = os.stat(os.path.join(part, 'shard_00000.npz')).st_mtime_ns
   c2.tokenize.out_dir = part
-  s = tokenize.run_tokenize(c2, str(tmp_path))
+  s = tokenize.run(c2, str(tmp_path))
   assert (s['shards_written'], s['shards_kept']) == (1, 2)
   assert os.stat(os.path.join(part, 'shard_00000.npz')).st_mtime_ns == kept
   for i in range(3):
@@ -213,14 +216,13 @@ def test_tokenize_never_overwrites_and_resumes_missing_shards(cache, tmp_path):
 
 
 def test_training_from_the_cache_equals_training_from_images(cache, straight, tmp_path):
-  from srdd_jax.train import tokenize
   straight_wd, _ = straight
   c = _config()
   c.tokenize = {'out_dir': str(tmp_path / 'plain'), 'shard_size': 64, 'batch_size': 16}  # No flips.
-  tokenize.run_tokenize(c, str(tmp_path))
+  tokenize.run(c, str(tmp_path))
   c.data.token_cache = str(tmp_path / 'plain')
   wd = str(tmp_path / 'cached')
-  loop.run_train(c, wd, stop_after_steps=3)
+  train_mode.run(c, wd, stop_after_steps=3)
   got, want = _losses(wd), _losses(straight_wd)[:3]
   assert [s for s, _ in got] == [1, 2, 3]
   np.testing.assert_allclose([l for _, l in got], [l for _, l in want], rtol=1e-5)
@@ -228,8 +230,21 @@ def test_training_from_the_cache_equals_training_from_images(cache, straight, tm
   c = _config()
   c.data.token_cache = directory
   c.seed = 5  # The random smoke tokenizer depends on the seed: another tokenizer.
-  with pytest.raises(loop.TrainConfigError, match='config.data.token_cache=.* another tokenizer'):
-    loop.run_train(c, str(tmp_path / 'other'))
+  with pytest.raises(ConfigError, match='config.data.token_cache=.* another tokenizer'):
+    train_mode.run(c, str(tmp_path / 'other'))
   c.data.token_cache = str(tmp_path / 'nothing')
-  with pytest.raises(loop.TrainConfigError, match='config.data.token_cache=.* does not exist'):
-    loop.run_train(c, str(tmp_path / 'other'))
+  with pytest.raises(ConfigError, match='config.data.token_cache=.* does not exist'):
+    train_mode.run(c, str(tmp_path / 'other'))
+
+
+def test_one_progress_line_per_log_step_with_eta(tmp_path, caplog):
+  caplog.set_level('INFO')
+  train_mode.run(_config(steps=3, log_every=1, checkpoint_every=100), str(tmp_path))
+  lines = [r.getMessage() for r in caplog.records]
+  progress = [m for m in lines if ' step ' in m and '/3 ' in m]
+  assert [m.split(' step ')[1].split('/')[0] for m in progress] == ['1', '2', '3'], progress
+  assert all('loss ' in m and 'acc ' in m and 'steps/s ETA ' in m for m in progress), progress
+  # clu's logging writer would print each record again ("[1] loss=...").
+  assert not [m for m in lines if m.startswith('[') and 'loss=' in m]
+  records = [json.loads(l) for l in open(tmp_path / 'metrics.jsonl')]
+  assert [r['step'] for r in records] == [1, 2, 3] and all('eta_s' in r and 'tokens_per_s' in r for r in records)

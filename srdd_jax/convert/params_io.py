@@ -6,9 +6,15 @@ import datetime
 import hashlib
 import json
 import os
+import shutil
 from typing import Any
 
+import jax
 import numpy as np
+import orbax.checkpoint as ocp
+
+from srdd_jax.tokenizer.vqvae import VQVAEConfig
+from srdd_jax.transformer.config import VARConfig
 
 MODEL_JSON = 'model.json'
 PARAMS_DIR = 'params'
@@ -28,12 +34,9 @@ def save_params(out_dir: str, params, *, kind: str, config: Any, source: str | N
 
   Refuses to touch an existing conversion unless `overwrite`, so a typo never destroys saved work.
   """
-  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
-
   out_dir = os.path.abspath(out_dir)
   ppath = os.path.join(out_dir, PARAMS_DIR)
   mpath = os.path.join(out_dir, MODEL_JSON)
-  import jax  # pylint: disable=import-outside-toplevel
   if (os.path.exists(ppath) or os.path.exists(mpath)) and not overwrite:
     raise FileExistsError(f'{out_dir} already holds converted parameters; pass overwrite=True '
                           '(--overwrite) to replace them, or choose another directory')
@@ -51,14 +54,13 @@ def save_params(out_dir: str, params, *, kind: str, config: Any, source: str | N
   }
   if os.path.exists(ppath):  # overwrite: write beside, then swap, so a crash keeps the old copy.
     tmp = ppath + '.new'
-    _orbax_save(ocp, tmp, params)
+    _orbax_save(tmp, params)
     old = ppath + '.old'
     os.replace(ppath, old)
     os.replace(tmp, ppath)
-    import shutil  # pylint: disable=import-outside-toplevel
     shutil.rmtree(old)
   else:
-    _orbax_save(ocp, ppath, params)
+    _orbax_save(ppath, params)
   if jax.process_index() == 0:
     with open(mpath + '.tmp', 'w') as f:
       json.dump(meta, f, indent=1)
@@ -66,21 +68,18 @@ def save_params(out_dir: str, params, *, kind: str, config: Any, source: str | N
   return out_dir
 
 
-def _orbax_save(ocp, path, params):
+def _orbax_save(path, params):
   ckptr = ocp.StandardCheckpointer()
   ckptr.save(path, params)
   ckptr.wait_until_finished()
 
 
 def _leaves(tree):
-  import jax  # pylint: disable=import-outside-toplevel
   return jax.tree_util.tree_leaves(tree)
 
 
 def load_params(directory: str, kind: str | None = None):
   """Returns (model description dict, params as numpy arrays) saved by `save_params`."""
-  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
-
   directory = os.path.abspath(directory)
   mpath = os.path.join(directory, MODEL_JSON)
   ppath = os.path.join(directory, PARAMS_DIR)
@@ -97,13 +96,11 @@ def load_params(directory: str, kind: str | None = None):
 
 def load_vqvae(directory: str):
   """(VQVAEConfig, params) of a converted tokenizer."""
-  from srdd_jax.tokenizer.vqvae import VQVAEConfig  # pylint: disable=import-outside-toplevel
   meta, params = load_params(directory, kind='vqvae')
   return VQVAEConfig(**meta['config']), params
 
 
 def load_var(directory: str):
   """(VARConfig, params) of a converted transformer."""
-  from srdd_jax.transformer.config import VARConfig  # pylint: disable=import-outside-toplevel
   meta, params = load_params(directory, kind='var')
   return VARConfig(**meta['config']), params

@@ -5,6 +5,7 @@ import os
 import re
 from typing import Any, Mapping
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
@@ -26,7 +27,6 @@ def abstract_params(config: VQVAEConfig, batch: int = 1):
 
 def unbox(tree):
   """Drops the logical-partitioning boxes, leaving plain arrays (or shape structs)."""
-  import flax.linen as nn  # pylint: disable=import-outside-toplevel
   return nn.meta.unbox(tree)
 
 

@@ -8,7 +8,7 @@
 The batch of step s is a pure function of (seed, s) (see source.py): a resumed run sees the batches it
 would have seen, and processes taking disjoint rows see together exactly the batch of one process.
 
-config.data keys (every default is in DEFAULTS below; None means "depends on `train`" or "required"):
+config.data keys (every default is in srdd_jax/config.py; None means "depends on `train`" or "required"):
   source         'synthetic' | 'tfds' | 'folder' | 'fashion_mnist' | 'digits'.
   split          'train' when train else 'test'. tfds: any TFDS split string ('train[:90%]', 'validation');
                  fashion_mnist: 'train' (60000) | 'test' (10000); digits: 'train' (first 1500) | 'test'
@@ -42,7 +42,8 @@ import socket
 
 from absl import logging
 
-from srdd_jax.data import digits, idx
+from srdd_jax.config import DEFAULTS as DEFAULTS_ALL
+from srdd_jax.data import digits, idx, tfds_source
 from srdd_jax.data.arrays import ArraySource
 from srdd_jax.data.folder import FolderSource
 from srdd_jax.data.source import DataError, ImageSource
@@ -51,24 +52,8 @@ from srdd_jax.data.synthetic import SyntheticImages
 __all__ = ['DEFAULTS', 'SOURCES', 'DataError', 'ImageSource', 'build_source', 'rows_for_process']
 
 SOURCES = ('synthetic', 'tfds', 'folder', 'fashion_mnist', 'digits')
-DEFAULTS = {
-    'source': None,
-    'split': None,
-    'resize_ratio': 1.125,
-    'random_crop': None,
-    'flip': None,
-    'name': None,
-    'data_dir': None,
-    'download': False,
-    'image_key': 'image',
-    'label_key': 'label',
-    'max_in_memory_mb': 4096,
-    'path': None,
-    'labels': 'subfolder',
-    'idx_dir': idx.DEFAULT_DIR,
-    'num_examples': 1024,
-    'num_classes': 10,
-}
+# The keys this module reads, with their defaults (the one table of them is srdd_jax/config.py).
+DEFAULTS = {k: v for k, v in DEFAULTS_ALL['data'].items() if k != 'token_cache'}
 # Where TFDS's fashion_mnist downloads from: probed first so that an offline machine fails in seconds.
 _FASHION_MNIST_HOST = ('fashion-mnist.s3-website.eu-central-1.amazonaws.com', 80)
 _APT_HINT = ('; offline, `apt-get install dataset-fashion-mnist` installs the IDX files that '
@@ -103,9 +88,9 @@ class SyntheticSource(ImageSource):
 
 def _options(data_config, train: bool) -> dict:
   get = data_config.get
-  unknown = sorted(set(data_config.keys()) - set(DEFAULTS)) if hasattr(data_config, 'keys') else []
+  unknown = sorted(set(data_config.keys()) - set(DEFAULTS) - {'token_cache'})
   if unknown:
-    logging.warning('config.data keys %s are not read by the input pipeline', unknown)
+    raise DataError(f'config.data.{unknown[0]} is not a key of config.data; known: {sorted(DEFAULTS)}')
   o = {k: get(k, v) for k, v in DEFAULTS.items()}
   o['split'] = o['split'] or ('train' if train else 'test')
   o['random_crop'] = train if o['random_crop'] is None else bool(o['random_crop'])
@@ -134,7 +119,6 @@ def _fashion_mnist(o: dict, preprocessing: dict) -> ImageSource:
                        description=f'Fashion-MNIST {o["split"]} from IDX files in {idx_dir} ({len(images)} '
                                    'images, 10 classes)', **preprocessing)
   logging.info('config.data.idx_dir=%r does not exist: using TFDS fashion_mnist', idx_dir)
-  from srdd_jax.data import tfds_source  # pylint: disable=import-outside-toplevel
   hint = f' (config.data.idx_dir={idx_dir!r} does not exist either){_APT_HINT}'
   download = bool(o['download'])
   if download and not tfds_source.is_prepared('fashion_mnist', o['data_dir']) and \
@@ -153,7 +137,8 @@ def build_source(data_config, image_size: int, *, train: bool = True) -> ImageSo
     raise DataError(f'image_size must be >= 1, got {image_size}')
   src = o['source']
   if src == 'synthetic':
-    return SyntheticSource(int(o['num_examples']), int(o['num_classes']), image_size)
+    n = 10 if o['num_classes'] is None else int(o['num_classes'])
+    return SyntheticSource(int(o['num_examples']), n, image_size)
   preprocessing = {'image_size': image_size, 'resize_ratio': float(o['resize_ratio']),
                    'random_crop': o['random_crop'], 'flip': o['flip']}
   if src == 'folder':
@@ -165,7 +150,6 @@ def build_source(data_config, image_size: int, *, train: bool = True) -> ImageSo
                        **preprocessing)
   if src == 'fashion_mnist':
     return _fashion_mnist(o, preprocessing)
-  from srdd_jax.data import tfds_source  # pylint: disable=import-outside-toplevel
   return tfds_source.build_tfds(o['name'], o['split'], o['data_dir'], bool(o['download']),
                                 image_key=o['image_key'], label_key=o['label_key'],
                                 max_in_memory_mb=float(o['max_in_memory_mb']), **preprocessing)

@@ -20,15 +20,21 @@ from collections.abc import Iterator
 import numpy as np
 from absl import logging
 
+from srdd_jax.config import ConfigError
 from srdd_jax.data import preprocess as pp
 
 # Appended to the augmentation seed so it can never equal a permutation seed [seed, epoch] (numpy's
 # SeedSequence pads with zeros, so a zero tag would not be enough).
-_AUG_TAG = 0xA06
+AUG_TAG = 0xA06
 
 
-class DataError(ValueError):
+class DataError(ConfigError):
   """A data config or dataset that cannot work; the message names the config key and the path."""
+
+
+def augmentation_draws(seed: int, step: int, position: int) -> np.ndarray:
+  """Three uniforms of (seed, step, position in the global batch): crop u, crop v, flip (< 0.5)."""
+  return np.random.default_rng([seed, step, position, AUG_TAG]).random(3)
 
 
 class Unreadable(Exception):
@@ -77,7 +83,7 @@ class ImageSource:
         self._perms[key] = perm
     return perm
 
-  def _mark_bad(self, index: int, reason: str):
+  def mark_bad(self, index: int, reason: str):
     with self._lock:
       new = index not in self._bad
       self._bad.add(index)
@@ -92,7 +98,7 @@ class ImageSource:
     image, label = self.load(index)
     uv, flip = None, False
     if self.random_crop or self.flip:
-      r = np.random.default_rng([seed, step, position, _AUG_TAG]).random(3)
+      r = augmentation_draws(seed, step, position)
       uv = (float(r[0]), float(r[1])) if self.random_crop else None
       flip = self.flip and r[2] < 0.5
     return pp.preprocess(image, self.image_size, self.resize_ratio, uv, flip), label
@@ -110,7 +116,7 @@ class ImageSource:
       try:
         image, label = self.decode(index, seed, step, position)
       except Unreadable as e:
-        self._mark_bad(index, str(e))
+        self.mark_bad(index, str(e))
         continue
       return image, np.int32(label)
     raise DataError(f'{self.description}: none of the {self.num_examples} examples is readable')

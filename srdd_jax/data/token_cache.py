@@ -24,7 +24,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from srdd_jax.data.source import _AUG_TAG, DataError
+from srdd_jax.data.source import DataError, Unreadable, augmentation_draws
 
 MANIFEST = 'manifest.json'
 FORMAT = 1
@@ -125,11 +125,8 @@ def _load(source, indices):
       try:
         image, label = source.decode(j, 0, 0, 0)
         break
-      except Exception as e:  # pylint: disable=broad-except
-        from srdd_jax.data.source import Unreadable  # pylint: disable=import-outside-toplevel
-        if not isinstance(e, Unreadable):
-          raise
-        source._mark_bad(j, str(e))  # pylint: disable=protected-access
+      except Unreadable as e:
+        source.mark_bad(j, str(e))
     else:
       raise DataError(f'{source.description}: no readable example')
     pairs.append((image, label))
@@ -187,7 +184,7 @@ class TokenCache:
       epoch, k = divmod(step * global_batch + p, self.num_examples)
       i = int(self._perm(seed, epoch)[k])
       copy = 0
-      if self.flips and np.random.default_rng([seed, step, p, _AUG_TAG]).random(3)[2] < 0.5:
+      if self.flips and augmentation_draws(seed, step, p)[2] < 0.5:
         copy = 1
       out_ids.append(self.ids[i, copy])
       out_labels.append(self.labels[i])

@@ -9,7 +9,7 @@ last block (E_2) is a 3x3 max pool. Inputs follow pytorch-fid: images in [0, 1],
 
 Module names mirror the state-dict keys of pytorch-fid's `pt_inception-2015-12-05-6726825d.pth`
 (`Mixed_6b.branch7x7dbl_3.conv.weight` -> `Mixed_6b/branch7x7dbl_3/conv/kernel`), so
-srdd_jax.convert.fid_inception maps them with the project's one key rule.
+srdd_jax.evaluation.inception_weights maps them with the project's one key rule.
 """
 from __future__ import annotations
 

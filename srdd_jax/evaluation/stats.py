@@ -20,6 +20,8 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from srdd_jax.evaluation import inception
+
 STATS_KIND = 'fid_statistics'
 
 
@@ -72,7 +74,6 @@ def statistics_from_images(params, batches: Iterable[Any], *, batch_size: int = 
   `batches` is an array of images or any iterable of such arrays (a data pipeline, the chunks of a
   large file), so the dataset never has to fit in memory at once.
   """
-  from srdd_jax.evaluation import inception  # pylint: disable=import-outside-toplevel
   if hasattr(batches, 'shape'):
     batches = [batches]
   acc = StatsAccumulator()

@@ -9,6 +9,8 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
+from srdd_jax.config import ConfigError
+
 MESH_AXES = ('data', 'fsdp', 'tensor')
 
 # Logical axis -> mesh axes. Configs may override; these fit the tokenizer and the transformer.
@@ -50,11 +52,12 @@ def resolve_mesh_shape(shape: Mapping[str, int] | Sequence[int], num_devices: in
 def make_mesh(shape: Mapping[str, int] | Sequence[int] = (-1, 1, 1), devices=None) -> jax.sharding.Mesh:
   devices = jax.devices() if devices is None else list(devices)
   sizes = resolve_mesh_shape(shape, len(devices))
+  axis_type = getattr(jax.sharding, 'AxisType', None)
   try:
-    from jax.sharding import AxisType  # pylint: disable=import-outside-toplevel
-    return jax.make_mesh(sizes, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
-                         devices=devices)
-  except (ImportError, TypeError):  # Older JAX: no axis types, every axis is auto.
+    if axis_type is None:
+      raise TypeError('this JAX has no axis types')
+    return jax.make_mesh(sizes, MESH_AXES, axis_types=(axis_type.Auto,) * len(MESH_AXES), devices=devices)
+  except TypeError:  # Older JAX: no axis types, every axis is auto.
     return jax.sharding.Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
 
 
@@ -83,3 +86,26 @@ def param_shardings(abstract_boxed_params, mesh, rules=DEFAULT_RULES):
 
 def replicated(mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())
+
+
+def mesh_from_config(config, devices=None) -> jax.sharding.Mesh:
+  """The mesh of config.mesh; a ConfigError naming the key when it cannot be built."""
+  shape = config.get('mesh') or {'data': -1, 'fsdp': 1, 'tensor': 1}
+  try:
+    return make_mesh(dict(shape), devices)
+  except ValueError as e:
+    raise ConfigError(f'config.mesh: {e}') from e
+
+
+def rules_from_config(config) -> tuple:
+  """config.mesh_rules as ((logical axis, mesh axes), ...); () gives DEFAULT_RULES."""
+  rules = tuple(tuple(r) for r in (config.get('mesh_rules', ()) or ()))
+  for r in rules:
+    if len(r) != 2 or not isinstance(r[0], str):
+      raise ConfigError(f'config.mesh_rules: {r!r} is not a (logical axis, mesh axes) pair')
+  return rules or DEFAULT_RULES
+
+
+def data_parallel_size(mesh) -> int:
+  """Devices a batch is split over (the data and fsdp axes)."""
+  return mesh.shape['data'] * mesh.shape['fsdp']

@@ -12,6 +12,7 @@ import os
 import jax
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 
 # Environment variables that request a multi-process start when the flags are not given (handy for
 # launchers that can set the environment but not the command line).
@@ -92,9 +93,14 @@ def global_batch(sharding, local: dict, global_size: int) -> dict:
   return out
 
 
+def sync(name: str) -> None:
+  """A barrier across processes (nothing with one process)."""
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
+
+
 def gather(x) -> np.ndarray:
   """A (possibly multi-process) global array -> the whole value as numpy on every process."""
   if jax.process_count() == 1:
     return np.asarray(jax.device_get(x))
-  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
   return np.asarray(multihost_utils.process_allgather(x, tiled=True))

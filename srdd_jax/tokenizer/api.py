@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from srdd_jax.config import ConfigError, with_defaults
 from srdd_jax.tokenizer.vqvae import VQVAE, VQVAEConfig
 
 
@@ -163,3 +164,26 @@ class Tokenizer:
 
 def unbox(tree):
   return nn.meta.unbox(tree)
+
+
+def tokenizer_config(config) -> VQVAEConfig:
+  """The architecture that config.tokenizer describes, at the scales config.model.patch_nums: the one
+  place a config becomes a VQVAEConfig. Errors name the config key."""
+  c = with_defaults(config)
+  t = c.tokenizer
+  try:
+    vq = VQVAEConfig(vocab_size=int(t.vocab_size), z_channels=int(t.z_channels), ch=int(t.ch),
+                     ch_mult=tuple(t.ch_mult), num_res_blocks=int(t.num_res_blocks),
+                     using_sa=bool(t.using_sa), using_mid_sa=bool(t.using_mid_sa),
+                     patch_nums=tuple(c.model.patch_nums), share_quant_resi=int(t.share_quant_resi),
+                     quant_resi=float(t.quant_resi), precision=str(t.precision))
+  except ValueError as e:  # VQVAEConfig names its field; the config key is the same name.
+    msg = str(e).replace('VQVAEConfig.patch_nums', 'config.model.patch_nums')
+    raise ConfigError(msg.replace('VQVAEConfig.', 'config.tokenizer.')) from e
+  size = int(t.image_size)
+  if size and size != vq.image_size:
+    raise ConfigError(
+        f'config.tokenizer.image_size={size}, but config.model.patch_nums={vq.patch_nums} ends at a '
+        f'{vq.latent_side}x{vq.latent_side} latent and ch_mult={vq.ch_mult} downsamples {vq.downsample}x, '
+        f'which is {vq.image_size} px: end patch_nums at {size // vq.downsample} (or change ch_mult)')
+  return vq

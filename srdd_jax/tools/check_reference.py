@@ -13,17 +13,16 @@ import os
 import sys
 import zipfile
 
+import jax
 import numpy as np
 
 from srdd_jax.tools import reference_common as rc
+from srdd_jax.tools.reference_fid import check_fid_inception
+from srdd_jax.tools.reference_var import check_var
+from srdd_jax.tools.reference_vqvae import check_vqvae
 
 
 def _checkers():
-  # Imported lazily so `--help` stays fast; later kinds register here.
-  # pylint: disable=import-outside-toplevel
-  from srdd_jax.tools.reference_fid import check_fid_inception
-  from srdd_jax.tools.reference_var import check_var
-  from srdd_jax.tools.reference_vqvae import check_vqvae
   return {'vqvae': check_vqvae, 'var': check_var, 'fid_inception': check_fid_inception}
 
 
@@ -63,7 +62,6 @@ def main(argv=None) -> int:
                       help='also fail when an entry of a file cannot be checked yet')
   args = parser.parse_args(argv)
 
-  import jax  # pylint: disable=import-outside-toplevel
   # The tolerances of the reference README assume true float32 matmuls.
   jax.config.update('jax_default_matmul_precision', 'highest')
 

@@ -6,7 +6,7 @@ The file is the one a user downloaded from pytorch-fid's release
 (https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth);
 nothing is downloaded here. Its SHA-256 must be the published one, every key and shape is checked
 against the Flax network, and the output records the source hash and a digest of its arrays, which
-`srdd_jax.convert.fid_inception.load_inception` checks again on every load. Reading the .pth needs
+`srdd_jax.evaluation.inception_weights.load_inception` checks again on every load. Reading the .pth needs
 torch once (`pip install torch`); the .npz does not.
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ import argparse
 import sys
 import time
 
-from srdd_jax.convert import fid_inception
+from srdd_jax.evaluation import inception_weights as fid_inception
 
 
 def main(argv=None) -> int:

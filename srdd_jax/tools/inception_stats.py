@@ -18,6 +18,9 @@ import time
 
 import numpy as np
 
+from srdd_jax.evaluation import inception_weights as fid_inception
+from srdd_jax.evaluation import stats
+
 _IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.webp', '.bmp')
 
 
@@ -56,10 +59,6 @@ def main(argv=None) -> int:
   ap.add_argument('--batch_size', type=int, default=64)
   ap.add_argument('--overwrite', action='store_true')
   args = ap.parse_args(argv)
-
-  # pylint: disable=import-outside-toplevel
-  from srdd_jax.convert import fid_inception
-  from srdd_jax.evaluation import stats
 
   if os.path.exists(args.out) and not args.overwrite:
     print(f'error: {args.out} exists; pass --overwrite to replace it', file=sys.stderr)

@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 
 import numpy as np
+
+from srdd_jax.convert.reference import ReferenceFormatError, meta_get, read_meta  # pylint: disable=unused-import
 
 # From ../shared/reference/README.md (float32 on CPU, matmul precision 'highest').
 RESAMPLE_MAX_ABS = 1e-5
@@ -20,30 +21,6 @@ class Result:
   name: str
   status: str
   detail: str = ''
-
-
-class ReferenceFormatError(ValueError):
-  """The file is not in the reference format (missing `meta`, missing entries, bad meta values)."""
-
-
-def read_meta(z, path) -> dict:
-  if 'meta' not in z.files:
-    raise ReferenceFormatError(f'{path}: no `meta` entry; not a reference file')
-  try:
-    meta = json.loads(str(z['meta']))
-  except json.JSONDecodeError as e:
-    raise ReferenceFormatError(f'{path}: `meta` is not valid JSON ({e})') from e
-  if not isinstance(meta, dict) or 'kind' not in meta:
-    raise ReferenceFormatError(f'{path}: `meta` has no `kind`')
-  return meta
-
-
-def meta_get(meta, key, path, default=None, required=True):
-  if key in meta:
-    return meta[key]
-  if required and default is None:
-    raise ReferenceFormatError(f'{path}: meta has no `{key}`')
-  return default
 
 
 def rel_err(a, b) -> float:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from srdd_jax.convert import fid_inception
+from srdd_jax.evaluation import inception_weights as fid_inception
 from srdd_jax.convert import state_dict as sd
 from srdd_jax.evaluation import inception
 from srdd_jax.tools import reference_common as rc

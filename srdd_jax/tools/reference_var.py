@@ -11,40 +11,12 @@ import numpy as np
 from srdd_jax.convert import state_dict as sd
 from srdd_jax.convert import var_transformer
 from srdd_jax.convert import var_vqvae
+from srdd_jax.convert.reference import var_config_from_meta
 from srdd_jax.diffusion.filtering import SamplerConfig
 from srdd_jax.diffusion.sampler import Sampler
 from srdd_jax.tools import reference_common as rc
-from srdd_jax.transformer.config import MASKS, VARConfig
+from srdd_jax.transformer.config import MASKS
 from srdd_jax.transformer.model import VAR
-
-
-def var_config_from_meta(meta: dict, state_shapes, path: str) -> VARConfig:
-  """The architecture from `meta`; what meta leaves out (vocabulary, Cvae, MLP ratio) from the weights."""
-  kw = dict(
-      depth=int(rc.meta_get(meta, 'depth', path)),
-      width=int(rc.meta_get(meta, 'width', path)),
-      num_heads=int(rc.meta_get(meta, 'heads', path)),
-      num_classes=int(rc.meta_get(meta, 'num_classes', path)),
-      attn_l2_norm=bool(rc.meta_get(meta, 'attn_l2_norm', path)),
-      shared_aln=bool(rc.meta_get(meta, 'shared_aln', path)),
-      patch_nums=tuple(rc.meta_get(meta, 'patch_nums', path)),
-      # The reference forward is deterministic: no label or path dropout.
-      cond_drop_rate=0.0, drop_path_rate=0.0, dtype='float32',
-  )
-  for key, field in (('V', 'vocab_size'), ('Cvae', 'z_channels'), ('mlp_ratio', 'mlp_ratio'),
-                     ('norm_eps', 'norm_eps')):
-    if key in meta:
-      kw[field] = meta[key]
-  if 'head.weight' in state_shapes and 'vocab_size' not in kw:
-    kw['vocab_size'] = int(state_shapes['head.weight'][0])
-  if 'word_embed.weight' in state_shapes and 'z_channels' not in kw:
-    kw['z_channels'] = int(state_shapes['word_embed.weight'][1])
-  if 'blocks.0.ffn.fc1.weight' in state_shapes and 'mlp_ratio' not in kw:
-    kw['mlp_ratio'] = state_shapes['blocks.0.ffn.fc1.weight'][0] / kw['width']
-  try:
-    return VARConfig(**kw)
-  except ValueError as e:
-    raise rc.ReferenceFormatError(f'{path}: meta describes an invalid transformer: {e}') from e
 
 
 def _argmax_result(name, logits, ref_argmax):

@@ -9,38 +9,10 @@ import numpy as np
 
 from srdd_jax.convert import state_dict as sd
 from srdd_jax.convert import var_vqvae
+from srdd_jax.convert.reference import vqvae_config_from_meta
 from srdd_jax.tokenizer import resample
 from srdd_jax.tokenizer.api import Tokenizer
-from srdd_jax.tokenizer.vqvae import VQVAEConfig
 from srdd_jax.tools import reference_common as rc
-
-_OPTIONAL_FIELDS = ('num_res_blocks', 'using_sa', 'using_mid_sa', 'default_qresi_counts', 'in_channels')
-
-
-def vqvae_config_from_meta(meta: dict, path: str) -> VQVAEConfig:
-  kw = dict(
-      vocab_size=int(rc.meta_get(meta, 'V', path)),
-      z_channels=int(rc.meta_get(meta, 'Cvae', path)),
-      ch=int(rc.meta_get(meta, 'ch', path)),
-      ch_mult=tuple(rc.meta_get(meta, 'ch_mult', path)),
-      patch_nums=tuple(rc.meta_get(meta, 'patch_nums', path)),
-      share_quant_resi=int(rc.meta_get(meta, 'share_quant_resi', path)),
-      quant_resi=float(rc.meta_get(meta, 'quant_resi', path)),
-  )
-  for k in _OPTIONAL_FIELDS:
-    if k in meta:
-      kw[k] = meta[k]
-  try:
-    config = VQVAEConfig(**kw)
-  except ValueError as e:
-    raise rc.ReferenceFormatError(f'{path}: meta describes an invalid tokenizer: {e}') from e
-  size = meta.get('image_size')
-  if size is not None and int(size) != config.image_size:
-    raise rc.ReferenceFormatError(
-        f'{path}: meta image_size={size} but patch_nums[-1]={config.latent_side} x downsampling '
-        f'{config.downsample} = {config.image_size}')
-  return config
-
 
 def _ids_from_reference_f(module, f, ref_ids):
   """Per scale: our nearest codes for the residual left by the *reference* tokens of earlier scales,

@@ -1,1 +1,1 @@
-"""Training of the transformer on tokens of the frozen tokenizer."""
+"""Training: the driver every trainer shares, the transformer's and the tokenizer's steps, optimizers, checkpoints and exports."""

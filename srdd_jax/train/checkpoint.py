@@ -9,14 +9,11 @@ import jax
 import orbax.checkpoint as ocp
 from absl import logging
 
-
-def _sync(name: str) -> None:
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
-    multihost_utils.sync_global_devices(name)
+from srdd_jax.config import ConfigError
+from srdd_jax.parallel import multihost
 
 
-class CheckpointMismatch(ValueError):
+class CheckpointMismatch(ConfigError):
   """A complete checkpoint whose contents do not fit the configured train state."""
 
 
@@ -48,7 +45,7 @@ class Checkpointer:
         aside = f'{path}.incomplete-{int(time.time())}'
         if jax.process_index() == 0:  # One process moves it; the others wait, then all re-read.
           os.replace(path, aside)
-        _sync(f'checkpoint-aside-{step}')
+        multihost.sync(f'checkpoint-aside-{step}')
         logging.warning('checkpoint %d in %s is incomplete; moved to %s, trying the previous one', step,
                         self.directory, aside)
         self.manager.reload()

@@ -1,4 +1,8 @@
-"""VAR's optimiser (SPEC §8): AdamW with parameter groups, LR and weight-decay schedules, clipping."""
+"""The optimisers: AdamW with decoupled, masked weight decay, learning-rate schedules and clipping.
+
+The transformer uses VAR's (SPEC §8): the 'lin0' LR schedule, a cosine weight-decay schedule and VAR's
+no-decay groups. The tokenizer uses a warm-up then constant or cosine LR, a constant weight decay, and
+never decays its codebook. Both are `build_optimizer` with their own schedule and mask.""" 
 from __future__ import annotations
 
 import dataclasses
@@ -83,13 +87,55 @@ def _scheduled_weight_decay(schedule, mask):
   return optax.GradientTransformation(init, update)
 
 
-def build_optimizer(c: OptimConfig) -> optax.GradientTransformation:
-  parts = []
-  if c.clip_norm > 0:
-    parts.append(optax.clip_by_global_norm(c.clip_norm))
-  parts += [
-      optax.scale_by_adam(b1=c.b1, b2=c.b2, eps=c.eps),
-      _scheduled_weight_decay(wd_schedule(c), decay_mask),
-      optax.scale_by_learning_rate(lr_schedule(c)),
-  ]
+def _masked_weight_decay(rate: float, mask):
+  """Adds rate * param to the update where mask(path, param) (decoupled, as AdamW). Stateless, and the
+  mask is evaluated at update time on the unboxed parameters, so `init` can take boxed ones."""
+  def init(params):
+    del params
+    return optax.EmptyState()
+
+  def update(updates, state, params):
+    updates = jax.tree_util.tree_map_with_path(lambda path, u, p: u + rate * p if mask(path, p) else u,
+                                               updates, params)
+    return updates, state
+
+  return optax.GradientTransformation(init, update)
+
+
+def build_optimizer(lr, *, b1: float, b2: float, eps: float, clip_norm: float, weight_decay,
+                    decay) -> optax.GradientTransformation:
+  """Clip (when clip_norm > 0) -> Adam -> decoupled weight decay -> learning rate `lr(step)`.
+
+  `weight_decay` is a schedule wd(step) (its step counter lives in the optimizer state) or a constant
+  (no state; 0 adds nothing). `decay` says which parameters decay: a tree function of the params
+  (schedules) or a (path, leaf) predicate (constants)."""
+  parts = [optax.clip_by_global_norm(clip_norm)] if clip_norm > 0 else []
+  parts.append(optax.scale_by_adam(b1=b1, b2=b2, eps=eps))
+  if callable(weight_decay):
+    parts.append(_scheduled_weight_decay(weight_decay, decay))
+  elif weight_decay > 0:
+    parts.append(_masked_weight_decay(float(weight_decay), decay))
+  parts.append(optax.scale_by_learning_rate(lr))
   return optax.chain(*parts)
+
+
+def var_optimizer(c: OptimConfig) -> optax.GradientTransformation:
+  """VAR's AdamW for the transformer."""
+  return build_optimizer(lr_schedule(c), b1=c.b1, b2=c.b2, eps=c.eps, clip_norm=c.clip_norm,
+                         weight_decay=wd_schedule(c), decay=decay_mask)
+
+
+def warmup_schedule(peak: float, warmup_steps: int, total_steps: int, kind: str = 'constant',
+                    final_fraction: float = 0.1):
+  """Linear warm-up to `peak` (step 0 already moves), then constant or cosine to peak * final_fraction."""
+  def fn(step):
+    step = jnp.asarray(step, jnp.float32)
+    wp = warmup_steps
+    warm = (step + 1) / max(wp, 1)
+    if kind == 'constant':
+      after = jnp.ones_like(step)
+    else:
+      t = jnp.clip((step - wp) / max(total_steps - wp, 1), 0.0, 1.0)
+      after = final_fraction + (1 - final_fraction) * 0.5 * (1 + jnp.cos(math.pi * t))
+    return peak * jnp.where(step < wp, warm, after)
+  return fn

@@ -13,7 +13,7 @@ from srdd_jax.parallel import mesh as pm
 from srdd_jax.parallel import multihost
 from srdd_jax.tokenizer.api import Tokenizer
 from srdd_jax.tokenizer.vqvae import VQVAEConfig
-from srdd_jax.train.optimizer import OptimConfig, build_optimizer, lr_schedule
+from srdd_jax.train.optimizer import OptimConfig, lr_schedule, var_optimizer
 from srdd_jax.transformer.config import VARConfig
 from srdd_jax.transformer.loss import cross_entropy_metrics
 from srdd_jax.transformer.model import VAR
@@ -49,7 +49,7 @@ class Trainer:
     self.accum_steps, self.ema_decay, self.seed = accum_steps, ema_decay, seed
     self.model = VAR(var_config)
     self.tokenizer = Tokenizer(vae_config)
-    self.tx = build_optimizer(optim)
+    self.tx = var_optimizer(optim)
     self.lr = lr_schedule(optim)
     self.batch_sharding = NamedSharding(mesh, PartitionSpec(('data', 'fsdp')))
 

@@ -3,11 +3,10 @@ from __future__ import annotations
 
 import dataclasses
 
+from srdd_jax.config import PATCH_NUMS_256, PATCH_NUMS_512, ConfigError, with_defaults
+
 MASKS = ('causal', 'markov')
 DTYPES = ('float32', 'bfloat16')
-
-PATCH_NUMS_256 = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
-PATCH_NUMS_512 = (1, 2, 3, 4, 6, 9, 13, 18, 24, 32)
 
 # VAR's `init_adaln_gamma` per depth (its training script); deeper models start closer to identity.
 _ADALN_GAMMA = {16: 1e-3, 20: 1e-3, 24: 1e-4, 30: 1e-5, 36: 1e-5}
@@ -113,3 +112,21 @@ def preset(name: str, **overrides) -> VARConfig:
   if name not in presets:
     raise ValueError(f'unknown model preset {name!r}; known: {sorted(presets)}')
   return VARConfig(**{**presets[name], **overrides})
+
+
+def var_config(config, vocab_size: int, z_channels: int) -> VARConfig:
+  """The transformer config.model describes, for a tokenizer of `vocab_size` codes of `z_channels`;
+  errors name the config key."""
+  m = with_defaults(config).model
+  sizes = {k: int(v) for k, v in (('depth', m.depth), ('width', m.width), ('num_heads', m.heads)) if int(v)}
+  common = dict(num_classes=int(m.num_classes), vocab_size=int(vocab_size), z_channels=int(z_channels),
+                patch_nums=tuple(m.patch_nums), mask=m.mask or 'markov', dtype=m.dtype,
+                cond_drop_rate=float(m.cond_drop_rate), drop_path_rate=float(m.drop_path_rate))
+  try:
+    if m.preset:
+      return preset(m.preset, **sizes, **common)
+    if 'depth' not in sizes:
+      raise ValueError('config.model.preset is empty, so config.model.depth must be > 0')
+    return VARConfig(**sizes, **common)
+  except ValueError as e:
+    raise ConfigError(f'config.model: {str(e).replace("VARConfig.", "")}') from e

@@ -11,33 +11,10 @@ import numpy as np
 from absl import logging
 from PIL import Image
 
-from srdd_jax.convert import params_io
-from srdd_jax.convert import var_vqvae
-from srdd_jax.tokenizer.api import Tokenizer, unbox
-from srdd_jax.tokenizer.vqvae import VQVAEConfig
-
-
-def _load_tokenizer(tc, seed):
-  """(config, params, where the weights came from, images the source supplies or None)."""
-  if tc.checkpoint:
-    config, params = params_io.load_vqvae(tc.checkpoint)
-    return config, params, f'converted checkpoint {tc.checkpoint}', None
-  if tc.reference_npz and os.path.isfile(tc.reference_npz):
-    with np.load(tc.reference_npz) as z:
-      meta = json.loads(str(z['meta']))
-      from srdd_jax.tools.reference_vqvae import vqvae_config_from_meta  # pylint: disable=import-outside-toplevel
-      config = vqvae_config_from_meta(meta, tc.reference_npz)
-      params = var_vqvae.convert_vqvae({k[4:]: z[k] for k in z.files if k.startswith('vae/')}, config)
-      images = np.transpose(z['img'], (0, 2, 3, 1)).astype(np.float32) if 'img' in z.files else None
-    return config, params, f'reference file {tc.reference_npz} (VAR code, random weights)', images
-  config = VQVAEConfig(vocab_size=tc.vocab_size, z_channels=tc.z_channels, ch=tc.ch,
-                       ch_mult=tuple(tc.ch_mult), patch_nums=tuple(tc.patch_nums),
-                       share_quant_resi=tc.share_quant_resi, precision=tc.precision)
-  logging.warning('no tokenizer weights: tokenizer.checkpoint is empty and %s does not exist; using '
-                  'freshly initialised weights, so the reconstructions are not meaningful',
-                  tc.reference_npz)
-  params = unbox(Tokenizer(config).init(jax.random.PRNGKey(seed)))
-  return config, params, 'fresh random initialisation (no weights found)', None
+from srdd_jax.config import with_defaults
+from srdd_jax.convert.loading import load_tokenizer
+from srdd_jax.data.images import signed_to_uint8 as to_uint8
+from srdd_jax.tokenizer.api import Tokenizer
 
 
 def synthetic_images(n: int, size: int, seed: int = 0) -> np.ndarray:
@@ -56,10 +33,6 @@ def synthetic_images(n: int, size: int, seed: int = 0) -> np.ndarray:
   return np.asarray(out, np.float32)
 
 
-def to_uint8(x) -> np.ndarray:
-  return np.asarray(np.clip(np.round((np.asarray(x) + 1) * 127.5), 0, 255), np.uint8)
-
-
 def psnr(a, b) -> float:
   """PSNR in dB of images in [-1, 1] after quantisation to 8 bits."""
   mse = np.mean((to_uint8(a).astype(np.float64) - to_uint8(b).astype(np.float64)) ** 2)
@@ -68,8 +41,14 @@ def psnr(a, b) -> float:
 
 def run(config, workdir: str) -> dict:
   t0 = time.time()
+  config = with_defaults(config)
   jax.config.update('jax_default_matmul_precision', config.tokenizer.precision)
-  vq_config, params, source, images = _load_tokenizer(config.tokenizer, config.seed)
+  tok = load_tokenizer(config, reference=True)
+  vq_config, params, source, images = tok.config, tok.params, tok.source, tok.images
+  if source.startswith('fresh'):
+    logging.warning('no tokenizer weights: config.tokenizer.checkpoint is empty and %r does not exist; '
+                    'the reconstructions of freshly initialised weights are not meaningful',
+                    config.tokenizer.reference_npz)
   logging.info('tokenizer weights: %s', source)
   tok = Tokenizer(vq_config)
   if images is None:

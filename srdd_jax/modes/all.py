@@ -17,7 +17,12 @@ import time
 
 import numpy as np
 from absl import logging
+from PIL import Image
 
+from srdd_jax.config import ConfigError, with_defaults
+from srdd_jax.data.images import grid
+from srdd_jax.modes import eval as evaluation
+from srdd_jax.modes import sample, tokenize, train, train_tokenizer
 from srdd_jax.parallel import multihost
 
 
@@ -25,12 +30,8 @@ def _done(path: str) -> bool:
   return os.path.exists(path)
 
 
-def run_all(config, workdir: str) -> dict:
-  # pylint: disable=import-outside-toplevel
-  from srdd_jax.diffusion import cli
-  from srdd_jax.evaluation import run as evaluation
-  from srdd_jax.train import loop, recipe, tokenize
-  config = recipe.with_defaults(config)
+def run(config, workdir: str) -> dict:
+  config = with_defaults(config)
   times, results, t_all = {}, {}, time.time()
 
   def stage(name, fn):
@@ -44,34 +45,33 @@ def run_all(config, workdir: str) -> dict:
 
   # --- tokenizer ---
   if not config.tokenizer.checkpoint:
-    from srdd_jax.tokenizer import train_loop
-    summary = stage('train_tokenizer', lambda: train_loop.run_train_tokenizer(config, workdir))
+    summary = stage('train_tokenizer', lambda: train_tokenizer.run(config, workdir))
     if not summary.get('export'):
-      raise loop.TrainConfigError('the tokenizer stage stopped before the end of training; run again to resume')
+      raise ConfigError('the tokenizer stage stopped before the end of training; run again to resume')
     config.tokenizer.checkpoint = summary['export']
   # --- token cache ---
   cache = config.tokenize.out_dir or os.path.join(workdir, 'tokens')
   if _done(os.path.join(cache, 'manifest.json')):
     logging.info('token cache %s is complete: kept', cache)
   else:
-    stage('tokenize', lambda: tokenize.run_tokenize(config, workdir))
+    stage('tokenize', lambda: tokenize.run(config, workdir))
   config.data.token_cache = cache
   # --- transformer ---
-  summary = stage('train', lambda: loop.run_train(config, workdir))
+  summary = stage('train', lambda: train.run(config, workdir))
   if not summary.get('export'):
-    raise loop.TrainConfigError('the training stage stopped before the end; run again to resume')
+    raise ConfigError('the training stage stopped before the end; run again to resume')
   config.model.checkpoint = summary['export']
   # --- samples ---
   samples = os.path.join(workdir, 'samples', 'samples.npz')
   if _done(samples):
     logging.info('%s exists: kept', samples)
   else:
-    stage('sample', lambda: cli.run_sample(config, workdir))
+    stage('sample', lambda: sample.run(config, workdir))
   if multihost.is_main_process():
     _small_grid(samples, os.path.join(workdir, 'samples', 'grid_10x10.png'), per=10)
   # --- evaluation ---
   config.eval.samples = samples
-  stage('eval', lambda: evaluation.run_eval(config, workdir))
+  stage('eval', lambda: evaluation.run(config, workdir))
   summary = {'seconds': {**times, 'total': round(time.time() - t_all, 1)}, 'stages': results,
              'outputs': {
                  'tokenizer': config.tokenizer.checkpoint,
@@ -87,8 +87,6 @@ def run_all(config, workdir: str) -> dict:
 
 def _small_grid(samples_npz: str, out: str, per: int):
   """The first `per` samples of each class, a row per class."""
-  from PIL import Image  # pylint: disable=import-outside-toplevel
-  from srdd_jax.diffusion.cli import grid  # pylint: disable=import-outside-toplevel
   with np.load(samples_npz) as z:
     images, labels = z['arr_0'], z['arr_1']
   rows = [images[labels == k][:per] for k in np.unique(labels)]

@@ -1,5 +1,7 @@
 """pytorch-fid's FID Inception weights -> Flax parameters of `srdd_jax.evaluation.inception`.
 
+(A checkpoint format, but it needs the network's shapes, so it sits beside the network.)
+
 Weights come only from a file the user gives: pytorch-fid's `pt_inception-2015-12-05-6726825d.pth`,
 whose SHA-256 must be the published one, or an `.npz` written by `save_npz` from such a file (it
 records the source hash and a digest of its own arrays, both checked on load). Nothing is downloaded.
@@ -15,6 +17,7 @@ import numpy as np
 
 from srdd_jax.convert import state_dict as sd
 from srdd_jax.convert.params_io import file_sha256
+from srdd_jax.evaluation import inception
 
 FID_WEIGHTS_FILE = 'pt_inception-2015-12-05-6726825d.pth'
 FID_WEIGHTS_URL = ('https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/'
@@ -52,7 +55,6 @@ def verify_sha256(path: str | os.PathLike, expected: str | None = None) -> str:
 
 
 def _abstract():
-  from srdd_jax.evaluation import inception  # pylint: disable=import-outside-toplevel
   return inception.abstract_params()
 
 

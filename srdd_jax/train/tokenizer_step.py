@@ -4,13 +4,12 @@ One step: the VQ-VAE's training pass (VQ loss, straight-through f_hat, reconstru
 patch-GAN (hinge loss; the generator's term and the discriminator's updates start at gan_start_step),
 AdamW updates, the per-scale code-usage EMA, and every K steps the restart of dead codes. The step's
 randomness is fold_in(PRNGKey(seed), step), so a resumed run repeats an uninterrupted one bit for bit.
-The layout follows srdd_jax/train/step.py: abstract state -> logical-rule shardings -> jitted init, and
+The layout follows the transformer's (train/step.py): abstract state -> logical-rule shardings -> jitted init, and
 a donated step with explicit in/out shardings.
 """
 from __future__ import annotations
 
 import functools
-import math
 from typing import Any
 
 import flax
@@ -22,11 +21,13 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from srdd_jax.parallel import mesh as pm
 from srdd_jax.parallel import multihost
-from srdd_jax.tokenizer import code_restart, losses
 from srdd_jax.tokenizer.api import Tokenizer
-from srdd_jax.tokenizer.discriminator import PatchDiscriminator
-from srdd_jax.tokenizer.train_config import TrainSettings
 from srdd_jax.tokenizer.vqvae import VQVAE, VQVAEConfig
+from srdd_jax.train import code_restart
+from srdd_jax.train import tokenizer_losses as losses
+from srdd_jax.train.discriminator import PatchDiscriminator
+from srdd_jax.train.optimizer import build_optimizer, warmup_schedule
+from srdd_jax.train.tokenizer_settings import TrainSettings
 
 # Where the shared codebook sits in the parameter tree (and in each optimiser moment that mirrors it).
 CODEBOOK_PATH = ('quantize', 'embedding', 'embedding')
@@ -44,22 +45,6 @@ class TokenizerTrainState:
   disc_opt_state: Any = None
 
 
-def lr_schedule(s: TrainSettings, peak: float):
-  """Linear warm-up to `peak` (step 0 already moves), then constant or cosine to peak * final fraction."""
-  def fn(step):
-    step = jnp.asarray(step, jnp.float32)
-    wp = s.warmup_steps
-    warm = (step + 1) / max(wp, 1)
-    if s.lr_schedule == 'constant':
-      after = jnp.ones_like(step)
-    else:
-      t = jnp.clip((step - wp) / max(s.steps - wp, 1), 0.0, 1.0)
-      f = s.lr_final_fraction
-      after = f + (1 - f) * 0.5 * (1 + jnp.cos(math.pi * t))
-    return peak * jnp.where(step < wp, warm, after)
-  return fn
-
-
 def _path_names(path) -> tuple[str, ...]:
   return tuple(str(getattr(p, 'key', getattr(p, 'name', p))) for p in path)
 
@@ -67,30 +52,6 @@ def _path_names(path) -> tuple[str, ...]:
 def _decayed(path, leaf) -> bool:
   """Kernels are decayed; biases, norms (1-D) and the codebook (decay would drag codes to 0) are not."""
   return leaf.ndim > 1 and _path_names(path)[-len(CODEBOOK_PATH):] != CODEBOOK_PATH
-
-
-def _weight_decay(rate: float):
-  """Decoupled weight decay (AdamW) on `_decayed` leaves; the mask is built at update time from the
-  unboxed parameters, so `init` can run on logically boxed ones and keep their axis names."""
-  def init(params):
-    del params
-    return optax.EmptyState()
-
-  def update(updates, state, params):
-    updates = jax.tree_util.tree_map_with_path(
-        lambda path, u, p: u + rate * p if _decayed(path, p) else u, updates, params)
-    return updates, state
-
-  return optax.GradientTransformation(init, update)
-
-
-def build_optimizer(s: TrainSettings, peak_lr: float, weight_decay: float) -> optax.GradientTransformation:
-  parts = [optax.clip_by_global_norm(s.clip_norm)] if s.clip_norm > 0 else []
-  parts.append(optax.scale_by_adam(b1=s.b1, b2=s.b2, eps=s.eps))
-  if weight_decay > 0:
-    parts.append(_weight_decay(weight_decay))
-  parts.append(optax.scale_by_learning_rate(lr_schedule(s, peak_lr)))
-  return optax.chain(*parts)
 
 
 def _global_norm(tree):
@@ -142,10 +103,19 @@ class TokenizerTrainer:
     self.tokenizer = Tokenizer(vq)
     self.module = VQVAE(vq)
     self.disc = PatchDiscriminator(settings.discriminator) if settings.use_gan else None
-    self.tx = build_optimizer(settings, settings.lr, settings.weight_decay)
-    self.disc_tx = build_optimizer(settings, settings.disc_lr, 0.0) if self.disc is not None else None
-    self.lr = lr_schedule(settings, settings.lr)
+    self.tx = self._optimizer(settings.lr, settings.weight_decay)
+    self.disc_tx = self._optimizer(settings.disc_lr, 0.0) if self.disc is not None else None
+    self.lr = self._schedule(settings.lr)
     self.batch_sharding = NamedSharding(mesh, PartitionSpec(('data', 'fsdp')))
+
+  def _schedule(self, peak: float):
+    s = self.s
+    return warmup_schedule(peak, s.warmup_steps, s.steps, s.lr_schedule, s.lr_final_fraction)
+
+  def _optimizer(self, peak: float, weight_decay: float):
+    s = self.s
+    return build_optimizer(self._schedule(peak), b1=s.b1, b2=s.b2, eps=s.eps, clip_norm=s.clip_norm,
+                           weight_decay=weight_decay, decay=_decayed)
 
   # --- state ------------------------------------------------------------------------------------
 

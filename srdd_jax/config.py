@@ -1,0 +1,279 @@
+"""The one config module: every section's keys with their defaults, one ConfigError, the recipes.
+
+A config file (`configs/<x>.py`, ml_collections) gives only what differs from the defaults below.
+`with_defaults(config)` returns a copy with every section complete; a key or section that is not
+listed here is an error naming it (a typo would otherwise be silently ignored). Every mode reads its
+config through `with_defaults`, so the defaults live here and nowhere else.
+
+Sections, and who reads them:
+  seed           every random draw (data order, init, sampling) is a function of it.
+  tokenizer      the VQ-VAE: a checkpoint to load, or the architecture to build (tokenizer.api).
+  tokenizer_train  --mode=train_tokenizer.
+  data           the input pipeline (data.pipeline), and `token_cache` for --mode=train.
+  tokenize       --mode=tokenize.
+  model          the transformer; `model.patch_nums` are the scales of the tokenizer and the transformer.
+  train, optim   --mode=train.
+  sampler        guidance, filtering and masked resampling of every sampling mode.
+  sample, edit, eval, reconstruct   the runners of those modes.
+  mesh, mesh_rules  devices (data, fsdp, tensor) and the logical-axis rules.
+"""
+from __future__ import annotations
+
+import copy
+
+import ml_collections
+
+
+class ConfigError(ValueError):
+  """A config value, input file or path that cannot work; the message names the key and what would."""
+
+
+PATCH_NUMS_256 = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
+PATCH_NUMS_512 = (1, 2, 3, 4, 6, 9, 13, 18, 24, 32)
+
+DEFAULTS: dict = {
+    'seed': 0,
+    'tokenizer': dict(
+        checkpoint='',  # Directory written by `convert_var --vae` or by --mode=train_tokenizer.
+        allow_random=False,  # No checkpoint: True builds a freshly initialised one (smoke runs only).
+        reference_npz='',  # --mode=reconstruct: a reference .npz (VAR code, random weights) to load.
+        # The architecture (VQVAEConfig's fields; VAR's vae_ch160v4096z32 by default), used to build
+        # a tokenizer to train or a random one; a checkpoint carries its own.
+        vocab_size=4096, z_channels=32, ch=160, ch_mult=(1, 1, 2, 2, 4),
+        num_res_blocks=2,  # Encoder; the decoder has one more per level.
+        using_sa=True, using_mid_sa=True,
+        share_quant_resi=4,  # 0: one phi per scale, 1: one shared phi, K >= 2: K phis (VAR: 4).
+        quant_resi=0.5,
+        image_size=0,  # 0 = derived: patch_nums[-1] * 2^(len(ch_mult) - 1); non-zero is checked.
+        precision='highest'),
+    'tokenizer_train': dict(
+        seed=-1,  # -1 = config.seed.
+        global_batch=64, steps=100_000,
+        # Generator optimiser: AdamW, linear warm-up from 0, then constant or cosine to
+        # lr * lr_final_fraction. The codebook, biases and norms are never weight-decayed.
+        lr=1e-4, lr_schedule='constant', lr_final_fraction=0.1, warmup_steps=0,
+        b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.0,
+        clip_norm=0.0,  # Global-norm gradient clipping; 0 = off.
+        # Loss: l1 * |x - x'| + l2 * (x - x')^2 + vq * VQ + gan * adversarial (all means).
+        beta=0.25,  # Commitment weight inside the VQ loss (SPEC §1).
+        l1_weight=1.0, l2_weight=1.0, vq_weight=1.0,
+        gan_weight=0.0,  # 0 = no discriminator at all (none is built, none is checkpointed).
+        gan_start_step=5000,  # Before it the adversarial term is 0 and the discriminator is frozen.
+        disc_lr=-1.0,  # -1 = lr.
+        disc_ch=64,
+        disc_layers=3,  # Stride-2 layers of the patch discriminator; 2 for images under ~32 px.
+        usage_ema_decay=0.99,  # EMA of per-scale code frequencies (logged and used for restarts).
+        dead_code_restart_every=1000,  # Steps between restarts (at K, 2K, ...); 0 = never.
+        dead_code_threshold=0.05,  # Dead: overall EMA share < threshold / vocab_size.
+        log_every=100,
+        eval_every=1000,  # Held-out PSNR every this many steps (and at the start and the end); 0 = never.
+        eval_examples=256,
+        eval_split='test',  # digits, fashion_mnist, tfds: the held-out split.
+        eval_path='',  # folder: the held-out folder ('' = the training folder, with a warning).
+        grid_examples=8,  # Held-out images in reconstructions.png.
+        checkpoint_every=1000, keep_checkpoints=3,
+        prefetch=True),  # True: tf.data threads decode ahead; False: decode each batch in the loop.
+    # The input pipeline; srdd_jax/data/pipeline.py documents each key.
+    'data': dict(
+        source='synthetic',  # synthetic | tfds | folder | fashion_mnist | digits.
+        split=None,  # None = 'train' for training, else 'test'.
+        resize_ratio=1.125, random_crop=None, flip=None,  # None = on for training.
+        name=None, data_dir=None, download=False, image_key='image', label_key='label',
+        max_in_memory_mb=4096,  # tfds
+        path=None, labels='subfolder',  # folder
+        idx_dir='/usr/share/datasets/fashion-mnist',  # fashion_mnist: Debian's IDX files.
+        num_examples=1024, num_classes=None,  # synthetic; None = 10 (training: config.model.num_classes)
+        token_cache=''),  # --mode=train: a directory written by --mode=tokenize ('' = encode images).
+    'tokenize': dict(
+        out_dir='',  # '' = WORKDIR/tokens.
+        split='',  # '' = config.data.split, else 'train'.
+        flips=False,  # Also cache the mirror image; training then picks one copy per example.
+        batch_size=64, shard_size=4096),
+    'model': dict(
+        checkpoint='',  # Sampling and evaluation: a transformer directory (convert_var or training).
+        preset='',  # d16 | d20 | d24 | d30 | d36, or '' and depth/width/heads below.
+        depth=0, width=0, heads=0,  # 0 = from the preset (width 64*depth, heads = depth).
+        num_classes=1000,
+        # The scales, stated once: the tokenizer quantizes and the transformer predicts at these.
+        # Sampling from a checkpoint uses the checkpoint's.
+        patch_nums=PATCH_NUMS_256,
+        mask='',  # markov | causal; '' = the checkpoint's when sampling, markov when training.
+        dtype='bfloat16',  # Compute dtype of the matmuls; parameters stay float32.
+        cond_drop_rate=0.1, drop_path_rate=-1.0),  # -1 = VAR's 0.1 * depth / 24.
+    'train': dict(
+        global_batch=768, epochs=0.0, steps=0,  # steps > 0 wins; else epochs * examples / batch.
+        accum_steps=1, ema_decay=0.0, log_every=100, checkpoint_every=1000, keep_checkpoints=3,
+        sample_every=0,  # Steps between sample grids (0 = never); samples/step_<n>.png + TensorBoard.
+        progressive_start_scales=0,  # > 0: train the first n scales first, growing to all ...
+        progressive_steps=0),  # ... linearly over this many steps.
+    'optim': dict(
+        base_lr=1e-4,  # Per 256 examples: peak LR = base_lr * global_batch / 256.
+        weight_decay=0.05, weight_decay_end=-1.0,
+        warmup_steps=-1,  # -1 = VAR's: a fiftieth of training.
+        final_fraction=0.1, clip_norm=2.0),
+    'sampler': dict(
+        cfg=5.0,
+        cfg_schedule='linear',  # 'linear', 'constant' or comma-separated per-scale values.
+        temperature=1.0, top_k=900, top_p=0.96, greedy=False,
+        mr_threshold=0.01, mr_iterations=10,  # Masked resampling (redraw); 0 iterations = off.
+        mr_scales=''),  # '' = every scale, or comma-separated 0/1 per scale.
+    'sample': dict(
+        classes='',  # '' = every class (grids during training: the first 10), or comma-separated ids.
+        num_per_class=4, batch_size=16),
+    'edit': dict(
+        task='inpaint',  # inpaint | outpaint | class_edit | super_res
+        image='',  # The image to edit (center-cropped and resized to the model's size).
+        box='',  # 'x0,y0,x1,y1' in model pixels: regenerated (inpaint) or kept (outpaint/class_edit).
+        mask='',  # Alternatively a mask image of the model's size: white = keep.
+        class_id=-1,  # The class of the edits; -1 = unconditional (null class). class_edit needs one.
+        low_res=0,  # super_res: side the image is downsampled to first (0 = keep the input as is).
+        keep_scales=0,  # super_res: coarse scales kept (0 = those the low-res image determines).
+        num_samples=4),
+    'eval': dict(
+        metrics='proxy',  # Comma-separated subset of fid, is, pr, proxy.
+        classes='',  # '' = every class.
+        num_per_class=50,  # The VAR/ADM protocol: 50 per class (50,000 for ImageNet).
+        batch_size=16,
+        inception_weights='',  # pytorch-fid's pt_inception-2015-12-05-6726825d.pth or its .npz.
+        reference='',  # .npz with mu/sigma (FID) and/or arr_0 images (FID, precision/recall).
+        inception_batch_size=64,
+        proxy_examples=10000,  # Held-out real images of config.data (its test split).
+        proxy_epochs=0,  # 0 = the classifier's default training length.
+        samples=''),  # An existing samples .npz (arr_0 uint8 NHWC, arr_1 labels) instead of sampling.
+    'reconstruct': dict(
+        num_images=4,  # Synthetic images, used when the weights' source supplies none.
+        batch_size=2),
+    'mesh': dict(data=-1, fsdp=1, tensor=1),
+    'mesh_rules': (),  # ((logical axis, mesh axis or axes), ...); () = parallel.mesh.DEFAULT_RULES.
+}
+
+
+# Keys that live elsewhere now: (section, key) -> where to write them.
+MOVED = {('tokenizer', 'patch_nums'): 'config.model.patch_nums (the scales are stated once, for the '
+                                      'tokenizer and the transformer)'}
+
+
+def _plain(value):
+  return value.to_dict() if hasattr(value, 'to_dict') else value
+
+
+def with_defaults(config) -> ml_collections.ConfigDict:
+  """A copy of `config` with every section complete; unknown sections and keys are a ConfigError."""
+  given = _plain(config) if config is not None else {}
+  if not isinstance(given, dict):
+    raise ConfigError(f'a config must be a ConfigDict or dict, got {type(config).__name__}')
+  merged = copy.deepcopy(DEFAULTS)
+  for section, value in given.items():
+    if section not in DEFAULTS:
+      raise ConfigError(f'config.{section} is not a config section; known: {sorted(DEFAULTS)}')
+    default = DEFAULTS[section]
+    if isinstance(default, dict):
+      value = _plain(value)
+      if not isinstance(value, dict):
+        raise ConfigError(f'config.{section} must be a section (a dict of keys), got {value!r}')
+      unknown = sorted(set(value) - set(default))
+      moved = [k for k in unknown if (section, k) in MOVED]
+      if moved:
+        raise ConfigError(f'config.{section}.{moved[0]} is not a key of config.{section}: write it as '
+                          f'{MOVED[(section, moved[0])]}')
+      if unknown:
+        raise ConfigError(f'config.{section}.{unknown[0]} is not a key of config.{section}; known: '
+                          f'{sorted(default)}')
+      merged[section] = {**default, **value}
+    else:
+      merged[section] = value
+  return ml_collections.ConfigDict(merged)
+
+
+def section(config, name: str) -> dict:
+  """One section of `config` with its defaults, as a plain dict (unknown keys are an error)."""
+  return with_defaults({name: _plain(config[name])} if name in config else {})[name].to_dict()
+
+
+def patch_nums(config) -> tuple[int, ...]:
+  """The scales of the run (config.model.patch_nums)."""
+  pn = tuple(int(p) for p in with_defaults(config).model.patch_nums)
+  if not pn or any(p < 1 for p in pn):
+    raise ConfigError(f'config.model.patch_nums={pn}: must be a non-empty sequence of positive sides')
+  return pn
+
+
+def _numbers(value, key: str, cast, what: str) -> tuple:
+  parts = value if isinstance(value, (tuple, list)) else str(value).split(',')
+  try:
+    return tuple(cast(x) for x in parts if str(x).strip())
+  except ValueError as e:
+    raise ConfigError(f'{key}={value!r}: expected comma-separated {what}') from e
+
+
+def ints(value, key: str) -> tuple[int, ...]:
+  """'1,2,3' (or a sequence) -> (1, 2, 3); an error naming `key` otherwise."""
+  return _numbers(value, key, int, 'integers')
+
+
+def floats(value, key: str) -> tuple[float, ...]:
+  return _numbers(value, key, float, 'numbers')
+
+
+# --- recipes (SPEC §8) ---------------------------------------------------------------------------
+
+# VAR's recipes per model size: global batch, epochs, base LR (per 256 examples), final LR fraction
+# and the weight decay at the end of training (-1 = constant). d36 (512 px) has no published recipe
+# here; it takes d30's.
+RECIPES = {
+    'd16': dict(global_batch=768, epochs=200, base_lr=1e-4, final_fraction=0.1, weight_decay_end=-1.0),
+    'd20': dict(global_batch=768, epochs=250, base_lr=1e-4, final_fraction=0.1, weight_decay_end=-1.0),
+    'd24': dict(global_batch=768, epochs=350, base_lr=8e-5, final_fraction=0.01, weight_decay_end=-1.0),
+    'd30': dict(global_batch=1024, epochs=350, base_lr=8e-5, final_fraction=0.01, weight_decay_end=0.08),
+    'd36': dict(global_batch=1024, epochs=350, base_lr=8e-5, final_fraction=0.01, weight_decay_end=0.08),
+}
+
+
+def base_config(preset: str, *, num_classes: int, resolution: int = 256, mask: str = 'markov'):
+  """A full training config for a VAR model size with SPEC §8's recipe, before data set choices."""
+  if preset not in RECIPES:
+    raise ValueError(f'unknown preset {preset!r}; known: {sorted(RECIPES)}')
+  r = RECIPES[preset]
+  c = with_defaults({})
+  c.model.preset = preset
+  c.model.num_classes = num_classes
+  c.model.mask = mask
+  c.model.patch_nums = PATCH_NUMS_512 if resolution == 512 else PATCH_NUMS_256
+  c.train.global_batch = r['global_batch']
+  c.train.epochs = float(r['epochs'])
+  c.train.log_every = 100
+  c.train.checkpoint_every = 2000
+  c.train.sample_every = 5000
+  c.optim.base_lr = r['base_lr']
+  c.optim.final_fraction = r['final_fraction']
+  c.optim.weight_decay_end = r['weight_decay_end']
+  # TPU pod: data parallel across hosts, parameters and optimizer state sharded 8 ways (fsdp) so d30
+  # fits in 16 GB HBM; tensor parallelism is off until widths reach several thousand.
+  c.mesh = ml_collections.ConfigDict({'data': -1, 'fsdp': 8, 'tensor': 1})
+  return c
+
+
+def parse_arg(arg: str | None, **defaults) -> dict:
+  """`--config=configs/x.py:d20,causal,source=folder` -> {'preset': 'd20', 'mask': 'causal', ...}.
+
+  Bare words are a preset (d16...) or a mask (markov, causal); `key=value` sets anything else the
+  config file accepts. Unknown keys are an error naming them.
+  """
+  out = dict(defaults)
+  for part in (arg or '').split(','):
+    part = part.strip()
+    if not part:
+      continue
+    if '=' in part:
+      k, v = part.split('=', 1)
+    elif part in RECIPES:
+      k, v = 'preset', part
+    elif part in ('markov', 'causal'):
+      k, v = 'mask', part
+    else:
+      raise ValueError(f'config argument {part!r}: expected a preset {sorted(RECIPES)}, a mask '
+                       f'(markov, causal) or key=value with a key in {sorted(defaults)}')
+    if k not in defaults:
+      raise ValueError(f'config argument {k!r} is not one of {sorted(defaults)}')
+    out[k] = type(defaults[k])(v) if defaults[k] is not None else v
+  return out

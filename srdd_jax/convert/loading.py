@@ -1,0 +1,97 @@
+"""Models named by a config: the one way every mode gets its tokenizer and transformer weights."""
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import jax
+import numpy as np
+from absl import logging
+
+from srdd_jax.config import ConfigError, with_defaults
+from srdd_jax.convert import params_io, var_vqvae
+from srdd_jax.convert.reference import read_meta, vqvae_config_from_meta
+from srdd_jax.tokenizer.api import Tokenizer, tokenizer_config, unbox
+from srdd_jax.tokenizer.vqvae import VQVAEConfig
+
+
+@dataclasses.dataclass
+class LoadedTokenizer:
+  config: VQVAEConfig
+  params: dict
+  source: str  # Where the weights came from, in words.
+  images: np.ndarray | None = None  # Images a reference file supplies (NHWC, [-1, 1]), else None.
+
+
+def load_tokenizer(config, *, reference: bool = False) -> LoadedTokenizer:
+  """config.tokenizer -> the tokenizer, from (in order) `checkpoint`, `reference_npz` when `reference`
+  is allowed and the file exists, or a fresh initialisation when `allow_random` (or `reference`) says
+  so. A checkpoint carries its own architecture; the others are built by `tokenizer_config`."""
+  c = with_defaults(config)
+  tc = c.tokenizer
+  if tc.checkpoint:
+    if not os.path.isdir(tc.checkpoint):
+      raise ConfigError(
+          f'config.tokenizer.checkpoint={tc.checkpoint!r} does not exist; convert VAR\'s tokenizer with '
+          f'`python -m srdd_jax.tools.convert_var --vae vae_ch160v4096z32.pth --out {tc.checkpoint}` or '
+          'train one with --mode=train_tokenizer')
+    try:
+      vq, params = params_io.load_vqvae(tc.checkpoint)
+    except (FileNotFoundError, ValueError) as e:
+      raise ConfigError(f'config.tokenizer.checkpoint: {e}') from e
+    return LoadedTokenizer(vq, params, f'checkpoint {tc.checkpoint}')
+  if reference and tc.reference_npz and os.path.isfile(tc.reference_npz):
+    with np.load(tc.reference_npz) as z:
+      vq = vqvae_config_from_meta(read_meta(z, tc.reference_npz), tc.reference_npz)
+      params = var_vqvae.convert_vqvae({k[4:]: z[k] for k in z.files if k.startswith('vae/')}, vq)
+      images = np.transpose(z['img'], (0, 2, 3, 1)).astype(np.float32) if 'img' in z.files else None
+    return LoadedTokenizer(vq, params, f'reference file {tc.reference_npz} (VAR code, random weights)', images)
+  if not (tc.allow_random or reference):
+    raise ConfigError('config.tokenizer.checkpoint is empty: give a converted or trained tokenizer '
+                      '(or set config.tokenizer.allow_random=True for a smoke run)')
+  vq = tokenizer_config(c)
+  logging.warning('config.tokenizer.checkpoint is empty: a freshly initialised (seed %d) tokenizer is '
+                  'used, fine for smoke runs only', c.seed)
+  params = unbox(Tokenizer(vq).init(jax.random.PRNGKey(c.seed + 1)))
+  return LoadedTokenizer(vq, params, 'fresh random initialisation (no weights found)')
+
+
+def tokenizer_for_model(config) -> LoadedTokenizer:
+  """The tokenizer at the scales of config.model.patch_nums (the tokenizer quantizes at whatever
+  scales it is given; the model's schedule must end at its latent side)."""
+  c = with_defaults(config)
+  tok = load_tokenizer(c)
+  pn = tuple(int(p) for p in c.model.patch_nums)
+  if not pn or pn[-1] != tok.config.latent_side:
+    raise ConfigError(f'config.model.patch_nums={pn} must end at the tokenizer latent side '
+                      f'{tok.config.latent_side}')
+  try:
+    tok.config = dataclasses.replace(tok.config, patch_nums=pn)
+  except ValueError as e:
+    raise ConfigError(f'config.model.patch_nums={pn}: {e}') from e
+  return tok
+
+
+def load_models(config):
+  """(VARConfig, var params, VQVAEConfig, vae params) of the checkpoints config.model.checkpoint and
+  config.tokenizer.checkpoint; config.model.mask / dtype override the checkpoint's when given."""
+  c = with_defaults(config)
+  for key in ('model', 'tokenizer'):
+    path = c[key].checkpoint
+    if not path:
+      raise ConfigError(f'config.{key}.checkpoint is empty: give the directory written by '
+                        f'`python -m srdd_jax.tools.convert_var --{"var" if key == "model" else "vae"} ...` '
+                        'or by training')
+    if not os.path.isdir(path):
+      raise ConfigError(f'config.{key}.checkpoint={path!r} does not exist')
+  try:
+    var_config, var_params = params_io.load_var(c.model.checkpoint)
+  except (FileNotFoundError, ValueError) as e:
+    raise ConfigError(f'config.model.checkpoint: {e}') from e
+  tok = load_tokenizer(c)
+  var_config = dataclasses.replace(var_config, dtype=c.model.dtype,
+                                   **({'mask': c.model.mask} if c.model.mask else {}))
+  vq = tok.config
+  if tuple(vq.patch_nums) != tuple(var_config.patch_nums):
+    vq = dataclasses.replace(vq, patch_nums=var_config.patch_nums)
+  return var_config, var_params, vq, tok.params

@@ -1,0 +1,72 @@
+"""Sampling from a config: the SamplerConfig of config.sampler, the Sampler of the configured
+checkpoints, and `generate` (batches with distinct seeds, split over the mesh, gathered)."""
+from __future__ import annotations
+
+import time
+
+import jax
+import numpy as np
+from absl import logging
+from jax.sharding import NamedSharding, PartitionSpec
+
+from srdd_jax.config import ConfigError, floats, ints
+from srdd_jax.convert.loading import load_models
+from srdd_jax.data.images import to_uint8
+from srdd_jax.diffusion.filtering import SamplerConfig
+from srdd_jax.diffusion.sampler import Sampler, batch_rng
+from srdd_jax.parallel import mesh as pm
+from srdd_jax.parallel import multihost
+from srdd_jax.parallel.compile import jit_inference
+
+
+def sampler_config(c) -> SamplerConfig:
+  """config.sampler as a SamplerConfig; errors name the key."""
+  sched = c.cfg_schedule
+  if isinstance(sched, str) and sched not in ('linear', 'constant'):
+    sched = floats(sched, 'config.sampler.cfg_schedule')
+  try:
+    return SamplerConfig(cfg=float(c.cfg), cfg_schedule=sched, temperature=float(c.temperature),
+                         top_k=int(c.top_k), top_p=float(c.top_p), greedy=bool(c.greedy),
+                         mr_threshold=float(c.mr_threshold), mr_iterations=int(c.mr_iterations),
+                         mr_scales=tuple(bool(x) for x in ints(c.mr_scales, 'config.sampler.mr_scales')) or None)
+  except ValueError as e:
+    raise ConfigError(f'config.sampler: {e}') from e
+
+
+def sampler_from_config(config):
+  """(Sampler, var params, vae params) of the checkpoints the config names, placed on its mesh."""
+  var_config, var_params, vq, vae_params = load_models(config)
+  mesh = pm.mesh_from_config(config)
+  try:
+    sampler = Sampler(var_config, vq, sampler_config(config.sampler), mesh=mesh)
+  except ValueError as e:
+    raise ConfigError(f'config.model / config.tokenizer do not fit together: {e}') from e
+  rep = pm.replicated(mesh)
+  return sampler, jax.device_put(var_params, rep), jax.device_put(vae_params, rep)
+
+
+def generate(sampler, var_params, vae_params, labels, batch_size: int, seed: int,
+             key: str = 'batch_size') -> np.ndarray:
+  """uint8 NHWC images for `labels`, batch by batch; batch i uses the key batch_rng(seed, i), so no two
+  batches share noise. Each batch is split over the mesh's batch axes; the last one is padded to the
+  compiled size and trimmed."""
+  mesh = sampler.mesh
+  n_par = pm.data_parallel_size(mesh) if mesh is not None else 1
+  if batch_size < 1 or batch_size % n_par:
+    raise ConfigError(f'{key}={batch_size} must be a positive multiple of the data-parallel size {n_par}')
+  fn = jit_inference(sampler.sample)
+  out, t0 = [], time.time()
+  labels = np.asarray(labels, np.int32)
+  for bi, start in enumerate(range(0, len(labels), batch_size)):
+    lab = labels[start:start + batch_size]
+    pad = batch_size - len(lab)
+    full = np.concatenate([lab, np.repeat(lab[-1:], pad)])
+    if mesh is not None:
+      full = jax.device_put(full, NamedSharding(mesh, PartitionSpec(('data', 'fsdp'))))
+    _, img = fn(var_params, vae_params, full, batch_rng(seed, bi))
+    out.append(to_uint8(multihost.gather(img))[:len(lab)])
+    done = start + len(lab)
+    rate = done / (time.time() - t0)
+    logging.info('sampled %d/%d images (%.2f img/s, ETA %.0fs)', done, len(labels), rate,
+                 (len(labels) - done) / rate)
+  return np.concatenate(out)

@@ -1,0 +1,104 @@
+"""The evaluation protocol's pieces: verified FID Inception weights, reference batches, sample files,
+and the metrics of a set of samples (FID/IS/precision-recall, and the offline proxy metrics).
+
+Every function takes the `config.eval` options as a dict `o` (srdd_jax/config.py lists them) and
+raises ConfigError naming the key when an input cannot work.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from srdd_jax.config import ConfigError
+from srdd_jax.evaluation import classifier, inception, metrics, proxy, stats
+from srdd_jax.evaluation import inception_weights as fid_inception
+
+METRICS = ('fid', 'is', 'pr', 'proxy')
+INCEPTION_METRICS = ('fid', 'is', 'pr')
+
+
+def verified_inception(o):
+  """Verified FID Inception params, or a ConfigError before any sampling."""
+  if not o['inception_weights']:
+    raise ConfigError(
+        'config.eval.inception_weights is empty: FID, IS and precision/recall need pytorch-fid\'s '
+        'pt_inception-2015-12-05-6726825d.pth (or its .npz from `python -m srdd_jax.tools.convert_inception`). '
+        'No FID or IS is computed without them; for offline data sets use config.eval.metrics=proxy')
+  try:
+    params, info = fid_inception.load_inception(o['inception_weights'])
+  except (FileNotFoundError, ValueError) as e:
+    raise ConfigError(f'config.eval.inception_weights: {e}') from e
+  if not info.get('verified'):
+    raise ConfigError(f'config.eval.inception_weights={o["inception_weights"]!r} are not the published '
+                      'FID Inception weights; no FID or IS is computed from them')
+  return params, info
+
+
+def check_reference(o):
+  needs = [m for m in ('fid', 'pr') if m in o['metrics']]
+  if not needs:
+    return None
+  if not o['reference']:
+    raise ConfigError(f'config.eval.reference is empty: {", ".join(needs)} compare with a reference '
+                      '.npz (statistics mu/sigma and/or arr_0 images)')
+  try:
+    ref = stats.load_reference_batch(o['reference'])
+  except (FileNotFoundError, ValueError) as e:
+    raise ConfigError(f'config.eval.reference: {e}') from e
+  if 'pr' in o['metrics']:
+    with np.load(o['reference']) as z:
+      if 'arr_0' not in z.files:
+        raise ConfigError(f'config.eval.reference={o["reference"]!r} has no arr_0 images, which '
+                          'precision/recall needs')
+  return ref
+
+
+def load_samples(path: str):
+  try:
+    with np.load(path) as z:
+      images, labels = z['arr_0'], (z['arr_1'] if 'arr_1' in z.files else None)
+  except (OSError, ValueError, KeyError) as e:
+    raise ConfigError(f'config.eval.samples={path!r}: not a samples .npz with arr_0 ({e})') from e
+  if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+    raise ConfigError(f'config.eval.samples={path!r}: arr_0 must be uint8 NHWC RGB, got {images.dtype} '
+                      f'{images.shape}')
+  if labels is None:
+    labels = np.zeros(len(images), np.int32)
+  return images, np.asarray(labels, np.int32)
+
+
+def inception_metrics(o, params, ref, images) -> dict:
+  """FID against the reference statistics, IS over 10 splits, precision/recall (k = 3)."""
+  feats = inception.extract(params, images, batch_size=int(o['inception_batch_size']))
+  out = {}
+  if 'is' in o['metrics']:
+    mean, std = metrics.inception_score(feats['logits_unbiased'], splits=10)
+    out.update(inception_score=mean, inception_score_std=std)
+  if 'fid' in o['metrics']:
+    mu_r, sigma_r = stats.reference_statistics(o['reference'], params,
+                                               batch_size=int(o['inception_batch_size']))
+    mu, sigma = stats.feature_statistics(feats['pool3'])
+    out['fid'] = metrics.frechet_distance(mu, sigma, mu_r, sigma_r)
+  if 'pr' in o['metrics']:
+    real = stats.load_reference_batch(o['reference'], images=True).images
+    real_feats = inception.extract(params, real, batch_size=int(o['inception_batch_size']))['pool3']
+    out.update(metrics.precision_recall(real_feats, feats['pool3'], k=3))
+  del ref  # Checked before sampling; read again here for the statistics or images it holds.
+  return out
+
+
+def proxy_metrics(config, o, images, labels, workdir) -> dict:
+  """fd_<classifier> against held-out real images and class consistency, with the project's own
+  classifier of config.data (trained once, cached under WORKDIR/proxy_classifier)."""
+  size = int(images.shape[1])
+  kwargs = {'epochs': int(o['proxy_epochs'])} if int(o['proxy_epochs']) > 0 else {}
+  clf = classifier.train_or_load(config.data, size, os.path.join(workdir, 'proxy_classifier'),
+                                 seed=int(config.seed), **kwargs)
+  real, _ = classifier.held_out_images(clf, config.data)
+  real = real[:int(o['proxy_examples'])]
+  # Class consistency only means something for a class-conditional model of a labelled data set.
+  out = proxy.proxy_metrics(clf, real, images, labels if clf.num_classes > 1 else None)
+  out['proxy_classifier'] = clf.key
+  out['proxy_real_examples'] = int(len(real))
+  return out

@@ -1,0 +1,1 @@
+"""Runners, one per --mode: read the config, build the pieces, call the layers below."""

@@ -1,0 +1,97 @@
+"""`--mode=edit`: zero-shot editing (inpaint, outpaint, class_edit, super_res) of one image with a
+trained or converted model; the input and the edits as a grid, and the edits as an .npz."""
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image
+
+from srdd_jax.config import ConfigError, ints, with_defaults
+from srdd_jax.data.images import grid, to_uint8
+from srdd_jax.diffusion import editing
+from srdd_jax.diffusion.generate import sampler_from_config
+from srdd_jax.diffusion.sampler import batch_rng
+from srdd_jax.parallel.compile import jit_inference
+
+
+def load_image(path: str, size: int) -> np.ndarray:
+  """RGB image -> (size, size, 3) in [-1, 1]: center crop to a square, Lanczos resize."""
+  if not path or not os.path.isfile(path):
+    raise ConfigError(f'config.edit.image={path!r}: no such image file')
+  try:
+    im = Image.open(path).convert('RGB')
+  except OSError as e:
+    raise ConfigError(f'config.edit.image={path!r}: unreadable image ({e})') from e
+  w, h = im.size
+  s = min(w, h)
+  im = im.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
+  im = im.resize((size, size), Image.LANCZOS)
+  return np.asarray(im, np.float32) / 127.5 - 1.0
+
+
+def run(config, workdir: str) -> dict:
+  config = with_defaults(config)
+  sampler, var_params, vae_params = sampler_from_config(config)
+  e = config.edit
+  if e.task not in editing.TASKS:
+    raise ConfigError(f'config.edit.task={e.task!r}: must be one of {editing.TASKS}')
+  size = sampler.tokenizer.config.image_size
+  img = load_image(e.image, size)
+  n = int(e.num_samples)
+  nc = sampler.var_config.num_classes
+  cls = int(e.class_id)
+  if e.task == 'class_edit' and not 0 <= cls < nc:
+    raise ConfigError(f'config.edit.class_id={cls}: class_edit needs a class in 0..{nc - 1}')
+  labels = np.full((n,), cls if (e.task == 'class_edit' or 0 <= cls < nc) else nc, np.int32)
+  if cls >= nc:
+    raise ConfigError(f'config.edit.class_id={cls} is out of range for a model with {nc} classes')
+  editor = editing.Editor(sampler)
+  rng = batch_rng(config.seed, 0)
+  shown = img
+  if e.task == 'super_res':
+    low = img
+    if int(e.low_res):
+      low = np.asarray(jax.image.resize(img, (int(e.low_res), int(e.low_res), 3), 'lanczos3'))
+    keep = int(e.keep_scales) or editing.default_sr_keep_scales(low.shape[0], size,
+                                                                sampler.var_config.patch_nums)
+    batch = jnp.asarray(np.repeat(low[None], n, 0))
+    _, out, _, _ = jit_inference(editor.super_resolve, static_argnums=3)(var_params, vae_params, batch, keep,
+                                                                   labels, rng)
+    shown = np.asarray(jax.image.resize(low, (size, size, 3), 'nearest'))
+    info = {'low_res': int(low.shape[0]), 'keep_scales': keep}
+  else:
+    if e.mask:
+      m = load_image(e.mask, size).mean(-1) > 0
+      pixel_keep = m.astype(np.float32)
+    elif e.box:
+      box = ints(e.box, 'config.edit.box')
+      if len(box) != 4:
+        raise ConfigError(f'config.edit.box={e.box!r}: expected x0,y0,x1,y1')
+      try:
+        pixel_keep = editing.box_keep_mask(size, box, keep_inside=e.task != 'inpaint')
+      except ValueError as err:
+        raise ConfigError(f'config.edit.box: {err}') from err
+    else:
+      raise ConfigError('config.edit.box or config.edit.mask is required for ' + e.task)
+    latent = editing.latent_keep_mask(pixel_keep, sampler.tokenizer.config.downsample)
+    batch = jnp.asarray(np.repeat(img[None], n, 0))
+    _, out, _, _ = jit_inference(editor.edit)(var_params, vae_params, batch,
+                                        np.repeat(latent[None], n, 0), labels, rng)
+    shown = img * (0.25 + 0.75 * pixel_keep[..., None])
+    info = {'kept_pixels': float(pixel_keep.mean())}
+  out = to_uint8(out)
+  src = to_uint8((shown + 1) / 2)
+  out_dir = os.path.join(workdir, 'edit')
+  os.makedirs(out_dir, exist_ok=True)
+  Image.fromarray(grid(np.concatenate([src[None], out]), n + 1)).save(
+      os.path.join(out_dir, f'{e.task}_grid.png'))
+  np.savez(os.path.join(out_dir, f'{e.task}.npz'), arr_0=out, arr_1=labels)
+  summary = {'task': e.task, 'num_samples': n, 'labels': labels.tolist(), **info,
+             'outputs': [f'edit/{e.task}_grid.png (input, then the edits)', f'edit/{e.task}.npz']}
+  with open(os.path.join(out_dir, f'{e.task}_summary.json'), 'w') as f:
+    json.dump(summary, f, indent=1)
+  return summary

@@ -1,0 +1,97 @@
+"""`--mode=eval`: N samples with distinct per-batch seeds (split over the mesh), then the metrics.
+
+  python -m srdd_jax.main --config=configs/sample.py --workdir=DIR --mode=eval \
+      --config.model.checkpoint=... --config.tokenizer.checkpoint=... \
+      --config.eval.metrics=fid,is,pr --config.eval.inception_weights=pt_inception-2015-12-05-6726825d.pth \
+      --config.eval.reference=VIRTUAL_imagenet256_labeled.npz
+
+Writes DIR/eval/samples.npz (arr_0 uint8 NHWC, arr_1 labels: what OpenAI's evaluator reads) and
+DIR/eval/eval.json (the metrics with the protocol that produced them). FID, IS and precision/recall use
+only verified FID Inception weights: without them the run stops before sampling; it never prints a
+number computed from other weights. `proxy` (the project's own classifier of the data set: `fd_<name>`,
+`class_consistency`) needs no download and is what the offline data sets report.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+
+import numpy as np
+from absl import logging
+
+from srdd_jax.config import ConfigError, ints, with_defaults
+from srdd_jax.diffusion.generate import generate, sampler_from_config
+from srdd_jax.evaluation import protocol
+from srdd_jax.parallel import multihost
+
+
+def options(config) -> dict:
+  """config.eval as a dict, with `metrics` parsed and checked."""
+  o = with_defaults(config).eval.to_dict()
+  o['metrics'] = tuple(m.strip() for m in str(o['metrics']).split(',') if m.strip())
+  bad = [m for m in o['metrics'] if m not in protocol.METRICS]
+  if bad or not o['metrics']:
+    raise ConfigError(f'config.eval.metrics={",".join(o["metrics"])!r}: choose from {protocol.METRICS}')
+  return o
+
+
+def run(config, workdir: str) -> dict:
+  has_data = 'data' in config  # The proxy metrics need real images; the default synthetic ones are not.
+  config = with_defaults(config)
+  o = options(config)
+  t0 = time.time()
+  # Everything that can be wrong is checked before the (long) sampling.
+  inception_params, inception_info = (protocol.verified_inception(o) if set(o['metrics']) & set(protocol.INCEPTION_METRICS)
+                                      else (None, None))
+  ref = protocol.check_reference(o)
+  if 'proxy' in o['metrics'] and not has_data:
+    raise ConfigError('config.data is missing: the proxy metrics compare with held-out images of the '
+                      'data set (its test split)')
+  if o['samples']:
+    images, labels, sampler = protocol.load_samples(o['samples']) + (None,)
+    classes, per = tuple(sorted(set(labels.tolist()))), None
+  else:
+    sampler, var_params, vae_params = sampler_from_config(config)
+    nc = sampler.var_config.num_classes
+    classes = ints(o['classes'], 'config.eval.classes') or tuple(range(nc))
+    bad = [k for k in classes if not 0 <= k < nc]
+    if bad:
+      raise ConfigError(f'config.eval.classes: class {bad[0]} is out of range 0..{nc - 1}')
+    per = int(o['num_per_class'])
+    if per < 1:
+      raise ConfigError(f'config.eval.num_per_class={per} must be >= 1')
+    labels = np.repeat(np.asarray(classes, np.int32), per)
+    logging.info('eval: sampling %d images (%d classes x %d) for %s', len(labels), len(classes), per,
+                 ', '.join(o['metrics']))
+    images = generate(sampler, var_params, vae_params, labels, int(o['batch_size']), int(config.seed),
+                          key='config.eval.batch_size')
+  t_sample = time.time() - t0
+  results: dict = {}
+  if inception_params is not None:
+    results.update(protocol.inception_metrics(o, inception_params, ref, images))
+  if 'proxy' in o['metrics']:
+    results.update(protocol.proxy_metrics(config, o, images, labels, workdir))
+  summary = {
+      'metrics': results,
+      'protocol': {'num_samples': int(len(labels)), 'classes': list(classes), 'per_class': per,
+                   'seed': int(config.seed), 'seeds': f'batch i uses fold_in(PRNGKey({int(config.seed)}), i)',
+                   'batch_size': int(o['batch_size']), 'mask': sampler.mask if sampler else None,
+                   'sampler': dataclasses.asdict(sampler.config) if sampler else None,
+                   'samples': o['samples'] or None,
+                   'model': config.model.checkpoint if sampler else None,
+                   'tokenizer': config.tokenizer.checkpoint if sampler else None,
+                   'reference': o['reference'] or None,
+                   'inception_weights_sha256': inception_info['sha256'] if inception_info else None},
+      'seconds': {'sampling': round(t_sample, 2), 'total': round(time.time() - t0, 2)},
+  }
+  if multihost.is_main_process():
+    out = os.path.join(workdir, 'eval')
+    os.makedirs(out, exist_ok=True)
+    if not o['samples']:
+      np.savez(os.path.join(out, 'samples.npz'), arr_0=images, arr_1=labels)
+    with open(os.path.join(out, 'eval.json'), 'w') as f:
+      json.dump(summary, f, indent=1)
+    logging.info('eval: %s', json.dumps(results))
+  return summary

@@ -1,0 +1,50 @@
+"""`--mode=sample`: class-conditional samples from trained or converted checkpoints, written as PNG
+(a grid with a row per class, and one file per image) and as `samples.npz`."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+
+import numpy as np
+from PIL import Image
+
+from srdd_jax.config import ConfigError, ints, with_defaults
+from srdd_jax.data.images import grid
+from srdd_jax.diffusion.generate import generate, sampler_from_config
+from srdd_jax.parallel import multihost
+
+
+def run(config, workdir: str) -> dict:
+  config = with_defaults(config)
+  sampler, var_params, vae_params = sampler_from_config(config)
+  nc = sampler.var_config.num_classes
+  classes = ints(config.sample.classes, 'config.sample.classes') or tuple(range(nc))
+  bad = [k for k in classes if not 0 <= k < nc]
+  if bad:
+    raise ConfigError(f'config.sample.classes: class id {bad[0]} is out of range for a model with {nc} '
+                      f'classes (0..{nc - 1})')
+  per = int(config.sample.num_per_class)
+  if per < 1:
+    raise ConfigError(f'config.sample.num_per_class={per}: must be >= 1')
+  labels = np.repeat(np.asarray(classes, np.int32), per)
+  bs = int(config.sample.batch_size)
+  out_dir = os.path.join(workdir, 'samples')
+  os.makedirs(os.path.join(out_dir, 'images'), exist_ok=True)
+  t0 = time.time()
+  images = generate(sampler, var_params, vae_params, labels, bs, int(config.seed), key='config.sample.batch_size')
+  if not multihost.is_main_process():  # Process 0 writes; every process took part in sampling.
+    return {'num_images': int(len(images))}
+  np.savez(os.path.join(out_dir, 'samples.npz'), arr_0=images, arr_1=labels)
+  for i, (im, k) in enumerate(zip(images, labels)):
+    Image.fromarray(im).save(os.path.join(out_dir, 'images', f'class{k:04d}_{i:06d}.png'))
+  Image.fromarray(grid(images, per)).save(os.path.join(out_dir, 'grid.png'))
+  summary = {'num_images': int(len(images)), 'classes': list(map(int, classes)), 'per_class': per,
+             'mask': sampler.mask, 'sampler': dataclasses.asdict(sampler.config),
+             'seconds': round(time.time() - t0, 2),
+             'outputs': ['samples/grid.png (a row per class)', 'samples/images/*.png',
+                         'samples/samples.npz (arr_0 uint8 NHWC, arr_1 labels)']}
+  with open(os.path.join(out_dir, 'summary.json'), 'w') as f:
+    json.dump(summary, f, indent=1)
+  return summary

@@ -1,0 +1,183 @@
+"""`--mode=train`: the transformer on tokens of the frozen tokenizer, sharded, checkpointed, logged.
+
+Pieces: mesh -> tokenizer (config.tokenizer.checkpoint) -> data (a token cache or images encoded in the
+step) -> Trainer (train/step.py) -> the shared driver (train/driver.py), with sample grids as the
+evaluation and WORKDIR/export/step_<n> as the export.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import jax
+import numpy as np
+from absl import logging
+from PIL import Image
+
+from srdd_jax.config import ConfigError, ints, with_defaults
+from srdd_jax.convert.loading import tokenizer_for_model
+from srdd_jax.data import pipeline, token_cache
+from srdd_jax.data.images import grid, to_uint8
+from srdd_jax.diffusion.generate import sampler_config
+from srdd_jax.diffusion.sampler import Sampler
+from srdd_jax.parallel import mesh as pm
+from srdd_jax.parallel import multihost
+from srdd_jax.parallel.compile import jit_inference
+from srdd_jax.train import driver
+from srdd_jax.train.export import export_transformer
+from srdd_jax.train.optimizer import OptimConfig, peak_lr_for
+from srdd_jax.train.step import Trainer
+from srdd_jax.transformer.config import var_config as build_var_config
+
+
+def _validate(config, mesh):
+  data_par = pm.data_parallel_size(mesh)
+  gb = int(config.train.global_batch)
+  if gb < 1 or gb % data_par:
+    raise ConfigError(f'config.train.global_batch={gb} is not divisible by the data-parallel size '
+                      f'{data_par} (mesh {dict(mesh.shape)})')
+  if gb % (data_par * int(config.train.accum_steps)):
+    raise ConfigError(f'config.train.global_batch={gb} must split into config.train.accum_steps='
+                      f'{config.train.accum_steps} micro-batches divisible by {data_par}')
+  if int(config.train.steps) <= 0 and float(config.train.epochs) <= 0:
+    raise ConfigError('config.train.steps and config.train.epochs are both 0: say how long to train')
+
+
+def training_data(config, image_size: int, vae_params=None, patch_nums=None):
+  """The training examples: a token cache (config.data.token_cache) or an image source; `yields` says
+  which ('ids' or 'images')."""
+  d = config.data.to_dict()
+  cache = d.pop('token_cache', '')
+  if cache:
+    source = token_cache.TokenCache(cache, tokenizer_hash=token_cache.params_hash(vae_params),
+                                    patch_nums=patch_nums)
+  else:
+    if d.get('source') == 'synthetic' and d.get('num_classes') is None:
+      d['num_classes'] = int(config.model.num_classes)
+    source = pipeline.build_source(d, image_size, train=True)
+  if source.num_classes > int(config.model.num_classes):
+    raise ConfigError(f'config.model.num_classes={config.model.num_classes} but the data '
+                      f'({source.description}) has {source.num_classes} classes')
+  source.yields = 'ids' if cache else 'images'
+  return source
+
+
+class SampleGrids:
+  """Sample grids of the model being trained: PNG under DIR/samples/ and a TensorBoard image."""
+
+  def __init__(self, config, var_config, vq, mesh, workdir):
+    try:
+      self.sampler = Sampler(var_config, vq, sampler_config(config.sampler), mesh=mesh)
+    except ValueError as e:
+      raise ConfigError(f'config.sampler: {e}') from e
+    nc = var_config.num_classes
+    classes = list(ints(config.sample.classes, 'config.sample.classes')) or list(range(min(nc, 10)))
+    bad = [k for k in classes if not 0 <= k < nc]
+    if bad:
+      raise ConfigError(f'config.sample.classes: class {bad[0]} is out of range 0..{nc - 1}')
+    self.per = max(int(config.sample.num_per_class), 1)
+    labels = np.repeat(np.asarray(classes, np.int32), self.per)
+    self.n = len(labels)
+    pad = -len(labels) % pm.data_parallel_size(mesh)  # Padded to split over the batch axes, trimmed after.
+    self.labels = jax.device_put(np.concatenate([labels, np.repeat(labels[-1:], pad)]), pm.replicated(mesh))
+    self.fn = jit_inference(self.sampler.sample)
+    self.seed = int(config.seed)
+    self.dir = os.path.join(workdir, 'samples')
+
+  def write(self, step, var_params, vae_params, writer):
+    # The same key at every step, so grids of successive steps show the same noise evolving.
+    _, images = self.fn(var_params, vae_params, self.labels, jax.random.PRNGKey(self.seed))
+    images = to_uint8(multihost.gather(images))[:self.n]
+    if not multihost.is_main_process():
+      return None
+    g = grid(images, self.per)
+    os.makedirs(self.dir, exist_ok=True)
+    path = os.path.join(self.dir, f'step_{step:08d}.png')
+    Image.fromarray(g).save(path)
+    writer.write_images(step, {'samples': g[None]})
+    return path
+
+
+class TransformerTask(driver.Task):
+  """The transformer's state, step, sample grids and export, for the shared driver."""
+
+  name = 'train'
+
+  def __init__(self, config, workdir: str):
+    mesh = pm.mesh_from_config(config)
+    tok = tokenizer_for_model(config)
+    _validate(config, mesh)
+    vq, self.vae_params = tok.config, tok.params
+    self.var_config = var_config = build_var_config(config, vq.vocab_size, vq.z_channels)
+    self.data = training_data(config, vq.image_size, tok.params, vq.patch_nums)
+    t, o = config.train, config.optim
+    gb = self.global_batch = int(t.global_batch)
+    total = self.total_steps = (int(t.steps) if int(t.steps) > 0
+                                else math.ceil(float(t.epochs) * self.data.num_examples / gb))
+    warmup = int(o.warmup_steps) if int(o.warmup_steps) >= 0 else total // 50
+    optim = OptimConfig(peak_lr=peak_lr_for(gb, o.base_lr), weight_decay=o.weight_decay,
+                        weight_decay_end=o.weight_decay_end, warmup_steps=warmup, total_steps=total,
+                        final_fraction=o.final_fraction, clip_norm=o.clip_norm)
+    progressive = None
+    if int(t.progressive_start_scales) > 0:
+      progressive = (int(t.progressive_start_scales), int(t.progressive_steps))
+    try:
+      self.trainer = Trainer(var_config, vq, optim, mesh, rules=pm.rules_from_config(config),
+                             accum_steps=int(t.accum_steps), ema_decay=float(t.ema_decay), seed=int(config.seed),
+                             progressive=progressive)
+    except ValueError as e:
+      raise ConfigError(f'config.train: {e}') from e
+    self.grids = SampleGrids(config, var_config, vq, mesh, workdir) if int(t.sample_every) > 0 else None
+    self.eval_every = int(t.sample_every)
+    self.root = self.workdir = workdir
+    self.log_every, self.checkpoint_every, self.keep_checkpoints = (int(t.log_every), int(t.checkpoint_every),
+                                                                    int(t.keep_checkpoints))
+    self.seed = int(config.seed)
+    if multihost.is_main_process():
+      logging.info('data: %s; %d steps of %d examples (%.2f epochs); model %s, %d scales, mask %s; mesh %s; '
+                   '%d process(es)', self.data.description, total, gb, total * gb / self.data.num_examples,
+                   config.model.preset or f'depth {var_config.depth}', var_config.num_scales, var_config.mask,
+                   dict(mesh.shape), jax.process_count())
+
+  def abstract_state(self):
+    return self.trainer.abstract_state()
+
+  def init(self):
+    return self.trainer.init(jax.random.PRNGKey(self.seed))
+
+  def begin(self, start_step):
+    self.step_fn = self.trainer.make_step(self.vae_params)
+    self.vae_replicated = jax.device_put(self.vae_params, pm.replicated(self.trainer.mesh))
+    self.batches = self.data.iterator(self.seed, start_step, self.global_batch,
+                                      self.trainer.local_rows(self.global_batch))
+
+  def step(self, state):
+    x, labels = next(self.batches)
+    return self.step_fn(state, self.trainer.assemble_batch({'labels': labels, self.data.yields: x},
+                                                           self.global_batch))
+
+  def record(self, metrics, steps, seconds):
+    return {'tokens_per_s': steps * self.global_batch * self.var_config.seq_len / seconds}
+
+  def progress(self, m):
+    return f'loss {m["loss"]:.4f} acc {m["accuracy"]:.3f} lr {m["lr"]:.2e}'
+
+  @property
+  def skipped_examples(self):
+    return self.data.skipped
+
+  def evaluate(self, step, state, writer):
+    path = self.grids.write(step, state.ema_params if state.ema_params is not None else state.params,
+                            self.vae_replicated, writer)
+    if path:
+      logging.info('sample grid: %s', path)
+    return None
+
+  def export(self, step, state):
+    return export_transformer(self.workdir, step, state, self.var_config)
+
+
+def run(config, workdir: str, stop_after_steps: int | None = None, return_state: bool = False) -> dict:
+  """Trains to config.train.steps (or stops after `stop_after_steps` steps of this call, saving)."""
+  return driver.run(TransformerTask(with_defaults(config), workdir), stop_after_steps=stop_after_steps,
+                    return_state=return_state)

@@ -1,0 +1,177 @@
+"""The training driver every trainer shares: restore-or-init, the step loop, SIGTERM, the non-finite
+stop, metrics.jsonl and TensorBoard, one progress line per log step with ETA, periodic and final
+checkpoints, evaluations and the export.
+
+A trainer (`Task`) supplies only what is its own: its sharded state, one step (which fetches its
+batch), its evaluations and its export. Every batch and random draw of a step is a function of the
+step, so a run resumed from a checkpoint continues exactly as an uninterrupted one.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import time
+
+import jax
+from absl import logging
+
+from srdd_jax.parallel import multihost
+from srdd_jax.train.checkpoint import Checkpointer
+
+
+class NonFiniteLoss(FloatingPointError):
+  pass
+
+
+class Task:
+  """What a trainer gives the driver. Subclasses set the attributes and override the methods."""
+
+  name = 'train'  # In log lines.
+  root = ''  # Output directory: checkpoints/, metrics.jsonl, TensorBoard events.
+  total_steps = 0
+  global_batch = 0
+  log_every = 100
+  checkpoint_every = 1000
+  keep_checkpoints = 3
+  eval_every = 0  # Steps between `evaluate` calls (and at the end); 0 = never.
+  eval_at_start = False  # Also evaluate before the first step of a fresh run.
+
+  def abstract_state(self):
+    """(abstract state, its shardings), for restoring a checkpoint on any mesh."""
+    raise NotImplementedError
+
+  def init(self):
+    """The initial state, created directly in its shardings."""
+    raise NotImplementedError
+
+  def begin(self, start_step: int) -> None:
+    """Called once before the loop, with the step training resumes from (batch iterators start here)."""
+
+  def step(self, state):
+    """One training step: (new state, scalar metrics including 'loss' and 'grad_norm')."""
+    raise NotImplementedError
+
+  def record(self, metrics: dict, steps: int, seconds: float) -> dict:
+    """Fields a trainer adds to the log record of `steps` steps that took `seconds`."""
+    del metrics, steps, seconds
+    return {}
+
+  def progress(self, metrics: dict) -> str:
+    """The trainer's part of the progress line."""
+    return f'loss {metrics["loss"]:.4f}'
+
+  @property
+  def skipped_examples(self) -> int:
+    return 0
+
+  def evaluate(self, step: int, state, writer) -> dict | None:
+    """An evaluation at `step`; a returned dict is written to metrics.jsonl with the step."""
+    del step, state, writer
+    return None
+
+  def export(self, step: int, state) -> str | None:
+    """Writes the finished model; its path. Called once training reaches total_steps."""
+    del step, state
+    return None
+
+  def summary(self) -> dict:
+    """Fields the trainer adds to the run's summary."""
+    return {}
+
+
+def _writer(root: str, main_process: bool):
+  """TensorBoard on process 0. No logging writer: the progress line is the driver's own, printed once."""
+  # clu's writers import TensorFlow (seconds): only runs that train pay for it.
+  from clu import metric_writers  # pylint: disable=import-outside-toplevel
+  if not main_process:
+    return metric_writers.MultiWriter([])
+  return metric_writers.SummaryWriter(root)
+
+
+def run(task: Task, *, stop_after_steps: int | None = None, return_state: bool = False) -> dict:
+  """Trains `task` to its total_steps (or stops after `stop_after_steps` steps of this call, saving)."""
+  t_start = time.time()
+  main_process = multihost.is_main_process()
+  if main_process:
+    os.makedirs(task.root, exist_ok=True)
+  ckpt = Checkpointer(os.path.join(task.root, 'checkpoints'), max_to_keep=task.keep_checkpoints,
+                      save_every=task.checkpoint_every)
+  abstract, shardings = task.abstract_state()
+  state, start = ckpt.restore_or_init(abstract, shardings, task.init)
+  task.begin(start)
+  metrics_path = os.path.join(task.root, 'metrics.jsonl')
+  writer = _writer(task.root, main_process)
+  total = task.total_steps
+
+  def write(rec: dict):
+    if main_process:
+      with open(metrics_path, 'a') as f:
+        f.write(json.dumps(rec) + '\n')
+      scalars = {k: v for k, v in rec.items() if k != 'step' and isinstance(v, (int, float))}
+      writer.write_scalars(rec['step'], scalars)
+
+  def evaluate(step: int):
+    rec = task.evaluate(step, state, writer)
+    if rec:
+      write({'step': step, **rec})
+
+  if task.eval_at_start and start == 0 and task.eval_every > 0:
+    evaluate(0)
+  stop = {'signal': None}
+  previous = signal.signal(signal.SIGTERM, lambda *_: stop.update(signal='SIGTERM'))
+  last, step, t_log, n_log, export = None, start, time.time(), 0, None
+  try:
+    while step < total:
+      state, metrics = task.step(state)
+      metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+      step += 1
+      n_log += 1
+      if not (math.isfinite(metrics['loss']) and math.isfinite(metrics['grad_norm'])):
+        raise NonFiniteLoss(f'non-finite loss or gradient at step {step} (loss {metrics["loss"]}, grad '
+                            f'norm {metrics["grad_norm"]}); the last checkpoint in {ckpt.directory} is kept')
+      last = metrics
+      if step % task.log_every == 0 or step == total:
+        dt = max(time.time() - t_log, 1e-9)
+        rate = n_log / dt
+        eta = (total - step) / max(rate, 1e-9)
+        write({'step': step, **metrics, 'steps_per_s': rate, 'eta_s': eta, **task.record(metrics, n_log, dt),
+               'examples_seen': step * task.global_batch, 'skipped_examples': task.skipped_examples})
+        if main_process:
+          logging.info('%s step %d/%d %s %.2f steps/s ETA %s', task.name, step, total, task.progress(metrics),
+                       rate, _duration(eta))
+        t_log, n_log = time.time(), 0
+      if task.eval_every > 0 and (step % task.eval_every == 0 or step == total):
+        evaluate(step)
+        t_log = time.time()  # Evaluation time is not training time.
+      ckpt.save(step, state, {'step': step})
+      if stop['signal'] or (stop_after_steps is not None and step - start >= stop_after_steps):
+        ckpt.save(step, state, {'step': step}, force=True)
+        logging.info('stopping at step %d (%s); checkpoint saved', step, stop['signal'] or 'requested')
+        break
+    if step == total:
+      ckpt.save(step, state, {'step': step}, force=True)
+  finally:
+    ckpt.close()
+    signal.signal(signal.SIGTERM, previous)
+    writer.flush()
+  if step == total:
+    export = task.export(step, state)
+  summary = {'start_step': start, 'end_step': step, 'last_loss': None if last is None else last['loss'],
+             **task.summary(), 'export': export, 'seconds': round(time.time() - t_start, 2),
+             'workdir': task.root}
+  if return_state:
+    summary['state'] = state
+  return summary
+
+
+def _duration(seconds: float) -> str:
+  seconds = int(round(seconds))
+  if seconds < 60:
+    return f'{seconds}s'
+  minutes, s = divmod(seconds, 60)
+  if minutes < 60:
+    return f'{minutes}m{s:02d}s'
+  hours, m = divmod(minutes, 60)
+  return f'{hours}h{m:02d}m'

@@ -261,7 +261,7 @@ def matmul_peak(sizes, repeats: int) -> dict:
     a = jax.random.normal(ka, (n, n), jnp.bfloat16)
     b = jax.random.normal(kb, (n, n), jnp.bfloat16)
     f = jax.jit(lambda x, y: x @ y)
-    times = time_calls(lambda: f(a, b), repeats, warmup=3)
+    times = time_calls(lambda a=a, b=b: f(a, b), repeats, warmup=3)
     t = time.perf_counter()
     r = None
     for _ in range(repeats):

@@ -19,10 +19,8 @@ from srdd_jax.tools.reference_var import var_config_from_meta
 from tests.conftest import reference_file
 
 
-@pytest.fixture(scope='module')
-def models():
-  """The reference transformer (depth 2, width 128, 10 classes) and its tokenizer, converted."""
-  path = reference_file('var_d2_w128.npz')
+def _load_models(name):
+  path = reference_file(name)
   with np.load(path) as z:
     data = {k: z[k] for k in z.files}
   st = {k[4:]: v for k, v in data.items() if k.startswith('var/')}
@@ -30,6 +28,19 @@ def models():
   vst = {k[4:]: v for k, v in data.items() if k.startswith('vae/')}
   vae_config = var_vqvae.infer_vqvae_config({k: v.shape for k, v in vst.items()}, patch_nums=vc.patch_nums)
   return vc, cvt.convert_var(st, vc), vae_config, var_vqvae.convert_vqvae(vst, vae_config)
+
+
+@pytest.fixture(scope='module')
+def models():
+  """The reference transformer (depth 2, width 128, 10 classes, 256 px) and its tokenizer, converted."""
+  return _load_models('var_d2_w128.npz')
+
+
+@pytest.fixture(scope='module')
+def compact_models():
+  """The compact reference transformer (depth 2, width 64, 5 classes, V=512, 32 px, 6 scales) and its
+  tokenizer, converted: part of the repository, so the tests using it run everywhere."""
+  return _load_models('compact_var_d2_w64.npz')
 
 
 def test_guidance_schedules():
@@ -106,29 +117,31 @@ def test_rng_seed_and_batch_index(models):
     s.tokens(p, vae_p, jnp.array([11]), batch_rng(0, 0))
 
 
-def test_sharded_sampling_equals_single_device(models):
-  """The batch is sharded over the data axes. Greedy tokens equal the single-device ones exactly; a
-  random draw is reproducible on the mesh (across shardings, float rounding of the logits may flip a
-  near-tied draw, after which the scales diverge, so those are not compared token by token)."""
-  vc, p, vae_c, vae_p = models
+def test_sharded_sampling_equals_single_device(compact_models):
+  """The batch sharded over the 8 devices of a (data=8) mesh gives, with the same key, the tokens of one
+  device exactly, greedy (causal, KV cache) and random (markov; top-k, top-p, masked redraw), and the
+  same images."""
+  vc, p, vae_c, vae_p = compact_models
   mesh = pm.make_mesh({'data': 8, 'fsdp': 1, 'tensor': 1})
-  labels = jnp.arange(8) % 10
-  single_p = jax.device_put(p, jax.devices()[0])
+  labels = jnp.arange(8) % vc.num_classes
+  one = jax.devices()[0]
+  single_p, single_vae_p = jax.device_put(p, one), jax.device_put(vae_p, one)
   greedy = SamplerConfig(cfg=2.0, greedy=True)
-  ids, _ = jax.jit(Sampler(vc, vae_c, greedy, mask='causal', mesh=mesh).tokens)(p, vae_p, labels,
-                                                                                batch_rng(1, 0))
-  assert ids[-1].sharding.spec[0] in (('data', 'fsdp'), 'data')
-  assert len(ids[-1].sharding.device_set) == 8
-  ref, _ = jax.jit(Sampler(vc, vae_c, greedy, mask='causal').tokens)(single_p, vae_p, labels,
-                                                                     batch_rng(1, 0))
-  for x, y in zip(ids, ref):
-    np.testing.assert_array_equal(x, y)
-  sc = SamplerConfig(cfg=2.0, cfg_schedule='constant', mr_threshold=0.01, mr_iterations=3)
-  fn = jax.jit(Sampler(vc, vae_c, sc, mask='markov', mesh=mesh).tokens)
-  a, _ = fn(p, vae_p, labels, batch_rng(1, 0))
-  b, _ = fn(p, vae_p, labels, batch_rng(1, 0))
-  for x, y in zip(a, b):
-    np.testing.assert_array_equal(x, y)
+  random = SamplerConfig(cfg=2.0, cfg_schedule='constant', top_k=64, top_p=0.9, mr_threshold=0.01,
+                         mr_iterations=3)
+  for sc, mask in ((greedy, 'causal'), (random, 'markov')):
+    ids, img = jax.jit(Sampler(vc, vae_c, sc, mask=mask, mesh=mesh).sample)(p, vae_p, labels, batch_rng(1, 0))
+    assert ids[-1].sharding.spec[0] in (('data', 'fsdp'), 'data')
+    assert len(ids[-1].sharding.device_set) == 8
+    ref_ids, ref_img = jax.jit(Sampler(vc, vae_c, sc, mask=mask).sample)(single_p, single_vae_p, labels,
+                                                                         batch_rng(1, 0))
+    assert ref_ids[-1].sharding.device_set == {one}
+    for k, (x, y) in enumerate(zip(ids, ref_ids)):
+      np.testing.assert_array_equal(x, y, err_msg=f'{mask} greedy={sc.greedy} scale {k}')
+    np.testing.assert_allclose(img, ref_img, atol=1e-5)
+    if not sc.greedy:
+      # A random draw: examples 0 and 5 share class 0 but not their noise.
+      assert np.any(np.asarray(ids[-1])[0] != np.asarray(ids[-1])[5])
 
 
 @pytest.fixture(scope='module')

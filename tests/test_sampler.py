@@ -100,6 +100,56 @@ def test_masked_redraw_frequency_follows_the_distribution():
     assert np.all(np.abs(counts - share) <= 5 * np.sqrt(share * (1 - share) / n)), (it, counts)
 
 
+def test_draw_with_masked_redraw_returns_vocabulary_ids():
+  """`draw` with top-k: sampling and the redraw work on the k candidates, the ids returned are the
+  candidates' vocabulary ids. Each of 2000 positions has one token of probability 0.7 (threshold 0.2)
+  at a vocabulary id >= 4 that varies with the position, three of 0.1 and 1020 others far below; 40
+  redraws leave a low token with probability 0.3^41 = 4e-22, so every id is the high one."""
+  rng = np.random.default_rng(0)
+  v, n = 1024, 2000
+  cand = np.stack([rng.choice(np.arange(4, v), 4, replace=False) for _ in range(n)])  # [high, low x3]
+  logits = np.full((1, n, v), -50.0, np.float32)
+  np.put_along_axis(logits[0], cand, np.log(np.array([[0.7, 0.1, 0.1, 0.1]], np.float32)), axis=-1)
+  logits = jnp.asarray(logits)
+  key = jax.random.PRNGKey(3)
+  for top_k in (4, 0):  # Compact candidates (ids mapped back) and the full vocabulary (ids direct).
+    sc = SamplerConfig(top_k=top_k, top_p=0.0, mr_threshold=0.2, mr_iterations=40)
+    plain = np.asarray(filtering.draw(key, logits, sc, mr=False))[0]
+    redrawn = np.asarray(filtering.draw(key, logits, sc, mr=True))[0]
+    assert plain.shape == redrawn.shape == (n,)
+    # Without the redraw: the real ids of the four candidates, the low ones 30% of the time
+    # (Binomial(2000, 0.3): 600 +- 20.5, bounds at 5 sd).
+    assert np.all(np.any(plain[:, None] == cand, axis=1)), top_k
+    low = plain != cand[:, 0]
+    assert 497 <= low.sum() <= 703, (top_k, low.sum())
+    # With it: exactly the high id of every position; the ones drawn high at first are kept.
+    np.testing.assert_array_equal(redrawn, cand[:, 0], err_msg=f'top_k={top_k}')
+
+
+def test_masked_redraw_only_on_switched_on_scales(compact_models):
+  """`mr_scales` through the sampler, same key: B redraws at scale 3 only, C at scales 3 and 5. Scales
+  0-3 see the same inputs and switches in both, so they are equal; scale 4, switched off in both after
+  a redrawn scale, is equal; scale 5 is redrawn in C only, so it differs. (A switch ignored, shifted,
+  or extended to the later scales breaks one of these.) The threshold 0.2 is far above the token
+  probabilities of this random model (the largest are about 0.02), so nearly every token of a
+  switched-on scale is redrawn. (top-k off: the candidates' id mapping is the test above.)"""
+  vc, p, vae_c, vae_p = compact_models
+  labels = jnp.array([0, 1, 2, 4])
+  base = dict(cfg=1.5, top_k=0, top_p=0.0, mr_threshold=0.2, mr_iterations=2)
+  runs = []
+  for on in ((3,), (3, 5)):
+    sc = SamplerConfig(**base, mr_scales=tuple(k in on for k in range(vc.num_scales)))
+    assert [sc.mr_on(k, vc.num_scales) for k in range(vc.num_scales)] == [k in on for k in range(6)]
+    ids, _ = jax.jit(Sampler(vc, vae_c, sc, mask='markov').tokens)(p, vae_p, labels, batch_rng(4, 0))
+    runs.append([np.asarray(x) for x in ids])
+  b, c = runs
+  assert [bool(np.array_equal(x, y)) for x, y in zip(b, c)] == [True] * 5 + [False]
+  # Scale 5 of C: a redraw of (nearly) every token, not a few flips.
+  assert np.mean(b[5] != c[5]) > 0.5
+  with pytest.raises(ValueError, match='mr_scales has 2 entries for 6 scales'):
+    SamplerConfig(**base, mr_scales=(True, False)).mr_on(0, 6)
+
+
 def test_rng_seed_and_batch_index(models):
   vc, p, vae_c, vae_p = models
   s = Sampler(vc, vae_c, SamplerConfig(cfg=1.5), mask='markov')

@@ -23,6 +23,7 @@ def _run(capsys, *args):
 
 
 def test_reference_vqvae_file_passes(capsys):
+  # The compact file of the repository: test_compact_reference_files_pass below.
   rc, out, lines = _run(capsys, reference_file('vqvae_ch32_256.npz'))
   assert rc == 0, out
   names = {'f', 'rec', 'var_input', 'dec_from_idx', *[f'idx_{k}' for k in range(10)],

@@ -102,6 +102,7 @@ def test_what_each_scale_sees(mask):
 
 
 def test_reference_var_files_pass_logits_and_greedy_sampling(capsys):
+  # The compact files of the repository: test_check_reference.test_compact_reference_files_pass.
   files = [reference_file('var_d2_w128.npz'), reference_file('var_d2_w128_shared_aln.npz')]
   assert check_reference.main(files + ['--strict']) == 0
   out = capsys.readouterr().out

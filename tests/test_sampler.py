@@ -122,7 +122,7 @@ def test_draw_with_masked_redraw_returns_vocabulary_ids():
     assert np.all(np.any(plain[:, None] == cand, axis=1)), top_k
     low = plain != cand[:, 0]
     assert 497 <= low.sum() <= 703, (top_k, low.sum())
-    # With it: exactly the high id of every position; the ones drawn high at first are kept.
+    # With it: exactly the high id of every position.
     np.testing.assert_array_equal(redrawn, cand[:, 0], err_msg=f'top_k={top_k}')
 
 

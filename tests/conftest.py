@@ -1,7 +1,9 @@
 """Test set-up: 8 forced CPU devices, true float32 matmuls, and the reference vectors.
 
-The reference files live in $SRDD_REFERENCE_DIR (default ../shared/reference beside the clone). A
-missing file skips its tests with a message, except under CI=true where it is a failure.
+Reference vectors of the official PyTorch code come in two sets. The compact files (`compact_*.npz`)
+are part of the repository, in tests/data/reference: their tests run everywhere, and a missing one is a
+failure. The large files live in $SRDD_REFERENCE_DIR (default ../shared/reference beside the clone); a
+missing large file skips its tests with a message, except under CI=true where it is a failure.
 """
 import os
 import sys
@@ -20,9 +22,20 @@ flags.FLAGS(sys.argv[:1])  # absl flags parsed, so code that reads them works un
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REFERENCE_DIR = os.path.abspath(os.environ.get('SRDD_REFERENCE_DIR',
                                                os.path.join(REPO, '..', 'shared', 'reference')))
+COMPACT_REFERENCE_DIR = os.path.join(REPO, 'tests', 'data', 'reference')
+
+COMPACT_FILES = ('compact_vqvae_32.npz', 'compact_var_d2_w64.npz', 'compact_var_d2_w64_saln_nol2.npz')
+# The tokenizer files of both sets: the compact one proves the same parity everywhere.
+VQVAE_FILES = ('compact_vqvae_32.npz', 'vqvae_ch32_256.npz')
 
 
 def reference_file(name: str) -> str:
+  """The path of reference file `name`; skips (fails under CI=true) where a large file is absent."""
+  if name.startswith('compact_'):
+    path = os.path.join(COMPACT_REFERENCE_DIR, name)
+    if not os.path.isfile(path):
+      pytest.fail(f'reference file {path} is missing from the repository')
+    return path
   path = os.path.join(REFERENCE_DIR, name)
   if not os.path.isfile(path):
     msg = (f'reference file {path} is missing (set SRDD_REFERENCE_DIR to the folder of the '
@@ -33,14 +46,14 @@ def reference_file(name: str) -> str:
   return path
 
 
-@pytest.fixture(scope='session')
-def vqvae_ref():
-  """(npz dict, VQVAEConfig, converted params) of vqvae_ch32_256.npz."""
+@pytest.fixture(scope='session', params=VQVAE_FILES)
+def vqvae_ref(request):
+  """(npz dict, VQVAEConfig, converted params) of each tokenizer reference file."""
   import numpy as np  # pylint: disable=import-outside-toplevel
   from srdd_jax.convert import var_vqvae  # pylint: disable=import-outside-toplevel
   from srdd_jax.tools.reference_vqvae import vqvae_config_from_meta  # pylint: disable=import-outside-toplevel
   import json  # pylint: disable=import-outside-toplevel
-  path = reference_file('vqvae_ch32_256.npz')
+  path = reference_file(request.param)
   with np.load(path) as z:
     data = {k: z[k] for k in z.files}
   meta = json.loads(str(data['meta']))

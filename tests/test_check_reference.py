@@ -1,5 +1,6 @@
 """`check_reference`: the real reference file, failures, strictness, and files of other configurations."""
 import json
+import os
 import re
 
 import jax
@@ -9,7 +10,7 @@ import numpy as np
 from srdd_jax.tokenizer.api import Tokenizer, unbox
 from srdd_jax.tokenizer.vqvae import VQVAEConfig
 from srdd_jax.tools import check_reference
-from tests.conftest import reference_file
+from tests.conftest import COMPACT_FILES, reference_file
 from tests.test_resample import _area_loop, _bicubic_loop
 
 
@@ -22,6 +23,7 @@ def _run(capsys, *args):
 
 
 def test_reference_vqvae_file_passes(capsys):
+  # The compact file of the repository: test_compact_reference_files_pass below.
   rc, out, lines = _run(capsys, reference_file('vqvae_ch32_256.npz'))
   assert rc == 0, out
   names = {'f', 'rec', 'var_input', 'dec_from_idx', *[f'idx_{k}' for k in range(10)],
@@ -33,19 +35,54 @@ def test_reference_vqvae_file_passes(capsys):
   assert re.search(r'^4[0-9] passed, 0 failed, 0 not checked$', out, re.M), out
 
 
+# Entries of a reference file that are inputs or weights; every other entry is an output to check.
+_NOT_OUTPUTS = re.compile(r'meta|img|labels|x_in|area_in|bicubic_in_\d+|(vae|var|inception)/.*')
+
+
+def test_compact_reference_files_pass(capsys):
+  """The three compact files of the repository in one run of the tool, as `python -m
+  srdd_jax.tools.check_reference tests/data/reference/*.npz --strict`: the tokenizer (features, ids,
+  f_hat, teacher-forcing input, reconstructions, resampling), the transformer's logits under both masks
+  and greedy sampling under both masks, every output entry of every file checked and passed."""
+  paths = [reference_file(n) for n in COMPACT_FILES]
+  folder = os.path.dirname(paths[0])
+  assert sorted(f for f in os.listdir(folder) if f.endswith('.npz')) == sorted(COMPACT_FILES)
+  rc, out, _ = _run(capsys, *paths, '--strict')
+  assert rc == 0, out
+  sections = re.split(r'^== (\S+): .*$', out, flags=re.M)
+  assert sections[1::2] == paths, out
+  total = 0
+  for path, text in zip(sections[1::2], sections[2::2]):
+    with np.load(path) as z:
+      meta = json.loads(str(z['meta']))
+      outputs = {k for k in z.files if not _NOT_OUTPUTS.fullmatch(k)}
+    weights = {'vqvae': 'vae/* weights', 'var': 'var/* weights'}[meta['kind']]
+    passed = set(re.findall(r'^PASS\s+(\S+(?: \S+)*?)\s{2,}', text, re.M))
+    assert passed == outputs | {weights}, (path, passed ^ (outputs | {weights}))
+    assert not re.search(r'^(FAIL|NOT CHECKED)', text, re.M), text
+    # Every scale of meta's patch_nums is checked: ids of the tokenizer, greedy ids of both masks.
+    scales = range(len(meta['patch_nums']))
+    per_scale = ([f'idx_{k}' for k in scales] if meta['kind'] == 'vqvae' else
+                 [f'greedy_{m}_idx_{k}' for m in ('causal', 'markov') for k in scales])
+    assert len(scales) == 6 and set(per_scale) <= passed, path
+    total += len(passed)
+  assert total == 27 + 21 + 21
+  assert re.search(rf'^{total} passed, 0 failed, 0 not checked$', out, re.M), out
+
+
 def test_a_wrong_output_fails(tmp_path, capsys):
-  with np.load(reference_file('vqvae_ch32_256.npz')) as z:
+  with np.load(reference_file('compact_vqvae_32.npz')) as z:
     data = {k: z[k] for k in z.files}
   data['rec'] = data['rec'] * 1.01
   data['idx_4'] = data['idx_4'].copy()
-  data['idx_4'][0, 7] = (data['idx_4'][0, 7] + 1) % 4096
-  data['area_out_5'] = data['area_out_5'] + 1e-3
+  data['idx_4'][0, 7] = (data['idx_4'][0, 7] + 1) % 512
+  data['area_out_4'] = data['area_out_4'] + 1e-3
   bad = tmp_path / 'bad.npz'
   np.savez(bad, **data)
   rc, out, lines = _run(capsys, str(bad))
   assert rc == 1
-  assert lines['rec'][0] == 'FAIL' and lines['idx_4'][0] == 'FAIL' and lines['area_out_5'][0] == 'FAIL'
-  assert '1/50 ids differ' in lines['idx_4'][1]
+  assert lines['rec'][0] == 'FAIL' and lines['idx_4'][0] == 'FAIL' and lines['area_out_4'][0] == 'FAIL'
+  assert '1/72 ids differ' in lines['idx_4'][1]
   assert lines['f'][0] == 'PASS' and lines['fhat_3'][0] == 'PASS'
 
 

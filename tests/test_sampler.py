@@ -19,10 +19,8 @@ from srdd_jax.tools.reference_var import var_config_from_meta
 from tests.conftest import reference_file
 
 
-@pytest.fixture(scope='module')
-def models():
-  """The reference transformer (depth 2, width 128, 10 classes) and its tokenizer, converted."""
-  path = reference_file('var_d2_w128.npz')
+def _load_models(name):
+  path = reference_file(name)
   with np.load(path) as z:
     data = {k: z[k] for k in z.files}
   st = {k[4:]: v for k, v in data.items() if k.startswith('var/')}
@@ -30,6 +28,19 @@ def models():
   vst = {k[4:]: v for k, v in data.items() if k.startswith('vae/')}
   vae_config = var_vqvae.infer_vqvae_config({k: v.shape for k, v in vst.items()}, patch_nums=vc.patch_nums)
   return vc, cvt.convert_var(st, vc), vae_config, var_vqvae.convert_vqvae(vst, vae_config)
+
+
+@pytest.fixture(scope='module')
+def models():
+  """The reference transformer (depth 2, width 128, 10 classes, 256 px) and its tokenizer, converted."""
+  return _load_models('var_d2_w128.npz')
+
+
+@pytest.fixture(scope='module')
+def compact_models():
+  """The compact reference transformer (depth 2, width 64, 5 classes, V=512, 32 px, 6 scales) and its
+  tokenizer, converted: part of the repository, so the tests using it run everywhere."""
+  return _load_models('compact_var_d2_w64.npz')
 
 
 def test_guidance_schedules():
@@ -89,6 +100,56 @@ def test_masked_redraw_frequency_follows_the_distribution():
     assert np.all(np.abs(counts - share) <= 5 * np.sqrt(share * (1 - share) / n)), (it, counts)
 
 
+def test_draw_with_masked_redraw_returns_vocabulary_ids():
+  """`draw` with top-k: sampling and the redraw work on the k candidates, the ids returned are the
+  candidates' vocabulary ids. Each of 2000 positions has one token of probability 0.7 (threshold 0.2)
+  at a vocabulary id >= 4 that varies with the position, three of 0.1 and 1020 others far below; 40
+  redraws leave a low token with probability 0.3^41 = 4e-22, so every id is the high one."""
+  rng = np.random.default_rng(0)
+  v, n = 1024, 2000
+  cand = np.stack([rng.choice(np.arange(4, v), 4, replace=False) for _ in range(n)])  # [high, low x3]
+  logits = np.full((1, n, v), -50.0, np.float32)
+  np.put_along_axis(logits[0], cand, np.log(np.array([[0.7, 0.1, 0.1, 0.1]], np.float32)), axis=-1)
+  logits = jnp.asarray(logits)
+  key = jax.random.PRNGKey(3)
+  for top_k in (4, 0):  # Compact candidates (ids mapped back) and the full vocabulary (ids direct).
+    sc = SamplerConfig(top_k=top_k, top_p=0.0, mr_threshold=0.2, mr_iterations=40)
+    plain = np.asarray(filtering.draw(key, logits, sc, mr=False))[0]
+    redrawn = np.asarray(filtering.draw(key, logits, sc, mr=True))[0]
+    assert plain.shape == redrawn.shape == (n,)
+    # Without the redraw: the real ids of the four candidates, the low ones 30% of the time
+    # (Binomial(2000, 0.3): 600 +- 20.5, bounds at 5 sd).
+    assert np.all(np.any(plain[:, None] == cand, axis=1)), top_k
+    low = plain != cand[:, 0]
+    assert 497 <= low.sum() <= 703, (top_k, low.sum())
+    # With it: exactly the high id of every position.
+    np.testing.assert_array_equal(redrawn, cand[:, 0], err_msg=f'top_k={top_k}')
+
+
+def test_masked_redraw_only_on_switched_on_scales(compact_models):
+  """`mr_scales` through the sampler, same key: B redraws at scale 3 only, C at scales 3 and 5. Scales
+  0-3 see the same inputs and switches in both, so they are equal; scale 4, switched off in both after
+  a redrawn scale, is equal; scale 5 is redrawn in C only, so it differs. (A switch ignored, shifted,
+  or extended to the later scales breaks one of these.) The threshold 0.2 is far above the token
+  probabilities of this random model (the largest are about 0.02), so nearly every token of a
+  switched-on scale is redrawn. (top-k off: the candidates' id mapping is the test above.)"""
+  vc, p, vae_c, vae_p = compact_models
+  labels = jnp.array([0, 1, 2, 4])
+  base = dict(cfg=1.5, top_k=0, top_p=0.0, mr_threshold=0.2, mr_iterations=2)
+  runs = []
+  for on in ((3,), (3, 5)):
+    sc = SamplerConfig(**base, mr_scales=tuple(k in on for k in range(vc.num_scales)))
+    assert [sc.mr_on(k, vc.num_scales) for k in range(vc.num_scales)] == [k in on for k in range(6)]
+    ids, _ = jax.jit(Sampler(vc, vae_c, sc, mask='markov').tokens)(p, vae_p, labels, batch_rng(4, 0))
+    runs.append([np.asarray(x) for x in ids])
+  b, c = runs
+  assert [bool(np.array_equal(x, y)) for x, y in zip(b, c)] == [True] * 5 + [False]
+  # Scale 5 of C: a redraw of (nearly) every token, not a few flips.
+  assert np.mean(b[5] != c[5]) > 0.5
+  with pytest.raises(ValueError, match='mr_scales has 2 entries for 6 scales'):
+    SamplerConfig(**base, mr_scales=(True, False)).mr_on(0, 6)
+
+
 def test_rng_seed_and_batch_index(models):
   vc, p, vae_c, vae_p = models
   s = Sampler(vc, vae_c, SamplerConfig(cfg=1.5), mask='markov')
@@ -106,29 +167,31 @@ def test_rng_seed_and_batch_index(models):
     s.tokens(p, vae_p, jnp.array([11]), batch_rng(0, 0))
 
 
-def test_sharded_sampling_equals_single_device(models):
-  """The batch is sharded over the data axes. Greedy tokens equal the single-device ones exactly; a
-  random draw is reproducible on the mesh (across shardings, float rounding of the logits may flip a
-  near-tied draw, after which the scales diverge, so those are not compared token by token)."""
-  vc, p, vae_c, vae_p = models
+def test_sharded_sampling_equals_single_device(compact_models):
+  """The batch sharded over the 8 devices of a (data=8) mesh gives, with the same key, the tokens of one
+  device exactly, greedy (causal, KV cache) and random (markov; top-k, top-p, masked redraw), and the
+  same images."""
+  vc, p, vae_c, vae_p = compact_models
   mesh = pm.make_mesh({'data': 8, 'fsdp': 1, 'tensor': 1})
-  labels = jnp.arange(8) % 10
-  single_p = jax.device_put(p, jax.devices()[0])
+  labels = jnp.arange(8) % vc.num_classes
+  one = jax.devices()[0]
+  single_p, single_vae_p = jax.device_put(p, one), jax.device_put(vae_p, one)
   greedy = SamplerConfig(cfg=2.0, greedy=True)
-  ids, _ = jax.jit(Sampler(vc, vae_c, greedy, mask='causal', mesh=mesh).tokens)(p, vae_p, labels,
-                                                                                batch_rng(1, 0))
-  assert ids[-1].sharding.spec[0] in (('data', 'fsdp'), 'data')
-  assert len(ids[-1].sharding.device_set) == 8
-  ref, _ = jax.jit(Sampler(vc, vae_c, greedy, mask='causal').tokens)(single_p, vae_p, labels,
-                                                                     batch_rng(1, 0))
-  for x, y in zip(ids, ref):
-    np.testing.assert_array_equal(x, y)
-  sc = SamplerConfig(cfg=2.0, cfg_schedule='constant', mr_threshold=0.01, mr_iterations=3)
-  fn = jax.jit(Sampler(vc, vae_c, sc, mask='markov', mesh=mesh).tokens)
-  a, _ = fn(p, vae_p, labels, batch_rng(1, 0))
-  b, _ = fn(p, vae_p, labels, batch_rng(1, 0))
-  for x, y in zip(a, b):
-    np.testing.assert_array_equal(x, y)
+  random = SamplerConfig(cfg=2.0, cfg_schedule='constant', top_k=64, top_p=0.9, mr_threshold=0.01,
+                         mr_iterations=3)
+  for sc, mask in ((greedy, 'causal'), (random, 'markov')):
+    ids, img = jax.jit(Sampler(vc, vae_c, sc, mask=mask, mesh=mesh).sample)(p, vae_p, labels, batch_rng(1, 0))
+    assert ids[-1].sharding.spec[0] in (('data', 'fsdp'), 'data')
+    assert len(ids[-1].sharding.device_set) == 8
+    ref_ids, ref_img = jax.jit(Sampler(vc, vae_c, sc, mask=mask).sample)(single_p, single_vae_p, labels,
+                                                                         batch_rng(1, 0))
+    assert ref_ids[-1].sharding.device_set == {one}
+    for k, (x, y) in enumerate(zip(ids, ref_ids)):
+      np.testing.assert_array_equal(x, y, err_msg=f'{mask} greedy={sc.greedy} scale {k}')
+    np.testing.assert_allclose(img, ref_img, atol=1e-5)
+    if not sc.greedy:
+      # A random draw: examples 0 and 5 share class 0 but not their noise.
+      assert np.any(np.asarray(ids[-1])[0] != np.asarray(ids[-1])[5])
 
 
 @pytest.fixture(scope='module')

@@ -35,10 +35,14 @@ def test_reference_pipeline_shapes(vqvae_ref):
   data, config, params = vqvae_ref
   tok = Tokenizer(config)
   ids = [jnp.asarray(data[f'idx_{k}'].astype(np.int32)) for k in range(config.num_scales)]
+  assert f'idx_{config.num_scales}' not in data  # meta's patch_nums name every scale of the file.
   vi = tok.idx_to_var_input(params, ids)
-  assert vi.shape == (2, config.seq_len - 1, config.z_channels) == (2, 679, 32)
+  assert vi.shape == (2, config.seq_len - 1, config.z_channels) == data['var_input'].shape
   fh = tok.idx_to_fhat(params, ids)
-  assert len(fh) == 10 and all(f.shape == (2, 16, 16, 32) for f in fh)
+  side = config.patch_nums[-1]
+  assert len(fh) == config.num_scales
+  assert all(f.shape == (2, side, side, config.z_channels) == np.transpose(data[f'fhat_{k}'], (0, 2, 3, 1)).shape
+             for k, f in enumerate(fh))
 
 
 def test_sampling_update_reproduces_teacher_forcing_and_fhat(vqvae_ref):
@@ -50,14 +54,14 @@ def test_sampling_update_reproduces_teacher_forcing_and_fhat(vqvae_ref):
   for k in range(config.num_scales):
     f_hat, nxt = tok.next_input(params, f_hat, ids[k], k)
     if k < config.num_scales - 1:
-      assert nxt.shape == (2, config.patch_nums[k + 1] ** 2, 32)
+      assert nxt.shape == (2, config.patch_nums[k + 1] ** 2, config.z_channels)
       inputs.append(nxt)
     else:
       assert nxt is None
   ref = np.asarray(data['var_input'])
   got = np.concatenate([np.asarray(x) for x in inputs], 1)
   assert np.linalg.norm(got - ref) / np.linalg.norm(ref) <= 1e-4
-  fref = np.transpose(data['fhat_9'], (0, 2, 3, 1))
+  fref = np.transpose(data[f'fhat_{config.num_scales - 1}'], (0, 2, 3, 1))
   assert np.linalg.norm(np.asarray(f_hat) - fref) / np.linalg.norm(fref) <= 1e-4
 
 

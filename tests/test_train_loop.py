@@ -1,4 +1,4 @@
-"""The training loop (issue 5, in progress): exact resume, another mesh, unreadable checkpoints,
+"""The training loop: exact resume, another mesh, unreadable checkpoints,
 config errors, non-finite losses, SIGTERM."""
 import json
 import os

@@ -18,7 +18,7 @@ from srdd_jax.tokenizer.vqvae import count_params
 from srdd_jax.tools import check_reference, convert_var
 from srdd_jax.transformer import attention
 from srdd_jax.transformer.config import VARConfig, preset
-from srdd_jax.transformer.loss import cross_entropy_metrics, training_loss
+from srdd_jax.transformer.loss import cross_entropy_metrics
 from srdd_jax.transformer.model import VAR
 from tests.conftest import reference_file
 from tests.var_numpy import var_forward
@@ -102,6 +102,7 @@ def test_what_each_scale_sees(mask):
 
 
 def test_reference_var_files_pass_logits_and_greedy_sampling(capsys):
+  # The compact files of the repository: test_check_reference.test_compact_reference_files_pass.
   files = [reference_file('var_d2_w128.npz'), reference_file('var_d2_w128_shared_aln.npz')]
   assert check_reference.main(files + ['--strict']) == 0
   out = capsys.readouterr().out
@@ -252,7 +253,8 @@ def test_loss_metrics_and_label_dropout():
   assert np.all(dropped ^ kept)
   # Binomial(4000, 0.1): mean 400, sd 19; 5 sd either side.
   assert 305 < dropped.sum() < 495
-  loss, m = training_loss(params, jnp.zeros((2,), jnp.int32), x[:2], jnp.zeros((2, 5), jnp.int32), rng, config)
+  # The loss of a training-mode forward (as the train step computes it): finite, the four metrics.
+  loss, m = cross_entropy_metrics(trained[:2], jnp.zeros((2, 5), jnp.int32), config)
   assert np.isfinite(float(loss)) and set(m) == {'loss', 'accuracy', 'last_scale_loss', 'last_scale_accuracy'}
 
 

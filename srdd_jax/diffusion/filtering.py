@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -147,7 +146,3 @@ def masked_redraw(rng, logits, tokens, threshold: float, iterations: int):
     return jnp.where(low, new, tok)
 
   return jax.lax.fori_loop(0, iterations, body, tokens)
-
-
-def scale_keys(rng, num_scales: int) -> Sequence[jax.Array]:
-  return [jax.random.fold_in(rng, si) for si in range(num_scales)]

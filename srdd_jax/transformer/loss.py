@@ -10,7 +10,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from srdd_jax.transformer.config import VARConfig
-from srdd_jax.transformer.model import VAR
 
 
 def cross_entropy_metrics(logits, targets, config: VARConfig, active_scales=None):
@@ -38,10 +37,3 @@ def cross_entropy_metrics(logits, targets, config: VARConfig, active_scales=None
       'last_scale_accuracy': jnp.mean(correct[:, b:e]),
   }
   return loss, metrics
-
-
-def training_loss(params, labels, x_in, targets, rng, config: VARConfig):
-  """Forward in training mode (label dropout to the null class at `config.cond_drop_rate`, drop path)
-  and the loss. `rng` drives both dropouts."""
-  logits = VAR(config).apply({'params': params}, labels, x_in, train=True, rngs={'dropout': rng})
-  return cross_entropy_metrics(logits, targets, config)

@@ -587,7 +587,7 @@ def attention_section(args, results, save) -> None:
            for s, e in begin_ends], axis=1)
     return out
 
-  for mask in ('causal', 'markov'):
+  for mask in MASK_ORDER:
     if elapsed() > args.budget_s + ATTENTION_EXTRA_S:
       res[mask] = {'skipped': f'time budget {args.budget_s}s + {ATTENTION_EXTRA_S}s spent'}
       continue
@@ -747,6 +747,7 @@ def main(argv=None):
   ap.add_argument('--sample_batch', type=int, default=None, help='default 32, --quick 4')
   ap.add_argument('--sample_repeats', type=int, default=None, help='default 3, --quick 2')
   ap.add_argument('--sections', default='train,sample,attention')
+  ap.add_argument('--masks', default='markov,causal', help='masks to run, in this order')
   ap.add_argument('--budget_s', type=float, default=None,
                   help='start no new part after this many seconds (default 300; --quick: no limit)')
   args = ap.parse_args(argv)
@@ -756,6 +757,8 @@ def main(argv=None):
   args.sample_batch = args.sample_batch or (4 if q else 32)
   args.sample_repeats = args.sample_repeats or (2 if q else 3)
   args.budget_s = args.budget_s if args.budget_s is not None else (1e9 if q else 300.0)
+  global MASK_ORDER  # pylint: disable=global-statement
+  MASK_ORDER = tuple(m.strip() for m in args.masks.split(',') if m.strip())
   sections = [s.strip() for s in args.sections.split(',') if s.strip()]
   unknown = set(sections) - {'train', 'sample', 'attention'}
   if unknown:

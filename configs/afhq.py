@@ -18,4 +18,4 @@ def get_config(arg=None):
       source='folder', path='data/afhq/train', labels='subfolder', resize_ratio=1.125, random_crop=True,
       flip=True))
   c.sample.num_per_class = 8
-  return c
+  return recipe.with_defaults(c)  # Every key present, so each can be overridden on the command line.

@@ -10,6 +10,8 @@ never called FID). Any stage runs alone with its --mode and this config.
 """
 import ml_collections
 
+from srdd_jax.config import with_defaults
+
 PATCH_NUMS = (1, 2, 3, 4, 6, 8)
 
 
@@ -51,4 +53,4 @@ def get_config(arg=None):
   c.sample = ml_collections.ConfigDict(dict(classes='', num_per_class=100, batch_size=100))
   c.eval = ml_collections.ConfigDict(dict(metrics='proxy', proxy_examples=10000, samples=''))
   c.mesh = ml_collections.ConfigDict({'data': -1, 'fsdp': 1, 'tensor': 1})
-  return c
+  return with_defaults(c)  # Every key present, so each can be overridden on the command line.

@@ -21,4 +21,4 @@ def get_config(arg=None):
       source='folder', path='data/ffhq', labels='none', resize_ratio=1.125, random_crop=True, flip=True))
   c.sample.classes = '0'
   c.sample.num_per_class = 16
-  return c
+  return recipe.with_defaults(c)  # Every key present, so each can be overridden on the command line.

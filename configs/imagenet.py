@@ -26,4 +26,4 @@ def get_config(arg=None):
   else:
     raise ValueError(f"configs/imagenet.py: source={a['source']!r} must be 'tfds' or 'folder'")
   c.sample.classes = '1,88,207,279,360,387,417,980'  # Goldfish, macaw, golden retriever, ... for the grids.
-  return c
+  return recipe.with_defaults(c)  # Every key present, so each can be overridden on the command line.

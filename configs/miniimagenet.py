@@ -17,4 +17,4 @@ def get_config(arg=None):
       source='folder', path='data/miniimagenet/train', labels='subfolder', resize_ratio=1.125,
       random_crop=True, flip=True))
   c.sample.classes = '0,10,20,30,40,50,60,70'
-  return c
+  return recipe.with_defaults(c)  # Every key present, so each can be overridden on the command line.

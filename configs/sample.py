@@ -7,8 +7,13 @@
   python -m srdd_jax.main --config=configs/sample.py --workdir=DIR --mode=edit \
       --config.model.checkpoint=... --config.tokenizer.checkpoint=... \
       --config.edit.image=photo.png --config.edit.task=inpaint --config.edit.box=64,64,192,192
+  python -m srdd_jax.main --config=configs/sample.py --workdir=DIR --mode=eval \
+      --config.model.checkpoint=... --config.tokenizer.checkpoint=... \
+      --config.eval.inception_weights=fid_inception_weights.npz --config.eval.reference=VIRTUAL_imagenet256_labeled.npz
 """
 import ml_collections
+
+from srdd_jax.config import with_defaults
 
 
 def get_config(arg=None):
@@ -40,9 +45,18 @@ def get_config(arg=None):
   c.edit.image = ''  # Path of the image to edit (resized and center-cropped to the model's size).
   c.edit.box = ''  # 'x0,y0,x1,y1' in model pixels: regenerated (inpaint) or kept (outpaint/class_edit).
   c.edit.mask = ''  # Alternatively a mask image of the model's size: white = keep.
-  c.edit.class_id = -1  # class_edit: the target class; -1 = unconditional (null class).
+  c.edit.class_id = -1  # The class of the edits; -1 = unconditional (null class). class_edit needs one.
   c.edit.low_res = 0  # super_res: side the image is downsampled to first (0 = keep the input as is).
   c.edit.keep_scales = 0  # super_res: coarse scales kept (0 = those the low-res image determines).
   c.edit.num_samples = 4
+  # --mode=eval (srdd_jax/config.py documents every key).
+  c.eval = ml_collections.ConfigDict()
+  c.eval.metrics = 'fid,is,pr'  # Needs eval.inception_weights and eval.reference; or 'proxy' with config.data.
+  c.eval.classes = ''
+  c.eval.num_per_class = 50
+  c.eval.batch_size = 16
+  c.eval.inception_weights = ''  # pytorch-fid's pt_inception-2015-12-05-6726825d.pth or its converted .npz.
+  c.eval.reference = ''  # e.g. OpenAI's VIRTUAL_imagenet256_labeled.npz.
+  c.eval.samples = ''  # An existing samples .npz to evaluate instead of sampling.
   c.mesh = ml_collections.ConfigDict({'data': -1, 'fsdp': 1, 'tensor': 1})
-  return c
+  return with_defaults(c)  # Every key present, so each can be overridden on the command line.

@@ -4,6 +4,8 @@
 """
 import ml_collections
 
+from srdd_jax.config import with_defaults
+
 
 def get_config(arg=None):
   del arg
@@ -26,4 +28,4 @@ def get_config(arg=None):
       mr_iterations=2, mr_scales=''))
   c.sample = ml_collections.ConfigDict(dict(classes='0,1,2,3', num_per_class=2))
   c.mesh = ml_collections.ConfigDict({'data': -1, 'fsdp': 1, 'tensor': 1})
-  return c
+  return with_defaults(c)  # Every key present, so each can be overridden on the command line.

@@ -18,4 +18,4 @@ def get_config(arg=None):
       source='tfds', name='sun397/standard-part1-120k', split='train', data_dir='data/tensorflow_datasets',
       download=False, resize_ratio=1.125, random_crop=True, flip=True))
   c.sample.classes = '0,50,100,150,200,250,300,350'
-  return c
+  return recipe.with_defaults(c)  # Every key present, so each can be overridden on the command line.

@@ -11,6 +11,8 @@ import os
 
 import ml_collections
 
+from srdd_jax.config import with_defaults
+
 
 def get_config(arg=None):
   del arg
@@ -33,4 +35,4 @@ def get_config(arg=None):
   c.reconstruct.num_images = 4  # Synthetic images, used when the reference file supplies none.
   c.reconstruct.batch_size = 2
   c.mesh = ml_collections.ConfigDict({'data': -1, 'fsdp': 1, 'tensor': 1})
-  return c
+  return with_defaults(c)  # Every key present, so each can be overridden on the command line.

@@ -7,6 +7,8 @@ srdd_jax/config.py. The held-out PSNR is measured on the digits' test split.
 """
 import ml_collections
 
+from srdd_jax.config import with_defaults
+
 
 def get_config(arg=None):
   del arg
@@ -26,4 +28,4 @@ def get_config(arg=None):
       checkpoint_every=100, keep_checkpoints=2, prefetch=False))
   c.data = ml_collections.ConfigDict(dict(source='digits', split='train'))
   c.mesh = ml_collections.ConfigDict({'data': -1, 'fsdp': 1, 'tensor': 1})
-  return c
+  return with_defaults(c)  # Every key present, so each can be overridden on the command line.

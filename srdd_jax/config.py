@@ -1,9 +1,10 @@
 """The one config module: every section's keys with their defaults, one ConfigError, the recipes.
 
-A config file (`configs/<x>.py`, ml_collections) gives only what differs from the defaults below.
-`with_defaults(config)` returns a copy with every section complete; a key or section that is not
-listed here is an error naming it (a typo would otherwise be silently ignored). Every mode reads its
-config through `with_defaults`, so the defaults live here and nowhere else.
+A config file (`configs/<x>.py`, ml_collections) writes only what differs from the defaults below and
+returns `with_defaults(c)`: a copy with every section complete, so every key can be overridden on the
+command line. A key or section that is not listed here is an error naming it (a typo would otherwise be
+silently ignored). Every mode reads its config through `with_defaults`, so the defaults live here and
+nowhere else.
 
 Sections, and who reads them:
   seed           every random draw (data order, init, sampling) is a function of it.
@@ -153,6 +154,13 @@ MOVED = {('tokenizer', 'patch_nums'): 'config.model.patch_nums (the scales are s
                                       'tokenizer and the transformer)'}
 
 
+# Keys whose default None means "derived" and their type once given: a typed placeholder keeps them
+# overridable from the command line (ml_collections refuses to override a plain None).
+_OPTIONAL_TYPES = {('data', 'split'): str, ('data', 'random_crop'): bool, ('data', 'flip'): bool,
+                   ('data', 'name'): str, ('data', 'data_dir'): str, ('data', 'path'): str,
+                   ('data', 'num_classes'): int}
+
+
 def _plain(value):
   return value.to_dict() if hasattr(value, 'to_dict') else value
 
@@ -182,6 +190,9 @@ def with_defaults(config) -> ml_collections.ConfigDict:
       merged[section] = {**default, **value}
     else:
       merged[section] = value
+  for (section, key), kind in _OPTIONAL_TYPES.items():
+    if merged[section].get(key) is None:
+      merged[section][key] = ml_collections.config_dict.placeholder(kind)
   return ml_collections.ConfigDict(merged)
 
 

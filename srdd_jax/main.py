@@ -5,7 +5,13 @@ set), `train` (the transformer), `sample`, `edit` and `eval` (from trained or co
 configs/sample.py), `reconstruct` (tokenizer round trip with PSNR), `all` (every stage of an embedded
 config in order: configs/fashion_mnist.py). Several processes: --multihost, or --coordinator_address,
 --num_processes, --process_id (launch/README.md).
+
+Exit status: 0 done; 2 an input that cannot work (a config key, path or value: one line on stderr says
+which and what would work, nothing was written or lost); 75 stopped by SIGTERM or Ctrl-C after saving
+a checkpoint (run the same command again to resume); anything else is a bug.
 """
+import difflib
+import importlib.util
 import json
 import logging as std_logging
 import os
@@ -16,12 +22,14 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-from srdd_jax.config import ConfigError
+from srdd_jax.config import ConfigError, with_defaults
 from srdd_jax.modes import all as all_stages
 from srdd_jax.modes import edit
 from srdd_jax.modes import eval as evaluation
 from srdd_jax.modes import reconstruct, sample, tokenize, train, train_tokenizer
 from srdd_jax.parallel import multihost
+from srdd_jax.parallel.workdir import WorkdirLock
+from srdd_jax.train.driver import PREEMPTED_EXIT_CODE
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file (configs/<x>.py).')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for outputs, checkpoints and logs.')
@@ -36,6 +44,10 @@ _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Processes of a man
                                       '(or $SRDD_NUM_PROCESSES).')
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process, 0..num_processes-1 (or '
                                    '$SRDD_PROCESS_ID).')
+_OVERWRITE = flags.DEFINE_bool('overwrite', False, 'sample / edit / eval: replace the outputs an earlier run '
+                                'left in the workdir (without it they are never replaced).')
+_DRY_RUN = flags.DEFINE_bool('dry_run', False, 'Check the command line and the config (every key known, '
+                              'the defaults filled in), print the resolved config and exit; runs nothing.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 # --mode -> its runner: run(config, workdir) -> summary dict.
@@ -49,6 +61,57 @@ _MODES = {
     'edit': edit.run,
     'eval': evaluation.run,
 }
+# Modes whose outputs an earlier run may have left: they refuse to replace them unless --overwrite.
+_OVERWRITABLE = ('sample', 'edit', 'eval')
+
+
+def _error(message: str):
+  print(f'error: {message}', file=sys.stderr)
+  sys.exit(2)
+
+
+def _load_config_file(spec: str):
+  """configs/x.py[:arg] -> the ConfigDict its get_config(arg) returns."""
+  path, _, arg = spec.partition(':')
+  module_spec = importlib.util.spec_from_file_location('_srdd_config', path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg or None)
+
+
+def _diagnose(argv, e: Exception) -> str:
+  """A one-line account of why the command line cannot be parsed, naming the flag or config key."""
+  spec = next((a.split('=', 1)[1] for a in argv if a.startswith('--config=')), None)
+  if spec is not None:
+    path = spec.partition(':')[0]
+    if not os.path.isfile(path):
+      return f'--config={spec}: no config file {path!r} (the configs are in configs/, e.g. configs/smoke.py)'
+    try:
+      config = _load_config_file(spec)
+    except Exception as load_error:  # pylint: disable=broad-except
+      return f'--config={spec}: the config file cannot be loaded ({type(load_error).__name__}: {load_error})'
+    for a in argv:
+      if not a.startswith('--config.'):
+        continue
+      keys = a[len('--config.'):].split('=', 1)[0].split('.')
+      node, where = config, 'config'
+      for k in keys:
+        if not hasattr(node, 'keys') or k not in node:
+          known = sorted(node.keys()) if hasattr(node, 'keys') else []
+          close = difflib.get_close_matches(k, known, n=1)
+          hint = f' (did you mean {close[0]!r}?)' if close else f'; known: {known}'
+          return f'{a.split("=", 1)[0]}: {where} has no key {k!r}{hint}'
+        node, where = node[k], f'{where}.{k}'
+  first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+  return f'{first.strip(chr(39))} (command line: {" ".join(argv[1:])})'
+
+
+def _parse_flags(argv):
+  """absl's flag parsing, with a bad --config file or override an exit-2 message, not a traceback."""
+  try:
+    return flags.FLAGS(argv)
+  except Exception as e:  # pylint: disable=broad-except
+    _error(_diagnose(argv, e))
 
 
 class _QuietLibraries(std_logging.Filter):
@@ -62,22 +125,42 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   logging.get_absl_handler().addFilter(_QuietLibraries())
-  config, workdir, mode = _CONFIG.value, _WORKDIR.value, _MODE.value
+  workdir, mode = _WORKDIR.value, _MODE.value
+  try:  # ml_collections reports a config file it could not load only when the config is first used.
+    config = _CONFIG.value
+    config.keys()
+  except Exception as e:  # pylint: disable=broad-except
+    _error(_diagnose(sys.argv, e))
+  if _DRY_RUN.value:
+    try:
+      resolved = with_defaults(config)
+    except ConfigError as e:
+      _error(str(e))
+    print(f'--mode={mode} --workdir={workdir}\n{resolved}')
+    return
   try:
     multihost.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, auto=_MULTIHOST.value)
   except ValueError as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
-  os.makedirs(workdir, exist_ok=True)
+    _error(str(e))
   try:
-    summary = _MODES[mode](config, workdir)
+    os.makedirs(workdir, exist_ok=True)
+  except OSError as e:
+    _error(f'--workdir={workdir!r} cannot be created: {e.strerror}')
+  kwargs = {'overwrite': _OVERWRITE.value} if mode in _OVERWRITABLE else {}
+  try:
+    with WorkdirLock(workdir, enabled=multihost.is_main_process()):
+      summary = _MODES[mode](config, workdir, **kwargs)
   except ConfigError as e:
-    logging.error('%s', e)
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
+    _error(str(e))
+  except PermissionError as e:  # A read-only workdir (or a file in it), found when first written.
+    _error(f'cannot write {e.filename!r} ({e.strerror}): give a writable --workdir')
   if multihost.is_main_process():
-    print(json.dumps(summary, indent=1))
+    print(json.dumps(summary, indent=1, default=str))
+  if summary.get('stopped_by') and not summary.get('complete', True):
+    logging.warning('stopped by %s at step %s; run the same command again to resume',
+                    summary['stopped_by'], summary.get('end_step'))
+    sys.exit(PREEMPTED_EXIT_CODE)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

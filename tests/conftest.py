@@ -51,7 +51,7 @@ def vqvae_ref(request):
   """(npz dict, VQVAEConfig, converted params) of each tokenizer reference file."""
   import numpy as np  # pylint: disable=import-outside-toplevel
   from srdd_jax.convert import var_vqvae  # pylint: disable=import-outside-toplevel
-  from srdd_jax.tools.reference_vqvae import vqvae_config_from_meta  # pylint: disable=import-outside-toplevel
+  from srdd_jax.convert.reference import vqvae_config_from_meta  # pylint: disable=import-outside-toplevel
   import json  # pylint: disable=import-outside-toplevel
   path = reference_file(request.param)
   with np.load(path) as z:

@@ -63,9 +63,9 @@ def test_proxy_metrics_of_generated_samples(checkpoints, tmp_path):
   c.data = ml_collections.ConfigDict(dict(source='digits', flip=False))
   s = evaluation.run(c, str(tmp_path))
   m = json.load(open(tmp_path / 'eval' / 'eval.json'))
-  assert m['metrics'] == s['metrics'] and set(m['metrics']) >= {'fd_cnn_digits', 'class_consistency',
+  assert m['metrics'] == s['metrics'] and set(m['metrics']) >= {'fd_cnn_digits_16px', 'class_consistency',
                                                                'classifier_test_accuracy'}
-  assert m['metrics']['fd_cnn_digits'] > 0 and 0 <= m['metrics']['class_consistency'] <= 1
+  assert m['metrics']['fd_cnn_digits_16px'] > 0 and 0 <= m['metrics']['class_consistency'] <= 1
   assert m['protocol']['num_samples'] == 20 and m['metrics']['proxy_real_examples'] == 200
   with np.load(tmp_path / 'eval' / 'samples.npz') as z:
     images, labels = z['arr_0'], z['arr_1']
@@ -75,7 +75,7 @@ def test_proxy_metrics_of_generated_samples(checkpoints, tmp_path):
   assert not np.array_equal(images[:8], images[8:16])
   # The same samples evaluated from their file give the same numbers (classifier from the cache).
   c.eval.samples = str(tmp_path / 'eval' / 'samples.npz')
-  again = evaluation.run(c, str(tmp_path))
+  again = evaluation.run(c, str(tmp_path), overwrite=True)  # eval.json is replaced, the samples read.
   assert again['metrics'] == s['metrics']
 
 

@@ -39,21 +39,21 @@ def _uniform_noise(shape, seed=0):
 def test_held_out_set_against_itself_gives_zero(trained):
   _, clf, real, _ = trained
   out = proxy.proxy_metrics(clf, real, real)
-  assert set(out) == {'fd_cnn_digits', 'classifier_test_accuracy'}  # No labels: no consistency.
-  assert abs(out['fd_cnn_digits']) < 1e-6
+  assert set(out) == {'fd_cnn_digits_8px', 'classifier_test_accuracy'}  # No labels: no consistency.
+  assert abs(out['fd_cnn_digits_8px']) < 1e-6
   # uint8 and the same images as float in [0, 1] are one input.
-  assert abs(proxy.proxy_metrics(clf, real, real.astype(np.float32) / 255.0)['fd_cnn_digits']) < 1e-4
+  assert abs(proxy.proxy_metrics(clf, real, real.astype(np.float32) / 255.0)['fd_cnn_digits_8px']) < 1e-4
 
 
 def test_noise_is_far_from_the_held_out_set(trained):
   _, clf, real, _ = trained
   h = len(real) // 2
-  halves = proxy.proxy_metrics(clf, real[:h], real[h:])['fd_cnn_digits']
-  noise = proxy.proxy_metrics(clf, real, _uniform_noise(real.shape))['fd_cnn_digits']
+  halves = proxy.proxy_metrics(clf, real[:h], real[h:])['fd_cnn_digits_8px']
+  noise = proxy.proxy_metrics(clf, real, _uniform_noise(real.shape))['fd_cnn_digits_8px']
   assert 0 < halves and noise > 10 * halves, (halves, noise)
   # Statistics of the real images computed once give the same value.
   stats = proxy.feature_statistics(clf, real)
-  again = proxy.proxy_metrics(clf, None, _uniform_noise(real.shape), real_stats=stats)['fd_cnn_digits']
+  again = proxy.proxy_metrics(clf, None, _uniform_noise(real.shape), real_stats=stats)['fd_cnn_digits_8px']
   assert again == noise
 
 
@@ -180,6 +180,6 @@ def test_cli_reads_the_cache_and_reports(trained, capsys):
   assert rc == 0
   assert f'proxy classifier {clf.key} (read from the cache)' in out
   assert f'test accuracy {clf.accuracy:.4f} ({clf.info["test_correct"]}/297' in out
-  assert 'fd_cnn_digits' in out and 'FID' not in out
+  assert 'fd_cnn_digits_8px' in out and 'FID' not in out
   assert train_proxy_classifier.main(['--data=mnist', '--image_size=8', f'--out={cache}']) == 1
   assert 'config.data.source' in capsys.readouterr().err

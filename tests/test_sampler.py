@@ -15,7 +15,7 @@ from srdd_jax.diffusion.filtering import SamplerConfig
 from srdd_jax.diffusion.sampler import Sampler, batch_rng
 from srdd_jax.parallel import mesh as pm
 from srdd_jax.tools import convert_var
-from srdd_jax.tools.reference_var import var_config_from_meta
+from srdd_jax.convert.reference import var_config_from_meta
 from tests.conftest import reference_file
 
 

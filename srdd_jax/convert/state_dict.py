@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import zipfile
 from typing import Any, Callable, Iterable, Mapping
 
 import jax
@@ -35,9 +36,13 @@ def load_state_dict(source: str | os.PathLike | Mapping[str, Any], prefix: str =
     if not os.path.exists(path):
       raise FileNotFoundError(f'state dict file not found: {path}')
     if path.endswith('.npz'):
-      with np.load(path, allow_pickle=False) as z:
-        keys = [k for k in z.files if k.startswith(prefix)] if prefix else list(z.files)
-        items = {k: z[k] for k in keys}
+      try:
+        with np.load(path, allow_pickle=False) as z:
+          keys = [k for k in z.files if k.startswith(prefix)] if prefix else list(z.files)
+          items = {k: z[k] for k in keys}
+      except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+        raise StateDictMismatch(f'{path} is not a readable .npz of arrays ({type(e).__name__}); give the '
+                                'file written by the converter') from e
     else:
       items = _load_torch(path)
   if prefix:
@@ -55,7 +60,11 @@ def _load_torch(path: str) -> dict[str, np.ndarray]:
         f'reading the PyTorch checkpoint {path} needs torch, which srdd_jax does not install. '
         'Install it once for the conversion (for example `pip install torch`), or pass a `.npz` '
         'of the state dict instead.') from e
-  obj = torch.load(path, map_location='cpu', weights_only=True)
+  try:
+    obj = torch.load(path, map_location='cpu', weights_only=True)
+  except Exception as e:  # pylint: disable=broad-except  (torch raises many kinds for a bad file)
+    raise StateDictMismatch(f'{path} is not a readable PyTorch checkpoint ({type(e).__name__}: '
+                            f'{str(e).splitlines()[0][:200] if str(e) else ""})') from e
   # Training checkpoints wrap the weights; released VAR files are the plain state dict.
   for wrapper in ('state_dict', 'model', 'module'):
     if isinstance(obj, dict) and wrapper in obj and isinstance(obj[wrapper], dict):

@@ -54,6 +54,7 @@ __all__ = ['DEFAULTS', 'SOURCES', 'DataError', 'ImageSource', 'build_source', 'r
 SOURCES = ('synthetic', 'tfds', 'folder', 'fashion_mnist', 'digits')
 # The keys this module reads, with their defaults (the one table of them is srdd_jax/config.py).
 DEFAULTS = {k: v for k, v in DEFAULTS_ALL['data'].items() if k != 'token_cache'}
+DEFAULTS['num_classes'] = 10  # What None means outside training (training: the model's class count).
 # Where TFDS's fashion_mnist downloads from: probed first so that an offline machine fails in seconds.
 _FASHION_MNIST_HOST = ('fashion-mnist.s3-website.eu-central-1.amazonaws.com', 80)
 _APT_HINT = ('; offline, `apt-get install dataset-fashion-mnist` installs the IDX files that '
@@ -91,7 +92,7 @@ def _options(data_config, train: bool) -> dict:
   unknown = sorted(set(data_config.keys()) - set(DEFAULTS) - {'token_cache'})
   if unknown:
     raise DataError(f'config.data.{unknown[0]} is not a key of config.data; known: {sorted(DEFAULTS)}')
-  o = {k: get(k, v) for k, v in DEFAULTS.items()}
+  o = {k: v if get(k) is None else get(k) for k, v in DEFAULTS.items()}
   o['split'] = o['split'] or ('train' if train else 'test')
   o['random_crop'] = train if o['random_crop'] is None else bool(o['random_crop'])
   o['flip'] = train if o['flip'] is None else bool(o['flip'])
@@ -137,8 +138,7 @@ def build_source(data_config, image_size: int, *, train: bool = True) -> ImageSo
     raise DataError(f'image_size must be >= 1, got {image_size}')
   src = o['source']
   if src == 'synthetic':
-    n = 10 if o['num_classes'] is None else int(o['num_classes'])
-    return SyntheticSource(int(o['num_examples']), n, image_size)
+    return SyntheticSource(int(o['num_examples']), int(o['num_classes']), image_size)
   preprocessing = {'image_size': image_size, 'resize_ratio': float(o['resize_ratio']),
                    'random_crop': o['random_crop'], 'flip': o['flip']}
   if src == 'folder':

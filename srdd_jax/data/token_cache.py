@@ -4,10 +4,12 @@ Layout of a cache directory:
   manifest.json            written last (its presence means the cache is complete): tokenizer hash and
                            checkpoint, patch_nums, vocab size, counts, flips, data description, shards
   shard_00000.npz          ids (n, F, L) uint16/int32 (F = 2 with the flipped copy, else 1), labels (n,),
-  shard_00001.npz ...      index (n,): example index in the source's order
+  shard_00001.npz ...      index (n,): example index in the source's order, and `writer`: the JSON of
+                           what wrote it (tokenizer hash, patch_nums, flips, shard size, example count)
 
 Shards are written whole under a temporary name and renamed, so a killed run leaves complete shards
-only; running `--mode=tokenize` again keeps them and writes the rest. A complete cache is never
+only; running `--mode=tokenize` again keeps those written by the same tokenizer and settings (each shard
+records them) and refuses shards of any other, so a cache never mixes tokenizers. A complete cache is never
 overwritten. Reading follows the same order as the image sources (one permutation per epoch from
 (seed, epoch)); with flips cached, the copy of a position is drawn from (seed, step, position), so a
 resumed run sees exactly the batches it would have seen.
@@ -27,7 +29,7 @@ from absl import logging
 from srdd_jax.data.source import DataError, Unreadable, augmentation_draws
 
 MANIFEST = 'manifest.json'
-FORMAT = 1
+FORMAT = 2  # 2: every shard records its writer. 1 (no record) is still read, unverified.
 
 
 def params_hash(params) -> str:
@@ -67,10 +69,13 @@ def write(directory: str, source, encode, *, tokenizer_hash: str, tokenizer_chec
   mine = [i for i in range(num_shards) if i % process_count == process_index]
   for i in mine:
     path = _shard_path(directory, i)
-    if os.path.exists(path):  # Written by an earlier, interrupted run: complete by construction.
+    lo, hi = i * shard_size, min(n, (i + 1) * shard_size)
+    writer = {'tokenizer_hash': tokenizer_hash, 'patch_nums': [int(p) for p in patch_nums], 'flips': bool(flips),
+              'shard_size': int(shard_size), 'count': n, 'examples': [lo, hi]}
+    if os.path.exists(path):  # Written by an earlier, interrupted run: complete by construction ...
+      _check_writer(path, writer)  # ... but perhaps by another tokenizer or with other settings.
       done += 1
       continue
-    lo, hi = i * shard_size, min(n, (i + 1) * shard_size)
     ids, labels, index = [], [], []
     for b in range(lo, hi, batch_size):
       idx = list(range(b, min(hi, b + batch_size)))
@@ -91,7 +96,7 @@ def write(directory: str, source, encode, *, tokenizer_hash: str, tokenizer_chec
         last = time.time()
     tmp = path + '.tmp.npz'
     np.savez(tmp, ids=np.concatenate(ids), labels=np.concatenate(labels).astype(np.int32),
-             index=np.concatenate(index))
+             index=np.concatenate(index), writer=np.array(json.dumps(writer)))
     os.replace(tmp, path)
   seconds = time.time() - t0
   sync('token-cache-shards')
@@ -113,6 +118,29 @@ def write(directory: str, source, encode, *, tokenizer_hash: str, tokenizer_chec
   sync('token-cache-manifest')
   return {'examples': todo, 'shards_written': len(mine) - done, 'shards_kept': done,
           'seconds': round(seconds, 2), 'images_per_s': round(todo * (2 if flips else 1) / max(seconds, 1e-9), 2)}
+
+
+def _shard_writer(path: str) -> dict | None:
+  with np.load(path) as z:
+    return json.loads(str(z['writer'])) if 'writer' in z.files else None
+
+
+def _check_writer(path: str, expected: dict) -> None:
+  """A shard left by an earlier run is kept only if the same tokenizer and settings wrote it."""
+  got = _shard_writer(path)
+  if got == expected:
+    return
+  if got is None:
+    why = 'it records no writer (an older version wrote it)'
+  else:
+    diff = [k for k in expected if got.get(k) != expected[k]]
+    why = '; '.join(f'{k} {got.get(k)!r} there, {expected[k]!r} now' for k in diff)
+    if 'tokenizer_hash' in diff:
+      why = (f'it was written by another tokenizer (hash {str(got.get("tokenizer_hash"))[:12]}, this run\'s '
+             f'{expected["tokenizer_hash"][:12]})') + ('; ' + why if len(diff) > 1 else '')
+  raise DataError(f'{path} is left from an earlier tokenize run that does not match this one: {why}. A '
+                  'cache never mixes tokenizers or settings: choose another config.tokenize.out_dir, or '
+                  'delete that directory\'s shards')
 
 
 def _load(source, indices):
@@ -146,8 +174,11 @@ class TokenCache:
                       'again to finish it')
     with open(path) as f:
       self.manifest = m = json.load(f)
-    if m.get('format') != FORMAT:
-      raise DataError(f'{key}: {path} has format {m.get("format")}, this version reads {FORMAT}')
+    if m.get('format') not in (1, FORMAT):
+      raise DataError(f'{key}: {path} has format {m.get("format")}, this version reads 1 and {FORMAT}')
+    if m['format'] == 1:
+      logging.warning('%s: a format-1 cache records no writer per shard; its shards cannot be checked '
+                      'against its tokenizer (write it again with --mode=tokenize to get the checks)', directory)
     if patch_nums is not None and tuple(m['patch_nums']) != tuple(patch_nums):
       raise DataError(f'{key}={directory!r} holds tokens for patch_nums {tuple(m["patch_nums"])}, the model '
                       f'uses {tuple(patch_nums)}')
@@ -160,6 +191,12 @@ class TokenCache:
       with np.load(_shard_path(directory, i)) as z:
         ids.append(z['ids'])
         labels.append(z['labels'])
+        writer = json.loads(str(z['writer'])) if 'writer' in z.files else None
+      if m['format'] >= 2 and (writer is None or writer.get('tokenizer_hash') != m['tokenizer_hash']
+                               or writer.get('patch_nums') != list(m['patch_nums'])):
+        raise DataError(f'{key}={directory!r}: {_shard_path(directory, i)} was not written by the tokenizer '
+                        f'and patch_nums of its manifest (hash {m["tokenizer_hash"][:12]}): the cache is '
+                        'inconsistent; write it again with --mode=tokenize into a new directory')
     self.ids, self.labels = np.concatenate(ids), np.concatenate(labels)
     if len(self.ids) != m['count']:
       raise DataError(f'{key}={directory!r}: {len(self.ids)} examples in the shards, manifest says {m["count"]}')

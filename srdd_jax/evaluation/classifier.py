@@ -297,7 +297,7 @@ def make_request(data_config, image_size: int, *, seed: int = 0, epochs: int = 4
   if max_train_examples is not None and int(max_train_examples) < 1:
     raise ValueError(f'max_train_examples={max_train_examples} must be >= 1 or None')
   # Defaults filled in, so {'source': 'digits'} and the same with resize_ratio=1.125 are one request.
-  full = {k: data.get(k, v) for k, v in pipeline.DEFAULTS.items()}
+  full = {k: v if data.get(k) is None else data.get(k) for k, v in pipeline.DEFAULTS.items()}
   flip = full['flip']
   identity = {k: v for k, v in sorted(full.items()) if k not in _LOCATION_KEYS + _RECIPE_KEYS}
   identity['resize_ratio'] = float(identity['resize_ratio'])

@@ -98,7 +98,11 @@ def proxy_metrics(config, o, images, labels, workdir) -> dict:
   real, _ = classifier.held_out_images(clf, config.data)
   real = real[:int(o['proxy_examples'])]
   # Class consistency only means something for a class-conditional model of a labelled data set.
-  out = proxy.proxy_metrics(clf, real, images, labels if clf.num_classes > 1 else None)
+  try:
+    out = proxy.proxy_metrics(clf, real, images, labels if clf.num_classes > 1 else None)
+  except ValueError as e:
+    where = f'config.eval.samples={o["samples"]!r}' if o['samples'] else 'the samples'
+    raise ConfigError(f'{where}: {e} (the classes of config.data)') from e
   out['proxy_classifier'] = clf.key
   out['proxy_real_examples'] = int(len(real))
   return out

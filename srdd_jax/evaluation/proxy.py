@@ -3,7 +3,7 @@
     clf = classifier.train_or_load(config.data, image_size, f'{workdir}/proxy_classifier')
     real, _ = classifier.held_out_images(clf, config.data)
     proxy_metrics(clf, real, samples, sample_labels)
-    # {'fd_cnn_fashion_mnist': ..., 'class_consistency': ..., 'classifier_test_accuracy': ...}
+    # {'fd_cnn_fashion_mnist_32px': ..., 'class_consistency': ..., 'classifier_test_accuracy': ...}
 
 `fd_<classifier>` is the Fréchet distance between Gaussians fitted to the classifier's penultimate
 features of held-out real images and of samples (metrics.frechet_distance, float64). It is not an FID
@@ -21,8 +21,9 @@ from srdd_jax.evaluation.classifier import ProxyClassifier, agreement
 
 
 def fd_name(classifier: ProxyClassifier) -> str:
-  """The metric's name, e.g. 'fd_cnn_fashion_mnist'."""
-  return f'fd_{classifier.name}'
+  """The metric's name, e.g. 'fd_cnn_fashion_mnist_32px': the classifier and the resolution it was
+  trained at, since classifiers of two resolutions give numbers that do not compare."""
+  return f'fd_{classifier.name}_{int(classifier.info["request"]["image_size"])}px'
 
 
 def feature_statistics(classifier: ProxyClassifier, images, *, batch_size: int = 256,

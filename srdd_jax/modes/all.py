@@ -8,6 +8,7 @@
 
 Running it again after an interruption continues where it stopped: finished stages are skipped (their
 outputs are kept, never recomputed or overwritten) and the interrupted one resumes from its checkpoint.
+A training stage stopped by SIGTERM or Ctrl-C ends the run with exit status 75 (see main.py).
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import numpy as np
 from absl import logging
 from PIL import Image
 
-from srdd_jax.config import ConfigError, with_defaults
+from srdd_jax.config import with_defaults
 from srdd_jax.data.images import grid
 from srdd_jax.modes import eval as evaluation
 from srdd_jax.modes import sample, tokenize, train, train_tokenizer
@@ -43,11 +44,16 @@ def run(config, workdir: str) -> dict:
     logging.info('=== stage %s done in %.0fs ===', name, times[name])
     return out
 
+  def stopped(name, summary):
+    """The summary of a run whose training stage was stopped (SIGTERM, Ctrl-C) before its end."""
+    return {'stopped_by': summary.get('stopped_by') or 'request', 'complete': False, 'stage': name,
+            'end_step': summary.get('end_step'), 'seconds': times}
+
   # --- tokenizer ---
   if not config.tokenizer.checkpoint:
     summary = stage('train_tokenizer', lambda: train_tokenizer.run(config, workdir))
     if not summary.get('export'):
-      raise ConfigError('the tokenizer stage stopped before the end of training; run again to resume')
+      return stopped('train_tokenizer', summary)
     config.tokenizer.checkpoint = summary['export']
   # --- token cache ---
   cache = config.tokenize.out_dir or os.path.join(workdir, 'tokens')
@@ -59,19 +65,23 @@ def run(config, workdir: str) -> dict:
   # --- transformer ---
   summary = stage('train', lambda: train.run(config, workdir))
   if not summary.get('export'):
-    raise ConfigError('the training stage stopped before the end; run again to resume')
+    return stopped('train', summary)
   config.model.checkpoint = summary['export']
   # --- samples ---
   samples = os.path.join(workdir, 'samples', 'samples.npz')
   if _done(samples):
     logging.info('%s exists: kept', samples)
   else:
-    stage('sample', lambda: sample.run(config, workdir))
+    # Outputs of an interrupted sample stage (no samples.npz yet) are replaced.
+    stage('sample', lambda: sample.run(config, workdir, overwrite=True))
   if multihost.is_main_process():
     _small_grid(samples, os.path.join(workdir, 'samples', 'grid_10x10.png'), per=10)
   # --- evaluation ---
   config.eval.samples = samples
-  stage('eval', lambda: evaluation.run(config, workdir))
+  if _done(os.path.join(workdir, 'eval', 'eval.json')):
+    logging.info('%s exists: kept', os.path.join(workdir, 'eval', 'eval.json'))
+  else:
+    stage('eval', lambda: evaluation.run(config, workdir, overwrite=True))
   summary = {'seconds': {**times, 'total': round(time.time() - t_all, 1)}, 'stages': results,
              'outputs': {
                  'tokenizer': config.tokenizer.checkpoint,

@@ -15,17 +15,23 @@ from srdd_jax.data.images import grid, to_uint8
 from srdd_jax.diffusion import editing
 from srdd_jax.diffusion.generate import sampler_from_config
 from srdd_jax.diffusion.sampler import batch_rng
+from srdd_jax.parallel import multihost
 from srdd_jax.parallel.compile import jit_inference
+from srdd_jax.parallel.workdir import claim_outputs
 
 
-def load_image(path: str, size: int) -> np.ndarray:
-  """RGB image -> (size, size, 3) in [-1, 1]: center crop to a square, Lanczos resize."""
+def open_image(path: str, key: str) -> Image.Image:
+  """The RGB image at `path`; errors name the config `key`."""
   if not path or not os.path.isfile(path):
-    raise ConfigError(f'config.edit.image={path!r}: no such image file')
+    raise ConfigError(f'{key}={path!r}: no such image file')
   try:
-    im = Image.open(path).convert('RGB')
+    return Image.open(path).convert('RGB')
   except OSError as e:
-    raise ConfigError(f'config.edit.image={path!r}: unreadable image ({e})') from e
+    raise ConfigError(f'{key}={path!r}: unreadable image ({e})') from e
+
+
+def square(im: Image.Image, size: int) -> np.ndarray:
+  """RGB image -> (size, size, 3) in [-1, 1]: center crop to a square, Lanczos resize."""
   w, h = im.size
   s = min(w, h)
   im = im.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
@@ -33,14 +39,36 @@ def load_image(path: str, size: int) -> np.ndarray:
   return np.asarray(im, np.float32) / 127.5 - 1.0
 
 
-def run(config, workdir: str) -> dict:
-  config = with_defaults(config)
-  sampler, var_params, vae_params = sampler_from_config(config)
-  e = config.edit
+def _check(e) -> None:
+  """What can be checked before the models are loaded."""
   if e.task not in editing.TASKS:
     raise ConfigError(f'config.edit.task={e.task!r}: must be one of {editing.TASKS}')
+  if int(e.num_samples) < 1:
+    raise ConfigError(f'config.edit.num_samples={e.num_samples}: must be >= 1')
+  for key in ('low_res', 'keep_scales'):
+    if int(e[key]) < 0:
+      raise ConfigError(f'config.edit.{key}={e[key]}: must be >= 0 (0 = derived)')
+  if e.task != 'super_res' and e.box and not e.mask and len(ints(e.box, 'config.edit.box')) != 4:
+    raise ConfigError(f'config.edit.box={e.box!r}: expected x0,y0,x1,y1')
+  image = open_image(e.image, 'config.edit.image')
+  if e.task != 'super_res' and e.mask:
+    mask = open_image(e.mask, 'config.edit.mask')
+    if mask.size != image.size:
+      raise ConfigError(f'config.edit.mask={e.mask!r} is {mask.size[0]}x{mask.size[1]} but config.edit.image '
+                        f'is {image.size[0]}x{image.size[1]}: the mask must have the size of the image')
+
+
+def run(config, workdir: str, overwrite: bool = False) -> dict:
+  config = with_defaults(config)
+  e = config.edit
+  _check(e)
+  out_dir = os.path.join(workdir, 'edit')
+  if multihost.is_main_process():
+    claim_outputs(out_dir, (f'{e.task}_grid.png', f'{e.task}.npz', f'{e.task}_summary.json'), overwrite,
+                  f'{e.task} edits')
+  sampler, var_params, vae_params = sampler_from_config(config)
   size = sampler.tokenizer.config.image_size
-  img = load_image(e.image, size)
+  img = square(open_image(e.image, 'config.edit.image'), size)
   n = int(e.num_samples)
   nc = sampler.var_config.num_classes
   cls = int(e.class_id)
@@ -54,8 +82,14 @@ def run(config, workdir: str) -> dict:
   shown = img
   if e.task == 'super_res':
     low = img
+    if int(e.low_res) > size:
+      raise ConfigError(f'config.edit.low_res={e.low_res}: must be at most the model\'s {size} px')
     if int(e.low_res):
       low = np.asarray(jax.image.resize(img, (int(e.low_res), int(e.low_res), 3), 'lanczos3'))
+    num_scales = sampler.var_config.num_scales
+    if int(e.keep_scales) >= num_scales:
+      raise ConfigError(f'config.edit.keep_scales={e.keep_scales}: the model has {num_scales} scales; keep '
+                        f'at most {num_scales - 1} (0 = those the low-res image determines)')
     keep = int(e.keep_scales) or editing.default_sr_keep_scales(low.shape[0], size,
                                                                 sampler.var_config.patch_nums)
     batch = jnp.asarray(np.repeat(low[None], n, 0))
@@ -65,12 +99,10 @@ def run(config, workdir: str) -> dict:
     info = {'low_res': int(low.shape[0]), 'keep_scales': keep}
   else:
     if e.mask:
-      m = load_image(e.mask, size).mean(-1) > 0
+      m = square(open_image(e.mask, 'config.edit.mask'), size).mean(-1) > 0
       pixel_keep = m.astype(np.float32)
     elif e.box:
       box = ints(e.box, 'config.edit.box')
-      if len(box) != 4:
-        raise ConfigError(f'config.edit.box={e.box!r}: expected x0,y0,x1,y1')
       try:
         pixel_keep = editing.box_keep_mask(size, box, keep_inside=e.task != 'inpaint')
       except ValueError as err:
@@ -85,7 +117,8 @@ def run(config, workdir: str) -> dict:
     info = {'kept_pixels': float(pixel_keep.mean())}
   out = to_uint8(out)
   src = to_uint8((shown + 1) / 2)
-  out_dir = os.path.join(workdir, 'edit')
+  if not multihost.is_main_process():
+    return {'task': e.task, 'num_samples': n}
   os.makedirs(out_dir, exist_ok=True)
   Image.fromarray(grid(np.concatenate([src[None], out]), n + 1)).save(
       os.path.join(out_dir, f'{e.task}_grid.png'))

@@ -25,6 +25,7 @@ from srdd_jax.config import ConfigError, ints, with_defaults
 from srdd_jax.diffusion.generate import generate, sampler_from_config
 from srdd_jax.evaluation import protocol
 from srdd_jax.parallel import multihost
+from srdd_jax.parallel.workdir import claim_outputs
 
 
 def options(config) -> dict:
@@ -37,18 +38,21 @@ def options(config) -> dict:
   return o
 
 
-def run(config, workdir: str) -> dict:
-  has_data = 'data' in config  # The proxy metrics need real images; the default synthetic ones are not.
+def run(config, workdir: str, overwrite: bool = False) -> dict:
   config = with_defaults(config)
   o = options(config)
+  if multihost.is_main_process():
+    # samples.npz is written only when sampling here (an existing one may be this run's input).
+    claim_outputs(os.path.join(workdir, 'eval'), ('eval.json',) + (() if o['samples'] else ('samples.npz',)),
+                  overwrite, 'an evaluation')
   t0 = time.time()
   # Everything that can be wrong is checked before the (long) sampling.
   inception_params, inception_info = (protocol.verified_inception(o) if set(o['metrics']) & set(protocol.INCEPTION_METRICS)
                                       else (None, None))
   ref = protocol.check_reference(o)
-  if 'proxy' in o['metrics'] and not has_data:
-    raise ConfigError('config.data is missing: the proxy metrics compare with held-out images of the '
-                      'data set (its test split)')
+  if 'proxy' in o['metrics'] and config.data.source == 'synthetic':
+    raise ConfigError('config.data is missing (its source is the default, synthetic): the proxy metrics '
+                      'compare with held-out real images of a data set (its test split); set config.data')
   if o['samples']:
     images, labels, sampler = protocol.load_samples(o['samples']) + (None,)
     classes, per = tuple(sorted(set(labels.tolist()))), None
@@ -68,6 +72,10 @@ def run(config, workdir: str) -> dict:
     images = generate(sampler, var_params, vae_params, labels, int(o['batch_size']), int(config.seed),
                           key='config.eval.batch_size')
   t_sample = time.time() - t0
+  if len(images) < 2:
+    where = f'config.eval.samples={o["samples"]!r}' if o['samples'] else 'config.eval.num_per_class x classes'
+    raise ConfigError(f'{where} gives {len(images)} image(s): the metrics compare distributions and need at '
+                      'least 2 (the protocol uses 50 per class)')
   results: dict = {}
   if inception_params is not None:
     results.update(protocol.inception_metrics(o, inception_params, ref, images))

@@ -30,10 +30,27 @@ from srdd_jax.train.step import Trainer
 from srdd_jax.transformer.config import var_config as build_var_config
 
 
+def _check_ranges(config):
+  """Values that cannot work whatever the data and the mesh; checked before anything is loaded."""
+  t, o = config.train, config.optim
+  for key in ('global_batch', 'accum_steps', 'log_every', 'checkpoint_every', 'keep_checkpoints'):
+    if int(t[key]) < 1:
+      raise ConfigError(f'config.train.{key}={t[key]}: must be >= 1')
+  for key in ('steps', 'epochs', 'sample_every', 'progressive_start_scales', 'progressive_steps'):
+    if float(t[key]) < 0:
+      raise ConfigError(f'config.train.{key}={t[key]}: must be >= 0')
+  if not 0 <= float(t.ema_decay) < 1:
+    raise ConfigError(f'config.train.ema_decay={t.ema_decay}: must be in [0, 1) (0 = no EMA)')
+  if not float(o.base_lr) > 0:
+    raise ConfigError(f'config.optim.base_lr={o.base_lr}: must be > 0')
+  if not 0 <= float(o.final_fraction) <= 1:
+    raise ConfigError(f'config.optim.final_fraction={o.final_fraction}: must be in [0, 1]')
+
+
 def _validate(config, mesh):
   data_par = pm.data_parallel_size(mesh)
   gb = int(config.train.global_batch)
-  if gb < 1 or gb % data_par:
+  if gb % data_par:
     raise ConfigError(f'config.train.global_batch={gb} is not divisible by the data-parallel size '
                       f'{data_par} (mesh {dict(mesh.shape)})')
   if gb % (data_par * int(config.train.accum_steps)):
@@ -104,6 +121,7 @@ class TransformerTask(driver.Task):
   name = 'train'
 
   def __init__(self, config, workdir: str):
+    _check_ranges(config)
     mesh = pm.mesh_from_config(config)
     tok = tokenizer_for_model(config)
     _validate(config, mesh)

@@ -17,7 +17,7 @@ import sys
 import time
 
 from srdd_jax.data.source import DataError
-from srdd_jax.evaluation import classifier
+from srdd_jax.evaluation import classifier, proxy
 
 
 def _parse_set(items: list[str]) -> dict:
@@ -64,7 +64,7 @@ def main(argv=None) -> int:
   print(f'proxy classifier {clf.key} ({how})')
   print(f'test accuracy {clf.accuracy:.4f} ({info["test_correct"]}/{info["num_test_examples"]} test images; '
         f'{info["num_train_examples"]} training images, {info["epochs"]} epochs)')
-  print(f'metric name: fd_{clf.name}; cache: {args.out}/{clf.key}; wall time {time.time() - t0:.1f}s')
+  print(f'metric name: {proxy.fd_name(clf)}; cache: {args.out}/{clf.key}; wall time {time.time() - t0:.1f}s')
   return 0
 
 

@@ -21,7 +21,7 @@ class Checkpointer:
   def __init__(self, directory: str, max_to_keep: int = 3, save_every: int = 1000):
     self.directory = os.path.abspath(directory)
     opts = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, save_interval_steps=save_every,
-                                        enable_async_checkpointing=True)
+                                        enable_async_checkpointing=True, cleanup_tmp_directories=True)
     self.manager = ocp.CheckpointManager(self.directory, options=opts)
 
   def save(self, step: int, state, extra: dict, force: bool = False) -> bool:
@@ -33,31 +33,50 @@ class Checkpointer:
   def wait(self):
     self.manager.wait_until_finished()
 
+  def _set_aside(self, step: int, why: str) -> str:
+    """Moves checkpoint `step` to <step>.<why>-<time>: kept for inspection, out of the manager's way."""
+    path = os.path.join(self.directory, str(step))
+    aside = f'{path}.{why}-{int(time.time())}'
+    if jax.process_index() == 0:  # One process moves it; the others wait, then all re-read.
+      os.replace(path, aside)
+    multihost.sync(f'checkpoint-aside-{step}')
+    self.manager.reload()
+    return aside
+
   def restore_latest(self, abstract_state, shardings):
-    """(state, extra, step) of the newest readable checkpoint, or None. A checkpoint that fails to
-    restore (left incomplete by a crash, say) is skipped with a warning and left on disk."""
+    """(state, extra, step) of the newest readable checkpoint, or None.
+
+    A checkpoint left incomplete by a crash is set aside. A complete one that fails to restore is
+    corrupt if an older one restores (it is then set aside with a warning and the older one used);
+    if none restores, the checkpoints do not fit the current config: CheckpointMismatch, nothing moved.
+    """
     target = jax.tree_util.tree_map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, shardings)
+    failed = []  # (step, error) of complete checkpoints that did not restore, newest first.
     for step in sorted(self.manager.all_steps(), reverse=True):
       path = os.path.join(self.directory, str(step))
       if not os.path.exists(os.path.join(path, '_CHECKPOINT_METADATA')):
-        # Left incomplete (a crash mid-save): moved aside, not deleted, so its step can be saved again.
-        aside = f'{path}.incomplete-{int(time.time())}'
-        if jax.process_index() == 0:  # One process moves it; the others wait, then all re-read.
-          os.replace(path, aside)
-        multihost.sync(f'checkpoint-aside-{step}')
+        aside = self._set_aside(step, 'incomplete')
         logging.warning('checkpoint %d in %s is incomplete; moved to %s, trying the previous one', step,
                         self.directory, aside)
-        self.manager.reload()
         continue
       try:
         r = self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(target), extra=ocp.args.JsonRestore()))
       except Exception as e:  # pylint: disable=broad-except
-        raise CheckpointMismatch(
-            f'checkpoint {path} is complete but does not fit the state of the current config (model, '
-            f'optimizer or EMA settings changed?): {type(e).__name__}: {str(e)[:300]}') from e
+        failed.append((step, e))
+        continue
+      for bad, error in failed:
+        aside = self._set_aside(bad, 'corrupt')
+        logging.warning('checkpoint %d in %s cannot be read (%s: %s); moved to %s and resumed from step %d '
+                        'instead', bad, self.directory, type(error).__name__, str(error)[:200], aside, step)
       return r['state'], r['extra'], step
+    if failed:
+      step, e = failed[0]
+      raise CheckpointMismatch(
+          f'checkpoint {os.path.join(self.directory, str(step))} is complete but does not fit the state of '
+          f'the current config (model, optimizer or EMA settings changed?), and no older checkpoint does: '
+          f'{type(e).__name__}: {str(e)[:300]}') from e
     return None
 
   def restore_or_init(self, abstract_state, shardings, init):

@@ -21,8 +21,37 @@ from srdd_jax.parallel import multihost
 from srdd_jax.train.checkpoint import Checkpointer
 
 
+# The exit status of a run stopped by SIGTERM or Ctrl-C after saving its checkpoint: not finished, not
+# failed; run the same command again to resume (sysexits' EX_TEMPFAIL, which schedulers can requeue).
+PREEMPTED_EXIT_CODE = 75
+
+
 class NonFiniteLoss(FloatingPointError):
   pass
+
+
+def _keep_metrics_up_to(path: str, step: int) -> None:
+  """Drops the records of steps after `step` (and a line cut short by a crash) from metrics.jsonl, so a
+  resumed run that repeats those steps never writes a step twice."""
+  if not os.path.exists(path):
+    return
+  kept, dropped = [], 0
+  with open(path) as f:
+    for line in f:
+      try:
+        rec = json.loads(line)
+      except json.JSONDecodeError:
+        dropped += 1
+        continue
+      if isinstance(rec, dict) and int(rec.get('step', -1)) <= step:
+        kept.append(line if line.endswith('\n') else line + '\n')
+      else:
+        dropped += 1
+  if dropped:
+    with open(path + '.tmp', 'w') as f:
+      f.writelines(kept)
+    os.replace(path + '.tmp', path)
+    logging.info('%s: dropped %d records after step %d (they are computed again)', path, dropped, step)
 
 
 class Task:
@@ -102,6 +131,8 @@ def run(task: Task, *, stop_after_steps: int | None = None, return_state: bool =
   state, start = ckpt.restore_or_init(abstract, shardings, task.init)
   task.begin(start)
   metrics_path = os.path.join(task.root, 'metrics.jsonl')
+  if main_process:
+    _keep_metrics_up_to(metrics_path, start if start else -1)
   writer = _writer(task.root, main_process)
   total = task.total_steps
 
@@ -120,7 +151,16 @@ def run(task: Task, *, stop_after_steps: int | None = None, return_state: bool =
   if task.eval_at_start and start == 0 and task.eval_every > 0:
     evaluate(0)
   stop = {'signal': None}
-  previous = signal.signal(signal.SIGTERM, lambda *_: stop.update(signal='SIGTERM'))
+
+  def on_signal(signum, frame):
+    del frame
+    name = signal.Signals(signum).name
+    if name == 'SIGINT' and stop['signal'] == 'SIGINT':
+      raise KeyboardInterrupt  # A second Ctrl-C: stop now, without waiting for the step and the save.
+    stop['signal'] = name
+    logging.warning('%s: stopping after this step and saving a checkpoint (Ctrl-C again to abort)', name)
+
+  previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
   last, step, t_log, n_log, export = None, start, time.time(), 0, None
   try:
     while step < total:
@@ -154,13 +194,14 @@ def run(task: Task, *, stop_after_steps: int | None = None, return_state: bool =
       ckpt.save(step, state, {'step': step}, force=True)
   finally:
     ckpt.close()
-    signal.signal(signal.SIGTERM, previous)
+    for s, handler in previous.items():
+      signal.signal(s, handler)
     writer.flush()
   if step == total:
     export = task.export(step, state)
   summary = {'start_step': start, 'end_step': step, 'last_loss': None if last is None else last['loss'],
              **task.summary(), 'export': export, 'seconds': round(time.time() - t_start, 2),
-             'workdir': task.root}
+             'workdir': task.root, 'complete': step == total, 'stopped_by': stop['signal']}
   if return_state:
     summary['state'] = state
   return summary

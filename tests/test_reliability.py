@@ -1,0 +1,302 @@
+"""No silent wrong results, nothing overwritten, every bad input an exit-2 message.
+
+The table at the end runs bad inputs through `python -m srdd_jax.main` in subprocesses: each must exit
+with status 2, print no traceback, and name the offending key, path or value.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from configs import smoke
+from srdd_jax.config import ConfigError
+from srdd_jax.convert import params_io
+from srdd_jax.data import token_cache
+from srdd_jax.data.source import DataError
+from srdd_jax.modes import sample, tokenize
+from srdd_jax.modes import train as train_mode
+from srdd_jax.parallel.workdir import LOCK_NAME, WorkdirLock
+from srdd_jax.tokenizer.api import Tokenizer, unbox
+from srdd_jax.tokenizer.vqvae import VQVAEConfig
+from srdd_jax.train.driver import PREEMPTED_EXIT_CODE
+from srdd_jax.transformer.config import VARConfig
+from srdd_jax.transformer.model import VAR
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PN = (1, 2, 3, 4)
+
+
+@pytest.fixture(scope='module')
+def models(tmp_path_factory):
+  """A tiny tokenizer (16 px) and transformer, untrained, saved as a user's would be; and an image."""
+  root = tmp_path_factory.mktemp('models')
+  vq = VQVAEConfig(vocab_size=64, z_channels=8, ch=32, ch_mult=(1, 1, 2), patch_nums=PN)
+  vc = VARConfig(depth=1, width=64, num_heads=1, num_classes=10, vocab_size=64, z_channels=8, patch_nums=PN)
+  x = np.zeros((1, vc.seq_len - 1, 8), np.float32)
+  var = unbox(VAR(vc).init(jax.random.PRNGKey(0), np.zeros((1,), np.int32), x)['params'])
+  params_io.save_params(str(root / 'vae'), unbox(Tokenizer(vq).init(jax.random.PRNGKey(1))), kind='vqvae',
+                        config=vq)
+  params_io.save_params(str(root / 'var'), var, kind='var', config=vc)
+  Image.fromarray(np.random.default_rng(0).integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(root / 'img.png')
+  return {'var': str(root / 'var'), 'vae': str(root / 'vae'), 'image': str(root / 'img.png'), 'root': root}
+
+
+def _sample_config(models, **sample_options):
+  from configs import sample as sample_config
+  c = sample_config.get_config()
+  c.model.checkpoint, c.tokenizer.checkpoint = models['var'], models['vae']
+  c.sampler.top_k, c.sampler.top_p = 0, 0.0
+  c.sample.update({'classes': '0,1', 'num_per_class': 2, 'batch_size': 8, **sample_options})
+  return c
+
+
+def _train_config(**train):
+  c = smoke.get_config()
+  c.mesh.data = 8
+  c.train.update(train)
+  return c
+
+
+# --- wrong results -----------------------------------------------------------------------------------
+
+def test_a_token_cache_never_mixes_tokenizers(tmp_path):
+  c = _train_config()
+  c.tokenize = {'shard_size': 24, 'batch_size': 16, 'out_dir': str(tmp_path / 'tokens')}
+  tokenize.run(c, str(tmp_path))
+  # Interrupted while writing: the manifest and the last shard are gone.
+  os.remove(tmp_path / 'tokens' / 'manifest.json')
+  os.remove(tmp_path / 'tokens' / 'shard_00002.npz')
+  other = _train_config()
+  other.seed = 5  # The random smoke tokenizer depends on the seed: another tokenizer.
+  other.tokenize = c.tokenize
+  kept = (tmp_path / 'tokens' / 'shard_00000.npz').read_bytes()
+  with pytest.raises(DataError, match=r'shard_00000.npz is left from an earlier tokenize run .* another '
+                                      r'tokenizer \(hash [0-9a-f]{12}, this run\'s [0-9a-f]{12}\)'):
+    tokenize.run(other, str(tmp_path))
+  assert (tmp_path / 'tokens' / 'shard_00000.npz').read_bytes() == kept  # Refused, not rewritten.
+  # The same tokenizer resumes and completes the cache.
+  s = tokenize.run(c, str(tmp_path))
+  assert (s['shards_written'], s['shards_kept']) == (1, 2)
+  # A complete cache with a shard of another tokenizer slipped in is refused when read.
+  other.tokenize = {**c.tokenize, 'out_dir': str(tmp_path / 'other')}
+  tokenize.run(other, str(tmp_path))
+  shutil.copy(tmp_path / 'other' / 'shard_00001.npz', tmp_path / 'tokens' / 'shard_00001.npz')
+  m = json.load(open(tmp_path / 'tokens' / 'manifest.json'))
+  with pytest.raises(DataError, match=r'shard_00001.npz was not written by the tokenizer and patch_nums of its '
+                                      r'manifest'):
+    token_cache.TokenCache(str(tmp_path / 'tokens'), tokenizer_hash=m['tokenizer_hash'])
+
+
+def test_an_edit_mask_of_another_size_is_an_error(models, tmp_path):
+  c = _sample_config(models)
+  Image.fromarray(np.full((32, 64, 3), 255, np.uint8)).save(tmp_path / 'mask.png')
+  c.edit.update(image=models['image'], mask=str(tmp_path / 'mask.png'), task='inpaint')
+  from srdd_jax.modes import edit
+  with pytest.raises(ConfigError, match=r'config.edit.mask=.* is 64x32 but config.edit.image is 16x16'):
+    edit.run(c, str(tmp_path / 'wd'))
+  assert not os.path.exists(tmp_path / 'wd')
+
+
+# --- work lost ------------------------------------------------------------------------------------------
+
+def test_sample_outputs_are_never_replaced_silently(models, tmp_path):
+  wd = str(tmp_path)
+  sample.run(_sample_config(models), wd)
+  before = open(os.path.join(wd, 'samples', 'samples.npz'), 'rb').read()
+  with pytest.raises(ConfigError, match=r'already holds samples of an earlier run .*--overwrite'):
+    sample.run(_sample_config(models, classes='2'), wd)
+  assert open(os.path.join(wd, 'samples', 'samples.npz'), 'rb').read() == before
+  sample.run(_sample_config(models, classes='2'), wd, overwrite=True)
+  # Replaced as a whole: no image of the earlier run is left beside the new ones.
+  assert sorted(os.listdir(os.path.join(wd, 'samples', 'images'))) == ['class0002_000000.png',
+                                                                        'class0002_000001.png']
+  with np.load(os.path.join(wd, 'samples', 'samples.npz')) as z:
+    assert z['arr_1'].tolist() == [2, 2]
+
+
+def test_the_workdir_lock(tmp_path):
+  with WorkdirLock(str(tmp_path)):
+    holder = json.load(open(tmp_path / LOCK_NAME))
+    assert holder['pid'] == os.getpid()
+    with pytest.raises(ConfigError, match=rf'is in use by process {os.getpid()} on host .* delete .*{LOCK_NAME}'):
+      WorkdirLock(str(tmp_path)).acquire()
+  assert not os.path.exists(tmp_path / LOCK_NAME)  # Released on exit.
+  # A lock left by a process that no longer runs (killed) is stale: taken over.
+  dead = subprocess.Popen([sys.executable, '-c', 'pass'])
+  dead.wait()
+  with open(tmp_path / LOCK_NAME, 'w') as f:
+    json.dump({'pid': dead.pid, 'host': os.uname().nodename, 'started': 'then', 'command': 'x'}, f)
+  with WorkdirLock(str(tmp_path)):
+    assert json.load(open(tmp_path / LOCK_NAME))['pid'] == os.getpid()
+  # Released also when the run fails.
+  with pytest.raises(RuntimeError):
+    with WorkdirLock(str(tmp_path)):
+      raise RuntimeError('boom')
+  assert not os.path.exists(tmp_path / LOCK_NAME)
+
+
+def _steps(workdir):
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return [json.loads(line)['step'] for line in f]
+
+
+def test_metrics_never_hold_a_step_twice_and_a_corrupt_checkpoint_falls_back(tmp_path):
+  wd = str(tmp_path)
+  train_mode.run(_train_config(steps=12, checkpoint_every=5), wd, stop_after_steps=10)
+  assert _steps(wd) == list(range(1, 11))
+  # Killed (SIGKILL, power loss) after logging steps 11 and 12 but before their checkpoint, in the
+  # middle of writing a line.
+  with open(os.path.join(wd, 'metrics.jsonl'), 'a') as f:
+    f.write(json.dumps({'step': 11, 'loss': -1.0}) + '\n' + json.dumps({'step': 12, 'loss': -1.0}) + '\n{"st')
+  # The newest checkpoint's array files are damaged.
+  for root, _, files in os.walk(os.path.join(wd, 'checkpoints', '10', 'state')):
+    for f in files:
+      if not f.startswith('_'):
+        with open(os.path.join(root, f), 'r+b') as fh:
+          fh.write(os.urandom(64))
+  s = train_mode.run(_train_config(steps=12, checkpoint_every=5), wd)
+  assert s['start_step'] == 5 and s['end_step'] == 12  # Resumed from the previous checkpoint.
+  assert _steps(wd) == list(range(1, 13))  # Each step once, 6-12 recomputed.
+  assert all(r['loss'] > 0 for r in map(json.loads, open(os.path.join(wd, 'metrics.jsonl'))))
+  aside = [d for d in os.listdir(os.path.join(wd, 'checkpoints')) if d.startswith('10.corrupt-')]
+  assert len(aside) == 1  # Set aside for inspection, not deleted.
+
+
+@pytest.mark.parametrize('sig', ['SIGTERM', 'SIGINT'])
+def test_a_stopped_run_saves_and_exits_75(tmp_path, sig):
+  import signal
+  import time
+  wd = tmp_path / 'run'
+  env = dict(os.environ, XLA_FLAGS='', JAX_PLATFORMS='cpu')
+  p = subprocess.Popen([sys.executable, '-m', 'srdd_jax.main', '--config=configs/smoke.py', f'--workdir={wd}',
+                        '--mode=train', '--config.train.steps=100000', '--config.train.checkpoint_every=1000'],
+                       cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  deadline = time.time() + 240
+  while time.time() < deadline:
+    if (wd / 'metrics.jsonl').exists() and len((wd / 'metrics.jsonl').read_text().splitlines()) >= 3:
+      break
+    time.sleep(0.5)
+  p.send_signal(getattr(signal, sig))
+  out, _ = p.communicate(timeout=240)
+  assert p.returncode == PREEMPTED_EXIT_CODE == 75, out[-3000:]
+  assert f'stopped by {sig}' in out and 'Traceback' not in out
+  last = json.loads((wd / 'metrics.jsonl').read_text().splitlines()[-1])['step']
+  assert str(last) in os.listdir(wd / 'checkpoints')
+  assert not (wd / LOCK_NAME).exists()
+
+
+# --- every bad input: exit 2, one line, no traceback ------------------------------------------------------
+
+@pytest.fixture(scope='module')
+def bad_inputs(models, tmp_path_factory):
+  """Files the table's cases point to."""
+  root = tmp_path_factory.mktemp('bad')
+  (root / 'empty_dir').mkdir()
+  (root / 'a_file').write_text('not a directory')
+  (root / 'random.npz').write_bytes(os.urandom(4096))
+  (root / 'random.png').write_bytes(os.urandom(4096))
+  bad_folder = root / 'bad_images' / 'cls'
+  bad_folder.mkdir(parents=True)
+  for i in range(5):
+    (bad_folder / f'{i}.png').write_bytes(os.urandom(300))
+  Image.fromarray(np.zeros((8, 16, 3), np.uint8)).save(root / 'wide_mask.png')
+  np.savez(root / 'one.npz', arr_0=np.zeros((1, 16, 16, 3), np.uint8), arr_1=np.zeros((1,), np.int32))
+  used = root / 'used'
+  (used / 'samples').mkdir(parents=True)
+  (used / 'samples' / 'samples.npz').write_bytes(b'earlier')
+  locked = root / 'locked'
+  locked.mkdir()
+  with open(locked / LOCK_NAME, 'w') as f:  # Held by this (living) test process.
+    json.dump({'pid': os.getpid(), 'host': os.uname().nodename, 'started': 'now', 'command': 'pytest'}, f)
+  return {**{k: str(v) for k, v in models.items()}, 'root': str(root)}
+
+
+SMOKE = ['--config=configs/smoke.py', '--mode=train']
+SAMPLE = ['--config=configs/sample.py', '--config.model.checkpoint={var}', '--config.tokenizer.checkpoint={vae}']
+EDIT = SAMPLE + ['--mode=edit', '--config.edit.image={image}']
+CASES = [
+    # (name, arguments, text the one-line message must contain)
+    ('unknown key', SMOKE + ['--config.train.stepz=5'], "config.train has no key 'stepz'"),
+    ('unknown section', SMOKE + ['--config.trian.steps=5'], "config has no key 'trian'"),
+    ('missing config file', ['--config=configs/nope.py', '--mode=train'], "no config file 'configs/nope.py'"),
+    ('log_every 0', SMOKE + ['--config.train.log_every=0'], 'config.train.log_every=0'),
+    ('checkpoint_every 0', SMOKE + ['--config.train.checkpoint_every=0'], 'config.train.checkpoint_every=0'),
+    ('negative batch', SMOKE + ['--config.train.global_batch=-16'], 'config.train.global_batch=-16: must be >= 1'),
+    ('negative steps', SMOKE + ['--config.train.steps=-5'], 'config.train.steps=-5: must be >= 0'),
+    ('batch not divisible', SMOKE + ['--config.train.global_batch=12', '--config.mesh.data=8'],
+     'config.train.global_batch=12 is not divisible'),
+    ('bad mesh', SMOKE + ['--config.mesh.data=3'], 'config.mesh'),
+    ('bad mask', SMOKE + ['--config.model.mask=bogus'], 'config.model'),
+    ('bad data source', SMOKE + ['--config.data.source=bogus'], 'config.data.source'),
+    ('folder of bad images', SMOKE + ['--config.data.source=folder', '--config.data.path={root}/bad_images'],
+     'bad_images'),
+    ('missing data folder', SMOKE + ['--config.data.source=folder', '--config.data.path={root}/none'],
+     '{root}/none'),
+    ('missing token cache', SMOKE + ['--config.data.token_cache={root}/none'], 'config.data.token_cache'),
+    ('tokenizer missing', SMOKE + ['--config.tokenizer.checkpoint={root}/none'], 'config.tokenizer.checkpoint'),
+    ('tokenizer empty folder', SMOKE + ['--config.tokenizer.checkpoint={root}/empty_dir'],
+     'config.tokenizer.checkpoint'),
+    ('tokenizer is a transformer', SMOKE + ['--config.tokenizer.checkpoint={var}'], 'config.tokenizer.checkpoint'),
+    ('workdir under a file', SMOKE + ['--workdir={root}/a_file/run'], '--workdir='),
+    ('workdir in use', SMOKE + ['--workdir={root}/locked'], 'is in use by process'),
+    ('tokenize batch', ['--config=configs/smoke.py', '--mode=tokenize', '--config.tokenize.batch_size=3'],
+     'config.tokenize.batch_size=3'),
+    ('tokenizer_train key', ['--config=configs/tokenizer_smoke.py', '--mode=train_tokenizer',
+                             '--config.tokenizer_train.stepz=1'], "config.tokenizer_train has no key 'stepz'"),
+    ('multihost flags', SMOKE + ['--num_processes=2'], 'coordinator_address'),
+    ('sample class out of range', SAMPLE + ['--mode=sample', '--config.sample.classes=99'], 'config.sample.classes'),
+    ('cfg schedule', SAMPLE + ['--mode=sample', '--config.sampler.cfg_schedule=a,b'], 'config.sampler.cfg_schedule'),
+    ('samples kept', SAMPLE + ['--mode=sample', '--workdir={root}/used'], '--overwrite'),
+    ('edit box', EDIT + ['--config.edit.box=a,b,c,d'], 'config.edit.box'),
+    ('edit box of 3', EDIT + ['--config.edit.box=1,2,3'], 'config.edit.box'),
+    ('edit low_res', EDIT + ['--config.edit.task=super_res', '--config.edit.low_res=-4'], 'config.edit.low_res=-4'),
+    ('edit keep_scales', EDIT + ['--config.edit.task=super_res', '--config.edit.keep_scales=99'],
+     'config.edit.keep_scales=99'),
+    ('edit num_samples', EDIT + ['--config.edit.num_samples=0', '--config.edit.box=0,0,8,8'],
+     'config.edit.num_samples=0'),
+    ('edit missing image', SAMPLE + ['--mode=edit', '--config.edit.image={root}/none.png'], 'config.edit.image'),
+    ('edit bad mask file', EDIT + ['--config.edit.mask={root}/random.png'], 'config.edit.mask'),
+    ('edit mask size', EDIT + ['--config.edit.mask={root}/wide_mask.png'], '16x8 but config.edit.image is 16x16'),
+    ('class_edit without class', EDIT + ['--config.edit.task=class_edit', '--config.edit.box=0,0,8,8'],
+     'config.edit.class_id=-1'),
+    ('eval metric', SAMPLE + ['--mode=eval', '--config.eval.metrics=bogus'], 'config.eval.metrics'),
+    ('eval one image', ['--config=configs/fashion_mnist.py', '--mode=eval', '--config.eval.samples={root}/one.npz'],
+     'config.eval.samples='),
+    ('eval random weights', SAMPLE + ['--mode=eval', '--config.eval.metrics=is',
+                                      '--config.eval.inception_weights={root}/random.npz'],
+     'config.eval.inception_weights'),
+]
+
+
+def _run_case(args, fill):
+  argv = [a.format(**fill) for a in args]
+  if not any(a.startswith('--workdir') for a in argv):
+    argv.append(f'--workdir={fill["root"]}/wd_{abs(hash(tuple(argv)))}')
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8', JAX_PLATFORMS='cpu')
+  r = subprocess.run([sys.executable, '-m', 'srdd_jax.main'] + argv, cwd=REPO, env=env, capture_output=True,
+                     text=True, timeout=600)
+  return r, argv
+
+
+def test_bad_inputs_exit_2_with_one_line_naming_the_key(bad_inputs):
+  assert len(CASES) >= 25
+  with concurrent.futures.ThreadPoolExecutor(2) as pool:
+    results = list(pool.map(lambda case: _run_case(case[1], bad_inputs), CASES))
+  problems = []
+  for (name, _, expected), (r, argv) in zip(CASES, results):
+    expected = expected.format(**bad_inputs)
+    errors = [line for line in r.stderr.splitlines() if line.startswith('error: ')]
+    if r.returncode != 2 or 'Traceback' in r.stderr + r.stdout or len(errors) != 1 or expected not in errors[0]:
+      problems.append(f'{name}: rc {r.returncode}, argv {argv}\n  stderr tail: {r.stderr[-800:]}')
+  assert not problems, '\n'.join(problems)
+  # Nothing was written where the input was refused.
+  assert os.listdir(os.path.join(bad_inputs['root'], 'used', 'samples')) == ['samples.npz']

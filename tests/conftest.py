@@ -60,3 +60,24 @@ def vqvae_ref(request):
   config = vqvae_config_from_meta(meta, path)
   params = var_vqvae.convert_vqvae({k[4:]: v for k, v in data.items() if k.startswith('vae/')}, config)
   return data, config, params
+
+
+def save_tiny_models(root) -> tuple[str, str]:
+  """A tiny tokenizer (16 px, patch_nums 1..4) and class-conditional transformer (10 classes), untrained,
+  saved under `root` as a user's checkpoints would be: (transformer dir, tokenizer dir)."""
+  # pylint: disable=import-outside-toplevel
+  import numpy as np
+  from srdd_jax.convert import params_io
+  from srdd_jax.tokenizer.api import Tokenizer, unbox
+  from srdd_jax.tokenizer.vqvae import VQVAEConfig
+  from srdd_jax.transformer.config import VARConfig
+  from srdd_jax.transformer.model import VAR
+  pn = (1, 2, 3, 4)
+  vq = VQVAEConfig(vocab_size=64, z_channels=8, ch=32, ch_mult=(1, 1, 2), patch_nums=pn)
+  vc = VARConfig(depth=1, width=64, num_heads=1, num_classes=10, vocab_size=64, z_channels=8, patch_nums=pn)
+  x = np.zeros((1, vc.seq_len - 1, 8), np.float32)
+  var = unbox(VAR(vc).init(jax.random.PRNGKey(0), np.zeros((1,), np.int32), x)['params'])
+  params_io.save_params(os.path.join(root, 'vae'), unbox(Tokenizer(vq).init(jax.random.PRNGKey(1))),
+                        kind='vqvae', config=vq)
+  params_io.save_params(os.path.join(root, 'var'), var, kind='var', config=vc)
+  return os.path.join(root, 'var'), os.path.join(root, 'vae')

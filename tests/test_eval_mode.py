@@ -2,36 +2,21 @@
 without the published Inception weights."""
 import json
 
-import jax
 import ml_collections
 import numpy as np
 import pytest
 
 from srdd_jax.config import DEFAULTS, ConfigError
-from srdd_jax.convert import params_io
 from srdd_jax.evaluation import protocol
 from srdd_jax.modes import eval as evaluation
-from srdd_jax.tokenizer.api import Tokenizer, unbox
-from srdd_jax.tokenizer.vqvae import VQVAEConfig
-from srdd_jax.transformer.config import VARConfig
-from srdd_jax.transformer.model import VAR
-from tests.conftest import reference_file
+from tests.conftest import reference_file, save_tiny_models
 
-PN = (1, 2, 3, 4)
 
 
 @pytest.fixture(scope='module')
 def checkpoints(tmp_path_factory):
   """A tiny tokenizer (16 px) and class-conditional transformer, untrained, saved as a user's would be."""
-  root = tmp_path_factory.mktemp('models')
-  vq = VQVAEConfig(vocab_size=64, z_channels=8, ch=32, ch_mult=(1, 1, 2), patch_nums=PN)
-  vc = VARConfig(depth=1, width=64, num_heads=1, num_classes=10, vocab_size=64, z_channels=8, patch_nums=PN)
-  x = np.zeros((1, vc.seq_len - 1, 8), np.float32)
-  var = unbox(VAR(vc).init(jax.random.PRNGKey(0), np.zeros((1,), np.int32), x)['params'])
-  params_io.save_params(str(root / 'vae'), unbox(Tokenizer(vq).init(jax.random.PRNGKey(1))), kind='vqvae',
-                        config=vq)
-  params_io.save_params(str(root / 'var'), var, kind='var', config=vc)
-  return str(root / 'var'), str(root / 'vae')
+  return save_tiny_models(str(tmp_path_factory.mktemp('models')))
 
 
 def _config(checkpoints, **eval_options):

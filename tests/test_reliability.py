@@ -12,42 +12,30 @@ import shutil
 import subprocess
 import sys
 
-import jax
 import numpy as np
 import pytest
 from PIL import Image
 
 from configs import smoke
 from srdd_jax.config import ConfigError
-from srdd_jax.convert import params_io
 from srdd_jax.data import token_cache
 from srdd_jax.data.source import DataError
 from srdd_jax.modes import sample, tokenize
 from srdd_jax.modes import train as train_mode
 from srdd_jax.parallel.workdir import LOCK_NAME, WorkdirLock
-from srdd_jax.tokenizer.api import Tokenizer, unbox
-from srdd_jax.tokenizer.vqvae import VQVAEConfig
 from srdd_jax.train.driver import PREEMPTED_EXIT_CODE
-from srdd_jax.transformer.config import VARConfig
-from srdd_jax.transformer.model import VAR
+from tests.conftest import save_tiny_models
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PN = (1, 2, 3, 4)
 
 
 @pytest.fixture(scope='module')
 def models(tmp_path_factory):
   """A tiny tokenizer (16 px) and transformer, untrained, saved as a user's would be; and an image."""
   root = tmp_path_factory.mktemp('models')
-  vq = VQVAEConfig(vocab_size=64, z_channels=8, ch=32, ch_mult=(1, 1, 2), patch_nums=PN)
-  vc = VARConfig(depth=1, width=64, num_heads=1, num_classes=10, vocab_size=64, z_channels=8, patch_nums=PN)
-  x = np.zeros((1, vc.seq_len - 1, 8), np.float32)
-  var = unbox(VAR(vc).init(jax.random.PRNGKey(0), np.zeros((1,), np.int32), x)['params'])
-  params_io.save_params(str(root / 'vae'), unbox(Tokenizer(vq).init(jax.random.PRNGKey(1))), kind='vqvae',
-                        config=vq)
-  params_io.save_params(str(root / 'var'), var, kind='var', config=vc)
+  var, vae = save_tiny_models(str(root))
   Image.fromarray(np.random.default_rng(0).integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(root / 'img.png')
-  return {'var': str(root / 'var'), 'vae': str(root / 'vae'), 'image': str(root / 'img.png'), 'root': root}
+  return {'var': var, 'vae': vae, 'image': str(root / 'img.png'), 'root': root}
 
 
 def _sample_config(models, **sample_options):
@@ -163,7 +151,10 @@ def test_metrics_never_hold_a_step_twice_and_a_corrupt_checkpoint_falls_back(tmp
       if not f.startswith('_'):
         with open(os.path.join(root, f), 'r+b') as fh:
           fh.write(os.urandom(64))
+  # And a save was cut short (Orbax's temporary directory of step 11 is left).
+  os.makedirs(os.path.join(wd, 'checkpoints', '11.orbax-checkpoint-tmp-1234567', 'state'))
   s = train_mode.run(_train_config(steps=12, checkpoint_every=5), wd)
+  assert not [d for d in os.listdir(os.path.join(wd, 'checkpoints')) if 'tmp' in d]
   assert s['start_step'] == 5 and s['end_step'] == 12  # Resumed from the previous checkpoint.
   assert _steps(wd) == list(range(1, 13))  # Each step once, 6-12 recomputed.
   assert all(r['loss'] > 0 for r in map(json.loads, open(os.path.join(wd, 'metrics.jsonl'))))
@@ -210,6 +201,9 @@ def bad_inputs(models, tmp_path_factory):
     (bad_folder / f'{i}.png').write_bytes(os.urandom(300))
   Image.fromarray(np.zeros((8, 16, 3), np.uint8)).save(root / 'wide_mask.png')
   np.savez(root / 'one.npz', arr_0=np.zeros((1, 16, 16, 3), np.uint8), arr_1=np.zeros((1,), np.int32))
+  np.savez(root / 'none.npz', arr_0=np.zeros((0, 16, 16, 3), np.uint8), arr_1=np.zeros((0,), np.int32))
+  np.savez(root / 'labels.npz', arr_0=np.random.default_rng(0).integers(0, 255, (4, 8, 8, 3), dtype=np.uint8),
+           arr_1=np.array([0, 1, 2, 99], np.int32))
   used = root / 'used'
   (used / 'samples').mkdir(parents=True)
   (used / 'samples' / 'samples.npz').write_bytes(b'earlier')
@@ -271,6 +265,11 @@ CASES = [
     ('eval metric', SAMPLE + ['--mode=eval', '--config.eval.metrics=bogus'], 'config.eval.metrics'),
     ('eval one image', ['--config=configs/fashion_mnist.py', '--mode=eval', '--config.eval.samples={root}/one.npz'],
      'config.eval.samples='),
+    ('eval no image', ['--config=configs/fashion_mnist.py', '--mode=eval', '--config.eval.samples={root}/none.npz'],
+     'config.eval.samples='),
+    ('eval labels out of range', ['--config=configs/fashion_mnist.py', '--mode=eval', '--config.data.source=digits',
+                                  '--config.eval.proxy_epochs=1', '--config.eval.proxy_examples=50',
+                                  '--config.eval.samples={root}/labels.npz'], 'config.eval.samples='),
     ('eval random weights', SAMPLE + ['--mode=eval', '--config.eval.metrics=is',
                                       '--config.eval.inception_weights={root}/random.npz'],
      'config.eval.inception_weights'),

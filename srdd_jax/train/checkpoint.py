@@ -3,6 +3,7 @@ abstract state (so a run can resume on another mesh), and skip a checkpoint that
 from __future__ import annotations
 
 import os
+import shutil
 import time
 
 import jax
@@ -20,9 +21,20 @@ class CheckpointMismatch(ConfigError):
 class Checkpointer:
   def __init__(self, directory: str, max_to_keep: int = 3, save_every: int = 1000):
     self.directory = os.path.abspath(directory)
+    self._remove_stale_temporaries()
     opts = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, save_interval_steps=save_every,
-                                        enable_async_checkpointing=True, cleanup_tmp_directories=True)
+                                        enable_async_checkpointing=True)
     self.manager = ocp.CheckpointManager(self.directory, options=opts)
+
+  def _remove_stale_temporaries(self) -> None:
+    """A save that a crash interrupted leaves <step>.orbax-checkpoint-tmp-*: never a complete checkpoint,
+    and (the workdir lock excludes a concurrent run) nobody is writing it any more."""
+    if jax.process_index() == 0 and os.path.isdir(self.directory):
+      for name in sorted(os.listdir(self.directory)):
+        if '.orbax-checkpoint-tmp' in name:
+          logging.warning('removing %s, left by an interrupted save', os.path.join(self.directory, name))
+          shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+    multihost.sync('checkpoint-temporaries')
 
   def save(self, step: int, state, extra: dict, force: bool = False) -> bool:
     if step in self.manager.all_steps():  # Saved already (periodic save, then SIGTERM / end).

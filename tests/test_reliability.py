@@ -9,9 +9,12 @@ import concurrent.futures
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
@@ -23,6 +26,7 @@ from srdd_jax.data.source import DataError
 from srdd_jax.modes import sample, tokenize
 from srdd_jax.modes import train as train_mode
 from srdd_jax.parallel.workdir import LOCK_NAME, WorkdirLock
+from srdd_jax.train import driver
 from srdd_jax.train.driver import PREEMPTED_EXIT_CODE
 from tests.conftest import save_tiny_models
 
@@ -162,10 +166,43 @@ def test_metrics_never_hold_a_step_twice_and_a_corrupt_checkpoint_falls_back(tmp
   assert len(aside) == 1  # Set aside for inspection, not deleted.
 
 
-@pytest.mark.parametrize('sig', ['SIGTERM', 'SIGINT'])
-def test_a_stopped_run_saves_and_exits_75(tmp_path, sig):
-  import signal
+class _Counter(driver.Task):
+  """A trainer without a model: the state counts steps, and step `at` sends this process `sig`."""
+  name, total_steps, global_batch, log_every, checkpoint_every, keep_checkpoints = 'count', 6, 1, 1, 100, 2
+
+  def __init__(self, root, sig=None, at=None):
+    self.root, self.sig, self.at = root, sig, at
+
+  def abstract_state(self):
+    return ({'x': jax.ShapeDtypeStruct((), jnp.float32)},
+            {'x': jax.sharding.SingleDeviceSharding(jax.devices()[0])})
+
+  def init(self):
+    return {'x': jnp.zeros((), jnp.float32)}
+
+  def step(self, state):
+    x = state['x'] + 1
+    if self.sig is not None and int(x) == self.at:
+      signal.raise_signal(self.sig)
+    return {'x': x}, {'loss': x, 'grad_norm': 1.0}
+
+
+@pytest.mark.parametrize('sig', [signal.SIGTERM, signal.SIGINT], ids=['SIGTERM', 'SIGINT'])
+def test_sigterm_and_ctrl_c_stop_after_the_step_and_save(tmp_path, sig):
+  before = signal.getsignal(sig)
+  s = driver.run(_Counter(str(tmp_path), sig, at=3))
+  assert (s['end_step'], s['stopped_by'], s['complete']) == (3, sig.name, False)
+  assert '3' in os.listdir(tmp_path / 'checkpoints')
+  assert signal.getsignal(sig) is before and _steps(str(tmp_path)) == [1, 2, 3]  # Handler restored.
+  s = driver.run(_Counter(str(tmp_path)))
+  assert (s['start_step'], s['end_step'], s['complete'], s['stopped_by']) == (3, 6, True, None)
+  assert _steps(str(tmp_path)) == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_stopped_run_saves_and_exits_75(tmp_path):
+  """Through main: Ctrl-C (SIGINT) -> checkpoint saved, exit 75, lock released."""
   import time
+  sig = 'SIGINT'
   wd = tmp_path / 'run'
   env = dict(os.environ, XLA_FLAGS='', JAX_PLATFORMS='cpu')
   p = subprocess.Popen([sys.executable, '-m', 'srdd_jax.main', '--config=configs/smoke.py', f'--workdir={wd}',

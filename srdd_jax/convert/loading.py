@@ -15,12 +15,20 @@ from srdd_jax.tokenizer.api import Tokenizer, tokenizer_config, unbox
 from srdd_jax.tokenizer.vqvae import VQVAEConfig
 
 
-@dataclasses.dataclass
 class LoadedTokenizer:
-  config: VQVAEConfig
-  params: dict
-  source: str  # Where the weights came from, in words.
-  images: np.ndarray | None = None  # Images a reference file supplies (NHWC, [-1, 1]), else None.
+  """A tokenizer's config, its weights and where they came from (`source`, in words); `images` are those
+  a reference file supplies (NHWC, [-1, 1]). Fresh weights are initialised when first used, so that a
+  config error found before then costs no initialisation."""
+
+  def __init__(self, config: VQVAEConfig, params=None, source: str = '', images=None, init=None):
+    self.config, self.source, self.images = config, source, images
+    self._params, self._init = params, init
+
+  @property
+  def params(self):
+    if self._params is None:
+      self._params = self._init()
+    return self._params
 
 
 def load_tokenizer(config, *, reference: bool = False) -> LoadedTokenizer:
@@ -50,10 +58,14 @@ def load_tokenizer(config, *, reference: bool = False) -> LoadedTokenizer:
     raise ConfigError('config.tokenizer.checkpoint is empty: give a converted or trained tokenizer '
                       '(or set config.tokenizer.allow_random=True for a smoke run)')
   vq = tokenizer_config(c)
-  logging.warning('config.tokenizer.checkpoint is empty: a freshly initialised (seed %d) tokenizer is '
-                  'used, fine for smoke runs only', c.seed)
-  params = unbox(Tokenizer(vq).init(jax.random.PRNGKey(c.seed + 1)))
-  return LoadedTokenizer(vq, params, 'fresh random initialisation (no weights found)')
+
+  def init():
+    logging.warning('config.tokenizer.checkpoint is empty: a freshly initialised (seed %d) tokenizer is '
+                    'used, fine for smoke runs only', c.seed)
+    return unbox(Tokenizer(tok.config).init(jax.random.PRNGKey(c.seed + 1)))
+
+  tok = LoadedTokenizer(vq, source='fresh random initialisation (no weights found)', init=init)
+  return tok
 
 
 def tokenizer_for_model(config) -> LoadedTokenizer:

@@ -131,7 +131,14 @@ def _fashion_mnist(o: dict, preprocessing: dict) -> ImageSource:
 
 
 def build_source(data_config, image_size: int, *, train: bool = True) -> ImageSource:
-  """The ImageSource that config.data describes; DataError (naming the key and path) when it cannot work."""
+  """The ImageSource that config.data describes; DataError (naming the key and path) when it cannot work,
+  including a data set without one readable example (found here, before any training starts)."""
+  source = _build(data_config, image_size, train)
+  source.example(0, 0, 0, 1)  # One decode: the first readable example of the seed-0 order.
+  return source
+
+
+def _build(data_config, image_size: int, train: bool) -> ImageSource:
   o = _options(data_config, train)
   image_size = int(image_size)
   if image_size < 1:

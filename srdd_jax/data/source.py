@@ -147,9 +147,6 @@ class ImageSource:
     parallel threads (PIL releases the GIL while decoding and resizing) and prefetched."""
     start, stop = self._rows(global_batch, rows)
     n, size = stop - start, self.image_size
-    # On this thread first: a data set without one readable example is a clear error here, where in
-    # tf.data's threads it would be a TensorFlow traceback per thread.
-    self.example(seed, start_step, start, global_batch)
     # Deferred: TensorFlow takes seconds to import and only this path needs it.
     import tensorflow as tf  # pylint: disable=import-outside-toplevel
     try:  # Keep TensorFlow off accelerators that JAX owns.

@@ -162,7 +162,8 @@ def _load(source, indices):
 
 
 class TokenCache:
-  """A complete cache, checked against the tokenizer and patch_nums the training run uses."""
+  """A complete cache, checked against the tokenizer (its hash, or a function giving it) and the
+  patch_nums the training run uses."""
 
   def __init__(self, directory: str, *, tokenizer_hash: str | None = None, patch_nums=None,
                key: str = 'config.data.token_cache'):
@@ -182,6 +183,8 @@ class TokenCache:
     if patch_nums is not None and tuple(m['patch_nums']) != tuple(patch_nums):
       raise DataError(f'{key}={directory!r} holds tokens for patch_nums {tuple(m["patch_nums"])}, the model '
                       f'uses {tuple(patch_nums)}')
+    if callable(tokenizer_hash):  # Computed only for a cache that exists (hashing may need an init).
+      tokenizer_hash = tokenizer_hash()
     if tokenizer_hash is not None and m['tokenizer_hash'] != tokenizer_hash:
       raise DataError(f'{key}={directory!r} was written by another tokenizer (hash {m["tokenizer_hash"][:12]}, '
                       f'from {m["tokenizer_checkpoint"]!r}) than config.tokenizer.checkpoint '

@@ -62,10 +62,6 @@ def run(config, workdir: str, overwrite: bool = False) -> dict:
   config = with_defaults(config)
   e = config.edit
   _check(e)
-  out_dir = os.path.join(workdir, 'edit')
-  if multihost.is_main_process():
-    claim_outputs(out_dir, (f'{e.task}_grid.png', f'{e.task}.npz', f'{e.task}_summary.json'), overwrite,
-                  f'{e.task} edits')
   sampler, var_params, vae_params = sampler_from_config(config)
   size = sampler.tokenizer.config.image_size
   img = square(open_image(e.image, 'config.edit.image'), size)
@@ -77,6 +73,10 @@ def run(config, workdir: str, overwrite: bool = False) -> dict:
   labels = np.full((n,), cls if (e.task == 'class_edit' or 0 <= cls < nc) else nc, np.int32)
   if cls >= nc:
     raise ConfigError(f'config.edit.class_id={cls} is out of range for a model with {nc} classes')
+  out_dir = os.path.join(workdir, 'edit')  # The inputs work; only now do earlier outputs stand in the way.
+  if multihost.is_main_process():
+    claim_outputs(out_dir, (f'{e.task}_grid.png', f'{e.task}.npz', f'{e.task}_summary.json'), overwrite,
+                  f'{e.task} edits')
   editor = editing.Editor(sampler)
   rng = batch_rng(config.seed, 0)
   shown = img

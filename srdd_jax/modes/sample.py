@@ -19,9 +19,6 @@ from srdd_jax.parallel.workdir import claim_outputs
 
 def run(config, workdir: str, overwrite: bool = False) -> dict:
   config = with_defaults(config)
-  out_dir = os.path.join(workdir, 'samples')
-  if multihost.is_main_process():
-    claim_outputs(out_dir, ('samples.npz', 'grid.png', 'summary.json', 'images'), overwrite, 'samples')
   sampler, var_params, vae_params = sampler_from_config(config)
   nc = sampler.var_config.num_classes
   classes = ints(config.sample.classes, 'config.sample.classes') or tuple(range(nc))
@@ -34,6 +31,10 @@ def run(config, workdir: str, overwrite: bool = False) -> dict:
     raise ConfigError(f'config.sample.num_per_class={per}: must be >= 1')
   labels = np.repeat(np.asarray(classes, np.int32), per)
   bs = int(config.sample.batch_size)
+  # The inputs are known to work; only now do earlier outputs stand in the way.
+  out_dir = os.path.join(workdir, 'samples')
+  if multihost.is_main_process():
+    claim_outputs(out_dir, ('samples.npz', 'grid.png', 'summary.json', 'images'), overwrite, 'samples')
   os.makedirs(os.path.join(out_dir, 'images'), exist_ok=True)
   t0 = time.time()
   images = generate(sampler, var_params, vae_params, labels, bs, int(config.seed), key='config.sample.batch_size')

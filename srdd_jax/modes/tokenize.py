@@ -23,8 +23,14 @@ def run(config, workdir: str) -> dict:
   config = with_defaults(config)
   tk = config.tokenize
   out_dir = tk.out_dir or os.path.join(workdir, 'tokens')
+  bs = int(tk.batch_size)
+  if bs < 1 or bs % jax.local_device_count():
+    raise ConfigError(f'config.tokenize.batch_size={bs} must be a positive multiple of the '
+                      f'{jax.local_device_count()} local devices')
+  if int(tk.shard_size) < 1:
+    raise ConfigError(f'config.tokenize.shard_size={tk.shard_size} must be >= 1')
   tok = tokenizer_for_model(config)  # The cache is for the model's scales.
-  vq, vae_params = tok.config, tok.params
+  vq = tok.config
   data = {k: v for k, v in config.data.to_dict().items() if k != 'token_cache'}
   data['split'] = tk.split or data.get('split') or 'train'
   # The cache holds the center crop (and its mirror image): random crops would be frozen into it.
@@ -32,14 +38,9 @@ def run(config, workdir: str) -> dict:
   if data.get('source') == 'synthetic' and data.get('num_classes') is None:
     data['num_classes'] = int(config.model.num_classes)
   source = pipeline.build_source(data, vq.image_size, train=False)
+  vae_params = tok.params  # A fresh tokenizer is initialised only now that the inputs work.
   # Each process encodes on its own devices; shards are split between processes.
   mesh = pm.make_mesh((-1, 1, 1), devices=jax.local_devices())
-  bs = int(tk.batch_size)
-  if bs < 1 or bs % jax.local_device_count():
-    raise ConfigError(f'config.tokenize.batch_size={bs} must be a positive multiple of the '
-                           f'{jax.local_device_count()} local devices')
-  if int(tk.shard_size) < 1:
-    raise ConfigError(f'config.tokenize.shard_size={tk.shard_size} must be >= 1')
   sharding = NamedSharding(mesh, PartitionSpec(('data', 'fsdp')))
   local_params = jax.device_put(vae_params, pm.replicated(mesh))
   tokenizer = Tokenizer(vq)

@@ -60,14 +60,15 @@ def _validate(config, mesh):
     raise ConfigError('config.train.steps and config.train.epochs are both 0: say how long to train')
 
 
-def training_data(config, image_size: int, vae_params=None, patch_nums=None):
+def training_data(config, tok):
   """The training examples: a token cache (config.data.token_cache) or an image source; `yields` says
-  which ('ids' or 'images')."""
+  which ('ids' or 'images'). `tok` is the LoadedTokenizer a cache must have been written by."""
   d = config.data.to_dict()
   cache = d.pop('token_cache', '')
+  image_size = tok.config.image_size
   if cache:
-    source = token_cache.TokenCache(cache, tokenizer_hash=token_cache.params_hash(vae_params),
-                                    patch_nums=patch_nums)
+    source = token_cache.TokenCache(cache, tokenizer_hash=lambda: token_cache.params_hash(tok.params),
+                                    patch_nums=tok.config.patch_nums)
   else:
     if d.get('source') == 'synthetic' and d.get('num_classes') is None:
       d['num_classes'] = int(config.model.num_classes)
@@ -123,11 +124,12 @@ class TransformerTask(driver.Task):
   def __init__(self, config, workdir: str):
     _check_ranges(config)
     mesh = pm.mesh_from_config(config)
-    tok = tokenizer_for_model(config)
     _validate(config, mesh)
-    vq, self.vae_params = tok.config, tok.params
+    tok = tokenizer_for_model(config)
+    vq = tok.config
     self.var_config = var_config = build_var_config(config, vq.vocab_size, vq.z_channels)
-    self.data = training_data(config, vq.image_size, tok.params, vq.patch_nums)
+    self.data = training_data(config, tok)
+    self.vae_params = tok.params  # A fresh tokenizer is initialised here, once the config is known to work.
     t, o = config.train, config.optim
     gb = self.global_batch = int(t.global_batch)
     total = self.total_steps = (int(t.steps) if int(t.steps) > 0

@@ -81,3 +81,12 @@ def save_tiny_models(root) -> tuple[str, str]:
                         kind='vqvae', config=vq)
   params_io.save_params(os.path.join(root, 'var'), var, kind='var', config=vc)
   return os.path.join(root, 'var'), os.path.join(root, 'vae')
+
+
+def smoke_config(**train):
+  """configs/smoke.py on the 8 forced devices (data=8), with train-section overrides."""
+  from configs import smoke  # pylint: disable=import-outside-toplevel
+  c = smoke.get_config()
+  c.mesh.data = 8
+  c.train.update(train)
+  return c

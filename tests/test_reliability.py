@@ -19,7 +19,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from configs import smoke
 from srdd_jax.config import ConfigError
 from srdd_jax.data import token_cache
 from srdd_jax.data.source import DataError
@@ -28,7 +27,7 @@ from srdd_jax.modes import train as train_mode
 from srdd_jax.parallel.workdir import LOCK_NAME, WorkdirLock
 from srdd_jax.train import driver
 from srdd_jax.train.driver import PREEMPTED_EXIT_CODE
-from tests.conftest import save_tiny_models
+from tests.conftest import save_tiny_models, smoke_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -51,11 +50,7 @@ def _sample_config(models, **sample_options):
   return c
 
 
-def _train_config(**train):
-  c = smoke.get_config()
-  c.mesh.data = 8
-  c.train.update(train)
-  return c
+_train_config = smoke_config
 
 
 # --- wrong results -----------------------------------------------------------------------------------

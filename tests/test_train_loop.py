@@ -7,19 +7,15 @@ import jax
 import numpy as np
 import pytest
 
-from configs import smoke
 from srdd_jax.config import ConfigError, with_defaults
 from srdd_jax.convert.loading import load_tokenizer
 from srdd_jax.modes import tokenize
 from srdd_jax.modes import train as train_mode
 from srdd_jax.train.driver import NonFiniteLoss
+from tests.conftest import smoke_config
 
 
-def _config(**train):
-  c = smoke.get_config()
-  c.mesh.data = 8
-  c.train.update(train)
-  return c
+_config = smoke_config
 
 
 def _losses(workdir):

@@ -100,7 +100,10 @@ DEFAULTS: dict = {
         patch_nums=PATCH_NUMS_256,
         mask='',  # markov | causal; '' = the checkpoint's when sampling, markov when training.
         dtype='bfloat16',  # Compute dtype of the matmuls; parameters stay float32.
-        cond_drop_rate=0.1, drop_path_rate=-1.0),  # -1 = VAR's 0.1 * depth / 24.
+        cond_drop_rate=0.1, drop_path_rate=-1.0,  # -1 = VAR's 0.1 * depth / 24.
+        # The blocks as one nn.scan (compiles one block, not depth copies) and what their backward
+        # recomputes: 'none', 'dots' (keep the weight matmuls' outputs) or 'full' (keep block inputs).
+        scan=True, remat='none'),
     'train': dict(
         global_batch=768, epochs=0.0, steps=0,  # steps > 0 wins; else epochs * examples / batch.
         accum_steps=1, ema_decay=0.0, log_every=100, checkpoint_every=1000, keep_checkpoints=3,

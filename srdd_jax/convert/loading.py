@@ -13,6 +13,7 @@ from srdd_jax.convert import params_io, var_vqvae
 from srdd_jax.convert.reference import read_meta, vqvae_config_from_meta
 from srdd_jax.tokenizer.api import Tokenizer, tokenizer_config, unbox
 from srdd_jax.tokenizer.vqvae import VQVAEConfig
+from srdd_jax.transformer.model import blocks_layout
 
 
 class LoadedTokenizer:
@@ -101,8 +102,13 @@ def load_models(config):
   except (FileNotFoundError, ValueError) as e:
     raise ConfigError(f'config.model.checkpoint: {e}') from e
   tok = load_tokenizer(c)
-  var_config = dataclasses.replace(var_config, dtype=c.model.dtype,
+  # How the blocks run (scanned or not) is the config's choice, whatever layout the weights were saved in.
+  var_config = dataclasses.replace(var_config, dtype=c.model.dtype, scan_blocks=bool(c.model.scan),
                                    **({'mask': c.model.mask} if c.model.mask else {}))
+  try:
+    var_params = blocks_layout(var_params, var_config)
+  except ValueError as e:
+    raise ConfigError(f'config.model.checkpoint={c.model.checkpoint!r}: {e}') from e
   vq = tok.config
   if tuple(vq.patch_nums) != tuple(var_config.patch_nums):
     vq = dataclasses.replace(vq, patch_nums=var_config.patch_nums)

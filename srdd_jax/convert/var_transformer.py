@@ -1,6 +1,7 @@
 """VAR transformer checkpoints (`var_d16.pth` ... `var_d30.pth`, d36 with shared AdaLN) -> Flax params."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from typing import Any, Mapping
@@ -11,7 +12,7 @@ import jax.numpy as jnp
 
 from srdd_jax.convert import state_dict as sd
 from srdd_jax.transformer.config import PATCH_NUMS_256, PATCH_NUMS_512, VARConfig
-from srdd_jax.transformer.model import VAR
+from srdd_jax.transformer.model import VAR, blocks_layout
 
 # Buffers of the PyTorch module, not parameters: the level ids, the dense training mask, the zero k bias.
 VAR_BUFFERS = (r'lvl_1L', r'attn_bias_for_masking', r'blocks\.\d+\.attn\.zero_k_bias')
@@ -25,15 +26,23 @@ def abstract_params(config: VARConfig, batch: int = 1, boxed: bool = False):
   return variables['params'] if boxed else nn.meta.unbox(variables['params'])
 
 
+def _per_block(config: VARConfig) -> VARConfig:
+  # State dicts name each block (`blocks.3.attn...`): they map onto the per-block layout, which is
+  # stacked afterwards when the config scans its blocks.
+  return dataclasses.replace(config, scan_blocks=False)
+
+
 def map_var(state_shapes: Mapping[str, Any], config: VARConfig) -> sd.KeyMap:
-  return sd.map_state_dict(state_shapes, abstract_params(config), drop=VAR_BUFFERS,
+  return sd.map_state_dict(state_shapes, abstract_params(_per_block(config)), drop=VAR_BUFFERS,
                            what='VAR transformer state dict')
 
 
 def convert_var(source: str | os.PathLike | Mapping[str, Any], config: VARConfig, prefix: str = ''):
+  """A VAR state dict -> params in the layout of `config` (stacked blocks when config.scan_blocks)."""
   state = sd.load_state_dict(source, prefix=prefix)
-  return sd.convert_state_dict(state, abstract_params(config), drop=VAR_BUFFERS,
-                               what='VAR transformer state dict')
+  params = sd.convert_state_dict(state, abstract_params(_per_block(config)), drop=VAR_BUFFERS,
+                                 what='VAR transformer state dict')
+  return blocks_layout(params, config)
 
 
 def infer_var_config(shapes: Mapping[str, Any], patch_nums=None, num_heads: int = 0,

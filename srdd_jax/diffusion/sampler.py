@@ -21,7 +21,7 @@ from srdd_jax.diffusion.filtering import SamplerConfig
 from srdd_jax.tokenizer.api import Tokenizer, is_concrete
 from srdd_jax.tokenizer.vqvae import VQVAEConfig
 from srdd_jax.transformer.config import MASKS, VARConfig
-from srdd_jax.transformer.model import VAR
+from srdd_jax.transformer.model import VAR, empty_caches
 
 BATCH_AXES = ('data', 'fsdp')
 
@@ -89,9 +89,7 @@ class Sampler:
     cond = apply(VAR.condition, lab)
     caches = None
     if self.mask == 'causal':
-      shape = (lab.shape[0], c.seq_len, c.num_heads, c.head_dim)
-      dt = jnp.dtype(c.dtype)
-      caches = [(jnp.zeros(shape, dt), jnp.zeros(shape, dt)) for _ in range(c.depth)]
+      caches = empty_caches(c, lab.shape[0])
     f_hat = self.tokenizer.zero_fhat(b)
     x_scale = None
     ids = []

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 
 import jax
 import numpy as np
@@ -22,12 +23,14 @@ from srdd_jax.diffusion.generate import sampler_config
 from srdd_jax.diffusion.sampler import Sampler
 from srdd_jax.parallel import mesh as pm
 from srdd_jax.parallel import multihost
-from srdd_jax.parallel.compile import jit_inference
+from srdd_jax.parallel.compile import (compiled_stats, jit_inference, measured_matmul_peak, needed_bytes,
+                                       nominal_peak_flops)
 from srdd_jax.train import driver
 from srdd_jax.train.export import export_transformer
 from srdd_jax.train.optimizer import OptimConfig, peak_lr_for
 from srdd_jax.train.step import Trainer
 from srdd_jax.transformer.config import var_config as build_var_config
+from srdd_jax.transformer.flops import train_step_flops
 
 
 def _check_ranges(config):
@@ -167,17 +170,45 @@ class TransformerTask(driver.Task):
 
   def begin(self, start_step):
     self.step_fn = self.trainer.make_step(self.vae_params)
+    self.compiled = None
     self.vae_replicated = jax.device_put(self.vae_params, pm.replicated(self.trainer.mesh))
     self.batches = self.data.iterator(self.seed, start_step, self.global_batch,
                                       self.trainer.local_rows(self.global_batch))
 
   def step(self, state):
     x, labels = next(self.batches)
-    return self.step_fn(state, self.trainer.assemble_batch({'labels': labels, self.data.yields: x},
-                                                           self.global_batch))
+    batch = self.trainer.assemble_batch({'labels': labels, self.data.yields: x}, self.global_batch)
+    if self.compiled is None:
+      self.compiled = self._compile(state, batch)
+    return self.compiled(state, batch)
+
+  def _compile(self, state, batch):
+    """Compiles the step once, ahead of the first call, and logs what it costs: per-device memory from
+    XLA, the step's useful FLOPs and the peak that MFU is measured against."""
+    t = time.perf_counter()
+    compiled = self.step_fn.lower(state, batch).compile()
+    stats = compiled_stats(compiled)
+    self.step_flops = train_step_flops(self.var_config, self.global_batch)
+    peak = nominal_peak_flops(jax.devices()[0])
+    source = 'datasheet'
+    if peak is None:  # CPUs and unknown chips: what XLA's matmul reaches on this device.
+      peak, source = measured_matmul_peak(self.var_config.dtype), 'measured matmul'
+    self.peak_flops = peak * jax.device_count()
+    if multihost.is_main_process():
+      mem = stats['memory'] or {}
+      gib = lambda k: mem.get(k, 0) / 2 ** 30
+      logging.info('train step compiled in %.1f s: %.3g useful FLOPs per step (XLA counts %s per device); '
+                   'per device: %.2f GiB needed (arguments %.2f, temporaries %.2f, outputs %.2f, donated '
+                   '%.2f); MFU against %.3g FLOP/s per device (%s)', time.perf_counter() - t,
+                   self.step_flops, 'n/a' if stats['xla_flops'] is None else f'{stats["xla_flops"]:.3g}',
+                   (needed_bytes(mem) or 0) / 2 ** 30, gib('argument_size_in_bytes'),
+                   gib('temp_size_in_bytes'), gib('output_size_in_bytes'), gib('alias_size_in_bytes'),
+                   peak, source)
+    return compiled
 
   def record(self, metrics, steps, seconds):
-    return {'tokens_per_s': steps * self.global_batch * self.var_config.seq_len / seconds}
+    return {'tokens_per_s': steps * self.global_batch * self.var_config.seq_len / seconds,
+            'mfu': steps * self.step_flops / seconds / self.peak_flops}
 
   def progress(self, m):
     return f'loss {m["loss"]:.4f} acc {m["accuracy"]:.3f} lr {m["lr"]:.2e}'

@@ -1,6 +1,8 @@
 """The device mesh (data, fsdp, tensor) and the logical-axis rules that place parameters on it."""
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 from typing import Mapping, Sequence
 
@@ -24,6 +26,15 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ('conv_out', 'tensor'),
     ('vq_embed', None),
     ('norm', None),
+    ('layers', None),  # The stacked-blocks axis of nn.scan: every device holds every layer's slice.
+    # Activations (maxtext's convention): the batch stays split over data and fsdp, so FSDP shards
+    # parameters and optimiser state only and never replicates activations over its axis.
+    ('activation_batch', ('data', 'fsdp')),
+    ('activation_length', None),
+    ('activation_embed', None),
+    ('activation_heads', 'tensor'),
+    ('activation_mlp', 'tensor'),
+    ('activation_vocab', 'tensor'),
 )
 
 
@@ -109,3 +120,38 @@ def rules_from_config(config) -> tuple:
 def data_parallel_size(mesh) -> int:
   """Devices a batch is split over (the data and fsdp axes)."""
   return mesh.shape['data'] * mesh.shape['fsdp']
+
+
+_ACTIVATIONS: contextvars.ContextVar = contextvars.ContextVar('srdd_activation_sharding', default=None)
+
+
+@contextlib.contextmanager
+def activation_sharding(mesh, rules=DEFAULT_RULES):
+  """While tracing inside this context, `constrain` pins activations to `mesh` by the logical `rules`;
+  outside it `constrain` does nothing (single device, tests, the reference checks)."""
+  token = _ACTIVATIONS.set((mesh, tuple(rules)))
+  try:
+    yield
+  finally:
+    _ACTIVATIONS.reset(token)
+
+
+def constrain(x, names: Sequence[str | None]):
+  """with_sharding_constraint of x by logical axis `names`, under `activation_sharding`. A dimension
+  its mesh axes do not divide is left unconstrained rather than failing."""
+  ctx = _ACTIVATIONS.get()
+  if ctx is None:
+    return x
+  mesh, rules = ctx
+  table = {}
+  for name, axes in rules:
+    table.setdefault(name, axes)  # The first rule of a name wins, as in Flax.
+  # A name no rule mentions is left to the compiler; a rule mapping to None means replicated.
+  spec = [table.get(n, PartitionSpec.UNCONSTRAINED) if n is not None else None for n in names]
+  for i, axes in enumerate(spec):
+    if axes is None or axes is PartitionSpec.UNCONSTRAINED:
+      continue
+    n = math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes))
+    if x.shape[i] % n:
+      spec[i] = None
+  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, PartitionSpec(*spec)))

@@ -91,7 +91,9 @@ class Trainer:
     c = self.var_config
     scales = [ids[:, b:e] for b, e in c.begin_ends]
     x_in = self.tokenizer.idx_to_var_input(vae_params, scales)
-    logits = self.model.apply({'params': params}, labels, x_in, train=True, rngs={'dropout': rng})
+    # Activations stay split over the batch axes (FSDP shards parameters, never activations).
+    with pm.activation_sharding(self.mesh, self.rules):
+      logits = self.model.apply({'params': params}, labels, x_in, train=True, rngs={'dropout': rng})
     return cross_entropy_metrics(logits, ids, c, None if self.progressive is None else active)
 
   def tokens(self, vae_params, batch):

@@ -7,6 +7,9 @@ from srdd_jax.config import PATCH_NUMS_256, PATCH_NUMS_512, ConfigError, with_de
 
 MASKS = ('causal', 'markov')
 DTYPES = ('float32', 'bfloat16')
+# What the backward pass keeps of a block: everything ('none'), the outputs of the weight matmuls
+# ('dots': attention scores, norms and activations are recomputed), or only the block input ('full').
+REMAT = ('none', 'dots', 'full')
 
 # VAR's `init_adaln_gamma` per depth (its training script); deeper models start closer to identity.
 _ADALN_GAMMA = {16: 1e-3, 20: 1e-3, 24: 1e-4, 30: 1e-5, 36: 1e-5}
@@ -34,6 +37,10 @@ class VARConfig:
   init_adaln: float = 0.5
   init_adaln_gamma: float = -1.0  # -1 = by depth (1e-3 d16/d20, 1e-4 d24, 1e-5 d30+).
   dtype: str = 'float32'  # Compute dtype of the matmuls; params, residual, norms, softmax stay f32.
+  # The blocks as one nn.scan over stacked parameters (`blocks/...`, leading depth axis): one compiled
+  # block instead of `depth` copies. False keeps VAR's per-block layout (`blocks_0/...`).
+  scan_blocks: bool = False
+  remat: str = 'none'
 
   def __post_init__(self):
     object.__setattr__(self, 'patch_nums', tuple(int(p) for p in self.patch_nums))
@@ -60,6 +67,8 @@ class VARConfig:
       bad('mask', f'must be one of {MASKS}')
     if self.dtype not in DTYPES:
       bad('dtype', f'must be one of {DTYPES}')
+    if self.remat not in REMAT:
+      bad('remat', f'must be one of {REMAT}')
     if not self.patch_nums or any(p < 1 for p in self.patch_nums):
       bad('patch_nums', 'must be a non-empty sequence of positive sides')
     if self.num_classes < 1:
@@ -121,7 +130,8 @@ def var_config(config, vocab_size: int, z_channels: int) -> VARConfig:
   sizes = {k: int(v) for k, v in (('depth', m.depth), ('width', m.width), ('num_heads', m.heads)) if int(v)}
   common = dict(num_classes=int(m.num_classes), vocab_size=int(vocab_size), z_channels=int(z_channels),
                 patch_nums=tuple(m.patch_nums), mask=m.mask or 'markov', dtype=m.dtype,
-                cond_drop_rate=float(m.cond_drop_rate), drop_path_rate=float(m.drop_path_rate))
+                cond_drop_rate=float(m.cond_drop_rate), drop_path_rate=float(m.drop_path_rate),
+                scan_blocks=bool(m.scan), remat=m.remat)
   try:
     if m.preset:
       return preset(m.preset, **sizes, **common)

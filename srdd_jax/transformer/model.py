@@ -14,8 +14,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from srdd_jax.parallel.mesh import constrain
 from srdd_jax.transformer import attention
 from srdd_jax.transformer.config import VARConfig
+
+# Activation layouts by logical axis (mapped to the mesh by the `activation_*` rules while training).
+_ACT = ('activation_batch', 'activation_length', 'activation_embed')
+_ACT_HEADS = ('activation_batch', 'activation_length', 'activation_heads', None)
+_ACT_MLP = ('activation_batch', 'activation_length', 'activation_mlp')
+_ACT_VOCAB = ('activation_batch', 'activation_length', 'activation_vocab')
+_REMAT_POLICIES = {
+    'dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # The weight matmuls.
+    'full': None,  # Nothing saved: the block is recomputed from its input.
+}
 
 
 def trunc_normal(std: float, scale: float = 1.0):
@@ -41,23 +52,27 @@ def layer_norm(x, eps):
 
 
 class Dense(nn.Module):
-  """x @ kernel + bias with the kernel in (in, out) layout; matmul in `dtype`, output float32."""
+  """x @ kernel + bias with the kernel in (in, out) layout; matmul in `dtype` (accumulated in float32),
+  output in `out_dtype` (default `dtype`: like autocast, a bfloat16 model keeps bfloat16 activations,
+  which halves their memory and traffic; the residual stream, norms and softmax stay float32)."""
   features: int
   names: tuple[str | None, str | None]
   kernel_init: object
   use_bias: bool = True
   dtype: jnp.dtype = jnp.float32
+  out_dtype: jnp.dtype | None = None
 
   @nn.compact
   def __call__(self, x):
+    out = self.out_dtype or self.dtype
     kernel = self.param('kernel', nn.with_logical_partitioning(self.kernel_init, self.names),
                         (x.shape[-1], self.features), jnp.float32)
     y = jnp.einsum('...i,io->...o', x.astype(self.dtype), kernel.astype(self.dtype),
-                   preferred_element_type=jnp.float32)
+                   preferred_element_type=out)
     if self.use_bias:
       bias = self.param('bias', nn.with_logical_partitioning(nn.initializers.zeros, self.names[1:]),
                         (self.features,), jnp.float32)
-      y = y + bias
+      y = y + bias.astype(out)
     return y
 
 
@@ -94,7 +109,7 @@ class SelfAttention(nn.Module):
                         (width,), jnp.float32)
     # VAR's bias is cat(q_bias, zero_k_bias, v_bias): keys carry no bias.
     qkv = qkv + jnp.concatenate([q_bias, jnp.zeros_like(q_bias), v_bias])
-    q, k, v = jnp.moveaxis(qkv.reshape(b, l, 3, h, hd), 2, 0)
+    q, k, v = (constrain(t, _ACT_HEADS) for t in jnp.moveaxis(qkv.reshape(b, l, 3, h, hd), 2, 0))
     if c.attn_l2_norm:
       s = self.param('scale_mul_1H11',
                      nn.with_logical_partitioning(nn.initializers.constant(math.log(4.0)),
@@ -137,7 +152,7 @@ class FFN(nn.Module):
     c = self.config
     dt = jnp.dtype(c.dtype)
     h = Dense(c.mlp_dim, ('embed', 'mlp'), trunc_normal(c.std), dtype=dt, name='fc1')(x)
-    h = jax.nn.gelu(h, approximate=True)
+    h = constrain(jax.nn.gelu(h, approximate=True), _ACT_MLP)
     return Dense(c.width, ('mlp', 'embed'), trunc_normal(c.std, 1 / math.sqrt(2 * c.depth)), dtype=dt,
                  name='fc2')(h)
 
@@ -150,11 +165,13 @@ def _adaln_scales(c: VARConfig, n_out: int):
 
 
 class AdaLNSelfAttn(nn.Module):
+  """One block. `drop_rate` (its drop-path rate) is an argument so that a scan over stacked blocks can
+  feed each layer its own; the trailing arguments are static (Python values), the same for every
+  layer. Returns (x, cache); cache is None without a KV cache."""
   config: VARConfig
-  drop_path: float = 0.0
 
   @nn.compact
-  def __call__(self, x, cond, train: bool, mask_kind: str, begin_ends=None, mask=None, cache=None,
+  def __call__(self, x, cond, drop_rate, cache, train: bool, mask_kind: str, begin_ends=None,
                cache_index: int = 0):
     c = self.config
     width = c.width
@@ -171,21 +188,86 @@ class AdaLNSelfAttn(nn.Module):
                    dtype=jnp.dtype(c.dtype), name='ada_lin_1')(nn.silu(cond))
       mods = mods.reshape(-1, 1, 6, width)
     g1, g2, s1, s2, b1, b2 = (mods[:, :, i] for i in range(6))
+    # The dense mask only where no KV cache is used and the whole causal sequence is present.
+    mask = attention.causal_mask(c.patch_nums) if mask_kind == 'causal' and cache is None else None
     h = SelfAttention(c, name='attn')(layer_norm(x, c.norm_eps) * (1 + s1) + b1, mask_kind, begin_ends,
                                       mask, cache, cache_index)
     if cache is not None:
       h, cache = h
-    x = x + self._drop_path(h * g1, train)
+    x = constrain(x + self._drop_path(h * g1, drop_rate, train), _ACT)
     h = FFN(c, name='ffn')(layer_norm(x, c.norm_eps) * (1 + s2) + b2)
-    x = x + self._drop_path(h * g2, train)
-    return x if cache is None else (x, cache)
+    x = constrain(x + self._drop_path(h * g2, drop_rate, train), _ACT)
+    return x, cache
 
-  def _drop_path(self, h, train):
-    if not train or self.drop_path <= 0:
+  def _drop_path(self, h, rate, train):
+    if not train or self.config.drop_path_rate <= 0:
       return h
-    keep = 1.0 - self.drop_path
+    keep = 1.0 - rate
     m = jax.random.bernoulli(self.make_rng('dropout'), keep, (h.shape[0],) + (1,) * (h.ndim - 1))
     return jnp.where(m, h / keep, 0.0)
+
+
+def _block_class(c: VARConfig):
+  """The block, rematerialised as config.remat says (its static arguments marked for jax.checkpoint)."""
+  if c.remat == 'none':
+    return AdaLNSelfAttn
+  # Under scan, CSE across iterations cannot undo the remat, so prevent_cse may be off (faster).
+  return nn.remat(AdaLNSelfAttn, policy=_REMAT_POLICIES[c.remat], prevent_cse=not c.scan_blocks,
+                  static_argnums=(5, 6, 7, 8))
+
+
+def drop_path_rates(c: VARConfig) -> np.ndarray:
+  """VAR's stochastic depth: rates rising linearly from 0 at the first block to drop_path_rate."""
+  return np.linspace(0, c.drop_path_rate, c.depth)
+
+
+def empty_caches(c: VARConfig, batch: int):
+  """Zero KV caches for causal inference over all L positions: per block a (k, v) pair of
+  (batch, L, H, D), or with scanned blocks one pair stacked over the depth."""
+  shape = (batch, c.seq_len, c.num_heads, c.head_dim)
+  dt = jnp.dtype(c.dtype)
+  if c.scan_blocks:
+    return (jnp.zeros((c.depth,) + shape, dt), jnp.zeros((c.depth,) + shape, dt))
+  return [(jnp.zeros(shape, dt), jnp.zeros(shape, dt)) for _ in range(c.depth)]
+
+
+def stack_blocks(params, depth: int):
+  """Per-block parameters (`blocks_0` ... `blocks_{depth-1}`, VAR's layout) -> one `blocks` subtree
+  with a leading depth axis (the layout of scan_blocks). Applies at every level of the tree, so an
+  optimiser state or a train state converts the same way; a tree without per-block keys is returned
+  unchanged."""
+  if not isinstance(params, dict):
+    return params
+  names = [f'blocks_{i}' for i in range(depth)]
+  out = {k: stack_blocks(v, depth) for k, v in params.items() if k not in names}
+  if all(n in params for n in names):
+    if 'blocks' in params:
+      raise ValueError('parameters hold both blocks_<i> and a stacked blocks subtree')
+    out['blocks'] = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *[params[n] for n in names])
+  elif any(n in params for n in names):
+    raise ValueError(f'parameters hold {sorted(k for k in params if k in names)} but not all '
+                     f'{depth} blocks')
+  return out
+
+
+def unstack_blocks(params, depth: int):
+  """The inverse of `stack_blocks`: a stacked `blocks` subtree -> `blocks_0` ... `blocks_{depth-1}`."""
+  if not isinstance(params, dict):
+    return params
+  out = {k: unstack_blocks(v, depth) for k, v in params.items() if k != 'blocks'}
+  if 'blocks' in params:
+    stacked = params['blocks']
+    lead = {x.shape[0] for x in jax.tree_util.tree_leaves(stacked)}
+    if lead != {depth}:
+      raise ValueError(f'stacked blocks have leading sizes {sorted(lead)}, not the depth {depth}')
+    for i in range(depth):
+      out[f'blocks_{i}'] = jax.tree_util.tree_map(lambda x, i=i: x[i], stacked)
+  return out
+
+
+def blocks_layout(params, c: VARConfig):
+  """`params` (either layout) in the layout of config `c`: stacked when c.scan_blocks, else per block."""
+  return stack_blocks(params, c.depth) if c.scan_blocks else unstack_blocks(params, c.depth)
 
 
 class AdaLNBeforeHead(nn.Module):
@@ -215,10 +297,19 @@ class VAR(nn.Module):
     self.lvl_embed = Embed(c.num_scales, width, (None, 'embed'), c.std)
     if c.shared_aln:
       self.shared_ada_lin_1 = Dense(6 * width, ('embed', 'adaln'), trunc_normal(c.std))
-    dpr = np.linspace(0, c.drop_path_rate, c.depth)
-    self.blocks = [AdaLNSelfAttn(c, float(dpr[i])) for i in range(c.depth)]
+    block = _block_class(c)
+    if c.scan_blocks:
+      # Parameters stacked on a leading 'layers' axis; every layer draws its own dropout.
+      self.blocks = nn.scan(block, variable_axes={'params': 0}, split_rngs={'params': True, 'dropout': True},
+                            in_axes=(nn.broadcast, 0, 0) + (nn.broadcast,) * 4, length=c.depth,
+                            metadata_params={nn.PARTITION_NAME: 'layers'})(c)
+    else:
+      self.blocks = [block(c) for _ in range(c.depth)]
     self.head_nm = AdaLNBeforeHead(c)
-    self.head = Dense(c.vocab_size, ('embed', 'vocab'), trunc_normal(c.std, c.init_head))
+    # The head's matmul in the compute dtype too (a float32 one costs several times a bfloat16 one on
+    # accelerators); its logits in float32 for the softmax and the loss.
+    self.head = Dense(c.vocab_size, ('embed', 'vocab'), trunc_normal(c.std, c.init_head),
+                      dtype=jnp.dtype(c.dtype), out_dtype=jnp.float32)
 
   # --- pieces, shared with the sampler ----------------------------------------------------------
 
@@ -241,19 +332,23 @@ class VAR(nn.Module):
       x = self.word_embed(x_scale.astype(jnp.float32))
     return x + self.lvl_embed(jnp.asarray(si)) + self.pos_1LC[:, b:e]
 
-  def run_blocks(self, x, cond, train: bool, mask_kind: str, begin_ends=None, mask=None, caches=None,
+  def run_blocks(self, x, cond, train: bool, mask_kind: str, begin_ends=None, caches=None,
                  cache_index: int = 0):
-    """The block stack; with `caches` (one (k, v) pair per block) returns (x, updated caches)."""
+    """The block stack; with `caches` (from `empty_caches`) returns (x, updated caches)."""
+    c = self.config
     bc = self.block_condition(cond)
-    if caches is None:
-      for blk in self.blocks:
-        x = blk(x, bc, train, mask_kind, begin_ends, mask)
-      return x
-    new = []
-    for blk, cache in zip(self.blocks, caches):
-      x, cache = blk(x, bc, train, mask_kind, begin_ends, mask, cache, cache_index)
-      new.append(cache)
-    return x, new
+    x = constrain(x, _ACT)
+    static = (train, mask_kind, begin_ends, cache_index)
+    rates = drop_path_rates(c)
+    if c.scan_blocks:
+      x, caches = self.blocks(x, bc, jnp.asarray(rates, jnp.float32), caches, *static)
+    else:
+      new = []
+      for i, blk in enumerate(self.blocks):
+        x, cache = blk(x, bc, float(rates[i]), None if caches is None else caches[i], *static)
+        new.append(cache)
+      caches = None if caches is None else new
+    return x if caches is None else (x, caches)
 
   def scale_logits(self, cond, x_scale, si: int, caches=None):
     """Inference for one scale: logits (B, pn_si^2, V) from its input alone (markov: no cache, the
@@ -268,7 +363,7 @@ class VAR(nn.Module):
     return self.logits(x, cond), caches
 
   def logits(self, x, cond):
-    return self.head(self.head_nm(x.astype(jnp.float32), cond))
+    return constrain(self.head(self.head_nm(x.astype(jnp.float32), cond)), _ACT_VOCAB)
 
   # --- the training forward ---------------------------------------------------------------------
 
@@ -283,8 +378,5 @@ class VAR(nn.Module):
         [self.embed_scale(cond, None, 0)] +
         [self.embed_scale(cond, x_in[:, b - c.first_l:e - c.first_l], si)
          for si, (b, e) in enumerate(c.begin_ends) if si > 0], axis=1)
-    if c.mask == 'markov':
-      x = self.run_blocks(x, cond, train, 'markov', begin_ends=c.begin_ends)
-    else:
-      x = self.run_blocks(x, cond, train, 'causal', mask=attention.causal_mask(c.patch_nums))
+    x = self.run_blocks(x, cond, train, c.mask, begin_ends=c.begin_ends)
     return self.logits(x, cond)

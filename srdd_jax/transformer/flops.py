@@ -1,0 +1,59 @@
+"""Analytic FLOPs of the transformer: what a train step or a forward pass costs, by mask.
+
+Matmuls only (one multiply-add = 2 FLOPs). Per image and forward:
+  per-token weights: depth * (qkv 3C^2 + proj C^2 + fc1 C*M + fc2 M*C) + head C*V over all L tokens,
+    plus word_embed Cvae*C over the L - first_l teacher-forcing tokens;
+  per-image weights: the AdaLN linears (depth * C*6C, or one shared C*6C) and the head's AdaLN C*2C;
+  attention: QK^T and AV, 2 * 2 * C per (query, key) pair and layer, over the pairs the mask keeps
+    (causal: a scale's queries over all keys up to its scale's end; markov: sum pn^4).
+A train step is 3 forwards (the backward costs twice the forward for every matmul), the '6 N D' rule;
+rematerialisation adds recomputation that is not counted (MFU counts useful work only). Left out:
+embedding gathers, norms, softmax, the loss, the optimiser and the tokenizer's f_hat inputs (phi
+convolutions, ~5e7 FLOPs per image at 256 px, under 0.1%).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+from srdd_jax.transformer.config import VARConfig
+
+
+def attention_pairs(patch_nums: Sequence[int], kind: str) -> int:
+  """(query, key) pairs per head and image: 'dense' (L^2), 'causal' (a scale's queries over the keys of
+  every scale up to it) or 'markov' (a scale's queries over its own keys, sum pn^4)."""
+  n = [p * p for p in patch_nums]
+  if kind == 'dense':
+    return sum(n) ** 2
+  if kind == 'causal':
+    return sum(ni * sum(n[:i + 1]) for i, ni in enumerate(n))
+  if kind == 'markov':
+    return sum(ni * ni for ni in n)
+  raise ValueError(f'attention pairs of {kind!r}: expected dense, causal or markov')
+
+
+def forward_flops(c: VARConfig, mask: str | None = None) -> dict:
+  """Forward FLOPs per image: 'dense' (weight matmuls), 'attention' and 'total'."""
+  C, M, V, L, D = c.width, c.mlp_dim, c.vocab_size, c.seq_len, c.depth
+  per_token = D * (4 * C * C + 2 * C * M) + C * V
+  per_image = (C * 6 * C if c.shared_aln else D * C * 6 * C) + C * 2 * C
+  dense = 2 * per_token * L + 2 * per_image + 2 * c.z_channels * C * (L - c.first_l)
+  attn = 4 * C * D * attention_pairs(c.patch_nums, mask or c.mask)
+  return {'dense': float(dense), 'attention': float(attn), 'total': float(dense + attn),
+          'weights_per_token': per_token, 'weights_per_image': per_image}
+
+
+def train_step_flops(c: VARConfig, batch: int, mask: str | None = None) -> float:
+  """Useful FLOPs of one train step on `batch` images (3 x forward)."""
+  return 3.0 * batch * forward_flops(c, mask)['total']
+
+
+def num_params(c: VARConfig) -> int:
+  """Parameters of the transformer (weights and biases; embeddings, position and level tables)."""
+  C, M, V, L, D = c.width, c.mlp_dim, c.vocab_size, c.seq_len, c.depth
+  block = 3 * C * C + 2 * C + C * C + C + C * M + M + M * C + C  # attn (q, v biases) + ffn
+  block += c.num_heads if c.attn_l2_norm else 0
+  block += 6 * C if c.shared_aln else C * 6 * C + 6 * C
+  shared = C * 6 * C + 6 * C if c.shared_aln else 0
+  embeds = c.z_channels * C + C + (c.num_classes + 1) * C + c.first_l * C + L * C + c.num_scales * C
+  head = C * 2 * C + 2 * C + C * V + V
+  return D * block + shared + embeds + head

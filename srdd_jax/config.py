@@ -100,6 +100,9 @@ DEFAULTS: dict = {
         patch_nums=PATCH_NUMS_256,
         mask='',  # markov | causal; '' = the checkpoint's when sampling, markov when training.
         dtype='bfloat16',  # Compute dtype of the matmuls; parameters stay float32.
+        # auto | xla | cudnn | splash; auto = cuDNN on a GPU (16-bit dtype), splash on a TPU, else xla.
+        # Name it when compiling ahead of time for another platform than the host's.
+        attention='auto',
         cond_drop_rate=0.1, drop_path_rate=-1.0),  # -1 = VAR's 0.1 * depth / 24.
     'train': dict(
         global_batch=768, epochs=0.0, steps=0,  # steps > 0 wins; else epochs * examples / batch.

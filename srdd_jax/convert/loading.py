@@ -101,7 +101,7 @@ def load_models(config):
   except (FileNotFoundError, ValueError) as e:
     raise ConfigError(f'config.model.checkpoint: {e}') from e
   tok = load_tokenizer(c)
-  var_config = dataclasses.replace(var_config, dtype=c.model.dtype,
+  var_config = dataclasses.replace(var_config, dtype=c.model.dtype, attention=c.model.attention,
                                    **({'mask': c.model.mask} if c.model.mask else {}))
   vq = tok.config
   if tuple(vq.patch_nums) != tuple(var_config.patch_nums):

@@ -6,6 +6,7 @@ import dataclasses
 from srdd_jax.config import PATCH_NUMS_256, PATCH_NUMS_512, ConfigError, with_defaults
 
 MASKS = ('causal', 'markov')
+ATTENTION = ('auto', 'xla', 'cudnn', 'splash')  # srdd_jax.transformer.attention's implementations.
 DTYPES = ('float32', 'bfloat16')
 
 # VAR's `init_adaln_gamma` per depth (its training script); deeper models start closer to identity.
@@ -34,6 +35,7 @@ class VARConfig:
   init_adaln: float = 0.5
   init_adaln_gamma: float = -1.0  # -1 = by depth (1e-3 d16/d20, 1e-4 d24, 1e-5 d30+).
   dtype: str = 'float32'  # Compute dtype of the matmuls; params, residual, norms, softmax stay f32.
+  attention: str = 'auto'  # One of ATTENTION; 'auto' = by the platform (attention.resolve_impl).
 
   def __post_init__(self):
     object.__setattr__(self, 'patch_nums', tuple(int(p) for p in self.patch_nums))
@@ -58,6 +60,8 @@ class VARConfig:
       bad('width', f'must be a positive multiple of num_heads={self.num_heads}')
     if self.mask not in MASKS:
       bad('mask', f'must be one of {MASKS}')
+    if self.attention not in ATTENTION:
+      bad('attention', f'must be one of {ATTENTION}')
     if self.dtype not in DTYPES:
       bad('dtype', f'must be one of {DTYPES}')
     if not self.patch_nums or any(p < 1 for p in self.patch_nums):
@@ -121,6 +125,7 @@ def var_config(config, vocab_size: int, z_channels: int) -> VARConfig:
   sizes = {k: int(v) for k, v in (('depth', m.depth), ('width', m.width), ('num_heads', m.heads)) if int(v)}
   common = dict(num_classes=int(m.num_classes), vocab_size=int(vocab_size), z_channels=int(z_channels),
                 patch_nums=tuple(m.patch_nums), mask=m.mask or 'markov', dtype=m.dtype,
+                attention=m.attention,
                 cond_drop_rate=float(m.cond_drop_rate), drop_path_rate=float(m.drop_path_rate))
   try:
     if m.preset:

@@ -110,12 +110,13 @@ class SelfAttention(nn.Module):
       end = cache_index + l
       k_cache = jax.lax.dynamic_update_slice_in_dim(cache[0], k.astype(cache[0].dtype), cache_index, 1)
       v_cache = jax.lax.dynamic_update_slice_in_dim(cache[1], v.astype(cache[1].dtype), cache_index, 1)
-      o = attention.dot_product_attention(q, k_cache[:, :end], v_cache[:, :end], scale, None, dt)
+      o = attention.attend(q, k_cache[:, :end], v_cache[:, :end], scale=scale, dtype=dt, impl=c.attention)
       cache = (k_cache, v_cache)
-    elif mask_kind == 'markov':
-      o = attention.markov_attention(q, k, v, scale, begin_ends, dt)
+    elif mask_kind == 'markov' and begin_ends is not None and len(begin_ends) == 1:  # One scale alone.
+      o = attention.attend(q, k, v, scale=scale, dtype=dt, impl=c.attention)
     else:
-      o = attention.dot_product_attention(q, k, v, scale, mask, dt)
+      o = attention.sequence_attention(q, k, v, scale=scale, patch_nums=c.patch_nums, mask=mask_kind,
+                                       dtype=dt, impl=c.attention)
     o = o.reshape(b, l, width)
     o = Dense(width, ('heads', 'embed'), trunc_normal(c.std, 1 / math.sqrt(2 * c.depth)), dtype=dt,
               name='proj')(o)
@@ -286,5 +287,5 @@ class VAR(nn.Module):
     if c.mask == 'markov':
       x = self.run_blocks(x, cond, train, 'markov', begin_ends=c.begin_ends)
     else:
-      x = self.run_blocks(x, cond, train, 'causal', mask=attention.causal_mask(c.patch_nums))
+      x = self.run_blocks(x, cond, train, 'causal')
     return self.logits(x, cond)

@@ -26,12 +26,12 @@ def chunked(chunk_list, scale):
   return f
 
 
-def variants(pn, mask, scale):
+def variants(pn, mask, scale, groups, blocks):
   dense = attention.causal_mask(pn) if mask == 'causal' else attention.markov_mask(pn)
   out = {'dense (L, L) mask': lambda q, k, v: attention.dot_product_attention(q, k, v, scale, dense)}
-  for g in (0, 32, 64, 128, 256):
+  for g in groups:
     out[f'scales grouped, >= {g} tokens'] = chunked(attention.chunks(pn, mask, g), scale)
-  for b in (64, 128):
+  for b in blocks:
     out[f'fixed {b}-query blocks'] = chunked(attention.chunks(pn, mask, block=b), scale)
   return out
 
@@ -41,6 +41,8 @@ def main():
   p.add_argument('--rounds', type=int, default=7)
   p.add_argument('--batch', type=int, default=8)
   p.add_argument('--masks', default='causal,markov')
+  p.add_argument('--groups', default='0,32,64,128,256', help='group_min values of the scale chunks')
+  p.add_argument('--blocks', default='64,128', help='fixed query block sizes ("" for none)')
   args = p.parse_args()
   pn, h, d, scale = PATCH_NUMS_256, 6, 64, 0.125
   L = sum(x * x for x in pn)
@@ -50,7 +52,8 @@ def main():
         f'median of {args.rounds} interleaved rounds')
   for mask in args.masks.split(','):
     fns = {}
-    for name, f in variants(pn, mask, scale).items():
+    ints = lambda a: [int(x) for x in a.split(',') if x]
+    for name, f in variants(pn, mask, scale, ints(args.groups), ints(args.blocks)).items():
       # A scalar of the output against fixed weights, so the backward sees a dense cotangent.
       g = jax.jit(jax.grad(lambda q, k, v, f=f: jnp.sum(f(q, k, v) * w), argnums=(0, 1, 2)))
       jax.block_until_ready(g(q, k, v))

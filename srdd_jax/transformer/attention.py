@@ -160,10 +160,16 @@ def attend(q, k, v, *, scale: float, dtype=jnp.float32, impl: str = 'xla', platf
 
 
 def _cudnn(q, k, v, scale, dtype):
-  # Layout (B, T, N, H) is the project's (B, L, H, D); the output comes back in `dtype`.
-  o = jax.nn.dot_product_attention(q.astype(dtype), k.astype(dtype), v.astype(dtype), scale=scale,
-                                   implementation='cudnn')
-  return o.astype(jnp.float32)
+  # Layout (B, T, N, H) is the project's (B, L, H, D); the output comes back in `dtype`. cuDNN's
+  # backward refuses odd lengths (jax 0.11 on an H200: "Unsupported sequence length Q 64, KV 155"),
+  # and most scales and prefixes are odd: an odd side gets one zero row, a padded key is excluded by
+  # the key lengths, and the padded query's output is sliced off (so it gets no gradient).
+  b, lq, lk = q.shape[0], q.shape[1], k.shape[1]
+  pad = lambda x, n: jnp.pad(x.astype(dtype), ((0, 0), (0, n % 2), (0, 0), (0, 0)))
+  lengths = {'key_value_seq_lengths': jnp.full((b,), lk, jnp.int32)} if lk % 2 else {}
+  o = jax.nn.dot_product_attention(pad(q, lq), pad(k, lk), pad(v, lk), scale=scale, implementation='cudnn',
+                                   **lengths)
+  return o[:, :lq].astype(jnp.float32)
 
 
 def _pad_to(n: int, m: int) -> int:

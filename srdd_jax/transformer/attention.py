@@ -176,11 +176,18 @@ def _pad_to(n: int, m: int) -> int:
   return -(-n // m) * m
 
 
+def _splash_module():
+  # Imported on first use: the TPU kernels are not needed by the other paths.
+  from jax.experimental.pallas.ops.tpu import splash_attention  # pylint: disable=import-outside-toplevel
+  return splash_attention
+
+
 @functools.lru_cache(maxsize=None)
-def _splash_kernel(kind: str, arg: tuple[int, ...], heads: int, interpret: bool):
-  """The splash kernel of a mask (kind 'causal' | 'markov' of patch_nums `arg`, or 'full' of
-  `arg` = (lq, lk)); cached so that a deep model builds its mask info once."""
-  from jax.experimental.pallas.ops.tpu import splash_attention as sa  # TPU kernels: imported on use.
+def _splash_mask(kind: str, arg: tuple[int, ...], heads: int):
+  """The padded splash mask and block sizes of kind 'causal' | 'markov' of patch_nums `arg`, or
+  'full' of `arg` = (lq, lk). Numpy only, so cached across traces (the kernel holds device arrays and
+  is made per trace; splash caches its own mask processing by this mask)."""
+  sa = _splash_module()
   if kind == 'full':
     allowed = np.ones(arg, bool)
   else:
@@ -196,16 +203,15 @@ def _splash_kernel(kind: str, arg: tuple[int, ...], heads: int, interpret: bool)
   bk = next(b for b in (512, 256, 128) if pk % b == 0)
   sizes = sa.BlockSizes(block_q=bq, block_kv=bk, block_kv_compute=bk, block_q_dkv=bq, block_kv_dkv=bk,
                         block_kv_dkv_compute=bk, block_q_dq=bq, block_kv_dq=bk)
-  mask = sa.MultiHeadMask([sa.NumpyMask(padded)] * heads)
-  return sa.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
+  return sa.MultiHeadMask([sa.NumpyMask(padded)] * heads), sizes
 
 
 def _splash(q, k, v, scale, key, dtype, interpret):
   # The kernel takes no softmax scale, so q is scaled before the cast (as dot_product_attention
   # does); it multiplies in the input dtype and accumulates and normalises in float32.
-  b, lq, h, d = q.shape
-  lk = k.shape[1]
-  kernel = _splash_kernel(*key, h, interpret)
+  lq, h, lk = q.shape[1], q.shape[2], k.shape[1]
+  mask, sizes = _splash_mask(*key, h)
+  kernel = _splash_module().make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
   pq, pk = _pad_to(lq, _SPLASH_LANES), _pad_to(lk, _SPLASH_LANES)
 
   def heads_first(x, n, p):

@@ -100,6 +100,9 @@ DEFAULTS: dict = {
         patch_nums=PATCH_NUMS_256,
         mask='',  # markov | causal; '' = the checkpoint's when sampling, markov when training.
         dtype='bfloat16',  # Compute dtype of the matmuls; parameters stay float32.
+        # auto | xla | cudnn | splash; auto = cuDNN on a GPU (16-bit dtype), splash on a TPU, else xla.
+        # Name it when compiling ahead of time for another platform than the host's.
+        attention='auto',
         cond_drop_rate=0.1, drop_path_rate=-1.0,  # -1 = VAR's 0.1 * depth / 24.
         # The blocks as one nn.scan (compiles one block, not depth copies) and what their backward
         # recomputes: 'none', 'dots' (keep the weight matmuls' outputs) or 'full' (keep block inputs).

@@ -180,21 +180,25 @@ def test_converter_is_strict_and_cli_saves(tmp_path, capsys):
 
 
 def test_markov_needs_fewer_flops_and_no_dense_mask_d16():
-  """XLA cost analysis of the d16 training forward (680 tokens); markov never builds an L x L array."""
+  """XLA cost analysis of the d16 training forward (680 tokens); neither mask builds an L x L array."""
   causal = forward_flops(preset('d16', mask='causal'))
   markov = forward_flops(preset('d16', mask='markov'))
   assert markov < causal
-  # Attention matmuls cost 4 * C * depth FLOPs per (query, key) pair evaluated: L^2 for the dense
-  # causal attention (as VAR's), sum pn^4 for the block-wise markov one. The gap is that difference.
-  pairs_causal = preset('d16').seq_len ** 2
-  pairs_markov = sum(p ** 4 for p in preset('d16').patch_nums)
-  expected_gap = 4 * 1024 * 16 * (pairs_causal - pairs_markov)
+  # Attention matmuls cost 4 * C * depth FLOPs per (query, key) pair evaluated: per chunk of scales,
+  # its queries times its key range (causal: the prefix; markov: the chunk itself, about sum pn^4,
+  # against VAR's L^2 for both). The gap is that difference.
+  pn = preset('d16').patch_nums
+  pairs = {m: sum((qe - qb) * (ke - kb) for qb, qe, kb, ke, _ in attention.chunks(pn, m))
+           for m in attention.MASKS}
+  assert pairs['causal'] < preset('d16').seq_len ** 2 and pairs['markov'] < 2 * sum(p ** 4 for p in pn)
+  expected_gap = 4 * 1024 * 16 * (pairs['causal'] - pairs['markov'])
   assert abs((causal - markov) - expected_gap) / expected_gap < 0.05
-  cfg = preset('d16', mask='markov', depth=1)
-  p = cvt.abstract_params(cfg)
-  hlo = jax.jit(lambda p, l, x: VAR(cfg).apply({'params': p}, l, x)).lower(
-      p, jax.ShapeDtypeStruct((1,), jnp.int32), jax.ShapeDtypeStruct((1, 679, 32), jnp.float32)).as_text()
-  assert '680x680' not in hlo
+  for mask in attention.MASKS:
+    cfg = preset('d16', mask=mask, depth=1)
+    p = cvt.abstract_params(cfg)
+    hlo = jax.jit(lambda p, l, x, cfg=cfg: VAR(cfg).apply({'params': p}, l, x)).lower(
+        p, jax.ShapeDtypeStruct((1,), jnp.int32), jax.ShapeDtypeStruct((1, 679, 32), jnp.float32)).as_text()
+    assert '680x680' not in hlo
 
 
 def test_d16_parameters_are_sharded_on_a_2x2x2_mesh():

@@ -104,6 +104,7 @@ def load_models(config):
   tok = load_tokenizer(c)
   # How the blocks run (scanned or not) is the config's choice, whatever layout the weights were saved in.
   var_config = dataclasses.replace(var_config, dtype=c.model.dtype, scan_blocks=bool(c.model.scan),
+                                   attention=c.model.attention,
                                    **({'mask': c.model.mask} if c.model.mask else {}))
   try:
     var_params = blocks_layout(var_params, var_config)

@@ -6,6 +6,7 @@ import dataclasses
 from srdd_jax.config import PATCH_NUMS_256, PATCH_NUMS_512, ConfigError, with_defaults
 
 MASKS = ('causal', 'markov')
+ATTENTION = ('auto', 'xla', 'cudnn', 'splash')  # srdd_jax.transformer.attention's implementations.
 DTYPES = ('float32', 'bfloat16')
 # What the backward pass keeps of a block: everything ('none'), the outputs of the weight matmuls
 # ('dots': attention scores, norms and activations are recomputed), or only the block input ('full').
@@ -41,6 +42,7 @@ class VARConfig:
   # block instead of `depth` copies. False keeps VAR's per-block layout (`blocks_0/...`).
   scan_blocks: bool = False
   remat: str = 'none'
+  attention: str = 'auto'  # One of ATTENTION; 'auto' = by the platform (attention.resolve_impl).
 
   def __post_init__(self):
     object.__setattr__(self, 'patch_nums', tuple(int(p) for p in self.patch_nums))
@@ -65,6 +67,8 @@ class VARConfig:
       bad('width', f'must be a positive multiple of num_heads={self.num_heads}')
     if self.mask not in MASKS:
       bad('mask', f'must be one of {MASKS}')
+    if self.attention not in ATTENTION:
+      bad('attention', f'must be one of {ATTENTION}')
     if self.dtype not in DTYPES:
       bad('dtype', f'must be one of {DTYPES}')
     if self.remat not in REMAT:
@@ -131,7 +135,7 @@ def var_config(config, vocab_size: int, z_channels: int) -> VARConfig:
   common = dict(num_classes=int(m.num_classes), vocab_size=int(vocab_size), z_channels=int(z_channels),
                 patch_nums=tuple(m.patch_nums), mask=m.mask or 'markov', dtype=m.dtype,
                 cond_drop_rate=float(m.cond_drop_rate), drop_path_rate=float(m.drop_path_rate),
-                scan_blocks=bool(m.scan), remat=m.remat)
+                scan_blocks=bool(m.scan), remat=m.remat, attention=m.attention)
   try:
     if m.preset:
       return preset(m.preset, **sizes, **common)

@@ -93,7 +93,7 @@ class SelfAttention(nn.Module):
   config: VARConfig
 
   @nn.compact
-  def __call__(self, x, mask_kind: str, begin_ends=None, mask=None, cache=None, cache_index: int = 0):
+  def __call__(self, x, mask_kind: str, begin_ends=None, cache=None, cache_index: int = 0):
     """Self-attention of x (B, l, C). With `cache` = (k, v), each (B, L, H, D) preallocated, the keys
     and values of x are written at [cache_index, cache_index + l) and the queries attend to the whole
     prefix [0, cache_index + l) (VAR's causal inference); returns (out, cache) then."""
@@ -108,7 +108,7 @@ class SelfAttention(nn.Module):
     v_bias = self.param('v_bias', nn.with_logical_partitioning(nn.initializers.zeros, ('heads',)),
                         (width,), jnp.float32)
     # VAR's bias is cat(q_bias, zero_k_bias, v_bias): keys carry no bias.
-    qkv = qkv + jnp.concatenate([q_bias, jnp.zeros_like(q_bias), v_bias])
+    qkv = qkv + jnp.concatenate([q_bias, jnp.zeros_like(q_bias), v_bias]).astype(qkv.dtype)
     q, k, v = (constrain(t, _ACT_HEADS) for t in jnp.moveaxis(qkv.reshape(b, l, 3, h, hd), 2, 0))
     if c.attn_l2_norm:
       s = self.param('scale_mul_1H11',
@@ -125,12 +125,13 @@ class SelfAttention(nn.Module):
       end = cache_index + l
       k_cache = jax.lax.dynamic_update_slice_in_dim(cache[0], k.astype(cache[0].dtype), cache_index, 1)
       v_cache = jax.lax.dynamic_update_slice_in_dim(cache[1], v.astype(cache[1].dtype), cache_index, 1)
-      o = attention.dot_product_attention(q, k_cache[:, :end], v_cache[:, :end], scale, None, dt)
+      o = attention.attend(q, k_cache[:, :end], v_cache[:, :end], scale=scale, dtype=dt, impl=c.attention)
       cache = (k_cache, v_cache)
-    elif mask_kind == 'markov':
-      o = attention.markov_attention(q, k, v, scale, begin_ends, dt)
+    elif mask_kind == 'markov' and begin_ends is not None and len(begin_ends) == 1:  # One scale alone.
+      o = attention.attend(q, k, v, scale=scale, dtype=dt, impl=c.attention)
     else:
-      o = attention.dot_product_attention(q, k, v, scale, mask, dt)
+      o = attention.sequence_attention(q, k, v, scale=scale, patch_nums=c.patch_nums, mask=mask_kind,
+                                       dtype=dt, impl=c.attention)
     o = o.reshape(b, l, width)
     o = Dense(width, ('heads', 'embed'), trunc_normal(c.std, 1 / math.sqrt(2 * c.depth)), dtype=dt,
               name='proj')(o)
@@ -188,10 +189,8 @@ class AdaLNSelfAttn(nn.Module):
                    dtype=jnp.dtype(c.dtype), name='ada_lin_1')(nn.silu(cond))
       mods = mods.reshape(-1, 1, 6, width)
     g1, g2, s1, s2, b1, b2 = (mods[:, :, i] for i in range(6))
-    # The dense mask only where no KV cache is used and the whole causal sequence is present.
-    mask = attention.causal_mask(c.patch_nums) if mask_kind == 'causal' and cache is None else None
     h = SelfAttention(c, name='attn')(layer_norm(x, c.norm_eps) * (1 + s1) + b1, mask_kind, begin_ends,
-                                      mask, cache, cache_index)
+                                      cache, cache_index)
     if cache is not None:
       h, cache = h
     x = constrain(x + self._drop_path(h * g1, drop_rate, train), _ACT)

@@ -416,19 +416,22 @@ def bench_sample(c: VARConfig, vae_c: VQVAEConfig, vae_params, host_params, mesh
   tokens = jit_inference(sampler.tokens).lower(params, vae_params, labels, batch_rng(0, 0)).compile()
   rec['compile_s'] = time.perf_counter() - t
   stats = compile_stats(tokens)
-  if batch not in decoders:
+  # The decoder takes f_hat as the tokens program leaves it (split over the batch axes).
+  f_sharding = tokens.output_shardings[1]
+  key = (batch, f_sharding)
+  if key not in decoders:
     f_shape = jax.ShapeDtypeStruct((batch, vae_c.latent_side, vae_c.latent_side, vae_c.z_channels),
-                                   jnp.float32)
+                                   jnp.float32, sharding=f_sharding)
     t = time.perf_counter()
     dec = jit_inference(sampler.decode).lower(vae_params, f_shape).compile()
-    decoders[batch] = {'compiled': dec, 'compile_s': time.perf_counter() - t, 'stats': compile_stats(dec),
-                       'warm': False}
-  decode, decode_compile_s, dec_stats = (decoders[batch][k] for k in ('compiled', 'compile_s', 'stats'))
+    decoders[key] = {'compiled': dec, 'compile_s': time.perf_counter() - t, 'stats': compile_stats(dec),
+                     'warm': False}
+  decode, decode_compile_s, dec_stats = (decoders[key][k] for k in ('compiled', 'compile_s', 'stats'))
   for r in range(warmup):
     _, f_hat = jax.block_until_ready(tokens(params, vae_params, labels, batch_rng(0, r)))
-    if not decoders[batch]['warm']:  # Once per compiled decoder: its work does not depend on the mask.
+    if not decoders[key]['warm']:  # Once per compiled decoder: its work does not depend on the mask.
       jax.block_until_ready(decode(vae_params, f_hat))
-  decoders[batch]['warm'] = decoders[batch]['warm'] or warmup > 0
+  decoders[key]['warm'] = decoders[key]['warm'] or warmup > 0
   tok_times, full_times = [], []
   for r in range(warmup, warmup + repeats):
     t0 = time.perf_counter()

@@ -667,10 +667,11 @@ def markdown_table(records) -> str:
           f'{_f(r.get("images_per_s_tokens_only"), ".2f")} | {tf("analytic_flops_per_s")} | '
           f'{tf("xla_flops_per_s")} | {_f(r.get("utilisation"), ".3f")} | {gb(r.get("memory_bytes"))} |')
   if aot:
-    lines += ['' if lines else None, '| mode | kind | topology | chips | mesh | depth | batch | GiB per chip '
-              '| of HBM GiB | fits 80% | TFLOP per chip | GB accessed per chip | code MiB | compile s |',
+    if lines:
+      lines.append('')
+    lines += ['| mode | kind | topology | chips | mesh | depth | batch | GiB per chip | of HBM GiB | fits 80% '
+              '| TFLOP per chip | GB accessed per chip | code MiB | compile s |',
               '|---|---|---|---|---|---|---|---|---|---|---|---|---|---|']
-    lines = [x for x in lines if x is not None]
     for r in aot:
       if 'error' in r:
         lines.append(f'| {r["mode"]} | {r["kind"]} | {r["topology"]} | {r["chips"]} | | {r["depth"]} | '

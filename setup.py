@@ -26,7 +26,15 @@ setup(
         'scikit-learn',
     ],
     extras_require={
-        'test': ['pytest'],
+        # The tests include an ahead-of-time TPU compile (tests/test_bench.py), which needs libtpu;
+        # libtpu has Linux wheels only (elsewhere that test skips itself, saying why).
+        'test': ['pytest', 'jax[tpu]; sys_platform == "linux"'],
+        # libtpu for TPU hosts and for compiling TPU programs ahead of time on any host
+        # (`python -m srdd_jax.bench --aot v5p:4x4x4`). jax's own `tpu` extra pins the libtpu release
+        # built for that jax version (jax 0.10.2: libtpu 0.0.42.*), so it always matches the jax that
+        # install_requires resolved; a libtpu of another release fails to load. From PyPI, no extra
+        # index: the wheel is ~137 MB.
+        'tpu': ['jax[tpu]'],
         # Only for converting a user's .pth checkpoint; never needed to train or sample.
         'torch': ['torch'],
     },

@@ -10,7 +10,7 @@ weight values (the sampled tokens do, their cost does not). Sections (`--section
   tokenizer encoder in the step), global batch `--batch`. Each program is lowered and compiled once;
   the compiled executable is what gets timed, so nothing is compiled twice. 2 warm-up steps, then
   `--steps` steps each ended by `jax.block_until_ready` (median reported), then the same number
-  back to back with one block at the end (pipelined mean). FLOPs: `train_flops` below (analytic) and
+  back to back with one block at the end (pipelined mean). FLOPs: `srdd_jax.bench.train_flops` (analytic) and
   XLA's `cost_analysis()` of the compiled step; MFU against a bf16 matmul peak measured in this run
   and against the nominal H100 SXM dense bf16 peak (989 TFLOP/s). If the step does not fit in device
   memory, the same global batch is retried with gradient accumulation (2, 4, ... micro-batches) and
@@ -45,27 +45,26 @@ import contextlib
 import dataclasses
 import json
 import math
-import platform
 import statistics
 import sys
 import time
-import traceback
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from srdd_jax import bench
+from srdd_jax.bench import (attention_pairs, compile_stats, device_memory, error_info, gb,
+                            needed_bytes, random_vae_params, summary, time_calls, train_flops)
 from srdd_jax.diffusion.filtering import SamplerConfig
 from srdd_jax.diffusion.sampler import Sampler, batch_rng
 from srdd_jax.parallel.compile import jit_inference
 from srdd_jax.parallel.mesh import make_mesh
-from srdd_jax.tokenizer.api import Tokenizer, unbox
 from srdd_jax.tokenizer.vqvae import VQVAEConfig
 from srdd_jax.train.optimizer import OptimConfig
 from srdd_jax.train.step import Trainer
 from srdd_jax.transformer import attention
 from srdd_jax.transformer.config import VARConfig, preset
-from srdd_jax.transformer.model import VAR
 
 NOMINAL_H100_SXM_BF16_DENSE = 989e12  # FLOP/s, NVIDIA's datasheet figure without sparsity.
 MASK_ORDER = ('markov', 'causal')  # Run order (the table shows causal first).
@@ -79,14 +78,6 @@ def log(msg: str) -> None:
 
 def elapsed() -> float:
   return time.perf_counter() - _T0
-
-
-def error_info(e: BaseException) -> dict:
-  """{'error': 'Type: message' (shortened), 'traceback': the formatted traceback (shortened)}."""
-  msg = f'{type(e).__name__}: {e}'
-  tb = ''.join(traceback.format_exception(type(e), e, e.__traceback__))
-  return {'error': msg if len(msg) < 3000 else msg[:3000] + ' ...',
-          'traceback': tb if len(tb) < 6000 else tb[:1500] + '\n...\n' + tb[-4500:]}
 
 
 def is_oom(e: BaseException) -> bool:
@@ -110,140 +101,10 @@ def configs(quick: bool, mask: str, precision: str = 'highest'):
   return var, vae
 
 
-# --- FLOP counts -----------------------------------------------------------------------------------
-
-def attention_pairs(patch_nums, kind: str) -> int:
-  """(query, key) pairs per head and per image: 'dense' (L^2, what the causal path computes before
-  masking), 'causal' (the pairs its mask keeps) or 'markov' (sum pn^4, what the block path computes)."""
-  n = [p * p for p in patch_nums]
-  if kind == 'dense':
-    return sum(n) ** 2
-  if kind == 'causal':
-    return sum(ni * sum(n[:i + 1]) for i, ni in enumerate(n))
-  if kind == 'markov':
-    return sum(ni * ni for ni in n)
-  raise ValueError(kind)
-
-
-def train_flops(c: VARConfig, batch: int) -> dict:
-  """Analytic FLOPs of one train step (matmuls only; 1 multiply-add = 2 FLOPs).
-
-  Forward, per image:
-    per-token weights: depth * (qkv 3C^2 + proj C^2 + fc1 C*M + fc2 M*C) + head C*V, over all L tokens,
-      plus word_embed Cvae*C over the L - first_l teacher-forcing tokens;
-    per-image weights: the AdaLN linears (depth * C*6C, or one shared C*6C) and the head's AdaLN C*2C;
-    attention: QK^T and AV, 2 * 2 * C per (query, key) pair and layer, with the pairs the code computes
-      (causal: the dense L x L before masking; markov: sum pn^4).
-  Train = 3 x forward (the backward is twice the forward for every matmul), the '6 N D' rule.
-  Left out: embedding gathers, norms, softmax, the loss, the optimiser and the tokenizer's
-  `idx_to_var_input` (phi convolutions, ~5e7 FLOPs per image at 256 px, well under 0.1%).
-  `useful` counts only the (query, key) pairs the mask keeps.
-  """
-  C, M, V, L, D = c.width, c.mlp_dim, c.vocab_size, c.seq_len, c.depth
-  per_token_params = D * (4 * C * C + 2 * C * M) + C * V
-  per_image_params = (C * 6 * C if c.shared_aln else D * C * 6 * C) + C * 2 * C
-  embed = 2 * c.z_channels * C * (L - c.first_l)
-  dense = 2 * per_token_params * L + 2 * per_image_params + embed
-  computed_pairs = attention_pairs(c.patch_nums, 'markov' if c.mask == 'markov' else 'dense')
-  useful_pairs = attention_pairs(c.patch_nums, c.mask)
-  attn = 4 * C * D * computed_pairs
-  attn_useful = 4 * C * D * useful_pairs
-  return {
-      'weights_per_token': per_token_params,
-      'weights_per_image': per_image_params,
-      'forward_per_image_dense': dense,
-      'forward_per_image_attention': attn,
-      'forward_per_image_attention_useful': attn_useful,
-      'train_per_step': 3 * batch * (dense + attn),
-      'train_per_step_useful': 3 * batch * (dense + attn_useful),
-  }
-
-
-# --- measurement helpers ---------------------------------------------------------------------------
-
-def compile_stats(compiled) -> dict:
-  """XLA's cost and memory analyses of a compiled program; None where the backend gives none."""
-  out = {'xla_flops': None, 'xla_bytes_accessed': None, 'memory': None}
-  try:
-    cost = compiled.cost_analysis()
-    if isinstance(cost, (list, tuple)):  # Older JAX: one dict per computation.
-      cost = cost[0] if cost else None
-    if cost:
-      out['xla_flops'] = float(cost['flops']) if 'flops' in cost else None
-      out['xla_bytes_accessed'] = float(cost['bytes accessed']) if 'bytes accessed' in cost else None
-  except Exception as e:  # pylint: disable=broad-except
-    out['cost_error'] = repr(e)
-  try:
-    m = compiled.memory_analysis()
-    if m is not None:
-      out['memory'] = {k: int(getattr(m, k)) for k in dir(m)
-                       if k.endswith('_in_bytes') and isinstance(getattr(m, k), (int, np.integer))}
-  except Exception as e:  # pylint: disable=broad-except
-    out['memory_error'] = repr(e)
-  return out
-
-
-def needed_bytes(memory: dict | None) -> int | None:
-  """Device bytes a program needs: arguments + outputs + temporaries - aliased (donated) bytes, or
-  XLA's `peak_memory_in_bytes` where that is larger."""
-  if not memory:
-    return None
-  total = (memory.get('argument_size_in_bytes', 0) + memory.get('output_size_in_bytes', 0) +
-           memory.get('temp_size_in_bytes', 0) - memory.get('alias_size_in_bytes', 0))
-  return max(total, memory.get('peak_memory_in_bytes', 0))
-
-
-def device_memory() -> dict | None:
-  try:
-    s = jax.devices()[0].memory_stats()
-  except Exception:  # pylint: disable=broad-except
-    return None
-  if not s:
-    return None
-  return {k: int(s[k]) for k in ('bytes_limit', 'bytes_in_use', 'peak_bytes_in_use',
-                                 'largest_alloc_size') if k in s}
-
-
-def time_calls(fn, repeats: int, warmup: int) -> list[float]:
-  """Seconds of `repeats` calls of fn(), each ended by block_until_ready, after `warmup` calls."""
-  for _ in range(warmup):
-    jax.block_until_ready(fn())
-  times = []
-  for _ in range(repeats):
-    t = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - t)
-  return times
-
-
-def summary(times: list[float]) -> dict:
-  return {'median_s': statistics.median(times), 'min_s': min(times), 'max_s': max(times),
-          'all_s': [round(t, 6) for t in times]}
-
-
-def gb(x) -> str:
-  return '-' if x is None else f'{x / 2**30:.2f}'
-
-
 # --- sections --------------------------------------------------------------------------------------
 
 def environment() -> dict:
-  import flax  # pylint: disable=import-outside-toplevel
-  import jaxlib  # pylint: disable=import-outside-toplevel
-  import optax  # pylint: disable=import-outside-toplevel
-  d = jax.devices()[0]
-  env = {
-      'backend': jax.default_backend(), 'device_kind': d.device_kind, 'device_count': jax.device_count(),
-      'jax': jax.__version__, 'jaxlib': getattr(jaxlib, '__version__', None), 'flax': flax.__version__,
-      'optax': optax.__version__, 'python': platform.python_version(), 'numpy': np.__version__,
-      'XLA_FLAGS': os.environ.get('XLA_FLAGS'),
-      'XLA_PYTHON_CLIENT_MEM_FRACTION': os.environ.get('XLA_PYTHON_CLIENT_MEM_FRACTION'),
-      'device_memory': device_memory(),
-  }
-  try:
-    env['platform_version'] = d.client.platform_version
-  except Exception:  # pylint: disable=broad-except
-    pass
+  env = bench.environment()
   try:
     env['environment_info'] = jax.print_environment_info(return_string=True)
   except Exception as e:  # pylint: disable=broad-except
@@ -252,60 +113,15 @@ def environment() -> dict:
 
 
 def matmul_peak(sizes, repeats: int) -> dict:
-  """bf16 (n x n) @ (n x n) on random normal data (f32 accumulation, bf16 out), timed like the steps
-  (each call blocked; median) and back to back (one block at the end). The peak is the best rate."""
-  out = {'sizes': {}}
-  best = 0.0
-  for n in sizes:
-    ka, kb = jax.random.split(jax.random.PRNGKey(n))
-    a = jax.random.normal(ka, (n, n), jnp.bfloat16)
-    b = jax.random.normal(kb, (n, n), jnp.bfloat16)
-    f = jax.jit(lambda x, y: x @ y)
-    times = time_calls(lambda a=a, b=b: f(a, b), repeats, warmup=3)
-    t = time.perf_counter()
-    r = None
-    for _ in range(repeats):
-      r = f(a, b)
-    jax.block_until_ready(r)
-    pipelined = (time.perf_counter() - t) / repeats
-    flops = 2.0 * n ** 3
-    res = {'flops': flops, **summary(times), 'pipelined_mean_s': pipelined,
-           'tflops_per_s_median': flops / statistics.median(times) / 1e12,
-           'tflops_per_s_pipelined': flops / pipelined / 1e12}
-    out['sizes'][str(n)] = res
-    best = max(best, res['tflops_per_s_median'], res['tflops_per_s_pipelined'])
-    log(f'matmul bf16 {n}^3: {res["tflops_per_s_median"]:.1f} TFLOP/s per call, '
-        f'{res["tflops_per_s_pipelined"]:.1f} back to back')
-    del a, b, r
-  out['peak_flops_per_s'] = best * 1e12
+  """The bf16 peak of `srdd_jax.bench.matmul_peak`, with the nominal H100 figure beside it."""
+  out = bench.matmul_peak(sizes, repeats, 'bfloat16')
   out['nominal_h100_sxm_bf16_dense_flops_per_s'] = NOMINAL_H100_SXM_BF16_DENSE
   return out
 
 
-def random_vae_params(vae_config: VQVAEConfig):
-  """Random tokenizer weights drawn on the host into the shapes of `Tokenizer.abstract_params()`
-  (kernels and the codebook N(0, 1/fan_in), norm scales 1, biases 0). A jitted `Tokenizer.init` would
-  do too, but XLA takes ~20 s to compile its initialisers even for the tiny tokenizer on a CPU."""
-  rng = np.random.default_rng(1)
-
-  def fill(path, leaf):
-    name = str(getattr(path[-1], 'key', path[-1]))
-    if name == 'scale':
-      return np.ones(leaf.shape, np.float32)
-    if name == 'bias' or len(leaf.shape) <= 1:
-      return np.zeros(leaf.shape, np.float32)
-    fan_in = int(np.prod(leaf.shape[:-1]))
-    return rng.standard_normal(leaf.shape, np.float32) / np.float32(math.sqrt(fan_in))
-
-  abstract = unbox(Tokenizer(vae_config).abstract_params())
-  return jax.device_put(jax.tree_util.tree_map_with_path(fill, abstract))
-
-
 def random_var_params(c: VARConfig):
-  """The transformer's random initialisation (as benchmarks/sampler_cost.py), jitted."""
-  x = jnp.zeros((1, c.seq_len - 1, c.z_channels), jnp.float32)
-  init = lambda r: unbox(VAR(c).init(r, jnp.zeros((1,), jnp.int32), x)['params'])
-  return jax.jit(init)(jax.random.PRNGKey(0))
+  """The transformer's random weights (drawn on the host, no compile) on the device."""
+  return jax.device_put(bench.random_var_params(c))
 
 
 def _usable(tree) -> bool:

@@ -137,13 +137,19 @@ class Trainer:
       ema = jax.tree_util.tree_map(lambda e, p: d * e + (1 - d) * p, ema, params)
     return TrainState(state.step + 1, params, opt_state, ema), metrics
 
+  def step_fn(self):
+    """The un-jitted step (state, vae_params, batch) -> (state, metrics). The tokenizer weights are an
+    argument here, not a constant, so a caller can compile it ahead of time on abstract shapes (for a
+    TPU topology from a CPU host, say) with shardings of its choosing."""
+    return self._step
+
   def make_step(self, vae_params):
     """The jitted step (state, batch) -> (state, metrics) with the state donated; `vae_params` (the
     frozen tokenizer) are closed over, replicated. The batch holds 'labels' and either token 'ids'
     (B, L) or 'images' (B, H, W, 3) in [-1, 1], all split over the batch axes."""
     _, shardings = self.abstract_state()
     vae_params = jax.device_put(vae_params, pm.replicated(self.mesh))
-    step = jax.jit(lambda s, b: self._step(s, vae_params, b), in_shardings=(shardings, self.batch_sharding),
+    step = jax.jit(lambda s, b: self.step_fn()(s, vae_params, b), in_shardings=(shardings, self.batch_sharding),
                    out_shardings=(shardings, pm.replicated(self.mesh)), donate_argnums=0)
     return step
 

@@ -54,12 +54,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from srdd_jax import bench
-from srdd_jax.bench import (attention_pairs, compile_stats, device_memory, error_info, gb,
-                            needed_bytes, random_vae_params, summary, time_calls, train_flops)
+from srdd_jax.bench import (device_memory, error_info, gb, random_vae_params, summary, time_calls,
+                            train_flops)
 from srdd_jax.diffusion.filtering import SamplerConfig
 from srdd_jax.diffusion.sampler import Sampler, batch_rng
-from srdd_jax.parallel.compile import jit_inference
+from srdd_jax.parallel.compile import compiled_stats, jit_inference, needed_bytes
 from srdd_jax.parallel.mesh import make_mesh
+from srdd_jax.transformer.flops import attention_pairs
 from srdd_jax.tokenizer.vqvae import VQVAEConfig
 from srdd_jax.train.optimizer import OptimConfig
 from srdd_jax.train.step import Trainer
@@ -153,7 +154,7 @@ def train_once(var_config, vae_config, vae_params, mesh, batch: int, accum: int,
     t = time.perf_counter()
     compiled = step.lower(state, data).compile()
     compile_s = time.perf_counter() - t
-    stats = compile_stats(compiled)
+    stats = compiled_stats(compiled)
     need = needed_bytes(stats['memory'])
     log(f'  compiled in {compile_s:.1f}s; XLA: needs {gb(need)} GiB (temporaries '
         f'{gb((stats["memory"] or {}).get("temp_size_in_bytes"))} GiB)')
@@ -265,7 +266,7 @@ def sample_section(args, vae_params, mesh, results, save, pool) -> None:
       t = time.perf_counter()
       tokens = jit_inference(sampler.tokens).lower(params, vae_params, labels, batch_rng(0, 0)).compile()
       tok_compile = time.perf_counter() - t
-      tok_stats = compile_stats(tokens)
+      tok_stats = compiled_stats(tokens)
       log(f'  tokens program compiled in {tok_compile:.1f}s; needs {gb(needed_bytes(tok_stats["memory"]))} GiB')
       if decode is None:
         f_shape = jax.ShapeDtypeStruct((b, vae_config.latent_side, vae_config.latent_side,
@@ -273,7 +274,7 @@ def sample_section(args, vae_params, mesh, results, save, pool) -> None:
         t = time.perf_counter()
         decode = jit_inference(sampler.decode).lower(vae_params, f_shape).compile()
         res['decode_compile_s'] = time.perf_counter() - t
-        res['decode_compiled'] = compile_stats(decode)
+        res['decode_compiled'] = compiled_stats(decode)
         log(f'  decode program compiled in {res["decode_compile_s"]:.1f}s; '
             f'needs {gb(needed_bytes(res["decode_compiled"]["memory"]))} GiB')
       tok_times, full_times = [], []
@@ -337,7 +338,7 @@ def decode_default_section(args, vae_params, mesh, results, save) -> None:
     times = time_calls(lambda: dec(vae_params, f_hat), args.sample_repeats, warmup=1)
     res['decode_precision_default'] = {'batch': b, 'compile_s': compile_s, **summary(times),
                                        'images_per_s': b / statistics.median(times),
-                                       'compiled': compile_stats(dec)}
+                                       'compiled': compiled_stats(dec)}
     log(f'  decode (precision=default): {statistics.median(times):.3f} s/batch')
   except Exception as e:  # pylint: disable=broad-except
     res['decode_precision_default'] = error_info(e)

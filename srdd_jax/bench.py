@@ -70,11 +70,13 @@ from jax.experimental import topologies
 from srdd_jax.diffusion.filtering import SamplerConfig
 from srdd_jax.diffusion.sampler import Sampler, batch_rng
 from srdd_jax.parallel import mesh as pm
-from srdd_jax.parallel.compile import jit_inference
+from srdd_jax.parallel import compile as pc
+from srdd_jax.parallel.compile import compiled_stats, jit_inference, needed_bytes
 from srdd_jax.tokenizer.api import Tokenizer, unbox
 from srdd_jax.tokenizer.vqvae import VQVAEConfig
 from srdd_jax.train.optimizer import OptimConfig
 from srdd_jax.train.step import Trainer, TrainState
+from srdd_jax.transformer import flops
 from srdd_jax.transformer.config import MASKS, VARConfig, preset
 from srdd_jax.transformer.model import VAR
 
@@ -82,8 +84,7 @@ SCHEMA = 'srdd_jax.bench/1'
 # The evaluation protocol of VAR's paper; the sampler's cost depends on it (guidance doubles the batch).
 SAMPLER = SamplerConfig(cfg=1.5, cfg_schedule='linear', top_k=900, top_p=0.96)
 # Chip HBM in bytes, by the topology's prefix (Google Cloud's published capacities).
-HBM_BYTES = {'v4': 32 * 2**30, 'v5e': 16 * 2**30, 'v5litepod': 16 * 2**30, 'v5p': 95 * 2**30,
-             'v6e': 32 * 2**30}
+HBM_BYTES = dict(pc.HBM_BYTES)  # By a substring of the chip's name.
 FIT_FRACTION = 0.8  # Headroom for the runtime, fragmentation and what XLA's analysis leaves out.
 # Every timed record has these keys (None where they do not apply); AOT records have AOT_FIELDS.
 RECORD_FIELDS = ('mode', 'kind', 'depth', 'width', 'heads', 'seq_len', 'batch', 'dtype', 'seconds',
@@ -109,86 +110,18 @@ def error_info(e: BaseException) -> dict:
 
 # --- FLOP counts -----------------------------------------------------------------------------------
 
-def attention_pairs(patch_nums, kind: str) -> int:
-  """(query, key) pairs per head and per image: 'dense' (L^2, what the causal path computes before
-  masking), 'causal' (the pairs its mask keeps) or 'markov' (sum pn^4, what the block path computes)."""
-  n = [p * p for p in patch_nums]
-  if kind == 'dense':
-    return sum(n) ** 2
-  if kind == 'causal':
-    return sum(ni * sum(n[:i + 1]) for i, ni in enumerate(n))
-  if kind == 'markov':
-    return sum(ni * ni for ni in n)
-  raise ValueError(f'attention_pairs kind={kind!r}: must be dense, causal or markov')
-
-
 def train_flops(c: VARConfig, batch: int) -> dict:
-  """Analytic FLOPs of one train step (matmuls only; 1 multiply-add = 2 FLOPs).
-
-  Forward, per image:
-    per-token weights: depth * (qkv 3C^2 + proj C^2 + fc1 C*M + fc2 M*C) + head C*V, over all L tokens,
-      plus word_embed Cvae*C over the L - first_l teacher-forcing tokens;
-    per-image weights: the AdaLN linears (depth * C*6C, or one shared C*6C) and the head's AdaLN C*2C;
-    attention: QK^T and AV, 2 * 2 * C per (query, key) pair and layer, with the pairs the code computes
-      (causal: the dense L x L before masking; markov: sum pn^4).
-  Train = 3 x forward (the backward is twice the forward for every matmul), the '6 N D' rule.
-  Left out: embedding gathers, norms, softmax, the loss, the optimiser and the tokenizer's
-  `idx_to_var_input` (phi convolutions, ~5e7 FLOPs per image at 256 px, well under 0.1%).
-  `useful` counts only the (query, key) pairs the mask keeps.
-  """
-  C, M, V, L, D = c.width, c.mlp_dim, c.vocab_size, c.seq_len, c.depth
-  per_token_params = D * (4 * C * C + 2 * C * M) + C * V
-  per_image_params = (C * 6 * C if c.shared_aln else D * C * 6 * C) + C * 2 * C
-  embed = 2 * c.z_channels * C * (L - c.first_l)
-  dense = 2 * per_token_params * L + 2 * per_image_params + embed
-  computed_pairs = attention_pairs(c.patch_nums, 'markov' if c.mask == 'markov' else 'dense')
-  useful_pairs = attention_pairs(c.patch_nums, c.mask)
-  attn = 4 * C * D * computed_pairs
-  attn_useful = 4 * C * D * useful_pairs
-  return {
-      'weights_per_token': per_token_params,
-      'weights_per_image': per_image_params,
-      'forward_per_image_dense': dense,
-      'forward_per_image_attention': attn,
-      'forward_per_image_attention_useful': attn_useful,
-      'train_per_step': 3 * batch * (dense + attn),
-      'train_per_step_useful': 3 * batch * (dense + attn_useful),
-  }
+  """Analytic FLOPs of one train step (`srdd_jax.transformer.flops`): 'train_per_step' counts the
+  attention pairs the code computes, 'train_per_step_useful' those the mask keeps."""
+  f = flops.forward_flops(c)
+  return {'weights_per_token': f['weights_per_token'], 'weights_per_image': f['weights_per_image'],
+          'forward_per_image_dense': f['dense'], 'forward_per_image_attention': f['attention_computed'],
+          'forward_per_image_attention_useful': f['attention'],
+          'train_per_step': 3 * batch * (f['dense'] + f['attention_computed']),
+          'train_per_step_useful': 3 * batch * f['total']}
 
 
 # --- measurement helpers ---------------------------------------------------------------------------
-
-def compile_stats(compiled) -> dict:
-  """XLA's cost and memory analyses of a compiled program; None where the backend gives none."""
-  out = {'xla_flops': None, 'xla_bytes_accessed': None, 'memory': None}
-  try:
-    cost = compiled.cost_analysis()
-    if isinstance(cost, (list, tuple)):  # Older JAX: one dict per computation.
-      cost = cost[0] if cost else None
-    if cost:
-      out['xla_flops'] = float(cost['flops']) if 'flops' in cost else None
-      out['xla_bytes_accessed'] = float(cost['bytes accessed']) if 'bytes accessed' in cost else None
-  except Exception as e:  # pylint: disable=broad-except
-    out['cost_error'] = repr(e)
-  try:
-    m = compiled.memory_analysis()
-    if m is not None:
-      out['memory'] = {k: int(getattr(m, k)) for k in dir(m)
-                       if k.endswith('_in_bytes') and isinstance(getattr(m, k), (int, np.integer))}
-  except Exception as e:  # pylint: disable=broad-except
-    out['memory_error'] = repr(e)
-  return out
-
-
-def needed_bytes(memory: dict | None) -> int | None:
-  """Device bytes a program needs: arguments + outputs + temporaries - aliased (donated) bytes, or
-  XLA's `peak_memory_in_bytes` where that is larger."""
-  if not memory:
-    return None
-  total = (memory.get('argument_size_in_bytes', 0) + memory.get('output_size_in_bytes', 0) +
-           memory.get('temp_size_in_bytes', 0) - memory.get('alias_size_in_bytes', 0))
-  return max(total, memory.get('peak_memory_in_bytes', 0))
-
 
 def device_memory() -> dict | None:
   try:
@@ -374,7 +307,7 @@ def bench_train(c: VARConfig, vae_c: VQVAEConfig, vae_params, host_params, mesh,
   t = time.perf_counter()
   compiled = jit_train_step(trainer).lower(state, vae_params, data).compile()
   rec['compile_s'] = time.perf_counter() - t
-  stats = compile_stats(compiled)
+  stats = compiled_stats(compiled)
   holder = {'state': state}
   del state
 
@@ -415,7 +348,7 @@ def bench_sample(c: VARConfig, vae_c: VQVAEConfig, vae_params, host_params, mesh
   t = time.perf_counter()
   tokens = jit_inference(sampler.tokens).lower(params, vae_params, labels, batch_rng(0, 0)).compile()
   rec['compile_s'] = time.perf_counter() - t
-  stats = compile_stats(tokens)
+  stats = compiled_stats(tokens)
   # The decoder takes f_hat as the tokens program leaves it (split over the batch axes).
   f_sharding = tokens.output_shardings[1]
   key = (batch, f_sharding)
@@ -424,7 +357,7 @@ def bench_sample(c: VARConfig, vae_c: VQVAEConfig, vae_params, host_params, mesh
                                    jnp.float32, sharding=f_sharding)
     t = time.perf_counter()
     dec = jit_inference(sampler.decode).lower(vae_params, f_shape).compile()
-    decoders[key] = {'compiled': dec, 'compile_s': time.perf_counter() - t, 'stats': compile_stats(dec),
+    decoders[key] = {'compiled': dec, 'compile_s': time.perf_counter() - t, 'stats': compiled_stats(dec),
                      'warm': False}
   decode, decode_compile_s, dec_stats = (decoders[key][k] for k in ('compiled', 'compile_s', 'stats'))
   for r in range(warmup):
@@ -508,15 +441,7 @@ def run_timed(depths, batches, sample_batches, masks, dtype: str, repeats: int, 
 
 def hbm_bytes(topology: str, device_kind: str = '') -> int | None:
   """The chip's HBM from the topology's name ('v5p:4x4x4') or, failing that, its device kind."""
-  name = topology.split(':')[0].lower()
-  if name in HBM_BYTES:
-    return HBM_BYTES[name]
-  kind = device_kind.lower()
-  for key, val in (('v5 lite', HBM_BYTES['v5e']), ('v5e', HBM_BYTES['v5e']), ('v5p', HBM_BYTES['v5p']),
-                   ('v6', HBM_BYTES['v6e']), ('v4', HBM_BYTES['v4'])):
-    if key in kind:
-      return val
-  return None
+  return pc.hbm_bytes(topology.split(':')[0]) or (pc.hbm_bytes(device_kind) if device_kind else None)
 
 
 def topology_devices(topology: str):
@@ -546,7 +471,7 @@ def _abstract(tree, shardings):
 
 
 def _aot_record(kind, c, batch, topology, devices, mesh, rules_name, compiled, compile_s) -> dict:
-  stats = compile_stats(compiled)
+  stats = compiled_stats(compiled)
   per_chip = needed_bytes(stats['memory'])
   hbm = hbm_bytes(topology, devices[0].device_kind)
   rec = {**_model_fields(c, batch), 'kind': kind, 'topology': topology, 'chips': len(devices),

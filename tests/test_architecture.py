@@ -23,8 +23,9 @@ LAYERS = {
 }
 # Deferred because importing them costs seconds or they are needed by one path only: TensorFlow and
 # TFDS, torch (reading .pth files), PIL and matplotlib (images), scikit-learn (the digits data set),
-# clu (its metric writers import TensorFlow).
-HEAVY_OPTIONAL = ('tensorflow', 'tensorflow_datasets', 'torch', 'PIL', 'matplotlib', 'sklearn', 'clu')
+# clu (its metric writers import TensorFlow); Pallas' TPU kernels (splash attention, TPU runs only).
+HEAVY_OPTIONAL = ('tensorflow', 'tensorflow_datasets', 'torch', 'PIL', 'matplotlib', 'sklearn', 'clu',
+                  'jax.experimental.pallas')
 
 
 def _unit(module: str) -> str:
@@ -61,7 +62,7 @@ def violations(source: str, module: str) -> list[str]:
   for target, names, line, top_level in _imports(tree, module):
     where = f'{module}:{line}'
     root = target.split('.')[0]
-    if not top_level and root not in HEAVY_OPTIONAL:
+    if not top_level and not any(target == h or target.startswith(h + '.') for h in HEAVY_OPTIONAL):
       out.append(f'{where}: function-level import of {target}')
     if root != 'srdd_jax' or target == '__future__':
       continue

@@ -42,13 +42,14 @@ PEAK_FLOPS = (
 
 # HBM per chip in bytes, for "does it fit" checks of compiled programs.
 HBM_BYTES = (
-    ('v6', 32 << 30), ('v5p', 95 << 30), ('v5 lite', 16 << 30), ('v5e', 16 << 30), ('v4', 32 << 30),
-    ('h200', 141 << 30), ('h100', 80 << 30), ('a100', 80 << 30),
+    ('v6', 32 << 30), ('v5p', 95 << 30), ('v5 lite', 16 << 30), ('v5lite', 16 << 30), ('v5e', 16 << 30),
+    ('v4', 32 << 30), ('h200', 141 << 30), ('h100', 80 << 30), ('a100', 80 << 30),
 )
 
 
 def _lookup(table, device) -> float | None:
-  kind = str(getattr(device, 'device_kind', '')).lower()
+  """By a device's `device_kind`, or by a string (a kind, or a TPU topology name such as 'v5p')."""
+  kind = (device if isinstance(device, str) else str(getattr(device, 'device_kind', ''))).lower()
   for key, value in table:
     if key in kind:
       return value

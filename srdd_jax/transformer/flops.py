@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
+from srdd_jax.transformer import attention
 from srdd_jax.transformer.config import VARConfig
 
 
@@ -31,15 +32,24 @@ def attention_pairs(patch_nums: Sequence[int], kind: str) -> int:
   raise ValueError(f'attention pairs of {kind!r}: expected dense, causal or markov')
 
 
+def computed_pairs(patch_nums: Sequence[int], mask: str) -> int:
+  """(query, key) pairs the training attention computes (`attention.chunks`: small scales grouped, a
+  few masked pairs inside a group), per head and image."""
+  return sum((qe - qb) * (ke - kb) for qb, qe, kb, ke, _ in attention.chunks(tuple(patch_nums), mask))
+
+
 def forward_flops(c: VARConfig, mask: str | None = None) -> dict:
-  """Forward FLOPs per image: 'dense' (weight matmuls), 'attention' and 'total'."""
+  """Forward FLOPs per image: 'dense' (weight matmuls), 'attention' (the pairs the mask keeps),
+  'total', and 'attention_computed' (the pairs the chunked attention computes)."""
   C, M, V, L, D = c.width, c.mlp_dim, c.vocab_size, c.seq_len, c.depth
   per_token = D * (4 * C * C + 2 * C * M) + C * V
   per_image = (C * 6 * C if c.shared_aln else D * C * 6 * C) + C * 2 * C
   dense = 2 * per_token * L + 2 * per_image + 2 * c.z_channels * C * (L - c.first_l)
   attn = 4 * C * D * attention_pairs(c.patch_nums, mask or c.mask)
+  computed = 4 * C * D * computed_pairs(c.patch_nums, mask or c.mask)
   return {'dense': float(dense), 'attention': float(attn), 'total': float(dense + attn),
-          'weights_per_token': per_token, 'weights_per_image': per_image}
+          'attention_computed': float(computed), 'weights_per_token': per_token,
+          'weights_per_image': per_image}
 
 
 def train_step_flops(c: VARConfig, batch: int, mask: str | None = None) -> float:

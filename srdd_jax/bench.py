@@ -248,10 +248,11 @@ def random_state(trainer: Trainer, host_params) -> TrainState:
 # --- configurations --------------------------------------------------------------------------------
 
 def model_config(depth: int, mask: str, dtype: str, width: int = 0, heads: int = 0,
-                 patch_nums=None) -> VARConfig:
-  """VAR at `depth` (width 64 * depth, depth heads unless given), 256 px, vocabulary 4096, Cvae 32."""
+                 patch_nums=None, **model) -> VARConfig:
+  """VAR at `depth` (width 64 * depth, depth heads unless given), 256 px, vocabulary 4096, Cvae 32;
+  `model`: further VARConfig fields (scan_blocks, remat, attention)."""
   kw = {} if patch_nums is None else {'patch_nums': tuple(patch_nums)}
-  return VARConfig(depth=depth, width=width, num_heads=heads, mask=mask, dtype=dtype, **kw)
+  return VARConfig(depth=depth, width=width, num_heads=heads, mask=mask, dtype=dtype, **kw, **model)
 
 
 def tokenizer_config(var_config: VARConfig, ch: int) -> VQVAEConfig:
@@ -393,7 +394,7 @@ def bench_sample(c: VARConfig, vae_c: VQVAEConfig, vae_params, host_params, mesh
 
 def run_timed(depths, batches, sample_batches, masks, dtype: str, repeats: int, warmup: int,
               tokenizer_ch: int, peak: float | None, width: int = 0, heads: int = 0, patch_nums=None,
-              kinds=('train', 'sample'), on_record=None) -> list[dict]:
+              kinds=('train', 'sample'), on_record=None, model=None) -> list[dict]:
   """Timed records for every (depth, mask, batch) of `kinds`; a failure becomes a record with its
   error. `width`/`heads`/`patch_nums` override VAR's sizes (tiny test models)."""
   mesh = pm.make_mesh()
@@ -409,7 +410,7 @@ def run_timed(depths, batches, sample_batches, masks, dtype: str, repeats: int, 
   for depth in depths:
     host_params = None
     for mask in masks:
-      c = model_config(depth, mask, dtype, width, heads, patch_nums)
+      c = model_config(depth, mask, dtype, width, heads, patch_nums, **(model or {}))
       vae_c = tokenizer_config(c, tokenizer_ch)
       if vae_c not in vae_cache:
         vae_cache.clear()
@@ -653,6 +654,11 @@ def parse_args(argv=None):
   ap.add_argument('--mesh', default='1,-1,1', help='--aot mesh sizes data,fsdp,tensor; -1 fills '
                   '(default: every chip on fsdp, as the project\'s FSDP rules)')
   ap.add_argument('--rules', default='fsdp', help='--aot parameter placement: fsdp or replicated')
+  ap.add_argument('--scan', type=int, default=1, choices=(0, 1), help='blocks under nn.scan (1) or unrolled')
+  ap.add_argument('--remat', default='none', choices=('none', 'dots', 'full'),
+                  help='what the backward recomputes (config.model.remat)')
+  ap.add_argument('--attention', default=None, choices=('auto', 'xla', 'cudnn', 'splash'),
+                  help='attention implementation; default splash with --aot (the host is no TPU), else auto')
   args = ap.parse_args(argv)
   for m in args.masks.split(','):
     if m.strip() not in MASKS:
@@ -702,7 +708,8 @@ def main(argv=None):
   if args.aot:
     dtype = args.dtype or 'bfloat16'
     try:
-      base = preset(args.preset or 'd16', dtype=dtype)
+      base = preset(args.preset or 'd16', dtype=dtype, scan_blocks=bool(args.scan), remat=args.remat,
+                    attention=args.attention or 'splash')
     except ValueError as e:
       raise SystemExit(f'error: --preset: {e}') from None
     batch = args.batch or 256
@@ -731,7 +738,8 @@ def main(argv=None):
     save()
     run_timed(depths, batches, sample_batches, args.masks, dtype, repeats, args.warmup, ch,
               results['matmul_peak']['peak_flops_per_s'], args.width, args.heads, kinds=args.kinds,
-              on_record=on_record)
+              on_record=on_record, model=dict(scan_blocks=bool(args.scan), remat=args.remat,
+                                              attention=args.attention or 'auto'))
   save()
   log(f'wrote {args.out}')
   print(markdown_table(results['records']), flush=True)

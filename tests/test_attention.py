@@ -136,3 +136,21 @@ def test_attention_config_key_is_validated():
   assert var_config(c, 16, 4).attention == 'splash'
   with pytest.raises(ConfigError, match=r"config.model: attention='flash'"):
     var_config({'model': {'depth': 1, 'attention': 'flash'}}, 16, 4)
+
+
+def test_splash_runs_per_device_on_a_sharded_mesh():
+  """XLA cannot partition a Mosaic kernel: under activation sharding splash runs in a shard_map over the
+  batch (data x fsdp) and head (tensor) shards, and gives the reference result."""
+  from srdd_jax.parallel import mesh as pm  # pylint: disable=import-outside-toplevel
+  pn = (1, 2, 3, 4)
+  n = sum(p * p for p in pn)
+  q, k, v = (jax.random.normal(jax.random.PRNGKey(i), (8, n, 4, 16)) for i in range(3))
+  mesh = pm.make_mesh((2, 2, 2))
+  for mask in ('causal', 'markov'):
+    ref = attention.sequence_attention(q, k, v, scale=0.3, patch_nums=pn, mask=mask)
+
+    def sharded(q, k, v, mask=mask):
+      with pm.activation_sharding(mesh):
+        return attention.sequence_attention(q, k, v, scale=0.3, patch_nums=pn, mask=mask, impl='splash',
+                                            interpret=True)
+    np.testing.assert_allclose(jax.jit(sharded)(q, k, v), ref, atol=1e-5, err_msg=mask)

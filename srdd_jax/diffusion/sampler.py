@@ -18,6 +18,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from srdd_jax.diffusion import filtering
 from srdd_jax.diffusion.filtering import SamplerConfig
+from srdd_jax.parallel import mesh as pm
 from srdd_jax.tokenizer.api import Tokenizer, is_concrete
 from srdd_jax.tokenizer.vqvae import VQVAEConfig
 from srdd_jax.transformer.config import MASKS, VARConfig
@@ -80,6 +81,14 @@ class Sampler:
     the given ones before f_hat is updated: the zero-shot editing of SPEC §7.
     """
     self.check_labels(labels)
+    if self.mesh is None:
+      return self._tokens(var_params, vae_params, labels, rng, keep_ids, keep_masks)
+    # Activations split over the batch axes, and kernels that XLA cannot partition (splash) run per
+    # device on those shards.
+    with pm.activation_sharding(self.mesh):
+      return self._tokens(var_params, vae_params, labels, rng, keep_ids, keep_masks)
+
+  def _tokens(self, var_params, vae_params, labels, rng, keep_ids, keep_masks):
     c, sc = self.var_config, self.config
     labels = self._constrain(jnp.asarray(labels, jnp.int32))
     b = labels.shape[0]

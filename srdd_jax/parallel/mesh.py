@@ -136,22 +136,41 @@ def activation_sharding(mesh, rules=DEFAULT_RULES):
     _ACTIVATIONS.reset(token)
 
 
-def constrain(x, names: Sequence[str | None]):
-  """with_sharding_constraint of x by logical axis `names`, under `activation_sharding`. A dimension
-  its mesh axes do not divide is left unconstrained rather than failing."""
-  ctx = _ACTIVATIONS.get()
-  if ctx is None:
-    return x
-  mesh, rules = ctx
+def activation_context():
+  """(mesh, rules) of the enclosing `activation_sharding`, or None."""
+  return _ACTIVATIONS.get()
+
+
+def logical_spec(mesh, rules, names: Sequence[str | None], shape: Sequence[int]) -> PartitionSpec:
+  """The PartitionSpec of an array of `shape` whose axes have logical `names`. A name no rule mentions
+  is left to the compiler (UNCONSTRAINED); a dimension its mesh axes do not divide is replicated."""
   table = {}
   for name, axes in rules:
     table.setdefault(name, axes)  # The first rule of a name wins, as in Flax.
-  # A name no rule mentions is left to the compiler; a rule mapping to None means replicated.
   spec = [table.get(n, PartitionSpec.UNCONSTRAINED) if n is not None else None for n in names]
   for i, axes in enumerate(spec):
     if axes is None or axes is PartitionSpec.UNCONSTRAINED:
       continue
     n = math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes))
-    if x.shape[i] % n:
+    if shape[i] % n:
       spec[i] = None
-  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, PartitionSpec(*spec)))
+  return PartitionSpec(*spec)
+
+
+def constrain(x, names: Sequence[str | None]):
+  """with_sharding_constraint of x by logical axis `names`, under `activation_sharding`; outside it,
+  x unchanged."""
+  ctx = _ACTIVATIONS.get()
+  if ctx is None:
+    return x
+  mesh, rules = ctx
+  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_spec(mesh, rules, names, x.shape)))
+
+
+def shard_map(fn, mesh, in_specs, out_specs):
+  """`jax.shard_map` without replication checks, on the JAX versions we support (older ones have it
+  under jax.experimental with another keyword)."""
+  if hasattr(jax, 'shard_map'):
+    return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
+  from jax.experimental.shard_map import shard_map as legacy  # pylint: disable=import-outside-toplevel
+  return legacy(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_rep=False)

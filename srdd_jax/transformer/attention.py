@@ -33,6 +33,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from srdd_jax.parallel import mesh as pm
+
 IMPLS = ('auto', 'xla', 'cudnn', 'splash')
 MASKS = ('causal', 'markov')
 # Smallest chunk of consecutive scales; measured on CPU (docs/attention_notes.md).
@@ -209,13 +211,28 @@ def _splash_mask(kind: str, arg: tuple[int, ...], heads: int):
 def _splash(q, k, v, scale, key, dtype, interpret):
   # The kernel takes no softmax scale, so q is scaled before the cast (as dot_product_attention
   # does); it multiplies in the input dtype and accumulates and normalises in float32.
-  lq, h, lk = q.shape[1], q.shape[2], k.shape[1]
-  mask, sizes = _splash_mask(*key, h)
-  kernel = _splash_module().make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
+  lq, lk = q.shape[1], k.shape[1]
   pq, pk = _pad_to(lq, _SPLASH_LANES), _pad_to(lk, _SPLASH_LANES)
 
   def heads_first(x, n, p):
     return jnp.pad(jnp.swapaxes(x, 1, 2).astype(dtype), ((0, 0), (0, 0), (0, p - n), (0, 0)))
 
-  o = jax.vmap(kernel)(heads_first(q * scale, lq, pq), heads_first(k, lk, pk), heads_first(v, lk, pk))
-  return jnp.swapaxes(o[:, :, :lq], 1, 2).astype(jnp.float32)
+  def local(q, k, v):  # On one device's rows and heads.
+    mask, sizes = _splash_mask(*key, q.shape[2])
+    kernel = _splash_module().make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1,
+                                              interpret=interpret)
+    o = jax.vmap(kernel)(heads_first(q * scale, lq, pq), heads_first(k, lk, pk), heads_first(v, lk, pk))
+    return jnp.swapaxes(o[:, :, :lq], 1, 2).astype(jnp.float32)
+
+  ctx = pm.activation_context()
+  if ctx is None:
+    return local(q, k, v)
+  # A Mosaic kernel is not partitioned by XLA: run it per device on the activations' shards (batch
+  # over data x fsdp, heads over tensor), which is how they are laid out anyway.
+  mesh, rules = ctx
+  names = ('activation_batch', None, 'activation_heads', None)
+  spec = lambda x: pm.logical_spec(mesh, rules, names, x.shape)
+  spec_q, spec_k = spec(q), spec(k)
+  unconstrained = jax.sharding.PartitionSpec.UNCONSTRAINED
+  fix = lambda p: jax.sharding.PartitionSpec(*(None if a is unconstrained else a for a in p))
+  return pm.shard_map(local, mesh, (fix(spec_q), fix(spec_k), fix(spec_k)), fix(spec_q))(q, k, v)

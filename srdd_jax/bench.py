@@ -654,7 +654,9 @@ def parse_args(argv=None):
   ap.add_argument('--mesh', default='1,-1,1', help='--aot mesh sizes data,fsdp,tensor; -1 fills '
                   '(default: every chip on fsdp, as the project\'s FSDP rules)')
   ap.add_argument('--rules', default='fsdp', help='--aot parameter placement: fsdp or replicated')
-  ap.add_argument('--scan', type=int, default=1, choices=(0, 1), help='blocks under nn.scan (1) or unrolled')
+  ap.add_argument('--scan', type=int, default=None, choices=(0, 1),
+                  help='blocks under nn.scan (1) or unrolled (0); default 1, 0 for timed runs on a CPU '
+                       '(XLA:CPU runs unrolled blocks faster)''')
   ap.add_argument('--remat', default='none', choices=('none', 'dots', 'full'),
                   help='what the backward recomputes (config.model.remat)')
   ap.add_argument('--attention', default=None, choices=('auto', 'xla', 'cudnn', 'splash'),
@@ -708,7 +710,7 @@ def main(argv=None):
   if args.aot:
     dtype = args.dtype or 'bfloat16'
     try:
-      base = preset(args.preset or 'd16', dtype=dtype, scan_blocks=bool(args.scan), remat=args.remat,
+      base = preset(args.preset or 'd16', dtype=dtype, scan_blocks=args.scan != 0, remat=args.remat,
                     attention=args.attention or 'splash')
     except ValueError as e:
       raise SystemExit(f'error: --preset: {e}') from None
@@ -738,7 +740,8 @@ def main(argv=None):
     save()
     run_timed(depths, batches, sample_batches, args.masks, dtype, repeats, args.warmup, ch,
               results['matmul_peak']['peak_flops_per_s'], args.width, args.heads, kinds=args.kinds,
-              on_record=on_record, model=dict(scan_blocks=bool(args.scan), remat=args.remat,
+              on_record=on_record, model=dict(scan_blocks=bool(accel if args.scan is None else args.scan),
+                                              remat=args.remat,
                                               attention=args.attention or 'auto'))
   save()
   log(f'wrote {args.out}')

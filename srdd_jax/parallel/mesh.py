@@ -13,6 +13,11 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from srdd_jax.config import ConfigError
 
+if hasattr(jax, 'shard_map'):
+  _legacy_shard_map = None
+else:  # JAX before 0.7.
+  from jax.experimental.shard_map import shard_map as _legacy_shard_map  # pylint: disable=ungrouped-imports
+
 MESH_AXES = ('data', 'fsdp', 'tensor')
 
 # Logical axis -> mesh axes. Configs may override; these fit the tokenizer and the transformer.
@@ -170,7 +175,6 @@ def constrain(x, names: Sequence[str | None]):
 def shard_map(fn, mesh, in_specs, out_specs):
   """`jax.shard_map` without replication checks, on the JAX versions we support (older ones have it
   under jax.experimental with another keyword)."""
-  if hasattr(jax, 'shard_map'):
+  if _legacy_shard_map is None:
     return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
-  from jax.experimental.shard_map import shard_map as legacy  # pylint: disable=import-outside-toplevel
-  return legacy(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_rep=False)
+  return _legacy_shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_rep=False)

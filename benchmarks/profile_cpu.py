@@ -1,0 +1,123 @@
+"""Where a CPU train step spends its time: jax.profiler over 3 steps, XLA ops grouped by kind.
+
+  JAX_PLATFORMS=cpu python -m benchmarks.profile_cpu [--mask causal] [--scan 0] [--trace_dir /tmp/prof]
+
+The issue's CPU configuration (depth 6, width 384, 6 heads, 256-px scales, L = 680, vocabulary 4096,
+float32, batch 8). Each executed op of the Perfetto trace is put in a group by its optimized HLO
+(matmul: a dot or convolution inside; softmax: an exponential; gelu: a tanh; copy/transpose;
+broadcast-named fusions; reductions; slices; the rest), and the ten longest copies and broadcasts are
+listed with the JAX operation they come from.
+"""
+import argparse
+import collections
+import glob
+import gzip
+import json
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from srdd_jax.parallel.mesh import make_mesh
+from srdd_jax.tokenizer.api import Tokenizer, unbox
+from srdd_jax.tokenizer.vqvae import VQVAEConfig
+from srdd_jax.train.optimizer import OptimConfig
+from srdd_jax.train.step import Trainer
+from srdd_jax.transformer.config import VARConfig
+
+STEPS = 3
+
+
+def _computations(hlo: str) -> dict:
+  comps, cur = {}, None
+  for line in hlo.splitlines():
+    m = re.match(r'^(?:ENTRY )?%?([\w.\-]+) .*\{\s*$', line)
+    if m and not line.startswith(' '):
+      cur = m.group(1)
+      comps[cur] = []
+    elif cur:
+      comps[cur].append(line)
+  return comps
+
+
+def categories(hlo: str) -> dict:
+  """HLO instruction name -> (group, the JAX op_name it comes from)."""
+  comps, out = _computations(hlo), {}
+  for line in hlo.splitlines():
+    m = re.match(r'^\s+%?([\w.\-]+) = (\S+) (\w[\w\-]*)\(', line)
+    if not m:
+      continue
+    name, _, op = m.groups()
+    called = re.search(r'calls=%?([\w.\-]+)', line)
+    body = '\n'.join(comps.get(called.group(1), [])) if called else ''
+    meta = re.search(r'op_name="([^"]*)"', line)
+    if op in ('dot', 'convolution') or ' dot(' in body or 'convolution(' in body:
+      group = 'matmul'
+    elif op == 'exponential' or 'exponential(' in body:
+      group = 'softmax / exp'
+    elif 'tanh(' in body:
+      group = 'gelu'
+    elif op in ('copy', 'transpose') or 'copy' in name or 'transpose' in name:
+      group = 'copy / transpose'
+    elif 'broadcast' in name:
+      group = 'broadcast fusions'
+    elif op == 'reduce' or 'reduce(' in body:
+      group = 'reductions (norms, sums)'
+    elif any(s in name for s in ('slice', 'pad', 'concatenate')):
+      group = 'slice / pad / concat'
+    else:
+      group = 'other elementwise'
+    out[name] = (group, meta.group(1) if meta else '')
+  return out
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+  ap.add_argument('--mask', default='causal', choices=('causal', 'markov'))
+  ap.add_argument('--scan', type=int, default=0, choices=(0, 1))
+  ap.add_argument('--trace_dir', default='/tmp/srdd_profile')
+  args = ap.parse_args()
+  c = VARConfig(depth=6, width=384, num_heads=6, vocab_size=4096, z_channels=32, mask=args.mask,
+                scan_blocks=bool(args.scan), num_classes=1000)
+  vq = VQVAEConfig(vocab_size=4096, z_channels=32, ch=32)
+  vae = unbox(Tokenizer(vq).init(jax.random.PRNGKey(0)))
+  trainer = Trainer(c, vq, OptimConfig(total_steps=100), make_mesh((1, 1, 1), jax.devices()[:1]))
+  state = trainer.init(jax.random.PRNGKey(0))
+  batch = trainer.shard_batch({'labels': jnp.zeros((8,), jnp.int32),
+                               'ids': jnp.asarray(np.random.randint(0, 4096, (8, c.seq_len)), jnp.int32)})
+  step = trainer.make_step(vae).lower(state, batch).compile()
+  cats = categories(step.as_text())
+  for _ in range(2):
+    state, m = step(state, batch)
+  jax.block_until_ready(m)
+  with jax.profiler.trace(args.trace_dir, create_perfetto_trace=True):
+    for _ in range(STEPS):
+      state, m = step(state, batch)
+    jax.block_until_ready(m)
+  path = sorted(glob.glob(args.trace_dir + '/**/perfetto_trace.json.gz', recursive=True))[-1]
+  with gzip.open(path) as f:
+    events = json.load(f)
+  events = events['traceEvents'] if isinstance(events, dict) else events
+  ops = [e for e in events if e.get('ph') == 'X' and e.get('name') in cats]
+  wall = sum(e['dur'] for e in events if e.get('ph') == 'X' and e.get('name') == 'ThunkExecutor::Execute')
+  groups = collections.Counter()
+  for e in ops:
+    groups[cats[e['name']][0]] += e['dur']
+  total = sum(groups.values())
+  print(f'{args.mask}, scan {args.scan}: executor wall {wall / STEPS / 1e3:.0f} ms per step, ops '
+        f'{total / STEPS / 1e3:.0f} ms per step (ops of both threads summed)')
+  print('| group | ms per step | share |\n|---|---|---|')
+  for g, v in groups.most_common():
+    print(f'| {g} | {v / STEPS / 1e3:.0f} | {v / total:.1%} |')
+  top = collections.Counter()
+  for e in ops:
+    if cats[e['name']][0] in ('copy / transpose', 'broadcast fusions'):
+      top[e['name']] += e['dur']
+  print('\nlongest copies and broadcast fusions:')
+  for name, v in top.most_common(10):
+    print(f'  {v / STEPS / 1e3:6.0f} ms  {name}  <- {cats[name][1][-100:]}')
+
+
+if __name__ == '__main__':
+  main()

@@ -123,7 +123,7 @@ def _step_temporaries(mesh_shape):
   state = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
   vae = jax.eval_shape(lambda: unbox(Tokenizer(v).init(jax.random.PRNGKey(0))))
   batch = {'labels': jax.ShapeDtypeStruct((32,), jnp.int32), 'ids': jax.ShapeDtypeStruct((32, c.seq_len), jnp.int32)}
-  step = jax.jit(t._step, in_shardings=(shardings, pm.replicated(mesh), t.batch_sharding))  # pylint: disable=protected-access
+  step = jax.jit(t.step_fn(), in_shardings=(shardings, pm.replicated(mesh), t.batch_sharding))
   memory = step.lower(state, vae, batch).compile().memory_analysis()
   param_bytes = sum(a.size * 4 for a in jax.tree_util.tree_leaves(abstract.params))
   return memory.temp_size_in_bytes, param_bytes

@@ -10,13 +10,13 @@ never called FID). Any stage runs alone with its --mode and this config.
 """
 import ml_collections
 
-from srdd_jax.config import with_defaults
+from srdd_jax.config import parse_arg, with_defaults
 
 PATCH_NUMS = (1, 2, 3, 4, 6, 8)
 
 
 def get_config(arg=None):
-  del arg
+  a = parse_arg(arg, mask='markov')
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.data = ml_collections.ConfigDict(dict(
@@ -37,7 +37,7 @@ def get_config(arg=None):
                                               shard_size=10000))
   # --- transformer ---
   c.model = ml_collections.ConfigDict(dict(
-      preset='', depth=4, width=128, heads=4, num_classes=10, patch_nums=PATCH_NUMS, mask='markov',
+      preset='', depth=4, width=128, heads=4, num_classes=10, patch_nums=PATCH_NUMS, mask=a['mask'],
       dtype='bfloat16', cond_drop_rate=0.1, drop_path_rate=0.0, checkpoint='',
       scan=False))  # XLA:CPU runs unrolled blocks 15-20% faster than a scan (docs/PERFORMANCE.md).
   c.train = ml_collections.ConfigDict(dict(
@@ -48,9 +48,11 @@ def get_config(arg=None):
       base_lr=8e-3,  # Peak 1e-3 at batch 32 (VAR's rule: base_lr * batch / 256).
       weight_decay=0.05, weight_decay_end=-1.0, warmup_steps=50, final_fraction=0.1, clip_norm=2.0))
   # --- sampling and evaluation ---
+  # Guidance and masked resampling from the mask's protocol (SRDD's for markov, VAR's for causal);
+  # top-k is off: the 512-code vocabulary is smaller than VAR's 900.
   c.sampler = ml_collections.ConfigDict(dict(
-      cfg=5.0, cfg_schedule='linear', temperature=1.0, top_k=0, top_p=0.96, greedy=False,
-      mr_threshold=0.01, mr_iterations=10, mr_scales=''))
+      protocol='auto', cfg=-1.0, cfg_schedule='', temperature=1.0, top_k=0, top_p=0.96, greedy=False,
+      mr_threshold=-1.0, mr_iterations=-1, mr_scales=''))
   c.sample = ml_collections.ConfigDict(dict(classes='', num_per_class=100, batch_size=100))
   c.eval = ml_collections.ConfigDict(dict(metrics='proxy', proxy_examples=10000, samples=''))
   c.mesh = ml_collections.ConfigDict({'data': -1, 'fsdp': 1, 'tensor': 1})

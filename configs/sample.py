@@ -27,14 +27,17 @@ def get_config(arg=None):
   c.tokenizer = ml_collections.ConfigDict()
   c.tokenizer.checkpoint = ''  # Directory written by `convert_var --vae`.
   c.sampler = ml_collections.ConfigDict()
-  c.sampler.cfg = 1.5  # VAR's evaluation setting; SRDD's best is 5.0.
-  c.sampler.cfg_schedule = 'linear'  # 'linear', 'constant' or comma-separated per-scale values.
+  # The checkpoint's method decides the protocol: VAR's (cfg 1.5 linear, no resampling) for a causal
+  # model, SRDD's (cfg 5.0 linear, resampling 0.01 x 10) for a markov one. Set any value to override it.
+  c.sampler.protocol = 'auto'  # auto | var | srdd
+  c.sampler.cfg = -1.0  # -1 = the protocol's.
+  c.sampler.cfg_schedule = ''  # 'linear', 'constant' or comma-separated per-scale values; '' = the protocol's.
   c.sampler.temperature = 1.0
   c.sampler.top_k = 900
   c.sampler.top_p = 0.96
   c.sampler.greedy = False
-  c.sampler.mr_threshold = 0.0  # Masked Resampling (redraw): e.g. 0.01 with 5-25 iterations.
-  c.sampler.mr_iterations = 0
+  c.sampler.mr_threshold = -1.0  # Masked Resampling (redraw); -1 = the protocol's.
+  c.sampler.mr_iterations = -1  # 0 = off; -1 = the protocol's.
   c.sampler.mr_scales = ''  # '' = all scales, or comma-separated 0/1 per scale.
   c.sample = ml_collections.ConfigDict()
   c.sample.classes = ''  # '' = every class, or comma-separated class ids.

@@ -119,10 +119,15 @@ DEFAULTS: dict = {
         warmup_steps=-1,  # -1 = VAR's: a fiftieth of training.
         final_fraction=0.1, clip_norm=2.0),
     'sampler': dict(
-        cfg=5.0,
-        cfg_schedule='linear',  # 'linear', 'constant' or comma-separated per-scale values.
+        # auto | var | srdd: where the four values below come from when they are left unset (-1 or '').
+        # auto = the model's method: VAR's evaluation protocol for the causal mask (cfg 1.5 linear, no
+        # masked resampling), SRDD's for markov (cfg 5.0 linear, resampling 0.01 x 10); see
+        # diffusion/filtering.PROTOCOLS. A value set here (or on the command line) always wins.
+        protocol='auto',
+        cfg=-1.0,
+        cfg_schedule='',  # 'linear', 'constant' or comma-separated per-scale values.
         temperature=1.0, top_k=900, top_p=0.96, greedy=False,
-        mr_threshold=0.01, mr_iterations=10,  # Masked resampling (redraw); 0 iterations = off.
+        mr_threshold=-1.0, mr_iterations=-1,  # Masked resampling (redraw); 0 iterations = off.
         mr_scales=''),  # '' = every scale, or comma-separated 0/1 per scale.
     'sample': dict(
         classes='',  # '' = every class (grids during training: the first 10), or comma-separated ids.

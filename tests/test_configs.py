@@ -7,6 +7,7 @@ import pytest
 
 from srdd_jax import config as recipe
 from srdd_jax.config import ConfigError
+from srdd_jax.diffusion.generate import sampler_config
 from srdd_jax.modes import train as train_mode
 
 REAL = ('ffhq', 'afhq', 'sun397', 'miniimagenet', 'imagenet')
@@ -32,12 +33,42 @@ def test_recipe_and_sampler_settings(name):
   c = _config(name)
   assert c.model.preset == 'd16' and c.model.mask == 'markov' and c.model.num_classes == CLASSES[name]
   assert (c.train.global_batch, c.train.epochs, c.optim.base_lr, c.optim.final_fraction) == (768, 200, 1e-4, 0.1)
-  assert (c.sampler.cfg, c.sampler.mr_threshold, c.sampler.mr_iterations) == (5.0, 0.01, 10)
+  assert c.sampler.protocol == 'auto'  # Each mask samples with its method's protocol (test below).
   assert tuple(c.model.patch_nums) == (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
   assert dict(c.mesh) == {'data': -1, 'fsdp': 8, 'tensor': 1}
   b = _config(name, 'd30,causal')
   assert (b.model.preset, b.model.mask, b.train.global_batch, b.train.epochs) == ('d30', 'causal', 1024, 350)
   assert (b.optim.base_lr, b.optim.final_fraction, b.optim.weight_decay_end) == (8e-5, 0.01, 0.08)
+
+
+# VAR's evaluation protocol for the causal baseline, SRDD's best settings for the markov model:
+# (cfg, schedule, top-k, top-p, MR threshold, MR iterations).
+VAR_PROTOCOL = (1.5, 'linear', 900, 0.96, 0.0, 0)
+SRDD_PROTOCOL = (5.0, 'linear', 900, 0.96, 0.01, 10)
+
+
+def _protocol(sc):
+  return (sc.cfg, sc.cfg_schedule, sc.top_k, sc.top_p, sc.mr_threshold, sc.mr_iterations)
+
+
+@pytest.mark.parametrize('name', REAL + ('fashion_mnist', 'sample'))
+def test_each_mask_samples_with_its_methods_protocol(name):
+  for mask, want in (('causal', VAR_PROTOCOL), ('markov', SRDD_PROTOCOL)):
+    c = _config(name, mask if name != 'sample' else None)
+    got = _protocol(sampler_config(c.sampler, mask))
+    if name == 'fashion_mnist':  # top-k off: its 512-code vocabulary is below VAR's 900.
+      want = want[:2] + (0,) + want[3:]
+    assert got == want, (name, mask)
+  # A value the user sets wins over the protocol; a named protocol wins over the mask's.
+  c = _config(name, 'causal' if name != 'sample' else None)
+  c.sampler.cfg, c.sampler.mr_iterations = 3.0, 5
+  sc = sampler_config(c.sampler, 'causal')
+  assert (sc.cfg, sc.mr_iterations, sc.mr_threshold) == (3.0, 5, 0.0)
+  c.sampler.protocol = 'srdd'
+  assert sampler_config(c.sampler, 'causal').mr_threshold == 0.01
+  c.sampler.protocol = 'vra'
+  with pytest.raises(ConfigError, match=r"config.sampler.protocol='vra'"):
+    sampler_config(c.sampler, 'causal')
 
 
 def test_config_arguments_are_checked():
@@ -107,7 +138,7 @@ def test_unknown_sections_moved_keys_and_defaults():
     recipe.with_defaults({'tokenizer': {'patch_nums': (1, 2)}})
   c = recipe.with_defaults({'train': {'steps': 7}})
   assert c.train.steps == 7 and c.train.global_batch == recipe.DEFAULTS['train']['global_batch']
-  assert c.sampler.cfg == recipe.DEFAULTS['sampler']['cfg'] and tuple(c.model.patch_nums) == recipe.PATCH_NUMS_256
+  assert c.sampler.protocol == recipe.DEFAULTS['sampler']['protocol'] and tuple(c.model.patch_nums) == recipe.PATCH_NUMS_256
   assert recipe.with_defaults(c).to_dict() == c.to_dict()  # Idempotent: every runner may apply it.
   assert recipe.DEFAULTS['train']['steps'] == 0  # The defaults themselves were not changed by a merge.
 

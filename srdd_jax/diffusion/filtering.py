@@ -63,6 +63,16 @@ class SamplerConfig:
     return self.mr_scales[si]
 
 
+# Sampling protocols (SPEC §4-§5): the guidance and masked resampling a run samples with unless its
+# config sets the value itself. A fair comparison samples each mask with its own method's protocol:
+# VAR's evaluation settings for the causal baseline, SRDD's best settings for the markov model.
+PROTOCOLS = {
+    'var': dict(cfg=1.5, cfg_schedule='linear', mr_threshold=0.0, mr_iterations=0),
+    'srdd': dict(cfg=5.0, cfg_schedule='linear', mr_threshold=0.01, mr_iterations=10),
+}
+PROTOCOL_OF_MASK = {'causal': 'var', 'markov': 'srdd'}
+
+
 def guide(cond_logits, uncond_logits, t: float):
   """Classifier-free guidance (1 + t) * cond - t * uncond."""
   return (1.0 + t) * cond_logits - t * uncond_logits

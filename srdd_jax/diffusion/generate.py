@@ -12,22 +12,41 @@ from jax.sharding import NamedSharding, PartitionSpec
 from srdd_jax.config import ConfigError, floats, ints
 from srdd_jax.convert.loading import load_models
 from srdd_jax.data.images import to_uint8
-from srdd_jax.diffusion.filtering import SamplerConfig
+from srdd_jax.diffusion.filtering import PROTOCOL_OF_MASK, PROTOCOLS, SamplerConfig
 from srdd_jax.diffusion.sampler import Sampler, batch_rng
 from srdd_jax.parallel import mesh as pm
 from srdd_jax.parallel import multihost
 from srdd_jax.parallel.compile import jit_inference
 
 
-def sampler_config(c) -> SamplerConfig:
-  """config.sampler as a SamplerConfig; errors name the key."""
-  sched = c.cfg_schedule
+def protocol_values(c, mask: str) -> dict:
+  """The guidance and masked-resampling values of config.sampler `c` for a model with `mask`: those the
+  config sets, the rest from its protocol ('auto': VAR's for the causal mask, SRDD's for markov)."""
+  name = c.get('protocol', 'auto')
+  if name == 'auto':
+    if mask not in PROTOCOL_OF_MASK:
+      raise ConfigError(f'config.sampler.protocol=auto needs the model mask (markov or causal), got {mask!r}')
+    name = PROTOCOL_OF_MASK[mask]
+  if name not in PROTOCOLS:
+    raise ConfigError(f'config.sampler.protocol={name!r}: use auto, {", ".join(sorted(PROTOCOLS))}')
+  p = PROTOCOLS[name]
+  unset = {'cfg': float(c.cfg) < 0, 'cfg_schedule': c.cfg_schedule == '',
+           'mr_threshold': float(c.mr_threshold) < 0, 'mr_iterations': int(c.mr_iterations) < 0}
+  out = {k: (p[k] if unset[k] else c[k]) for k in unset}
+  out['protocol'] = name
+  return out
+
+
+def sampler_config(c, mask: str) -> SamplerConfig:
+  """config.sampler as a SamplerConfig for a model with `mask`; errors name the key."""
+  v = protocol_values(c, mask)
+  sched = v['cfg_schedule']
   if isinstance(sched, str) and sched not in ('linear', 'constant'):
     sched = floats(sched, 'config.sampler.cfg_schedule')
   try:
-    return SamplerConfig(cfg=float(c.cfg), cfg_schedule=sched, temperature=float(c.temperature),
+    return SamplerConfig(cfg=float(v['cfg']), cfg_schedule=sched, temperature=float(c.temperature),
                          top_k=int(c.top_k), top_p=float(c.top_p), greedy=bool(c.greedy),
-                         mr_threshold=float(c.mr_threshold), mr_iterations=int(c.mr_iterations),
+                         mr_threshold=float(v['mr_threshold']), mr_iterations=int(v['mr_iterations']),
                          mr_scales=tuple(bool(x) for x in ints(c.mr_scales, 'config.sampler.mr_scales')) or None)
   except ValueError as e:
     raise ConfigError(f'config.sampler: {e}') from e
@@ -38,7 +57,7 @@ def sampler_from_config(config):
   var_config, var_params, vq, vae_params = load_models(config)
   mesh = pm.mesh_from_config(config)
   try:
-    sampler = Sampler(var_config, vq, sampler_config(config.sampler), mesh=mesh)
+    sampler = Sampler(var_config, vq, sampler_config(config.sampler, var_config.mask), mesh=mesh)
   except ValueError as e:
     raise ConfigError(f'config.model / config.tokenizer do not fit together: {e}') from e
   rep = pm.replicated(mesh)

@@ -88,7 +88,7 @@ class SampleGrids:
 
   def __init__(self, config, var_config, vq, mesh, workdir):
     try:
-      self.sampler = Sampler(var_config, vq, sampler_config(config.sampler), mesh=mesh)
+      self.sampler = Sampler(var_config, vq, sampler_config(config.sampler, var_config.mask), mesh=mesh)
     except ValueError as e:
       raise ConfigError(f'config.sampler: {e}') from e
     nc = var_config.num_classes

@@ -111,8 +111,11 @@ DEFAULTS: dict = {
         global_batch=768, epochs=0.0, steps=0,  # steps > 0 wins; else epochs * examples / batch.
         accum_steps=1, ema_decay=0.0, log_every=100, checkpoint_every=1000, keep_checkpoints=3,
         sample_every=0,  # Steps between sample grids (0 = never); samples/step_<n>.png + TensorBoard.
-        progressive_start_scales=0,  # > 0: train the first n scales first, growing to all ...
-        progressive_steps=0),  # ... linearly over this many steps.
+        # VAR's progressive training (train/progressive.py): > 0 trains the first n scales during the
+        # learning-rate warm-up, then one more scale at a time (the sequence cut after the newest) ...
+        progressive_start_scales=0,
+        progressive_steps=0,  # ... until this step, from which every scale is trained (VAR: pg * steps);
+        progressive_warmup_steps=-1),  # the newest scale's loss weight ramps from 0.01 over these; -1 = VAR's steps/300.
     'optim': dict(
         base_lr=1e-4,  # Per 256 examples: peak LR = base_lr * global_batch / 256.
         weight_decay=0.05, weight_decay_end=-1.0,

@@ -119,21 +119,54 @@ def test_ema_tracks_the_parameters(setup):
   assert not np.allclose(ema[('head', 'kernel')], flat[3][('head', 'kernel')])
 
 
-def test_progressive_growth_counts_only_the_active_scales():
-  optim = OptimConfig(total_steps=10)
-  t = Trainer(VAR_CFG, VAE_CFG, optim, pm.make_mesh((1, 1, 1), devices=jax.devices()[:1]), progressive=(2, 4))
-  assert [int(t.active_scales(s)) for s in (0, 1, 2, 3, 4, 9)] == [2, 2, 3, 3, 4, 4]
-  assert int(Trainer(VAR_CFG, VAE_CFG, optim, t.mesh).active_scales(0)) == 4
-  with pytest.raises(ValueError, match=r'progressive=\(5, 4\)'):
-    Trainer(VAR_CFG, VAE_CFG, optim, t.mesh, progressive=(5, 4))
+def test_progressive_training_is_vars():
+  """Stage, loss weights and newest-scale warm-up against a NumPy transcription of VAR's train.py and
+  trainer.py, iteration by iteration: start with 1 scale during a 3-step LR warm-up, every scale from
+  step 12 (pg 0.6 of 20), a 4-step ramp."""
+  from srdd_jax.train.progressive import Progressive, newest_weight
   from srdd_jax.transformer.loss import cross_entropy_metrics
+  from tests.var_numpy import VarProgressiveTrainer
+  var = VarProgressiveTrainer(PN, pg=0.6, pg0=0, wp_it=3, max_it=20, pgwp_it=4)
+  prog = Progressive(start_scales=1, full_step=12, warmup_steps=3, ramp_steps=4, num_scales=len(PN))
   rng = np.random.default_rng(3)
-  logits = rng.standard_normal((3, VAR_CFG.seq_len, 64)).astype(np.float32)
-  ids = rng.integers(0, 64, (3, VAR_CFG.seq_len))
-  logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
-  nll = -np.take_along_axis(logp, ids[..., None], -1)[..., 0]
-  for active, n_tok in ((1, 1), (2, 5), (3, 14), (4, 30)):
-    loss, m = cross_entropy_metrics(logits, ids, VAR_CFG, active)
-    np.testing.assert_allclose(float(loss), nll[:, :n_tok].mean(), rtol=1e-5)
-    np.testing.assert_allclose(m['accuracy'], (logits.argmax(-1) == ids)[:, :n_tok].mean(), rtol=1e-6)
-    np.testing.assert_allclose(m['last_scale_loss'], nll[:, 14:].mean(), rtol=1e-5)
+  L, V = VAR_CFG.seq_len, 64
+  seen = []
+  for step in range(20):
+    logits = rng.standard_normal((3, L, V)).astype(np.float32)
+    ids = rng.integers(0, V, (3, L))
+    logp = logits.astype(np.float64) - np.log(np.exp(logits.astype(np.float64)).sum(-1, keepdims=True))
+    nll = -np.take_along_axis(logp, ids[..., None], -1)[..., 0]
+    want, n_tok, _ = var.loss(step, nll)
+    stage = prog.stage(step)
+    n = sum(p * p for p in PN[:stage[0]])
+    assert n == n_tok, step
+    w = newest_weight(stage, np.int32(step))
+    loss, m = cross_entropy_metrics(logits[:, :n], ids, VAR_CFG, w)
+    np.testing.assert_allclose(float(loss), want, rtol=1e-5, err_msg=f'step {step}')
+    np.testing.assert_allclose(m['accuracy'], (logits.argmax(-1) == ids)[:, :n].mean(), rtol=1e-6)
+    assert float(m['last_scale_loss']) == (-1.0 if n < L else pytest.approx(nll[:, 14:].mean(), rel=1e-5))
+    seen.append((stage[0], round(float(w), 4)))
+  # The run goes through every stage, and the middle stages' newest scale ramps up from 0.25 (1/4).
+  assert [a for a, _ in seen] == [1] * 5 + [2] * 3 + [3] * 3 + [4] * 9
+  assert seen[:5] == [(1, 1.0)] * 5 and seen[11:] == [(4, 1.0)] * 9  # First and last stage: no ramp.
+  assert seen[5:11] == [(2, 0.25), (2, 0.5), (2, 0.75), (3, 0.25), (3, 0.5), (3, 0.75)]
+  with pytest.raises(ValueError, match='full_step=3 must come after'):
+    Progressive(start_scales=1, full_step=3, warmup_steps=3, ramp_steps=4, num_scales=4)
+
+
+@pytest.mark.parametrize('mask', ['causal', 'markov'])
+def test_progressive_stage_computes_only_its_scales(mask):
+  """The cut sequence gives exactly the first logits of the whole one (finer scales never reach
+  coarser ones), so a stage's program is the shorter model's."""
+  from srdd_jax.transformer.model import VAR
+  c = dataclasses.replace(VAR_CFG, mask=mask, dtype='float32')
+  rng = np.random.default_rng(0)
+  labels = np.asarray([1, 2], np.int32)
+  x_in = rng.standard_normal((2, c.seq_len - 1, c.z_channels)).astype(np.float32)
+  model = VAR(c)
+  params = model.init(jax.random.PRNGKey(0), labels, x_in)['params']
+  full = model.apply({'params': params}, labels, x_in)
+  for n, tokens in ((1, 1), (2, 5), (3, 14)):
+    part = model.apply({'params': params}, labels, x_in, num_scales=n)
+    assert part.shape == (2, tokens, c.vocab_size)
+    np.testing.assert_allclose(part, full[:, :tokens], rtol=1e-5, atol=1e-5)

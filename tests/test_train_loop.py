@@ -96,10 +96,12 @@ def test_unreadable_checkpoint_is_skipped_and_kept(tmp_path):
 
 
 def test_epochs_and_progressive_growth(tmp_path):
-  c = _config(steps=0, epochs=0.5, progressive_start_scales=2, progressive_steps=1)  # 64 examples, batch 16.
+  # 64 examples, batch 16: 4 steps; 2 of the 4 scales during the 2-step LR warm-up (steps 0-2), all from 3.
+  c = _config(steps=0, epochs=1.0, progressive_start_scales=2, progressive_steps=3)
   s = train_mode.run(c, str(tmp_path))
   recs = [json.loads(line) for line in open(tmp_path / 'metrics.jsonl')]
-  assert s['end_step'] == 2 and [r['active_scales'] for r in recs] == [2, 4]
+  assert s['end_step'] == 4 and [r['active_scales'] for r in recs] == [2, 2, 2, 4]
+  assert [r['last_scale_loss'] for r in recs[:3]] == [-1.0] * 3 and recs[3]['last_scale_loss'] > 0
   # Utilisation against the device's peak (here a matmul measured on the CPU) in every log record.
   assert all(0 < r['mfu'] < 1 and r['tokens_per_s'] > 0 for r in recs)
 

@@ -69,3 +69,49 @@ def var_forward(sd, labels, x_in, *, depth, heads, patch_nums, mask, attn_l2_nor
   mods = _linear(_silu(cond), sd, 'head_nm.ada_lin.1').reshape(b, 1, 2, c)
   h = _ln(x, eps) * (1 + mods[:, :, 0]) + mods[:, :, 1]
   return _linear(h, sd, 'head')
+
+
+class VarProgressiveTrainer:
+  """VAR's progressive training as its train.py and trainer.py run it, one call per iteration: the
+  stage of g_it (train.py), the trainer's stage counters and warm-up (trainer.py, stateful), and the
+  loss with per-token weights 1/L. Returns the loss of `nll` (B, L) float64 at that iteration."""
+
+  def __init__(self, patch_nums, pg, pg0, wp_it, max_it, pgwp_it):
+    self.patch_nums, self.pg, self.pg0 = tuple(patch_nums), pg, pg0
+    self.wp_it, self.max_it, self.pgwp_it = wp_it, max_it, pgwp_it
+    self.L = sum(p * p for p in patch_nums)
+    self.begin_ends, cur = [], 0
+    for p in patch_nums:
+      self.begin_ends.append((cur, cur + p * p))
+      cur += p * p
+    self.prog_it, self.last_prog_si, self.first_prog = 0, -1, True
+
+  def prog_si(self, g_it):
+    if g_it <= self.wp_it:
+      return self.pg0
+    if g_it >= self.max_it * self.pg:
+      return len(self.patch_nums) - 1
+    delta = len(self.patch_nums) - 1 - self.pg0
+    progress = min(max((g_it - self.wp_it) / (self.max_it * self.pg - self.wp_it), 0), 1)
+    return self.pg0 + round(progress * delta)
+
+  def loss(self, g_it, nll):
+    prog_si = self.prog_si(g_it)
+    if self.last_prog_si != prog_si:
+      if self.last_prog_si != -1:
+        self.first_prog = False
+      self.last_prog_si = prog_si
+      self.prog_it = 0
+    self.prog_it += 1
+    prog_wp = max(min(self.prog_it / self.pgwp_it, 1), 0.01)
+    if self.first_prog:
+      prog_wp = 1
+    if prog_si == len(self.patch_nums) - 1:
+      prog_si = -1
+    lw = np.ones((1, self.L)) / self.L
+    if prog_si >= 0:
+      bg, ed = self.begin_ends[prog_si]
+      nll = nll[:, :ed]
+      lw = lw[:, :ed].copy()
+      lw[:, bg:ed] *= min(max(prog_wp, 0), 1)
+    return float((nll * lw).sum(-1).mean()), nll.shape[1], prog_wp

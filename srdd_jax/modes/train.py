@@ -6,6 +6,7 @@ evaluation and WORKDIR/export/step_<n> as the export.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import time
@@ -28,6 +29,7 @@ from srdd_jax.parallel.compile import (compiled_stats, jit_inference, measured_m
 from srdd_jax.train import driver
 from srdd_jax.train.export import export_transformer
 from srdd_jax.train.optimizer import OptimConfig, peak_lr_for
+from srdd_jax.train.progressive import Progressive
 from srdd_jax.train.step import Trainer
 from srdd_jax.transformer.config import var_config as build_var_config
 from srdd_jax.transformer.flops import train_step_flops
@@ -142,8 +144,15 @@ class TransformerTask(driver.Task):
                         weight_decay_end=o.weight_decay_end, warmup_steps=warmup, total_steps=total,
                         final_fraction=o.final_fraction, clip_norm=o.clip_norm)
     progressive = None
-    if int(t.progressive_start_scales) > 0:
-      progressive = (int(t.progressive_start_scales), int(t.progressive_steps))
+    try:
+      if int(t.progressive_start_scales) > 0:
+        ramp = int(t.progressive_warmup_steps)
+        # VAR's default ramp: pgwp = epochs / 300, i.e. a 300th of training.
+        progressive = Progressive(int(t.progressive_start_scales), int(t.progressive_steps), warmup,
+                                  ramp if ramp > 0 else max(total // 300, 1), var_config.num_scales)
+    except ValueError as e:
+      raise ConfigError(f'config.train.progressive_start_scales/progressive_steps/progressive_warmup_steps '
+                        f'(with the learning-rate warm-up of {warmup} steps): {e}') from e
     try:
       self.trainer = Trainer(var_config, vq, optim, mesh, rules=pm.rules_from_config(config),
                              accum_steps=int(t.accum_steps), ema_decay=float(t.ema_decay), seed=int(config.seed),
@@ -169,8 +178,9 @@ class TransformerTask(driver.Task):
     return self.trainer.init(jax.random.PRNGKey(self.seed))
 
   def begin(self, start_step):
-    self.step_fn = self.trainer.make_step(self.vae_params)
-    self.compiled = None
+    # One program per progressive stage (the sequence length differs), compiled when first needed.
+    self.compiled, self.flops_of = {}, {}
+    self.host_step = start_step
     self.vae_replicated = jax.device_put(self.vae_params, pm.replicated(self.trainer.mesh))
     self.batches = self.data.iterator(self.seed, start_step, self.global_batch,
                                       self.trainer.local_rows(self.global_batch))
@@ -178,17 +188,26 @@ class TransformerTask(driver.Task):
   def step(self, state):
     x, labels = next(self.batches)
     batch = self.trainer.assemble_batch({'labels': labels, self.data.yields: x}, self.global_batch)
-    if self.compiled is None:
-      self.compiled = self._compile(state, batch)
-    return self.compiled(state, batch)
+    stage = self.trainer.stage(self.host_step)
+    if stage not in self.compiled:
+      self.compiled[stage] = self._compile(state, batch, stage)
+    self.step_flops = self.flops_of[stage]
+    self.host_step += 1
+    return self.compiled[stage](state, batch)
 
-  def _compile(self, state, batch):
-    """Compiles the step once, ahead of the first call, and logs what it costs: per-device memory from
-    XLA, the step's useful FLOPs and the peak that MFU is measured against."""
+  def _compile(self, state, batch, stage):
+    """Compiles the step of `stage` ahead of its first call and logs what it costs: per-device memory
+    from XLA, the step's useful FLOPs and the peak that MFU is measured against."""
     t = time.perf_counter()
-    compiled = self.step_fn.lower(state, batch).compile()
+    compiled = self.trainer.make_step(self.vae_params, stage).lower(state, batch).compile()
     stats = compiled_stats(compiled)
-    self.step_flops = train_step_flops(self.var_config, self.global_batch)
+    c = self.var_config
+    if stage is not None:  # The scales this stage computes.
+      c = dataclasses.replace(c, patch_nums=c.patch_nums[:stage[0]])
+      logging.info('progressive stage: %d of %d scales (%d tokens)%s', stage[0], self.var_config.num_scales,
+                   c.seq_len, f', newest scale weight ramped over {stage[2]} steps' if stage[2] else '')
+    self.flops_of[stage] = train_step_flops(c, self.global_batch)
+    self.step_flops = self.flops_of[stage]
     peak = nominal_peak_flops(jax.devices()[0])
     source = 'datasheet'
     if peak is None:  # CPUs and unknown chips: what XLA's matmul reaches on this device.

@@ -12,31 +12,42 @@ import numpy as np
 from srdd_jax.transformer.config import VARConfig
 
 
-def cross_entropy_metrics(logits, targets, config: VARConfig, active_scales=None):
-  """logits (B, L, V), targets (B, L) int -> (mean loss, metrics dict of scalars).
+def cross_entropy_metrics(logits, targets, config: VARConfig, newest_weight=None):
+  """logits (B, l, V), targets (B, L) int -> (loss, metrics dict of scalars).
 
-  `active_scales` (a traced int, for progressive growth): only the tokens of the first that many scales
-  count in the loss and the accuracy; the last-scale metrics are always those of the final scale.
+  VAR's loss: every token weighs 1/L, so with all L tokens it is the mean cross-entropy. With fewer
+  (l < L: progressive training, the sequence cut after its newest scale) the weights stay 1/L, not
+  renormalised over the l tokens, and the newest scale's are multiplied by `newest_weight` (VAR's
+  prog_wp, may be traced); accuracy is over the l tokens, and the last-scale metrics are -1, as VAR
+  logs them, until the last scale is trained.
   """
   logits = logits.astype(jnp.float32)
+  l = logits.shape[1]
+  targets = targets[:, :l]
   # logsumexp minus the target's logit, picked by a comparison with an iota rather than a gather: the
   # same values, and a backward that is one fused elementwise pass (softmax - one-hot) instead of a
   # scatter into a zero-filled (B, L, V) array.
   hit = jnp.arange(logits.shape[-1]) == targets[..., None].astype(jnp.int32)
   nll = jax.nn.logsumexp(logits, axis=-1) - jnp.sum(jnp.where(hit, logits, 0.0), axis=-1)
   correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
-  b, e = config.begin_ends[-1]
-  if active_scales is None:
-    loss, accuracy = jnp.mean(nll), jnp.mean(correct)
+  accuracy = jnp.mean(correct)
+  if l == config.seq_len:
+    b, e = config.begin_ends[-1]
+    loss = jnp.mean(nll)
+    last_loss, last_acc = jnp.mean(nll[:, b:e]), jnp.mean(correct[:, b:e])
   else:
-    scale_of_token = np.repeat(np.arange(config.num_scales), [pn * pn for pn in config.patch_nums])
-    w = (jnp.asarray(scale_of_token) < active_scales).astype(jnp.float32)[None]
-    denom = jnp.sum(w) * nll.shape[0]
-    loss, accuracy = jnp.sum(nll * w) / denom, jnp.sum(correct * w) / denom
+    ends = [e for _, e in config.begin_ends]
+    if l not in ends:
+      raise ValueError(f'{l} logits do not end at a scale boundary {ends}')
+    newest_begin = config.begin_ends[ends.index(l)][0]
+    newest = jnp.asarray(np.arange(l) >= newest_begin)
+    w = jnp.where(newest, 1.0 if newest_weight is None else newest_weight, 1.0) / config.seq_len
+    loss = jnp.mean(jnp.sum(nll * w, axis=-1))
+    last_loss = last_acc = jnp.float32(-1.0)
   metrics = {
       'loss': loss,
       'accuracy': accuracy,
-      'last_scale_loss': jnp.mean(nll[:, b:e]),
-      'last_scale_accuracy': jnp.mean(correct[:, b:e]),
+      'last_scale_loss': last_loss,
+      'last_scale_accuracy': last_acc,
   }
   return loss, metrics

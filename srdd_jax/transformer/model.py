@@ -130,7 +130,9 @@ class SelfAttention(nn.Module):
     elif mask_kind == 'markov' and begin_ends is not None and len(begin_ends) == 1:  # One scale alone.
       o = attention.attend(q, k, v, scale=scale, dtype=dt, impl=c.attention)
     else:
-      o = attention.sequence_attention(q, k, v, scale=scale, patch_nums=c.patch_nums, mask=mask_kind,
+      # The scales present: all of them, or the first few when progressive training cuts the sequence.
+      pn = c.patch_nums if begin_ends is None else c.patch_nums[:len(begin_ends)]
+      o = attention.sequence_attention(q, k, v, scale=scale, patch_nums=pn, mask=mask_kind,
                                        dtype=dt, impl=c.attention)
     o = o.reshape(b, l, width)
     o = Dense(width, ('heads', 'embed'), trunc_normal(c.std, 1 / math.sqrt(2 * c.depth)), dtype=dt,
@@ -366,9 +368,12 @@ class VAR(nn.Module):
 
   # --- the training forward ---------------------------------------------------------------------
 
-  def __call__(self, labels, x_in, train: bool = False):
-    """labels (B,) int, x_in (B, L-1, Cvae) -> logits (B, L, V) float32."""
+  def __call__(self, labels, x_in, train: bool = False, num_scales: int | None = None):
+    """labels (B,) int, x_in (B, L-1, Cvae) -> logits (B, L, V) float32; with `num_scales` (static) only
+    the first that many scales are computed (B, l, V): finer scales never reach coarser ones under
+    either mask, so these are the first l logits of the whole sequence, at a fraction of the cost."""
     c = self.config
+    begin_ends = c.begin_ends if num_scales is None else c.begin_ends[:num_scales]
     if train and c.cond_drop_rate > 0:
       drop = jax.random.uniform(self.make_rng('dropout'), labels.shape) < c.cond_drop_rate
       labels = jnp.where(drop, c.num_classes, labels)
@@ -376,6 +381,6 @@ class VAR(nn.Module):
     x = jnp.concatenate(
         [self.embed_scale(cond, None, 0)] +
         [self.embed_scale(cond, x_in[:, b - c.first_l:e - c.first_l], si)
-         for si, (b, e) in enumerate(c.begin_ends) if si > 0], axis=1)
-    x = self.run_blocks(x, cond, train, c.mask, begin_ends=c.begin_ends)
+         for si, (b, e) in enumerate(begin_ends) if si > 0], axis=1)
+    x = self.run_blocks(x, cond, train, c.mask, begin_ends=begin_ends)
     return self.logits(x, cond)

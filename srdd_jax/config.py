@@ -66,6 +66,9 @@ DEFAULTS: dict = {
         usage_ema_decay=0.99,  # EMA of per-scale code frequencies (logged and used for restarts).
         dead_code_restart_every=1000,  # Steps between restarts (at K, 2K, ...); 0 = never.
         dead_code_threshold=0.05,  # Dead: overall EMA share < threshold / vocab_size.
+        # Dead codes restart on 'residuals' (the vectors the scales quantize, each scale weighted by its
+        # positions) or 'features' (raw encoder outputs, the earlier choice).
+        restart_from='residuals',
         log_every=100,
         eval_every=1000,  # Held-out PSNR every this many steps (and at the start and the end); 0 = never.
         eval_examples=256,

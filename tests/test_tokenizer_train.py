@@ -95,7 +95,7 @@ def _quantize_train(params, f, beta):
 @jax.jit
 def _vq_and_grads(params, f):
   beta = 0.25
-  f_hat_st, loss, hits = _quantize_train(params, f, beta)
+  f_hat_st, loss, hits, _ = _quantize_train(params, f, beta)
   g_f = jax.grad(lambda f: _quantize_train(params, f, beta)[1])(f)
   g_e = [jax.grad(lambda p, b=b: _quantize_train(p, f, b)[1])(params)['quantize']['embedding']['embedding']
          for b in (beta, 0.0)]
@@ -165,6 +165,14 @@ def test_usage_statistics_and_dead_codes_by_hand():
   np.testing.assert_array_equal(code_restart.dead_codes(ema, (1, 2), 0.9), [False, False, True, True])
 
 
+def test_held_out_code_usage_by_hand():
+  from srdd_jax.train.tokenizer_eval import code_usage
+  hits = np.array([[4, 0, 0, 0], [1, 1, 2, 0]])  # 2 scales, 4 codes; code 3 never chosen.
+  u = code_usage(hits)
+  assert (u['eval_usage_s0'], u['eval_usage_s1'], u['eval_dead_codes']) == (0.25, 0.75, 1)
+  np.testing.assert_allclose([u['eval_perplexity_s0'], u['eval_perplexity_s1']], [1.0, 2 ** 1.5], rtol=1e-12)
+
+
 def test_restart_moves_exactly_the_dead_codes_onto_distinct_features():
   codebook = jnp.arange(12.0).reshape(6, 2)
   dead = jnp.array([False, True, False, True, True, False])
@@ -188,6 +196,9 @@ def test_training_lowers_the_losses_and_raises_held_out_psnr(straight):
   assert [s for s, _ in evals] == [0, 4, 8]
   assert (summary['eval_psnr_start'], summary['eval_psnr_end']) == (evals[0][1], evals[-1][1])
   assert evals[-1][1] > evals[0][1] + 1.0  # dB.
+  last = [r for r in _records(root) if 'eval_psnr' in r][-1]  # Codebook use over the held-out set.
+  assert all(0 < last[f'eval_usage_s{k}'] <= 1 for k in range(4)) and 0 <= last['eval_dead_codes'] < 64
+  assert summary['eval_dead_codes_end'] == last['eval_dead_codes']
   for k in range(4):  # Per-scale statistics are logged every step.
     assert 0 < recs[-1][f'usage_s{k}'] <= 1 and 1 <= recs[-1][f'perplexity_s{k}'] <= 64
   assert 'usage_s4' not in recs[-1]
@@ -239,13 +250,19 @@ def test_step_restarts_exactly_the_unused_codes(straight):
                         usage_ema=jnp.asarray(ema))
   state = jax.device_put(state, trainer.abstract_state()[1])  # As the loop holds it: no recompilation.
   f = jax.jit(Tokenizer(vq).encode)(params, jnp.asarray(images))
+  # The vectors the scales quantize: every scale's area-pooled residual, one row per token.
+  _, _, _, quantized = jax.jit(lambda p, f: VQVAE(vq).apply(
+      {'params': p}, f, 0.25, method=lambda m, f, b: m.quantize.quantize_train(f, b)))(params, f)
+  assert quantized.shape == (s.global_batch * vq.seq_len, vq.z_channels)
+  np.testing.assert_allclose(quantized[:s.global_batch], np.asarray(f).mean(axis=(1, 2)), atol=1e-6)
   new, metrics = trainer.step_fn(state, trainer.assemble_batch({'images': images}, s.global_batch))
   assert int(metrics['restarted_codes']) == dead.sum()
   new_cb = np.asarray(jax.device_get(new.params['quantize']['embedding']['embedding']))
-  feats = np.asarray(f).reshape(-1, vq.z_channels)
-  dist = ((new_cb[:, None, :] - feats[None]) ** 2).sum(-1).min(1)
-  assert (dist[dead] < 1e-8).all()  # Every dead code now sits on an encoder feature of the batch ...
-  assert (dist[~dead] > 1e-6).all()  # ... and no other code does.
+  nearest = lambda rows: ((new_cb[:, None, :] - np.asarray(rows)[None]) ** 2).sum(-1).min(1)
+  dist = nearest(quantized)
+  assert (dist[dead] < 1e-8).all()  # Every dead code now sits on a vector a scale quantized ...
+  assert (dist[~dead] > 1e-6).all()  # ... and no other code does ...
+  assert (nearest(np.asarray(f).reshape(-1, vq.z_channels))[dead] > 1e-6).all()  # ... nor on raw features.
   assert len({tuple(r) for r in new_cb[dead]}) == dead.sum()  # Each on its own feature.
   np.testing.assert_allclose(np.asarray(new.usage_ema)[:, dead], 1.0 / vq.vocab_size)
   adam = jax.device_get(new.opt_state[0])  # ScaleByAdamState: moments of restarted rows start at 0.
@@ -279,7 +296,7 @@ def test_export_loads_and_reconstructs_like_the_trained_state(straight):
   held = pipeline.build_source(dict(c.data.to_dict(), split='test'), vq.image_size, train=False)
   images, _ = held.batch(0, 0, 32)
   params = jax.device_put(params, trainer.abstract_state()[1].params)  # As the loop holds them.
-  _, recon = trainer.eval_fn(params, trainer.assemble_batch({'images': images}, 32)['images'])
+  _, recon, _ = trainer.eval_fn(params, trainer.assemble_batch({'images': images}, 32)['images'])
   grid = np.asarray(Image.open(os.path.join(root, 'reconstructions.png')))
   u8 = lambda x: np.clip(np.round((np.asarray(x) + 1) * 127.5), 0, 255).astype(np.uint8)
   n = vq.image_size

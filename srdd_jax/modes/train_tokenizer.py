@@ -72,6 +72,7 @@ class TokenizerTask(driver.Task):
     self.eval_at_start = True
     self.grid_path = os.path.join(self.root, 'reconstructions.png')
     self.psnr_first = self.psnr_last = None
+    self.usage_last = None
     if multihost.is_main_process():
       logging.info('tokenizer: %d px, patch_nums %s, V=%d, Cvae=%d, ch=%d; data: %s; %d steps of %d (%.2f '
                    'epochs); GAN %s; mesh %s; %d process(es)', vq.image_size, vq.patch_nums, vq.vocab_size,
@@ -108,16 +109,19 @@ class TokenizerTask(driver.Task):
 
   def evaluate(self, step, state, writer):
     t0 = time.time()
-    value, originals, recons = self.held_out.evaluate(state.params)
+    value, usage, originals, recons = self.held_out.evaluate(state.params)
     if multihost.is_main_process():
       grid = write_grid(self.grid_path, originals, recons)
       writer.write_images(step, {'reconstructions': grid[None]})
-      logging.info('step %d: held-out PSNR %.2f dB over %d images (%s)', step, value, self.held_out.n,
-                   self.held_out.description)
+      per_scale = ' '.join(f'{usage[f"eval_usage_s{k}"]:.2f}' for k in range(self.vq.num_scales))
+      logging.info('step %d: held-out PSNR %.2f dB over %d images (%s); codes used per scale [%s], %d of '
+                   '%d used at no scale', step, value, self.held_out.n, self.held_out.description, per_scale,
+                   usage['eval_dead_codes'], self.vq.vocab_size)
     if self.psnr_first is None and step == 0:
       self.psnr_first = value
     self.psnr_last = value
-    return {'eval_psnr': value, 'eval_examples': self.held_out.n, 'eval_seconds': time.time() - t0}
+    self.usage_last = usage
+    return {'eval_psnr': value, **usage, 'eval_examples': self.held_out.n, 'eval_seconds': time.time() - t0}
 
   def export(self, step, state):
     out = export_tokenizer(self.root, state.params, self.vq, step, self.workdir)
@@ -125,7 +129,8 @@ class TokenizerTask(driver.Task):
     return out
 
   def summary(self):
-    return {'eval_psnr_start': self.psnr_first, 'eval_psnr_end': self.psnr_last}
+    return {'eval_psnr_start': self.psnr_first, 'eval_psnr_end': self.psnr_last,
+            **{f'{k}_end': v for k, v in (self.usage_last or {}).items()}}
 
 
 def run(config, workdir: str, stop_after_steps: int | None = None, return_state: bool = False) -> dict:

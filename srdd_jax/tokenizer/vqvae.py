@@ -330,7 +330,8 @@ class MultiScaleQuantizer(nn.Module):
     return (ids, fhats) if return_fhat else ids
 
   def quantize_train(self, f, beta: float):
-    """Training form of `f_to_idx`: (straight-through f_hat, VQ loss, per-scale code hits (S, V)).
+    """Training form of `f_to_idx`: (straight-through f_hat, VQ loss, per-scale code hits (S, V), the
+    vectors quantized (B * L, Cvae): every scale's area-pooled residuals, one row per token).
 
     Per scale k the loss is beta * ||sg(f_hat_k) - f||^2 + ||f_hat_k - sg(f)||^2 (means over elements),
     averaged over the S scales: the first term pulls the encoder to its codes, the second the codes and
@@ -345,10 +346,11 @@ class MultiScaleQuantizer(nn.Module):
     f_rest = f_ng
     f_hat = jnp.zeros_like(f)
     loss = jnp.zeros([], jnp.float32)
-    hits = []
+    hits, quantized = [], []
     for si, pn in enumerate(c.patch_nums):
       z = resample.area_resize(f_rest, pn) if si != c.num_scales - 1 else f_rest
-      idx = self.nearest(z.reshape(-1, z.shape[-1]))
+      quantized.append(z.reshape(-1, z.shape[-1]))
+      idx = self.nearest(quantized[-1])
       hits.append(jnp.zeros((c.vocab_size,), jnp.float32).at[idx].add(1.0))
       h = self.scale_residual(idx.reshape(b, pn * pn), si)
       f_hat = f_hat + h
@@ -356,7 +358,7 @@ class MultiScaleQuantizer(nn.Module):
       loss = loss + beta * jnp.mean(jnp.square(jax.lax.stop_gradient(f_hat) - f)) \
           + jnp.mean(jnp.square(f_hat - f_ng))
     f_hat_st = f + jax.lax.stop_gradient(f_hat - f)
-    return f_hat_st, loss / c.num_scales, jnp.stack(hits)
+    return f_hat_st, loss / c.num_scales, jnp.stack(hits), jnp.concatenate(quantized)
 
 
 class VQVAE(nn.Module):
@@ -383,15 +385,16 @@ class VQVAE(nn.Module):
     return self.quant_conv(self.encoder(img))
 
   def train_forward(self, img, beta: float = 0.25):
-    """Training pass: (unclipped reconstruction, {'f', 'vq_loss', 'hits'}); see `quantize_train`.
+    """Training pass: (unclipped reconstruction, {'f', 'vq_loss', 'hits', 'quantized'}); see
+    `quantize_train`.
 
     The reconstruction is not clipped to [-1, 1] (clipping would zero the gradient of every pixel
     outside it); `decode` and `__call__` clip, as VAR's inference does.
     """
     f = self.encode(img)
-    f_hat, vq_loss, hits = self.quantize.quantize_train(f, beta)
+    f_hat, vq_loss, hits, quantized = self.quantize.quantize_train(f, beta)
     recon = self.decoder(self.post_quant_conv(f_hat))
-    return recon, {'f': f, 'vq_loss': vq_loss, 'hits': hits}
+    return recon, {'f': f, 'vq_loss': vq_loss, 'hits': hits, 'quantized': quantized}
 
   def decode(self, f_hat):
     return jnp.clip(self.decoder(self.post_quant_conv(f_hat)), -1.0, 1.0)

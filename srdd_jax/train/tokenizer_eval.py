@@ -46,17 +46,35 @@ class HeldOut:
     return last if real is None else np.concatenate([real, last])
 
   def evaluate(self, params):
-    """(PSNR in dB over the set, first `grid` originals and reconstructions as numpy)."""
-    errors, first = [], None
+    """(PSNR in dB over the set, code usage over the set (`code_usage`), first `grid` originals and
+    reconstructions as numpy)."""
+    errors, hits, first = [], [], None
     for i in range(0, self.padded, self.batch):
       local = self.images(i + self.rows.start, i + self.rows.stop)
       batch = self.trainer.assemble_batch({'images': local}, self.batch)['images']
-      err, recon = self.fn(params, batch)
+      err, recon, h = self.fn(params, batch)
       errors.append(np.asarray(jax.device_get(err)))
+      hits.append(np.asarray(jax.device_get(h)))
       if first is None:
         first = multihost.gather(recon)[:self.grid]
     mse = float(np.mean(np.concatenate(errors)[:self.n]))
-    return losses.psnr_from_mse(mse), self.images(0, self.grid), first
+    usage = code_usage(np.concatenate(hits)[:self.n].sum(axis=0))
+    return losses.psnr_from_mse(mse), usage, self.images(0, self.grid), first
+
+
+def code_usage(hits) -> dict:
+  """Codebook use over a set of images from hit counts (S, V): per scale the share of the V codes chosen
+  at least once (`eval_usage_s{k}`) and the perplexity of their frequencies, and `eval_dead_codes`, the
+  codes chosen at no scale by any image of the set."""
+  hits = np.asarray(hits, np.float64)
+  out = {}
+  for k, h in enumerate(hits):
+    p = h / max(h.sum(), 1.0)
+    nz = p[p > 0]
+    out[f'eval_usage_s{k}'] = float(np.mean(h > 0))
+    out[f'eval_perplexity_s{k}'] = float(np.exp(-np.sum(nz * np.log(nz))))
+  out['eval_dead_codes'] = int(np.sum(hits.sum(axis=0) == 0))
+  return out
 
 
 def _write_grid(path: str, originals, recons) -> np.ndarray:

@@ -39,6 +39,7 @@ class TrainSettings:
   usage_ema_decay: float
   dead_code_restart_every: int
   dead_code_threshold: float
+  restart_from: str
   log_every: int
   eval_every: int
   eval_examples: int
@@ -89,6 +90,8 @@ def train_settings(config) -> TrainSettings:
   for key in ('b1', 'b2', 'usage_ema_decay'):
     if not 0 <= getattr(s, key) < 1:
       bad(key, 'must be in [0, 1)')
+  if s.restart_from not in ('residuals', 'features'):
+    bad('restart_from', "must be 'residuals' (the vectors each scale quantizes) or 'features' (encoder outputs)")
   if s.lr_schedule not in ('constant', 'cosine'):
     bad('lr_schedule', "must be 'constant' or 'cosine'")
   if not 0 <= s.lr_final_fraction <= 1:

@@ -224,7 +224,11 @@ class TokenizerTrainer:
     if s.dead_code_restart_every > 0:
       due = new_step % s.dead_code_restart_every == 0
       restarted = code_restart.dead_codes(usage, vq.patch_nums, s.dead_code_threshold) & due
-      features = jax.lax.stop_gradient(aux['f']).reshape(-1, vq.z_channels).astype(jnp.float32)
+      # Where the codes are needed: the vectors the scales quantize (pooled residuals, each scale by its
+      # number of positions), which shrink scale after scale; raw encoder features (the old choice)
+      # look like the first scale's only, so codes restarted there stay unused at the finer scales.
+      source = aux['quantized'] if s.restart_from == 'residuals' else aux['f']
+      features = jax.lax.stop_gradient(source).reshape(-1, vq.z_channels).astype(jnp.float32)
       key = jax.random.fold_in(rng, _RESTART_SALT)
       a, b, c = CODEBOOK_PATH
       codebook = code_restart.restart(params[a][b][c], restarted, features, key)
@@ -248,16 +252,22 @@ class TokenizerTrainer:
   # --- evaluation -------------------------------------------------------------------------------
 
   def _eval(self, params, images):
-    """Inference path of the frozen tokenizer (tokens, then the clipped decoder): per-image 8-bit MSE
-    and the reconstructions."""
-    recon = self.module.apply({'params': params}, images.astype(jnp.float32))
-    return losses.squared_error_per_image(images, recon), recon
+    """Inference path of the frozen tokenizer (tokens, then the clipped decoder): per-image 8-bit MSE,
+    the reconstructions and the per-image code hits per scale (B, S, V)."""
+    images = images.astype(jnp.float32)
+    f = self.module.apply({'params': params}, images, method=VQVAE.encode)
+    ids, fhats = self.module.apply({'params': params}, f, True, method=VQVAE.f_to_idx)
+    recon = self.module.apply({'params': params}, fhats[-1], method=VQVAE.decode)
+    v = self.vq.vocab_size
+    hits = jnp.stack([jax.nn.one_hot(i, v, dtype=jnp.float32).sum(axis=1) for i in ids], axis=1)
+    return losses.squared_error_per_image(images, recon), recon, hits
 
   @functools.cached_property
   def eval_fn(self):
-    """The jitted evaluation (params, images) -> (per-image 8-bit MSE, reconstructions)."""
+    """The jitted evaluation (params, images) -> (per-image 8-bit MSE, reconstructions, per-image code
+    hits (B, S, V))."""
     return jax.jit(self._eval, in_shardings=(self._shardings.params, self.batch_sharding),
-                   out_shardings=(pm.replicated(self.mesh), self.batch_sharding))
+                   out_shardings=(pm.replicated(self.mesh), self.batch_sharding, pm.replicated(self.mesh)))
 
   # --- batches ----------------------------------------------------------------------------------
 

@@ -2,27 +2,24 @@
 sampler's iterations and fine-tuning from a checkpoint without the stream."""
 import dataclasses
 import math
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from srdd_jax.config import ConfigError, with_defaults
+from srdd_jax.config import ConfigError
 from srdd_jax.convert import params_io
-from srdd_jax.convert.loading import init_params_from, with_refine_params
+from srdd_jax.convert.loading import with_refine_params
 from srdd_jax.diffusion.filtering import SamplerConfig
 from srdd_jax.diffusion.sampler import Sampler
 from srdd_jax.modes import train as train_mode
 from srdd_jax.parallel import mesh as pm
 from srdd_jax.tokenizer.api import Tokenizer, unbox
 from srdd_jax.tokenizer.vqvae import VQVAEConfig
-from srdd_jax.train import driver
 from srdd_jax.train.optimizer import OptimConfig
 from srdd_jax.train.refine import RefineTrainer, hidden_cross_entropy
 from srdd_jax.transformer.config import VARConfig
-from srdd_jax.transformer.config import var_config as build_var_config
 from srdd_jax.transformer.model import VAR, empty_caches
 from tests.conftest import smoke_config
 
@@ -273,43 +270,42 @@ def _flat(tree):
 
 
 @pytest.fixture(scope='module')
-def plain_export(tmp_path_factory):
-  """A smoke-config transformer without the refine stream, saved as a training export."""
-  vc = build_var_config(smoke_config(), 64, 8)
-  lab, x = jnp.zeros((1,), jnp.int32), jnp.zeros((1, vc.seq_len - 1, vc.z_channels))
-  params = jax.jit(lambda k: unbox(VAR(vc).init(k, lab, x)['params']))(jax.random.PRNGKey(5))
+def plain_export(models, tmp_path_factory):
+  """The test's transformer without the refine stream, saved as a training export."""
   out = str(tmp_path_factory.mktemp('plain') / 'export')
-  params_io.save_params(out, params, kind='var', config=vc)
-  return out, _flat(params)
+  params_io.save_params(out, models[0], kind='var', config=PLAIN)
+  return out, _flat(models[0])
 
 
-def test_fine_tune_with_refine_from_a_plain_checkpoint(plain_export, tmp_path):
+def test_fine_tune_with_refine_from_a_plain_checkpoint(plain_export, vae_params):
   path, plain = plain_export
-  c = smoke_config(init_from=path, steps=2, checkpoint_every=2)
-  c.model.refine = True
-  task = train_mode.TransformerTask(with_defaults(c), str(tmp_path / 'ft'))
-  assert isinstance(task.trainer, RefineTrainer)
-  start = _flat(task.init().params)
+  mesh = pm.make_mesh((4, 2, 1))
+  tr = RefineTrainer(_cfg('markov'), VQ, OptimConfig(peak_lr=1e-2, warmup_steps=1, total_steps=3), mesh,
+                     ema_decay=0.9)
+  state = train_mode.init_from_checkpoint(tr, path, seed=0)
+  start = _flat(state.params)
   assert set(start) - set(plain) == {'refine_embed/embedding', 'refine_proj/bias', 'refine_proj/kernel'}
   assert all(np.array_equal(start[k], plain[k]) for k in plain)
   assert not start['refine_proj/kernel'].any() and start['refine_embed/embedding'].std() > 0
-  out = driver.run(task, return_state=True)
-  assert out['end_step'] == 2 and math.isfinite(out['last_loss'])
-  assert _flat(out['state'].params)['refine_proj/kernel'].any()  # The stream learns.
+  assert _flat(state.ema_params).keys() == start.keys()
+  step = tr.make_step(vae_params)
+  rng = np.random.default_rng(0)
+  for _ in range(2):
+    batch = {'labels': rng.integers(0, 4, 8).astype(np.int32),
+             'ids': rng.integers(0, V, (8, PLAIN.seq_len)).astype(np.int32)}
+    state, m = step(state, tr.shard_batch(batch))
+    assert math.isfinite(float(m['loss']))
+  assert int(state.step) == 2 and _flat(state.params)['refine_proj/kernel'].any()  # The stream learns.
 
 
 def test_init_from_with_another_architecture_names_the_parameter(plain_export, tmp_path):
   path, _ = plain_export
-  c = smoke_config(init_from=path)
-  c.model.width = 32
-  with pytest.raises(ConfigError, match=r'config.train.init_from=.*parameter .* has shape \(2, 384\) there but \(2, 192\)'):
-    train_mode.TransformerTask(c, str(tmp_path / 'x')).init()
-  c = smoke_config(init_from=str(tmp_path / 'missing'))
+  mesh = pm.make_mesh((8, 1, 1))
+  tr = RefineTrainer(dataclasses.replace(_cfg('markov'), width=64), VQ, OptimConfig(total_steps=3), mesh)
+  with pytest.raises(ConfigError, match=r'config.train.init_from=.*parameter blocks_0/ada_lin_1/bias has '
+                                        r'shape \(192,\) there but \(384,\)'):
+    train_mode.init_from_checkpoint(tr, path, seed=0)
   with pytest.raises(ConfigError, match='config.train.init_from=.*does not exist'):
-    train_mode.TransformerTask(c, str(tmp_path / 'y'))
-  vc = _cfg('markov')
-  abstract = jax.eval_shape(lambda: unbox(VAR(vc).init(jax.random.PRNGKey(0), jnp.zeros((1,), jnp.int32),
-                                                        jnp.zeros((1, vc.seq_len - 1, 4)))['params']))
-  with pytest.raises(ConfigError, match='parameter'):
-    init_params_from(path, vc, abstract, jax.random.PRNGKey(0))
-  assert os.path.isdir(path)
+    train_mode.TransformerTask(smoke_config(init_from=str(tmp_path / 'missing')), str(tmp_path / 'y'))
+  with pytest.raises(ConfigError, match='config.train.refine_zero_prob=1.5'):
+    train_mode.TransformerTask(smoke_config(refine_zero_prob=1.5), str(tmp_path / 'z'))

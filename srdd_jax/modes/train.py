@@ -11,6 +11,7 @@ import os
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from PIL import Image
@@ -89,6 +90,24 @@ def training_data(config, tok):
                       f'({source.description}) has {source.num_classes} classes')
   source.yields = 'ids' if cache else 'images'
   return source
+
+
+def init_from_checkpoint(trainer: Trainer, directory: str, seed: int):
+  """The state `trainer.init` gives, its weights replaced by those of the transformer directory
+  `directory` (config.train.init_from; the refine stream added at its initial values if missing) and its
+  optimiser fresh: a fine-tune starts at step 0."""
+  state = trainer.init(jax.random.PRNGKey(seed))
+  abstract, shardings = trainer.abstract_state()
+  params = init_params_from(directory, trainer.var_config, abstract.params, jax.random.PRNGKey(seed + 1))
+  if multihost.is_main_process():
+    logging.info('initialised from %s', directory)
+  # Copies made on the devices, one per use: the step donates the state, and a buffer shared by the
+  # weights and their EMA (or with the host arrays just loaded) cannot be donated.
+  host = jax.device_get(params)
+  place = lambda s: jax.jit(lambda p: jax.tree_util.tree_map(jnp.copy, p), out_shardings=s)(
+      jax.device_put(host, s))
+  ema = None if state.ema_params is None else place(shardings.ema_params)
+  return state.replace(params=place(shardings.params), ema_params=ema)
 
 
 class SampleGrids:
@@ -180,19 +199,11 @@ class TransformerTask(driver.Task):
     return self.trainer.abstract_state()
 
   def init(self):
-    """A fresh state, or with config.train.init_from its weights under a fresh optimiser (the driver
-    calls this only when the run has no checkpoint of its own, so an interrupted fine-tune resumes)."""
-    state = self.trainer.init(jax.random.PRNGKey(self.seed))
-    if not self.init_from:
-      return state
-    abstract, shardings = self.trainer.abstract_state()
-    params = init_params_from(self.init_from, self.var_config, abstract.params,
-                              jax.random.PRNGKey(self.seed + 1))
-    if multihost.is_main_process():
-      logging.info('initialised from %s', self.init_from)
-    # Two placements, not one shared: the step donates the state, and a buffer cannot be donated twice.
-    ema = None if state.ema_params is None else jax.device_put(params, shardings.ema_params)
-    return state.replace(params=jax.device_put(params, shardings.params), ema_params=ema)
+    """A fresh state, or with config.train.init_from its weights (the driver calls this only when the
+    run has no checkpoint of its own, so an interrupted fine-tune resumes instead of restarting)."""
+    if self.init_from:
+      return init_from_checkpoint(self.trainer, self.init_from, self.seed)
+    return self.trainer.init(jax.random.PRNGKey(self.seed))
 
   def begin(self, start_step):
     self.step_fn = self.trainer.make_step(self.vae_params)

@@ -4,7 +4,9 @@ At scale k the transformer predicts the tokens of scale k from f_hat after scale
 - `markov`: one forward pass over the pn_k^2 tokens of the scale alone; no KV cache exists.
 - `causal`: VAR's inference, the scale attending to a KV cache of all coarser scales, preallocated for
   L tokens (static shapes).
-Guidance doubles the batch (conditional | null class, both fed the same f_hat). Every function is a
+Guidance doubles the batch (conditional | null class, both fed the same f_hat). Masked resampling
+`refine` (SPEC §5) adds forward passes of the same scale with the accepted tokens revealed
+(`Sampler.forward_passes` counts them). Every function is a
 pure, jittable function of (params, labels, rng); the loop over scales is unrolled, one program.
 """
 from __future__ import annotations

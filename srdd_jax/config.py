@@ -109,7 +109,10 @@ DEFAULTS: dict = {
         cond_drop_rate=0.1, drop_path_rate=-1.0,  # -1 = VAR's 0.1 * depth / 24.
         # The blocks as one nn.scan (compiles one block, not depth copies) and what their backward
         # recomputes: 'none', 'dots' (keep the weight matmuls' outputs) or 'full' (keep block inputs).
-        scan=True, remat='none'),
+        scan=True, remat='none',
+        # Masked resampling `refine` (SPEC §5): the transformer's second stream of the current scale's
+        # revealed tokens (zero-initialised; a checkpoint without it is loaded with the stream added).
+        refine=False),
     'train': dict(
         global_batch=768, epochs=0.0, steps=0,  # steps > 0 wins; else epochs * examples / batch.
         accum_steps=1, ema_decay=0.0, log_every=100, checkpoint_every=1000, keep_checkpoints=3,
@@ -118,7 +121,13 @@ DEFAULTS: dict = {
         # learning-rate warm-up, then one more scale at a time (the sequence cut after the newest) ...
         progressive_start_scales=0,
         progressive_steps=0,  # ... until this step, from which every scale is trained (VAR: pg * steps);
-        progressive_warmup_steps=-1),  # the newest scale's loss weight ramps from 0.01 over these; -1 = VAR's steps/300.
+        progressive_warmup_steps=-1,  # the newest scale's loss weight ramps from 0.01 over these; -1 = VAR's steps/300.
+        # A transformer directory (WORKDIR/export/step_<n> or convert_var's) whose weights start the run
+        # (fine-tuning); '' = a fresh initialisation. The run's own checkpoints, when present, win.
+        init_from='',
+        # config.model.refine: per example a reveal ratio r, 0 with probability refine_zero_prob (the
+        # plain next-scale task), else uniform in [0, refine_max_ratio].
+        refine_zero_prob=0.1, refine_max_ratio=1.0),
     'optim': dict(
         base_lr=1e-4,  # Per 256 examples: peak LR = base_lr * global_batch / 256.
         weight_decay=0.05, weight_decay_end=-1.0,
@@ -133,8 +142,11 @@ DEFAULTS: dict = {
         cfg=-1.0,
         cfg_schedule='',  # 'linear', 'constant' or comma-separated per-scale values.
         temperature=1.0, top_k=900, top_p=0.96, greedy=False,
-        mr_threshold=-1.0, mr_iterations=-1,  # Masked resampling (redraw); 0 iterations = off.
-        mr_scales=''),  # '' = every scale, or comma-separated 0/1 per scale.
+        mr_threshold=-1.0, mr_iterations=-1,  # Masked resampling; 0 iterations = off.
+        mr_scales='',  # '' = every scale, or comma-separated 0/1 per scale.
+        # 'redraw' (draw the low-probability tokens again from the same logits) or 'refine' (re-mask
+        # them and run the scale again with the others revealed; needs a model with config.model.refine).
+        mr_mode='redraw'),
     'sample': dict(
         classes='',  # '' = every class (grids during training: the first 10), or comma-separated ids.
         num_per_class=4, batch_size=16),

@@ -13,7 +13,8 @@ from srdd_jax.convert import params_io, var_vqvae
 from srdd_jax.convert.reference import read_meta, vqvae_config_from_meta
 from srdd_jax.tokenizer.api import Tokenizer, tokenizer_config, unbox
 from srdd_jax.tokenizer.vqvae import VQVAEConfig
-from srdd_jax.transformer.model import blocks_layout
+from srdd_jax.transformer.config import VARConfig
+from srdd_jax.transformer.model import blocks_layout, refine_params
 
 
 class LoadedTokenizer:
@@ -103,14 +104,55 @@ def load_models(config):
     raise ConfigError(f'config.model.checkpoint: {e}') from e
   tok = load_tokenizer(c)
   # How the blocks run (scanned or not) is the config's choice, whatever layout the weights were saved in.
+  # config.model.refine adds the (zero-initialised, so inert) refine stream to a checkpoint without it;
+  # a checkpoint that has it keeps it.
   var_config = dataclasses.replace(var_config, dtype=c.model.dtype, scan_blocks=bool(c.model.scan),
                                    attention=c.model.attention,
+                                   refine=var_config.refine or bool(c.model.refine),
                                    **({'mask': c.model.mask} if c.model.mask else {}))
   try:
     var_params = blocks_layout(var_params, var_config)
   except ValueError as e:
     raise ConfigError(f'config.model.checkpoint={c.model.checkpoint!r}: {e}') from e
+  var_params = with_refine_params(var_params, var_config, jax.random.PRNGKey(c.seed))
   vq = tok.config
   if tuple(vq.patch_nums) != tuple(var_config.patch_nums):
     vq = dataclasses.replace(vq, patch_nums=var_config.patch_nums)
   return var_config, var_params, vq, tok.params
+
+
+def with_refine_params(params, var_config: VARConfig, rng):
+  """`params` with the refine stream's parameters added at their initial values (the projection at zero,
+  so the logits are unchanged) when `var_config` has the stream and the weights were trained without
+  it; otherwise `params` as they are."""
+  if not var_config.refine or all(k in params for k in ('refine_embed', 'refine_proj')):
+    return params
+  fresh = refine_params(var_config, rng)
+  return {**params, **{k: v for k, v in fresh.items() if k not in params}}
+
+
+def init_params_from(directory: str, var_config: VARConfig, abstract_params, rng,
+                     key: str = 'config.train.init_from'):
+  """The weights of the transformer directory `directory` (a training export or convert_var's output)
+  to start a run of `var_config` from: in its block layout, with the refine stream added if missing.
+  Every parameter must have the shape of `abstract_params` (the run's, shapes only); a difference is a
+  ConfigError naming the parameter and both shapes."""
+  if not os.path.isdir(directory):
+    raise ConfigError(f'{key}={directory!r} does not exist')
+  try:
+    _, params = params_io.load_var(directory)
+    params = blocks_layout(params, var_config)
+  except (FileNotFoundError, ValueError) as e:
+    raise ConfigError(f'{key}={directory!r}: {e}') from e
+  params = with_refine_params(params, var_config, rng)
+  path_str = lambda p: '/'.join(str(getattr(k, 'key', k)) for k in p)
+  got = {path_str(p): np.shape(v) for p, v in jax.tree_util.tree_flatten_with_path(params)[0]}
+  want = {path_str(p): tuple(v.shape) for p, v in jax.tree_util.tree_flatten_with_path(abstract_params)[0]}
+  for name in sorted(set(got) | set(want)):
+    if got.get(name) != want.get(name):
+      raise ConfigError(
+          f'{key}={directory!r}: parameter {name} has shape '
+          f'{got.get(name, "(absent)")} there but {want.get(name, "(absent)")} in the model config.model '
+          'describes; the architecture (depth, width, heads, classes, vocabulary, patch_nums, refine) '
+          'must match')
+  return params

@@ -8,6 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 
 
+MR_MODES = ('redraw', 'refine')
+
+
 @dataclasses.dataclass(frozen=True)
 class SamplerConfig:
   """How tokens are drawn at each scale (SPEC §4-§5). Defaults: VAR's evaluation settings."""
@@ -18,11 +21,14 @@ class SamplerConfig:
   top_k: int = 900  # 0 = off.
   top_p: float = 0.96  # 0 = off.
   greedy: bool = False  # argmax of the guided logits (VAR's top_k=1).
-  # Masked Resampling, `redraw` mode: tokens with probability < mr_threshold under the final
-  # distribution are drawn again, up to mr_iterations times; mr_scales switches it per scale (None: all).
+  # Masked Resampling: tokens with probability < mr_threshold under the final distribution are drawn
+  # again, mr_iterations times; mr_scales switches it per scale (None: all). mr_mode 'redraw' draws
+  # them from the same logits; 'refine' re-masks them and runs the scale again with the other tokens
+  # revealed (one forward pass per iteration; a model with VARConfig.refine).
   mr_threshold: float = 0.0
   mr_iterations: int = 0
   mr_scales: tuple[bool, ...] | None = None
+  mr_mode: str = 'redraw'
 
   def __post_init__(self):
     if not isinstance(self.cfg_schedule, str):
@@ -41,6 +47,9 @@ class SamplerConfig:
     if self.mr_iterations < 0 or not 0 <= self.mr_threshold < 1:
       raise ValueError(f'SamplerConfig.mr_iterations={self.mr_iterations}, mr_threshold='
                        f'{self.mr_threshold}: need iterations >= 0 and a threshold in [0, 1)')
+
+    if self.mr_mode not in MR_MODES:
+      raise ValueError(f'SamplerConfig.mr_mode={self.mr_mode!r}: must be one of {MR_MODES}')
 
   def guidance(self, num_scales: int) -> tuple[float, ...]:
     """t_k of every scale."""
@@ -138,6 +147,16 @@ def draw(rng, logits, sc: SamplerConfig, mr: bool):
   if ids is None:
     return choice
   return jnp.take_along_axis(ids, choice[..., None], axis=-1)[..., 0].astype(jnp.int32)
+
+
+def token_probs(logits, tokens, sc: SamplerConfig):
+  """Probability of each of `tokens` (B, l) under the final distribution of guided `logits` (B, l, V)
+  (temperature, top-k, top-p): 0 for a token the filters removed."""
+  vals, ids = candidates(logits, sc)
+  probs = jax.nn.softmax(vals, axis=-1)
+  if ids is None:
+    return jnp.take_along_axis(probs, tokens[..., None], axis=-1)[..., 0]
+  return jnp.sum(jnp.where(ids == tokens[..., None], probs, 0.0), axis=-1)
 
 
 def masked_redraw(rng, logits, tokens, threshold: float, iterations: int):

@@ -4,7 +4,9 @@ At scale k the transformer predicts the tokens of scale k from f_hat after scale
 - `markov`: one forward pass over the pn_k^2 tokens of the scale alone; no KV cache exists.
 - `causal`: VAR's inference, the scale attending to a KV cache of all coarser scales, preallocated for
   L tokens (static shapes).
-Guidance doubles the batch (conditional | null class, both fed the same f_hat). Every function is a
+Guidance doubles the batch (conditional | null class, both fed the same f_hat). Masked resampling
+`refine` (SPEC §5) adds forward passes of the same scale with the accepted tokens revealed
+(`Sampler.forward_passes` counts them). Every function is a
 pure, jittable function of (params, labels, rng); the loop over scales is unrolled, one program.
 """
 from __future__ import annotations
@@ -54,6 +56,18 @@ class Sampler:
     self.model = VAR(var_config)
     self.tokenizer = Tokenizer(vae_config)
     self.guidance = sampler_config.guidance(var_config.num_scales)
+    if sampler_config.mr_mode == 'refine' and not var_config.refine:
+      raise ValueError("mr_mode='refine' (config.sampler.mr_mode) needs a transformer with the refine "
+                       "stream (config.model.refine=True, trained with it); use mr_mode='redraw' here")
+
+  def forward_passes(self) -> int:
+    """Transformer passes over one scale each, per image: one per scale, plus one per iteration of
+    masked resampling `refine` on each scale where it is on (`redraw` costs none)."""
+    c, sc = self.var_config, self.config
+    s = c.num_scales
+    if sc.mr_mode != 'refine':
+      return s
+    return s + sum(sc.mr_iterations for si in range(s) if sc.mr_on(si, s))
 
   def check_labels(self, labels) -> None:
     """Out-of-range class ids are an error when the labels are concrete (the null class is allowed)."""
@@ -94,8 +108,7 @@ class Sampler:
     b = labels.shape[0]
     guided = any(t != 0 for t in self.guidance)
     lab = jnp.concatenate([labels, jnp.full_like(labels, c.num_classes)]) if guided else labels
-    apply = lambda method, *a: self.model.apply({'params': var_params}, *a, method=method)
-    cond = apply(VAR.condition, lab)
+    cond = self.model.apply({'params': var_params}, lab, method=VAR.condition)
     caches = None
     if self.mask == 'causal':
       caches = empty_caches(c, lab.shape[0])
@@ -104,16 +117,55 @@ class Sampler:
     ids = []
     for si in range(c.num_scales):
       x_in = None if si == 0 else (jnp.concatenate([x_scale, x_scale]) if guided else x_scale)
-      logits, caches = apply(VAR.scale_logits, cond, x_in, si, caches)
+      n = c.patch_nums[si] ** 2
+      # A refine model was trained with every token of the scale masked as its plain next-scale task.
+      reveal = jnp.full((lab.shape[0], n), c.vocab_size, jnp.int32) if c.refine else None
+      logits, caches = self._scale_logits(var_params, cond, x_in, si, caches, reveal)
       if guided:
         logits = filtering.guide(logits[:b], logits[b:], self.guidance[si])
-      tok = filtering.draw(jax.random.fold_in(rng, si), logits, sc, sc.mr_on(si, c.num_scales))
+      key = jax.random.fold_in(rng, si)
+      mr = sc.mr_on(si, c.num_scales)
+      tok = filtering.draw(key, logits, sc, mr and sc.mr_mode == 'redraw')
+      keep = None
       if keep_masks is not None:
-        tok = jnp.where(keep_masks[si], jnp.asarray(keep_ids[si], jnp.int32), tok)
+        keep = jnp.asarray(keep_masks[si], bool)
+        tok = jnp.where(keep, jnp.asarray(keep_ids[si], jnp.int32), tok)
+      if mr and sc.mr_mode == 'refine':
+        tok, caches = self._refine(var_params, cond, x_in, si, caches, logits, tok, keep, key)
       tok = self._constrain(tok)
       ids.append(tok)
       f_hat, x_scale = self.tokenizer.next_input(vae_params, f_hat, tok, si)
     return ids, f_hat
+
+  def _scale_logits(self, var_params, cond, x_in, si: int, caches, reveal):
+    return self.model.apply({'params': var_params}, cond, x_in, si, caches, reveal, method=VAR.scale_logits)
+
+  def _refine(self, var_params, cond, x_in, si: int, caches, logits, tok, keep, key):
+    """Masked resampling `refine` at scale `si` (SPEC §5), from the tokens `tok` drawn from the guided
+    `logits`: each iteration re-masks the tokens with probability < mr_threshold under the latest final
+    distribution, runs the scale once more with the others revealed (both halves of a guided batch alike)
+    and draws the masked ones afresh; kept tokens (editing) are always revealed, never redrawn. Causal:
+    the scale's cache rows are rewritten by every pass, so the next scale attends to the keys and
+    values of the last pass. -> (tokens, caches)."""
+    c, sc = self.var_config, self.config
+    b = tok.shape[0]
+    guided = cond.shape[0] != b
+
+    def body(j, carry):
+      tok, logits, caches = carry
+      low = filtering.token_probs(logits, tok, sc) < sc.mr_threshold
+      if keep is not None:
+        low = low & ~keep
+      reveal = jnp.where(low, c.vocab_size, tok)
+      logits, caches = self._scale_logits(var_params, cond, x_in, si, caches,
+                                          jnp.concatenate([reveal, reveal]) if guided else reveal)
+      if guided:
+        logits = filtering.guide(logits[:b], logits[b:], self.guidance[si])
+      new = filtering.draw(jax.random.fold_in(key, j + 1), logits, sc, False)
+      return jnp.where(low, new, tok), logits, caches
+
+    tok, _, caches = jax.lax.fori_loop(0, sc.mr_iterations, body, (tok, logits, caches))
+    return tok, caches
 
   def decode(self, vae_params, f_hat):
     """f_hat -> images in [0, 1] (NHWC)."""

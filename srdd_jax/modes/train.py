@@ -12,12 +12,13 @@ import os
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from PIL import Image
 
 from srdd_jax.config import ConfigError, ints, with_defaults
-from srdd_jax.convert.loading import tokenizer_for_model
+from srdd_jax.convert.loading import init_params_from, tokenizer_for_model
 from srdd_jax.data import pipeline, token_cache
 from srdd_jax.data.images import grid, to_uint8
 from srdd_jax.diffusion.generate import sampler_config
@@ -30,6 +31,7 @@ from srdd_jax.train import driver
 from srdd_jax.train.export import export_transformer
 from srdd_jax.train.optimizer import OptimConfig, peak_lr_for
 from srdd_jax.train.progressive import Progressive
+from srdd_jax.train.refine import RefineTrainer
 from srdd_jax.train.step import Trainer
 from srdd_jax.transformer.config import var_config as build_var_config
 from srdd_jax.transformer.flops import train_step_flops
@@ -44,6 +46,13 @@ def _check_ranges(config):
   for key in ('steps', 'epochs', 'sample_every', 'progressive_start_scales', 'progressive_steps'):
     if float(t[key]) < 0:
       raise ConfigError(f'config.train.{key}={t[key]}: must be >= 0')
+  if not 0 <= float(t.refine_zero_prob) <= 1:
+    raise ConfigError(f'config.train.refine_zero_prob={t.refine_zero_prob}: must be in [0, 1]')
+  if not 0 < float(t.refine_max_ratio) <= 1:
+    raise ConfigError(f'config.train.refine_max_ratio={t.refine_max_ratio}: must be in (0, 1]')
+  if t.init_from and not os.path.isdir(t.init_from):
+    raise ConfigError(f'config.train.init_from={t.init_from!r} does not exist: give a transformer '
+                      'directory (WORKDIR/export/step_<n> of a training run, or convert_var output)')
   if not 0 <= float(t.ema_decay) < 1:
     raise ConfigError(f'config.train.ema_decay={t.ema_decay}: must be in [0, 1) (0 = no EMA)')
   if not float(o.base_lr) > 0:
@@ -83,6 +92,24 @@ def training_data(config, tok):
                       f'({source.description}) has {source.num_classes} classes')
   source.yields = 'ids' if cache else 'images'
   return source
+
+
+def init_from_checkpoint(trainer: Trainer, directory: str, seed: int):
+  """The state `trainer.init` gives, its weights replaced by those of the transformer directory
+  `directory` (config.train.init_from; the refine stream added at its initial values if missing) and its
+  optimiser fresh: a fine-tune starts at step 0."""
+  state = trainer.init(jax.random.PRNGKey(seed))
+  abstract, shardings = trainer.abstract_state()
+  params = init_params_from(directory, trainer.var_config, abstract.params, jax.random.PRNGKey(seed + 1))
+  if multihost.is_main_process():
+    logging.info('initialised from %s', directory)
+  # Copies made on the devices, one per use: the step donates the state, and a buffer shared by the
+  # weights and their EMA (or with the host arrays just loaded) cannot be donated.
+  host = jax.device_get(params)
+  place = lambda s: jax.jit(lambda p: jax.tree_util.tree_map(jnp.copy, p), out_shardings=s)(
+      jax.device_put(host, s))
+  ema = None if state.ema_params is None else place(shardings.ema_params)
+  return state.replace(params=place(shardings.params), ema_params=ema)
 
 
 class SampleGrids:
@@ -153,10 +180,15 @@ class TransformerTask(driver.Task):
     except ValueError as e:
       raise ConfigError(f'config.train.progressive_start_scales/progressive_steps/progressive_warmup_steps '
                         f'(with the learning-rate warm-up of {warmup} steps): {e}') from e
+    # With the refine stream, the trainer that reveals part of each scale (train/refine.py).
+    trainer, extra = Trainer, {}
+    if var_config.refine:
+      trainer, extra = RefineTrainer, dict(zero_prob=float(t.refine_zero_prob),
+                                           max_ratio=float(t.refine_max_ratio))
     try:
-      self.trainer = Trainer(var_config, vq, optim, mesh, rules=pm.rules_from_config(config),
+      self.trainer = trainer(var_config, vq, optim, mesh, rules=pm.rules_from_config(config),
                              accum_steps=int(t.accum_steps), ema_decay=float(t.ema_decay), seed=int(config.seed),
-                             progressive=progressive)
+                             progressive=progressive, **extra)
     except ValueError as e:
       raise ConfigError(f'config.train: {e}') from e
     self.grids = SampleGrids(config, var_config, vq, mesh, workdir) if int(t.sample_every) > 0 else None
@@ -165,6 +197,7 @@ class TransformerTask(driver.Task):
     self.log_every, self.checkpoint_every, self.keep_checkpoints = (int(t.log_every), int(t.checkpoint_every),
                                                                     int(t.keep_checkpoints))
     self.seed = int(config.seed)
+    self.init_from = t.init_from
     if multihost.is_main_process():
       logging.info('data: %s; %d steps of %d examples (%.2f epochs); model %s, %d scales, mask %s; mesh %s; '
                    '%d process(es)', self.data.description, total, gb, total * gb / self.data.num_examples,
@@ -175,6 +208,10 @@ class TransformerTask(driver.Task):
     return self.trainer.abstract_state()
 
   def init(self):
+    """A fresh state, or with config.train.init_from its weights (the driver calls this only when the
+    run has no checkpoint of its own, so an interrupted fine-tune resumes instead of restarting)."""
+    if self.init_from:
+      return init_from_checkpoint(self.trainer, self.init_from, self.seed)
     return self.trainer.init(jax.random.PRNGKey(self.seed))
 
   def begin(self, start_step):

@@ -43,6 +43,9 @@ class VARConfig:
   scan_blocks: bool = False
   remat: str = 'none'
   attention: str = 'auto'  # One of ATTENTION; 'auto' = by the platform (attention.resolve_impl).
+  # Masked resampling `refine` (SPEC §5): a second input stream of the current scale's revealed tokens
+  # ([MASK] elsewhere) through a zero-initialised projection; off, the parameters do not exist.
+  refine: bool = False
 
   def __post_init__(self):
     object.__setattr__(self, 'patch_nums', tuple(int(p) for p in self.patch_nums))
@@ -135,7 +138,7 @@ def var_config(config, vocab_size: int, z_channels: int) -> VARConfig:
   common = dict(num_classes=int(m.num_classes), vocab_size=int(vocab_size), z_channels=int(z_channels),
                 patch_nums=tuple(m.patch_nums), mask=m.mask or 'markov', dtype=m.dtype,
                 cond_drop_rate=float(m.cond_drop_rate), drop_path_rate=float(m.drop_path_rate),
-                scan_blocks=bool(m.scan), remat=m.remat, attention=m.attention)
+                scan_blocks=bool(m.scan), remat=m.remat, attention=m.attention, refine=bool(m.refine))
   try:
     if m.preset:
       return preset(m.preset, **sizes, **common)

@@ -282,6 +282,24 @@ class AdaLNBeforeHead(nn.Module):
     return layer_norm(x, c.norm_eps) * (1 + mods[:, :, 0]) + mods[:, :, 1]
 
 
+def _refine_modules(c: VARConfig):
+  """The refine stream: a table of the vocabulary's embeddings plus [MASK] (row vocab_size), and a
+  projection into the input stream whose kernel and bias start at zero (a checkpoint trained without
+  the stream loads unchanged)."""
+  embed = Embed(c.vocab_size + 1, c.width, ('vocab', 'embed'), c.std)
+  proj = Dense(c.width, (None, 'embed'), nn.initializers.zeros)
+  return embed, proj
+
+
+def refine_params(c: VARConfig, rng):
+  """Initial values of the refine stream's parameters ({'refine_embed': ..., 'refine_proj': ...}), the
+  same initialisers as VAR(c).init: for adding the stream to weights trained without it."""
+  embed, proj = _refine_modules(c)
+  ids = jnp.zeros((1, 1), jnp.int32)
+  return {'refine_embed': nn.meta.unbox(embed.init(rng, ids)['params']),
+          'refine_proj': nn.meta.unbox(proj.init(rng, jnp.zeros((1, 1, c.width), jnp.float32))['params'])}
+
+
 class VAR(nn.Module):
   """Logits (B, L, V) of every scale's tokens from the class label and the teacher-forcing input."""
   config: VARConfig
@@ -311,6 +329,8 @@ class VAR(nn.Module):
     # accelerators); its logits in float32 for the softmax and the loss.
     self.head = Dense(c.vocab_size, ('embed', 'vocab'), trunc_normal(c.std, c.init_head),
                       dtype=jnp.dtype(c.dtype), out_dtype=jnp.float32)
+    if c.refine:
+      self.refine_embed, self.refine_proj = _refine_modules(c)
 
   # --- pieces, shared with the sampler ----------------------------------------------------------
 
@@ -323,15 +343,26 @@ class VAR(nn.Module):
       return self.shared_ada_lin_1(nn.silu(cond)).reshape(-1, 1, 6, self.config.width)
     return cond
 
-  def embed_scale(self, cond, x_scale, si: int):
-    """Input tokens of scale `si`: the start token for si = 0, else word_embed of its f_hat input."""
+  def embed_scale(self, cond, x_scale, si: int, reveal=None):
+    """Input tokens of scale `si`: the start token for si = 0, else word_embed of its f_hat input;
+    with `reveal` (B, pn_si^2: a token id, or vocab_size = [MASK]) plus the refine stream."""
     c = self.config
     b, e = c.begin_ends[si]
     if si == 0:
       x = cond[:, None, :] + self.pos_start
     else:
       x = self.word_embed(x_scale.astype(jnp.float32))
-    return x + self.lvl_embed(jnp.asarray(si)) + self.pos_1LC[:, b:e]
+    x = x + self.lvl_embed(jnp.asarray(si)) + self.pos_1LC[:, b:e]
+    if reveal is not None:
+      # Added last: with the zero-initialised projection the term is exactly +0.0, so a model that never
+      # trained the stream gives bitwise its logits without it.
+      x = x + self.refine_proj(self.refine_embed(reveal))
+    return x
+
+  def _check_reveal(self, reveal):
+    if reveal is not None and not self.config.refine:
+      raise ValueError('revealed tokens were given to a transformer without the refine stream '
+                       '(VARConfig.refine=False, config.model.refine)')
 
   def run_blocks(self, x, cond, train: bool, mask_kind: str, begin_ends=None, caches=None,
                  cache_index: int = 0):
@@ -351,11 +382,14 @@ class VAR(nn.Module):
       caches = None if caches is None else new
     return x if caches is None else (x, caches)
 
-  def scale_logits(self, cond, x_scale, si: int, caches=None):
+  def scale_logits(self, cond, x_scale, si: int, caches=None, reveal=None):
     """Inference for one scale: logits (B, pn_si^2, V) from its input alone (markov: no cache, the
     scale attends to itself) or with the KV cache of the coarser scales (causal); returns
-    (logits, caches)."""
-    x = self.embed_scale(cond, x_scale, si)
+    (logits, caches). The scale's keys and values are written at its own rows of the cache, so a second
+    pass of the same scale (masked resampling, `reveal` (B, pn_si^2)) rewrites them: later scales see
+    those of the last pass."""
+    self._check_reveal(reveal)
+    x = self.embed_scale(cond, x_scale, si, reveal)
     if caches is None:
       x = self.run_blocks(x, cond, False, 'markov', begin_ends=((0, x.shape[1]),))
     else:
@@ -368,19 +402,26 @@ class VAR(nn.Module):
 
   # --- the training forward ---------------------------------------------------------------------
 
-  def __call__(self, labels, x_in, train: bool = False, num_scales: int | None = None):
-    """labels (B,) int, x_in (B, L-1, Cvae) -> logits (B, L, V) float32; with `num_scales` (static) only
-    the first that many scales are computed (B, l, V): finer scales never reach coarser ones under
-    either mask, so these are the first l logits of the whole sequence, at a fraction of the cost."""
+  def __call__(self, labels, x_in, train: bool = False, reveal_ids=None, num_scales: int | None = None):
+    """labels (B,) int, x_in (B, L-1, Cvae) -> logits (B, L, V) float32. `reveal_ids` (B, L) int: the
+    refine stream, per position the revealed token id or vocab_size ([MASK]); None: no stream. With
+    `num_scales` (static) only the first that many scales are computed (B, l, V): finer scales never
+    reach coarser ones under either mask, so these are the first l logits of the whole sequence, at a
+    fraction of the cost (progressive training)."""
     c = self.config
     begin_ends = c.begin_ends if num_scales is None else c.begin_ends[:num_scales]
+    self._check_reveal(reveal_ids)
+    if c.refine and reveal_ids is None and self.is_initializing():
+      # Parameters are created where first used: initialisation must reach the refine stream.
+      reveal_ids = jnp.full((labels.shape[0], c.seq_len), c.vocab_size, jnp.int32)
+    rev = lambda b, e: None if reveal_ids is None else reveal_ids[:, b:e]
     if train and c.cond_drop_rate > 0:
       drop = jax.random.uniform(self.make_rng('dropout'), labels.shape) < c.cond_drop_rate
       labels = jnp.where(drop, c.num_classes, labels)
     cond = self.condition(labels)
     x = jnp.concatenate(
-        [self.embed_scale(cond, None, 0)] +
-        [self.embed_scale(cond, x_in[:, b - c.first_l:e - c.first_l], si)
+        [self.embed_scale(cond, None, 0, rev(*begin_ends[0]))] +
+        [self.embed_scale(cond, x_in[:, b - c.first_l:e - c.first_l], si, rev(b, e))
          for si, (b, e) in enumerate(begin_ends) if si > 0], axis=1)
     x = self.run_blocks(x, cond, train, c.mask, begin_ends=begin_ends)
     return self.logits(x, cond)

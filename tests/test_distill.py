@@ -195,7 +195,7 @@ def teacher_dir(tmp_path_factory):
 
 
 def _distill_config(teacher_dir, **d):
-  c = smoke_config(steps=4, checkpoint_every=2)
+  c = smoke_config(steps=4, checkpoint_every=2, accum_steps=2)  # Accumulation sums 'ce' and 'kl' too.
   c.tokenizer.checkpoint = os.path.join(teacher_dir, 'vae')
   c.distill.update({'teacher': os.path.join(teacher_dir, 'markov'), 'patch_nums': '1,2,4', 'kl_weight': 0.5, **d})
   return c

@@ -13,7 +13,8 @@ Sections, and who reads them:
   data           the input pipeline (data.pipeline), and `token_cache` for --mode=train.
   tokenize       --mode=tokenize.
   model          the transformer; `model.patch_nums` are the scales of the tokenizer and the transformer.
-  train, optim   --mode=train.
+  train, optim   --mode=train (and --mode=distill, which trains a student with them).
+  distill        --mode=distill: the teacher, the student's scales and the KL term (SPEC §6).
   sampler        guidance, filtering and masked resampling of every sampling mode.
   sample, edit, eval, reconstruct   the runners of those modes.
   mesh, mesh_rules  devices (data, fsdp, tensor) and the logical-axis rules.
@@ -128,6 +129,16 @@ DEFAULTS: dict = {
         # config.model.refine: per example a reveal ratio r, 0 with probability refine_zero_prob (the
         # plain next-scale task), else uniform in [0, refine_max_ratio].
         refine_zero_prob=0.1, refine_max_ratio=1.0),
+    # --mode=distill (SPEC §6): a student on a subset of the teacher's scales, initialised from it and
+    # trained (config.train, config.optim) on the tokens re-quantized at the student's scales.
+    'distill': dict(
+        teacher='',  # A transformer directory: WORKDIR/export/step_<n> of a training run, or convert_var's.
+        # The student's scales, a subset of the teacher's ending at its last scale; '' = every other
+        # scale of the teacher's (indices 0, 2, 4, ...) plus the last: (1,3,5,8,13,16) from VAR's 256 px.
+        patch_nums='',
+        kl_weight=0.0,  # > 0: + kl_weight * KL(teacher || student) on the student's inputs (markov teacher).
+        kl_temperature=1.0,
+        token_cache=''),  # '' = encode images in the step, else --mode=tokenize's cache at the student's scales.
     'optim': dict(
         base_lr=1e-4,  # Per 256 examples: peak LR = base_lr * global_batch / 256.
         weight_decay=0.05, weight_decay_end=-1.0,

@@ -1,8 +1,8 @@
 """Entry point: python -m srdd_jax.main --config=configs/<x>.py --workdir=DIR --mode=<mode>.
 
 Modes: `train_tokenizer` (the VQ-VAE, configs/tokenizer_smoke.py), `tokenize` (a token cache of a data
-set), `train` (the transformer), `sample`, `edit` and `eval` (from trained or converted checkpoints,
-configs/sample.py), `reconstruct` (tokenizer round trip with PSNR), `all` (every stage of an embedded
+set), `train` (the transformer), `distill` (a student on fewer scales, from a trained teacher), `sample`,
+`edit` and `eval` (from trained or converted checkpoints, configs/sample.py), `reconstruct` (tokenizer round trip with PSNR), `all` (every stage of an embedded
 config in order: configs/fashion_mnist.py). Several processes: --multihost, or --coordinator_address,
 --num_processes, --process_id (launch/README.md).
 
@@ -24,6 +24,7 @@ from ml_collections import config_flags
 
 from srdd_jax.config import ConfigError, with_defaults
 from srdd_jax.modes import all as all_stages
+from srdd_jax.modes import distill
 from srdd_jax.modes import edit
 from srdd_jax.modes import eval as evaluation
 from srdd_jax.modes import reconstruct, sample, tokenize, train, train_tokenizer
@@ -33,8 +34,8 @@ from srdd_jax.train.driver import PREEMPTED_EXIT_CODE
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file (configs/<x>.py).')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for outputs, checkpoints and logs.')
-_MODE = flags.DEFINE_enum('mode', 'reconstruct', ['reconstruct', 'train', 'sample', 'edit', 'tokenize',
-                                                   'train_tokenizer', 'eval', 'all'],
+_MODE = flags.DEFINE_enum('mode', 'reconstruct', ['reconstruct', 'train', 'distill', 'sample', 'edit',
+                                                   'tokenize', 'train_tokenizer', 'eval', 'all'],
                             'What to run.')
 _MULTIHOST = flags.DEFINE_bool('multihost', False, 'Start jax.distributed with the cluster detected by '
                                 'JAX (TPU pods, SLURM, Open MPI).')
@@ -55,6 +56,7 @@ _MODES = {
     'reconstruct': reconstruct.run,
     'all': all_stages.run,
     'train': train.run,
+    'distill': distill.run,
     'tokenize': tokenize.run,
     'train_tokenizer': train_tokenizer.run,
     'sample': sample.run,

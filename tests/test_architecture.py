@@ -104,6 +104,12 @@ def test_every_module_follows_the_layers():
   assert not found, '\n'.join(found)
 
 
+# Runners that extend another runner's task: --mode=distill is --mode=train's TransformerTask with the
+# teacher's architecture, the student's scales and another initialisation (a subclass, not a copy).
+# TODO: move TransformerTask below modes/ (train/) once the trainers that edit it concurrently have landed.
+_RUNNERS_EXTENDED = {'srdd_jax.modes.distill': ('srdd_jax.modes.train', 'srdd_jax.modes.train.TransformerTask')}
+
+
 def test_only_main_imports_runners_and_nothing_imports_tools():
   for module, path in _modules():
     with open(path) as f:
@@ -112,7 +118,8 @@ def test_only_main_imports_runners_and_nothing_imports_tools():
       full = [target] + [f'{target}.{n}' for n in names]
       if any(_unit(t) == 'tools' for t in full) and _unit(module) != 'tools':
         pytest.fail(f'{module}:{line} imports the command-line tool {target}')
-      runners = [t for t in full if _unit(t) == 'modes' and t.split('.')[-1] != 'modes']
+      runners = [t for t in full if _unit(t) == 'modes' and t.split('.')[-1] != 'modes'
+                 and t not in _RUNNERS_EXTENDED.get(module, ())]
       if runners and module not in ('srdd_jax.main', 'srdd_jax.modes.all'):
         pytest.fail(f'{module}:{line} imports the runner {runners[0]}')
 

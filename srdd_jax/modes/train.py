@@ -159,7 +159,7 @@ class TransformerTask(driver.Task):
     _validate(config, mesh)
     tok = tokenizer_for_model(config)
     vq = tok.config
-    self.var_config = var_config = build_var_config(config, vq.vocab_size, vq.z_channels)
+    self.var_config = var_config = self.model_config(config, vq)
     self.data = training_data(config, tok)
     self.vae_params = tok.params  # A fresh tokenizer is initialised here, once the config is known to work.
     t, o = config.train, config.optim
@@ -186,9 +186,10 @@ class TransformerTask(driver.Task):
       trainer, extra = RefineTrainer, dict(zero_prob=float(t.refine_zero_prob),
                                            max_ratio=float(t.refine_max_ratio))
     try:
-      self.trainer = trainer(var_config, vq, optim, mesh, rules=pm.rules_from_config(config),
-                             accum_steps=int(t.accum_steps), ema_decay=float(t.ema_decay), seed=int(config.seed),
-                             progressive=progressive, **extra)
+      self.trainer = self.make_trainer(trainer, var_config, vq, optim, mesh,
+                                       rules=pm.rules_from_config(config), accum_steps=int(t.accum_steps),
+                                       ema_decay=float(t.ema_decay), seed=int(config.seed),
+                                       progressive=progressive, **extra)
     except ValueError as e:
       raise ConfigError(f'config.train: {e}') from e
     self.grids = SampleGrids(config, var_config, vq, mesh, workdir) if int(t.sample_every) > 0 else None
@@ -203,6 +204,14 @@ class TransformerTask(driver.Task):
                    '%d process(es)', self.data.description, total, gb, total * gb / self.data.num_examples,
                    config.model.preset or f'depth {var_config.depth}', var_config.num_scales, var_config.mask,
                    dict(mesh.shape), jax.process_count())
+
+  def model_config(self, config, vq):
+    """The transformer to train (a subclass may take it from elsewhere, e.g. a teacher's)."""
+    return build_var_config(config, vq.vocab_size, vq.z_channels)
+
+  def make_trainer(self, cls, *args, **kwargs) -> Trainer:
+    """The trainer: `cls` (Trainer, or RefineTrainer with the refine stream) unless a subclass says."""
+    return cls(*args, **kwargs)
 
   def abstract_state(self):
     return self.trainer.abstract_state()

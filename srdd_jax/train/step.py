@@ -117,8 +117,9 @@ class Trainer:
         return (jax.tree_util.tree_map(jnp.add, g_acc, g), jax.tree_util.tree_map(jnp.add, m_acc, m)), None
 
       zeros_g = jax.tree_util.tree_map(jnp.zeros_like, state.params)
-      zeros_m = {n: jnp.zeros([], jnp.float32) for n in ('loss', 'accuracy', 'last_scale_loss',
-                                                          'last_scale_accuracy')}
+      # The metrics' structure from the loss itself, so a trainer may add its own (abstract: no cost).
+      shapes = jax.eval_shape(lambda: grad_fn(state.params, vae_params, mb(labels)[0], mb(ids)[0], rng)[0][1])
+      zeros_m = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
       (grads, metrics), _ = jax.lax.scan(body, (zeros_g, zeros_m), (jnp.arange(k), mb(labels), mb(ids)))
       grads = jax.tree_util.tree_map(lambda g: g / k, grads)
       metrics = jax.tree_util.tree_map(lambda m: m / k, metrics)

@@ -84,6 +84,13 @@ def test_the_whole_ablation_runs_and_resumes_without_redoing(tmp_path):
   assert second['units_run'] == [] and second['units_kept'] == first['units_kept'] + len(first['units_run'])
   assert _mtimes(wd) == before
   assert json.load(open(os.path.join(wd, 'ablation.json')))['variants']['c']['fd'] == v['c']['fd']
+  # A unit without its result (cut short) is the only one done again, with the same numbers.
+  os.remove(os.path.join(wd, 'heldout', 'distilled', 'result.json'))
+  third = ablation.run(_tiny_config(vae), wd)
+  assert third['units_run'] == ['heldout/distilled']
+  again = json.load(open(os.path.join(wd, 'ablation.json')))
+  assert again['variants']['f']['heldout_token_loss'] == v['f']['heldout_token_loss']
+  assert again['unit_seconds']['total'] > 0 and set(again['unit_seconds']) >= {'models', 'evaluation', 'selection'}
 
 
 def test_selection_takes_the_lowest_then_the_smaller_cfg_then_the_earlier_schedule():
@@ -101,7 +108,7 @@ def test_noise_statement_on_hand_made_numbers():
   got = {tuple(s['pair']): (s['difference'], s['bound'], s['within_noise'])
          for s in ablation.noise_statements(stats, 'fd')}
   assert got == {('a', 'b'): (1.5, 2.0, True), ('a', 'c'): (3.0, 2.0, False), ('b', 'c'): (1.5, 1.0, False)}
-  lines = ablation._noise_lines(ablation.noise_statements(stats, 'fd'))  # pylint: disable=protected-access
+  lines = ablation.noise_lines(ablation.noise_statements(stats, 'fd'))
   assert 'within seed noise' in lines[0] and 'beyond seed noise' in lines[1]
   assert ablation.mean_std([1.0, 3.0]) == {'mean': 2.0, 'std': pytest.approx(2 ** 0.5), 'n': 2, 'values': [1.0, 3.0]}
 

@@ -63,20 +63,20 @@ NOISE_FACTOR = 2.0  # A difference of means below NOISE_FACTOR x the larger std 
 
 # variant -> (model kind, guidance: 'var' (fixed VAR protocol) or the variant whose selection it uses, MR mode)
 VARIANTS = {
-  'a': ('causal', 'var', None),
-  'b': ('markov', 'var', None),
-  'c': ('markov', 'c', None),
-  'd': ('markov', 'c', 'redraw'),
-  'e': ('refine', 'e', 'refine'),
-  'f': ('distilled', 'f', None),
-  'g': ('causal', 'g', 'redraw'),
+    'a': ('causal', 'var', None),
+    'b': ('markov', 'var', None),
+    'c': ('markov', 'c', None),
+    'd': ('markov', 'c', 'redraw'),
+    'e': ('refine', 'e', 'refine'),
+    'f': ('distilled', 'f', None),
+    'g': ('causal', 'g', 'redraw'),
 }
 NAMES = {'a': 'var', 'b': 'sdd', 'c': 'sdd_guided', 'd': 'sdd_guided_redraw', 'e': 'sdd_guided_refine',
-    'f': 'sdd_distilled', 'g': 'var_guided_redraw'}
+         'f': 'sdd_distilled', 'g': 'var_guided_redraw'}
 DESCRIPTIONS = {
-  'a': 'VAR: causal mask, VAR protocol', 'b': 'SDD: markov mask, VAR protocol',
-  'c': 'SDD + best guidance', 'd': '(c) + MR redraw', 'e': 'refine model, own guidance + MR refine',
-  'f': 'distilled student of the best markov model, own guidance', 'g': 'VAR + best guidance + MR redraw'}
+    'a': 'VAR: causal mask, VAR protocol', 'b': 'SDD: markov mask, VAR protocol',
+    'c': 'SDD + best guidance', 'd': '(c) + MR redraw', 'e': 'refine model, own guidance + MR refine',
+    'f': 'distilled student of the best markov model, own guidance', 'g': 'VAR + best guidance + MR redraw'}
 
 
 # --- pure pieces (unit-tested) --------------------------------------------------------------------
@@ -99,7 +99,7 @@ def mean_std(values) -> dict:
   """{'mean', 'std' (sample std, 0 for one value), 'n', 'values'}."""
   v = [float(x) for x in values]
   return {'mean': float(np.mean(v)), 'std': float(np.std(v, ddof=1)) if len(v) > 1 else 0.0, 'n': len(v),
-      'values': v}
+          'values': v}
 
 
 def noise_statements(stats: dict, metric: str, factor: float = NOISE_FACTOR) -> list[dict]:
@@ -110,18 +110,18 @@ def noise_statements(stats: dict, metric: str, factor: float = NOISE_FACTOR) -> 
     a, b = stats[x], stats[y]
     diff, bound = abs(a['mean'] - b['mean']), factor * max(a['std'], b['std'])
     out.append({'pair': [x, y], 'metric': metric, 'difference': diff, 'bound': bound,
-          'within_noise': bool(diff < bound)})
+                'within_noise': bool(diff < bound)})
   return out
 
 
-def _noise_lines(statements) -> list[str]:
+def noise_lines(statements) -> list[str]:
   lines = []
   for s in statements:
     x, y = s['pair']
     verdict = 'within seed noise' if s['within_noise'] else 'beyond seed noise'
     rel = '<' if s['within_noise'] else '>='
     lines.append(f'- ({x}) vs ({y}), {s["metric"]}: |difference| {s["difference"]:.4g} {rel} '
-          f'{NOISE_FACTOR:g} x larger std = {s["bound"]:.4g}: **{verdict}**')
+                 f'{NOISE_FACTOR:g} x larger std = {s["bound"]:.4g}: **{verdict}**')
   return lines
 
 
@@ -132,6 +132,7 @@ class _Units:
 
   def __init__(self, workdir: str):
     self.workdir, self.ran, self.kept = workdir, [], []
+    self.seconds = {}  # unit -> its wall time when it ran (kept units: as recorded then).
 
   def path(self, name: str) -> str:
     return os.path.join(self.workdir, name, RESULT)
@@ -143,8 +144,10 @@ class _Units:
     path = self.path(name)
     if os.path.isfile(path):
       with open(path) as f:
-        self.kept.append(name)
-        return json.load(f)
+        out = json.load(f)
+      self.kept.append(name)
+      self.seconds[name] = out.get('unit_seconds', 0.0)
+      return out
     t0 = time.time()
     logging.info('ablation: unit %s', name)
     out = fn()
@@ -157,6 +160,7 @@ class _Units:
         json.dump(out, f, indent=1, default=float)
       os.replace(path + '.tmp', path)  # Atomic: a unit cut short leaves no result.
     self.ran.append(name)
+    self.seconds[name] = out['unit_seconds']
     logging.info('ablation: unit %s done in %.0fs', name, out['unit_seconds'])
     return out
 
@@ -170,11 +174,11 @@ class _Stopped(Exception):
 def _options(config) -> dict:
   a = config.ablation
   o = dict(train_seeds=ints(a.train_seeds, 'config.ablation.train_seeds'),
-      sample_seeds=ints(a.sample_seeds, 'config.ablation.sample_seeds'),
-      cfg_grid=floats(a.cfg_grid, 'config.ablation.cfg_grid'),
-      schedules=tuple(s.strip() for s in str(a.schedules).split(',') if s.strip()),
-      val_per_class=int(a.val_per_class), test_per_class=int(a.test_per_class),
-      timing_repeats=int(a.timing_repeats))
+           sample_seeds=ints(a.sample_seeds, 'config.ablation.sample_seeds'),
+           cfg_grid=floats(a.cfg_grid, 'config.ablation.cfg_grid'),
+           schedules=tuple(s.strip() for s in str(a.schedules).split(',') if s.strip()),
+           val_per_class=int(a.val_per_class), test_per_class=int(a.test_per_class),
+           timing_repeats=int(a.timing_repeats))
   for key in ('train_seeds', 'sample_seeds', 'cfg_grid', 'schedules'):
     if not o[key]:
       raise ConfigError(f'config.ablation.{key} is empty')
@@ -195,17 +199,17 @@ def _options(config) -> dict:
       raise ConfigError(f'config.ablation.{key}={a[key]} must be >= 0 (0 = config.train.steps)')
   if int(config.train.steps) < 1:
     raise ConfigError(f'config.train.steps={config.train.steps}: the ablation needs a step count (>= 1), the '
-             'same for every model')
+                      'same for every model')
   if config.data.source == 'synthetic':
     raise ConfigError('config.data is missing (its source is the default, synthetic): the proxy metrics '
-             'compare with real images of a data set')
+                      'compare with real images of a data set')
   return o
 
 
 def _git_commit() -> str:
   try:
     return subprocess.run(['git', 'rev-parse', 'HEAD'], capture_output=True, text=True, timeout=10,
-               cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or 'unknown'
+                          cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or 'unknown'
   except (OSError, subprocess.SubprocessError):
     return 'unknown'
 
@@ -247,7 +251,7 @@ class _Ablation:
       if not s.get('export'):
         raise _Stopped({**s, 'stage': 'tokenizer'})
       return {'export': s['export'], 'trained_here': True, 'steps': s['end_step'],
-          'eval_psnr_end': s.get('eval_psnr_end')}
+              'eval_psnr_end': s.get('eval_psnr_end')}
     return self.units('tokenizer', fn)['export']
 
   def tokens(self, split: str, patch_nums, name: str) -> str:
@@ -260,7 +264,7 @@ class _Ablation:
       c.tokenize.out_dir, c.tokenize.split = out_dir, split
       s = tokenize.run(c, self.workdir)
       return {'out_dir': out_dir, 'split': split, 'patch_nums': list(patch_nums),
-          'count': s.get('count')}
+              'count': s.get('count')}
     return self.units(f'tokens/{name}', fn)['out_dir']
 
   # --- models ---
@@ -283,8 +287,8 @@ class _Ablation:
       if not s.get('export'):
         raise _Stopped({**s, 'stage': name})
       return {'export': s['export'], 'kind': kind, 'seed': seed, 'steps': steps,
-          'steps_per_s': _steps_per_s(os.path.join(root, 'metrics.jsonl')),
-          'last_loss': s.get('last_loss'), 'patch_nums': list(self.pn)}
+              'steps_per_s': _steps_per_s(os.path.join(root, 'metrics.jsonl')),
+              'last_loss': s.get('last_loss'), 'patch_nums': list(self.pn)}
     return self.units(name, fn)
 
   def distilled(self, teacher: dict) -> dict:
@@ -303,9 +307,9 @@ class _Ablation:
       if not s.get('export'):
         raise _Stopped({**s, 'stage': name})
       return {'export': s['export'], 'kind': 'distilled', 'seed': teacher['seed'], 'steps': steps,
-          'teacher': teacher['export'], 'teacher_steps': teacher['steps'],
-          'steps_per_s': _steps_per_s(os.path.join(root, 'metrics.jsonl')),
-          'last_loss': s.get('last_loss'), 'patch_nums': list(self.student_pn)}
+              'teacher': teacher['export'], 'teacher_steps': teacher['steps'],
+              'steps_per_s': _steps_per_s(os.path.join(root, 'metrics.jsonl')),
+              'last_loss': s.get('last_loss'), 'patch_nums': list(self.student_pn)}
     return self.units(name, fn)
 
   def heldout(self, name: str, model: dict) -> dict:
@@ -315,9 +319,9 @@ class _Ablation:
       sampler, var_params, vae_params = sampler_from_config(c)
       student = tuple(model['patch_nums']) != tuple(self.pn)
       cache = TokenCache(self.cache_student_test if student else self.cache_test,
-               patch_nums=sampler.var_config.patch_nums)
+                         patch_nums=sampler.var_config.patch_nums)
       r = heldout_token_loss(sampler.var_config, var_params, sampler.vae_config, vae_params,
-                 cache.ids[:, 0], cache.labels, batch_size=int(c.eval.batch_size))
+                             cache.ids[:, 0], cache.labels, batch_size=int(c.eval.batch_size))
       return r
     return self.units(f'heldout/{name.replace("models/", "")}', fn)
 
@@ -325,8 +329,8 @@ class _Ablation:
   def sampler_values(self, schedule: str, cfg: float, mr: str | None) -> dict:
     srdd = PROTOCOLS['srdd']
     return dict(cfg=float(cfg), cfg_schedule=schedule,
-          mr_threshold=float(srdd['mr_threshold']) if mr else 0.0,
-          mr_iterations=int(srdd['mr_iterations']) if mr else 0, mr_mode=mr or 'redraw')
+                mr_threshold=float(srdd['mr_threshold']) if mr else 0.0,
+                mr_iterations=int(srdd['mr_iterations']) if mr else 0, mr_mode=mr or 'redraw')
 
   def prepared(self, model: dict, values: dict):
     c = self.cfg()
@@ -340,14 +344,14 @@ class _Ablation:
       n_par = pm.data_parallel_size(sampler.mesh)
       if bs < 1 or bs % n_par:
         raise ConfigError(f'config.eval.batch_size={bs} must be a positive multiple of the data-parallel '
-                 f'size {n_par}')
+                          f'size {n_par}')
       labels = self._labels(sampler, np.zeros((bs,), np.int32))
       t0 = time.time()
       compiled = jit_inference(sampler.sample).lower(var_params, vae_params, labels, batch_rng(0, 0)).compile()
       stats = compiled_stats(compiled)
       logging.info('ablation: sampler compiled in %.1fs (%s, cfg %g %s, MR %s)', time.time() - t0,
-            os.path.basename(model['export']), values['cfg'], values['cfg_schedule'],
-            values['mr_mode'] if values['mr_iterations'] else 'off')
+                   os.path.basename(model['export']), values['cfg'], values['cfg_schedule'],
+                   values['mr_mode'] if values['mr_iterations'] else 'off')
       self.compiled[key] = (sampler, compiled, stats, bs)
     sampler, compiled, stats, bs = self.compiled[key]
     return sampler, var_params, vae_params, compiled, stats, bs
@@ -369,7 +373,7 @@ class _Ablation:
       done = start + len(lab)
       rate = done / max(time.time() - t0, 1e-9)
       logging.info('ablation: sampled %d/%d images (%.1f img/s, ETA %.0fs)', done, len(labels), rate,
-            (len(labels) - done) / rate)
+                   (len(labels) - done) / rate)
     return np.concatenate(out), labels
 
   def classifier(self, size: int):
@@ -378,7 +382,7 @@ class _Ablation:
       kwargs = {'epochs': int(c.eval.proxy_epochs)} if int(c.eval.proxy_epochs) > 0 else {}
       # One classifier for every variant (seed 0, whatever the training seed): fd numbers compare.
       self.clf = classifier.train_or_load(c.data, size, os.path.join(self.workdir, 'proxy_classifier'),
-                        seed=0, **kwargs)
+                                          seed=0, **kwargs)
     return self.clf
 
   def reals(self, size: int, which: str):
@@ -386,7 +390,7 @@ class _Ablation:
       clf = self.classifier(size)
       r = clf.info['request']
       images, _, _ = classifier.load_split(self.cfg().data, size, which, train_split=r['train_split'],
-                        test_split=r['test_split'])
+                                           test_split=r['test_split'])
       images = images[:int(self.cfg().eval.proxy_examples)]
       self.real_stats[which] = (proxy.feature_statistics(clf, images, what=f'{which} real images'), len(images))
     return self.real_stats[which]
@@ -398,10 +402,10 @@ class _Ablation:
     stats, n_real = self.reals(size, which)
     m = proxy.proxy_metrics(clf, None, images, labels, real_stats=stats)
     return {'fd_name': proxy.fd_name(clf), 'fd': m[proxy.fd_name(clf)],
-        'class_consistency': m['class_consistency'],
-        'classifier_test_accuracy': m['classifier_test_accuracy'], 'proxy_classifier': clf.key,
-        'real_split': which, 'real_examples': n_real, 'num_samples': int(len(labels)),
-        'sampling_seed': seed, 'sampler': values, 'model': model['export']}
+            'class_consistency': m['class_consistency'],
+            'classifier_test_accuracy': m['classifier_test_accuracy'], 'proxy_classifier': clf.key,
+            'real_split': which, 'real_examples': n_real, 'num_samples': int(len(labels)),
+            'sampling_seed': seed, 'sampler': values, 'model': model['export']}
 
   # --- selection ---
   def select(self, variant: str, model: dict) -> dict:
@@ -420,8 +424,8 @@ class _Ablation:
         scores[(schedule, cfg)] = seen[guidance] = r['fd']
     schedule, cfg = select_guidance(scores, o['schedules'])
     return {'schedule': schedule, 'cfg': cfg, 'model': model['export'], 'validation_seed': VALIDATION_SEED,
-        'real_split': 'train', 'per_class': o['val_per_class'],
-        'scores': [{'schedule': s, 'cfg': c, 'fd': v} for (s, c), v in scores.items()]}
+            'real_split': 'train', 'per_class': o['val_per_class'],
+            'scores': [{'schedule': s, 'cfg': c, 'fd': v} for (s, c), v in scores.items()]}
 
   def teacher(self, markov: list[dict], choice: dict) -> dict:
     """The markov model with the lowest validation score under (c)'s choice."""
@@ -429,7 +433,7 @@ class _Ablation:
     scores = []
     for m in markov:
       r = self.units(f'selection/teacher/seed{m["seed"]}',
-             lambda m=m: self.score(m, values, self.o['val_per_class'], VALIDATION_SEED, 'train'))
+                     lambda m=m: self.score(m, values, self.o['val_per_class'], VALIDATION_SEED, 'train'))
       scores.append((r['fd'], m['seed'], m))
     best = min(scores, key=lambda t: (t[0], t[1]))
     return {**best[2], 'validation_scores': {str(s): fd for fd, s, _ in scores}}
@@ -440,7 +444,7 @@ class _Ablation:
     for m in models:
       for s in self.o['sample_seeds']:
         r = self.units(f'evaluation/{variant}/train{m["seed"]}_sample{s}',
-               lambda m=m, s=s: self.score(m, values, self.o['test_per_class'], s, 'test'))
+                       lambda m=m, s=s: self.score(m, values, self.o['test_per_class'], s, 'test'))
         runs.append(r)
     return {'runs': runs}
 
@@ -456,10 +460,10 @@ class _Ablation:
         times.append(time.perf_counter() - t0)
       t = statistics.median(times)
       return {'batch': bs, 'seconds_per_batch': t, 'images_per_s': bs / t, 'seconds_per_image': t / bs,
-          'compiled_memory_bytes': needed_bytes(stats['memory']), 'memory': stats['memory'],
-          'forward_passes_per_image': sampler.forward_passes(),
-          'sampler': dataclasses.asdict(sampler.config), 'device': str(jax.devices()[0].device_kind),
-          'devices': jax.device_count()}
+              'compiled_memory_bytes': needed_bytes(stats['memory']), 'memory': stats['memory'],
+              'forward_passes_per_image': sampler.forward_passes(),
+              'sampler': dataclasses.asdict(sampler.config), 'device': str(jax.devices()[0].device_kind),
+              'devices': jax.device_count()}
     return self.units(f'cost/{variant}', fn)
 
   # --- everything ---
@@ -486,20 +490,25 @@ class _Ablation:
     heldout = {}
     for kind, ms in models.items():
       heldout[kind] = [self.heldout(f'{kind}_seed{m["seed"]}' if kind != 'distilled' else 'distilled', m)
-              for m in ms]
+                       for m in ms]
     variants = {}
     for v, (kind, guide, mr) in VARIANTS.items():
       g = var_protocol if guide == 'var' else {'cfg_schedule': selection[guide]['schedule'],
-                          'cfg': selection[guide]['cfg']}
+                                               'cfg': selection[guide]['cfg']}
       values = self.sampler_values(g['cfg_schedule'], g['cfg'], mr)
       ev = self.evaluate(v, models[kind], values)
       cost = self.cost(v, models[kind][0], values)
       variants[v] = self.summarise(v, kind, values, ev, cost, models[kind], heldout[kind],
-                    selection.get(guide), teacher if kind == 'distilled' else None)
+                                   selection.get(guide), teacher if kind == 'distilled' else None)
     out = self.report(variants, selection, teacher)
-    out['seconds'] = round(time.time() - t_all, 1)
-    out['units_run'], out['units_kept'] = list(self.units.ran), len(self.units.kept)
-    return out
+    # What main prints: the headline numbers and where the rest is (ablation.json has everything).
+    return {'outputs': out['outputs'], 'quick': out['quick'], 'seconds': round(time.time() - t_all, 1),
+            'units_run': list(self.units.ran), 'units_kept': len(self.units.kept),
+            'variants': {v: {'name': r['name'], 'fd_mean': r['fd']['mean'], 'fd_std': r['fd']['std'],
+                             'class_consistency_mean': r['class_consistency']['mean'],
+                             'images_per_s': r['images_per_s'], 'cfg': r['sampler']['cfg'],
+                             'cfg_schedule': r['sampler']['cfg_schedule']}
+                         for v, r in variants.items()}}
 
   def summarise(self, v, kind, values, ev, cost, models, heldout, selection, teacher) -> dict:
     runs = ev['runs']
@@ -514,22 +523,22 @@ class _Ablation:
     rates = [m['steps_per_s'] for m in models if m.get('steps_per_s')]
     steps = models[0]['steps'] + (models[0].get('teacher_steps') or 0)
     return {
-      'name': NAMES[v], 'description': DESCRIPTIONS[v], 'model_kind': kind, 'sampler': values,
-      'train_seeds': [m['seed'] for m in models], 'sample_seeds': list(self.o['sample_seeds']),
-      'fd_name': runs[0]['fd_name'], 'fd': fd, 'class_consistency': cc,
-      'heldout_token_loss': {'patch_nums': heldout[0]['patch_nums'], 'per_scale_mean': losses.mean(0).tolist(),
-                 'per_scale_std': (losses.std(0, ddof=1) if len(losses) > 1 else 0 * losses[0]).tolist(),
-                 'mean_loss': mean_std([h['mean_loss'] for h in heldout])},
-      'train_step_seconds': 1.0 / float(np.mean(rates)) if rates else None,
-      'training_steps': steps,
-      'training_steps_note': ('teacher + student steps' if kind == 'distilled' else
-                  'its own model, trained from scratch' if kind == 'refine' else 'one model'),
-      'images_per_s': cost['images_per_s'], 'seconds_per_image': cost['seconds_per_image'],
-      'compiled_sampling_memory_bytes': cost['compiled_memory_bytes'],
-      'forward_passes_per_image': cost['forward_passes_per_image'],
-      'selection': selection, 'teacher': teacher and {'export': teacher['export'], 'seed': teacher['seed'],
-                              'validation_scores': teacher['validation_scores']},
-      'runs': runs}
+        'name': NAMES[v], 'description': DESCRIPTIONS[v], 'model_kind': kind, 'sampler': values,
+        'train_seeds': [m['seed'] for m in models], 'sample_seeds': list(self.o['sample_seeds']),
+        'fd_name': runs[0]['fd_name'], 'fd': fd, 'class_consistency': cc,
+        'heldout_token_loss': {'patch_nums': heldout[0]['patch_nums'], 'per_scale_mean': losses.mean(0).tolist(),
+                             'per_scale_std': (losses.std(0, ddof=1) if len(losses) > 1 else 0 * losses[0]).tolist(),
+                             'mean_loss': mean_std([h['mean_loss'] for h in heldout])},
+        'train_step_seconds': 1.0 / float(np.mean(rates)) if rates else None,
+        'training_steps': steps,
+        'training_steps_note': ('teacher + student steps' if kind == 'distilled' else
+                              'its own model, trained from scratch' if kind == 'refine' else 'one model'),
+        'images_per_s': cost['images_per_s'], 'seconds_per_image': cost['seconds_per_image'],
+        'compiled_sampling_memory_bytes': cost['compiled_memory_bytes'],
+        'forward_passes_per_image': cost['forward_passes_per_image'],
+        'selection': selection, 'teacher': teacher and {'export': teacher['export'], 'seed': teacher['seed'],
+                                                      'validation_scores': teacher['validation_scores']},
+        'runs': runs}
 
   # --- outputs ---
   def report(self, variants, selection, teacher) -> dict:
@@ -538,23 +547,27 @@ class _Ablation:
     noise = noise_statements(fd_stats, 'fd') + noise_statements(cc_stats, 'class_consistency')
     c = self.cfg()
     out = {
-      'command': ' '.join(sys.argv) if sys.argv else '', 'commit': _git_commit(),
-      'quick': bool(c.ablation.quick),
-      'protocol': {
-        **{k: list(v) if isinstance(v, tuple) else v for k, v in self.o.items()},
-        'validation_seed': VALIDATION_SEED, 'noise_rule': f'|difference of means| < {NOISE_FACTOR:g} x larger std',
-        'selection_rule': 'lowest validation fd (val_per_class per class, validation seed, training-split '
-                          'reals, no MR) on the first training seed\'s model; ties: smaller cfg, then the '
-                          'earlier schedule; applied to every training seed',
-        'var_protocol': dict(PROTOCOLS['var']),
-        'mr': {k: PROTOCOLS['srdd'][k] for k in ('mr_threshold', 'mr_iterations')},
-        'training_steps': self.steps, 'data': c.data.source, 'tokenizer': self.tok,
-        'top_k': int(c.sampler.top_k), 'top_p': float(c.sampler.top_p),
-        'test_split_reals': int(self.real_stats.get('test', (None, 0))[1] or c.eval.proxy_examples)},
-      'variants': variants, 'selection': selection, 'noise': noise,
-      'teacher': {'export': teacher['export'], 'seed': teacher['seed'],
+        'command': ' '.join(sys.argv) if sys.argv else '', 'commit': _git_commit(),
+        'quick': bool(c.ablation.quick),
+        'protocol': {
+          **{k: list(v) if isinstance(v, tuple) else v for k, v in self.o.items()},
+          'validation_seed': VALIDATION_SEED, 'noise_rule': f'|difference of means| < {NOISE_FACTOR:g} x larger std',
+          'selection_rule': 'lowest validation fd (val_per_class per class, validation seed, training-split '
+          'reals, no MR) on the first training seed\'s model; ties: smaller cfg, then the '
+          'earlier schedule; applied to every training seed',
+          'var_protocol': dict(PROTOCOLS['var']),
+          'mr': {k: PROTOCOLS['srdd'][k] for k in ('mr_threshold', 'mr_iterations')},
+          'training_steps': self.steps, 'data': c.data.source, 'tokenizer': self.tok,
+          'top_k': int(c.sampler.top_k), 'top_p': float(c.sampler.top_p),
+          'test_split_reals': int(next(iter(variants.values()))['runs'][0]['real_examples'])},
+      # Wall time of every unit, summed over the runs that did them (resumed runs included).
+        'unit_seconds': {'total': round(sum(self.units.seconds.values()), 1),
+                       **{g: round(sum(t for u, t in self.units.seconds.items() if u.split('/')[0] == g), 1)
+                          for g in sorted({u.split('/')[0] for u in self.units.seconds})}},
+        'variants': variants, 'selection': selection, 'noise': noise,
+        'teacher': {'export': teacher['export'], 'seed': teacher['seed'],
                   'validation_scores': teacher['validation_scores']},
-      'outputs': {k: os.path.join(self.workdir, f'ablation.{k}') for k in ('json', 'md', 'png')}}
+        'outputs': {k: os.path.join(self.workdir, f'ablation.{k}') for k in ('json', 'md', 'png')}}
     if multihost.is_main_process():
       with open(os.path.join(self.workdir, 'ablation.json'), 'w') as f:
         json.dump(out, f, indent=1, default=float)
@@ -568,14 +581,16 @@ def markdown(out: dict) -> str:
   p = out['protocol']
   v0 = next(iter(out['variants'].values()))
   lines = [f'# VAR vs SDD ablation{" (quick: smoke-test sizes, not a result)" if out["quick"] else ""}', '',
-      f'Command: `{out["command"]}`  ', f'Commit: `{out["commit"]}`', '',
-      f'Training: {p["training_steps"]} steps per model, training seeds {p["train_seeds"]}; sampling seeds '
-      f'{p["sample_seeds"]} x {p["test_per_class"]} per class, scored against {p["test_split_reals"]} test-split '
-      f'images. Guidance selection: {p["selection_rule"]}; grid {p["cfg_grid"]} x {p["schedules"]}. '
-      f'`{v0["fd_name"]}` is the proxy classifier\'s Fréchet distance (not an FID): lower is better.', '',
-      '| | variant | guidance | MR | ' + v0['fd_name'] + ' | class consistency | held-out token loss per scale '
-      '| train step s | training steps | images/s | compiled sampling MiB | passes/image |',
-      '|---|---|---|---|---|---|---|---|---|---|---|---|']
+           f'Command: `{out["command"]}`  ', f'Commit: `{out["commit"]}`  ',
+           f'Wall time of its units: {out["unit_seconds"]["total"]:.0f} s (' +
+           ', '.join(f'{k} {v:.0f} s' for k, v in out['unit_seconds'].items() if k != 'total') + ')', '',
+           f'Training: {p["training_steps"]} steps per model, training seeds {p["train_seeds"]}; sampling seeds '
+           f'{p["sample_seeds"]} x {p["test_per_class"]} per class, scored against {p["test_split_reals"]} test-split '
+           f'images. Guidance selection: {p["selection_rule"]}; grid {p["cfg_grid"]} x {p["schedules"]}. '
+           f'`{v0["fd_name"]}` is the proxy classifier\'s Fréchet distance (not an FID): lower is better.', '',
+           '| | variant | guidance | MR | ' + v0['fd_name'] + ' | class consistency | held-out token loss per scale '
+           '| train step s | training steps | images/s | compiled sampling MiB | passes/image |',
+           '|---|---|---|---|---|---|---|---|---|---|---|---|']
   for v, r in out['variants'].items():
     s = r['sampler']
     mr = f'{s["mr_mode"]} {s["mr_threshold"]:g} x {s["mr_iterations"]}' if s['mr_iterations'] else 'off'
@@ -583,15 +598,15 @@ def markdown(out: dict) -> str:
     mem = r['compiled_sampling_memory_bytes']
     step = r['train_step_seconds']
     lines.append(f'| ({v}) | {r["name"]}: {r["description"]} | {s["cfg_schedule"]} {s["cfg"]:g} | {mr} | '
-          f'{r["fd"]["mean"]:.3f} ± {r["fd"]["std"]:.3f} (n={r["fd"]["n"]}) | '
-          f'{r["class_consistency"]["mean"]:.3f} ± {r["class_consistency"]["std"]:.3f} | {loss} | '
-          f'{"n/a" if step is None else f"{step:.4f}"} | {r["training_steps"]} ({r["training_steps_note"]}) | '
-          f'{r["images_per_s"]:.1f} | {"n/a" if mem is None else f"{mem / 2 ** 20:.1f}"} | '
-          f'{r["forward_passes_per_image"]} |')
+                 f'{r["fd"]["mean"]:.3f} ± {r["fd"]["std"]:.3f} (n={r["fd"]["n"]}) | '
+                 f'{r["class_consistency"]["mean"]:.3f} ± {r["class_consistency"]["std"]:.3f} | {loss} | '
+                 f'{"n/a" if step is None else f"{step:.4f}"} | {r["training_steps"]} ({r["training_steps_note"]}) | '
+                 f'{r["images_per_s"]:.1f} | {"n/a" if mem is None else f"{mem / 2 ** 20:.1f}"} | '
+                 f'{r["forward_passes_per_image"]} |')
   lines += ['', 'Mean ± standard deviation over every (training seed, sampling seed) run; (a), (b), (c), (d), (e) and '
-       '(g) use every training seed\'s model, (f) the one student.', '',
-       f'## Which differences are within seed noise ({p["noise_rule"]})', '']
-  lines += _noise_lines(out['noise'])
+            '(g) use every training seed\'s model, (f) the one student.', '',
+            f'## Which differences are within seed noise ({p["noise_rule"]})', '']
+  lines += noise_lines(out['noise'])
   return '\n'.join(lines) + '\n'
 
 
@@ -632,4 +647,4 @@ def run(config, workdir: str) -> dict:
   except _Stopped as e:
     s = e.summary
     return {'stopped_by': s.get('stopped_by') or 'request', 'complete': False, 'stage': s.get('stage'),
-        'end_step': s.get('end_step')}
+            'end_step': s.get('end_step')}

@@ -22,7 +22,9 @@ def _tiny_config(tokenizer=''):
                            gan_weight=0.0, dead_code_restart_every=0, prefetch=False)
   c.model.update(depth=1, width=32, heads=1, num_classes=10, mask='markov', drop_path_rate=0.0, scan=False)
   c.train.update(global_batch=16, steps=4, log_every=2, checkpoint_every=4, keep_checkpoints=1)
-  c.optim.update(base_lr=1e-2, warmup_steps=1)
+  # A high rate (peak 0.03): four steps take each model far enough from its initialisation that the
+  # variants' samples differ (near-initial models all draw the same tokens from the same keys).
+  c.optim.update(base_lr=0.5, warmup_steps=1)
   c.tokenize.update(batch_size=64)
   c.sampler.update(top_k=0, top_p=0.0)
   c.eval.update(batch_size=16, proxy_epochs=1, proxy_examples=100)
@@ -55,6 +57,10 @@ def test_the_whole_ablation_runs_and_resumes_without_redoing(tmp_path):
     assert len(r['heldout_token_loss']['per_scale_mean']) == len(r['heldout_token_loss']['patch_nums'])
     assert r['images_per_s'] > 0 and r['train_step_seconds'] > 0
   v = out['variants']
+  fds = lambda k: [x['fd'] for x in v[k]['runs']]
+  # Each variant samples its own model: VAR's and SDD's models differ, and so do the seeds' models.
+  assert fds('a') != fds('b') and fds('b') != fds('e') and fds('a')[:2] != fds('a')[2:]
+  assert v['c']['runs'][0]['model'] == v['b']['runs'][0]['model'] != v['a']['runs'][0]['model']
   # The protocols: VAR's for (a), (b); MR added to the selected guidance; refine costs passes, redraw none.
   assert (v['a']['sampler']['cfg'], v['a']['sampler']['cfg_schedule']) == (1.5, 'linear') == \
          (v['b']['sampler']['cfg'], v['b']['sampler']['cfg_schedule'])

@@ -80,7 +80,7 @@ def test_the_whole_ablation_runs_and_resumes_without_redoing(tmp_path):
   assert out['teacher']['seed'] in (0, 1) and out['protocol']['tokenizer'] == vae
   assert len(out['noise']) == 2 * 21  # Every pair of 7 variants, for fd and class consistency.
   md = open(os.path.join(wd, 'ablation.md')).read()
-  assert md.count('\n| (') == 7 and 'seed noise' in md
+  assert md.count('\n| (') == 7 and 'seed noise' in md and md.count('\n- SDD vs VAR (same protocol): (b) ') == 1
   from PIL import Image
   assert Image.open(os.path.join(wd, 'ablation.png')).size == (720, 480)
   assert len(first['units_run']) > 20
@@ -117,6 +117,14 @@ def test_noise_statement_on_hand_made_numbers():
   lines = ablation.noise_lines(ablation.noise_statements(stats, 'fd'))
   assert 'within seed noise' in lines[0] and 'beyond seed noise' in lines[1]
   assert ablation.mean_std([1.0, 3.0]) == {'mean': 2.0, 'std': pytest.approx(2 ** 0.5), 'n': 2, 'values': [1.0, 3.0]}
+
+
+def test_headlines_say_which_is_better_only_beyond_noise():
+  stats = {'a': {'mean': 10.0, 'std': 0.2}, 'b': {'mean': 11.0, 'std': 0.1}, 'c': {'mean': 10.9, 'std': 0.3}}
+  lines = ablation.headlines(stats)
+  assert lines == [
+      '- SDD vs VAR (same protocol): (b) 11 vs (a) 10: (b) is worse than (a) by 1, beyond seed noise (0.4).',
+      '- best guidance on SDD: (c) 10.9 vs (b) 11: no difference beyond seed noise (|difference| 0.1 < 0.6).']
 
 
 @pytest.mark.parametrize('key, value, match', [

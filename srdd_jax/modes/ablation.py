@@ -24,8 +24,13 @@ The teacher of (f) is the markov seed whose model scores lowest on the same vali
 Each unit of work (tokenizer, token caches, each model, each validation point, each test evaluation, each
 held-out loss, each timing) writes WORKDIR/<unit>/result.json and is skipped when that file exists, so an
 interrupted run resumes without redoing finished units (training units also resume from checkpoints).
-Outputs: WORKDIR/ablation.json (every number and the protocol), ablation.md (the table and which differences
-are within seed noise, computed) and ablation.png (quality against sampling seconds per image).
+Outputs: WORKDIR/ablation.json (every number and the protocol), ablation.md (the table, one computed
+sentence per question of HEADLINES saying which variant is better only where the difference is beyond seed
+noise, and every pair) and ablation.png (quality against sampling seconds per image).
+
+Fairness: every model gets config.train.steps (refine_steps / distill_steps 0 = the same); the refine model
+and the student are extra training on the markov side, shown in the table's "training steps" column. The
+selection's validation sampling is the same grid for every selected variant; (a) and (b) select nothing.
 """
 from __future__ import annotations
 
@@ -123,6 +128,30 @@ def noise_lines(statements) -> list[str]:
     lines.append(f'- ({x}) vs ({y}), {s["metric"]}: |difference| {s["difference"]:.4g} {rel} '
                  f'{NOISE_FACTOR:g} x larger std = {s["bound"]:.4g}: **{verdict}**')
   return lines
+
+
+# The comparisons the ablation is for: (question, variant, its reference).
+HEADLINES = (('SDD vs VAR (same protocol)', 'b', 'a'), ('best guidance on SDD', 'c', 'b'),
+             ('MR redraw on SDD', 'd', 'c'), ('trained MR refine', 'e', 'c'), ('scale distillation', 'f', 'c'),
+             ('best guidance + MR redraw on VAR', 'g', 'a'), ('SDD with its tools vs VAR with them', 'd', 'g'))
+
+
+def headlines(fd_stats: dict, factor: float = NOISE_FACTOR) -> list[str]:
+  """One plain sentence per comparison of HEADLINES on the Fréchet distance (lower is better), saying
+  which is better and whether the difference is beyond seed noise; pairs with a missing variant are left out."""
+  out = []
+  for question, x, ref in HEADLINES:
+    if x not in fd_stats or ref not in fd_stats:
+      continue
+    a, b = fd_stats[x], fd_stats[ref]
+    diff, bound = a['mean'] - b['mean'], factor * max(a['std'], b['std'])
+    if abs(diff) < bound:
+      verdict = f'no difference beyond seed noise (|difference| {abs(diff):.4g} < {bound:.4g})'
+    else:
+      verdict = (f'({x}) is {"better" if diff < 0 else "worse"} than ({ref}) by {abs(diff):.4g}, beyond seed '
+                 f'noise ({bound:.4g})')
+    out.append(f'- {question}: ({x}) {a["mean"]:.4g} vs ({ref}) {b["mean"]:.4g}: {verdict}.')
+  return out
 
 
 # --- units ----------------------------------------------------------------------------------------
@@ -605,7 +634,9 @@ def markdown(out: dict) -> str:
                  f'{r["forward_passes_per_image"]} |')
   lines += ['', 'Mean ± standard deviation over every (training seed, sampling seed) run; (a), (b), (c), (d), (e) and '
             '(g) use every training seed\'s model, (f) the one student.', '',
-            f'## Which differences are within seed noise ({p["noise_rule"]})', '']
+            '## Findings (fd, lower is better; computed from the numbers above)', '']
+  lines += headlines({v: r['fd'] for v, r in out['variants'].items()})
+  lines += ['', f'## Which differences are within seed noise, every pair ({p["noise_rule"]})', '']
   lines += noise_lines(out['noise'])
   return '\n'.join(lines) + '\n'
 

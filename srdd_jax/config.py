@@ -139,6 +139,19 @@ DEFAULTS: dict = {
         kl_weight=0.0,  # > 0: + kl_weight * KL(teacher || student) on the student's inputs (markov teacher).
         kl_temperature=1.0,
         token_cache=''),  # '' = encode images in the step, else --mode=tokenize's cache at the student's scales.
+    # --mode=ablation (srdd_jax/modes/ablation.py): VAR against SDD and SRDD's tools, every variant with the
+    # same data, steps, optimizer and seeds, and one guidance-selection rule for all.
+    'ablation': dict(
+        train_seeds='0,1,2',  # Seeds (config.seed) of every trained model: init, data order, dropout.
+        sample_seeds='0,1,2',  # Test sampling seeds of every variant (batch i uses fold_in(PRNGKey(s), i)).
+        cfg_grid='0,1,1.5,2,3,5,8',  # Guidance strengths tried, the same grid for every selected variant.
+        schedules='linear,constant',  # Guidance schedules tried for "the best schedule".
+        val_per_class=20,  # Validation samples per class for the selection (seed 1000, training-split reals).
+        test_per_class=100,  # Test samples per class per sampling seed (scored against the test split).
+        refine_steps=0,  # Steps of the refine model (trained from scratch); 0 = config.train.steps.
+        distill_steps=0,  # Steps of the distilled student; 0 = config.train.steps (equal budget).
+        timing_repeats=3,  # Timed sampling calls (one batch of config.eval.batch_size) after a warm-up.
+        quick=False),  # Set by configs/ablation.py:quick (tiny steps, few samples); recorded in ablation.json.
     'optim': dict(
         base_lr=1e-4,  # Per 256 examples: peak LR = base_lr * global_batch / 256.
         weight_decay=0.05, weight_decay_end=-1.0,

@@ -3,7 +3,8 @@
 Modes: `train_tokenizer` (the VQ-VAE, configs/tokenizer_smoke.py), `tokenize` (a token cache of a data
 set), `train` (the transformer), `distill` (a student on fewer scales, from a trained teacher), `sample`,
 `edit` and `eval` (from trained or converted checkpoints, configs/sample.py), `reconstruct` (tokenizer round trip with PSNR), `all` (every stage of an embedded
-config in order: configs/fashion_mnist.py). Several processes: --multihost, or --coordinator_address,
+config in order: configs/fashion_mnist.py), `ablation` (VAR against SDD and SRDD's tools, every variant
+trained and evaluated alike, resumable: configs/ablation.py). Several processes: --multihost, or --coordinator_address,
 --num_processes, --process_id (launch/README.md).
 
 Exit status: 0 done; 2 an input that cannot work (a config key, path or value: one line on stderr says
@@ -23,6 +24,7 @@ from absl import logging
 from ml_collections import config_flags
 
 from srdd_jax.config import ConfigError, with_defaults
+from srdd_jax.modes import ablation
 from srdd_jax.modes import all as all_stages
 from srdd_jax.modes import distill
 from srdd_jax.modes import edit
@@ -35,7 +37,7 @@ from srdd_jax.train.driver import PREEMPTED_EXIT_CODE
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file (configs/<x>.py).')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for outputs, checkpoints and logs.')
 _MODE = flags.DEFINE_enum('mode', 'reconstruct', ['reconstruct', 'train', 'distill', 'sample', 'edit',
-                                                   'tokenize', 'train_tokenizer', 'eval', 'all'],
+                                                   'tokenize', 'train_tokenizer', 'eval', 'all', 'ablation'],
                             'What to run.')
 _MULTIHOST = flags.DEFINE_bool('multihost', False, 'Start jax.distributed with the cluster detected by '
                                 'JAX (TPU pods, SLURM, Open MPI).')
@@ -55,6 +57,7 @@ flags.mark_flags_as_required(['config', 'workdir'])
 _MODES = {
     'reconstruct': reconstruct.run,
     'all': all_stages.run,
+    'ablation': ablation.run,
     'train': train.run,
     'distill': distill.run,
     'tokenize': tokenize.run,

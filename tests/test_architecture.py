@@ -110,6 +110,11 @@ def test_every_module_follows_the_layers():
 _RUNNERS_EXTENDED = {'srdd_jax.modes.distill': ('srdd_jax.modes.train', 'srdd_jax.modes.train.TransformerTask')}
 
 
+# Modules that compose whole runs from the runners, stage after stage: main's table of modes, --mode=all
+# (the stages of one model) and --mode=ablation (those stages for every variant, and --mode=distill).
+COMPOSERS = ('srdd_jax.main', 'srdd_jax.modes.all', 'srdd_jax.modes.ablation')
+
+
 def test_only_main_imports_runners_and_nothing_imports_tools():
   for module, path in _modules():
     with open(path) as f:
@@ -120,7 +125,7 @@ def test_only_main_imports_runners_and_nothing_imports_tools():
         pytest.fail(f'{module}:{line} imports the command-line tool {target}')
       runners = [t for t in full if _unit(t) == 'modes' and t.split('.')[-1] != 'modes'
                  and t not in _RUNNERS_EXTENDED.get(module, ())]
-      if runners and module not in ('srdd_jax.main', 'srdd_jax.modes.all'):
+      if runners and module not in COMPOSERS:
         pytest.fail(f'{module}:{line} imports the runner {runners[0]}')
 
 

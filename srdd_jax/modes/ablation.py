@@ -1,0 +1,681 @@
+"""`--mode=ablation`: VAR against scale-wise discrete diffusion (SDD) and SRDD's tools, one resumable command.
+
+ python -m srdd_jax.main --config=configs/ablation.py --workdir=DIR --mode=ablation
+ python -m srdd_jax.main --config=configs/ablation.py:quick --workdir=DIR --mode=ablation   # smoke test
+
+Every variant shares the tokenizer, the token caches, the data, the steps, the optimizer and the seeds:
+
+ (a) var                causal mask, VAR's protocol (cfg 1.5 linear, no masked resampling)
+ (b) sdd                markov mask, the same protocol
+ (c) sdd_guided         markov, the best guidance schedule and strength (selection rule below)
+ (d) sdd_guided_redraw  (c) + masked resampling `redraw` (SRDD's 0.01 x 10)
+ (e) sdd_guided_refine  the refine model (config.model.refine, trained from scratch with the same steps),
+            its own selection + masked resampling `refine` (0.01 x 10)
+ (f) sdd_distilled      a student (--mode=distill, the same steps) of the best markov model, its own selection
+ (g) var_guided_redraw  the causal model, its own selection + `redraw`
+
+Selection rule, the same for (c), (e), (f), (g): for each schedule of config.ablation.schedules and each
+strength of config.ablation.cfg_grid, val_per_class samples per class with the validation seed (1000, no test
+seed) from the first training seed's model, without masked resampling, scored by the proxy Fréchet distance
+against *training-split* real images; the lowest wins, ties go to the smaller strength, then to the earlier
+schedule. The choice is applied to every training seed's model. The test split is never used to choose.
+The teacher of (f) is the markov seed whose model scores lowest on the same validation with (c)'s choice.
+
+Each unit of work (tokenizer, token caches, each model, each validation point, each test evaluation, each
+held-out loss, each timing) writes WORKDIR/<unit>/result.json and is skipped when that file exists, so an
+interrupted run resumes without redoing finished units (training units also resume from checkpoints).
+Outputs: WORKDIR/ablation.json (every number and the protocol), ablation.md (the table, one computed
+sentence per question of HEADLINES saying which variant is better only where the difference is beyond seed
+noise, and every pair) and ablation.png (quality against sampling seconds per image).
+
+Fairness: every model gets config.train.steps (refine_steps / distill_steps 0 = the same); the refine model
+and the student are extra training on the markov side, shown in the table's "training steps" column. The
+selection's validation sampling is the same grid for every selected variant; (a) and (b) select nothing.
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+from absl import logging
+from jax.sharding import NamedSharding, PartitionSpec
+
+from srdd_jax.config import ConfigError, floats, ints, with_defaults
+from srdd_jax.convert.loading import tokenizer_for_model
+from srdd_jax.data.images import to_uint8
+from srdd_jax.data.token_cache import TokenCache
+from srdd_jax.diffusion.filtering import PROTOCOLS
+from srdd_jax.diffusion.generate import sampler_from_config
+from srdd_jax.diffusion.sampler import batch_rng
+from srdd_jax.evaluation import classifier, proxy
+from srdd_jax.modes import distill, tokenize, train, train_tokenizer
+from srdd_jax.parallel import mesh as pm
+from srdd_jax.parallel import multihost
+from srdd_jax.parallel.compile import compiled_stats, jit_inference, needed_bytes
+from srdd_jax.train.distill import heldout_token_loss, student_patch_nums
+
+RESULT = 'result.json'
+VALIDATION_SEED = 1000  # Sampling seed of the selection: no test sampling seed (config.ablation.sample_seeds) is it.
+NOISE_FACTOR = 2.0  # A difference of means below NOISE_FACTOR x the larger std is within seed noise.
+
+# variant -> (model kind, guidance: 'var' (fixed VAR protocol) or the variant whose selection it uses, MR mode)
+VARIANTS = {
+    'a': ('causal', 'var', None),
+    'b': ('markov', 'var', None),
+    'c': ('markov', 'c', None),
+    'd': ('markov', 'c', 'redraw'),
+    'e': ('refine', 'e', 'refine'),
+    'f': ('distilled', 'f', None),
+    'g': ('causal', 'g', 'redraw'),
+}
+NAMES = {'a': 'var', 'b': 'sdd', 'c': 'sdd_guided', 'd': 'sdd_guided_redraw', 'e': 'sdd_guided_refine',
+         'f': 'sdd_distilled', 'g': 'var_guided_redraw'}
+DESCRIPTIONS = {
+    'a': 'VAR: causal mask, VAR protocol', 'b': 'SDD: markov mask, VAR protocol',
+    'c': 'SDD + best guidance', 'd': '(c) + MR redraw', 'e': 'refine model, own guidance + MR refine',
+    'f': 'distilled student of the best markov model, own guidance', 'g': 'VAR + best guidance + MR redraw'}
+
+
+# --- pure pieces (unit-tested) --------------------------------------------------------------------
+
+def select_guidance(scores, schedules) -> tuple[str, float]:
+  """(schedule, cfg) of the lowest validation score; ties go to the smaller cfg, then the earlier schedule.
+
+  scores: {(schedule, cfg): validation Fréchet distance}. Only validation scores come in: the rule
+  cannot see the test split."""
+  if not scores:
+    raise ValueError('select_guidance: no scores')
+  order = {s: i for i, s in enumerate(schedules)}
+  best = min(scores.values())
+  tol = 1e-9 * max(1.0, abs(best))
+  tied = [k for k, v in scores.items() if v - best <= tol]
+  return min(tied, key=lambda k: (k[1], order.get(k[0], len(order))))
+
+
+def mean_std(values) -> dict:
+  """{'mean', 'std' (sample std, 0 for one value), 'n', 'values'}."""
+  v = [float(x) for x in values]
+  return {'mean': float(np.mean(v)), 'std': float(np.std(v, ddof=1)) if len(v) > 1 else 0.0, 'n': len(v),
+          'values': v}
+
+
+def noise_statements(stats: dict, metric: str, factor: float = NOISE_FACTOR) -> list[dict]:
+  """Every pair of variants on `metric`: within seed noise when |difference of means| < factor x the
+  larger std. stats: {variant: {'mean', 'std'}}."""
+  out = []
+  for x, y in itertools.combinations(sorted(stats), 2):
+    a, b = stats[x], stats[y]
+    diff, bound = abs(a['mean'] - b['mean']), factor * max(a['std'], b['std'])
+    out.append({'pair': [x, y], 'metric': metric, 'difference': diff, 'bound': bound,
+                'within_noise': bool(diff < bound)})
+  return out
+
+
+def noise_lines(statements) -> list[str]:
+  lines = []
+  for s in statements:
+    x, y = s['pair']
+    verdict = 'within seed noise' if s['within_noise'] else 'beyond seed noise'
+    rel = '<' if s['within_noise'] else '>='
+    lines.append(f'- ({x}) vs ({y}), {s["metric"]}: |difference| {s["difference"]:.4g} {rel} '
+                 f'{NOISE_FACTOR:g} x larger std = {s["bound"]:.4g}: **{verdict}**')
+  return lines
+
+
+# The comparisons the ablation is for: (question, variant, its reference).
+HEADLINES = (('SDD vs VAR (same protocol)', 'b', 'a'), ('best guidance on SDD', 'c', 'b'),
+             ('MR redraw on SDD', 'd', 'c'), ('trained MR refine', 'e', 'c'), ('scale distillation', 'f', 'c'),
+             ('best guidance + MR redraw on VAR', 'g', 'a'), ('SDD with its tools vs VAR with them', 'd', 'g'))
+
+
+def headlines(fd_stats: dict, factor: float = NOISE_FACTOR) -> list[str]:
+  """One plain sentence per comparison of HEADLINES on the Fréchet distance (lower is better), saying
+  which is better and whether the difference is beyond seed noise; pairs with a missing variant are left out."""
+  out = []
+  for question, x, ref in HEADLINES:
+    if x not in fd_stats or ref not in fd_stats:
+      continue
+    a, b = fd_stats[x], fd_stats[ref]
+    diff, bound = a['mean'] - b['mean'], factor * max(a['std'], b['std'])
+    if abs(diff) < bound:
+      verdict = f'no difference beyond seed noise (|difference| {abs(diff):.4g} < {bound:.4g})'
+    else:
+      verdict = (f'({x}) is {"better" if diff < 0 else "worse"} than ({ref}) by {abs(diff):.4g}, beyond seed '
+                 f'noise ({bound:.4g})')
+    out.append(f'- {question}: ({x}) {a["mean"]:.4g} vs ({ref}) {b["mean"]:.4g}: {verdict}.')
+  return out
+
+
+# --- units ----------------------------------------------------------------------------------------
+
+class _Units:
+  """Runs each unit once: its result.json, when present, is the unit's result and the work is skipped."""
+
+  def __init__(self, workdir: str):
+    self.workdir, self.ran, self.kept = workdir, [], []
+    self.seconds = {}  # unit -> its wall time when it ran (kept units: as recorded then).
+
+  def path(self, name: str) -> str:
+    return os.path.join(self.workdir, name, RESULT)
+
+  def done(self, name: str) -> bool:
+    return os.path.isfile(self.path(name))
+
+  def __call__(self, name: str, fn):
+    path = self.path(name)
+    if os.path.isfile(path):
+      with open(path) as f:
+        out = json.load(f)
+      self.kept.append(name)
+      self.seconds[name] = out.get('unit_seconds', 0.0)
+      return out
+    t0 = time.time()
+    logging.info('ablation: unit %s', name)
+    out = fn()
+    if out is None:  # Stopped (a training stage interrupted): nothing recorded, resumed next time.
+      return None
+    out = {**out, 'unit_seconds': round(time.time() - t0, 2)}
+    if multihost.is_main_process():
+      os.makedirs(os.path.dirname(path), exist_ok=True)
+      with open(path + '.tmp', 'w') as f:
+        json.dump(out, f, indent=1, default=float)
+      os.replace(path + '.tmp', path)  # Atomic: a unit cut short leaves no result.
+    self.ran.append(name)
+    self.seconds[name] = out['unit_seconds']
+    logging.info('ablation: unit %s done in %.0fs', name, out['unit_seconds'])
+    return out
+
+
+class _Stopped(Exception):
+  def __init__(self, summary):
+    super().__init__('stopped')
+    self.summary = summary
+
+
+def _options(config) -> dict:
+  a = config.ablation
+  o = dict(train_seeds=ints(a.train_seeds, 'config.ablation.train_seeds'),
+           sample_seeds=ints(a.sample_seeds, 'config.ablation.sample_seeds'),
+           cfg_grid=floats(a.cfg_grid, 'config.ablation.cfg_grid'),
+           schedules=tuple(s.strip() for s in str(a.schedules).split(',') if s.strip()),
+           val_per_class=int(a.val_per_class), test_per_class=int(a.test_per_class),
+           timing_repeats=int(a.timing_repeats))
+  for key in ('train_seeds', 'sample_seeds', 'cfg_grid', 'schedules'):
+    if not o[key]:
+      raise ConfigError(f'config.ablation.{key} is empty')
+  if len(set(o['train_seeds'])) != len(o['train_seeds']) or len(set(o['sample_seeds'])) != len(o['sample_seeds']):
+    raise ConfigError('config.ablation.train_seeds / sample_seeds: repeated seeds')
+  if VALIDATION_SEED in o['sample_seeds']:
+    raise ConfigError(f'config.ablation.sample_seeds: {VALIDATION_SEED} is the validation seed; test seeds differ')
+  bad = [s for s in o['schedules'] if s not in ('linear', 'constant')]
+  if bad:
+    raise ConfigError(f'config.ablation.schedules: {bad[0]!r}; use linear and/or constant')
+  if any(c < 0 for c in o['cfg_grid']):
+    raise ConfigError(f'config.ablation.cfg_grid={a.cfg_grid!r}: strengths must be >= 0')
+  for key in ('val_per_class', 'test_per_class', 'timing_repeats'):
+    if o[key] < 1:
+      raise ConfigError(f'config.ablation.{key}={o[key]} must be >= 1')
+  for key in ('refine_steps', 'distill_steps'):
+    if int(a[key]) < 0:
+      raise ConfigError(f'config.ablation.{key}={a[key]} must be >= 0 (0 = config.train.steps)')
+  if int(config.train.steps) < 1:
+    raise ConfigError(f'config.train.steps={config.train.steps}: the ablation needs a step count (>= 1), the '
+                      'same for every model')
+  if config.data.source == 'synthetic':
+    raise ConfigError('config.data is missing (its source is the default, synthetic): the proxy metrics '
+                      'compare with real images of a data set')
+  return o
+
+
+def _git_commit() -> str:
+  try:
+    return subprocess.run(['git', 'rev-parse', 'HEAD'], capture_output=True, text=True, timeout=10,
+                          cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or 'unknown'
+  except (OSError, subprocess.SubprocessError):
+    return 'unknown'
+
+
+def _steps_per_s(metrics_path: str) -> float | None:
+  """Median training rate of the logged windows, the first one left out when there are others (it holds
+  the step's compilation)."""
+  if not os.path.isfile(metrics_path):
+    return None
+  with open(metrics_path) as f:
+    rates = [r['steps_per_s'] for r in map(json.loads, f) if 'steps_per_s' in r]
+  if len(rates) > 1:
+    rates = rates[1:]
+  return float(statistics.median(rates)) if rates else None
+
+
+# --- the run --------------------------------------------------------------------------------------
+
+class _Ablation:
+
+  def __init__(self, config, workdir: str):
+    self.base, self.workdir = config, workdir
+    self.o = _options(config)
+    self.units = _Units(workdir)
+    self.steps = int(config.train.steps)
+    self.compiled = {}  # (architecture, SamplerConfig) -> (sampler, compiled, stats, batch)
+    self.clf = None
+    self.real_stats = {}
+
+  def cfg(self):
+    return with_defaults(self.base)
+
+  # --- shared stages ---
+  def tokenizer(self) -> str:
+    def fn():
+      if self.base.tokenizer.checkpoint:
+        return {'export': self.base.tokenizer.checkpoint, 'trained_here': False}
+      s = train_tokenizer.run(self.cfg(), self.workdir)
+      if not s.get('export'):
+        raise _Stopped({**s, 'stage': 'tokenizer'})
+      return {'export': s['export'], 'trained_here': True, 'steps': s['end_step'],
+              'eval_psnr_end': s.get('eval_psnr_end')}
+    return self.units('tokenizer', fn)['export']
+
+  def tokens(self, split: str, patch_nums, name: str) -> str:
+    out_dir = os.path.join(self.workdir, 'tokens', name)
+
+    def fn():
+      c = self.cfg()
+      c.tokenizer.checkpoint = self.tok
+      c.model.patch_nums = tuple(patch_nums)
+      c.tokenize.out_dir, c.tokenize.split = out_dir, split
+      s = tokenize.run(c, self.workdir)
+      return {'out_dir': out_dir, 'split': split, 'patch_nums': list(patch_nums),
+              'count': s.get('count')}
+    return self.units(f'tokens/{name}', fn)['out_dir']
+
+  # --- models ---
+  def model(self, kind: str, seed: int) -> dict:
+    name = f'models/{kind}_seed{seed}'
+    root = os.path.join(self.workdir, name)
+
+    def fn():
+      c = self.cfg()
+      c.seed = seed
+      c.tokenizer.checkpoint = self.tok
+      c.data.token_cache = self.cache_train
+      c.model.mask = 'causal' if kind == 'causal' else 'markov'
+      c.model.refine = kind == 'refine'
+      steps = self.steps
+      if kind == 'refine' and int(c.ablation.refine_steps) > 0:
+        steps = int(c.ablation.refine_steps)
+      c.train.steps = steps
+      s = train.run(c, root)
+      if not s.get('export'):
+        raise _Stopped({**s, 'stage': name})
+      return {'export': s['export'], 'kind': kind, 'seed': seed, 'steps': steps,
+              'steps_per_s': _steps_per_s(os.path.join(root, 'metrics.jsonl')),
+              'last_loss': s.get('last_loss'), 'patch_nums': list(self.pn)}
+    return self.units(name, fn)
+
+  def distilled(self, teacher: dict) -> dict:
+    name = 'models/distilled'
+    root = os.path.join(self.workdir, name)
+
+    def fn():
+      c = self.cfg()
+      c.seed = teacher['seed']
+      c.tokenizer.checkpoint = self.tok
+      c.distill.teacher = teacher['export']
+      c.distill.token_cache = self.cache_student_train
+      steps = int(c.ablation.distill_steps) or self.steps
+      c.train.steps = steps
+      s = distill.run(c, root)
+      if not s.get('export'):
+        raise _Stopped({**s, 'stage': name})
+      return {'export': s['export'], 'kind': 'distilled', 'seed': teacher['seed'], 'steps': steps,
+              'teacher': teacher['export'], 'teacher_steps': teacher['steps'],
+              'steps_per_s': _steps_per_s(os.path.join(root, 'metrics.jsonl')),
+              'last_loss': s.get('last_loss'), 'patch_nums': list(self.student_pn)}
+    return self.units(name, fn)
+
+  def heldout(self, name: str, model: dict) -> dict:
+    def fn():
+      c = self.cfg()
+      c.tokenizer.checkpoint, c.model.checkpoint, c.model.mask = self.tok, model['export'], ''
+      sampler, var_params, vae_params = sampler_from_config(c)
+      student = tuple(model['patch_nums']) != tuple(self.pn)
+      cache = TokenCache(self.cache_student_test if student else self.cache_test,
+                         patch_nums=sampler.var_config.patch_nums)
+      r = heldout_token_loss(sampler.var_config, var_params, sampler.vae_config, vae_params,
+                             cache.ids[:, 0], cache.labels, batch_size=int(c.eval.batch_size))
+      return r
+    return self.units(f'heldout/{name.replace("models/", "")}', fn)
+
+  # --- sampling ---
+  def sampler_values(self, schedule: str, cfg: float, mr: str | None) -> dict:
+    srdd = PROTOCOLS['srdd']
+    return dict(cfg=float(cfg), cfg_schedule=schedule,
+                mr_threshold=float(srdd['mr_threshold']) if mr else 0.0,
+                mr_iterations=int(srdd['mr_iterations']) if mr else 0, mr_mode=mr or 'redraw')
+
+  def prepared(self, model: dict, values: dict):
+    c = self.cfg()
+    c.tokenizer.checkpoint, c.model.checkpoint, c.model.mask, c.model.refine = self.tok, model['export'], '', False
+    c.sampler.update(values)
+    sampler, var_params, vae_params = sampler_from_config(c)
+    # Keyed on the architecture, not the weights: the seeds' models share one compiled program.
+    key = (repr(sampler.var_config), repr(sampler.vae_config), sampler.config)
+    if key not in self.compiled:
+      bs = int(c.eval.batch_size)
+      n_par = pm.data_parallel_size(sampler.mesh)
+      if bs < 1 or bs % n_par:
+        raise ConfigError(f'config.eval.batch_size={bs} must be a positive multiple of the data-parallel '
+                          f'size {n_par}')
+      labels = self._labels(sampler, np.zeros((bs,), np.int32))
+      t0 = time.time()
+      compiled = jit_inference(sampler.sample).lower(var_params, vae_params, labels, batch_rng(0, 0)).compile()
+      stats = compiled_stats(compiled)
+      logging.info('ablation: sampler compiled in %.1fs (%s, cfg %g %s, MR %s)', time.time() - t0,
+                   os.path.basename(model['export']), values['cfg'], values['cfg_schedule'],
+                   values['mr_mode'] if values['mr_iterations'] else 'off')
+      self.compiled[key] = (sampler, compiled, stats, bs)
+    sampler, compiled, stats, bs = self.compiled[key]
+    return sampler, var_params, vae_params, compiled, stats, bs
+
+  @staticmethod
+  def _labels(sampler, labels):
+    return jax.device_put(np.asarray(labels, np.int32), NamedSharding(sampler.mesh, PartitionSpec(('data', 'fsdp'))))
+
+  def images(self, model: dict, values: dict, per_class: int, seed: int):
+    sampler, var_params, vae_params, compiled, _, bs = self.prepared(model, values)
+    classes = np.arange(sampler.var_config.num_classes, dtype=np.int32)
+    labels = np.repeat(classes, per_class)
+    out, t0 = [], time.time()
+    for bi, start in enumerate(range(0, len(labels), bs)):
+      lab = labels[start:start + bs]
+      full = np.concatenate([lab, np.repeat(lab[-1:], bs - len(lab))])
+      _, img = compiled(var_params, vae_params, self._labels(sampler, full), batch_rng(seed, bi))
+      out.append(to_uint8(multihost.gather(img))[:len(lab)])
+      done = start + len(lab)
+      rate = done / max(time.time() - t0, 1e-9)
+      logging.info('ablation: sampled %d/%d images (%.1f img/s, ETA %.0fs)', done, len(labels), rate,
+                   (len(labels) - done) / rate)
+    return np.concatenate(out), labels
+
+  def classifier(self, size: int):
+    if self.clf is None:
+      c = self.cfg()
+      kwargs = {'epochs': int(c.eval.proxy_epochs)} if int(c.eval.proxy_epochs) > 0 else {}
+      # One classifier for every variant (seed 0, whatever the training seed): fd numbers compare.
+      self.clf = classifier.train_or_load(c.data, size, os.path.join(self.workdir, 'proxy_classifier'),
+                                          seed=0, **kwargs)
+    return self.clf
+
+  def reals(self, size: int, which: str):
+    if which not in self.real_stats:
+      clf = self.classifier(size)
+      r = clf.info['request']
+      images, _, _ = classifier.load_split(self.cfg().data, size, which, train_split=r['train_split'],
+                                           test_split=r['test_split'])
+      images = images[:int(self.cfg().eval.proxy_examples)]
+      self.real_stats[which] = (proxy.feature_statistics(clf, images, what=f'{which} real images'), len(images))
+    return self.real_stats[which]
+
+  def score(self, model: dict, values: dict, per_class: int, seed: int, which: str) -> dict:
+    images, labels = self.images(model, values, per_class, seed)
+    size = int(images.shape[1])
+    clf = self.classifier(size)
+    stats, n_real = self.reals(size, which)
+    m = proxy.proxy_metrics(clf, None, images, labels, real_stats=stats)
+    return {'fd_name': proxy.fd_name(clf), 'fd': m[proxy.fd_name(clf)],
+            'class_consistency': m['class_consistency'],
+            'classifier_test_accuracy': m['classifier_test_accuracy'], 'proxy_classifier': clf.key,
+            'real_split': which, 'real_examples': n_real, 'num_samples': int(len(labels)),
+            'sampling_seed': seed, 'sampler': values, 'model': model['export']}
+
+  # --- selection ---
+  def select(self, variant: str, model: dict) -> dict:
+    o = self.o
+    scores, seen = {}, {}
+    for schedule in o['schedules']:
+      for cfg in o['cfg_grid']:
+        values = self.sampler_values(schedule, cfg, None)
+        # Strength 0 is the same sampler under every schedule: scored once.
+        guidance = (0.0,) if cfg == 0 else (schedule, cfg)
+        name = f'selection/{variant}/{schedule}_cfg{cfg:g}'
+        if guidance in seen:
+          scores[(schedule, cfg)] = seen[guidance]
+          continue
+        r = self.units(name, lambda v=values: self.score(model, v, o['val_per_class'], VALIDATION_SEED, 'train'))
+        scores[(schedule, cfg)] = seen[guidance] = r['fd']
+    schedule, cfg = select_guidance(scores, o['schedules'])
+    return {'schedule': schedule, 'cfg': cfg, 'model': model['export'], 'validation_seed': VALIDATION_SEED,
+            'real_split': 'train', 'per_class': o['val_per_class'],
+            'scores': [{'schedule': s, 'cfg': c, 'fd': v} for (s, c), v in scores.items()]}
+
+  def teacher(self, markov: list[dict], choice: dict) -> dict:
+    """The markov model with the lowest validation score under (c)'s choice."""
+    values = self.sampler_values(choice['schedule'], choice['cfg'], None)
+    scores = []
+    for m in markov:
+      r = self.units(f'selection/teacher/seed{m["seed"]}',
+                     lambda m=m: self.score(m, values, self.o['val_per_class'], VALIDATION_SEED, 'train'))
+      scores.append((r['fd'], m['seed'], m))
+    best = min(scores, key=lambda t: (t[0], t[1]))
+    return {**best[2], 'validation_scores': {str(s): fd for fd, s, _ in scores}}
+
+  # --- test evaluation ---
+  def evaluate(self, variant: str, models: list[dict], values: dict) -> dict:
+    runs = []
+    for m in models:
+      for s in self.o['sample_seeds']:
+        r = self.units(f'evaluation/{variant}/train{m["seed"]}_sample{s}',
+                       lambda m=m, s=s: self.score(m, values, self.o['test_per_class'], s, 'test'))
+        runs.append(r)
+    return {'runs': runs}
+
+  def cost(self, variant: str, model: dict, values: dict) -> dict:
+    def fn():
+      sampler, var_params, vae_params, compiled, stats, bs = self.prepared(model, values)
+      labels = self._labels(sampler, np.arange(bs, dtype=np.int32) % sampler.var_config.num_classes)
+      jax.block_until_ready(compiled(var_params, vae_params, labels, batch_rng(0, 0)))  # Warm-up.
+      times = []
+      for r in range(self.o['timing_repeats']):
+        t0 = time.perf_counter()
+        jax.block_until_ready(compiled(var_params, vae_params, labels, batch_rng(0, r + 1)))
+        times.append(time.perf_counter() - t0)
+      t = statistics.median(times)
+      return {'batch': bs, 'seconds_per_batch': t, 'images_per_s': bs / t, 'seconds_per_image': t / bs,
+              'compiled_memory_bytes': needed_bytes(stats['memory']), 'memory': stats['memory'],
+              'forward_passes_per_image': sampler.forward_passes(),
+              'sampler': dataclasses.asdict(sampler.config), 'device': str(jax.devices()[0].device_kind),
+              'devices': jax.device_count()}
+    return self.units(f'cost/{variant}', fn)
+
+  # --- everything ---
+  def run(self) -> dict:
+    t_all = time.time()
+    o = self.o
+    self.tok = self.tokenizer()
+    c = self.cfg()
+    c.tokenizer.checkpoint = self.tok
+    self.pn = tuple(tokenizer_for_model(c).config.patch_nums)
+    self.cache_train = self.tokens('train', self.pn, 'train')
+    self.cache_test = self.tokens('test', self.pn, 'test')
+    models = {kind: [self.model(kind, s) for s in o['train_seeds']] for kind in ('causal', 'markov', 'refine')}
+    var_protocol = {k: PROTOCOLS['var'][k] for k in ('cfg', 'cfg_schedule')}
+    selection = {'c': self.select('c', models['markov'][0])}
+    selection['e'] = self.select('e', models['refine'][0])
+    selection['g'] = self.select('g', models['causal'][0])
+    teacher = self.teacher(models['markov'], selection['c'])
+    self.student_pn = student_patch_nums(self.cfg().distill.patch_nums, self.pn)
+    self.cache_student_train = self.tokens('train', self.student_pn, 'student_train')
+    self.cache_student_test = self.tokens('test', self.student_pn, 'student_test')
+    models['distilled'] = [self.distilled(teacher)]
+    selection['f'] = self.select('f', models['distilled'][0])
+    heldout = {}
+    for kind, ms in models.items():
+      heldout[kind] = [self.heldout(f'{kind}_seed{m["seed"]}' if kind != 'distilled' else 'distilled', m)
+                       for m in ms]
+    variants = {}
+    for v, (kind, guide, mr) in VARIANTS.items():
+      g = var_protocol if guide == 'var' else {'cfg_schedule': selection[guide]['schedule'],
+                                               'cfg': selection[guide]['cfg']}
+      values = self.sampler_values(g['cfg_schedule'], g['cfg'], mr)
+      ev = self.evaluate(v, models[kind], values)
+      cost = self.cost(v, models[kind][0], values)
+      variants[v] = self.summarise(v, kind, values, ev, cost, models[kind], heldout[kind],
+                                   selection.get(guide), teacher if kind == 'distilled' else None)
+    out = self.report(variants, selection, teacher)
+    # What main prints: the headline numbers and where the rest is (ablation.json has everything).
+    return {'outputs': out['outputs'], 'quick': out['quick'], 'seconds': round(time.time() - t_all, 1),
+            'units_run': list(self.units.ran), 'units_kept': len(self.units.kept),
+            'variants': {v: {'name': r['name'], 'fd_mean': r['fd']['mean'], 'fd_std': r['fd']['std'],
+                             'class_consistency_mean': r['class_consistency']['mean'],
+                             'images_per_s': r['images_per_s'], 'cfg': r['sampler']['cfg'],
+                             'cfg_schedule': r['sampler']['cfg_schedule']}
+                         for v, r in variants.items()}}
+
+  def summarise(self, v, kind, values, ev, cost, models, heldout, selection, teacher) -> dict:
+    runs = ev['runs']
+    by_train = {}
+    for r, m in zip(runs, [m for m in models for _ in self.o['sample_seeds']]):
+      by_train.setdefault(m['seed'], []).append(r)
+    fd = mean_std([r['fd'] for r in runs])
+    cc = mean_std([r['class_consistency'] for r in runs])
+    fd['std_over_train_seeds'] = mean_std([np.mean([r['fd'] for r in rs]) for rs in by_train.values()])['std']
+    fd['std_over_sample_seeds'] = float(np.mean([mean_std([r['fd'] for r in rs])['std'] for rs in by_train.values()]))
+    losses = np.asarray([h['loss'] for h in heldout], np.float64)
+    rates = [m['steps_per_s'] for m in models if m.get('steps_per_s')]
+    steps = models[0]['steps'] + (models[0].get('teacher_steps') or 0)
+    return {
+        'name': NAMES[v], 'description': DESCRIPTIONS[v], 'model_kind': kind, 'sampler': values,
+        'train_seeds': [m['seed'] for m in models], 'sample_seeds': list(self.o['sample_seeds']),
+        'fd_name': runs[0]['fd_name'], 'fd': fd, 'class_consistency': cc,
+        'heldout_token_loss': {'patch_nums': heldout[0]['patch_nums'], 'per_scale_mean': losses.mean(0).tolist(),
+                             'per_scale_std': (losses.std(0, ddof=1) if len(losses) > 1 else 0 * losses[0]).tolist(),
+                             'mean_loss': mean_std([h['mean_loss'] for h in heldout])},
+        'train_step_seconds': 1.0 / float(np.mean(rates)) if rates else None,
+        'training_steps': steps,
+        'training_steps_note': ('teacher + student steps' if kind == 'distilled' else
+                              'its own model, trained from scratch' if kind == 'refine' else 'one model'),
+        'images_per_s': cost['images_per_s'], 'seconds_per_image': cost['seconds_per_image'],
+        'compiled_sampling_memory_bytes': cost['compiled_memory_bytes'],
+        'forward_passes_per_image': cost['forward_passes_per_image'],
+        'selection': selection, 'teacher': teacher and {'export': teacher['export'], 'seed': teacher['seed'],
+                                                      'validation_scores': teacher['validation_scores']},
+        'runs': runs}
+
+  # --- outputs ---
+  def report(self, variants, selection, teacher) -> dict:
+    fd_stats = {v: r['fd'] for v, r in variants.items()}
+    cc_stats = {v: r['class_consistency'] for v, r in variants.items()}
+    noise = noise_statements(fd_stats, 'fd') + noise_statements(cc_stats, 'class_consistency')
+    c = self.cfg()
+    out = {
+        'command': ' '.join(sys.argv) if sys.argv else '', 'commit': _git_commit(),
+        'quick': bool(c.ablation.quick),
+        'protocol': {
+          **{k: list(v) if isinstance(v, tuple) else v for k, v in self.o.items()},
+          'validation_seed': VALIDATION_SEED, 'noise_rule': f'|difference of means| < {NOISE_FACTOR:g} x larger std',
+          'selection_rule': 'lowest validation fd (val_per_class per class, validation seed, training-split '
+          'reals, no MR) on the first training seed\'s model; ties: smaller cfg, then the '
+          'earlier schedule; applied to every training seed',
+          'var_protocol': dict(PROTOCOLS['var']),
+          'mr': {k: PROTOCOLS['srdd'][k] for k in ('mr_threshold', 'mr_iterations')},
+          'training_steps': self.steps, 'data': c.data.source, 'tokenizer': self.tok,
+          'top_k': int(c.sampler.top_k), 'top_p': float(c.sampler.top_p),
+          'test_split_reals': int(next(iter(variants.values()))['runs'][0]['real_examples'])},
+      # Wall time of every unit, summed over the runs that did them (resumed runs included).
+        'unit_seconds': {'total': round(sum(self.units.seconds.values()), 1),
+                       **{g: round(sum(t for u, t in self.units.seconds.items() if u.split('/')[0] == g), 1)
+                          for g in sorted({u.split('/')[0] for u in self.units.seconds})}},
+        'variants': variants, 'selection': selection, 'noise': noise,
+        'teacher': {'export': teacher['export'], 'seed': teacher['seed'],
+                  'validation_scores': teacher['validation_scores']},
+        'outputs': {k: os.path.join(self.workdir, f'ablation.{k}') for k in ('json', 'md', 'png')}}
+    if multihost.is_main_process():
+      with open(os.path.join(self.workdir, 'ablation.json'), 'w') as f:
+        json.dump(out, f, indent=1, default=float)
+      with open(os.path.join(self.workdir, 'ablation.md'), 'w') as f:
+        f.write(markdown(out))
+      plot(variants, os.path.join(self.workdir, 'ablation.png'))
+    return out
+
+
+def markdown(out: dict) -> str:
+  p = out['protocol']
+  v0 = next(iter(out['variants'].values()))
+  lines = [f'# VAR vs SDD ablation{" (quick: smoke-test sizes, not a result)" if out["quick"] else ""}', '',
+           f'Command: `{out["command"]}`  ', f'Commit: `{out["commit"]}`  ',
+           f'Wall time of its units: {out["unit_seconds"]["total"]:.0f} s (' +
+           ', '.join(f'{k} {v:.0f} s' for k, v in out['unit_seconds'].items() if k != 'total') + ')', '',
+           f'Training: {p["training_steps"]} steps per model, training seeds {p["train_seeds"]}; sampling seeds '
+           f'{p["sample_seeds"]} x {p["test_per_class"]} per class, scored against {p["test_split_reals"]} test-split '
+           f'images. Guidance selection: {p["selection_rule"]}; grid {p["cfg_grid"]} x {p["schedules"]}. '
+           f'`{v0["fd_name"]}` is the proxy classifier\'s Fréchet distance (not an FID): lower is better.', '',
+           '| | variant | guidance | MR | ' + v0['fd_name'] + ' | class consistency | held-out token loss per scale '
+           '| train step s | training steps | images/s | compiled sampling MiB | passes/image |',
+           '|---|---|---|---|---|---|---|---|---|---|---|---|']
+  for v, r in out['variants'].items():
+    s = r['sampler']
+    mr = f'{s["mr_mode"]} {s["mr_threshold"]:g} x {s["mr_iterations"]}' if s['mr_iterations'] else 'off'
+    loss = ' '.join(f'{x:.3f}' for x in r['heldout_token_loss']['per_scale_mean'])
+    mem = r['compiled_sampling_memory_bytes']
+    step = r['train_step_seconds']
+    lines.append(f'| ({v}) | {r["name"]}: {r["description"]} | {s["cfg_schedule"]} {s["cfg"]:g} | {mr} | '
+                 f'{r["fd"]["mean"]:.3f} ± {r["fd"]["std"]:.3f} (n={r["fd"]["n"]}) | '
+                 f'{r["class_consistency"]["mean"]:.3f} ± {r["class_consistency"]["std"]:.3f} | {loss} | '
+                 f'{"n/a" if step is None else f"{step:.4f}"} | {r["training_steps"]} ({r["training_steps_note"]}) | '
+                 f'{r["images_per_s"]:.1f} | {"n/a" if mem is None else f"{mem / 2 ** 20:.1f}"} | '
+                 f'{r["forward_passes_per_image"]} |')
+  lines += ['', 'Mean ± standard deviation over every (training seed, sampling seed) run; (a), (b), (c), (d), (e) and '
+            '(g) use every training seed\'s model, (f) the one student.', '',
+            '## Findings (fd, lower is better; computed from the numbers above)', '']
+  lines += headlines({v: r['fd'] for v, r in out['variants'].items()})
+  lines += ['', f'## Which differences are within seed noise, every pair ({p["noise_rule"]})', '']
+  lines += noise_lines(out['noise'])
+  return '\n'.join(lines) + '\n'
+
+
+def plot(variants: dict, path: str, size=(720, 480)):
+  """Quality (fd, lower is better) against sampling seconds per image, a point per variant with ±std bars."""
+  from PIL import Image, ImageDraw  # pylint: disable=import-outside-toplevel
+  img = Image.new('RGB', size, 'white')
+  d = ImageDraw.Draw(img)
+  w, h = size
+  left, right, top, bottom = 80, 30, 30, 60
+  xs = [r['seconds_per_image'] for r in variants.values()]
+  lo = [r['fd']['mean'] - r['fd']['std'] for r in variants.values()]
+  hi = [r['fd']['mean'] + r['fd']['std'] for r in variants.values()]
+  x0, x1 = 0.0, max(xs) * 1.1 or 1.0
+  y0, y1 = min(0.0, min(lo)), max(hi) * 1.1 or 1.0
+  px = lambda x: left + (x - x0) / (x1 - x0) * (w - left - right)
+  py = lambda y: h - bottom - (y - y0) / (y1 - y0) * (h - top - bottom)
+  d.line([(left, top), (left, h - bottom), (w - right, h - bottom)], fill='black')
+  for i in range(5):
+    xv, yv = x0 + (x1 - x0) * i / 4, y0 + (y1 - y0) * i / 4
+    d.text((px(xv) - 15, h - bottom + 5), f'{xv:.2g}', fill='black')
+    d.text((5, py(yv) - 5), f'{yv:.3g}', fill='black')
+  d.text((w // 2 - 80, h - 25), 'sampling seconds per image', fill='black')
+  d.text((5, 5), 'fd (proxy), lower is better; bars: ± std', fill='black')
+  colours = ['#1f77b4', '#ff7f0e', '#2ca02c', '#d62728', '#9467bd', '#8c564b', '#e377c2']
+  for (v, r), col in zip(variants.items(), colours):
+    x, m, s = px(r['seconds_per_image']), r['fd']['mean'], r['fd']['std']
+    d.line([(x, py(m - s)), (x, py(m + s))], fill=col, width=2)
+    d.ellipse([x - 4, py(m) - 4, x + 4, py(m) + 4], fill=col)
+    d.text((x + 6, py(m) - 6), f'({v}) {r["name"]}', fill=col)
+  img.save(path)
+
+
+def run(config, workdir: str) -> dict:
+  config = with_defaults(config)
+  try:
+    return _Ablation(config, workdir).run()
+  except _Stopped as e:
+    s = e.summary
+    return {'stopped_by': s.get('stopped_by') or 'request', 'complete': False, 'stage': s.get('stage'),
+            'end_step': s.get('end_step')}

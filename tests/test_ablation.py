@@ -1,0 +1,151 @@
+"""--mode=ablation: every variant (a)-(g) on a tiny run (digits at 16 px, a given untrained tokenizer, 4-step
+transformers), its outputs, and a second run that redoes nothing; the selection rule and the noise statement
+exactly. (Training the tokenizer is --mode=train_tokenizer's, tested in test_tokenizer_train; here it would
+double the file's time.)"""
+import json
+import os
+
+import ml_collections
+import pytest
+
+from srdd_jax import main
+from srdd_jax.config import ConfigError
+from srdd_jax.modes import ablation
+from tests.conftest import save_tiny_models
+
+
+def _tiny_config(tokenizer=''):
+  from configs import tokenizer_smoke
+  c = tokenizer_smoke.get_config()
+  c.tokenizer.checkpoint = tokenizer
+  c.tokenizer_train.update(steps=4, warmup_steps=1, log_every=2, eval_every=0, checkpoint_every=4,
+                           gan_weight=0.0, dead_code_restart_every=0, prefetch=False)
+  c.model.update(depth=1, width=32, heads=1, num_classes=10, mask='markov', drop_path_rate=0.0, scan=False)
+  c.train.update(global_batch=16, steps=4, log_every=2, checkpoint_every=4, keep_checkpoints=1)
+  # A high rate (peak 0.03): four steps take each model far enough from its initialisation that the
+  # variants' samples differ (near-initial models all draw the same tokens from the same keys).
+  c.optim.update(base_lr=0.5, warmup_steps=1)
+  c.tokenize.update(batch_size=64)
+  c.sampler.update(top_k=0, top_p=0.0)
+  c.eval.update(batch_size=16, proxy_epochs=1, proxy_examples=100)
+  # Guidance 1.5 linear is also VAR's protocol: (a), (b) and the selection share compiled samplers.
+  c.ablation = ml_collections.ConfigDict(dict(
+      train_seeds='0,1', sample_seeds='0,1', cfg_grid='1.5,3', schedules='linear', val_per_class=1,
+      test_per_class=1, refine_steps=0, distill_steps=0, timing_repeats=1, quick=True))
+  return c
+
+
+def _mtimes(root):
+  return {os.path.join(d, f): os.path.getmtime(os.path.join(d, f))
+          for d, _, files in os.walk(root) for f in files if not f.startswith('ablation.')}
+
+
+def test_the_whole_ablation_runs_and_resumes_without_redoing(tmp_path):
+  assert main._MODES['ablation'] is ablation.run  # pylint: disable=protected-access
+  wd = str(tmp_path / 'run')
+  _, vae = save_tiny_models(str(tmp_path / 'given'))
+  first = ablation.run(_tiny_config(vae), wd)
+  out = json.load(open(os.path.join(wd, 'ablation.json')))
+  assert sorted(out['variants']) == list('abcdefg')
+  fields = {'fd', 'class_consistency', 'heldout_token_loss', 'train_step_seconds', 'images_per_s',
+            'compiled_sampling_memory_bytes', 'forward_passes_per_image', 'training_steps', 'sampler'}
+  for v, r in out['variants'].items():
+    assert fields <= set(r), (v, fields - set(r))
+    n_models = 1 if v == 'f' else 2
+    assert r['fd']['n'] == n_models * 2 and len(r['runs']) == n_models * 2  # Train seeds x sample seeds.
+    assert {x['real_split'] for x in r['runs']} == {'test'} and r['fd']['mean'] > 0
+    assert len(r['heldout_token_loss']['per_scale_mean']) == len(r['heldout_token_loss']['patch_nums'])
+    assert r['images_per_s'] > 0 and r['train_step_seconds'] > 0
+  v = out['variants']
+  fds = lambda k: [x['fd'] for x in v[k]['runs']]
+  # Each variant samples its own model: VAR's and SDD's models differ, and so do the seeds' models.
+  assert fds('a') != fds('b') and fds('b') != fds('e') and fds('a')[:2] != fds('a')[2:]
+  assert v['c']['runs'][0]['model'] == v['b']['runs'][0]['model'] != v['a']['runs'][0]['model']
+  # The protocols: VAR's for (a), (b); MR added to the selected guidance; refine costs passes, redraw none.
+  assert (v['a']['sampler']['cfg'], v['a']['sampler']['cfg_schedule']) == (1.5, 'linear') == \
+         (v['b']['sampler']['cfg'], v['b']['sampler']['cfg_schedule'])
+  assert v['d']['sampler']['cfg'] == v['c']['sampler']['cfg'] and v['d']['sampler']['mr_iterations'] == 10
+  assert v['c']['sampler']['mr_iterations'] == 0 and v['e']['sampler']['mr_mode'] == 'refine'
+  assert v['a']['forward_passes_per_image'] == v['d']['forward_passes_per_image'] == 4
+  assert v['e']['forward_passes_per_image'] == 4 + 4 * 10
+  assert v['f']['forward_passes_per_image'] == 3  # The student: every other scale plus the last, (1, 3, 4).
+  assert v['f']['heldout_token_loss']['patch_nums'] == [1, 3, 4]
+  assert v['f']['training_steps'] == 8 and v['a']['training_steps'] == 4  # Teacher + student steps.
+  # Selection on validation samples against training-split reals, never a test seed.
+  for key in 'cefg':
+    s = out['selection'][key]
+    assert s['real_split'] == 'train' and s['validation_seed'] not in (0, 1)
+    assert s['cfg'] in (1.5, 3.0) and len(s['scores']) == 2
+    assert s['cfg'] == min(s['scores'], key=lambda x: (x['fd'], x['cfg']))['cfg']
+  assert out['teacher']['seed'] in (0, 1) and out['protocol']['tokenizer'] == vae
+  assert len(out['noise']) == 2 * 21  # Every pair of 7 variants, for fd and class consistency.
+  md = open(os.path.join(wd, 'ablation.md')).read()
+  assert md.count('\n| (') == 7 and 'seed noise' in md and md.count('\n- SDD vs VAR (same protocol): (b) ') == 1
+  from PIL import Image
+  assert Image.open(os.path.join(wd, 'ablation.png')).size == (720, 480)
+  assert len(first['units_run']) > 20
+  # Run again: every unit is kept, nothing is trained, sampled or written again.
+  before = _mtimes(wd)
+  second = ablation.run(_tiny_config(vae), wd)
+  assert second['units_run'] == [] and second['units_kept'] == first['units_kept'] + len(first['units_run'])
+  assert _mtimes(wd) == before
+  assert json.load(open(os.path.join(wd, 'ablation.json')))['variants']['c']['fd'] == v['c']['fd']
+  # A unit without its result (cut short) is the only one done again, with the same numbers.
+  os.remove(os.path.join(wd, 'heldout', 'distilled', 'result.json'))
+  third = ablation.run(_tiny_config(vae), wd)
+  assert third['units_run'] == ['heldout/distilled']
+  again = json.load(open(os.path.join(wd, 'ablation.json')))
+  assert again['variants']['f']['heldout_token_loss'] == v['f']['heldout_token_loss']
+  assert again['unit_seconds']['total'] > 0 and set(again['unit_seconds']) >= {'models', 'evaluation', 'selection'}
+
+
+def test_selection_takes_the_lowest_then_the_smaller_cfg_then_the_earlier_schedule():
+  scores = {('linear', 0.0): 5.0, ('linear', 2.0): 3.0, ('constant', 1.0): 3.0, ('constant', 2.0): 4.0}
+  assert ablation.select_guidance(scores, ('linear', 'constant')) == ('constant', 1.0)  # Tie: smaller cfg.
+  tie = {('linear', 0.0): 2.0, ('constant', 0.0): 2.0, ('linear', 1.0): 2.5}
+  assert ablation.select_guidance(tie, ('constant', 'linear')) == ('constant', 0.0)  # Then the schedule order.
+  assert ablation.select_guidance(tie, ('linear', 'constant')) == ('linear', 0.0)
+  with pytest.raises(ValueError):
+    ablation.select_guidance({}, ('linear',))
+
+
+def test_noise_statement_on_hand_made_numbers():
+  stats = {'a': {'mean': 10.0, 'std': 1.0}, 'b': {'mean': 11.5, 'std': 0.5}, 'c': {'mean': 13.0, 'std': 0.1}}
+  got = {tuple(s['pair']): (s['difference'], s['bound'], s['within_noise'])
+         for s in ablation.noise_statements(stats, 'fd')}
+  assert got == {('a', 'b'): (1.5, 2.0, True), ('a', 'c'): (3.0, 2.0, False), ('b', 'c'): (1.5, 1.0, False)}
+  lines = ablation.noise_lines(ablation.noise_statements(stats, 'fd'))
+  assert 'within seed noise' in lines[0] and 'beyond seed noise' in lines[1]
+  assert ablation.mean_std([1.0, 3.0]) == {'mean': 2.0, 'std': pytest.approx(2 ** 0.5), 'n': 2, 'values': [1.0, 3.0]}
+
+
+def test_headlines_say_which_is_better_only_beyond_noise():
+  stats = {'a': {'mean': 10.0, 'std': 0.2}, 'b': {'mean': 11.0, 'std': 0.1}, 'c': {'mean': 10.9, 'std': 0.3}}
+  lines = ablation.headlines(stats)
+  assert lines == [
+      '- SDD vs VAR (same protocol): (b) 11 vs (a) 10: (b) is worse than (a) by 1, beyond seed noise (0.4).',
+      '- best guidance on SDD: (c) 10.9 vs (b) 11: no difference beyond seed noise (|difference| 0.1 < 0.6).']
+
+
+@pytest.mark.parametrize('key, value, match', [
+    ('sample_seeds', '0,1000', 'sample_seeds: 1000 is the validation seed'), ('schedules', 'cosine', 'schedules'),
+    ('cfg_grid', '1,-1', 'cfg_grid'), ('train_seeds', '', 'train_seeds is empty')])
+def test_config_errors_name_the_key(tmp_path, key, value, match):
+  c = _tiny_config()
+  c.ablation[key] = value
+  with pytest.raises(ConfigError, match=f'config.ablation.{match}'):
+    ablation.run(c, str(tmp_path))
+  assert not os.listdir(tmp_path)  # Refused before anything was written.
+
+
+def test_the_configs_quick_variant_keeps_every_seed():
+  import importlib.util
+  spec = importlib.util.spec_from_file_location('abl', os.path.join(os.path.dirname(__file__), '..', 'configs',
+                                                                    'ablation.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  full, quick = module.get_config(), module.get_config('quick')
+  assert quick.ablation.quick and not full.ablation.quick
+  assert quick.ablation.train_seeds == full.ablation.train_seeds == '0,1,2'
+  assert quick.ablation.sample_seeds == full.ablation.sample_seeds == '0,1,2'
+  assert quick.train.steps < full.train.steps and full.data.source == 'fashion_mnist'

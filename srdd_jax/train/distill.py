@@ -32,7 +32,7 @@ from srdd_jax.parallel import mesh as pm
 from srdd_jax.tokenizer.api import Tokenizer
 from srdd_jax.train.step import Trainer, TrainState
 from srdd_jax.transformer.config import VARConfig
-from srdd_jax.transformer.loss import cross_entropy_metrics
+from srdd_jax.transformer.loss import cross_entropy_metrics, token_nll
 from srdd_jax.transformer.model import VAR
 
 KEY = 'config.distill.patch_nums'
@@ -207,8 +207,7 @@ def heldout_token_loss(var_config: VARConfig, params, vae_config, vae_params, id
   def sums(p, vp, batch_ids, batch_labels, weight):
     x_in = tok.idx_to_var_input(vp, [batch_ids[:, b:e] for b, e in var_config.begin_ends])
     logits = model.apply({'params': p}, batch_labels, x_in).astype(jnp.float32)
-    hit = jnp.arange(logits.shape[-1]) == batch_ids[..., None]
-    nll = jax.nn.logsumexp(logits, axis=-1) - jnp.sum(jnp.where(hit, logits, 0.0), axis=-1)
+    nll = token_nll(logits, batch_ids)
     correct = (jnp.argmax(logits, axis=-1) == batch_ids).astype(jnp.float32)
     return (weight[:, None] * nll) @ onehot, (weight[:, None] * correct) @ onehot
 

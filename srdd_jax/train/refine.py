@@ -15,6 +15,7 @@ import numpy as np
 from srdd_jax.parallel import mesh as pm
 from srdd_jax.train.step import Trainer
 from srdd_jax.transformer.config import VARConfig
+from srdd_jax.transformer.loss import token_nll
 
 
 def reveal_mask(rng, batch: int, config: VARConfig, zero_prob: float, max_ratio: float):
@@ -34,8 +35,7 @@ def hidden_cross_entropy(logits, targets, revealed, config: VARConfig, newest_we
   logits = logits.astype(jnp.float32)
   l = logits.shape[1]
   targets, revealed = targets[:, :l], revealed[:, :l]
-  hit = jnp.arange(logits.shape[-1]) == targets[..., None].astype(jnp.int32)
-  nll = jax.nn.logsumexp(logits, axis=-1) - jnp.sum(jnp.where(hit, logits, 0.0), axis=-1)
+  nll = token_nll(logits, targets)
   correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
   hidden = (~revealed).astype(jnp.float32)
   # A batch with every token revealed (possible only for tiny batches) contributes nothing, not NaN.

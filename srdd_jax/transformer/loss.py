@@ -12,6 +12,15 @@ import numpy as np
 from srdd_jax.transformer.config import VARConfig
 
 
+def token_nll(logits, targets):
+  """Per-token cross-entropy (..., V), (...) -> (...), float32: logsumexp minus the target's logit,
+  picked by a comparison with an iota rather than a gather: the same values, and a backward that is one
+  fused elementwise pass (softmax - one-hot) instead of a scatter into a zero-filled (B, L, V) array."""
+  logits = logits.astype(jnp.float32)
+  hit = jnp.arange(logits.shape[-1]) == targets[..., None].astype(jnp.int32)
+  return jax.nn.logsumexp(logits, axis=-1) - jnp.sum(jnp.where(hit, logits, 0.0), axis=-1)
+
+
 def cross_entropy_metrics(logits, targets, config: VARConfig, newest_weight=None):
   """logits (B, l, V), targets (B, L) int -> (loss, metrics dict of scalars).
 
@@ -24,11 +33,7 @@ def cross_entropy_metrics(logits, targets, config: VARConfig, newest_weight=None
   logits = logits.astype(jnp.float32)
   l = logits.shape[1]
   targets = targets[:, :l]
-  # logsumexp minus the target's logit, picked by a comparison with an iota rather than a gather: the
-  # same values, and a backward that is one fused elementwise pass (softmax - one-hot) instead of a
-  # scatter into a zero-filled (B, L, V) array.
-  hit = jnp.arange(logits.shape[-1]) == targets[..., None].astype(jnp.int32)
-  nll = jax.nn.logsumexp(logits, axis=-1) - jnp.sum(jnp.where(hit, logits, 0.0), axis=-1)
+  nll = token_nll(logits, targets)
   correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
   accuracy = jnp.mean(correct)
   if l == config.seq_len:

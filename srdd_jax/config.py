@@ -93,6 +93,7 @@ DEFAULTS: dict = {
         out_dir='',  # '' = WORKDIR/tokens.
         split='',  # '' = config.data.split, else 'train'.
         flips=False,  # Also cache the mirror image; training then picks one copy per example.
+        max_examples=0,  # > 0: only the first N examples of the split (index order); 0 = all of them.
         batch_size=64, shard_size=4096),
     'model': dict(
         checkpoint='',  # Sampling and evaluation: a transformer directory (convert_var or training).
@@ -118,6 +119,10 @@ DEFAULTS: dict = {
         global_batch=768, epochs=0.0, steps=0,  # steps > 0 wins; else epochs * examples / batch.
         accum_steps=1, ema_decay=0.0, log_every=100, checkpoint_every=1000, keep_checkpoints=3,
         sample_every=0,  # Steps between sample grids (0 = never); samples/step_<n>.png + TensorBoard.
+        # Held-out token loss (teacher forcing, per scale) on a token cache of another split, written to
+        # metrics.jsonl as heldout_loss / heldout_loss_per_scale: every heldout_every steps (0 = at the
+        # end only), over its first heldout_examples examples (0 = all). '' = none.
+        heldout_cache='', heldout_every=0, heldout_examples=0,
         # VAR's progressive training (train/progressive.py): > 0 trains the first n scales during the
         # learning-rate warm-up, then one more scale at a time (the sequence cut after the newest) ...
         progressive_start_scales=0,

@@ -1,7 +1,7 @@
 """The layers read one way. Every module's imports are parsed (ast) and checked against the order
 
   config -> parallel -> data -> transformer -> tokenizer -> convert -> {diffusion, train, evaluation}
-  -> modes -> {main, bench}      (tools/: command-line programs, imported by nothing in the library)
+  -> modes -> {main, bench} -> scaling   (tools/: command-line programs, imported by nothing in the library)
 
 A module imports only from its own package and from layers below it (the three packages of one layer
 do not import each other); no module imports another module's private name; and imports sit at the
@@ -19,7 +19,7 @@ PACKAGE = os.path.join(REPO, 'srdd_jax')
 
 LAYERS = {
     'config': 0, 'parallel': 1, 'data': 2, 'transformer': 3, 'tokenizer': 4, 'convert': 5,
-    'diffusion': 6, 'train': 6, 'evaluation': 6, 'modes': 7, 'main': 8, 'bench': 8, 'tools': 9,
+    'diffusion': 6, 'train': 6, 'evaluation': 6, 'modes': 7, 'main': 8, 'bench': 8, 'scaling': 9, 'tools': 9,
 }
 # Deferred because importing them costs seconds or they are needed by one path only: TensorFlow and
 # TFDS, torch (reading .pth files), PIL and matplotlib (images), scikit-learn (the digits data set),
@@ -111,8 +111,9 @@ _RUNNERS_EXTENDED = {'srdd_jax.modes.distill': ('srdd_jax.modes.train', 'srdd_ja
 
 
 # Modules that compose whole runs from the runners, stage after stage: main's table of modes, --mode=all
-# (the stages of one model) and --mode=ablation (those stages for every variant, and --mode=distill).
-COMPOSERS = ('srdd_jax.main', 'srdd_jax.modes.all', 'srdd_jax.modes.ablation')
+# (the stages of one model), --mode=ablation (those stages for every variant, and --mode=distill) and
+# scaling studies (the shared stages, then the training of every point).
+COMPOSERS = ('srdd_jax.main', 'srdd_jax.modes.all', 'srdd_jax.modes.ablation', 'srdd_jax.scaling')
 
 
 def test_only_main_imports_runners_and_nothing_imports_tools():

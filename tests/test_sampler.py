@@ -150,6 +150,39 @@ def test_masked_redraw_only_on_switched_on_scales(compact_models):
     SamplerConfig(**base, mr_scales=(True, False)).mr_on(0, 6)
 
 
+@pytest.mark.parametrize('mask', ['markov', 'causal'])
+def test_guidance_as_an_argument_is_the_configured_guidance(compact_models, mask):
+  """One program with the strengths as an (S,) argument gives, for every schedule and strength, the
+  tokens of the program with those strengths as constants (same key), and strength 0 the unguided
+  tokens; it is traced once for all of them. Strengths are exact in float32 (linear 5 over 6 scales:
+  0, 1, ..., 5), so equality is exact; masked redraw is on, so the guided logits feed it too."""
+  vc, p, vae_c, vae_p = compact_models
+  labels = jnp.array([0, 1, 2, 4])
+  base = dict(top_k=0, top_p=0.96, mr_threshold=0.05, mr_iterations=2)
+  traces = []
+
+  def traced(p, vae_p, labels, rng, g):
+    traces.append(1)
+    return Sampler(vc, vae_c, SamplerConfig(**base), mask=mask).tokens(p, vae_p, labels, rng, guidance=g)
+  fn = jax.jit(traced)
+  differ = 0
+  for cfg, schedule in ((0.0, 'linear'), (5.0, 'linear'), (2.0, 'constant')):
+    sc = SamplerConfig(cfg=cfg, cfg_schedule=schedule, **base)
+    s = Sampler(vc, vae_c, sc, mask=mask)
+    want, _ = jax.jit(s.tokens)(p, vae_p, labels, batch_rng(3, 0))
+    got, _ = fn(p, vae_p, labels, batch_rng(3, 0), s.guidance_array())
+    for k, (x, y) in enumerate(zip(want, got)):
+      np.testing.assert_array_equal(x, y, err_msg=f'{mask} cfg {cfg} {schedule}, scale {k}')
+    differ += cfg > 0 and any(np.any(np.asarray(x) != np.asarray(y)) for x, y in zip(want, unguided))
+    if cfg == 0:
+      unguided = want
+  assert len(traces) == 1
+  assert differ == 2  # Guidance changes the tokens: the argument is not ignored.
+  with pytest.raises(ValueError, match=r'one strength per scale, \(6,\)'):
+    Sampler(vc, vae_c, SamplerConfig(**base), mask=mask).tokens(p, vae_p, labels, batch_rng(3, 0),
+                                                                  guidance=jnp.zeros(5))
+
+
 def test_rng_seed_and_batch_index(models):
   vc, p, vae_c, vae_p = models
   s = Sampler(vc, vae_c, SamplerConfig(cfg=1.5), mask='markov')

@@ -195,6 +195,53 @@ def test_tokenize_never_overwrites_and_resumes_missing_shards(cache, tmp_path):
     np.testing.assert_array_equal(a['ids'], b['ids'])
 
 
+def test_tokenize_max_examples_caches_the_first_n(cache, tmp_path):
+  """config.tokenize.max_examples=N: the first N examples, the same tokens as the full cache's; a negative
+  value is refused before anything is written."""
+  from srdd_jax.data import token_cache
+  directory, _, c = cache
+  c2 = with_defaults(c)
+  c2.tokenize.update(out_dir=str(tmp_path / 'first'), max_examples=30)
+  s = tokenize.run(c2, str(tmp_path))
+  m = json.load(open(os.path.join(str(tmp_path / 'first'), 'manifest.json')))
+  assert (s['examples'], m['count'], m['source_examples'], m['num_shards']) == (30, 30, 64, 2)
+  full = token_cache.TokenCache(directory, patch_nums=(1, 2, 3, 4))
+  part = token_cache.TokenCache(str(tmp_path / 'first'), patch_nums=(1, 2, 3, 4))
+  np.testing.assert_array_equal(part.ids, full.ids[:30])
+  np.testing.assert_array_equal(part.labels, full.labels[:30])
+  c2.tokenize.update(out_dir=str(tmp_path / 'bad'), max_examples=-1)
+  with pytest.raises(ConfigError, match='config.tokenize.max_examples=-1'):
+    tokenize.run(c2, str(tmp_path))
+  assert not os.path.exists(str(tmp_path / 'bad'))
+
+
+def test_heldout_loss_in_metrics(cache, tmp_path):
+  """config.train.heldout_cache: metrics.jsonl gets heldout_loss every heldout_every steps and at the
+  end, over the first heldout_examples examples; the last one is the exported model's held-out loss
+  computed afresh. A cache of other scales is refused before any step."""
+  from srdd_jax.convert import params_io
+  from srdd_jax.data import token_cache
+  from srdd_jax.train.distill import heldout_token_loss
+  directory, _, _ = cache
+  wd = str(tmp_path / 'h')
+  c = _config(steps=5, heldout_cache=directory, heldout_every=2, heldout_examples=20)
+  s = train_mode.run(c, wd)
+  recs = [r for r in map(json.loads, open(os.path.join(wd, 'metrics.jsonl'))) if 'heldout_loss' in r]
+  assert [r['step'] for r in recs] == [2, 4, 5] and all(r['heldout_examples'] == 20 for r in recs)
+  assert recs[0]['heldout_loss'] != recs[-1]['heldout_loss'] and len(recs[-1]['heldout_loss_per_scale']) == 4
+  vc, params = params_io.load_var(s['export'])
+  tok = load_tokenizer(c)
+  tc = token_cache.TokenCache(directory)
+  r = heldout_token_loss(vc, params, tok.config, tok.params, tc.ids[:20, 0], tc.labels[:20], batch_size=8)
+  np.testing.assert_allclose(recs[-1]['heldout_loss'], r['mean_loss'], rtol=1e-5)
+  bad = _config(steps=5, heldout_cache=directory)
+  bad.model.patch_nums = (1, 2, 4)
+  bad.tokenizer.update(checkpoint='')
+  with pytest.raises(Exception, match='config.train.heldout_cache=.*patch_nums'):
+    train_mode.run(bad, str(tmp_path / 'bad'))
+  assert not os.path.exists(os.path.join(str(tmp_path / 'bad'), 'checkpoints', '1'))
+
+
 def test_training_from_the_cache_equals_training_from_images(cache, straight, tmp_path):
   straight_wd, _ = straight
   c = _config()

@@ -49,10 +49,11 @@ def _shard_path(directory: str, i: int) -> str:
 
 def write(directory: str, source, encode, *, tokenizer_hash: str, tokenizer_checkpoint: str, patch_nums,
           vocab_size: int, flips: bool, batch_size: int, shard_size: int, process_index: int = 0,
-          process_count: int = 1, sync=lambda name: None) -> dict:
-  """Tokenizes every example of `source` (in index order, preprocessed without randomness) into
-  `directory`. `encode(images (n, S, S, 3) in [-1, 1]) -> ids (n, L)`. Process p writes the shards
-  i with i % process_count == p; process 0 writes the manifest once all shards exist."""
+          process_count: int = 1, sync=lambda name: None, max_examples: int = 0) -> dict:
+  """Tokenizes every example of `source` (in index order, preprocessed without randomness), or its first
+  `max_examples` (> 0), into `directory`. `encode(images (n, S, S, 3) in [-1, 1]) -> ids (n, L)`.
+  Process p writes the shards i with i % process_count == p; process 0 writes the manifest once all
+  shards exist."""
   manifest_path = os.path.join(directory, MANIFEST)
   if os.path.exists(manifest_path):
     raise DataError(f'{directory} already holds a complete token cache ({manifest_path}); it is never '
@@ -61,7 +62,7 @@ def write(directory: str, source, encode, *, tokenizer_hash: str, tokenizer_chec
     raise DataError('the token cache is written from center crops without random flips: build the source '
                     'with train=False')
   os.makedirs(directory, exist_ok=True)
-  n = source.num_examples
+  n = min(source.num_examples, max_examples) if max_examples > 0 else source.num_examples
   num_shards = math.ceil(n / shard_size)
   dtype = np.uint16 if vocab_size <= 1 << 16 else np.int32
   done = todo = 0
@@ -104,7 +105,7 @@ def write(directory: str, source, encode, *, tokenizer_hash: str, tokenizer_chec
       'format': FORMAT, 'tokenizer_hash': tokenizer_hash, 'tokenizer_checkpoint': tokenizer_checkpoint,
       'patch_nums': [int(p) for p in patch_nums], 'vocab_size': int(vocab_size), 'count': n,
       'num_classes': int(source.num_classes), 'flips': bool(flips), 'image_size': int(source.image_size),
-      'data': source.description, 'shard_size': int(shard_size), 'num_shards': num_shards,
+      'data': source.description, 'source_examples': int(source.num_examples), 'shard_size': int(shard_size), 'num_shards': num_shards,
       'skipped': int(source.skipped), 'created': time.strftime('%Y-%m-%dT%H:%M:%S%z'),
   }
   if process_index == 0:

@@ -4,7 +4,9 @@ At scale k the transformer predicts the tokens of scale k from f_hat after scale
 - `markov`: one forward pass over the pn_k^2 tokens of the scale alone; no KV cache exists.
 - `causal`: VAR's inference, the scale attending to a KV cache of all coarser scales, preallocated for
   L tokens (static shapes).
-Guidance doubles the batch (conditional | null class, both fed the same f_hat). Masked resampling
+Guidance doubles the batch (conditional | null class, both fed the same f_hat). Its per-scale strengths
+are constants of the program (from the SamplerConfig) or, with `guidance=`, an (S,) array argument: one
+compiled program then serves every schedule and strength (a guidance sweep compiles once). Masked resampling
 `refine` (SPEC §5) adds forward passes of the same scale with the accepted tokens revealed
 (`Sampler.forward_passes` counts them). Every function is a
 pure, jittable function of (params, labels, rng); the loop over scales is unrolled, one program.
@@ -87,26 +89,41 @@ class Sampler:
       return x
     return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, PartitionSpec(BATCH_AXES)))
 
+  def guidance_array(self, sampler_config: SamplerConfig | None = None) -> jax.Array:
+    """The (S,) guidance strengths of `sampler_config` (default: this sampler's), as the `guidance=`
+    argument of `tokens` / `sample`."""
+    sc = sampler_config or self.config
+    return jnp.asarray(sc.guidance(self.var_config.num_scales), jnp.float32)
+
   def tokens(self, var_params, vae_params, labels, rng, keep_ids: Sequence | None = None,
-             keep_masks: Sequence | None = None):
+             keep_masks: Sequence | None = None, guidance=None):
     """-> (token ids per scale [(B, pn^2)], f_hat (B, h, w, Cvae)).
 
     With `keep_ids`/`keep_masks` (per scale, (B, pn^2)), tokens where the mask is True are replaced by
     the given ones before f_hat is updated: the zero-shot editing of SPEC §7.
+    `guidance`: (S,) strengths replacing the config's schedule, possibly traced. The program then always
+    runs the null-class half (strength 0 gives the conditional logits exactly, at guided cost).
     """
     self.check_labels(labels)
+    if guidance is not None and jnp.shape(guidance) != (self.var_config.num_scales,):
+      raise ValueError(f'guidance has shape {jnp.shape(guidance)}; it needs one strength per scale, '
+                       f'({self.var_config.num_scales},)')
     if self.mesh is None:
-      return self._tokens(var_params, vae_params, labels, rng, keep_ids, keep_masks)
+      return self._tokens(var_params, vae_params, labels, rng, keep_ids, keep_masks, guidance)
     # Activations split over the batch axes, and kernels that XLA cannot partition (splash) run per
     # device on those shards.
     with pm.activation_sharding(self.mesh):
-      return self._tokens(var_params, vae_params, labels, rng, keep_ids, keep_masks)
+      return self._tokens(var_params, vae_params, labels, rng, keep_ids, keep_masks, guidance)
 
-  def _tokens(self, var_params, vae_params, labels, rng, keep_ids, keep_masks):
+  def _tokens(self, var_params, vae_params, labels, rng, keep_ids, keep_masks, guidance):
     c, sc = self.var_config, self.config
     labels = self._constrain(jnp.asarray(labels, jnp.int32))
     b = labels.shape[0]
-    guided = any(t != 0 for t in self.guidance)
+    if guidance is None:
+      guided = any(t != 0 for t in self.guidance)
+      guidance = self.guidance
+    else:
+      guided = True
     lab = jnp.concatenate([labels, jnp.full_like(labels, c.num_classes)]) if guided else labels
     cond = self.model.apply({'params': var_params}, lab, method=VAR.condition)
     caches = None
@@ -122,7 +139,7 @@ class Sampler:
       reveal = jnp.full((lab.shape[0], n), c.vocab_size, jnp.int32) if c.refine else None
       logits, caches = self._scale_logits(var_params, cond, x_in, si, caches, reveal)
       if guided:
-        logits = filtering.guide(logits[:b], logits[b:], self.guidance[si])
+        logits = filtering.guide(logits[:b], logits[b:], guidance[si])
       key = jax.random.fold_in(rng, si)
       mr = sc.mr_on(si, c.num_scales)
       tok = filtering.draw(key, logits, sc, mr and sc.mr_mode == 'redraw')
@@ -131,7 +148,8 @@ class Sampler:
         keep = jnp.asarray(keep_masks[si], bool)
         tok = jnp.where(keep, jnp.asarray(keep_ids[si], jnp.int32), tok)
       if mr and sc.mr_mode == 'refine':
-        tok, caches = self._refine(var_params, cond, x_in, si, caches, logits, tok, keep, key)
+        tok, caches = self._refine(var_params, cond, x_in, si, caches, logits, tok, keep, key,
+                                   guidance[si])
       tok = self._constrain(tok)
       ids.append(tok)
       f_hat, x_scale = self.tokenizer.next_input(vae_params, f_hat, tok, si)
@@ -140,7 +158,7 @@ class Sampler:
   def _scale_logits(self, var_params, cond, x_in, si: int, caches, reveal):
     return self.model.apply({'params': var_params}, cond, x_in, si, caches, reveal, method=VAR.scale_logits)
 
-  def _refine(self, var_params, cond, x_in, si: int, caches, logits, tok, keep, key):
+  def _refine(self, var_params, cond, x_in, si: int, caches, logits, tok, keep, key, t):
     """Masked resampling `refine` at scale `si` (SPEC §5), from the tokens `tok` drawn from the guided
     `logits`: each iteration re-masks the tokens with probability < mr_threshold under the latest final
     distribution, runs the scale once more with the others revealed (both halves of a guided batch alike)
@@ -160,7 +178,7 @@ class Sampler:
       logits, caches = self._scale_logits(var_params, cond, x_in, si, caches,
                                           jnp.concatenate([reveal, reveal]) if guided else reveal)
       if guided:
-        logits = filtering.guide(logits[:b], logits[b:], self.guidance[si])
+        logits = filtering.guide(logits[:b], logits[b:], t)
       new = filtering.draw(jax.random.fold_in(key, j + 1), logits, sc, False)
       return jnp.where(low, new, tok), logits, caches
 
@@ -171,7 +189,7 @@ class Sampler:
     """f_hat -> images in [0, 1] (NHWC)."""
     return self.tokenizer.fhat_to_img(vae_params, f_hat) * 0.5 + 0.5
 
-  def sample(self, var_params, vae_params, labels, rng):
-    """-> (token ids per scale, images in [0, 1])."""
-    ids, f_hat = self.tokens(var_params, vae_params, labels, rng)
+  def sample(self, var_params, vae_params, labels, rng, guidance=None):
+    """-> (token ids per scale, images in [0, 1]); `guidance` as in `tokens`."""
+    ids, f_hat = self.tokens(var_params, vae_params, labels, rng, guidance=guidance)
     return ids, self.decode(vae_params, f_hat)

@@ -361,13 +361,21 @@ class _Ablation:
                 mr_threshold=float(srdd['mr_threshold']) if mr else 0.0,
                 mr_iterations=int(srdd['mr_iterations']) if mr else 0, mr_mode=mr or 'redraw')
 
-  def prepared(self, model: dict, values: dict):
+  def prepared(self, model: dict, values: dict, traced: bool = False):
+    """(sampler, var params, vae params, compiled, stats, batch, guidance) for `model` sampled with `values`.
+
+    traced=False: guidance is a constant of the program (what `cost` times and sizes). traced=True: the
+    guidance strengths are an argument (`guidance`, returned), so one program per architecture and MR
+    setting serves every schedule and strength of the grid; strength 0 then still runs the null-class
+    half and gives the unguided tokens exactly."""
     c = self.cfg()
     c.tokenizer.checkpoint, c.model.checkpoint, c.model.mask, c.model.refine = self.tok, model['export'], '', False
     c.sampler.update(values)
     sampler, var_params, vae_params = sampler_from_config(c)
+    guidance = sampler.guidance_array() if traced else None
+    program = dataclasses.replace(sampler.config, cfg=0.0, cfg_schedule='constant') if traced else sampler.config
     # Keyed on the architecture, not the weights: the seeds' models share one compiled program.
-    key = (repr(sampler.var_config), repr(sampler.vae_config), sampler.config)
+    key = (repr(sampler.var_config), repr(sampler.vae_config), program, traced)
     if key not in self.compiled:
       bs = int(c.eval.batch_size)
       n_par = pm.data_parallel_size(sampler.mesh)
@@ -376,28 +384,33 @@ class _Ablation:
                           f'size {n_par}')
       labels = self._labels(sampler, np.zeros((bs,), np.int32))
       t0 = time.time()
-      compiled = jit_inference(sampler.sample).lower(var_params, vae_params, labels, batch_rng(0, 0)).compile()
+      if traced:
+        fn = lambda vp, ap, lab, rng, g, s=sampler: s.sample(vp, ap, lab, rng, guidance=g)
+        compiled = jit_inference(fn).lower(var_params, vae_params, labels, batch_rng(0, 0), guidance).compile()
+      else:
+        compiled = jit_inference(sampler.sample).lower(var_params, vae_params, labels, batch_rng(0, 0)).compile()
       stats = compiled_stats(compiled)
-      logging.info('ablation: sampler compiled in %.1fs (%s, cfg %g %s, MR %s)', time.time() - t0,
-                   os.path.basename(model['export']), values['cfg'], values['cfg_schedule'],
+      logging.info('ablation: sampler compiled in %.1fs (%s, %s, MR %s)', time.time() - t0,
+                   os.path.basename(model['export']),
+                   'guidance as an argument' if traced else f'cfg {values["cfg"]:g} {values["cfg_schedule"]}',
                    values['mr_mode'] if values['mr_iterations'] else 'off')
       self.compiled[key] = (sampler, compiled, stats, bs)
     sampler, compiled, stats, bs = self.compiled[key]
-    return sampler, var_params, vae_params, compiled, stats, bs
+    return sampler, var_params, vae_params, compiled, stats, bs, guidance
 
   @staticmethod
   def _labels(sampler, labels):
     return jax.device_put(np.asarray(labels, np.int32), NamedSharding(sampler.mesh, PartitionSpec(('data', 'fsdp'))))
 
   def images(self, model: dict, values: dict, per_class: int, seed: int):
-    sampler, var_params, vae_params, compiled, _, bs = self.prepared(model, values)
+    sampler, var_params, vae_params, compiled, _, bs, guidance = self.prepared(model, values, traced=True)
     classes = np.arange(sampler.var_config.num_classes, dtype=np.int32)
     labels = np.repeat(classes, per_class)
     out, t0 = [], time.time()
     for bi, start in enumerate(range(0, len(labels), bs)):
       lab = labels[start:start + bs]
       full = np.concatenate([lab, np.repeat(lab[-1:], bs - len(lab))])
-      _, img = compiled(var_params, vae_params, self._labels(sampler, full), batch_rng(seed, bi))
+      _, img = compiled(var_params, vae_params, self._labels(sampler, full), batch_rng(seed, bi), guidance)
       out.append(to_uint8(multihost.gather(img))[:len(lab)])
       done = start + len(lab)
       rate = done / max(time.time() - t0, 1e-9)
@@ -479,7 +492,7 @@ class _Ablation:
 
   def cost(self, variant: str, model: dict, values: dict) -> dict:
     def fn():
-      sampler, var_params, vae_params, compiled, stats, bs = self.prepared(model, values)
+      sampler, var_params, vae_params, compiled, stats, bs, _ = self.prepared(model, values)
       labels = self._labels(sampler, np.arange(bs, dtype=np.int32) % sampler.var_config.num_classes)
       jax.block_until_ready(compiled(var_params, vae_params, labels, batch_rng(0, 0)))  # Warm-up.
       times = []

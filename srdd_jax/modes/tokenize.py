@@ -29,6 +29,8 @@ def run(config, workdir: str) -> dict:
                       f'{jax.local_device_count()} local devices')
   if int(tk.shard_size) < 1:
     raise ConfigError(f'config.tokenize.shard_size={tk.shard_size} must be >= 1')
+  if int(tk.max_examples) < 0:
+    raise ConfigError(f'config.tokenize.max_examples={tk.max_examples} must be >= 0 (0 = every example)')
   tok = tokenizer_for_model(config)  # The cache is for the model's scales.
   vq = tok.config
   data = {k: v for k, v in config.data.to_dict().items() if k != 'token_cache'}
@@ -59,7 +61,7 @@ def run(config, workdir: str) -> dict:
         tokenizer_checkpoint=os.path.abspath(config.tokenizer.checkpoint) if config.tokenizer.checkpoint else '',
         patch_nums=vq.patch_nums, vocab_size=vq.vocab_size, flips=bool(tk.flips), batch_size=bs,
         shard_size=int(tk.shard_size), process_index=jax.process_index(), process_count=jax.process_count(),
-        sync=multihost.sync)
+        sync=multihost.sync, max_examples=int(tk.max_examples))
   except pipeline.DataError as e:
     raise pipeline.DataError(f'config.tokenize: {e}') from e
   summary = {'out_dir': out_dir, **stats, 'wall_seconds': round(time.time() - t0, 2),

@@ -28,6 +28,7 @@ from srdd_jax.parallel import multihost
 from srdd_jax.parallel.compile import (compiled_stats, jit_inference, measured_matmul_peak, needed_bytes,
                                        nominal_peak_flops)
 from srdd_jax.train import driver
+from srdd_jax.train.distill import heldout_token_loss
 from srdd_jax.train.export import export_transformer
 from srdd_jax.train.optimizer import OptimConfig, peak_lr_for
 from srdd_jax.train.progressive import Progressive
@@ -43,7 +44,8 @@ def _check_ranges(config):
   for key in ('global_batch', 'accum_steps', 'log_every', 'checkpoint_every', 'keep_checkpoints'):
     if int(t[key]) < 1:
       raise ConfigError(f'config.train.{key}={t[key]}: must be >= 1')
-  for key in ('steps', 'epochs', 'sample_every', 'progressive_start_scales', 'progressive_steps'):
+  for key in ('steps', 'epochs', 'sample_every', 'progressive_start_scales', 'progressive_steps',
+              'heldout_every', 'heldout_examples'):
     if float(t[key]) < 0:
       raise ConfigError(f'config.train.{key}={t[key]}: must be >= 0')
   if not 0 <= float(t.refine_zero_prob) <= 1:
@@ -158,7 +160,7 @@ class TransformerTask(driver.Task):
     mesh = pm.mesh_from_config(config)
     _validate(config, mesh)
     tok = tokenizer_for_model(config)
-    vq = tok.config
+    self.vq = vq = tok.config
     self.var_config = var_config = self.model_config(config, vq)
     self.data = training_data(config, tok)
     self.vae_params = tok.params  # A fresh tokenizer is initialised here, once the config is known to work.
@@ -193,7 +195,15 @@ class TransformerTask(driver.Task):
     except ValueError as e:
       raise ConfigError(f'config.train: {e}') from e
     self.grids = SampleGrids(config, var_config, vq, mesh, workdir) if int(t.sample_every) > 0 else None
-    self.eval_every = int(t.sample_every)
+    self.sample_every = int(t.sample_every)
+    self.heldout = None
+    if t.heldout_cache:  # Read now: a wrong cache fails before any step, not at the end.
+      cache = token_cache.TokenCache(t.heldout_cache, tokenizer_hash=lambda: token_cache.params_hash(tok.params),
+                                     patch_nums=var_config.patch_nums, key='config.train.heldout_cache')
+      n = int(t.heldout_examples) or len(cache.ids)
+      self.heldout = (cache.ids[:n, 0], cache.labels[:n], int(t.heldout_every) or total)
+    # The driver's one evaluation hook serves both: every step either of them is due (and the last).
+    self.eval_every = math.gcd(self.sample_every, self.heldout[2] if self.heldout else 0)
     self.root = self.workdir = workdir
     self.log_every, self.checkpoint_every, self.keep_checkpoints = (int(t.log_every), int(t.checkpoint_every),
                                                                     int(t.keep_checkpoints))
@@ -283,11 +293,23 @@ class TransformerTask(driver.Task):
     return self.data.skipped
 
   def evaluate(self, step, state, writer):
-    path = self.grids.write(step, state.ema_params if state.ema_params is not None else state.params,
-                            self.vae_replicated, writer)
-    if path:
-      logging.info('sample grid: %s', path)
-    return None
+    params = state.ema_params if state.ema_params is not None else state.params
+    last = step == self.total_steps
+    if self.grids is not None and (step % self.sample_every == 0 or last):
+      path = self.grids.write(step, params, self.vae_replicated, writer)
+      if path:
+        logging.info('sample grid: %s', path)
+    if self.heldout is None or not (step % self.heldout[2] == 0 or last):
+      return None
+    ids, labels, _ = self.heldout
+    c = self.var_config
+    r = heldout_token_loss(c, params, self.vq, self.vae_replicated, ids, labels,
+                           batch_size=min(len(ids), 4 * self.global_batch))
+    if multihost.is_main_process():
+      logging.info('held-out token loss at step %d: %.4f over %d examples (per scale %s)', step, r['mean_loss'],
+                   r['examples'], ' '.join(f'{x:.3f}' for x in r['loss']))
+    return {'heldout_loss': r['mean_loss'], 'heldout_loss_per_scale': r['loss'],
+            'heldout_accuracy_per_scale': r['accuracy'], 'heldout_examples': r['examples']}
 
   def export(self, step, state):
     return export_transformer(self.workdir, step, state, self.var_config)

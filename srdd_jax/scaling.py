@@ -71,6 +71,8 @@ _TOPOLOGY = flags.DEFINE_string('topology', '', 'plan: compile each train step f
 _MESH = flags.DEFINE_string('mesh', '', 'plan with --topology: data,fsdp,tensor (default: every chip on data).')
 _MEMORY = flags.DEFINE_bool('memory', True, 'plan: compile each point\'s train step for its per-chip memory.')
 _PYTHON = flags.DEFINE_string('python', 'python', 'The interpreter in the launch commands.')
+_DRY_RUN = flags.DEFINE_bool('dry_run', False, 'Check the flags and the config, print the plan (nothing compiled) '
+                             'and exit; writes and runs nothing.')
 _MULTIHOST = flags.DEFINE_bool('multihost', False, 'prepare / run: start jax.distributed (as srdd_jax.main).')
 
 
@@ -477,6 +479,9 @@ def main(argv):
   if not root:
     raise app.UsageError('--workdir is required')
   try:
+    if cmd == 'fit' and _DRY_RUN.value:
+      print(f'fit --workdir={root}: would read {os.path.join(root, "plan.json")} and the points\' metrics.jsonl')
+      return
     if cmd == 'fit':
       out = fit(root)
       print(fit_markdown(out))
@@ -488,6 +493,11 @@ def main(argv):
     points = _points_from_flags(config)
     spec = next((a.split('=', 1)[1] for a in sys.argv if a.startswith('--config=')), '')
     overrides = cli_config_overrides(sys.argv[1:])
+    if _DRY_RUN.value:
+      print(plan_table(plan(config, spec, overrides, root, points, heldout_examples=_HELDOUT.value, memory=False,
+                            python=_PYTHON.value)))
+      print(f'{cmd}: dry run, nothing written or run')
+      return
     if cmd == 'plan':
       mesh = ints(_MESH.value, '--mesh') or None
       p = plan(config, spec, overrides, root, points, heldout_examples=_HELDOUT.value, topology=_TOPOLOGY.value,

@@ -169,9 +169,11 @@ class Sampler:
     b = tok.shape[0]
     guided = cond.shape[0] != b
 
+    # The final distribution of a pass is filtered once and serves both its draw and the next
+    # iteration's confidences (top-p sorts the vocabulary: the cost of an iteration on a CPU).
     def body(j, carry):
-      tok, logits, caches = carry
-      low = filtering.token_probs(logits, tok, sc) < sc.mr_threshold
+      tok, vals, ids, caches = carry
+      low = filtering.probs_from(vals, ids, tok) < sc.mr_threshold
       if keep is not None:
         low = low & ~keep
       reveal = jnp.where(low, c.vocab_size, tok)
@@ -179,10 +181,12 @@ class Sampler:
                                           jnp.concatenate([reveal, reveal]) if guided else reveal)
       if guided:
         logits = filtering.guide(logits[:b], logits[b:], t)
-      new = filtering.draw(jax.random.fold_in(key, j + 1), logits, sc, False)
-      return jnp.where(low, new, tok), logits, caches
+      vals, ids = filtering.candidates(logits, sc)
+      new = filtering.draw_from(jax.random.fold_in(key, j + 1), vals, ids, sc, False)
+      return jnp.where(low, new, tok), vals, ids, caches
 
-    tok, _, caches = jax.lax.fori_loop(0, sc.mr_iterations, body, (tok, logits, caches))
+    vals, ids = filtering.candidates(logits, sc)
+    tok, _, _, caches = jax.lax.fori_loop(0, sc.mr_iterations, body, (tok, vals, ids, caches))
     return tok, caches
 
   def decode(self, vae_params, f_hat):

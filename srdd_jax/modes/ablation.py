@@ -21,6 +21,11 @@ against *training-split* real images; the lowest wins, ties go to the smaller st
 schedule. The choice is applied to every training seed's model. The test split is never used to choose.
 The teacher of (f) is the markov seed whose model scores lowest on the same validation with (c)'s choice.
 
+Sampling for the selection and the test evaluation runs one compiled program per architecture and masked
+resampling setting, the guidance strengths an argument of it (Sampler.tokens(guidance=)), so the grid costs
+one compile; the timed `cost` unit compiles each variant's own program, guidance a constant of it, so its
+images/s and memory are those of that variant alone.
+
 Each unit of work (tokenizer, token caches, each model, each validation point, each test evaluation, each
 held-out loss, each timing) writes WORKDIR/<unit>/result.json and is skipped when that file exists, so an
 interrupted run resumes without redoing finished units (training units also resume from checkpoints).

@@ -66,6 +66,7 @@ _STEPS = flags.DEFINE_string('steps', '', 'Training steps, comma-separated ("" =
 _EXAMPLES = flags.DEFINE_string('examples', '', 'Training-set sizes (first N of the split), comma-separated '
                                 '("" = the whole split).')
 _HELDOUT = flags.DEFINE_integer('heldout_examples', 2000, 'Held-out examples of the held-out loss (0 = all).')
+_HELDOUT_SPLIT = flags.DEFINE_string('heldout_split', 'test', 'The split of the held-out token cache.')
 _TOPOLOGY = flags.DEFINE_string('topology', '', 'plan: compile each train step for this TPU topology '
                                 '(v5p:2x2x2 ...) instead of this host\'s devices.')
 _MESH = flags.DEFINE_string('mesh', '', 'plan with --topology: data,fsdp,tensor (default: every chip on data).')
@@ -211,7 +212,8 @@ def compiled_memory(c, topology: str = '', mesh_shape=None) -> dict:
 
 
 def plan(config, config_spec: str, cli_overrides, root: str, points, *, heldout_examples: int,
-         topology: str = '', mesh_shape=None, memory: bool = True, python: str = 'python') -> dict:
+         topology: str = '', mesh_shape=None, memory: bool = True, python: str = 'python',
+         heldout_split: str = 'test') -> dict:
   paths = shared_paths(config, root, _dedupe(p.examples for p in points))
   rows = []
   for i, p in enumerate(points):
@@ -227,7 +229,8 @@ def plan(config, config_spec: str, cli_overrides, root: str, points, *, heldout_
       row['memory'] = compiled_memory(c, topology, mesh_shape)
     rows.append(row)
   prepare = [python, '-m', 'srdd_jax.scaling', 'prepare', f'--config={config_spec}', f'--workdir={root}',
-             *sweep_flags(points), f'--heldout_examples={heldout_examples}', *cli_overrides]
+             *sweep_flags(points), f'--heldout_examples={heldout_examples}', f'--heldout_split={heldout_split}',
+             *cli_overrides]
   return {'format': FORMAT, 'config': config_spec, 'overrides': list(cli_overrides), 'workdir': root,
           'shared': paths, 'heldout_examples': heldout_examples, 'topology': topology or 'local',
           'prepare_command': prepare, 'points': rows}
@@ -237,7 +240,8 @@ def sweep_flags(points) -> list[str]:
   """Flags that give back the examples sizes of `points` (what `prepare` needs; depths for the check)."""
   j = lambda xs: ','.join(str(x) for x in _dedupe(xs))
   return [f'--depths={j(p.depth for p in points)}', f'--masks={j(p.mask for p in points)}',
-          f'--steps={j(p.steps for p in points)}', f'--examples={j(p.examples for p in points)}']
+          f'--steps={j(p.steps for p in points)}', f'--examples={j(p.examples for p in points)}',
+          f'--width_per_depth={points[0].width // points[0].depth}']
 
 
 def plan_table(p: dict) -> str:
@@ -274,7 +278,8 @@ def load_plan(root: str) -> dict:
 
 # --- run ---------------------------------------------------------------------------------------------
 
-def run_points(config, root: str, points, *, heldout_examples: int, prepare_only: bool = False) -> list[dict]:
+def run_points(config, root: str, points, *, heldout_examples: int, prepare_only: bool = False,
+               heldout_split: str = 'test') -> list[dict]:
   """The shared stages, then (unless prepare_only) every point in order; finished ones are kept."""
   paths = shared_paths(config, root, _dedupe(p.examples for p in points))
   base = with_defaults(config)
@@ -296,7 +301,7 @@ def run_points(config, root: str, points, *, heldout_examples: int, prepare_only
   for n, d in paths['train_caches'].items():
     if d != base.data.token_cache:  # A cache the config gives is used as it is.
       cache(d, 'train', n)
-  cache(paths['heldout_cache'], 'test', heldout_examples)
+  cache(paths['heldout_cache'], heldout_split, heldout_examples)
   if prepare_only:
     return []
   out = []
@@ -317,7 +322,8 @@ def run_points(config, root: str, points, *, heldout_examples: int, prepare_only
       raise SystemExit(f'scaling: point {p.name} stopped at step {s.get("end_step")}; run the same command '
                        'to resume')
     rec = {'name': p.name, 'export': s['export'], 'seconds': round(time.time() - t0, 1)}
-    write_json(done, rec)
+    if multihost.is_main_process():
+      write_json(done, rec)
     out.append(rec)
   return out
 
@@ -495,29 +501,31 @@ def main(argv):
     overrides = cli_config_overrides(sys.argv[1:])
     if _DRY_RUN.value:
       print(plan_table(plan(config, spec, overrides, root, points, heldout_examples=_HELDOUT.value, memory=False,
-                            python=_PYTHON.value)))
+                            python=_PYTHON.value, heldout_split=_HELDOUT_SPLIT.value)))
       print(f'{cmd}: dry run, nothing written or run')
       return
     if cmd == 'plan':
       mesh = ints(_MESH.value, '--mesh') or None
       p = plan(config, spec, overrides, root, points, heldout_examples=_HELDOUT.value, topology=_TOPOLOGY.value,
-               mesh_shape=mesh, memory=_MEMORY.value, python=_PYTHON.value)
+               mesh_shape=mesh, memory=_MEMORY.value, python=_PYTHON.value, heldout_split=_HELDOUT_SPLIT.value)
       write_json(os.path.join(root, 'plan.json'), p)
       print(plan_table(p))
       print(f'written: {os.path.join(root, "plan.json")}')
       return
     multihost.initialize(None, None, None, auto=_MULTIHOST.value)
     if cmd == 'prepare':
-      run_points(config, root, points, heldout_examples=_HELDOUT.value, prepare_only=True)
+      run_points(config, root, points, heldout_examples=_HELDOUT.value, prepare_only=True,
+                 heldout_split=_HELDOUT_SPLIT.value)
       return
     fresh = plan(config, spec, overrides, root, points, heldout_examples=_HELDOUT.value, memory=False,
-                 python=_PYTHON.value)
+                 python=_PYTHON.value, heldout_split=_HELDOUT_SPLIT.value)
     path = os.path.join(root, 'plan.json')
     old = json.load(open(path)) if os.path.isfile(path) else None
     # A plan of these very points (perhaps with its compiled memory) is kept; another is replaced.
-    if old is None or [r['command'] for r in old.get('points', [])] != [r['command'] for r in fresh['points']]:
+    stale = old is None or [r['command'] for r in old.get('points', [])] != [r['command'] for r in fresh['points']]
+    if stale and multihost.is_main_process():
       write_json(path, fresh)
-    done = run_points(config, root, points, heldout_examples=_HELDOUT.value)
+    done = run_points(config, root, points, heldout_examples=_HELDOUT.value, heldout_split=_HELDOUT_SPLIT.value)
     print(json.dumps({'points': done}, indent=1))
   except ConfigError as e:
     print(f'error: {e}', file=sys.stderr)

@@ -46,7 +46,7 @@ def get_config(arg=None):
   if quick:
     c.tokenizer_train.update(steps=30, warmup_steps=5, log_every=10, eval_every=0, checkpoint_every=30,
                              dead_code_restart_every=10)
-    c.train.update(steps=20, log_every=5, checkpoint_every=20)
+    c.train.update(steps=10, log_every=5, checkpoint_every=10)
     c.optim.warmup_steps = 2
     c.tokenize.max_examples = 2048  # Every cache (train, test, the student's): 20 s of encoding, not 6 min.
     c.ablation.update(val_per_class=2, test_per_class=2, timing_repeats=1)

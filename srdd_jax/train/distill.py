@@ -22,6 +22,7 @@ skipped ones included, so no student input reproduces them: kl_weight > 0 with a
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -195,11 +196,11 @@ class DistillTrainer(Trainer):
 
 # --- evaluation --------------------------------------------------------------------------------
 
-def heldout_token_loss(var_config: VARConfig, params, vae_config, vae_params, ids, labels,
-                       batch_size: int = 250) -> dict:
-  """Held-out cross-entropy and accuracy per scale (teacher forcing, no label dropout, eval mode) of
-  `ids` (N, L) at var_config's schedule: {'patch_nums', 'loss' [S], 'accuracy' [S], 'mean_loss'}."""
-  model, tok = VAR(dataclasses.replace(var_config, cond_drop_rate=0.0)), Tokenizer(vae_config)
+@functools.lru_cache(maxsize=16)
+def _heldout_sums(var_config: VARConfig, vae_config):
+  """The jitted per-scale sums of one architecture pair, built once: models of one architecture (the
+  seeds of a study, a run's evaluations) share its compiled program."""
+  model, tok = VAR(var_config), Tokenizer(vae_config)
   seg = np.repeat(np.arange(var_config.num_scales), [p * p for p in var_config.patch_nums])
   onehot = jnp.asarray(seg[:, None] == np.arange(var_config.num_scales)[None], jnp.float32)  # (L, S)
 
@@ -210,7 +211,14 @@ def heldout_token_loss(var_config: VARConfig, params, vae_config, vae_params, id
     nll = token_nll(logits, batch_ids)
     correct = (jnp.argmax(logits, axis=-1) == batch_ids).astype(jnp.float32)
     return (weight[:, None] * nll) @ onehot, (weight[:, None] * correct) @ onehot
+  return sums
 
+
+def heldout_token_loss(var_config: VARConfig, params, vae_config, vae_params, ids, labels,
+                       batch_size: int = 250) -> dict:
+  """Held-out cross-entropy and accuracy per scale (teacher forcing, no label dropout, eval mode) of
+  `ids` (N, L) at var_config's schedule: {'patch_nums', 'loss' [S], 'accuracy' [S], 'mean_loss'}."""
+  sums = _heldout_sums(dataclasses.replace(var_config, cond_drop_rate=0.0), vae_config)
   ids, labels = np.asarray(ids, np.int32), np.asarray(labels, np.int32)
   n = len(ids)
   tot_nll = np.zeros(var_config.num_scales)

@@ -57,24 +57,31 @@ from srdd_jax.transformer.config import var_config
 FORMAT = 'srdd_jax.scaling/1'
 MASKS = ('markov', 'causal')
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Base config (configs/<x>.py[:arg]); plan and run.')
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Root of the study: plan.json, shared stages, points/<name>/.')
-_DEPTHS = flags.DEFINE_string('depths', '', 'Transformer depths, comma-separated (width and heads by VAR\'s rule).')
-_WIDTH_PER_DEPTH = flags.DEFINE_integer('width_per_depth', 64, 'Width = this x depth (VAR: 64); heads = depth.')
-_MASKS = flags.DEFINE_string('masks', 'markov,causal', 'Masks, comma-separated.')
-_STEPS = flags.DEFINE_string('steps', '', 'Training steps, comma-separated ("" = config.train.steps).')
-_EXAMPLES = flags.DEFINE_string('examples', '', 'Training-set sizes (first N of the split), comma-separated '
-                                '("" = the whole split).')
-_HELDOUT = flags.DEFINE_integer('heldout_examples', 2000, 'Held-out examples of the held-out loss (0 = all).')
-_HELDOUT_SPLIT = flags.DEFINE_string('heldout_split', 'test', 'The split of the held-out token cache.')
-_TOPOLOGY = flags.DEFINE_string('topology', '', 'plan: compile each train step for this TPU topology '
-                                '(v5p:2x2x2 ...) instead of this host\'s devices.')
-_MESH = flags.DEFINE_string('mesh', '', 'plan with --topology: data,fsdp,tensor (default: every chip on data).')
-_MEMORY = flags.DEFINE_bool('memory', True, 'plan: compile each point\'s train step for its per-chip memory.')
-_PYTHON = flags.DEFINE_string('python', 'python', 'The interpreter in the launch commands.')
-_DRY_RUN = flags.DEFINE_bool('dry_run', False, 'Check the flags and the config, print the plan (nothing compiled) '
-                             'and exit; writes and runs nothing.')
-_MULTIHOST = flags.DEFINE_bool('multihost', False, 'prepare / run: start jax.distributed (as srdd_jax.main).')
+
+def define_flags():
+  """The command's flags, defined when it runs (`python -m srdd_jax.scaling`), not on import: srdd_jax.main
+  defines some of the same names, and a process may import both (the tests do)."""
+  # pylint: disable=global-statement
+  global _CONFIG, _WORKDIR, _DEPTHS, _WIDTH_PER_DEPTH, _MASKS, _STEPS, _EXAMPLES, _HELDOUT, _HELDOUT_SPLIT
+  global _TOPOLOGY, _MESH, _MEMORY, _PYTHON, _DRY_RUN, _MULTIHOST
+  _CONFIG = config_flags.DEFINE_config_file('config', None, 'Base config (configs/<x>.py[:arg]); plan and run.')
+  _WORKDIR = flags.DEFINE_string('workdir', None, 'Root of the study: plan.json, shared stages, points/<name>/.')
+  _DEPTHS = flags.DEFINE_string('depths', '', 'Transformer depths, comma-separated (width and heads by VAR\'s rule).')
+  _WIDTH_PER_DEPTH = flags.DEFINE_integer('width_per_depth', 64, 'Width = this x depth (VAR: 64); heads = depth.')
+  _MASKS = flags.DEFINE_string('masks', 'markov,causal', 'Masks, comma-separated.')
+  _STEPS = flags.DEFINE_string('steps', '', 'Training steps, comma-separated ("" = config.train.steps).')
+  _EXAMPLES = flags.DEFINE_string('examples', '', 'Training-set sizes (first N of the split), comma-separated '
+                                  '("" = the whole split).')
+  _HELDOUT = flags.DEFINE_integer('heldout_examples', 2000, 'Held-out examples of the held-out loss (0 = all).')
+  _HELDOUT_SPLIT = flags.DEFINE_string('heldout_split', 'test', 'The split of the held-out token cache.')
+  _TOPOLOGY = flags.DEFINE_string('topology', '', 'plan: compile each train step for this TPU topology '
+                                  '(v5p:2x2x2 ...) instead of this host\'s devices.')
+  _MESH = flags.DEFINE_string('mesh', '', 'plan with --topology: data,fsdp,tensor (default: every chip on data).')
+  _MEMORY = flags.DEFINE_bool('memory', True, 'plan: compile each point\'s train step for its per-chip memory.')
+  _PYTHON = flags.DEFINE_string('python', 'python', 'The interpreter in the launch commands.')
+  _DRY_RUN = flags.DEFINE_bool('dry_run', False, 'Check the flags and the config, print the plan (nothing compiled) '
+                               'and exit; writes and runs nothing.')
+  _MULTIHOST = flags.DEFINE_bool('multihost', False, 'prepare / run: start jax.distributed (as srdd_jax.main).')
 
 
 # --- the sweep ---------------------------------------------------------------------------------------
@@ -533,4 +540,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  define_flags()
   app.run(main)

@@ -447,6 +447,10 @@ def hbm_bytes(topology: str, device_kind: str = '') -> int | None:
 
 def topology_devices(topology: str):
   """The devices of a TPU topology ('v5e:2x2', 'v5p:2x2x2'), described without any TPU attached."""
+  # libtpu takes a machine-wide lockfile when it loads, so while any other JAX process runs here (a
+  # training job, the test suite) the description fails with ABORTED. Compiling ahead of time touches no
+  # TPU, so sharing the library is safe; the variable is read when libtpu loads, i.e. on the first call.
+  os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
   try:
     desc = topologies.get_topology_desc(platform='tpu', topology_name=topology)
   except Exception as e:  # pylint: disable=broad-except

@@ -23,8 +23,9 @@ The teacher of (f) is the markov seed whose model scores lowest on the same vali
 
 Sampling for the selection and the test evaluation runs one compiled program per architecture and masked
 resampling setting, the guidance strengths an argument of it (Sampler.tokens(guidance=)), so the grid costs
-one compile; the timed `cost` unit compiles each variant's own program, guidance a constant of it, so its
-images/s and memory are those of that variant alone.
+one compile. The timed `cost` unit times and sizes the program that drew the variant's scored samples:
+that traced program when the variant is guided (a constant strength would run the same two halves), and
+for an unguided variant (strength 0) its own program without the null-class half, which costs half.
 
 Each unit of work (tokenizer, token caches, each model, each validation point, each test evaluation, each
 held-out loss, each timing) writes WORKDIR/<unit>/result.json and is skipped when that file exists, so an
@@ -369,7 +370,7 @@ class _Ablation:
   def prepared(self, model: dict, values: dict, traced: bool = False):
     """(sampler, var params, vae params, compiled, stats, batch, guidance) for `model` sampled with `values`.
 
-    traced=False: guidance is a constant of the program (what `cost` times and sizes). traced=True: the
+    traced=False: guidance is a constant of the program (what `cost` times unguided). traced=True: the
     guidance strengths are an argument (`guidance`, returned), so one program per architecture and MR
     setting serves every schedule and strength of the grid; strength 0 then still runs the null-class
     half and gives the unguided tokens exactly."""
@@ -497,19 +498,22 @@ class _Ablation:
 
   def cost(self, variant: str, model: dict, values: dict) -> dict:
     def fn():
-      sampler, var_params, vae_params, compiled, stats, bs, _ = self.prepared(model, values)
+      traced = float(values['cfg']) != 0
+      sampler, var_params, vae_params, compiled, stats, bs, guidance = self.prepared(model, values, traced)
       labels = self._labels(sampler, np.arange(bs, dtype=np.int32) % sampler.var_config.num_classes)
-      jax.block_until_ready(compiled(var_params, vae_params, labels, batch_rng(0, 0)))  # Warm-up.
+      call = lambda rng: compiled(var_params, vae_params, labels, rng, *([guidance] if traced else []))
+      jax.block_until_ready(call(batch_rng(0, 0)))  # Warm-up.
       times = []
       for r in range(self.o['timing_repeats']):
         t0 = time.perf_counter()
-        jax.block_until_ready(compiled(var_params, vae_params, labels, batch_rng(0, r + 1)))
+        jax.block_until_ready(call(batch_rng(0, r + 1)))
         times.append(time.perf_counter() - t0)
       t = statistics.median(times)
       return {'batch': bs, 'seconds_per_batch': t, 'images_per_s': bs / t, 'seconds_per_image': t / bs,
               'compiled_memory_bytes': needed_bytes(stats['memory']), 'memory': stats['memory'],
               'forward_passes_per_image': sampler.forward_passes(),
-              'sampler': dataclasses.asdict(sampler.config), 'device': str(jax.devices()[0].device_kind),
+              'sampler': dataclasses.asdict(sampler.config), 'guidance_traced': traced,
+              'device': str(jax.devices()[0].device_kind),
               'devices': jax.device_count()}
     return self.units(f'cost/{variant}', fn)
 

@@ -123,7 +123,7 @@ def test_the_kl_term_is_zero_for_the_initial_student_and_positive_after_a_change
   assert s.shape == t.shape == (6, sc.seq_len, tc.vocab_size) and float(jnp.std(t)) > 0.1
   # A markov teacher on the student's inputs is the initial student: same function, same numbers.
   np.testing.assert_allclose(s, t, atol=2e-5)
-  assert abs(float(distill.kl_divergence(t, s))) < 1e-8
+  assert abs(float(distill.kl_divergence(t, s))) < 1e-6  # float32 rounding of equal logits (1.06e-8 measured in CI)
   sp2 = jax.tree_util.tree_map(lambda x: x, sp)
   noise = np.random.default_rng(1).normal(size=sp['head']['kernel'].shape).astype(np.float32)
   sp2['head']['kernel'] = sp['head']['kernel'] + 0.5 * noise

@@ -13,6 +13,7 @@ setting, then a table sorted by fd.
 from __future__ import annotations
 
 import argparse
+import ast
 import glob
 import json
 import os
@@ -30,8 +31,27 @@ def _floats(text):
 def _latest_export(workdir):
   exports = sorted(glob.glob(os.path.join(workdir, 'export', 'step_*')))
   if not exports:
-    raise SystemExit(f'--workdir={workdir}: no export/step_* (a finished --mode=train or --mode=all); or give --model')
+    return None
   return exports[-1]
+
+
+def _override(config, assignment):
+  """`--set model.dtype=float32`: the sampler of a run trained with command-line overrides."""
+  key, sep, text = assignment.partition('=')
+  *parents, leaf = key.split('.')
+  node = config
+  try:
+    for name in parents:
+      node = node[name]
+    old = node[leaf]
+  except KeyError as e:
+    raise ValueError(f'--set {assignment!r}: no config key {key!r}') from e
+  if not sep:
+    raise ValueError(f'--set {assignment!r}: expected KEY=VALUE')
+  try:
+    node[leaf] = ast.literal_eval(text) if isinstance(old, (bool, tuple)) else type(old)(text)
+  except (ValueError, SyntaxError) as e:
+    raise ValueError(f'--set {assignment!r}: {text!r} is not a valid {type(old).__name__}') from e
 
 
 def main(argv=None):
@@ -46,12 +66,22 @@ def main(argv=None):
   p.add_argument('--mr', default='off', help="comma-separated: off, redraw, refine")
   p.add_argument('--per_class', type=int, default=100)
   p.add_argument('--seed', type=int, default=1000)
+  p.add_argument('--set', action='append', default=[], metavar='KEY=VALUE',
+                 help='a configs/fashion_mnist.py override the run was trained with, e.g. model.dtype=float32')
   p.add_argument('--out', default='')
   a = p.parse_args(argv)
   c = fashion_mnist.get_config()
+  for assignment in a.set:
+    try:
+      _override(c, assignment)
+    except ValueError as e:
+      p.error(str(e))
   c.eval.batch_size = 100
   tok = a.tokenizer or os.path.join(a.workdir, 'tokenizer', 'params')
-  model = {'export': a.model or _latest_export(a.workdir)}
+  export = a.model or _latest_export(a.workdir)
+  if not export:
+    p.error(f'--workdir={a.workdir}: no export/step_* (a finished --mode=train or --mode=all); or give --model')
+  model = {'export': export}
   top_ps = _floats(a.top_p) or [float(c.sampler.top_p)]
   rows = []
   for top_p in top_ps:

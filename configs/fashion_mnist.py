@@ -38,7 +38,7 @@ def get_config(arg=None):
   # --- transformer ---
   c.model = ml_collections.ConfigDict(dict(
       preset='', depth=4, width=128, heads=4, num_classes=10, patch_nums=PATCH_NUMS, mask=a['mask'],
-      # float32: XLA:CPU runs this model's step faster in float32 than in bfloat16 (no bf16 matmul units).
+      # float32: XLA:CPU runs this model's step 1.15-1.4x faster than in bfloat16 (docs/RESULTS.md).
       dtype='float32', cond_drop_rate=0.1, drop_path_rate=0.0, checkpoint='',
       scan=False))  # XLA:CPU runs unrolled blocks 15-20% faster than a scan (docs/PERFORMANCE.md).
   c.train = ml_collections.ConfigDict(dict(
@@ -49,10 +49,9 @@ def get_config(arg=None):
       base_lr=2e-2,  # Peak 2.5e-3 at batch 32 (VAR's rule: base_lr * batch / 256).
       weight_decay=0.05, weight_decay_end=-1.0, warmup_steps=50, final_fraction=0.1, clip_norm=2.0))
   # --- sampling and evaluation ---
-  # Guidance 2, linear, and no masked resampling: the lowest fd with class consistency >= 0.95 on
-  # train-split reals (benchmarks/guidance_sweep.py, docs/RESULTS.md); SRDD's protocol (cfg 5, MR redraw)
-  # scored worse on both counts' trade-off here. Top-k is off: the 512-code vocabulary is smaller than
-  # VAR's 900.
+  # Guidance 2, linear, no masked resampling, for either mask: the lowest fd with class consistency
+  # >= 0.95 on train-split reals (benchmarks/guidance_sweep.py, docs/RESULTS.md). MR redraw raised fd at
+  # equal consistency on this model. Top-k is off: the 512-code vocabulary is smaller than VAR's 900.
   c.sampler = ml_collections.ConfigDict(dict(
       protocol='auto', cfg=2.0, cfg_schedule='linear', temperature=1.0, top_k=0, top_p=0.96, greedy=False,
       mr_threshold=0.0, mr_iterations=0, mr_scales=''))

@@ -35,10 +35,11 @@ def get_config(arg=None):
       raise ValueError(f'config argument {part!r}: configs/ablation.py takes only "quick"')
   c = _fashion_mnist().get_config()
   c.eval.batch_size = 100  # Sampling and held-out loss batches: a class per 10 images, no padding.
-  # Ten transformers are trained (3 seeds x causal, markov, refine, and the student): at the demo's 0.34 s
-  # per step on 2 CPU cores (docs/PERFORMANCE.md) 1000 steps each is ~1 hour, which leaves the other
-  # hour of the 2-hour budget to the tokenizer, the caches and the sampling. An estimate, not yet measured
-  # end to end: ablation.json records every unit's wall time.
+  # Ten transformers are trained (3 seeds x causal, markov, refine, and the student): at the demo's
+  # float32 step on 2 CPU cores (0.33 s on the AMD machine of earlier runs, 0.48 s on the slower Intel one
+  # of docs/RESULTS.md's second recipe) 1000 steps each is 55-80 minutes of the 2-hour budget; the rest
+  # goes to the tokenizer, the caches and the sampling. An estimate, not yet measured end to end:
+  # ablation.json records every unit's wall time.
   c.train.steps = 1000
   c.ablation = ml_collections.ConfigDict(dict(
       train_seeds='0,1,2', sample_seeds='0,1,2', cfg_grid='0,1,1.5,2,3,5,8', schedules='linear,constant',

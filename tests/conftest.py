@@ -1,4 +1,5 @@
-"""Test set-up: 8 forced CPU devices, true float32 matmuls, and the reference vectors.
+"""Test set-up: 8 forced CPU devices, true float32 matmuls, a persistent compilation cache, and the
+reference vectors.
 
 Reference vectors of the official PyTorch code come in two sets. The compact files (`compact_*.npz`)
 are part of the repository, in tests/data/reference: their tests run everywhere, and a missing one is a
@@ -11,6 +12,13 @@ import sys
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                            ' --xla_force_host_platform_device_count=8').strip()
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+# JAX's persistent compilation cache, shared by the pytest workers and the subprocesses tests start
+# (they inherit the environment): many files compile the same step of the same tiny model, and on
+# 2 cores compiling is most of the suite. A cached program is the same executable, keyed by its HLO,
+# options and library versions, so what is tested does not change. Under .pytest_cache: `make clean`
+# removes it, and a fresh clone (CI) starts cold.
+os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), '.pytest_cache', 'jax_compilation_cache'))
 
 import jax  # pylint: disable=wrong-import-position
 import pytest  # pylint: disable=wrong-import-position

@@ -31,8 +31,12 @@ demo: venv data
 tokenizer-demo: venv
 	$(PY) -m srdd_jax.main --config=configs/tokenizer_demo.py --workdir=workdir/tokenizer_demo --mode=reconstruct
 
+# Two pytest workers, one test file each at a time (--dist loadfile keeps a file's module fixtures and
+# compiled programs in one process): the suite is mostly single-threaded XLA compiles, so two cores run
+# two of them at once.
+TEST_WORKERS ?= 2
 test: venv
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
 clean:
 	rm -rf $(VENV) workdir .pytest_cache

@@ -28,7 +28,7 @@ setup(
     extras_require={
         # The tests include an ahead-of-time TPU compile (tests/test_bench.py), which needs libtpu;
         # libtpu has Linux wheels only (elsewhere that test skips itself, saying why).
-        'test': ['pytest', 'jax[tpu]; sys_platform == "linux"'],
+        'test': ['pytest', 'pytest-xdist', 'jax[tpu]; sys_platform == "linux"'],
         # libtpu for TPU hosts and for compiling TPU programs ahead of time on any host
         # (`python -m srdd_jax.bench --aot v5p:4x4x4`). jax's own `tpu` extra pins the libtpu release
         # built for that jax version (jax 0.10.2: libtpu 0.0.42.*), so it always matches the jax that

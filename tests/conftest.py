@@ -12,6 +12,10 @@ import sys
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                            ' --xla_force_host_platform_device_count=8').strip()
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+# The ahead-of-time TPU tests load libtpu, which takes a host-wide lockfile (/tmp/libtpu_lockfile):
+# under two pytest workers (make test) the second loader would fail with "Internal error when
+# accessing libtpu multi-process lockfile". Compiling for a topology touches no TPU, so sharing is safe.
+os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
 # JAX's persistent compilation cache, inherited by the subprocesses tests start: a second run of the
 # suite reuses the programs of the first (tests/test_train.py: 170 s cold, 56 s warm); a cold run (CI)
 # gains little. A cached program is the same executable, keyed by its HLO, options and library

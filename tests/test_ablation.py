@@ -82,7 +82,7 @@ def test_the_whole_ablation_runs_and_resumes_without_redoing(tmp_path):
   md = open(os.path.join(wd, 'ablation.md')).read()
   assert md.count('\n| (') == 7 and 'seed noise' in md and md.count('\n- SDD vs VAR (same protocol): (b) ') == 1
   from PIL import Image
-  assert Image.open(os.path.join(wd, 'ablation.png')).size == (720, 480)
+  assert Image.open(os.path.join(wd, 'ablation.png')).size == (960, 480)
   assert len(first['units_run']) > 20
   # Run again: every unit is kept, nothing is trained, sampled or written again.
   before = _mtimes(wd)

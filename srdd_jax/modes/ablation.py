@@ -663,13 +663,17 @@ def markdown(out: dict) -> str:
   return '\n'.join(lines) + '\n'
 
 
-def plot(variants: dict, path: str, size=(720, 480)):
-  """Quality (fd, lower is better) against sampling seconds per image, a point per variant with ±std bars."""
+def plot(variants: dict, path: str, size=(960, 480)):
+  """Quality (fd, lower is better) against sampling seconds per image, a point per variant with ±std bars.
+
+  Points carry their letter only, and a legend on the right names them, so close points (a guided
+  variant that selected VAR's own protocol sits on top of its unguided one) do not write over each
+  other and no name runs off the image."""
   from PIL import Image, ImageDraw  # pylint: disable=import-outside-toplevel
   img = Image.new('RGB', size, 'white')
   d = ImageDraw.Draw(img)
   w, h = size
-  left, right, top, bottom = 80, 30, 30, 60
+  left, right, top, bottom = 80, 300, 30, 60
   xs = [r['seconds_per_image'] for r in variants.values()]
   lo = [r['fd']['mean'] - r['fd']['std'] for r in variants.values()]
   hi = [r['fd']['mean'] + r['fd']['std'] for r in variants.values()]
@@ -682,14 +686,24 @@ def plot(variants: dict, path: str, size=(720, 480)):
     xv, yv = x0 + (x1 - x0) * i / 4, y0 + (y1 - y0) * i / 4
     d.text((px(xv) - 15, h - bottom + 5), f'{xv:.2g}', fill='black')
     d.text((5, py(yv) - 5), f'{yv:.3g}', fill='black')
-  d.text((w // 2 - 80, h - 25), 'sampling seconds per image', fill='black')
+  d.text(((w - right) // 2 - 40, h - 25), 'sampling seconds per image', fill='black')
   d.text((5, 5), 'fd (proxy), lower is better; bars: ± std', fill='black')
   colours = ['#1f77b4', '#ff7f0e', '#2ca02c', '#d62728', '#9467bd', '#8c564b', '#e377c2']
-  for (v, r), col in zip(variants.items(), colours):
+  points = [(px(r['seconds_per_image']), py(r['fd']['mean'])) for r in variants.values()]
+  taken = []  # Label corners already used: each letter goes to the first free spot around its point.
+  for i, ((v, r), col) in enumerate(zip(variants.items(), colours)):
     x, m, s = px(r['seconds_per_image']), r['fd']['mean'], r['fd']['std']
     d.line([(x, py(m - s)), (x, py(m + s))], fill=col, width=2)
     d.ellipse([x - 4, py(m) - 4, x + 4, py(m) + 4], fill=col)
-    d.text((x + 6, py(m) - 6), f'({v}) {r["name"]}', fill=col)
+    spots = [(x + 6, py(m) - 6), (x - 28, py(m) - 6), (x + 6, py(m) - 18), (x - 28, py(m) - 18),
+             (x + 6, py(m) + 6), (x - 28, py(m) + 6)]
+    free = lambda p: (all(abs(p[0] - tx) >= 24 or abs(p[1] - ty) >= 11 for tx, ty in taken) and
+                      all(not (p[0] - 4 <= qx <= p[0] + 22 and p[1] - 4 <= qy <= p[1] + 14) for qx, qy in points))
+    spot = next((p for p in spots if free(p)), spots[0])
+    taken.append(spot)
+    d.text(spot, f'({v})', fill=col)
+    d.text((w - right + 20, top + 16 * i),
+           f'({v}) {r["name"]}: {m:.2f} ± {s:.2f}, {r["images_per_s"]:.1f} img/s', fill=col)
   img.save(path)
 
 

@@ -691,14 +691,17 @@ def plot(variants: dict, path: str, size=(960, 480)):
   colours = ['#1f77b4', '#ff7f0e', '#2ca02c', '#d62728', '#9467bd', '#8c564b', '#e377c2']
   points = [(px(r['seconds_per_image']), py(r['fd']['mean'])) for r in variants.values()]
   taken = []  # Label corners already used: each letter goes to the first free spot around its point.
+
+  def free(p):
+    return (all(abs(p[0] - tx) >= 24 or abs(p[1] - ty) >= 11 for tx, ty in taken) and
+            all(not (p[0] - 4 <= qx <= p[0] + 22 and p[1] - 4 <= qy <= p[1] + 14) for qx, qy in points))
+
   for i, ((v, r), col) in enumerate(zip(variants.items(), colours)):
     x, m, s = px(r['seconds_per_image']), r['fd']['mean'], r['fd']['std']
     d.line([(x, py(m - s)), (x, py(m + s))], fill=col, width=2)
     d.ellipse([x - 4, py(m) - 4, x + 4, py(m) + 4], fill=col)
     spots = [(x + 6, py(m) - 6), (x - 28, py(m) - 6), (x + 6, py(m) - 18), (x - 28, py(m) - 18),
              (x + 6, py(m) + 6), (x - 28, py(m) + 6)]
-    free = lambda p: (all(abs(p[0] - tx) >= 24 or abs(p[1] - ty) >= 11 for tx, ty in taken) and
-                      all(not (p[0] - 4 <= qx <= p[0] + 22 and p[1] - 4 <= qy <= p[1] + 14) for qx, qy in points))
     spot = next((p for p in spots if free(p)), spots[0])
     taken.append(spot)
     d.text(spot, f'({v})', fill=col)

@@ -16,7 +16,7 @@ port=${SRDD_PORT:-$($python -c 'import socket; s = socket.socket(); s.bind(("loc
 mkdir -p "$logdir"
 pids=()
 for ((i = 0; i < n; i++)); do
-  XLA_FLAGS="--xla_force_host_platform_device_count=$d" JAX_PLATFORMS=cpu \
+  XLA_FLAGS="${XLA_FLAGS:-} --xla_force_host_platform_device_count=$d" JAX_PLATFORMS=cpu \
   SRDD_COORDINATOR_ADDRESS="localhost:$port" SRDD_NUM_PROCESSES=$n SRDD_PROCESS_ID=$i \
     "$python" -m srdd_jax.main "$@" >"$logdir/process_$i.log" 2>&1 &
   pids+=($!)

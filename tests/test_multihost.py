@@ -7,6 +7,8 @@ import sys
 
 import numpy as np
 
+from tests.conftest import xla_flags
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARGS = ['--config=configs/smoke.py', '--mode=train', '--config.train.steps=5', '--config.train.checkpoint_every=5']
 
@@ -18,7 +20,7 @@ def _records(workdir):
 
 def test_two_processes_train_like_one(tmp_path):
   env = dict(os.environ, PYTHON=sys.executable, JAX_PLATFORMS='cpu')
-  one_env = dict(env, XLA_FLAGS='--xla_force_host_platform_device_count=4')
+  one_env = dict(env, XLA_FLAGS=xla_flags(4))
   # Both jobs at once: the 2-core machine then spends one compile's wall time, not two.
   one = subprocess.Popen([sys.executable, '-m', 'srdd_jax.main', f'--workdir={tmp_path / "one"}', *ARGS],
                          cwd=REPO, env=one_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -27,7 +27,7 @@ from srdd_jax.modes import train as train_mode
 from srdd_jax.parallel.workdir import LOCK_NAME, WorkdirLock
 from srdd_jax.train import driver
 from srdd_jax.train.driver import PREEMPTED_EXIT_CODE
-from tests.conftest import save_tiny_models, smoke_config
+from tests.conftest import save_tiny_models, smoke_config, xla_flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -199,7 +199,7 @@ def test_a_stopped_run_saves_and_exits_75(tmp_path):
   import time
   sig = 'SIGINT'
   wd = tmp_path / 'run'
-  env = dict(os.environ, XLA_FLAGS='', JAX_PLATFORMS='cpu')
+  env = dict(os.environ, XLA_FLAGS=xla_flags(), JAX_PLATFORMS='cpu')
   p = subprocess.Popen([sys.executable, '-m', 'srdd_jax.main', '--config=configs/smoke.py', f'--workdir={wd}',
                         '--mode=train', '--config.train.steps=100000', '--config.train.checkpoint_every=1000'],
                        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -312,7 +312,7 @@ def _run_case(args, fill):
   argv = [a.format(**fill) for a in args]
   if not any(a.startswith('--workdir') for a in argv):
     argv.append(f'--workdir={fill["root"]}/wd_{abs(hash(tuple(argv)))}')
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8', JAX_PLATFORMS='cpu')
+  env = dict(os.environ, XLA_FLAGS=xla_flags(8), JAX_PLATFORMS='cpu')
   r = subprocess.run([sys.executable, '-m', 'srdd_jax.main'] + argv, cwd=REPO, env=env, capture_output=True,
                      text=True, timeout=600)
   return r, argv

@@ -16,7 +16,7 @@ from srdd_jax.diffusion.sampler import Sampler, batch_rng
 from srdd_jax.parallel import mesh as pm
 from srdd_jax.tools import convert_var
 from srdd_jax.convert.reference import var_config_from_meta
-from tests.conftest import reference_file
+from tests.conftest import reference_file, xla_flags
 
 
 def _load_models(name):
@@ -283,7 +283,7 @@ def test_editing_masks():
 
 def _run_main(argv):
   """Runs the real entry point in a subprocess (absl flags are process-global) on 1 CPU device."""
-  env = dict(os.environ, XLA_FLAGS='', JAX_PLATFORMS='cpu')
+  env = dict(os.environ, XLA_FLAGS=xla_flags(), JAX_PLATFORMS='cpu')
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   r = subprocess.run([sys.executable, '-m', 'srdd_jax.main'] + argv, cwd=repo, env=env,
                      capture_output=True, text=True, timeout=600)

@@ -35,7 +35,7 @@ tokenizer-demo: venv
 # compiled programs in one process): much of the suite is XLA compiles that use one core, so two cores
 # run two of them at once. Measured on 2 cores, cold: 1,711-2,125 s (three runs) against 2,105-2,211 s
 # with one process: on 2 cores the gain is within the machine's noise. TEST_WORKERS=N for more cores.
-# (1,617 s since tests/conftest.py compiles without LLVM's optimisation passes.)
+# (1,617 and 1,503 s since tests/conftest.py compiles without LLVM's optimisation passes.)
 TEST_WORKERS ?= 2
 test: venv
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests

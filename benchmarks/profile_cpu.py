@@ -86,14 +86,15 @@ def main():
   state = trainer.init(jax.random.PRNGKey(0))
   batch = trainer.shard_batch({'labels': jnp.zeros((8,), jnp.int32),
                                'ids': jnp.asarray(np.random.randint(0, 4096, (8, c.seq_len)), jnp.int32)})
-  step = trainer.make_step(vae).lower(state, batch).compile()
+  frozen = trainer.place_frozen(vae)
+  step = trainer.make_step().lower(state, frozen, batch).compile()
   cats = categories(step.as_text())
   for _ in range(2):
-    state, m = step(state, batch)
+    state, m = step(state, frozen, batch)
   jax.block_until_ready(m)
   with jax.profiler.trace(args.trace_dir, create_perfetto_trace=True):
     for _ in range(STEPS):
-      state, m = step(state, batch)
+      state, m = step(state, frozen, batch)
     jax.block_until_ready(m)
   path = sorted(glob.glob(args.trace_dir + '/**/perfetto_trace.json.gz', recursive=True))[-1]
   with gzip.open(path) as f:

@@ -19,6 +19,7 @@ from srdd_jax.tokenizer.api import Tokenizer, unbox
 from srdd_jax.tokenizer.vqvae import VQVAEConfig
 from srdd_jax.train.optimizer import OptimConfig
 from srdd_jax.train.refine import RefineTrainer, hidden_cross_entropy
+from srdd_jax.train.transformer_task import init_from_checkpoint
 from srdd_jax.transformer.config import VARConfig
 from srdd_jax.transformer.model import VAR, empty_caches
 from tests.conftest import smoke_config
@@ -173,7 +174,7 @@ def test_trainer_loss_reveals_ground_truth_and_scores_the_hidden_token(models, v
   revealed = np.ones((2, c.seq_len), bool)
   revealed[0, 9] = False
   tr.reveal = lambda rng, batch: jnp.asarray(revealed)
-  loss, _ = tr._loss(live, vae_params, lab, ids, jax.random.PRNGKey(0))
+  loss, _ = tr.loss(live, vae_params, lab, ids, jax.random.PRNGKey(0))
   x_in = tr.tokenizer.idx_to_var_input(vae_params, [ids[:, b:e] for b, e in c.begin_ends])
   logits = VAR(c).apply({'params': live}, lab, x_in, reveal_ids=jnp.where(revealed, ids, V))
   np.testing.assert_allclose(loss, -jax.nn.log_softmax(logits[0, 9])[ids[0, 9]], rtol=1e-5)
@@ -282,18 +283,18 @@ def test_fine_tune_with_refine_from_a_plain_checkpoint(plain_export, vae_params)
   mesh = pm.make_mesh((4, 2, 1))
   tr = RefineTrainer(_cfg('markov'), VQ, OptimConfig(peak_lr=1e-2, warmup_steps=1, total_steps=3), mesh,
                      ema_decay=0.9)
-  state = train_mode.init_from_checkpoint(tr, path, seed=0)
+  state = init_from_checkpoint(tr, path, seed=0)
   start = _flat(state.params)
   assert set(start) - set(plain) == {'refine_embed/embedding', 'refine_proj/bias', 'refine_proj/kernel'}
   assert all(np.array_equal(start[k], plain[k]) for k in plain)
   assert not start['refine_proj/kernel'].any() and start['refine_embed/embedding'].std() > 0
   assert _flat(state.ema_params).keys() == start.keys()
-  step = tr.make_step(vae_params)
+  step, frozen = tr.make_step(), tr.place_frozen(vae_params)
   rng = np.random.default_rng(0)
   for _ in range(2):
     batch = {'labels': rng.integers(0, 4, 8).astype(np.int32),
              'ids': rng.integers(0, V, (8, PLAIN.seq_len)).astype(np.int32)}
-    state, m = step(state, tr.shard_batch(batch))
+    state, m = step(state, frozen, tr.shard_batch(batch))
     assert math.isfinite(float(m['loss']))
   assert int(state.step) == 2 and _flat(state.params)['refine_proj/kernel'].any()  # The stream learns.
 
@@ -304,8 +305,8 @@ def test_init_from_with_another_architecture_names_the_parameter(plain_export, t
   tr = RefineTrainer(dataclasses.replace(_cfg('markov'), width=64), VQ, OptimConfig(total_steps=3), mesh)
   with pytest.raises(ConfigError, match=r'config.train.init_from=.*parameter blocks_0/ada_lin_1/bias has '
                                         r'shape \(192,\) there but \(384,\)'):
-    train_mode.init_from_checkpoint(tr, path, seed=0)
+    init_from_checkpoint(tr, path, seed=0)
   with pytest.raises(ConfigError, match='config.train.init_from=.*does not exist'):
-    train_mode.TransformerTask(smoke_config(init_from=str(tmp_path / 'missing')), str(tmp_path / 'y'))
+    train_mode.task(smoke_config(init_from=str(tmp_path / 'missing')), str(tmp_path / 'y'))
   with pytest.raises(ConfigError, match='config.train.refine_zero_prob=1.5'):
-    train_mode.TransformerTask(smoke_config(refine_zero_prob=1.5), str(tmp_path / 'z'))
+    train_mode.task(smoke_config(refine_zero_prob=1.5), str(tmp_path / 'z'))

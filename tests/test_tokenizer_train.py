@@ -83,7 +83,7 @@ TINY = VQVAEConfig(vocab_size=16, z_channels=4, ch=32, ch_mult=(1,), num_res_blo
 @pytest.fixture(scope='module')
 def tiny():
   tok = Tokenizer(TINY)
-  init = jax.jit(lambda r: unbox(tok.init(r)), compiler_options=tr._init_compiler_options())  # pylint: disable=protected-access
+  init = jax.jit(lambda r: unbox(tok.init(r)), compiler_options=tr.fast_init_options())
   return tok, init(jax.random.PRNGKey(3))
 
 

@@ -63,12 +63,12 @@ def _run(shape, vae_params, batches, var_cfg=VAR_CFG, accum=1, ema=0.0, history=
   tr = Trainer(var_cfg, VAE_CFG, OptimConfig(peak_lr=1e-3, warmup_steps=2, total_steps=5), mesh,
                accum_steps=accum, ema_decay=ema)
   state = tr.init(jax.random.PRNGKey(0))
-  step = tr.make_step(vae_params)
+  step, frozen = tr.make_step(), tr.place_frozen(vae_params)
   losses = []
   if history is not None:
     history.append(jax.device_get(state.params))
   for b in batches:
-    state, m = step(state, tr.shard_batch(b))
+    state, m = step(state, frozen, tr.shard_batch(b))
     losses.append(float(m['loss']))
     if history is not None:
       history.append(jax.device_get(state.params))

@@ -22,8 +22,10 @@ from absl import logging
 from srdd_jax.config import ConfigError, with_defaults
 from srdd_jax.convert import params_io
 from srdd_jax.data.token_cache import MANIFEST
-from srdd_jax.modes.train import TransformerTask
+from srdd_jax.diffusion.grids import SampleGrids
 from srdd_jax.train import distill, driver
+from srdd_jax.train import transformer_setup as setup
+from srdd_jax.train.transformer_task import DistillTask, TransformerTask
 from srdd_jax.transformer.model import blocks_layout
 
 
@@ -55,72 +57,58 @@ def _check_cache(directory: str, patch_nums) -> None:
                       f'--config.model.patch_nums="({want})" --config.tokenize.out_dir=DIR')
 
 
-class DistillTask(TransformerTask):
-  """The transformer task with a teacher's architecture, the student's scales and its initialisation."""
+def student_and_teacher(config, vq, teacher, teacher_params, student_pn):
+  """(student VARConfig, teacher VARConfig, teacher params): the teacher's architecture run as config.model
+  says (dtype, scan, remat, attention), its parameters in that layout; the student at `student_pn` with
+  config.model's label dropout and drop path."""
+  m = config.model
+  t = teacher
+  if (t.vocab_size, t.z_channels) != (vq.vocab_size, vq.z_channels):
+    raise ConfigError(f'config.distill.teacher={config.distill.teacher!r} predicts {t.vocab_size} codes of '
+                      f'{t.z_channels} channels; the tokenizer (config.tokenizer.checkpoint) has '
+                      f'{vq.vocab_size} of {vq.z_channels}')
+  run = dict(dtype=m.dtype, scan_blocks=bool(m.scan), remat=m.remat, attention=m.attention)
+  teacher = distill.student_config(t, t.patch_nums, **run)
+  try:
+    teacher_params = blocks_layout(teacher_params, teacher)
+  except ValueError as e:
+    raise ConfigError(f'config.distill.teacher={config.distill.teacher!r}: {e}') from e
+  student = distill.student_config(teacher, student_pn, cond_drop_rate=float(m.cond_drop_rate),
+                                   drop_path_rate=float(m.drop_path_rate))
+  return student, teacher, teacher_params
 
-  name = 'distill'
 
-  def __init__(self, config, workdir: str):
-    config = with_defaults(config)
-    d = config.distill
-    teacher, teacher_params = load_teacher(config)
-    pn = distill.student_patch_nums(d.patch_nums, teacher.patch_nums)
-    if float(d.kl_weight) < 0:
-      raise ConfigError(f'config.distill.kl_weight={d.kl_weight}: must be >= 0 (0 = no KL term)')
-    if not float(d.kl_temperature) > 0:
-      raise ConfigError(f'config.distill.kl_temperature={d.kl_temperature}: must be > 0')
-    if float(d.kl_weight) > 0 and teacher.mask != 'markov':
-      raise ConfigError(f'config.distill.kl_weight={d.kl_weight} needs a markov teacher; '
-                        f'config.distill.teacher={d.teacher!r} is {teacher.mask}: its logits at a scale depend on '
-                        'the keys and values of the scales the student skips, so no student input gives them '
-                        '(set config.distill.kl_weight=0)')
-    if d.token_cache:
-      _check_cache(d.token_cache, pn)
-    self.teacher, self._teacher_params, self.student_patch_nums = teacher, teacher_params, pn
-    config.model.patch_nums = pn  # The tokenizer quantizes, and the data are read, at the student's scales.
-    config.model.num_classes = teacher.num_classes
-    config.data.token_cache = d.token_cache
-    self.kl_weight, self.kl_temperature = float(d.kl_weight), float(d.kl_temperature)
-    super().__init__(config, workdir)
-    logging.info('distill: teacher %s %s -> student %s (%d -> %d tokens), KL weight %g', d.teacher,
-                 teacher.patch_nums, pn, teacher.seq_len, self.var_config.seq_len, self.kl_weight)
-
-  def model_config(self, config, vq):
-    m = config.model
-    t = self.teacher
-    if (t.vocab_size, t.z_channels) != (vq.vocab_size, vq.z_channels):
-      raise ConfigError(f'config.distill.teacher={config.distill.teacher!r} predicts {t.vocab_size} codes of '
-                        f'{t.z_channels} channels; the tokenizer (config.tokenizer.checkpoint) has '
-                        f'{vq.vocab_size} of {vq.z_channels}')
-    run = dict(dtype=m.dtype, scan_blocks=bool(m.scan), remat=m.remat, attention=m.attention)
-    self.teacher = teacher = distill.student_config(t, t.patch_nums, **run)
-    try:
-      self._teacher_params = blocks_layout(self._teacher_params, teacher)
-    except ValueError as e:
-      raise ConfigError(f'config.distill.teacher={config.distill.teacher!r}: {e}') from e
-    return distill.student_config(teacher, self.student_patch_nums, cond_drop_rate=float(m.cond_drop_rate),
-                                  drop_path_rate=float(m.drop_path_rate))
-
-  def make_trainer(self, cls, *args, **kwargs):
-    del cls  # A student of a refine teacher keeps its (copied) stream but trains the plain next-scale task.
-    return distill.DistillTrainer(*args, teacher=self.teacher, teacher_params=self._teacher_params,
-                                  kl_weight=self.kl_weight, kl_temperature=self.kl_temperature, **kwargs)
-
-  def init(self):
-    """The student copied from the teacher (a run's own checkpoint, when there is one, wins: the driver
-    calls this only without one)."""
-    logging.info('distill: the student starts from the teacher %s', self.teacher.patch_nums)
-    return self.trainer.init_from(distill.init_student(self._teacher_params, self.teacher, self.var_config))
-
-  def progress(self, m):
-    kl = f' (ce {m["ce"]:.4f} kl {m["kl"]:.4f})' if 'kl' in m else ''
-    return super().progress(m) + kl
-
-  def summary(self):
-    return {'teacher': self.teacher.patch_nums, 'student': self.var_config.patch_nums,
-            'kl_weight': self.kl_weight}
+def task(config, workdir: str) -> DistillTask:
+  """The task of a resolved config (`with_defaults`; its model and data sections are set to the student's
+  here): every piece built, every value checked."""
+  d = config.distill
+  teacher, teacher_params = load_teacher(config)
+  pn = distill.student_patch_nums(d.patch_nums, teacher.patch_nums)
+  if d.token_cache:
+    _check_cache(d.token_cache, pn)
+  config.model.patch_nums = pn  # The tokenizer quantizes, and the data are read, at the student's scales.
+  config.model.num_classes = teacher.num_classes
+  config.data.token_cache = d.token_cache
+  mesh, tok = setup.mesh_and_tokenizer(config)
+  vq = tok.config
+  var_config, teacher, teacher_params = student_and_teacher(config, vq, teacher, teacher_params, pn)
+  data = setup.training_data(config, tok)
+  total, optim, progressive = setup.schedule(config, data.num_examples, var_config.num_scales)
+  # A student of a refine teacher keeps its (copied) stream but trains the plain next-scale task. The
+  # trainer checks config.distill.kl_weight and kl_temperature against the teacher.
+  trainer = setup.trainer(distill.DistillTrainer, config, var_config, vq, optim, mesh, progressive,
+                          teacher=teacher, teacher_params=teacher_params, kl_weight=float(d.kl_weight),
+                          kl_temperature=float(d.kl_temperature), teacher_path=d.teacher)
+  grids = SampleGrids(config, var_config, vq, mesh, workdir) if int(config.train.sample_every) > 0 else None
+  heldout = setup.heldout_set(config, tok, var_config, total)
+  setup.log_run(config, data, total, var_config, mesh)
+  logging.info('distill: teacher %s %s -> student %s (%d -> %d tokens), KL weight %g', d.teacher,
+               teacher.patch_nums, pn, teacher.seq_len, var_config.seq_len, trainer.kl_weight)
+  return DistillTask(TransformerTask(trainer, tok.params, data, workdir, total_steps=total, grids=grids,
+                                     heldout=heldout, **setup.loop_settings(config)))
 
 
 def run(config, workdir: str, stop_after_steps: int | None = None, return_state: bool = False) -> dict:
   """Distils to config.train.steps (or stops after `stop_after_steps` steps of this call, saving)."""
-  return driver.run(DistillTask(config, workdir), stop_after_steps=stop_after_steps, return_state=return_state)
+  return driver.run(task(with_defaults(config), workdir), stop_after_steps=stop_after_steps,
+                    return_state=return_state)

@@ -129,19 +129,30 @@ def kl_divergence(teacher_logits_, student_logits, temperature: float = 1.0, tok
 
 # --- the trainer -------------------------------------------------------------------------------
 
+def check_kl(kl_weight: float, kl_temperature: float, teacher: VARConfig, teacher_path: str = '') -> None:
+  """config.distill.kl_weight and kl_temperature, against the teacher (config.distill.teacher)."""
+  if kl_weight < 0:
+    raise ConfigError(f'config.distill.kl_weight={kl_weight}: must be >= 0 (0 = no KL term)')
+  if not kl_temperature > 0:
+    raise ConfigError(f'config.distill.kl_temperature={kl_temperature}: must be > 0')
+  if kl_weight > 0 and teacher.mask != 'markov':
+    raise ConfigError(f'config.distill.kl_weight={kl_weight} needs a markov teacher; '
+                      f'config.distill.teacher={teacher_path!r} is {teacher.mask}: its logits at a scale depend on '
+                      'the keys and values of the scales the student skips, so no student input gives them '
+                      '(set config.distill.kl_weight=0)')
+
+
 class DistillTrainer(Trainer):
   """The transformer trainer with a student's init and the KL term. The frozen arguments of the step
   are {'vae': tokenizer params, 'teacher': teacher params or None} (replicated), so the teacher is an
-  argument of the compiled step like the tokenizer, never a constant baked into the program."""
+  argument of the compiled step like the tokenizer, never a constant baked into the program.
+  `teacher_path` (config.distill.teacher) names the teacher in errors."""
 
   def __init__(self, var_config: VARConfig, vae_config, optim, mesh, *, teacher: VARConfig,
-               teacher_params=None, kl_weight: float = 0.0, kl_temperature: float = 1.0, **kwargs):
+               teacher_params=None, kl_weight: float = 0.0, kl_temperature: float = 1.0,
+               teacher_path: str = '', **kwargs):
+    check_kl(kl_weight, kl_temperature, teacher, teacher_path)
     super().__init__(var_config, vae_config, optim, mesh, **kwargs)
-    if kl_weight < 0 or kl_temperature <= 0:
-      raise ValueError(f'kl_weight={kl_weight} must be >= 0 and kl_temperature={kl_temperature} > 0')
-    if kl_weight > 0 and teacher.mask != 'markov':
-      raise ValueError(f'kl_weight={kl_weight} needs a markov teacher: a {teacher.mask} teacher\'s logits '
-                       'depend on the skipped scales, so no student input gives them')
     self.teacher, self.kept = teacher, kept_scales(teacher.patch_nums, var_config.patch_nums)
     self.teacher_model = VAR(teacher)
     self.teacher_params = teacher_params
@@ -151,7 +162,7 @@ class DistillTrainer(Trainer):
 
   def init_from(self, params) -> TrainState:
     """A fresh state (step 0, fresh optimiser moments) around the given parameters, in its shardings."""
-    _, shardings = self.abstract_state()
+    shardings = self.state_shardings
     params = jax.tree_util.tree_map(np.asarray, params)  # Host arrays: jit places them as it shards them.
 
     def build(p):
@@ -166,32 +177,26 @@ class DistillTrainer(Trainer):
   def frozen(self, vae_params):
     return {'vae': vae_params, 'teacher': self.teacher_params if self.kl_weight > 0 else None}
 
-  def tokens(self, vae_params, batch):
-    return super().tokens(vae_params['vae'], batch)
+  def tokenizer_params(self, frozen):
+    return frozen['vae']
 
-  def _loss(self, params, vae_params, labels, ids, rng, stage=None, newest=None):
+  def loss(self, params, frozen, labels, ids, rng, stage=None, newest=None):
     c = self.var_config
     drop_rng, rng = jax.random.split(rng)
     if c.cond_drop_rate > 0:
       drop = jax.random.uniform(drop_rng, labels.shape) < c.cond_drop_rate
       labels = jnp.where(drop, c.num_classes, labels)
-    scales = [ids[:, b:e] for b, e in c.begin_ends]
-    x_in = self.tokenizer.idx_to_var_input(vae_params['vae'], scales)
+    logits, x_in = self.logits(params, frozen, labels, ids, rng, stage)
+    ce, metrics = cross_entropy_metrics(logits, ids, c, newest)
+    if self.kl_weight <= 0:
+      return ce, metrics
     num_scales = None if stage is None else stage[0]  # Progressive: the sequence cut after the newest scale.
     with pm.activation_sharding(self.mesh, self.rules):
-      logits = self.model.apply({'params': params}, labels, x_in, train=True, rngs={'dropout': rng},
-                                num_scales=num_scales)
-      ce, metrics = cross_entropy_metrics(logits, ids, c, newest)
-      if self.kl_weight <= 0:
-        return ce, metrics
-      target = jax.lax.stop_gradient(teacher_logits(self.teacher_model, vae_params['teacher'], labels, x_in,
+      target = jax.lax.stop_gradient(teacher_logits(self.teacher_model, frozen['teacher'], labels, x_in,
                                                     c, self.kept, num_scales))
     kl = kl_divergence(target, logits, self.kl_temperature)
     loss = ce + self.kl_weight * kl
     return loss, {**metrics, 'loss': loss, 'ce': ce, 'kl': kl}
-
-  def make_step(self, vae_params, stage=None):
-    return super().make_step(self.frozen(vae_params), stage)
 
 
 # --- evaluation --------------------------------------------------------------------------------

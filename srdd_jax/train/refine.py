@@ -12,7 +12,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from srdd_jax.parallel import mesh as pm
 from srdd_jax.train.step import Trainer
 from srdd_jax.transformer.config import VARConfig
 from srdd_jax.transformer.loss import token_nll
@@ -71,14 +70,9 @@ class RefineTrainer(Trainer):
   def reveal(self, rng, batch: int):
     return reveal_mask(rng, batch, self.var_config, self.zero_prob, self.max_ratio)
 
-  def _loss(self, params, vae_params, labels, ids, rng, stage=None, newest=None):
-    c = self.var_config
-    scales = [ids[:, b:e] for b, e in c.begin_ends]
-    x_in = self.tokenizer.idx_to_var_input(vae_params, scales)
+  def loss(self, params, frozen, labels, ids, rng, stage=None, newest=None):
     # Its own key, folded from the step's: label dropout and drop path draw what the base Trainer does.
     revealed = self.reveal(jax.random.fold_in(rng, 0x5EED), ids.shape[0])
-    reveal_ids = jnp.where(revealed, ids, c.vocab_size).astype(jnp.int32)
-    with pm.activation_sharding(self.mesh, self.rules):
-      logits = self.model.apply({'params': params}, labels, x_in, train=True, reveal_ids=reveal_ids,
-                                rngs={'dropout': rng}, num_scales=None if stage is None else stage[0])
-    return hidden_cross_entropy(logits, ids, revealed, c, newest)
+    reveal_ids = jnp.where(revealed, ids, self.var_config.vocab_size).astype(jnp.int32)
+    logits, _ = self.logits(params, frozen, labels, ids, rng, stage, reveal_ids=reveal_ids)
+    return hidden_cross_entropy(logits, ids, revealed, self.var_config, newest)

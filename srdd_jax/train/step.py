@@ -1,22 +1,20 @@
-"""Train state, sharded initialisation and the jitted, donated train step."""
+"""Transformer train state, sharded initialisation and the jitted, donated train step."""
 from __future__ import annotations
 
 import functools
 from typing import Any
 
 import flax
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jax.sharding import NamedSharding, PartitionSpec
 
 from srdd_jax.parallel import mesh as pm
-from srdd_jax.parallel import multihost
 from srdd_jax.tokenizer.api import Tokenizer
 from srdd_jax.tokenizer.vqvae import VQVAEConfig
 from srdd_jax.train import progressive as progressive_lib
-from srdd_jax.train.progressive import Progressive
 from srdd_jax.train.optimizer import OptimConfig, lr_schedule, var_optimizer
+from srdd_jax.train.progressive import Progressive
+from srdd_jax.train.sharded import ShardedTrainer, global_norm
 from srdd_jax.transformer.config import VARConfig
 from srdd_jax.transformer.loss import cross_entropy_metrics
 from srdd_jax.transformer.model import VAR
@@ -29,11 +27,12 @@ class TrainState:
   ema_params: Any = None
 
 
-class Trainer:
-  """Builds the sharded state and the train step for one configuration on one mesh.
+class Trainer(ShardedTrainer):
+  """Builds the sharded state and the train step of the transformer for one configuration on one mesh.
 
   The step's randomness (label dropout, drop path) is `fold_in(PRNGKey(seed), step)`, so a resumed run
-  draws exactly what an uninterrupted one would.
+  draws exactly what an uninterrupted one would. Subclasses change the objective (`loss`) and the frozen
+  weights the step reads (`frozen`).
   """
 
   def __init__(self, var_config: VARConfig, vae_config: VQVAEConfig, optim: OptimConfig, mesh,
@@ -44,36 +43,23 @@ class Trainer:
     if progressive is not None and progressive.num_scales != var_config.num_scales:
       raise ValueError(f'progressive schedule for {progressive.num_scales} scales, model has '
                        f'{var_config.num_scales}')
+    super().__init__(mesh, rules, seed)
     self.progressive = progressive
     self.var_config, self.vae_config, self.optim = var_config, vae_config, optim
-    self.mesh, self.rules = mesh, tuple(rules)
-    self.accum_steps, self.ema_decay, self.seed = accum_steps, ema_decay, seed
+    self.accum_steps, self.ema_decay = accum_steps, ema_decay
     self.model = VAR(var_config)
     self.tokenizer = Tokenizer(vae_config)
     self.tx = var_optimizer(optim)
     self.lr = lr_schedule(optim)
-    self.batch_sharding = NamedSharding(mesh, PartitionSpec(('data', 'fsdp')))
 
   # --- state ------------------------------------------------------------------------------------
 
-  def _boxed_state(self, rng):
+  def boxed_state(self, rng):
     c = self.var_config
     x = jnp.zeros((1, c.seq_len - 1, c.z_channels), jnp.float32)
     params = self.model.init(rng, jnp.zeros((1,), jnp.int32), x)['params']
     return TrainState(step=jnp.zeros([], jnp.int32), params=params, opt_state=self.tx.init(params),
                       ema_params=params if self.ema_decay > 0 else None)
-
-  def abstract_state(self):
-    """Unboxed shapes of the state and its NamedShardings (parameters and optimiser moments follow
-    the logical-axis rules; counters are replicated)."""
-    boxed = jax.eval_shape(self._boxed_state, jax.random.PRNGKey(0))
-    shardings = pm.param_shardings(boxed, self.mesh, self.rules)
-    return nn.meta.unbox(boxed), shardings
-
-  def init(self, rng) -> TrainState:
-    """Initialises the state directly in its shardings; no host holds the whole model."""
-    _, shardings = self.abstract_state()
-    return jax.jit(lambda r: nn.meta.unbox(self._boxed_state(r)), out_shardings=shardings)(rng)
 
   # --- the step ---------------------------------------------------------------------------------
 
@@ -82,30 +68,48 @@ class Trainer:
     when every step trains all scales."""
     return None if self.progressive is None else self.progressive.stage(int(step))
 
-  def _loss(self, params, vae_params, labels, ids, rng, stage=None, newest=None):
+  def frozen(self, vae_params):
+    """The frozen weights the step reads, from the tokenizer's (a subclass may add its own)."""
+    return vae_params
+
+  def tokenizer_params(self, frozen):
+    """The tokenizer's weights among the frozen ones."""
+    return frozen
+
+  def logits(self, params, frozen, labels, ids, rng, stage=None, **inputs):
+    """Teacher forcing, the prelude of every objective: the inputs of `ids` (B, L) from the tokenizer,
+    then the transformer's logits (B, l, V) in training mode (label dropout and drop path from `rng`; l
+    cut after the newest scale of a progressive `stage`), activations split over the batch axes.
+    `inputs` are the model's extra inputs (the refine stream's revealed tokens). -> (logits, x_in)."""
     c = self.var_config
     scales = [ids[:, b:e] for b, e in c.begin_ends]
-    x_in = self.tokenizer.idx_to_var_input(vae_params, scales)
+    x_in = self.tokenizer.idx_to_var_input(self.tokenizer_params(frozen), scales)
     # Activations stay split over the batch axes (FSDP shards parameters, never activations).
     with pm.activation_sharding(self.mesh, self.rules):
       logits = self.model.apply({'params': params}, labels, x_in, train=True, rngs={'dropout': rng},
-                                num_scales=None if stage is None else stage[0])
-    return cross_entropy_metrics(logits, ids, c, newest)
+                                num_scales=None if stage is None else stage[0], **inputs)
+    return logits, x_in
 
-  def tokens(self, vae_params, batch):
+  def loss(self, params, frozen, labels, ids, rng, stage=None, newest=None):
+    """(loss, metrics) of one (micro-)batch: next-scale cross-entropy, the newest scale of a progressive
+    stage weighted by `newest`."""
+    logits, _ = self.logits(params, frozen, labels, ids, rng, stage)
+    return cross_entropy_metrics(logits, ids, self.var_config, newest)
+
+  def tokens(self, frozen, batch):
     """The batch's token ids (B, L): given, or encoded on the fly by the frozen tokenizer (float32)."""
     if 'ids' in batch:
       return batch['ids']
-    scales = self.tokenizer.img_to_idx(vae_params, batch['images'].astype(jnp.float32))
+    scales = self.tokenizer.img_to_idx(self.tokenizer_params(frozen), batch['images'].astype(jnp.float32))
     return jax.lax.stop_gradient(jnp.concatenate(scales, axis=1))
 
-  def _step(self, state: TrainState, vae_params, batch, stage=None):
-    rng = jax.random.fold_in(jax.random.PRNGKey(self.seed), state.step)
-    labels, ids = batch['labels'], self.tokens(vae_params, batch)
+  def _step(self, state: TrainState, frozen, batch, stage=None):
+    rng = self.step_key(state.step)
+    labels, ids = batch['labels'], self.tokens(frozen, batch)
     newest = None if stage is None else progressive_lib.newest_weight(stage, state.step)
-    grad_fn = jax.value_and_grad(functools.partial(self._loss, stage=stage, newest=newest), has_aux=True)
+    grad_fn = jax.value_and_grad(functools.partial(self.loss, stage=stage, newest=newest), has_aux=True)
     if self.accum_steps == 1:
-      (_, metrics), grads = grad_fn(state.params, vae_params, labels, ids, rng)
+      (_, metrics), grads = grad_fn(state.params, frozen, labels, ids, rng)
     else:
       k = self.accum_steps
       mb = lambda a: a.reshape((k, a.shape[0] // k) + a.shape[1:])
@@ -113,17 +117,17 @@ class Trainer:
       def body(carry, xs):
         g_acc, m_acc = carry
         i, lab, idx = xs
-        (_, m), g = grad_fn(state.params, vae_params, lab, idx, jax.random.fold_in(rng, i))
+        (_, m), g = grad_fn(state.params, frozen, lab, idx, jax.random.fold_in(rng, i))
         return (jax.tree_util.tree_map(jnp.add, g_acc, g), jax.tree_util.tree_map(jnp.add, m_acc, m)), None
 
       zeros_g = jax.tree_util.tree_map(jnp.zeros_like, state.params)
       # The metrics' structure from the loss itself, so a trainer may add its own (abstract: no cost).
-      shapes = jax.eval_shape(lambda: grad_fn(state.params, vae_params, mb(labels)[0], mb(ids)[0], rng)[0][1])
+      shapes = jax.eval_shape(lambda: grad_fn(state.params, frozen, mb(labels)[0], mb(ids)[0], rng)[0][1])
       zeros_m = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
       (grads, metrics), _ = jax.lax.scan(body, (zeros_g, zeros_m), (jnp.arange(k), mb(labels), mb(ids)))
       grads = jax.tree_util.tree_map(lambda g: g / k, grads)
       metrics = jax.tree_util.tree_map(lambda m: m / k, metrics)
-    metrics['grad_norm'] = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree_util.tree_leaves(grads)))
+    metrics['grad_norm'] = global_norm(grads)
     metrics['lr'] = self.lr(state.step)
     metrics['active_scales'] = jnp.int32(self.var_config.num_scales if stage is None else stage[0])
     if stage is not None:
@@ -137,31 +141,19 @@ class Trainer:
     return TrainState(state.step + 1, params, opt_state, ema), metrics
 
   def step_fn(self, stage=None):
-    """The un-jitted step (state, vae_params, batch) -> (state, metrics) of progressive `stage` (see
-    `stage`; None: all scales). The tokenizer weights are an argument here, not a constant, so a caller
-    can compile it ahead of time on abstract shapes (for a TPU topology from a CPU host, say) with
-    shardings of its choosing."""
+    """The un-jitted step (state, frozen, batch) -> (state, metrics) of progressive `stage` (see
+    `stage`; None: all scales), `frozen` = self.frozen(tokenizer weights). The frozen weights are an
+    argument, not a constant, so a caller can compile it ahead of time on abstract shapes (for a TPU
+    topology from a CPU host, say) with shardings of its choosing."""
     return functools.partial(self._step, stage=stage)
 
-  def make_step(self, vae_params, stage=None):
-    """The jitted step (state, batch) -> (state, metrics) with the state donated; `vae_params` (the
-    frozen tokenizer) are closed over, replicated. The batch holds 'labels' and either token 'ids'
-    (B, L) or 'images' (B, H, W, 3) in [-1, 1], all split over the batch axes. Under progressive
+  def make_step(self, stage=None):
+    """The jitted step (state, frozen, batch) -> (state, metrics) with the state donated; `frozen`
+    (`place_frozen` of the tokenizer weights) replicated. The batch holds 'labels' and either token
+    'ids' (B, L) or 'images' (B, H, W, 3) in [-1, 1], all split over the batch axes. Under progressive
     training each stage is its own program (its sequence length differs): `stage` of the steps it runs."""
-    _, shardings = self.abstract_state()
-    vae_params = jax.device_put(vae_params, pm.replicated(self.mesh))
-    step = jax.jit(lambda s, b: self.step_fn(stage)(s, vae_params, b), in_shardings=(shardings, self.batch_sharding),
-                   out_shardings=(shardings, pm.replicated(self.mesh)), donate_argnums=0)
-    return step
+    return self.jit_step(self.step_fn(stage), pm.replicated(self.mesh))
 
-  def shard_batch(self, batch):
-    """Places a global host batch on the mesh (single process)."""
-    return jax.device_put(batch, self.batch_sharding)
-
-  def local_rows(self, global_batch: int) -> slice:
-    """The rows of each global batch that this process loads."""
-    return multihost.local_rows(self.batch_sharding, global_batch)
-
-  def assemble_batch(self, local: dict, global_batch: int) -> dict:
-    """This process's rows (numpy) -> the global batch on the mesh (any number of processes)."""
-    return multihost.global_batch(self.batch_sharding, local, global_batch)
+  def place_frozen(self, vae_params):
+    """The frozen argument of the step, replicated on the mesh: placed once, shared by every program."""
+    return jax.device_put(self.frozen(vae_params), pm.replicated(self.mesh))

@@ -4,8 +4,8 @@ One step: the VQ-VAE's training pass (VQ loss, straight-through f_hat, reconstru
 patch-GAN (hinge loss; the generator's term and the discriminator's updates start at gan_start_step),
 AdamW updates, the per-scale code-usage EMA, and every K steps the restart of dead codes. The step's
 randomness is fold_in(PRNGKey(seed), step), so a resumed run repeats an uninterrupted one bit for bit.
-The layout follows the transformer's (train/step.py): abstract state -> logical-rule shardings -> jitted init, and
-a donated step with explicit in/out shardings.
+The skeleton is the transformer's (train/sharded.py): abstract state -> logical-rule shardings -> jitted init,
+and a donated step with explicit in/out shardings.
 """
 from __future__ import annotations
 
@@ -13,20 +13,18 @@ import functools
 from typing import Any
 
 import flax
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import NamedSharding, PartitionSpec
 
 from srdd_jax.parallel import mesh as pm
-from srdd_jax.parallel import multihost
 from srdd_jax.tokenizer.api import Tokenizer
 from srdd_jax.tokenizer.vqvae import VQVAE, VQVAEConfig
 from srdd_jax.train import code_restart
 from srdd_jax.train import tokenizer_losses as losses
 from srdd_jax.train.discriminator import PatchDiscriminator
 from srdd_jax.train.optimizer import build_optimizer, warmup_schedule
+from srdd_jax.train.sharded import ShardedTrainer, global_norm
 from srdd_jax.train.tokenizer_settings import TrainSettings
 
 # Where the shared codebook sits in the parameter tree (and in each optimiser moment that mirrors it).
@@ -54,10 +52,6 @@ def _decayed(path, leaf) -> bool:
   return leaf.ndim > 1 and _path_names(path)[-len(CODEBOOK_PATH):] != CODEBOOK_PATH
 
 
-def _global_norm(tree):
-  return jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree_util.tree_leaves(tree)))
-
-
 def _zero_codebook_rows(opt_state, rows):
   """Zeroes the optimiser moments of the given codebook rows: a restarted code starts afresh instead of
   being pushed by momentum it gathered at its old place."""
@@ -75,7 +69,7 @@ def _set_codebook(params, codebook):
 
 
 @functools.cache
-def _init_compiler_options() -> dict | None:
+def fast_init_options() -> dict | None:
   """On XLA:CPU the initialiser compiles 3x faster unoptimised (its ~150 unrolled threefry draws are
   what takes the time; the values are integer arithmetic and come out the same); it runs once."""
   if jax.default_backend() != 'cpu':
@@ -95,18 +89,18 @@ def trainer_for(vq: VQVAEConfig, settings: TrainSettings, mesh, rules=pm.DEFAULT
   return TokenizerTrainer(vq, settings, mesh, tuple(rules))
 
 
-class TokenizerTrainer:
+class TokenizerTrainer(ShardedTrainer):
   """Builds the sharded state, the train step and the held-out evaluation for one config and mesh."""
 
   def __init__(self, vq: VQVAEConfig, settings: TrainSettings, mesh, rules=pm.DEFAULT_RULES):
-    self.vq, self.s, self.mesh, self.rules = vq, settings, mesh, tuple(rules)
+    super().__init__(mesh, rules, settings.seed)
+    self.vq, self.s = vq, settings
     self.tokenizer = Tokenizer(vq)
     self.module = VQVAE(vq)
     self.disc = PatchDiscriminator(settings.discriminator) if settings.use_gan else None
     self.tx = self._optimizer(settings.lr, settings.weight_decay)
     self.disc_tx = self._optimizer(settings.disc_lr, 0.0) if self.disc is not None else None
     self.lr = self._schedule(settings.lr)
-    self.batch_sharding = NamedSharding(mesh, PartitionSpec(('data', 'fsdp')))
 
   def _schedule(self, peak: float):
     s = self.s
@@ -119,7 +113,7 @@ class TokenizerTrainer:
 
   # --- state ------------------------------------------------------------------------------------
 
-  def _boxed_state(self, rng):
+  def boxed_state(self, rng):
     k_vae, k_disc = jax.random.split(rng)
     params = self.tokenizer.init(k_vae)
     usage = jnp.zeros((self.vq.num_scales, self.vq.vocab_size), jnp.float32)
@@ -132,25 +126,8 @@ class TokenizerTrainer:
     return TokenizerTrainState(step=jnp.zeros([], jnp.int32), params=params, opt_state=self.tx.init(params),
                                usage_ema=usage, disc_params=disc_params, disc_opt_state=disc_opt)
 
-  def abstract_state(self):
-    """Unboxed shapes of the state and its NamedShardings (parameters and moments by the logical-axis
-    rules; counters and the usage EMA replicated)."""
-    boxed = jax.eval_shape(self._boxed_state, jax.random.PRNGKey(0))
-    shardings = pm.param_shardings(boxed, self.mesh, self.rules)
-    return nn.meta.unbox(boxed), shardings
-
-  @functools.cached_property
-  def _shardings(self):
-    return self.abstract_state()[1]
-
-  @functools.cached_property
-  def _init_fn(self):
-    return jax.jit(lambda r: nn.meta.unbox(self._boxed_state(r)), out_shardings=self._shardings,
-                   compiler_options=_init_compiler_options())
-
-  def init(self, rng) -> TokenizerTrainState:
-    """The initial state, created directly in its shardings."""
-    return self._init_fn(rng)
+  def init_compiler_options(self):
+    return fast_init_options()
 
   # --- losses -----------------------------------------------------------------------------------
 
@@ -187,12 +164,12 @@ class TokenizerTrainer:
 
   def _step(self, state: TokenizerTrainState, batch):
     s, vq = self.s, self.vq
-    rng = jax.random.fold_in(jax.random.PRNGKey(s.seed), state.step)
+    rng = self.step_key(state.step)
     images = batch['images'].astype(jnp.float32)
     gan_on = self.gan_active(state.step)
     grad_fn = jax.value_and_grad(self.generator_loss, has_aux=True)
     (_, (metrics, recon, aux)), grads = grad_fn(state.params, state.disc_params, images, gan_on)
-    metrics['grad_norm'] = _global_norm(grads)
+    metrics['grad_norm'] = global_norm(grads)
     metrics['lr'] = self.lr(state.step)
     updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -245,9 +222,7 @@ class TokenizerTrainer:
   @functools.cached_property
   def step_fn(self):
     """The jitted step (state, {'images': (B, H, W, 3)}) -> (state, metrics), the state donated."""
-    shardings = self._shardings
-    return jax.jit(self._step, in_shardings=(shardings, {'images': self.batch_sharding}),
-                   out_shardings=(shardings, pm.replicated(self.mesh)), donate_argnums=0)
+    return self.jit_step(self._step)
 
   # --- evaluation -------------------------------------------------------------------------------
 
@@ -266,13 +241,5 @@ class TokenizerTrainer:
   def eval_fn(self):
     """The jitted evaluation (params, images) -> (per-image 8-bit MSE, reconstructions, per-image code
     hits (B, S, V))."""
-    return jax.jit(self._eval, in_shardings=(self._shardings.params, self.batch_sharding),
+    return jax.jit(self._eval, in_shardings=(self.state_shardings.params, self.batch_sharding),
                    out_shardings=(pm.replicated(self.mesh), self.batch_sharding, pm.replicated(self.mesh)))
-
-  # --- batches ----------------------------------------------------------------------------------
-
-  def local_rows(self, global_batch: int) -> slice:
-    return multihost.local_rows(self.batch_sharding, global_batch)
-
-  def assemble_batch(self, local: dict, global_batch: int) -> dict:
-    return multihost.global_batch(self.batch_sharding, local, global_batch)

@@ -1,0 +1,53 @@
+"""Sample grids of a model being trained: the same classes and the same noise at every evaluation, as a
+PNG under DIR/samples/ and a TensorBoard image (--mode=train, --mode=distill)."""
+from __future__ import annotations
+
+import os
+
+import jax
+import numpy as np
+from PIL import Image
+
+from srdd_jax.config import ConfigError, ints
+from srdd_jax.data.images import grid, to_uint8
+from srdd_jax.diffusion.generate import sampler_config
+from srdd_jax.diffusion.sampler import Sampler
+from srdd_jax.parallel import mesh as pm
+from srdd_jax.parallel import multihost
+from srdd_jax.parallel.compile import jit_inference
+
+
+class SampleGrids:
+  """Sample grids of the model being trained: PNG under DIR/samples/ and a TensorBoard image."""
+
+  def __init__(self, config, var_config, vq, mesh, workdir):
+    try:
+      self.sampler = Sampler(var_config, vq, sampler_config(config.sampler, var_config.mask), mesh=mesh)
+    except ValueError as e:
+      raise ConfigError(f'config.sampler: {e}') from e
+    nc = var_config.num_classes
+    classes = list(ints(config.sample.classes, 'config.sample.classes')) or list(range(min(nc, 10)))
+    bad = [k for k in classes if not 0 <= k < nc]
+    if bad:
+      raise ConfigError(f'config.sample.classes: class {bad[0]} is out of range 0..{nc - 1}')
+    self.per = max(int(config.sample.num_per_class), 1)
+    labels = np.repeat(np.asarray(classes, np.int32), self.per)
+    self.n = len(labels)
+    pad = -len(labels) % pm.data_parallel_size(mesh)  # Padded to split over the batch axes, trimmed after.
+    self.labels = jax.device_put(np.concatenate([labels, np.repeat(labels[-1:], pad)]), pm.replicated(mesh))
+    self.fn = jit_inference(self.sampler.sample)
+    self.seed = int(config.seed)
+    self.dir = os.path.join(workdir, 'samples')
+
+  def write(self, step, var_params, vae_params, writer):
+    # The same key at every step, so grids of successive steps show the same noise evolving.
+    _, images = self.fn(var_params, vae_params, self.labels, jax.random.PRNGKey(self.seed))
+    images = to_uint8(multihost.gather(images))[:self.n]
+    if not multihost.is_main_process():
+      return None
+    g = grid(images, self.per)
+    os.makedirs(self.dir, exist_ok=True)
+    path = os.path.join(self.dir, f'step_{step:08d}.png')
+    Image.fromarray(g).save(path)
+    writer.write_images(step, {'samples': g[None]})
+    return path

@@ -54,7 +54,7 @@ _DRY_RUN = flags.DEFINE_bool('dry_run', False, 'Check the command line and the c
 flags.mark_flags_as_required(['config', 'workdir'])
 
 # --mode -> its runner: run(config, workdir) -> summary dict.
-_MODES = {
+MODES = {
     'reconstruct': reconstruct.run,
     'all': all_stages.run,
     'ablation': ablation.run,
@@ -154,7 +154,7 @@ def main(argv):
   kwargs = {'overwrite': _OVERWRITE.value} if mode in _OVERWRITABLE else {}
   try:
     with WorkdirLock(workdir, enabled=multihost.is_main_process()):
-      summary = _MODES[mode](config, workdir, **kwargs)
+      summary = MODES[mode](config, workdir, **kwargs)
   except ConfigError as e:
     _error(str(e))
   except PermissionError as e:  # A read-only workdir (or a file in it), found when first written.

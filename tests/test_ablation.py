@@ -41,7 +41,7 @@ def _mtimes(root):
 
 
 def test_the_whole_ablation_runs_and_resumes_without_redoing(tmp_path):
-  assert main._MODES['ablation'] is ablation.run  # pylint: disable=protected-access
+  assert main.MODES['ablation'] is ablation.run
   wd = str(tmp_path / 'run')
   _, vae = save_tiny_models(str(tmp_path / 'given'))
   first = ablation.run(_tiny_config(vae), wd)

@@ -4,8 +4,10 @@
   -> modes -> {main, bench} -> scaling   (tools/: command-line programs, imported by nothing in the library)
 
 A module imports only from its own package and from layers below it (the three packages of one layer
-do not import each other); no module imports another module's private name; and imports sit at the
-top of a module, except those of heavy optional libraries that only some paths need.
+do not import each other); imports sit at the top of a module, except those of heavy optional libraries
+that only some paths need; trainers and the driver's tasks live in train/ (the runners in modes/ read
+the config, build the pieces and call them); and no file of the package, the tests, the benchmarks or
+the configs uses another module's private name (a module's own test, tests/test_<name>.py, may).
 """
 from __future__ import annotations
 
@@ -73,24 +75,140 @@ def violations(source: str, module: str) -> list[str]:
         continue
       if unit != own and own in LAYERS and LAYERS[unit] >= LAYERS[own]:
         out.append(f'{where}: {own} (layer {LAYERS[own]}) imports {full} (layer {LAYERS[unit]})')
-    for n in names:
-      if n.startswith('_'):
-        out.append(f'{where}: imports the private name {n} of {target}')
-      aliases[n] = f'{target}.{n}'
   for node in ast.walk(tree):
-    if (isinstance(node, ast.Attribute) and node.attr.startswith('_') and not node.attr.startswith('__')
-        and isinstance(node.value, ast.Name) and node.value.id in aliases):
-      out.append(f'{module}:{node.lineno}: uses the private name {node.attr} of {aliases[node.value.id]}')
+    if not isinstance(node, ast.ClassDef) or own == 'train':
+      continue
+    for base in node.bases:
+      name = base.attr if isinstance(base, ast.Attribute) else getattr(base, 'id', '')
+      if name.endswith(('Task', 'Trainer')):
+        out.append(f'{module}:{node.lineno}: the class {node.name} extends {name} outside train/')
   return out
 
 
-def _modules():
-  for root, _, files in os.walk(PACKAGE):
-    for f in sorted(files):
-      if f.endswith('.py'):
-        path = os.path.join(root, f)
-        rel = os.path.relpath(path, REPO)[:-3].replace(os.sep, '.')
-        yield rel, path
+def _modules(tops=('srdd_jax',)):
+  for top in tops:
+    for root, dirs, files in os.walk(os.path.join(REPO, top)):
+      dirs[:] = sorted(d for d in dirs if d != '__pycache__' and not d.startswith('.'))
+      for f in sorted(files):
+        if f.endswith('.py'):
+          path = os.path.join(root, f)
+          rel = os.path.relpath(path, REPO)[:-3].replace(os.sep, '.')
+          yield rel, path
+
+
+# The trees whose private names no other module may use, and that may not use others'.
+PROJECT = ('srdd_jax', 'tests', 'benchmarks', 'configs')
+
+
+def _private(name: str) -> bool:
+  return name.startswith('_') and not name.startswith('__')
+
+
+def _own_test(module: str, owner: str) -> bool:
+  """tests/test_<name>.py is the own test of every module named <name>."""
+  return module.startswith('tests.test_') and owner.rsplit('.', 1)[-1] == module[len('tests.test_'):]
+
+
+def private_uses(source: str, module: str) -> list[str]:
+  """Every use, in one file (`module` its dotted name), of a private name of another project module:
+  imported (`from m import _x`), read through a module or a name imported from one (`m._x`,
+  `m.Class._x`), or named in getattr/setattr/monkeypatch (`setattr(m, '_x', v)`, 'srdd_jax.m._x')."""
+  tree = ast.parse(source)
+  out = []
+  aliases = {}  # Local name -> the dotted project name it is bound to.
+
+  def foreign(owner: str) -> bool:
+    return (owner.split('.')[0] in PROJECT and owner != module and not owner.startswith(module + '.')
+            and not _own_test(module, owner))
+
+  def report(line: int, owner: str, name: str, how: str):
+    if foreign(owner):
+      out.append(f'{module}:{line}: {how} the private name {name} of {owner}')
+
+  for node in ast.walk(tree):
+    if isinstance(node, ast.Import):
+      for a in node.names:
+        if a.asname:
+          aliases[a.asname] = a.name
+        else:
+          root = a.name.split('.')[0]
+          aliases[root] = root
+  for target, names, line, _ in _imports(tree, module):
+    for n in names:
+      if _private(n):
+        report(line, target, n, 'imports')
+      aliases[n] = f'{target}.{n}'
+
+  def dotted(node):
+    """'a.b.c' of an expression a.b.c built from one bound name, or None."""
+    if isinstance(node, ast.Name):
+      return aliases.get(node.id)
+    if isinstance(node, ast.Attribute):
+      base = dotted(node.value)
+      return base and f'{base}.{node.attr}'
+    return None
+
+  for node in ast.walk(tree):
+    if isinstance(node, ast.Attribute) and _private(node.attr):
+      owner = dotted(node.value)
+      if owner:
+        report(node.lineno, owner, node.attr, 'uses')
+    elif isinstance(node, ast.Call) and len(node.args) >= 2:
+      func = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, 'id', '')
+      if func not in ('getattr', 'setattr', 'hasattr', 'delattr'):
+        continue
+      first, second = node.args[0], node.args[1]
+      if isinstance(second, ast.Constant) and isinstance(second.value, str) and _private(second.value):
+        owner = dotted(first)
+        if owner:
+          report(node.lineno, owner, second.value, 'uses')
+      if isinstance(first, ast.Constant) and isinstance(first.value, str) and '.' in first.value:
+        owner, _, name = first.value.rpartition('.')  # monkeypatch.setattr('pkg.module._name', value)
+        if _private(name):
+          report(node.lineno, owner, name, 'uses')
+  return out
+
+
+def test_no_private_name_is_used_across_modules():
+  found = []
+  count = 0
+  for module, path in _modules(PROJECT):
+    with open(path) as f:
+      found += private_uses(f.read(), module)
+    count += 1
+  assert count > 100  # The walk found the four trees.
+  assert not found, '\n'.join(found)
+
+
+@pytest.mark.parametrize('module, source, expected', [
+    ('tests.test_sampler', 'from srdd_jax.modes.train import _x\n', 'imports the private name _x of srdd_jax.modes.train'),
+    ('srdd_jax.modes.tokenize', 'from srdd_jax.modes.train import _tokenizer\n', 'private name _tokenizer'),
+    ('tests.test_check_reference', 'from tests.test_resample import _area_loop\n', 'private name _area_loop'),
+    ('benchmarks.aot_sweep', 'import srdd_jax.bench as b\nb._ints("--mesh", "1")\n',
+     'uses the private name _ints of srdd_jax.bench'),
+    ('tests.test_ablation', 'from srdd_jax import main\nmain._MODES\n', 'private name _MODES of srdd_jax.main'),
+    ('tests.test_ablation', 'import srdd_jax.main\nsrdd_jax.main._MODES\n', 'private name _MODES of srdd_jax.main'),
+    ('tests.test_refine', 'from srdd_jax.train.step import Trainer\nTrainer._step\n',
+     'private name _step of srdd_jax.train.step.Trainer'),
+    ('srdd_jax.data.token_cache', 'from srdd_jax.data import source\nx = source._AUG_TAG\n',
+     'uses the private name _AUG_TAG'),
+    ('srdd_jax.data.token_cache', 'from . import source\nx = source._AUG_TAG\n', 'uses the private name _AUG_TAG'),
+    ('tests.test_sampler', 'def f(monkeypatch):\n  monkeypatch.setattr(bench, "_x", 1)\nfrom srdd_jax import bench\n',
+     'uses the private name _x of srdd_jax.bench'),
+    ('tests.test_data', 'def f(monkeypatch):\n  monkeypatch.setattr("srdd_jax.bench._x", 1)\n',
+     'uses the private name _x of srdd_jax.bench'),
+    # A module's own test may; others' privates (numpy's, say) are not the project's; nor is self._x.
+    ('tests.test_scaling', 'from srdd_jax import scaling\nscaling._var_config(1)\n', None),
+    ('tests.test_distill', 'from srdd_jax.train.distill import _heldout_sums\n', None),
+    ('tests.test_data', 'import numpy as np\nnp._NoValue\nclass A:\n  def f(self):\n    return self._x\n', None),
+    ('srdd_jax.bench', 'from srdd_jax.config import ints\n', None),
+])
+def test_the_private_name_checker_finds_each_kind_of_use(module, source, expected):
+  found = private_uses(source, module)
+  if expected is None:
+    assert not found, found
+  else:
+    assert any(expected in v for v in found), found
 
 
 def test_every_module_follows_the_layers():
@@ -102,12 +220,6 @@ def test_every_module_follows_the_layers():
     count += 1
   assert count > 50  # The walk found the package.
   assert not found, '\n'.join(found)
-
-
-# Runners that extend another runner's task: --mode=distill is --mode=train's TransformerTask with the
-# teacher's architecture, the student's scales and another initialisation (a subclass, not a copy).
-# TODO: move TransformerTask below modes/ (train/) once the trainers that edit it concurrently have landed.
-_RUNNERS_EXTENDED = {'srdd_jax.modes.distill': ('srdd_jax.modes.train', 'srdd_jax.modes.train.TransformerTask')}
 
 
 # Modules that compose whole runs from the runners, stage after stage: main's table of modes, --mode=all
@@ -124,8 +236,7 @@ def test_only_main_imports_runners_and_nothing_imports_tools():
       full = [target] + [f'{target}.{n}' for n in names]
       if any(_unit(t) == 'tools' for t in full) and _unit(module) != 'tools':
         pytest.fail(f'{module}:{line} imports the command-line tool {target}')
-      runners = [t for t in full if _unit(t) == 'modes' and t.split('.')[-1] != 'modes'
-                 and t not in _RUNNERS_EXTENDED.get(module, ())]
+      runners = [t for t in full if _unit(t) == 'modes' and t.split('.')[-1] != 'modes']
       if runners and module not in COMPOSERS:
         pytest.fail(f'{module}:{line} imports the runner {runners[0]}')
 
@@ -134,9 +245,11 @@ def test_only_main_imports_runners_and_nothing_imports_tools():
     ('srdd_jax.train.driver', 'from srdd_jax.modes import train\n', 'train (layer 6) imports srdd_jax.modes.train'),
     ('srdd_jax.data.pipeline', 'from srdd_jax.tokenizer import api\n', 'data (layer 2) imports'),
     ('srdd_jax.diffusion.generate', 'from srdd_jax.evaluation import metrics\n', 'diffusion (layer 6) imports'),
-    ('srdd_jax.modes.tokenize', 'from srdd_jax.modes.train import _tokenizer\n', 'private name _tokenizer'),
-    ('srdd_jax.data.token_cache', 'from srdd_jax.data import source\nx = source._AUG_TAG\n',
-     'uses the private name _AUG_TAG'),
+    ('srdd_jax.modes.distill', 'from srdd_jax.train import driver\nclass T(driver.Task):\n  pass\n',
+     'the class T extends Task outside train/'),
+    ('srdd_jax.modes.train', 'from srdd_jax.train.step import Trainer\nclass T(Trainer):\n  pass\n',
+     'extends Trainer outside train/'),
+    ('srdd_jax.train.transformer_task', 'from srdd_jax.train import driver\nclass T(driver.Task):\n  pass\n', None),
     ('srdd_jax.modes.all', 'def f():\n  from srdd_jax.modes import sample\n', 'function-level import'),
     ('srdd_jax.modes.all', 'import os\nos.environ\n', None),
     ('srdd_jax.data.folder', 'def f():\n  from PIL import Image\n', None),

@@ -11,7 +11,7 @@ from srdd_jax.tokenizer.api import Tokenizer, unbox
 from srdd_jax.tokenizer.vqvae import VQVAEConfig
 from srdd_jax.tools import check_reference
 from tests.conftest import COMPACT_FILES, reference_file
-from tests.test_resample import _area_loop, _bicubic_loop
+from tests.test_resample import area_loop, bicubic_loop
 
 
 def _run(capsys, *args):
@@ -152,9 +152,9 @@ def test_file_of_another_configuration_192px(tmp_path, capsys):
     data[f'fhat_{k}'] = nchw(fhats[k])
   data['area_in'] = rng.normal(size=(1, 4, 12, 12)).astype(np.float32)
   for pn in pns[:-1]:
-    data[f'area_out_{pn}'] = _sep(_area_loop, data['area_in'].astype(np.float64), pn).astype(np.float32)
+    data[f'area_out_{pn}'] = _sep(area_loop, data['area_in'].astype(np.float64), pn).astype(np.float32)
     data[f'bicubic_in_{pn}'] = rng.normal(size=(1, 4, pn, pn)).astype(np.float32)
-    data[f'bicubic_out_{pn}'] = _sep(_bicubic_loop, data[f'bicubic_in_{pn}'].astype(np.float64),
+    data[f'bicubic_out_{pn}'] = _sep(bicubic_loop, data[f'bicubic_in_{pn}'].astype(np.float64),
                                      12).astype(np.float32)
   meta = dict(kind='vqvae', seed=7, V=512, Cvae=16, ch=32, ch_mult=[1, 1, 2, 2, 4], patch_nums=list(pns),
               image_size=192, batch=1, share_quant_resi=0, quant_resi=0.5)

@@ -202,7 +202,7 @@ def _distill_config(teacher_dir, **d):
 
 
 def test_distill_mode_runs_resumes_and_exports(teacher_dir, tmp_path):
-  assert main._MODES['distill'] is distill_mode.run  # pylint: disable=protected-access
+  assert main.MODES['distill'] is distill_mode.run
   straight = str(tmp_path / 'straight')
   full = distill_mode.run(_distill_config(teacher_dir), straight)
   assert full['end_step'] == 4 and full['student'] == STUDENT_PN and full['teacher'] == TEACHER_PN

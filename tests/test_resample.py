@@ -38,13 +38,13 @@ def test_jax_image_resize_is_not_pytorch_bicubic(ref):
   assert np.max(np.abs(np.asarray(theirs) - _nhwc(ref['bicubic_out_5']))) > 1e-3
 
 
-def _area_loop(x, out):
+def area_loop(x, out):
   """Adaptive average pooling written per output cell (PyTorch's definition), 1-D."""
   n = len(x)
   return np.array([x[(i * n) // out: math.ceil((i + 1) * n / out)].mean() for i in range(out)])
 
 
-def _bicubic_loop(x, out, a=-0.75):
+def bicubic_loop(x, out, a=-0.75):
   """PyTorch's upsample_bicubic2d (align_corners=False) written per output pixel, 1-D."""
   n = len(x)
 
@@ -68,14 +68,14 @@ def _bicubic_loop(x, out, a=-0.75):
                                         (5, 5), (1, 4)])
 def test_area_matrix_matches_definition(n_in, n_out):
   x = np.random.default_rng(n_in * 100 + n_out).normal(size=n_in)
-  np.testing.assert_allclose(resample.area_matrix(n_in, n_out) @ x, _area_loop(x, n_out), atol=1e-12)
+  np.testing.assert_allclose(resample.area_matrix(n_in, n_out) @ x, area_loop(x, n_out), atol=1e-12)
 
 
 @pytest.mark.parametrize('n_in,n_out', [(24, 32), (18, 32), (13, 32), (9, 32), (6, 32), (3, 32), (1, 32),
                                         (2, 16), (5, 16), (7, 9), (16, 16), (16, 7)])
 def test_bicubic_matrix_matches_definition(n_in, n_out):
   x = np.random.default_rng(n_in * 100 + n_out).normal(size=n_in)
-  np.testing.assert_allclose(resample.bicubic_matrix(n_in, n_out) @ x, _bicubic_loop(x, n_out),
+  np.testing.assert_allclose(resample.bicubic_matrix(n_in, n_out) @ x, bicubic_loop(x, n_out),
                              atol=1e-12)
 
 

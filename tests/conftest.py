@@ -6,6 +6,7 @@ are part of the repository, in tests/data/reference: their tests run everywhere,
 failure. The large files live in $SRDD_REFERENCE_DIR (default ../shared/reference beside the clone); a
 missing large file skips its tests with a message, except under CI=true where it is a failure.
 """
+import importlib.util
 import os
 import sys
 
@@ -70,6 +71,16 @@ def reference_file(name: str) -> str:
       pytest.fail(msg)
     pytest.skip(msg)
   return path
+
+
+def require_libtpu():
+  """Skips the calling test where libtpu is not installed (fails under CI=true, whose install has it:
+  setup.py's test extra). With libtpu present, whatever goes wrong in the test is a failure."""
+  if importlib.util.find_spec('libtpu') is None:
+    msg = "libtpu is not installed (pip install -e '.[test]'): no TPU topology to compile for"
+    if os.environ.get('CI', '').lower() == 'true':
+      pytest.fail(msg)
+    pytest.skip(msg)
 
 
 @pytest.fixture(scope='session', params=VQVAE_FILES)

@@ -1,6 +1,5 @@
 """srdd_jax.bench on tiny models: the timed records, the Markdown table, and an ahead-of-time TPU compile
-from this host (skipped, with the reason, where libtpu is missing)."""
-import importlib.util
+from this host (skipped, with the reason, where libtpu is missing; a failure under CI=true)."""
 import json
 
 import pytest
@@ -9,6 +8,7 @@ from srdd_jax import bench
 from srdd_jax.parallel import mesh as pm
 from srdd_jax.tokenizer.vqvae import VQVAEConfig
 from srdd_jax.transformer.config import VARConfig
+from tests.conftest import require_libtpu
 
 PN = (1, 2, 3, 4)
 
@@ -22,12 +22,8 @@ def tiny_configs(mask='markov', dtype='float32'):
 
 @pytest.fixture(scope='module')
 def v5e_devices():
-  if importlib.util.find_spec('libtpu') is None:
-    pytest.skip("libtpu is not installed (pip install -e '.[tpu]'): no TPU topology to compile for")
-  try:
-    return bench.topology_devices('v5e:2x2')
-  except RuntimeError as e:
-    pytest.skip(f'the TPU topology v5e:2x2 cannot be described here: {e}')
+  require_libtpu()
+  return bench.topology_devices('v5e:2x2')
 
 
 def test_aot_train_step_for_a_tpu_topology_reports_memory_and_flops(v5e_devices):

@@ -21,11 +21,8 @@ import sys
 import time
 
 from configs import fashion_mnist
+from srdd_jax.config import floats
 from srdd_jax.modes import ablation
-
-
-def _floats(text):
-  return [float(x) for x in text.split(',') if x.strip()]
 
 
 def _latest_export(workdir):
@@ -82,7 +79,7 @@ def main(argv=None):
   if not export:
     p.error(f'--workdir={a.workdir}: no export/step_* (a finished --mode=train or --mode=all); or give --model')
   model = {'export': export}
-  top_ps = _floats(a.top_p) or [float(c.sampler.top_p)]
+  top_ps = floats(a.top_p, '--top_p') or [float(c.sampler.top_p)]
   rows = []
   for top_p in top_ps:
     c.sampler.top_p = top_p
@@ -90,7 +87,7 @@ def main(argv=None):
     run.tok = tok
     for mr in a.mr.split(','):
       for schedule in a.schedules.split(','):
-        for cfg in _floats(a.cfg):
+        for cfg in floats(a.cfg, '--cfg'):
           if cfg == 0 and schedule != a.schedules.split(',')[0]:
             continue  # Strength 0 is the same sampler under every schedule.
           values = run.sampler_values(schedule, cfg, None if mr == 'off' else mr)

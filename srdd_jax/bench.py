@@ -67,6 +67,7 @@ import numpy as np
 import optax
 from jax.experimental import topologies
 
+from srdd_jax.config import ConfigError, ints
 from srdd_jax.diffusion.filtering import SamplerConfig
 from srdd_jax.diffusion.sampler import Sampler, batch_rng
 from srdd_jax.parallel import mesh as pm
@@ -618,16 +619,6 @@ def markdown_table(records) -> str:
   return '\n'.join(lines)
 
 
-def _ints(flag: str, text: str) -> tuple[int, ...]:
-  try:
-    vals = tuple(int(x) for x in text.split(',') if x.strip())
-  except ValueError:
-    raise SystemExit(f'error: {flag} {text!r}: expected comma-separated integers') from None
-  if not vals:
-    raise SystemExit(f'error: {flag} {text!r}: expected at least one value')
-  return vals
-
-
 def parse_args(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   ap.add_argument('--out', required=True, help='JSON file to write (rewritten after every record)')
@@ -709,6 +700,12 @@ def main(argv=None):
     results['records'].append(rec)
     save()
 
+  try:  # The comma-separated flags, read before anything runs ('' or absent: the default).
+    mesh_shape, depths, batches, sample_batches = (
+        ints(v or '', f) for v, f in ((args.mesh, '--mesh'), (args.depths, '--depths'),
+                                      (args.batches, '--batches'), (args.sample_batches, '--sample_batches')))
+  except ConfigError as e:
+    raise SystemExit(f'error: {e}') from None
   env = results['env']
   log(f'bench: {env["device_kind"]} ({env["backend"]}, {env["device_count"]} devices), jax {env["jax"]}')
   if args.aot:
@@ -719,7 +716,8 @@ def main(argv=None):
     except ValueError as e:
       raise SystemExit(f'error: --preset: {e}') from None
     batch = args.batch or 256
-    mesh_shape = _ints('--mesh', args.mesh)
+    if not mesh_shape:
+      raise SystemExit(f'error: --mesh {args.mesh!r}: expected the sizes data,fsdp,tensor')
     results['aot'] = {'topology': args.aot, 'preset': args.preset or 'd16', 'dtype': dtype,
                       'mesh_request': list(mesh_shape), 'rules': args.rules, 'hbm_bytes_table': HBM_BYTES,
                       'fit_fraction': FIT_FRACTION}
@@ -732,11 +730,9 @@ def main(argv=None):
     accel = env['backend'] != 'cpu'
     # --quick is the issue's reference configuration, float32 everywhere.
     dtype = args.dtype or ('bfloat16' if accel and not args.quick else 'float32')
-    depths = _ints('--depths', args.depths) if args.depths else ((6,) if args.quick or not accel
-                                                                 else (16, 20, 24, 30))
-    batches = _ints('--batches', args.batches) if args.batches else ((64,) if accel and not args.quick
-                                                                     else (8,))
-    sample_batches = _ints('--sample_batches', args.sample_batches) if args.sample_batches else (32,)
+    depths = depths or ((6,) if args.quick or not accel else (16, 20, 24, 30))
+    batches = batches or ((64,) if accel and not args.quick else (8,))
+    sample_batches = sample_batches or (32,)
     repeats = args.repeats or (2 if args.quick else 5)
     ch = args.tokenizer_ch or (32 if args.quick and not accel else 160)
     sizes = (1024, 2048) if not accel else (4096, 8192)

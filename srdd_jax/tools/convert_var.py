@@ -20,18 +20,12 @@ import time
 
 import numpy as np
 
+from srdd_jax.config import ConfigError, ints
 from srdd_jax.convert import params_io
 from srdd_jax.convert import state_dict as sd
 from srdd_jax.convert import var_transformer
 from srdd_jax.convert import var_vqvae
 from srdd_jax.tokenizer.vqvae import VQVAEConfig, count_params
-
-
-def _ints(s: str) -> tuple[int, ...]:
-  try:
-    return tuple(int(x) for x in s.replace(' ', '').split(',') if x)
-  except ValueError as e:
-    raise argparse.ArgumentTypeError(f'expected comma-separated integers, got {s!r}') from e
 
 
 def main(argv=None) -> int:
@@ -45,12 +39,16 @@ def main(argv=None) -> int:
   ap.add_argument('--prefix', default='', help="only keys starting with this prefix, stripped (e.g. 'vae/')")
   ap.add_argument('--out', help='output directory for the converted parameters')
   ap.add_argument('--overwrite', action='store_true', help='replace parameters already in --out')
-  ap.add_argument('--patch_nums', type=_ints, default=None,
+  ap.add_argument('--patch_nums', default=None,
                   help='scales (tokenizer default: VAR 256 px; transformer: from pos_1LC)')
   ap.add_argument('--quant_resi', type=float, default=0.5, help='phi ratio (not stored in checkpoints)')
   ap.add_argument('--num_heads', type=int, default=0,
                   help='transformer heads when the checkpoint has no scale_mul_1H11 (default width/64)')
   args = ap.parse_args(argv)
+  try:
+    args.patch_nums = ints(args.patch_nums, '--patch_nums') if args.patch_nums else None
+  except ConfigError as e:
+    ap.error(str(e))
 
   if args.manifest:
     with open(args.manifest) as f:

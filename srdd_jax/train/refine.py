@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from srdd_jax.train.step import Trainer
 from srdd_jax.transformer.config import VARConfig

@@ -177,7 +177,7 @@ def run_worker(cmd, env, on_message, deadline: float | None) -> dict:
     try:
       line = lines.get(timeout=None if deadline is None else max(deadline - time.time(), 0.01))
     except queue.Empty:
-      log(f'time budget spent: stopping {os.path.basename(cmd[1]) if len(cmd) > 1 else cmd[0]}')
+      log(f'time budget spent: stopping {" ".join(os.path.basename(c) for c in cmd[1:3])}')
       proc.kill()
       killed = True
       break
@@ -248,7 +248,8 @@ class Results:
                                         'utilisation_measured uses the matmul peak measured in the run')
 
   def add_record(self, impl: str, rec: dict):
-    rec = {**rec, 'impl': impl}
+    # The host's load when the record came in: on a shared machine it explains noisy timings.
+    rec = {**rec, 'impl': impl, 'host_load_avg_1m': os.getloadavg()[0] if hasattr(os, 'getloadavg') else None}
     if rec.get('kind') == 'train' and rec.get('seconds') and 'error' not in rec:
       fl = bench.train_flops(bench.model_config(rec['depth'], rec['mode'], rec['dtype'], rec['width'],
                                                 rec.get('heads') or 0, self.patch_nums), rec['batch'])
@@ -692,6 +693,7 @@ def jax_worker(path: str) -> int:
           'how': 'VAR-PyTorch\'s batch' if k.get('batch') else 'the ladder\'s top under the cap'})
   # Enough threads for every program at once (a decoder's task waits for its tokens program).
   pool = concurrent.futures.ThreadPoolExecutor(max_workers=16)
+  pending = []  # Every compile started, used or not.
 
   def timed_compile(lowered):
     t = time.perf_counter()
@@ -702,6 +704,7 @@ def jax_worker(path: str) -> int:
     """Lowers here (tracing holds the GIL) and compiles in threads: {mask: future}, and for sampling
     'decoder': the future of the decoder (it takes f_hat in the sharding the tokens program leaves)."""
     futs = {}
+    pending.append(futs)
     for m in masks:
       low = (lower_train(cs[m], vae_c, mesh, batch) if kind == 'train' else
              lower_tokens(cs[m], vae_c, vae_params, mesh, batch))
@@ -759,8 +762,8 @@ def jax_worker(path: str) -> int:
       for _ in range(3):
         if fits(got):
           break
-        why = (f"XLA's memory analysis: {got['need'] / 2**30:.1f} GiB at batch {got['batch']} > "
-               f'{FIT_FRACTION:.0%} of the {limit / 2**30:.1f} GiB limit')
+        why = (f"XLA's memory analysis: {got['need'] / 2**20:,.0f} MiB at batch {got['batch']} > "
+               f'{FIT_FRACTION:.0%} of the {limit / 2**20:,.0f} MiB limit')
         if kind in spare:
           half, futs = spare.pop(kind)
           alt = gather(kind, half, futs)
@@ -779,6 +782,10 @@ def jax_worker(path: str) -> int:
       compiled[kind] = got
     except Exception as e:  # pylint: disable=broad-except
       compiled[kind] = {'error': e}
+  # A spare compile nobody needs may still run: on a GPU it autotunes kernels, which would disturb the
+  # timings; it started with the others, so waiting for it costs little.
+  concurrent.futures.wait([f for futs in pending for f in futs.values()])
+  del spare, futures, pending[:]
   emit({'type': 'compile', 'depth': depth, 'wall_s': time.perf_counter() - t0,
         'programs': {f'{kind} {m} b{got["batch"]}': round(got['programs'][m][1], 2)
                      for kind, got in compiled.items() if 'programs' in got for m in masks} |

@@ -258,8 +258,11 @@ class Runner:
     return img
 
   def cleanup(self):
+    """Frees what a failed (out-of-memory) call may have left: gradients, KV caches, cached blocks."""
     if self.opt is not None:
       self.opt.zero_grad(set_to_none=True)
+    for b in self.var.blocks:
+      b.attn.kv_caching(False)
     gc.collect()
     if self.device.type == 'cuda':
       self.torch.cuda.empty_cache()

@@ -222,6 +222,7 @@ def test_var_side_markov_mask_and_batch_fitting(fake_var, tmp_path):
       fake.SEEN.clear(); r.sample_call(2, 0); out['causal_keys'] = list(fake.SEEN)
       fake.OOM_ABOVE = 4
       out['fit'] = r.fit_batch('train', 'causal', [16, 8, 4, 2], cap=8)
+      out['jax_imported'] = 'jax' in sys.modules
       print(json.dumps(out))
   ''')
   p = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True, env=env(), timeout=300)
@@ -233,6 +234,7 @@ def test_var_side_markov_mask_and_batch_fitting(fake_var, tmp_path):
   # Sampling, 2 blocks per scale: markov attends to the scale's own tokens, causal to all so far.
   assert out['markov_keys'] == [1, 1, 4, 4, 9, 9]
   assert out['causal_keys'] == [1, 1, 5, 5, 14, 14]
+  assert out['jax_imported'] is False  # The PyTorch side never loads JAX (nor its hold on the device).
   batch, how = out['fit']
   assert batch == 4  # 16 is over the cap; 8 runs out of memory; 4 runs.
   assert [t['batch'] for t in how['tried']] == [8, 4] and 'OutOfMemoryError' in how['tried'][0]['error']
@@ -287,3 +289,18 @@ def test_ratios_pair_equal_shapes_only():
       ('train', 'markov (ours) vs causal (VAR)', 64, 2.5),
       ('sample', 'markov (ours) vs causal (VAR)', 32, 3.0)]
   assert r[2]['speedup_tokens_only'] == pytest.approx(6.0)
+
+
+def test_bench_and_the_suite_import_without_ml_collections_clu_or_tensorflow(tmp_path):
+  # The GPU machines the suite runs on have none of these; every module a suite process imports
+  # (the orchestrator, the JAX worker, bench_var) must load without them.
+  (tmp_path / 'sitecustomize.py').write_text(
+      "import sys\nfor n in ('ml_collections', 'clu', 'tensorflow', 'tensorflow_datasets'):\n"
+      "  sys.modules[n] = None\n")
+  e = env()
+  e['PYTHONPATH'] = str(tmp_path) + os.pathsep + e['PYTHONPATH']
+  code = ('import sys\nimport srdd_jax.bench, srdd_jax.bench_suite\n'
+          f'sys.path.insert(0, {os.path.dirname(WORKER)!r})\nimport bench_var\n'
+          "assert sys.modules['ml_collections'] is None and sys.modules['tensorflow'] is None\nprint('ok')")
+  p = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, env=e, cwd=REPO, timeout=300)
+  assert p.returncode == 0 and p.stdout.strip() == 'ok', p.stderr[-2000:]

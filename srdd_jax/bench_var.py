@@ -87,14 +87,18 @@ def import_var(var_dir: str):
   except ImportError as e:
     fail(f'--vs-var needs PyTorch, which {sys.executable} cannot import ({e})')
   notes = []
+  # models/var.py imports huggingface_hub's PyTorchModelHubMixin only for VARHF (loading weights from
+  # the Hub), which nothing here uses: where that import would fail, a stub stands in.
   try:
-    import huggingface_hub  # pylint: disable=import-outside-toplevel,unused-import
-  except ImportError:
-    # models/var.py imports it only for VARHF (loading from the Hub), which nothing here uses.
-    stub = types.ModuleType('huggingface_hub')
-    stub.PyTorchModelHubMixin = type('PyTorchModelHubMixin', (), {})
-    sys.modules['huggingface_hub'] = stub
-    notes.append('huggingface_hub is not installed: a stub PyTorchModelHubMixin stands in (VARHF is unused)')
+    import huggingface_hub  # pylint: disable=import-outside-toplevel
+    has_mixin = hasattr(huggingface_hub, 'PyTorchModelHubMixin')
+  except Exception:  # pylint: disable=broad-except
+    huggingface_hub, has_mixin = None, False
+  if not has_mixin:
+    if huggingface_hub is None:
+      huggingface_hub = sys.modules['huggingface_hub'] = types.ModuleType('huggingface_hub')
+    huggingface_hub.PyTorchModelHubMixin = type('PyTorchModelHubMixin', (), {})
+    notes.append('huggingface_hub.PyTorchModelHubMixin is missing here: a stub stands in (VARHF is unused)')
   here = os.path.dirname(os.path.abspath(__file__))
   sys.path[:] = [p for p in sys.path if os.path.abspath(p or '.') != here]
   sys.path.insert(0, os.path.abspath(var_dir))

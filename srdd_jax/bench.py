@@ -3,6 +3,20 @@
   python -m srdd_jax.bench --out /tmp/bench.json [--quick]
   python -m srdd_jax.bench --out /tmp/bench.json --depths 16,20 --batches 32,64 --masks markov,causal
   python -m srdd_jax.bench --aot v5p:4x4x4 --preset d30 --batch 1024 --out /tmp/aot.json
+  python -m srdd_jax.bench --vs-var DIR --out /tmp/vs.json [--quick]     # and the official PyTorch VAR
+  python -m srdd_jax.bench --suite gpu --vs-var DIR --out /tmp/gpu.json  # d16 + d24, one H100/H200 run
+  python -m srdd_jax.bench --suite gpu --tiny --vs-var DIR --out /tmp/t.json   # its CPU dry run
+
+Side by side (`--vs-var DIR`, DIR a checkout of github.com/FoundationVision/VAR; torch needed for this
+flag only, and without it or without such a DIR the command exits 2 before timing anything): the same
+shapes, masks and batches timed with VAR's own PyTorch code in a process of its own
+(`srdd_jax/bench_var.py`: VAR's train step with bfloat16 autocast on a GPU and fused AdamW, and
+`autoregressive_infer_cfg` with decoding; the markov mask applied to VAR's code as its docstring
+says), both record sets and their ratios in one JSON (OUT) and one Markdown table (OUT, suffix .md).
+`--suite gpu` is the whole GPU comparison in one call inside `--budget_s` (default 480 s): d16 and
+d24, 256 px, bfloat16, both masks, train and sampling, both implementations at the largest batch that
+fits both; MFU against the nominal 989 TFLOP/s of an H100/H200. `srdd_jax/bench_suite.py` has the
+details and the JSON's fields.
 
 Timing (on the devices of this process): for each mask, depth and batch, the library's train step
 (`Trainer.step_fn`, state donated, a batch of token ids (B, L) and labels as the token-cache path feeds
@@ -299,16 +313,20 @@ def jit_train_step(trainer: Trainer):
 
 
 def bench_train(c: VARConfig, vae_c: VQVAEConfig, vae_params, host_params, mesh, batch: int,
-                repeats: int, warmup: int, peak: float | None) -> dict:
-  """One train record: the compiled step timed on random weights and random token ids."""
+                repeats: int, warmup: int, peak: float | None, compiled=None) -> dict:
+  """One train record: the compiled step timed on random weights and random token ids. `compiled`:
+  (executable, compile seconds) of `jit_train_step` compiled elsewhere for these shapes, or None."""
   rec = _empty('train', c, batch)
   trainer = Trainer(c, vae_c, OptimConfig(peak_lr=1e-4, total_steps=1000), mesh)
   state = random_state(trainer, host_params)
   data = trainer.shard_batch(host_batch(c, batch))
   vae_params = jax.device_put(vae_params, pm.replicated(mesh))
-  t = time.perf_counter()
-  compiled = jit_train_step(trainer).lower(state, vae_params, data).compile()
-  rec['compile_s'] = time.perf_counter() - t
+  if compiled is None:
+    t = time.perf_counter()
+    compiled = jit_train_step(trainer).lower(state, vae_params, data).compile()
+    rec['compile_s'] = time.perf_counter() - t
+  else:
+    compiled, rec['compile_s'] = compiled
   stats = compiled_stats(compiled)
   holder = {'state': state}
   del state
@@ -339,17 +357,21 @@ def bench_train(c: VARConfig, vae_c: VQVAEConfig, vae_params, host_params, mesh,
 
 
 def bench_sample(c: VARConfig, vae_c: VQVAEConfig, vae_params, host_params, mesh, batch: int,
-                 repeats: int, warmup: int, decoders: dict) -> dict:
+                 repeats: int, warmup: int, decoders: dict, tokens=None) -> dict:
   """One sample record: the tokens program then the decoder, timed as one chain so one run gives the
   latency with and without decoding. `decoders` caches the compiled decoder per batch (it is the same
-  for both masks and every depth); it is warmed up with the first tokens program that uses it."""
+  for both masks and every depth); it is warmed up with the first tokens program that uses it.
+  `tokens`: (executable, compile seconds) of the tokens program compiled elsewhere, or None."""
   rec = _empty('sample', c, batch)
   sampler = Sampler(c, vae_c, SAMPLER, mesh=mesh)
   params = jax.device_put(host_params, pm.replicated(mesh))
   labels = jnp.arange(batch, dtype=jnp.int32) % c.num_classes
-  t = time.perf_counter()
-  tokens = jit_inference(sampler.tokens).lower(params, vae_params, labels, batch_rng(0, 0)).compile()
-  rec['compile_s'] = time.perf_counter() - t
+  if tokens is None:
+    t = time.perf_counter()
+    tokens = jit_inference(sampler.tokens).lower(params, vae_params, labels, batch_rng(0, 0)).compile()
+    rec['compile_s'] = time.perf_counter() - t
+  else:
+    tokens, rec['compile_s'] = tokens
   stats = compiled_stats(tokens)
   # The decoder takes f_hat as the tokens program leaves it (split over the batch axes).
   f_sharding = tokens.output_shardings[1]
@@ -652,10 +674,29 @@ def parse_args(argv=None):
   ap.add_argument('--scan', type=int, default=None, choices=(0, 1),
                   help='blocks under nn.scan (1) or unrolled (0); default 1, 0 for timed runs on a CPU '
                        '(XLA:CPU runs unrolled blocks faster)''')
-  ap.add_argument('--remat', default='none', choices=('none', 'dots', 'full'),
-                  help='what the backward recomputes (config.model.remat)')
+  ap.add_argument('--remat', default=None, choices=('none', 'dots', 'full'),
+                  help='what the backward recomputes (config.model.remat); default none, dots for --suite')
   ap.add_argument('--attention', default=None, choices=('auto', 'xla', 'cudnn', 'splash'),
                   help='attention implementation; default splash with --aot (the host is no TPU), else auto')
+  ap.add_argument('--patch_nums', default=None, help='timed runs: comma-separated scales (default VAR\'s '
+                  '256 px: 1,2,3,4,5,6,8,10,13,16); small ones make tiny test models')
+  ap.add_argument('--vs-var', dest='vs_var', default=None, metavar='DIR',
+                  help='also time the official PyTorch VAR code of the checkout DIR (torch needed) on the '
+                       'same shapes, in its own process; one JSON (OUT) and one Markdown table (OUT .md) '
+                       'with both record sets and their ratios (srdd_jax.bench_suite)')
+  ap.add_argument('--suite', default=None, choices=('gpu',),
+                  help='gpu: d16 and d24 at 256 px, bfloat16, both masks, train and sampling at the largest '
+                       'batch that fits, under --budget_s (srdd_jax.bench_suite)')
+  ap.add_argument('--tiny', action='store_true', help='--suite at tiny sizes: a CPU dry run of its path')
+  ap.add_argument('--budget_s', type=float, default=480.0, help='--suite: seconds for all of it (default 480)')
+  ap.add_argument('--max_batch', type=int, default=None, help='--suite: largest train batch tried (1024)')
+  ap.add_argument('--max_sample_batch', type=int, default=None,
+                  help='--suite: largest sampling batch tried (128)')
+  ap.add_argument('--memory_limit_gib', type=float, default=None,
+                  help='--suite: our side fits its batches into this much memory instead of the device\'s '
+                       '(dry runs of the fitting on a CPU)')
+  ap.add_argument('--commit', default=None, help='recorded commit (default: git rev-parse HEAD, else '
+                  '$SRDD_COMMIT)')
   args = ap.parse_args(argv)
   for m in args.masks.split(','):
     if m.strip() not in MASKS:
@@ -669,12 +710,18 @@ def parse_args(argv=None):
     ap.error(f'--dtype {args.dtype!r}: must be float32 or bfloat16')
   if args.rules not in ('fsdp', 'replicated'):
     ap.error(f'--rules {args.rules!r}: must be fsdp or replicated')
-  for flag in ('repeats', 'batch', 'sample_batch', 'tokenizer_ch'):
+  for flag in ('repeats', 'batch', 'sample_batch', 'tokenizer_ch', 'max_batch', 'max_sample_batch'):
     v = getattr(args, flag)
     if v is not None and v < 1:
       ap.error(f'--{flag} {v}: must be >= 1')
   if args.warmup < 0:
     ap.error(f'--warmup {args.warmup}: must be >= 0')
+  if args.budget_s <= 0:
+    ap.error(f'--budget_s {args.budget_s}: must be > 0')
+  if args.tiny and not args.suite:
+    ap.error('--tiny is for --suite')
+  if args.aot and (args.vs_var is not None or args.suite):
+    ap.error('--aot compiles for a TPU without timing: it takes neither --vs-var nor --suite')
   if args.aot is None:
     for flag in ('preset', 'batch', 'sample_batch'):
       if getattr(args, flag) is not None:
@@ -684,6 +731,9 @@ def parse_args(argv=None):
 
 def main(argv=None):
   args = parse_args(argv)
+  if args.vs_var is not None or args.suite:
+    from srdd_jax import bench_suite  # pylint: disable=import-outside-toplevel
+    return bench_suite.main(args, sys.argv if argv is None else list(argv))
   results = {'schema': SCHEMA, 'argv': sys.argv if argv is None else list(argv), 'args': vars(args),
              'weights': 'random: the cost of a step or a sampling pass does not depend on the values',
              'started': time.strftime('%Y-%m-%d %H:%M:%S'), 'env': environment(), 'records': []}
@@ -711,7 +761,7 @@ def main(argv=None):
   if args.aot:
     dtype = args.dtype or 'bfloat16'
     try:
-      base = preset(args.preset or 'd16', dtype=dtype, scan_blocks=args.scan != 0, remat=args.remat,
+      base = preset(args.preset or 'd16', dtype=dtype, scan_blocks=args.scan != 0, remat=args.remat or 'none',
                     attention=args.attention or 'splash')
     except ValueError as e:
       raise SystemExit(f'error: --preset: {e}') from None
@@ -736,13 +786,20 @@ def main(argv=None):
     repeats = args.repeats or (2 if args.quick else 5)
     ch = args.tokenizer_ch or (32 if args.quick and not accel else 160)
     sizes = (1024, 2048) if not accel else (4096, 8192)
+    patch_nums = _ints('--patch_nums', args.patch_nums) if args.patch_nums else None
+    model = dict(scan_blocks=bool(accel if args.scan is None else args.scan), remat=args.remat or 'none',
+                 attention=args.attention or 'auto')
+    # What the flags resolved to here, so a second implementation can run the same shapes (--vs-var).
+    results['resolved'] = {'depths': list(depths), 'batches': list(batches), 'sample_batches': list(sample_batches),
+                           'masks': list(args.masks), 'kinds': list(args.kinds), 'dtype': dtype,
+                           'repeats': repeats, 'warmup': args.warmup, 'tokenizer_ch': ch,
+                           'patch_nums': list(patch_nums or VARConfig().patch_nums), 'width': args.width,
+                           'heads': args.heads, **model}
     results['matmul_peak'] = matmul_peak(sizes, 3 if not accel else 10, dtype)
     save()
     run_timed(depths, batches, sample_batches, args.masks, dtype, repeats, args.warmup, ch,
-              results['matmul_peak']['peak_flops_per_s'], args.width, args.heads, kinds=args.kinds,
-              on_record=on_record, model=dict(scan_blocks=bool(accel if args.scan is None else args.scan),
-                                              remat=args.remat,
-                                              attention=args.attention or 'auto'))
+              results['matmul_peak']['peak_flops_per_s'], args.width, args.heads, patch_nums=patch_nums,
+              kinds=args.kinds, on_record=on_record, model=model)
   save()
   log(f'wrote {args.out}')
   print(markdown_table(results['records']), flush=True)

@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import copy
 
-import ml_collections
-
 
 class ConfigError(ValueError):
   """A config value, input file or path that cannot work; the message names the key and what would."""
@@ -225,6 +223,9 @@ def _plain(value):
 
 def with_defaults(config) -> ml_collections.ConfigDict:
   """A copy of `config` with every section complete; unknown sections and keys are a ConfigError."""
+  # Imported here, not at the top: ConfigError and the defaults are imported by code that never builds
+  # a config (srdd_jax.bench), on machines that may not have ml_collections.
+  import ml_collections  # pylint: disable=import-outside-toplevel
   given = _plain(config) if config is not None else {}
   if not isinstance(given, dict):
     raise ConfigError(f'a config must be a ConfigDict or dict, got {type(config).__name__}')
@@ -321,6 +322,7 @@ def base_config(preset: str, *, num_classes: int, resolution: int = 256, mask: s
   c.optim.weight_decay_end = r['weight_decay_end']
   # TPU pod: data parallel across hosts, parameters and optimizer state sharded 8 ways (fsdp) so d30
   # fits in 16 GB HBM; tensor parallelism is off until widths reach several thousand.
+  import ml_collections  # pylint: disable=import-outside-toplevel
   c.mesh = ml_collections.ConfigDict({'data': -1, 'fsdp': 8, 'tensor': 1})
   return c
 

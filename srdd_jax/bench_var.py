@@ -436,7 +436,9 @@ class Runner:
 def run(spec: dict) -> int:
   torch, models, notes = import_var(spec['var_dir'])
   want = spec.get('device', 'auto')
-  device = torch.device('cuda' if want in ('auto', 'cuda') and torch.cuda.is_available() else 'cpu')
+  # An explicit index: torch.cuda.set_device refuses a bare 'cuda' device (torch 2.11).
+  device = (torch.device('cuda', 0) if want in ('auto', 'cuda') and torch.cuda.is_available()
+            else torch.device('cpu'))
   if want == 'cuda' and device.type != 'cuda':
     fail('the PyTorch side was asked for CUDA, which torch.cuda.is_available() denies')
   if device.type == 'cuda':

@@ -286,7 +286,7 @@ def run_points(config, root: str, points, *, heldout_examples: int, prepare_only
         raise SystemExit(f'scaling: point {p.name} stopped at step {s.get("end_step")}; run the same command '
                          'to resume')
       return {'name': p.name, 'export': s['export']}
-    logging.info('scaling: point %d/%d%s', i + 1, len(points),
+    logging.info('scaling: point %s (%d/%d)%s', p.name, i + 1, len(points),
                  f', {time.time() - t_all:.0f}s so far' if i else '')
     # Finished points (their ROOT/points/<name>/done.json) are kept; one cut short resumes from its checkpoint.
     out.append(units(f'points/{p.name}', point))

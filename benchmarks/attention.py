@@ -48,7 +48,8 @@ def chunked(chunk_list, dtype):
 def variants(kind: str, pn, mask: str, dtype, groups, blocks) -> dict:
   """name -> (attention function of q, k, v; its number of chunks, or None)."""
   dense = attention.causal_mask(pn) if mask == 'causal' else attention.markov_mask(pn)
-  out = {'dense (L, L) mask': (lambda q, k, v: attention.dot_product_attention(q, k, v, SCALE, dense, dtype), None)}
+  out = {'dense (L, L) mask': (lambda q, k, v: attention.dot_product_attention(q, k, v, SCALE, dense, dtype),
+                               None)}
   if kind == 'chunkings':
     for g in groups:
       c = attention.chunks(pn, mask, g)
@@ -102,7 +103,8 @@ def main(argv=None):
         'interleaved rounds')
   for mask in args.masks.split(','):
     dense = attention.causal_mask(pn) if mask == 'causal' else attention.markov_mask(pn)
-    ref = jax.jit(lambda q, k, v, m=dense: attention.dot_product_attention(q, k, v, SCALE, m, jnp.float32))(q, k, v)
+    ref = jax.jit(lambda q, k, v, m=dense: attention.dot_product_attention(q, k, v, SCALE, m, jnp.float32))
+    ref = ref(q, k, v)
     grads, errs, counts = {}, {}, {}
     for n, (f, count) in variants(kind, pn, mask, dtype, ints(args.groups), ints(args.blocks)).items():
       try:

@@ -413,7 +413,8 @@ class _Ablation:
         if guidance in seen:
           scores[(schedule, cfg)] = seen[guidance]
           continue
-        r = self.units(name, lambda v=values: self.scorer.score(model, v, o['val_per_class'], VALIDATION_SEED, 'train'))
+        r = self.units(name, lambda v=values: self.scorer.score(model, v, o['val_per_class'], VALIDATION_SEED,
+                                                                'train'))
         scores[(schedule, cfg)] = seen[guidance] = r['fd']
     schedule, cfg = select_guidance(scores, o['schedules'])
     return {'schedule': schedule, 'cfg': cfg, 'model': model['export'], 'validation_seed': VALIDATION_SEED,

@@ -130,7 +130,7 @@ class Units:
   (`unit_seconds`), is written there last (atomically, by process 0 only). fn returning None (a
   training stage stopped before its end) records nothing: the unit runs again next time.
   `units(name, fn, output=PATH)`: a unit whose result is a file or directory fn writes itself (a token
-  cache's manifest, a samples file): done when PATH exists, when it is kept and the call returns None.
+  cache's manifest, a samples file): done when PATH exists; a unit kept so returns None.
   `units.timed(name, fn)`: a unit that resumes by itself (training from its checkpoints) runs every
   time; it is timed and logged like the others.
   """
@@ -142,9 +142,6 @@ class Units:
 
   def path(self, name: str) -> str:
     return os.path.join(self.root, name, self.result)
-
-  def done(self, name: str) -> bool:
-    return os.path.isfile(self.path(name))
 
   def __call__(self, name: str, fn, output: str | None = None):
     if output is not None and os.path.exists(output):

@@ -85,6 +85,7 @@ def compiled_forward_flops(c: VARConfig, batch: int = 1) -> float | None:
   model = VAR(c)
   labels = jax.ShapeDtypeStruct((batch,), jnp.int32)
   x_in = jax.ShapeDtypeStruct((batch, c.seq_len - 1, c.z_channels), jnp.float32)
-  params = nn.meta.unbox(jax.eval_shape(lambda l, x: model.init(jax.random.PRNGKey(0), l, x), labels, x_in)['params'])
+  boxed = jax.eval_shape(lambda l, x: model.init(jax.random.PRNGKey(0), l, x), labels, x_in)['params']
+  params = nn.meta.unbox(boxed)
   forward = jax.jit(lambda p, l, x: model.apply({'params': p}, l, x))
   return compiled_stats(forward.lower(params, labels, x_in).compile())['xla_flops']

@@ -103,8 +103,8 @@ def main(argv=None):
         'interleaved rounds')
   for mask in args.masks.split(','):
     dense = attention.causal_mask(pn) if mask == 'causal' else attention.markov_mask(pn)
-    ref = jax.jit(lambda q, k, v, m=dense: attention.dot_product_attention(q, k, v, SCALE, m, jnp.float32))
-    ref = ref(q, k, v)
+    reference = jax.jit(lambda q, k, v, m=dense: attention.dot_product_attention(q, k, v, SCALE, m, jnp.float32))
+    ref = reference(q, k, v)
     grads, errs, counts = {}, {}, {}
     for n, (f, count) in variants(kind, pn, mask, dtype, ints(args.groups), ints(args.blocks)).items():
       try:

@@ -70,7 +70,7 @@ from srdd_jax.diffusion.filtering import SamplerConfig
 from srdd_jax.diffusion.sampler import Sampler, batch_rng
 from srdd_jax.parallel import mesh as pm
 from srdd_jax.parallel import compile as pc
-# hbm_bytes, jit_train_step, rules_for and topology_devices are also this command's API (tests, scripts).
+# hbm_bytes is imported for this module's API too (tests read bench.hbm_bytes).
 from srdd_jax.parallel.compile import (FIT_FRACTION, abstract, aot_record, aot_train_step, compiled_stats,
                                        hbm_bytes, jit_inference, jit_train_step, needed_bytes, rules_for,
                                        topology_devices)

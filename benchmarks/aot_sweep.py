@@ -5,6 +5,8 @@
 For every preset, slices are tried from small to large with `python -m srdd_jax.bench --aot`; the first
 where the train step of both masks fits in 80% of HBM also compiles the sampler (batch 256) and is
 recorded. One JSON per (preset, topology) tried under --out, and a Markdown summary printed.
+A thin caller of srdd_jax.bench. Record: docs/PERFORMANCE.md, "The smallest v5p slice for each VAR size", and
+docs/aot/, measured at commit 6360e98.
 """
 import argparse
 import json

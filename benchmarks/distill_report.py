@@ -18,10 +18,11 @@ Each --model is name:transformer directory:test-split token cache at that model'
 --init_student=CACHE also reports the student as init_student makes it (the teacher run scale by scale
 on the student's inputs) on the first student's schedule: the held-out loss the distillation starts at.
 Writes OUT/distill_report.json and OUT/distill_report.md.
+Record: docs/DISTILLATION.md, the teacher-vs-students table, measured at commit 4239be2 (branch
+distill-pre-rebase; on main as ed5aaec).
 """
 import argparse
 import dataclasses
-import importlib.util
 import json
 import os
 import time
@@ -30,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from srdd_jax.config import with_defaults
+from srdd_jax.config import load_file, with_defaults
 from srdd_jax.convert import params_io
 from srdd_jax.data import pipeline
 from srdd_jax.data.token_cache import TokenCache
@@ -43,14 +44,6 @@ from srdd_jax.parallel.compile import jit_inference
 from srdd_jax.tokenizer.api import Tokenizer
 from srdd_jax.train import distill
 from srdd_jax.transformer.model import blocks_layout
-
-
-def _load_config(spec):
-  path, _, arg = spec.partition(':')
-  module_spec = importlib.util.spec_from_file_location('_cfg', path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  return with_defaults(module.get_config(arg or None))
 
 
 def _model(path, dtype):
@@ -111,7 +104,7 @@ def main(argv=None):
   ap.add_argument('--heldout_examples', type=int, default=0, help='0 = the whole test cache')
   ap.add_argument('--recon_images', type=int, default=500, help='held-out images for the re-quantization PSNR')
   args = ap.parse_args(argv)
-  config = _load_config(args.config)
+  config = with_defaults(load_file(args.config))
   config.tokenizer.checkpoint = args.tokenizer
   os.makedirs(args.out, exist_ok=True)
   workdir = args.workdir or args.out

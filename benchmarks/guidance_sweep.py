@@ -9,6 +9,8 @@ the same seed by one compiled program per top-p and MR setting (guidance is a tr
 ablation), and scored with the proxy classifier (`fd_cnn_fashion_mnist_32px`, never an FID) against real
 images of --which: `train` to choose a setting, `test` only to report the chosen one. One JSON line per
 setting, then a table sorted by fd.
+Record: docs/RESULTS.md, the guidance tables of workdir/demo_base (commit e1d036b) and workdir/exp1
+(commit 8b934e2).
 """
 from __future__ import annotations
 
@@ -83,16 +85,15 @@ def main(argv=None):
   rows = []
   for top_p in top_ps:
     c.sampler.top_p = top_p
-    run = ablation._Ablation(c, a.workdir)  # pylint: disable=protected-access
-    run.tok = tok
+    scorer = ablation.Scorer(c, a.workdir, tok)
     for mr in a.mr.split(','):
       for schedule in a.schedules.split(','):
         for cfg in floats(a.cfg, '--cfg'):
           if cfg == 0 and schedule != a.schedules.split(',')[0]:
             continue  # Strength 0 is the same sampler under every schedule.
-          values = run.sampler_values(schedule, cfg, None if mr == 'off' else mr)
+          values = ablation.sampler_values(schedule, cfg, None if mr == 'off' else mr)
           t0 = time.time()
-          s = run.score(model, values, a.per_class, a.seed, a.which)
+          s = scorer.score(model, values, a.per_class, a.seed, a.which)
           row = {'top_p': top_p, 'mr': mr, 'schedule': schedule, 'cfg': cfg, 'fd': s['fd'],
                  'class_consistency': s['class_consistency'], 'fd_name': s['fd_name'],
                  'real_split': a.which, 'n': s['num_samples'], 'seconds': round(time.time() - t0, 1)}

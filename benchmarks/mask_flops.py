@@ -2,30 +2,19 @@
 
   python -m benchmarks.mask_flops [--preset d16] [--batch 1] [--dtype bfloat16]
 
-Lowers and compiles the forward on abstract (shape-only) parameters, so no weights are allocated,
-and prints XLA's FLOP count of each mask and their ratio.
+Lowers and compiles the forward on abstract (shape-only) parameters, so no weights are allocated
+(`srdd_jax.transformer.flops.compiled_forward_flops`), and prints XLA's FLOP count of each mask and
+their ratio. Record: docs/PERFORMANCE.md, "FLOPs of the training forward", measured at commit b90bf8a
+(the dense attention's table) and 80772c9 (the chunked attention's numbers below it).
 """
 import argparse
 import dataclasses
 import json
 
 import jax
-import jax.numpy as jnp
 
-from srdd_jax.convert import var_transformer
 from srdd_jax.transformer.config import preset
-from srdd_jax.transformer.model import VAR
-
-
-def forward_flops(config, batch: int = 1) -> float:
-  params = var_transformer.abstract_params(config)
-  labels = jax.ShapeDtypeStruct((batch,), jnp.int32)
-  x_in = jax.ShapeDtypeStruct((batch, config.seq_len - 1, config.z_channels), jnp.float32)
-  fwd = jax.jit(lambda p, l, x: VAR(config).apply({'params': p}, l, x))
-  cost = fwd.lower(params, labels, x_in).compile().cost_analysis()
-  if isinstance(cost, (list, tuple)):  # Older JAX returns one dict per computation.
-    cost = cost[0]
-  return float(cost['flops'])
+from srdd_jax.transformer.flops import compiled_forward_flops
 
 
 def main():
@@ -38,7 +27,7 @@ def main():
   out = {'preset': args.preset, 'tokens': base.seq_len, 'batch': args.batch, 'dtype': args.dtype,
          'backend': jax.default_backend()}
   for mask in ('causal', 'markov'):
-    out[f'{mask}_flops'] = forward_flops(dataclasses.replace(base, mask=mask), args.batch)
+    out[f'{mask}_flops'] = compiled_forward_flops(dataclasses.replace(base, mask=mask), args.batch)
   out['markov_over_causal'] = out['markov_flops'] / out['causal_flops']
   print(json.dumps(out, indent=1))
 

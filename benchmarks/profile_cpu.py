@@ -7,6 +7,7 @@ float32, batch 8). Each executed op of the Perfetto trace is put in a group by i
 (matmul: a dot or convolution inside; softmax: an exponential; gelu: a tanh; copy/transpose;
 broadcast-named fusions; reductions; slices; the rest), and the ten longest copies and broadcasts are
 listed with the JAX operation they come from.
+Record: docs/PERFORMANCE.md, the CPU profile of the train step by op group, measured at commit 6360e98.
 """
 import argparse
 import collections

@@ -8,6 +8,8 @@ outputs and temporaries of each mask, with the sampler's compiler options (on CP
 off, see srdd_jax/parallel/compile.py) and with the backend defaults. `speed` times the jitted sampler
 (tokens, and tokens + decoding with a ch=32 tokenizer) on the local backend with random weights, after
 one warm-up call.
+Record: docs/PERFORMANCE.md, the sampler memory and CPU speed tables of both masks, measured at
+commit aefe9ca.
 """
 import argparse
 import dataclasses

@@ -5,26 +5,20 @@
 Tokenizes `--examples` images of the config's data set with the given tokenizer (images/s), then trains
 `--steps` steps twice from the same initial state: encoding the images inside the step, and reading the
 token cache. Reports the median step time of each (the first steps, which compile, are excluded).
+Record: docs/PERFORMANCE.md, the token-cache paragraph, measured at commit 7e06c71.
 """
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import statistics
 import tempfile
 import time
 
+from srdd_jax.config import load_file
 from srdd_jax.data import pipeline
 from srdd_jax.modes import tokenize, train
-
-
-def _config(path):
-  spec = importlib.util.spec_from_file_location('bench_config', path)
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod.get_config()
 
 
 def _step_times(workdir):
@@ -42,7 +36,7 @@ def main(argv=None):
   a = p.parse_args(argv)
   out = {}
   with tempfile.TemporaryDirectory() as tmp:
-    c = _config(a.config)
+    c = load_file(a.config)
     c.tokenizer.checkpoint = a.tokenizer
     c.tokenize.out_dir = os.path.join(tmp, 'tokens')
     c.tokenize.shard_size = a.examples
@@ -61,7 +55,7 @@ def main(argv=None):
     out['tokenize_images_per_s'] = r['images_per_s']
     out['tokenize_wall_s'] = round(time.time() - t0, 1)
     for name, cache in (('images', ''), ('cache', c.tokenize.out_dir)):
-      c2 = _config(a.config)
+      c2 = load_file(a.config)
       c2.tokenizer.checkpoint = a.tokenizer
       c2.data.token_cache = cache
       c2.train.update(steps=a.steps, log_every=1, checkpoint_every=10 ** 6, sample_every=0)

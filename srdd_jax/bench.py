@@ -79,14 +79,16 @@ import jax.numpy as jnp
 import jaxlib
 import numpy as np
 import optax
-from jax.experimental import topologies
 
 from srdd_jax.config import ConfigError, ints
 from srdd_jax.diffusion.filtering import SamplerConfig
 from srdd_jax.diffusion.sampler import Sampler, batch_rng
 from srdd_jax.parallel import mesh as pm
 from srdd_jax.parallel import compile as pc
-from srdd_jax.parallel.compile import compiled_stats, jit_inference, needed_bytes
+# hbm_bytes is imported for this module's API too (tests read bench.hbm_bytes).
+from srdd_jax.parallel.compile import (FIT_FRACTION, abstract, aot_record, aot_train_step, compiled_stats,
+                                       hbm_bytes, jit_inference, jit_train_step, needed_bytes, rules_for,
+                                       topology_devices)
 from srdd_jax.tokenizer.api import Tokenizer, unbox
 from srdd_jax.tokenizer.vqvae import VQVAEConfig
 from srdd_jax.train.optimizer import OptimConfig
@@ -100,7 +102,6 @@ SCHEMA = 'srdd_jax.bench/1'
 SAMPLER = SamplerConfig(cfg=1.5, cfg_schedule='linear', top_k=900, top_p=0.96)
 # Chip HBM in bytes, by the topology's prefix (Google Cloud's published capacities).
 HBM_BYTES = dict(pc.HBM_BYTES)  # By a substring of the chip's name.
-FIT_FRACTION = 0.8  # Headroom for the runtime, fragmentation and what XLA's analysis leaves out.
 # Every timed record has these keys (None where they do not apply); AOT records have AOT_FIELDS.
 RECORD_FIELDS = ('mode', 'kind', 'depth', 'width', 'heads', 'seq_len', 'batch', 'dtype', 'seconds',
                  'all_s', 'tokens_per_s', 'images_per_s', 'memory_bytes', 'compile_s')
@@ -304,14 +305,6 @@ def host_batch(c: VARConfig, batch: int, seed: int = 0) -> dict:
           'ids': rng.integers(0, c.vocab_size, (batch, c.seq_len), dtype=np.int32)}
 
 
-def jit_train_step(trainer: Trainer):
-  """The step jitted with the state's shardings, the tokenizer replicated and the state donated."""
-  _, shardings = trainer.abstract_state()
-  rep = pm.replicated(trainer.mesh)
-  return jax.jit(trainer.step_fn(), in_shardings=(shardings, rep, trainer.batch_sharding),
-                 out_shardings=(shardings, rep), donate_argnums=0)
-
-
 def bench_train(c: VARConfig, vae_c: VQVAEConfig, vae_params, host_params, mesh, batch: int,
                 repeats: int, warmup: int, peak: float | None, compiled=None) -> dict:
   """One train record: the compiled step timed on random weights and random token ids. `compiled`:
@@ -463,59 +456,11 @@ def run_timed(depths, batches, sample_batches, masks, dtype: str, repeats: int, 
 
 # --- ahead of time, for a TPU topology -------------------------------------------------------------
 
-def hbm_bytes(topology: str, device_kind: str = '') -> int | None:
-  """The chip's HBM from the topology's name ('v5p:4x4x4') or, failing that, its device kind."""
-  return pc.hbm_bytes(topology.split(':')[0]) or (pc.hbm_bytes(device_kind) if device_kind else None)
-
-
-def topology_devices(topology: str):
-  """The devices of a TPU topology ('v5e:2x2', 'v5p:2x2x2'), described without any TPU attached."""
-  # libtpu takes a machine-wide lockfile when it loads, so while any other JAX process runs here (a
-  # training job, the test suite) the description fails with ABORTED. Compiling ahead of time touches no
-  # TPU, so sharing the library is safe; the variable is read when libtpu loads, i.e. on the first call.
-  os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
-  try:
-    desc = topologies.get_topology_desc(platform='tpu', topology_name=topology)
-  except Exception as e:  # pylint: disable=broad-except
-    raise RuntimeError(f'--aot {topology!r}: cannot describe this TPU topology ({type(e).__name__}: '
-                       f'{str(e).splitlines()[0] if str(e) else ""}); is libtpu installed '
-                       "(pip install -e '.[tpu]') and is the name like v5p:2x2x2?") from e
-  return list(desc.devices)
-
-
-def rules_for(name: str):
-  """'fsdp': the project's rules (parameters and moments split over fsdp, batch over data x fsdp);
-  'replicated': every parameter on every chip (plain data parallelism)."""
-  if name == 'fsdp':
-    return pm.DEFAULT_RULES
-  if name == 'replicated':
-    return tuple((axis, ('data', 'fsdp') if axis == 'batch' else None) for axis, _ in pm.DEFAULT_RULES)
-  raise ValueError(f'--rules {name!r}: must be fsdp or replicated')
-
-
-def _abstract(tree, shardings):
-  return jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                tree, shardings)
-
-
 def _aot_record(kind, c, batch, topology, devices, mesh, rules_name, compiled, compile_s) -> dict:
-  stats = compiled_stats(compiled)
-  per_chip = needed_bytes(stats['memory'])
-  hbm = hbm_bytes(topology, devices[0].device_kind)
-  rec = {**_model_fields(c, batch), 'kind': kind, 'topology': topology, 'chips': len(devices),
-         'device_kind': devices[0].device_kind, 'mesh': dict(mesh.shape), 'rules': rules_name,
-         'per_chip_bytes': per_chip, 'memory': stats['memory'],
-         'generated_code_bytes': (stats['memory'] or {}).get('generated_code_size_in_bytes'),
-         'xla_flops': stats['xla_flops'], 'xla_bytes_accessed': stats['xla_bytes_accessed'],
-         'hbm_bytes': hbm, 'fit_fraction': FIT_FRACTION,
-         'fits': None if hbm is None or per_chip is None else per_chip <= FIT_FRACTION * hbm,
-         'compile_s': compile_s, 'memory_bytes': per_chip,
-         'note': 'memory and cost are XLA\'s analyses of the partitioned program: per chip'}
+  rec = {**_model_fields(c, batch), 'kind': kind, 'rules': rules_name,
+         **aot_record(compiled, compile_s, topology, devices, mesh)}
   if kind == 'aot_train':
     rec['analytic_flops_per_chip'] = train_flops(c, batch)['train_per_step'] / len(devices)
-  for k in ('cost_error', 'memory_error'):
-    if k in stats:
-      rec[k] = stats[k]
   return rec
 
 
@@ -523,19 +468,8 @@ def aot_train(c: VARConfig, vae_c: VQVAEConfig, topology: str, devices, mesh, ru
               batch: int) -> dict:
   """The real train step, compiled for the topology from abstract state, tokenizer and batch."""
   trainer = Trainer(c, vae_c, OptimConfig(peak_lr=1e-4, total_steps=1000), mesh, rules=rules_for(rules_name))
-  if batch % pm.data_parallel_size(mesh):
-    raise ValueError(f'--batch {batch}: must be divisible by the {pm.data_parallel_size(mesh)} chips of '
-                     f'the data x fsdp axes of mesh {dict(mesh.shape)}')
-  state, shardings = trainer.abstract_state()
-  rep = pm.replicated(mesh)
-  vae = unbox(Tokenizer(vae_c).abstract_params())
-  args = (_abstract(state, shardings), _abstract(vae, jax.tree_util.tree_map(lambda _: rep, vae)),
-          {'labels': jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=trainer.batch_sharding),
-           'ids': jax.ShapeDtypeStruct((batch, c.seq_len), jnp.int32, sharding=trainer.batch_sharding)})
-  t = time.perf_counter()
-  compiled = jit_train_step(trainer).lower(*args).compile()
-  return _aot_record('aot_train', c, batch, topology, devices, mesh, rules_name, compiled,
-                     time.perf_counter() - t)
+  compiled, compile_s = aot_train_step(trainer, unbox(Tokenizer(vae_c).abstract_params()), batch)
+  return _aot_record('aot_train', c, batch, topology, devices, mesh, rules_name, compiled, compile_s)
 
 
 def aot_sample(c: VARConfig, vae_c: VQVAEConfig, topology: str, devices, mesh, rules_name: str,
@@ -549,8 +483,8 @@ def aot_sample(c: VARConfig, vae_c: VQVAEConfig, topology: str, devices, mesh, r
   rep = pm.replicated(mesh)
   vae = unbox(Tokenizer(vae_c).abstract_params())
   sampler = Sampler(c, vae_c, SAMPLER, mesh=mesh)
-  args = (_abstract(state.params, shardings.params),
-          _abstract(vae, jax.tree_util.tree_map(lambda _: rep, vae)),
+  args = (abstract(state.params, shardings.params),
+          abstract(vae, jax.tree_util.tree_map(lambda _: rep, vae)),
           jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=trainer.batch_sharding),
           jax.ShapeDtypeStruct(batch_rng(0, 0).shape, batch_rng(0, 0).dtype, sharding=rep))
   t = time.perf_counter()

@@ -22,6 +22,7 @@ Sections, and who reads them:
 from __future__ import annotations
 
 import copy
+import importlib.util
 
 
 class ConfigError(ValueError):
@@ -351,3 +352,15 @@ def parse_arg(arg: str | None, **defaults) -> dict:
       raise ValueError(f'config argument {k!r} is not one of {sorted(defaults)}')
     out[k] = type(defaults[k])(v) if defaults[k] is not None else v
   return out
+
+
+def load_file(spec: str) -> ml_collections.ConfigDict:
+  """`configs/x.py[:arg]` -> the ConfigDict its get_config(arg) returns: the file --config=SPEC names,
+  for programs that read a config file without the command-line flag."""
+  path, _, arg = spec.partition(':')
+  module_spec = importlib.util.spec_from_file_location('_srdd_config', path)
+  if module_spec is None:
+    raise ConfigError(f'--config={spec}: {path!r} is not a Python config file (configs/<x>.py)')
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg or None)

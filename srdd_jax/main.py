@@ -12,7 +12,6 @@ which and what would work, nothing was written or lost); 75 stopped by SIGTERM o
 a checkpoint (run the same command again to resume); anything else is a bug.
 """
 import difflib
-import importlib.util
 import json
 import logging as std_logging
 import os
@@ -23,7 +22,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-from srdd_jax.config import ConfigError, with_defaults
+from srdd_jax.config import ConfigError, load_file, with_defaults
 from srdd_jax.modes import ablation
 from srdd_jax.modes import all as all_stages
 from srdd_jax.modes import distill
@@ -75,15 +74,6 @@ def _error(message: str):
   sys.exit(2)
 
 
-def _load_config_file(spec: str):
-  """configs/x.py[:arg] -> the ConfigDict its get_config(arg) returns."""
-  path, _, arg = spec.partition(':')
-  module_spec = importlib.util.spec_from_file_location('_srdd_config', path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  return module.get_config(arg or None)
-
-
 def _diagnose(argv, e: Exception) -> str:
   """A one-line account of why the command line cannot be parsed, naming the flag or config key."""
   spec = next((a.split('=', 1)[1] for a in argv if a.startswith('--config=')), None)
@@ -92,7 +82,7 @@ def _diagnose(argv, e: Exception) -> str:
     if not os.path.isfile(path):
       return f'--config={spec}: no config file {path!r} (the configs are in configs/, e.g. configs/smoke.py)'
     try:
-      config = _load_config_file(spec)
+      config = load_file(spec)
     except Exception as load_error:  # pylint: disable=broad-except
       return f'--config={spec}: the config file cannot be loaded ({type(load_error).__name__}: {load_error})'
     for a in argv:

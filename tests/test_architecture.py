@@ -225,7 +225,8 @@ def test_every_module_follows_the_layers():
 # Modules that compose whole runs from the runners, stage after stage: main's table of modes, --mode=all
 # (the stages of one model), --mode=ablation (those stages for every variant, and --mode=distill) and
 # scaling studies (the shared stages, then the training of every point).
-COMPOSERS = ('srdd_jax.main', 'srdd_jax.modes.all', 'srdd_jax.modes.ablation', 'srdd_jax.scaling')
+COMPOSERS = ('srdd_jax.main', 'srdd_jax.modes.all', 'srdd_jax.modes.ablation', 'srdd_jax.modes.scaling',
+             'srdd_jax.scaling')
 
 
 def test_only_main_imports_runners_and_nothing_imports_tools():

@@ -1,4 +1,4 @@
-"""Scaling studies (srdd_jax/scaling.py): the sweep, the plan's FLOPs against XLA's count, the fit on
+"""Scaling studies (srdd_jax/modes/scaling.py): the sweep, the plan's FLOPs against XLA's count, the fit on
 synthetic runs with a known power law, a real tiny run end to end, and the launchers' dry runs of a plan."""
 import json
 import os
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from srdd_jax import scaling
+from srdd_jax.modes import scaling
 from srdd_jax.config import ConfigError
 from tests.conftest import require_libtpu, save_tiny_models
 

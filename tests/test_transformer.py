@@ -9,14 +9,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from benchmarks.mask_flops import forward_flops
 from srdd_jax.convert import params_io
 from srdd_jax.convert import state_dict as sd
 from srdd_jax.convert import var_transformer as cvt
 from srdd_jax.parallel import mesh as pm
 from srdd_jax.tokenizer.vqvae import count_params
 from srdd_jax.tools import check_reference, convert_var
-from srdd_jax.transformer import attention
+from srdd_jax.transformer import attention, flops
 from srdd_jax.transformer.config import VARConfig, preset
 from srdd_jax.transformer.loss import cross_entropy_metrics
 from srdd_jax.transformer.model import VAR
@@ -181,8 +180,8 @@ def test_converter_is_strict_and_cli_saves(tmp_path, capsys):
 
 def test_markov_needs_fewer_flops_and_no_dense_mask_d16():
   """XLA cost analysis of the d16 training forward (680 tokens); neither mask builds an L x L array."""
-  causal = forward_flops(preset('d16', mask='causal'))
-  markov = forward_flops(preset('d16', mask='markov'))
+  causal = flops.compiled_forward_flops(preset('d16', mask='causal'))
+  markov = flops.compiled_forward_flops(preset('d16', mask='markov'))
   assert markov < causal
   # Attention matmuls cost 4 * C * depth FLOPs per (query, key) pair evaluated: per chunk of scales,
   # its queries times its key range (causal: the prefix; markov: the chunk itself, about sum pn^4,

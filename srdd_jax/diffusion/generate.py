@@ -66,15 +66,17 @@ def sampler_from_config(config):
 
 
 def generate(sampler, var_params, vae_params, labels, batch_size: int, seed: int,
-             key: str = 'batch_size') -> np.ndarray:
+             key: str = 'batch_size', program=None) -> np.ndarray:
   """uint8 NHWC images for `labels`, batch by batch; batch i uses the key batch_rng(seed, i), so no two
   batches share noise. Each batch is split over the mesh's batch axes; the last one is padded to the
-  compiled size and trimmed."""
+  compiled size and trimmed. `program` (var params, vae params, labels, key) -> (ids, images) draws a
+  batch: by default `sampler.sample` jitted; a caller may give one it compiled (the guidance strengths
+  an argument of it, say)."""
   mesh = sampler.mesh
   n_par = pm.data_parallel_size(mesh) if mesh is not None else 1
   if batch_size < 1 or batch_size % n_par:
     raise ConfigError(f'{key}={batch_size} must be a positive multiple of the data-parallel size {n_par}')
-  fn = jit_inference(sampler.sample)
+  fn = program or jit_inference(sampler.sample)
   out, t0 = [], time.time()
   labels = np.asarray(labels, np.int32)
   for bi, start in enumerate(range(0, len(labels), batch_size)):

@@ -88,21 +88,57 @@ def inception_metrics(o, params, ref, images) -> dict:
   return out
 
 
+class ProxyScorer:
+  """The proxy metrics of many sets of samples against one classifier: the project's classifier of
+  config.data (trained once, cached under WORKDIR/proxy_classifier) and the real images' feature
+  statistics, each loaded once.
+
+  seed: the classifier's (default config.seed); a study that compares runs of several seeds scores them
+  all with one classifier. split: the real images, 'test' (held out: the reported metrics) or 'train'
+  (choosing a setting without looking at the test split)."""
+
+  def __init__(self, config, o, workdir: str, *, seed: int | None = None):
+    self.config, self.o, self.workdir = config, o, workdir
+    self.seed = int(config.seed) if seed is None else int(seed)
+    self.clf = None
+    self.real_stats = {}  # split -> ((mu, sigma), number of real images)
+
+  def classifier(self, size: int):
+    if self.clf is None:
+      kwargs = {'epochs': int(self.o['proxy_epochs'])} if int(self.o['proxy_epochs']) > 0 else {}
+      self.clf = classifier.train_or_load(self.config.data, size, os.path.join(self.workdir, 'proxy_classifier'),
+                                          seed=self.seed, **kwargs)
+    return self.clf
+
+  def reals(self, size: int, split: str = 'test'):
+    """((mu, sigma) of the classifier's features, count) of the first proxy_examples real images of `split`."""
+    if split not in self.real_stats:
+      clf = self.classifier(size)
+      r = clf.info['request']
+      real, _, _ = classifier.load_split(self.config.data, r['image_size'], split, train_split=r['train_split'],
+                                         test_split=r['test_split'])
+      real = real[:int(self.o['proxy_examples'])]
+      self.real_stats[split] = (proxy.feature_statistics(clf, real, what=f'{split} real images'), len(real))
+    return self.real_stats[split]
+
+  def __call__(self, images, labels, split: str = 'test') -> dict:
+    """fd_<classifier> against the real images of `split` and class consistency (for a class-conditional
+    model of a labelled data set: the only case where it means something), with the classifier's key and
+    the number of real images."""
+    size = int(images.shape[1])
+    clf = self.classifier(size)
+    try:
+      stats_, n_real = self.reals(size, split)
+      out = proxy.proxy_metrics(clf, None, images, labels if clf.num_classes > 1 else None, real_stats=stats_)
+    except ValueError as e:
+      where = f'config.eval.samples={self.o["samples"]!r}' if self.o['samples'] else 'the samples'
+      raise ConfigError(f'{where}: {e} (the classes of config.data)') from e
+    out['proxy_classifier'] = clf.key
+    out['proxy_real_examples'] = int(n_real)
+    return out
+
+
 def proxy_metrics(config, o, images, labels, workdir) -> dict:
   """fd_<classifier> against held-out real images and class consistency, with the project's own
   classifier of config.data (trained once, cached under WORKDIR/proxy_classifier)."""
-  size = int(images.shape[1])
-  kwargs = {'epochs': int(o['proxy_epochs'])} if int(o['proxy_epochs']) > 0 else {}
-  clf = classifier.train_or_load(config.data, size, os.path.join(workdir, 'proxy_classifier'),
-                                 seed=int(config.seed), **kwargs)
-  real, _ = classifier.held_out_images(clf, config.data)
-  real = real[:int(o['proxy_examples'])]
-  # Class consistency only means something for a class-conditional model of a labelled data set.
-  try:
-    out = proxy.proxy_metrics(clf, real, images, labels if clf.num_classes > 1 else None)
-  except ValueError as e:
-    where = f'config.eval.samples={o["samples"]!r}' if o['samples'] else 'the samples'
-    raise ConfigError(f'{where}: {e} (the classes of config.data)') from e
-  out['proxy_classifier'] = clf.key
-  out['proxy_real_examples'] = int(len(real))
-  return out
+  return ProxyScorer(config, o, workdir)(images, labels)

@@ -56,19 +56,19 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from srdd_jax.config import ConfigError, floats, ints, with_defaults
 from srdd_jax.convert.loading import tokenizer_for_model
-from srdd_jax.data.images import to_uint8
 from srdd_jax.data.token_cache import TokenCache
 from srdd_jax.diffusion.filtering import PROTOCOLS
-from srdd_jax.diffusion.generate import sampler_from_config
+from srdd_jax.diffusion.generate import generate, sampler_from_config
 from srdd_jax.diffusion.sampler import batch_rng
-from srdd_jax.evaluation import classifier, proxy
+from srdd_jax.evaluation import protocol, proxy
+from srdd_jax.evaluation.plot import Chart
 from srdd_jax.modes import distill, tokenize, train, train_tokenizer
 from srdd_jax.parallel import mesh as pm
 from srdd_jax.parallel import multihost
 from srdd_jax.parallel.compile import compiled_stats, jit_inference, needed_bytes
+from srdd_jax.parallel.workdir import Units
 from srdd_jax.train.distill import heldout_token_loss, student_patch_nums
 
-RESULT = 'result.json'
 VALIDATION_SEED = 1000  # Sampling seed of the selection: no test sampling seed (config.ablation.sample_seeds) is it.
 NOISE_FACTOR = 2.0  # A difference of means below NOISE_FACTOR x the larger std is within seed noise.
 
@@ -160,44 +160,87 @@ def headlines(fd_stats: dict, factor: float = NOISE_FACTOR) -> list[str]:
   return out
 
 
-# --- units ----------------------------------------------------------------------------------------
+# --- sampling and scoring -------------------------------------------------------------------------
 
-class _Units:
-  """Runs each unit once: its result.json, when present, is the unit's result and the work is skipped."""
+def sampler_values(schedule: str, cfg: float, mr: str | None) -> dict:
+  """config.sampler's guidance and masked-resampling values: `schedule` and strength `cfg`, and SRDD's
+  masked resampling in mode `mr` (None: off)."""
+  srdd = PROTOCOLS['srdd']
+  return dict(cfg=float(cfg), cfg_schedule=schedule,
+              mr_threshold=float(srdd['mr_threshold']) if mr else 0.0,
+              mr_iterations=int(srdd['mr_iterations']) if mr else 0, mr_mode=mr or 'redraw')
 
-  def __init__(self, workdir: str):
-    self.workdir, self.ran, self.kept = workdir, [], []
-    self.seconds = {}  # unit -> its wall time when it ran (kept units: as recorded then).
 
-  def path(self, name: str) -> str:
-    return os.path.join(self.workdir, name, RESULT)
+class Scorer:
+  """Samples trained transformers (dicts with their 'export') with given sampler values and scores the
+  samples with the proxy metrics (evaluation/protocol) against real images of the training or the test
+  split, one classifier for every model (seed 0, whatever the training seed: the fd numbers compare).
 
-  def done(self, name: str) -> bool:
-    return os.path.isfile(self.path(name))
+  `config` is the base config (its data, sampler, eval and mesh); `tokenizer` the tokenizer checkpoint
+  of every model. One compiled sampling program per architecture and masked resampling setting, the
+  guidance strengths an argument of it (`program(traced=True)`)."""
 
-  def __call__(self, name: str, fn):
-    path = self.path(name)
-    if os.path.isfile(path):
-      with open(path) as f:
-        out = json.load(f)
-      self.kept.append(name)
-      self.seconds[name] = out.get('unit_seconds', 0.0)
-      return out
-    t0 = time.time()
-    logging.info('ablation: unit %s', name)
-    out = fn()
-    if out is None:  # Stopped (a training stage interrupted): nothing recorded, resumed next time.
-      return None
-    out = {**out, 'unit_seconds': round(time.time() - t0, 2)}
-    if multihost.is_main_process():
-      os.makedirs(os.path.dirname(path), exist_ok=True)
-      with open(path + '.tmp', 'w') as f:
-        json.dump(out, f, indent=1, default=float)
-      os.replace(path + '.tmp', path)  # Atomic: a unit cut short leaves no result.
-    self.ran.append(name)
-    self.seconds[name] = out['unit_seconds']
-    logging.info('ablation: unit %s done in %.0fs', name, out['unit_seconds'])
-    return out
+  def __init__(self, config, workdir: str, tokenizer: str):
+    self.base, self.workdir, self.tok = config, workdir, tokenizer
+    self.compiled = {}  # (architecture, SamplerConfig, traced) -> (sampler, compiled, stats, batch)
+    c = with_defaults(config)
+    self.proxy = protocol.ProxyScorer(c, c.eval.to_dict(), workdir, seed=0)
+
+  def program(self, model: dict, values: dict, traced: bool = False):
+    """(sampler, var params, vae params, compiled, stats, batch, guidance) for `model` sampled with `values`.
+
+    traced=False: guidance is a constant of the program (what `cost` times unguided). traced=True: the
+    guidance strengths are an argument (`guidance`, returned), so one program per architecture and MR
+    setting serves every schedule and strength of the grid; strength 0 then still runs the null-class
+    half and gives the unguided tokens exactly."""
+    c = with_defaults(self.base)
+    c.tokenizer.checkpoint, c.model.checkpoint, c.model.mask, c.model.refine = self.tok, model['export'], '', False
+    c.sampler.update(values)
+    sampler, var_params, vae_params = sampler_from_config(c)
+    guidance = sampler.guidance_array() if traced else None
+    program = dataclasses.replace(sampler.config, cfg=0.0, cfg_schedule='constant') if traced else sampler.config
+    # Keyed on the architecture, not the weights: the seeds' models share one compiled program.
+    key = (repr(sampler.var_config), repr(sampler.vae_config), program, traced)
+    if key not in self.compiled:
+      bs = int(c.eval.batch_size)
+      n_par = pm.data_parallel_size(sampler.mesh)
+      if bs < 1 or bs % n_par:
+        raise ConfigError(f'config.eval.batch_size={bs} must be a positive multiple of the data-parallel '
+                          f'size {n_par}')
+      labels = self.labels(sampler, np.zeros((bs,), np.int32))
+      t0 = time.time()
+      if traced:
+        fn = lambda vp, ap, lab, rng, g, s=sampler: s.sample(vp, ap, lab, rng, guidance=g)
+        compiled = jit_inference(fn).lower(var_params, vae_params, labels, batch_rng(0, 0), guidance).compile()
+      else:
+        compiled = jit_inference(sampler.sample).lower(var_params, vae_params, labels, batch_rng(0, 0)).compile()
+      stats = compiled_stats(compiled)
+      logging.info('ablation: sampler compiled in %.1fs (%s, %s, MR %s)', time.time() - t0,
+                   os.path.basename(model['export']),
+                   'guidance as an argument' if traced else f'cfg {values["cfg"]:g} {values["cfg_schedule"]}',
+                   values['mr_mode'] if values['mr_iterations'] else 'off')
+      self.compiled[key] = (sampler, compiled, stats, bs)
+    sampler, compiled, stats, bs = self.compiled[key]
+    return sampler, var_params, vae_params, compiled, stats, bs, guidance
+
+  @staticmethod
+  def labels(sampler, labels):
+    """Labels placed as the compiled programs take them: split over the mesh's batch axes."""
+    return jax.device_put(np.asarray(labels, np.int32), NamedSharding(sampler.mesh, PartitionSpec(('data', 'fsdp'))))
+
+  def score(self, model: dict, values: dict, per_class: int, seed: int, which: str) -> dict:
+    """The proxy metrics of per_class samples of every class, drawn with sampling seed `seed`
+    (diffusion/generate), against the real images of split `which`."""
+    sampler, var_params, vae_params, compiled, _, bs, guidance = self.program(model, values, traced=True)
+    labels = np.repeat(np.arange(sampler.var_config.num_classes, dtype=np.int32), per_class)
+    images = generate(sampler, var_params, vae_params, labels, bs, seed, key='config.eval.batch_size',
+                      program=lambda vp, ap, lab, rng: compiled(vp, ap, lab, rng, guidance))
+    m = self.proxy(images, labels, which)
+    name = proxy.fd_name(self.proxy.clf)
+    return {'fd_name': name, 'fd': m[name], 'class_consistency': m['class_consistency'],
+            'classifier_test_accuracy': m['classifier_test_accuracy'], 'proxy_classifier': m['proxy_classifier'],
+            'real_split': which, 'real_examples': m['proxy_real_examples'], 'num_samples': int(len(labels)),
+            'sampling_seed': seed, 'sampler': values, 'model': model['export']}
 
 
 class _Stopped(Exception):
@@ -268,11 +311,8 @@ class _Ablation:
   def __init__(self, config, workdir: str):
     self.base, self.workdir = config, workdir
     self.o = _options(config)
-    self.units = _Units(workdir)
+    self.units = Units(workdir, label='ablation: unit')
     self.steps = int(config.train.steps)
-    self.compiled = {}  # (architecture, SamplerConfig) -> (sampler, compiled, stats, batch)
-    self.clf = None
-    self.real_stats = {}
 
   def cfg(self):
     return with_defaults(self.base)
@@ -360,115 +400,21 @@ class _Ablation:
       return r
     return self.units(f'heldout/{name.replace("models/", "")}', fn)
 
-  # --- sampling ---
-  def sampler_values(self, schedule: str, cfg: float, mr: str | None) -> dict:
-    srdd = PROTOCOLS['srdd']
-    return dict(cfg=float(cfg), cfg_schedule=schedule,
-                mr_threshold=float(srdd['mr_threshold']) if mr else 0.0,
-                mr_iterations=int(srdd['mr_iterations']) if mr else 0, mr_mode=mr or 'redraw')
-
-  def prepared(self, model: dict, values: dict, traced: bool = False):
-    """(sampler, var params, vae params, compiled, stats, batch, guidance) for `model` sampled with `values`.
-
-    traced=False: guidance is a constant of the program (what `cost` times unguided). traced=True: the
-    guidance strengths are an argument (`guidance`, returned), so one program per architecture and MR
-    setting serves every schedule and strength of the grid; strength 0 then still runs the null-class
-    half and gives the unguided tokens exactly."""
-    c = self.cfg()
-    c.tokenizer.checkpoint, c.model.checkpoint, c.model.mask, c.model.refine = self.tok, model['export'], '', False
-    c.sampler.update(values)
-    sampler, var_params, vae_params = sampler_from_config(c)
-    guidance = sampler.guidance_array() if traced else None
-    program = dataclasses.replace(sampler.config, cfg=0.0, cfg_schedule='constant') if traced else sampler.config
-    # Keyed on the architecture, not the weights: the seeds' models share one compiled program.
-    key = (repr(sampler.var_config), repr(sampler.vae_config), program, traced)
-    if key not in self.compiled:
-      bs = int(c.eval.batch_size)
-      n_par = pm.data_parallel_size(sampler.mesh)
-      if bs < 1 or bs % n_par:
-        raise ConfigError(f'config.eval.batch_size={bs} must be a positive multiple of the data-parallel '
-                          f'size {n_par}')
-      labels = self._labels(sampler, np.zeros((bs,), np.int32))
-      t0 = time.time()
-      if traced:
-        fn = lambda vp, ap, lab, rng, g, s=sampler: s.sample(vp, ap, lab, rng, guidance=g)
-        compiled = jit_inference(fn).lower(var_params, vae_params, labels, batch_rng(0, 0), guidance).compile()
-      else:
-        compiled = jit_inference(sampler.sample).lower(var_params, vae_params, labels, batch_rng(0, 0)).compile()
-      stats = compiled_stats(compiled)
-      logging.info('ablation: sampler compiled in %.1fs (%s, %s, MR %s)', time.time() - t0,
-                   os.path.basename(model['export']),
-                   'guidance as an argument' if traced else f'cfg {values["cfg"]:g} {values["cfg_schedule"]}',
-                   values['mr_mode'] if values['mr_iterations'] else 'off')
-      self.compiled[key] = (sampler, compiled, stats, bs)
-    sampler, compiled, stats, bs = self.compiled[key]
-    return sampler, var_params, vae_params, compiled, stats, bs, guidance
-
-  @staticmethod
-  def _labels(sampler, labels):
-    return jax.device_put(np.asarray(labels, np.int32), NamedSharding(sampler.mesh, PartitionSpec(('data', 'fsdp'))))
-
-  def images(self, model: dict, values: dict, per_class: int, seed: int):
-    sampler, var_params, vae_params, compiled, _, bs, guidance = self.prepared(model, values, traced=True)
-    classes = np.arange(sampler.var_config.num_classes, dtype=np.int32)
-    labels = np.repeat(classes, per_class)
-    out, t0 = [], time.time()
-    for bi, start in enumerate(range(0, len(labels), bs)):
-      lab = labels[start:start + bs]
-      full = np.concatenate([lab, np.repeat(lab[-1:], bs - len(lab))])
-      _, img = compiled(var_params, vae_params, self._labels(sampler, full), batch_rng(seed, bi), guidance)
-      out.append(to_uint8(multihost.gather(img))[:len(lab)])
-      done = start + len(lab)
-      rate = done / max(time.time() - t0, 1e-9)
-      logging.info('ablation: sampled %d/%d images (%.1f img/s, ETA %.0fs)', done, len(labels), rate,
-                   (len(labels) - done) / rate)
-    return np.concatenate(out), labels
-
-  def classifier(self, size: int):
-    if self.clf is None:
-      c = self.cfg()
-      kwargs = {'epochs': int(c.eval.proxy_epochs)} if int(c.eval.proxy_epochs) > 0 else {}
-      # One classifier for every variant (seed 0, whatever the training seed): fd numbers compare.
-      self.clf = classifier.train_or_load(c.data, size, os.path.join(self.workdir, 'proxy_classifier'),
-                                          seed=0, **kwargs)
-    return self.clf
-
-  def reals(self, size: int, which: str):
-    if which not in self.real_stats:
-      clf = self.classifier(size)
-      r = clf.info['request']
-      images, _, _ = classifier.load_split(self.cfg().data, size, which, train_split=r['train_split'],
-                                           test_split=r['test_split'])
-      images = images[:int(self.cfg().eval.proxy_examples)]
-      self.real_stats[which] = (proxy.feature_statistics(clf, images, what=f'{which} real images'), len(images))
-    return self.real_stats[which]
-
-  def score(self, model: dict, values: dict, per_class: int, seed: int, which: str) -> dict:
-    images, labels = self.images(model, values, per_class, seed)
-    size = int(images.shape[1])
-    clf = self.classifier(size)
-    stats, n_real = self.reals(size, which)
-    m = proxy.proxy_metrics(clf, None, images, labels, real_stats=stats)
-    return {'fd_name': proxy.fd_name(clf), 'fd': m[proxy.fd_name(clf)],
-            'class_consistency': m['class_consistency'],
-            'classifier_test_accuracy': m['classifier_test_accuracy'], 'proxy_classifier': clf.key,
-            'real_split': which, 'real_examples': n_real, 'num_samples': int(len(labels)),
-            'sampling_seed': seed, 'sampler': values, 'model': model['export']}
-
   # --- selection ---
   def select(self, variant: str, model: dict) -> dict:
     o = self.o
     scores, seen = {}, {}
     for schedule in o['schedules']:
       for cfg in o['cfg_grid']:
-        values = self.sampler_values(schedule, cfg, None)
+        values = sampler_values(schedule, cfg, None)
         # Strength 0 is the same sampler under every schedule: scored once.
         guidance = (0.0,) if cfg == 0 else (schedule, cfg)
         name = f'selection/{variant}/{schedule}_cfg{cfg:g}'
         if guidance in seen:
           scores[(schedule, cfg)] = seen[guidance]
           continue
-        r = self.units(name, lambda v=values: self.score(model, v, o['val_per_class'], VALIDATION_SEED, 'train'))
+        r = self.units(name, lambda v=values: self.scorer.score(model, v, o['val_per_class'], VALIDATION_SEED,
+                                                                'train'))
         scores[(schedule, cfg)] = seen[guidance] = r['fd']
     schedule, cfg = select_guidance(scores, o['schedules'])
     return {'schedule': schedule, 'cfg': cfg, 'model': model['export'], 'validation_seed': VALIDATION_SEED,
@@ -477,11 +423,11 @@ class _Ablation:
 
   def teacher(self, markov: list[dict], choice: dict) -> dict:
     """The markov model with the lowest validation score under (c)'s choice."""
-    values = self.sampler_values(choice['schedule'], choice['cfg'], None)
+    values = sampler_values(choice['schedule'], choice['cfg'], None)
     scores = []
     for m in markov:
       r = self.units(f'selection/teacher/seed{m["seed"]}',
-                     lambda m=m: self.score(m, values, self.o['val_per_class'], VALIDATION_SEED, 'train'))
+                     lambda m=m: self.scorer.score(m, values, self.o['val_per_class'], VALIDATION_SEED, 'train'))
       scores.append((r['fd'], m['seed'], m))
     best = min(scores, key=lambda t: (t[0], t[1]))
     return {**best[2], 'validation_scores': {str(s): fd for fd, s, _ in scores}}
@@ -492,15 +438,15 @@ class _Ablation:
     for m in models:
       for s in self.o['sample_seeds']:
         r = self.units(f'evaluation/{variant}/train{m["seed"]}_sample{s}',
-                       lambda m=m, s=s: self.score(m, values, self.o['test_per_class'], s, 'test'))
+                       lambda m=m, s=s: self.scorer.score(m, values, self.o['test_per_class'], s, 'test'))
         runs.append(r)
     return {'runs': runs}
 
   def cost(self, variant: str, model: dict, values: dict) -> dict:
     def fn():
       traced = float(values['cfg']) != 0
-      sampler, var_params, vae_params, compiled, stats, bs, guidance = self.prepared(model, values, traced)
-      labels = self._labels(sampler, np.arange(bs, dtype=np.int32) % sampler.var_config.num_classes)
+      sampler, var_params, vae_params, compiled, stats, bs, guidance = self.scorer.program(model, values, traced)
+      labels = self.scorer.labels(sampler, np.arange(bs, dtype=np.int32) % sampler.var_config.num_classes)
       call = lambda rng: compiled(var_params, vae_params, labels, rng, *([guidance] if traced else []))
       jax.block_until_ready(call(batch_rng(0, 0)))  # Warm-up.
       times = []
@@ -522,6 +468,7 @@ class _Ablation:
     t_all = time.time()
     o = self.o
     self.tok = self.tokenizer()
+    self.scorer = Scorer(self.base, self.workdir, self.tok)
     c = self.cfg()
     c.tokenizer.checkpoint = self.tok
     self.pn = tuple(tokenizer_for_model(c).config.patch_nums)
@@ -546,7 +493,7 @@ class _Ablation:
     for v, (kind, guide, mr) in VARIANTS.items():
       g = var_protocol if guide == 'var' else {'cfg_schedule': selection[guide]['schedule'],
                                                'cfg': selection[guide]['cfg']}
-      values = self.sampler_values(g['cfg_schedule'], g['cfg'], mr)
+      values = sampler_values(g['cfg_schedule'], g['cfg'], mr)
       ev = self.evaluate(v, models[kind], values)
       cost = self.cost(v, models[kind][0], values)
       variants[v] = self.summarise(v, kind, values, ev, cost, models[kind], heldout[kind],
@@ -669,25 +616,14 @@ def plot(variants: dict, path: str, size=(960, 480)):
   Points carry their letter only, and a legend on the right names them, so close points (a guided
   variant that selected VAR's own protocol sits on top of its unguided one) do not write over each
   other and no name runs off the image."""
-  from PIL import Image, ImageDraw  # pylint: disable=import-outside-toplevel
-  img = Image.new('RGB', size, 'white')
-  d = ImageDraw.Draw(img)
-  w, h = size
-  left, right, top, bottom = 80, 300, 30, 60
   xs = [r['seconds_per_image'] for r in variants.values()]
   lo = [r['fd']['mean'] - r['fd']['std'] for r in variants.values()]
   hi = [r['fd']['mean'] + r['fd']['std'] for r in variants.values()]
-  x0, x1 = 0.0, max(xs) * 1.1 or 1.0
-  y0, y1 = min(0.0, min(lo)), max(hi) * 1.1 or 1.0
-  px = lambda x: left + (x - x0) / (x1 - x0) * (w - left - right)
-  py = lambda y: h - bottom - (y - y0) / (y1 - y0) * (h - top - bottom)
-  d.line([(left, top), (left, h - bottom), (w - right, h - bottom)], fill='black')
-  for i in range(5):
-    xv, yv = x0 + (x1 - x0) * i / 4, y0 + (y1 - y0) * i / 4
-    d.text((px(xv) - 15, h - bottom + 5), f'{xv:.2g}', fill='black')
-    d.text((5, py(yv) - 5), f'{yv:.3g}', fill='black')
-  d.text(((w - right) // 2 - 40, h - 25), 'sampling seconds per image', fill='black')
-  d.text((5, 5), 'fd (proxy), lower is better; bars: ± std', fill='black')
+  right = 300  # The legend's margin.
+  chart = Chart(size, (0.0, max(xs) * 1.1 or 1.0), (min(0.0, min(lo)), max(hi) * 1.1 or 1.0), right=right,
+                x_title='sampling seconds per image', x_title_at=(size[0] - right) // 2 - 40,
+                y_title='fd (proxy), lower is better; bars: ± std', x_tick='{:.2g}', y_tick='{:.3g}')
+  d, px, py, (w, _), top = chart.draw, chart.px, chart.py, size, chart.top
   colours = ['#1f77b4', '#ff7f0e', '#2ca02c', '#d62728', '#9467bd', '#8c564b', '#e377c2']
   points = [(px(r['seconds_per_image']), py(r['fd']['mean'])) for r in variants.values()]
   taken = []  # Label corners already used: each letter goes to the first free spot around its point.
@@ -707,7 +643,7 @@ def plot(variants: dict, path: str, size=(960, 480)):
     d.text(spot, f'({v})', fill=col)
     d.text((w - right + 20, top + 16 * i),
            f'({v}) {r["name"]}: {m:.2f} ± {s:.2f}, {r["images_per_s"]:.1f} img/s', fill=col)
-  img.save(path)
+  chart.save(path)
 
 
 def run(config, workdir: str) -> dict:

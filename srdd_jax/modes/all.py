@@ -17,7 +17,6 @@ import os
 import time
 
 import numpy as np
-from absl import logging
 from PIL import Image
 
 from srdd_jax.config import with_defaults
@@ -25,29 +24,29 @@ from srdd_jax.data.images import grid
 from srdd_jax.modes import eval as evaluation
 from srdd_jax.modes import sample, tokenize, train, train_tokenizer
 from srdd_jax.parallel import multihost
-
-
-def _done(path: str) -> bool:
-  return os.path.exists(path)
+from srdd_jax.parallel.workdir import Units
 
 
 def run(config, workdir: str) -> dict:
   config = with_defaults(config)
-  times, results, t_all = {}, {}, time.time()
+  results, t_all = {}, time.time()
+  units = Units(workdir, label='=== stage')
 
-  def stage(name, fn):
-    t0 = time.time()
-    logging.info('=== stage %s ===', name)
-    out = fn()
-    times[name] = round(time.time() - t0, 1)
-    results[name] = {k: v for k, v in (out or {}).items() if k != 'state'}
-    logging.info('=== stage %s done in %.0fs ===', name, times[name])
+  def stage(name, fn, output=None):
+    """Runs stage `name` (its summary kept for summary.json); with `output`, only when that file, which
+    the stage writes, does not exist yet (the stage is done: its outputs are kept)."""
+    out = units(name, fn, output) if output else units.timed(name, fn)
+    if out is not None:
+      results[name] = {k: v for k, v in out.items() if k != 'state'}
     return out
 
   def stopped(name, summary):
     """The summary of a run whose training stage was stopped (SIGTERM, Ctrl-C) before its end."""
     return {'stopped_by': summary.get('stopped_by') or 'request', 'complete': False, 'stage': name,
-            'end_step': summary.get('end_step'), 'seconds': times}
+            'end_step': summary.get('end_step'), 'seconds': seconds()}
+
+  def seconds():
+    return {k: round(v, 1) for k, v in units.seconds.items()}
 
   # --- tokenizer ---
   if not config.tokenizer.checkpoint:
@@ -57,10 +56,7 @@ def run(config, workdir: str) -> dict:
     config.tokenizer.checkpoint = summary['export']
   # --- token cache ---
   cache = config.tokenize.out_dir or os.path.join(workdir, 'tokens')
-  if _done(os.path.join(cache, 'manifest.json')):
-    logging.info('token cache %s is complete: kept', cache)
-  else:
-    stage('tokenize', lambda: tokenize.run(config, workdir))
+  stage('tokenize', lambda: tokenize.run(config, workdir), output=os.path.join(cache, 'manifest.json'))
   config.data.token_cache = cache
   # --- transformer ---
   summary = stage('train', lambda: train.run(config, workdir))
@@ -69,20 +65,15 @@ def run(config, workdir: str) -> dict:
   config.model.checkpoint = summary['export']
   # --- samples ---
   samples = os.path.join(workdir, 'samples', 'samples.npz')
-  if _done(samples):
-    logging.info('%s exists: kept', samples)
-  else:
-    # Outputs of an interrupted sample stage (no samples.npz yet) are replaced.
-    stage('sample', lambda: sample.run(config, workdir, overwrite=True))
+  # Outputs of an interrupted sample stage (no samples.npz yet) are replaced.
+  stage('sample', lambda: sample.run(config, workdir, overwrite=True), output=samples)
   if multihost.is_main_process():
     _small_grid(samples, os.path.join(workdir, 'samples', 'grid_10x10.png'), per=10)
   # --- evaluation ---
   config.eval.samples = samples
-  if _done(os.path.join(workdir, 'eval', 'eval.json')):
-    logging.info('%s exists: kept', os.path.join(workdir, 'eval', 'eval.json'))
-  else:
-    stage('eval', lambda: evaluation.run(config, workdir, overwrite=True))
-  summary = {'seconds': {**times, 'total': round(time.time() - t_all, 1)}, 'stages': results,
+  stage('eval', lambda: evaluation.run(config, workdir, overwrite=True),
+        output=os.path.join(workdir, 'eval', 'eval.json'))
+  summary = {'seconds': {**seconds(), 'total': round(time.time() - t_all, 1)}, 'stages': results,
              'outputs': {
                  'tokenizer': config.tokenizer.checkpoint,
                  'reconstructions': os.path.join(workdir, 'tokenizer', 'reconstructions.png'),

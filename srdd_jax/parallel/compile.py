@@ -1,11 +1,17 @@
-"""Backend-specific compiler options, and what a compiled program costs: FLOPs, memory, chip peaks."""
+"""Backend-specific compiler options, what a compiled program costs (FLOPs, memory, chip peaks), and
+programs compiled ahead of time for a TPU topology on any host (no TPU attached; libtpu installed)."""
 from __future__ import annotations
 
 import functools
+import os
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from jax.experimental import topologies
+
+from srdd_jax.parallel import mesh as pm
 
 
 @functools.cache
@@ -61,8 +67,11 @@ def nominal_peak_flops(device) -> float | None:
   return _lookup(PEAK_FLOPS, device)
 
 
-def hbm_bytes(device) -> int | None:
-  return _lookup(HBM_BYTES, device)
+def hbm_bytes(device, device_kind: str = '') -> int | None:
+  """HBM per chip by a device, a device kind or a TPU topology's name ('v5p:4x4x4'); failing that, by
+  `device_kind`."""
+  name = device.split(':')[0] if isinstance(device, str) else device
+  return _lookup(HBM_BYTES, name) or (_lookup(HBM_BYTES, device_kind) if device_kind else None)
 
 
 @functools.cache
@@ -111,3 +120,89 @@ def needed_bytes(memory: dict | None) -> int | None:
   total = (memory.get('argument_size_in_bytes', 0) + memory.get('output_size_in_bytes', 0) +
            memory.get('temp_size_in_bytes', 0) - memory.get('alias_size_in_bytes', 0))
   return max(total, memory.get('peak_memory_in_bytes', 0))
+
+
+# --- ahead of time: programs compiled for a TPU topology on any host -----------------------------------
+
+FIT_FRACTION = 0.8  # Headroom for the runtime, fragmentation and what XLA's analysis leaves out.
+
+
+def topology_devices(topology: str):
+  """The devices of a TPU topology ('v5e:2x2', 'v5p:2x2x2'), described without any TPU attached."""
+  # libtpu takes a machine-wide lockfile when it loads, so while any other JAX process runs here (a
+  # training job, the test suite) the description fails with ABORTED. Compiling ahead of time touches no
+  # TPU, so sharing the library is safe; the variable is read when libtpu loads, i.e. on the first call.
+  os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
+  try:
+    desc = topologies.get_topology_desc(platform='tpu', topology_name=topology)
+  except Exception as e:  # pylint: disable=broad-except
+    raise RuntimeError(f'--aot {topology!r}: cannot describe this TPU topology ({type(e).__name__}: '
+                       f'{str(e).splitlines()[0] if str(e) else ""}); is libtpu installed '
+                       "(pip install -e '.[tpu]') and is the name like v5p:2x2x2?") from e
+  return list(desc.devices)
+
+
+def rules_for(name: str):
+  """'fsdp': the project's rules (parameters and moments split over fsdp, batch over data x fsdp);
+  'replicated': every parameter on every chip (plain data parallelism)."""
+  if name == 'fsdp':
+    return pm.DEFAULT_RULES
+  if name == 'replicated':
+    return tuple((axis, ('data', 'fsdp') if axis == 'batch' else None) for axis, _ in pm.DEFAULT_RULES)
+  raise ValueError(f'--rules {name!r}: must be fsdp or replicated')
+
+
+def abstract(tree, shardings):
+  """Shape-only stand-ins (ShapeDtypeStruct) of `tree`'s arrays, placed with `shardings`."""
+  return jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                tree, shardings)
+
+
+def jit_train_step(trainer):
+  """A trainer's step (its `step_fn()`: (state, tokenizer params, batch) -> (state, metrics)) jitted with
+  the state's shardings, the tokenizer replicated, the batch split over the batch axes and the state
+  donated. `trainer`: srdd_jax.train.step.Trainer (its abstract_state, step_fn, batch_sharding, mesh)."""
+  _, shardings = trainer.abstract_state()
+  rep = pm.replicated(trainer.mesh)
+  return jax.jit(trainer.step_fn(), in_shardings=(shardings, rep, trainer.batch_sharding),
+                 out_shardings=(shardings, rep), donate_argnums=0)
+
+
+def aot_train_step(trainer, tokenizer_params, batch: int):
+  """(compiled, seconds): the trainer's real train step compiled from abstract state, the abstract
+  tokenizer params (replicated) and a batch of `batch` token ids, for the devices of its mesh (a TPU
+  topology's, say); nothing is allocated."""
+  mesh = trainer.mesh
+  if batch % pm.data_parallel_size(mesh):
+    raise ValueError(f'--batch {batch}: must be divisible by the {pm.data_parallel_size(mesh)} chips of '
+                     f'the data x fsdp axes of mesh {dict(mesh.shape)}')
+  state, shardings = trainer.abstract_state()
+  rep = pm.replicated(mesh)
+  seq_len = trainer.var_config.seq_len
+  args = (abstract(state, shardings),
+          abstract(tokenizer_params, jax.tree_util.tree_map(lambda _: rep, tokenizer_params)),
+          {'labels': jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=trainer.batch_sharding),
+           'ids': jax.ShapeDtypeStruct((batch, seq_len), jnp.int32, sharding=trainer.batch_sharding)})
+  t = time.perf_counter()
+  compiled = jit_train_step(trainer).lower(*args).compile()
+  return compiled, time.perf_counter() - t
+
+
+def aot_record(compiled, compile_s: float, topology: str, devices, mesh) -> dict:
+  """What a program compiled ahead of time costs per chip (XLA's memory and cost analyses of the
+  partitioned program) and whether it fits in FIT_FRACTION of the chip's HBM."""
+  stats = compiled_stats(compiled)
+  per_chip = needed_bytes(stats['memory'])
+  hbm = hbm_bytes(topology, devices[0].device_kind)
+  rec = {'topology': topology, 'chips': len(devices), 'device_kind': devices[0].device_kind,
+         'mesh': dict(mesh.shape), 'per_chip_bytes': per_chip, 'memory': stats['memory'],
+         'generated_code_bytes': (stats['memory'] or {}).get('generated_code_size_in_bytes'),
+         'xla_flops': stats['xla_flops'], 'xla_bytes_accessed': stats['xla_bytes_accessed'],
+         'hbm_bytes': hbm, 'fit_fraction': FIT_FRACTION,
+         'fits': None if hbm is None or per_chip is None else per_chip <= FIT_FRACTION * hbm,
+         'compile_s': compile_s, 'memory_bytes': per_chip,
+         'note': 'memory and cost are XLA\'s analyses of the partitioned program: per chip'}
+  for k in ('cost_error', 'memory_error'):
+    if k in stats:
+      rec[k] = stats[k]
+  return rec

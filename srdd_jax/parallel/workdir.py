@@ -1,4 +1,4 @@
-"""Safety of a workdir: one run at a time, and outputs never replaced by accident.
+"""Safety of a workdir: one run at a time, outputs never replaced by accident, units of work run once.
 
 One run per workdir: WORKDIR/.srdd.lock names the run that holds it.
 
@@ -16,10 +16,12 @@ import os
 import shutil
 import socket
 import sys
+import time
 
 from absl import logging
 
 from srdd_jax.config import ConfigError
+from srdd_jax.parallel import multihost
 
 LOCK_NAME = '.srdd.lock'
 
@@ -108,3 +110,70 @@ def claim_outputs(out_dir: str, patterns, overwrite: bool, what: str) -> None:
       shutil.rmtree(p)
     else:
       os.remove(p)
+
+
+def write_json(path: str, obj) -> None:
+  """`obj` as JSON at `path`, atomically: written to a temporary file that is then renamed, so a reader
+  (or a run cut short) sees the old file or the new one, never half of one."""
+  os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+  with open(path + '.tmp', 'w') as f:
+    json.dump(obj, f, indent=1, default=float)
+  os.replace(path + '.tmp', path)
+
+
+class Units:
+  """Units of work run once in a workdir, so that a command run again after an interruption resumes
+  where it stopped, redoing only the unit that was cut short.
+
+  `units(name, fn)`: a unit done when ROOT/<name>/<result> exists; then fn is skipped and that file's
+  JSON is the unit's value. Otherwise fn() runs and its dict, with the unit's wall time
+  (`unit_seconds`), is written there last (atomically, by process 0 only). fn returning None (a
+  training stage stopped before its end) records nothing: the unit runs again next time.
+  `units(name, fn, output=PATH)`: a unit whose result is a file or directory fn writes itself (a token
+  cache's manifest, a samples file): done when PATH exists; a unit kept so returns None.
+  `units.timed(name, fn)`: a unit that resumes by itself (training from its checkpoints) runs every
+  time; it is timed and logged like the others.
+  """
+
+  def __init__(self, root: str, result: str = 'result.json', label: str = 'unit'):
+    self.root, self.result, self.label = root, result, label
+    self.ran, self.kept = [], []
+    self.seconds = {}  # Unit -> its wall time when it ran (JSON units kept: as recorded then).
+
+  def path(self, name: str) -> str:
+    return os.path.join(self.root, name, self.result)
+
+  def __call__(self, name: str, fn, output: str | None = None):
+    if output is not None and os.path.exists(output):
+      logging.info('%s %s: %s exists, kept', self.label, name, output)
+      self.kept.append(name)
+      return None
+    path = self.path(name)
+    if output is None and os.path.isfile(path):
+      with open(path) as f:
+        out = json.load(f)
+      logging.info('%s %s: done, kept', self.label, name)
+      self.kept.append(name)
+      self.seconds[name] = out.get('unit_seconds', 0.0)
+      return out
+    out, seconds = self._run(name, fn)
+    if output is None and out is not None:
+      out = {**out, 'unit_seconds': seconds}
+      if multihost.is_main_process():
+        write_json(path, out)
+    return out
+
+  def timed(self, name: str, fn):
+    return self._run(name, fn)[0]
+
+  def _run(self, name: str, fn):
+    t0 = time.time()
+    logging.info('%s %s', self.label, name)
+    out = fn()
+    seconds = round(time.time() - t0, 2)
+    if out is None:  # Stopped before its end: nothing is recorded.
+      return None, seconds
+    self.ran.append(name)
+    self.seconds[name] = seconds
+    logging.info('%s %s done in %.0fs', self.label, name, seconds)
+    return out, seconds

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import importlib.util
 import json
 import os
 import queue
@@ -135,7 +136,6 @@ def check_var(var_dir: str) -> dict:
   if missing:
     what = 'does not exist' if not os.path.exists(var_dir) else f'lacks {", ".join(missing)}'
     fail(f'--vs-var {var_dir!r} is not a checkout of the official VAR code: it {what}')
-  import importlib.util  # pylint: disable=import-outside-toplevel
   try:
     has_torch = importlib.util.find_spec('torch') is not None
   except (ImportError, ValueError):

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib.util
 import json
 import math
 import os
@@ -114,7 +115,6 @@ def import_var(var_dir: str):
 
 def kernels_available() -> dict:
   """What VAR's basic_var.py would pick up (it tries these imports itself)."""
-  import importlib.util  # pylint: disable=import-outside-toplevel
   return {name: importlib.util.find_spec(name) is not None for name in ('flash_attn', 'xformers')}
 
 

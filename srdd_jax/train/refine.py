@@ -11,6 +11,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from srdd_jax.config import ConfigError
 from srdd_jax.train.step import Trainer
 from srdd_jax.transformer.config import VARConfig
 from srdd_jax.transformer.loss import token_nll
@@ -51,6 +52,14 @@ def hidden_cross_entropy(logits, targets, revealed, config: VARConfig, newest_we
                 'last_scale_accuracy': last_acc}
 
 
+def check_reveal(zero_prob: float, max_ratio: float) -> None:
+  """The reveal schedule's ranges, checked here only (the config check calls it before loading)."""
+  if not 0 <= float(zero_prob) <= 1:
+    raise ConfigError(f'config.train.refine_zero_prob={zero_prob}: must be in [0, 1]')
+  if not 0 < float(max_ratio) <= 1:
+    raise ConfigError(f'config.train.refine_max_ratio={max_ratio}: must be in (0, 1]')
+
+
 class RefineTrainer(Trainer):
   """The transformer's Trainer with the refine stream trained: the model sees each example's revealed
   ground-truth tokens (others [MASK]) and is scored on the hidden ones. With accumulation each
@@ -60,10 +69,7 @@ class RefineTrainer(Trainer):
     super().__init__(*args, **kwargs)
     if not self.var_config.refine:
       raise ValueError('RefineTrainer needs a transformer with the refine stream (refine=True)')
-    if not 0 <= zero_prob <= 1:
-      raise ValueError(f'refine_zero_prob={zero_prob}: must be in [0, 1]')
-    if not 0 < max_ratio <= 1:
-      raise ValueError(f'refine_max_ratio={max_ratio}: must be in (0, 1]')
+    check_reveal(zero_prob, max_ratio)
     self.zero_prob, self.max_ratio = zero_prob, max_ratio
 
   def reveal(self, rng, batch: int):

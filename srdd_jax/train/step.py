@@ -8,6 +8,7 @@ import flax
 import jax
 import jax.numpy as jnp
 
+from srdd_jax.config import ConfigError
 from srdd_jax.parallel import mesh as pm
 from srdd_jax.tokenizer.api import Tokenizer
 from srdd_jax.tokenizer.vqvae import VQVAEConfig
@@ -27,6 +28,12 @@ class TrainState:
   ema_params: Any = None
 
 
+def check_accum_steps(accum_steps) -> None:
+  """Checked here only; the config check calls it before anything divides by it."""
+  if int(accum_steps) < 1:
+    raise ConfigError(f'config.train.accum_steps={accum_steps}: must be >= 1')
+
+
 class Trainer(ShardedTrainer):
   """Builds the sharded state and the train step of the transformer for one configuration on one mesh.
 
@@ -38,8 +45,7 @@ class Trainer(ShardedTrainer):
   def __init__(self, var_config: VARConfig, vae_config: VQVAEConfig, optim: OptimConfig, mesh,
                rules=pm.DEFAULT_RULES, accum_steps: int = 1, ema_decay: float = 0.0, seed: int = 0,
                progressive: Progressive | None = None):
-    if accum_steps < 1:
-      raise ValueError(f'accum_steps={accum_steps}: must be >= 1')
+    check_accum_steps(accum_steps)
     if progressive is not None and progressive.num_scales != var_config.num_scales:
       raise ValueError(f'progressive schedule for {progressive.num_scales} scales, model has '
                        f'{var_config.num_scales}')

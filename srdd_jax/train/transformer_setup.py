@@ -18,24 +18,23 @@ from srdd_jax.parallel import mesh as pm
 from srdd_jax.parallel import multihost
 from srdd_jax.train.optimizer import OptimConfig, peak_lr_for
 from srdd_jax.train.progressive import Progressive
-from srdd_jax.train.step import Trainer
+from srdd_jax.train.refine import check_reveal
+from srdd_jax.train.step import Trainer, check_accum_steps
 from srdd_jax.transformer.config import VARConfig
 
 
 def check_ranges(config):
   """Values that cannot work whatever the data and the mesh; checked before anything is loaded."""
   t, o = config.train, config.optim
-  for key in ('global_batch', 'accum_steps', 'log_every', 'checkpoint_every', 'keep_checkpoints'):
+  check_accum_steps(t.accum_steps)
+  check_reveal(t.refine_zero_prob, t.refine_max_ratio)
+  for key in ('global_batch', 'log_every', 'checkpoint_every', 'keep_checkpoints'):
     if int(t[key]) < 1:
       raise ConfigError(f'config.train.{key}={t[key]}: must be >= 1')
   for key in ('steps', 'epochs', 'sample_every', 'progressive_start_scales', 'progressive_steps',
               'heldout_every', 'heldout_examples'):
     if float(t[key]) < 0:
       raise ConfigError(f'config.train.{key}={t[key]}: must be >= 0')
-  if not 0 <= float(t.refine_zero_prob) <= 1:
-    raise ConfigError(f'config.train.refine_zero_prob={t.refine_zero_prob}: must be in [0, 1]')
-  if not 0 < float(t.refine_max_ratio) <= 1:
-    raise ConfigError(f'config.train.refine_max_ratio={t.refine_max_ratio}: must be in (0, 1]')
   if t.init_from and not os.path.isdir(t.init_from):
     raise ConfigError(f'config.train.init_from={t.init_from!r} does not exist: give a transformer '
                       'directory (WORKDIR/export/step_<n> of a training run, or convert_var output)')

@@ -9,13 +9,16 @@ trained and evaluated alike, resumable: configs/ablation.py). Several processes:
 
 Exit status: 0 done; 2 an input that cannot work (a config key, path or value: one line on stderr says
 which and what would work, nothing was written or lost); 75 stopped by SIGTERM or Ctrl-C after saving
-a checkpoint (run the same command again to resume); anything else is a bug.
+a checkpoint (run the same command again to resume); anything else is a bug. In a Python process,
+`run(argv)` does the same and returns the status (`parse` and `execute` are its two halves).
 """
+import dataclasses
 import difflib
 import json
 import logging as std_logging
 import os
 import sys
+from typing import Any
 
 from absl import app
 from absl import flags
@@ -33,25 +36,6 @@ from srdd_jax.parallel import multihost
 from srdd_jax.parallel.workdir import WorkdirLock
 from srdd_jax.train.driver import PREEMPTED_EXIT_CODE
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file (configs/<x>.py).')
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for outputs, checkpoints and logs.')
-_MODE = flags.DEFINE_enum('mode', 'reconstruct', ['reconstruct', 'train', 'distill', 'sample', 'edit',
-                                                   'tokenize', 'train_tokenizer', 'eval', 'all', 'ablation'],
-                            'What to run.')
-_MULTIHOST = flags.DEFINE_bool('multihost', False, 'Start jax.distributed with the cluster detected by '
-                                'JAX (TPU pods, SLURM, Open MPI).')
-_COORDINATOR = flags.DEFINE_string('coordinator_address', None, 'host:port of process 0, for a manual '
-                                   'multi-process start (or $SRDD_COORDINATOR_ADDRESS).')
-_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Processes of a manual multi-process start '
-                                      '(or $SRDD_NUM_PROCESSES).')
-_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process, 0..num_processes-1 (or '
-                                   '$SRDD_PROCESS_ID).')
-_OVERWRITE = flags.DEFINE_bool('overwrite', False, 'sample / edit / eval: replace the outputs an earlier run '
-                                'left in the workdir (without it they are never replaced).')
-_DRY_RUN = flags.DEFINE_bool('dry_run', False, 'Check the command line and the config (every key known, '
-                              'the defaults filled in), print the resolved config and exit; runs nothing.')
-flags.mark_flags_as_required(['config', 'workdir'])
-
 # --mode -> its runner: run(config, workdir) -> summary dict.
 MODES = {
     'reconstruct': reconstruct.run,
@@ -67,11 +51,60 @@ MODES = {
 }
 # Modes whose outputs an earlier run may have left: they refuse to replace them unless --overwrite.
 _OVERWRITABLE = ('sample', 'edit', 'eval')
+BAD_INPUT_EXIT_CODE = 2
 
 
-def _error(message: str):
-  print(f'error: {message}', file=sys.stderr)
-  sys.exit(2)
+def define_flags(flag_values: flags.FlagValues, sys_argv: list[str] | None = None) -> dict[str, Any]:
+  """The command's flags, defined on `flag_values`: absl's global FLAGS for `python -m srdd_jax.main`, a
+  fresh FlagValues for each command line `parse` reads in-process. `sys_argv`: the command line the
+  config's overrides (--config.a.b=...) are read from (None: sys.argv, when parsed)."""
+  fv = {'flag_values': flag_values}
+  holders = {
+      'config': config_flags.DEFINE_config_file('config', None, 'Experiment config file (configs/<x>.py).',
+                                                sys_argv=sys_argv, **fv),
+      'workdir': flags.DEFINE_string('workdir', None, 'Directory for outputs, checkpoints and logs.', **fv),
+      'mode': flags.DEFINE_enum('mode', 'reconstruct', ['reconstruct', 'train', 'distill', 'sample', 'edit',
+                                                        'tokenize', 'train_tokenizer', 'eval', 'all', 'ablation'],
+                                'What to run.', **fv),
+      'multihost': flags.DEFINE_bool('multihost', False, 'Start jax.distributed with the cluster detected by '
+                                     'JAX (TPU pods, SLURM, Open MPI).', **fv),
+      'coordinator_address': flags.DEFINE_string('coordinator_address', None, 'host:port of process 0, for a '
+                                                 'manual multi-process start (or $SRDD_COORDINATOR_ADDRESS).',
+                                                 **fv),
+      'num_processes': flags.DEFINE_integer('num_processes', None, 'Processes of a manual multi-process start '
+                                            '(or $SRDD_NUM_PROCESSES).', **fv),
+      'process_id': flags.DEFINE_integer('process_id', None, 'This process, 0..num_processes-1 (or '
+                                         '$SRDD_PROCESS_ID).', **fv),
+      'overwrite': flags.DEFINE_bool('overwrite', False, 'sample / edit / eval: replace the outputs an earlier '
+                                     'run left in the workdir (without it they are never replaced).', **fv),
+      'dry_run': flags.DEFINE_bool('dry_run', False, 'Check the command line and the config (every key known, '
+                                   'the defaults filled in), print the resolved config and exit; runs nothing.',
+                                   **fv),
+  }
+  flags.mark_flags_as_required(['config', 'workdir'], flag_values=flag_values)
+  return holders
+
+
+_FLAGS = define_flags(flags.FLAGS)
+
+
+class BadInput(Exception):
+  """An input that cannot work (a flag, config key, path or value): exit status 2 with this one-line
+  message on stderr; nothing was run, written or lost."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Command:
+  """One parsed command line: the config (its file loaded, the overrides applied) and what to do with it."""
+  config: Any
+  workdir: str
+  mode: str
+  multihost: bool = False
+  coordinator_address: str | None = None
+  num_processes: int | None = None
+  process_id: int | None = None
+  overwrite: bool = False
+  dry_run: bool = False
 
 
 def _diagnose(argv, e: Exception) -> str:
@@ -101,12 +134,91 @@ def _diagnose(argv, e: Exception) -> str:
   return f'{first.strip(chr(39))} (command line: {" ".join(argv[1:])})'
 
 
+def _command(holders: dict[str, Any], argv: list[str]) -> Command:
+  """The Command of parsed flags; `argv` is the command line they were parsed from."""
+  try:  # ml_collections reports a config file it could not load only when the config is first used.
+    config = holders['config'].value
+    config.keys()
+  except Exception as e:  # pylint: disable=broad-except
+    raise BadInput(_diagnose(argv, e)) from None
+  return Command(config=config, **{k: h.value for k, h in holders.items() if k != 'config'})
+
+
+def parse(argv: list[str]) -> Command:
+  """A command line (argv[0] the program) -> its Command, read with the flags `python -m srdd_jax.main`
+  defines (absl's own, such as --verbosity, are not among them), on a fresh set of flags: one process may
+  parse any number of command lines. BadInput names the flag, config file or config key at fault."""
+  flag_values = flags.FlagValues()
+  holders = define_flags(flag_values, sys_argv=list(argv))
+  try:
+    rest = flag_values(list(argv))
+  except Exception as e:  # pylint: disable=broad-except
+    raise BadInput(_diagnose(argv, e)) from None
+  if len(rest) > 1:
+    raise app.UsageError(f'unexpected arguments: {rest[1:]}')
+  return _command(holders, list(argv))
+
+
+def execute(command: Command) -> int:
+  """Runs a parsed command; returns its exit status: 0 done, 75 (PREEMPTED_EXIT_CODE) stopped by SIGTERM
+  or Ctrl-C after saving a checkpoint. BadInput for an input that cannot work, found before anything
+  was written."""
+  mode, workdir = command.mode, command.workdir
+  if command.dry_run:
+    try:
+      resolved = with_defaults(command.config)
+    except ConfigError as e:
+      raise BadInput(str(e)) from None
+    print(f'--mode={mode} --workdir={workdir}\n{resolved}')
+    return 0
+  try:
+    multihost.initialize(command.coordinator_address, command.num_processes, command.process_id,
+                         auto=command.multihost)
+  except ValueError as e:
+    raise BadInput(str(e)) from None
+  try:
+    os.makedirs(workdir, exist_ok=True)
+  except OSError as e:
+    raise BadInput(f'--workdir={workdir!r} cannot be created: {e.strerror}') from None
+  kwargs = {'overwrite': command.overwrite} if mode in _OVERWRITABLE else {}
+  try:
+    with WorkdirLock(workdir, enabled=multihost.is_main_process()):
+      summary = MODES[mode](command.config, workdir, **kwargs)
+  except ConfigError as e:
+    raise BadInput(str(e)) from None
+  except PermissionError as e:  # A read-only workdir (or a file in it), found when first written.
+    raise BadInput(f'cannot write {e.filename!r} ({e.strerror}): give a writable --workdir') from None
+  if multihost.is_main_process():
+    print(json.dumps(summary, indent=1, default=str))
+  if summary.get('stopped_by') and not summary.get('complete', True):
+    logging.warning('stopped by %s at step %s; run the same command again to resume',
+                    summary['stopped_by'], summary.get('end_step'))
+    return PREEMPTED_EXIT_CODE
+  return 0
+
+
+def _report(e: BadInput) -> int:
+  print(f'error: {e}', file=sys.stderr)
+  return BAD_INPUT_EXIT_CODE
+
+
+def run(argv: list[str]) -> int:
+  """`python -m srdd_jax.main` with the command line `argv` (argv[0] the program), in this process:
+  parse, then execute. Returns the exit status the command has, a bad input's one-line message on
+  stderr (status 2); any other exception is a bug and is raised."""
+  try:
+    return execute(parse(argv))
+  except BadInput as e:
+    return _report(e)
+
+
 def _parse_flags(argv):
-  """absl's flag parsing, with a bad --config file or override an exit-2 message, not a traceback."""
+  """app.run's parse of absl's global flags, with a bad --config file or override an exit-2 message, not a
+  traceback."""
   try:
     return flags.FLAGS(argv)
   except Exception as e:  # pylint: disable=broad-except
-    _error(_diagnose(argv, e))
+    sys.exit(_report(BadInput(_diagnose(argv, e))))
 
 
 class _QuietLibraries(std_logging.Filter):
@@ -120,41 +232,12 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   logging.get_absl_handler().addFilter(_QuietLibraries())
-  workdir, mode = _WORKDIR.value, _MODE.value
-  try:  # ml_collections reports a config file it could not load only when the config is first used.
-    config = _CONFIG.value
-    config.keys()
-  except Exception as e:  # pylint: disable=broad-except
-    _error(_diagnose(sys.argv, e))
-  if _DRY_RUN.value:
-    try:
-      resolved = with_defaults(config)
-    except ConfigError as e:
-      _error(str(e))
-    print(f'--mode={mode} --workdir={workdir}\n{resolved}')
-    return
   try:
-    multihost.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, auto=_MULTIHOST.value)
-  except ValueError as e:
-    _error(str(e))
-  try:
-    os.makedirs(workdir, exist_ok=True)
-  except OSError as e:
-    _error(f'--workdir={workdir!r} cannot be created: {e.strerror}')
-  kwargs = {'overwrite': _OVERWRITE.value} if mode in _OVERWRITABLE else {}
-  try:
-    with WorkdirLock(workdir, enabled=multihost.is_main_process()):
-      summary = MODES[mode](config, workdir, **kwargs)
-  except ConfigError as e:
-    _error(str(e))
-  except PermissionError as e:  # A read-only workdir (or a file in it), found when first written.
-    _error(f'cannot write {e.filename!r} ({e.strerror}): give a writable --workdir')
-  if multihost.is_main_process():
-    print(json.dumps(summary, indent=1, default=str))
-  if summary.get('stopped_by') and not summary.get('complete', True):
-    logging.warning('stopped by %s at step %s; run the same command again to resume',
-                    summary['stopped_by'], summary.get('end_step'))
-    sys.exit(PREEMPTED_EXIT_CODE)
+    status = execute(_command(_FLAGS, sys.argv))
+  except BadInput as e:
+    status = _report(e)
+  if status:
+    sys.exit(status)
 
 
 if __name__ == '__main__':

@@ -95,10 +95,14 @@ def test_markdown_table_renders_every_kind():
   assert all(l.count('|') == lines[0].count('|') for l in lines[:5] if l)
 
 
-def test_bad_flags_are_named():
-  with pytest.raises(SystemExit):
-    bench.parse_args(['--out', 'x.json', '--masks', 'markov,block'])
-  with pytest.raises(SystemExit):
-    bench.parse_args(['--out', 'x.json', '--batch', '64'])  # --batch is for --aot.
+def test_bad_flags_are_named(capsys):
+  for argv, says in ((['--masks', 'markov,block'], "--masks 'markov,block': 'block' is not one of"),
+                     (['--batch', '64'], '--batch is for --aot'),
+                     (['--warmup', '-1'], '--warmup -1: must be >= 0')):
+    with pytest.raises(SystemExit) as e:
+      bench.parse_args(['--out', 'x.json'] + argv)
+    assert e.value.code == 2, argv
+    err = capsys.readouterr().err
+    assert says in err and err.count('error:') == 1, err
   assert bench.hbm_bytes('v5p:4x4x4') == 95 * 2**30 and bench.hbm_bytes('v6e:2x2') == 32 * 2**30
   assert bench.hbm_bytes('x', 'TPU v5 lite') == 16 * 2**30 and bench.hbm_bytes('x', 'cpu') is None

@@ -3,18 +3,24 @@
 `python -m srdd_jax.main ...` and `python -m srdd_jax.scaling ...` commands run with `--dry_run` (flags
 parsed, the config file loaded, every override applied to an existing key, the defaults filled in; the
 scaling plan built; nothing runs), `launch/launch.py` with `--dry-run` (a `--plan` given a small plan of
-the same format); the tools answer `--help`. The embedded default's commands also run for real in
+the same format); the tools answer `--help`. srdd_jax.main's commands and the tools' --help run in this
+process, one srdd_jax.main command also as a process. The embedded default's commands also run for real in
 `make demo`.
 """
 from __future__ import annotations
 
 import concurrent.futures
+import importlib
 import json
 import os
 import re
 import shlex
 import subprocess
 import sys
+
+import pytest
+
+from srdd_jax import main
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -42,11 +48,18 @@ def _plan(path: str) -> str:
   return path
 
 
-def _check(command: str, tmp: str):
+def _check(command: str, tmp: str, capsys=None):
+  """Checks one README command: (exit status, stderr), or None for a make target. With `capsys`, a
+  `python -m srdd_jax.main` command runs in this process (srdd_jax.main.run, the command's own parse and
+  dry run) and a tool's `--help` calls its main; other commands, and every command without `capsys`,
+  run as processes."""
   argv = shlex.split(command.replace('[--strict]', '--strict'))
   if argv[:3] == ['python', '-m', 'srdd_jax.main'] or argv[:3] == ['python', '-m', 'srdd_jax.scaling']:
     argv = [sys.executable, '-m', argv[2]] + [
         f'--workdir={tmp}' if a.startswith('--workdir') else a for a in argv[3:]] + ['--dry_run']
+    if capsys is not None and argv[2] == 'srdd_jax.main':
+      rc = main.run(argv[2:])
+      return rc, capsys.readouterr().err
   elif argv[:1] == ['launch/launch.py']:
     plan = _plan(f'{tmp}_plan_{abs(hash(command))}.json')
     argv = [sys.executable, 'launch/launch.py'] + [f'--plan={plan}' if a.startswith('--plan=') else a
@@ -54,15 +67,24 @@ def _check(command: str, tmp: str):
     argv = argv[:3] + ['--dry-run'] + argv[3:] if '--' in argv else argv + ['--dry-run']
   elif argv[:2] == ['python', '-m'] and argv[2].startswith('srdd_jax.tools.'):
     argv = [sys.executable, '-m', argv[2], '--help']
+    if capsys is not None:
+      with pytest.raises(SystemExit) as e:  # argparse's --help exits 0 after printing the usage.
+        importlib.import_module(argv[2]).main(argv[3:])
+      out = capsys.readouterr()
+      return (e.value.code or 0) if 'usage:' in out.out else f'no usage printed: {out.out[:200]!r}', out.err
   elif argv[:1] == ['make']:
     return None  # The two make targets are what CI and the demo run.
   else:
     raise AssertionError(f'a README command of an unknown kind: {command}')
   env = dict(os.environ, JAX_PLATFORMS='cpu')
-  return subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  r = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  return r.returncode, r.stderr
 
 
-def test_every_readme_command_is_accepted(tmp_path):
+def test_every_readme_command_is_accepted(tmp_path, capsys):
+  """The srdd_jax.main commands and the tools' --help in this process, the first srdd_jax.main command
+  also as a process (`python -m srdd_jax.main`, absl's parse of the real command line), and the
+  scaling and launch commands as processes, two at a time beside the in-process checks."""
   commands = readme_commands()
   mains = [c for c in commands if 'srdd_jax.main' in c]
   assert len(mains) >= 8 and any('--mode=eval' in c for c in mains)
@@ -70,16 +92,22 @@ def test_every_readme_command_is_accepted(tmp_path):
                'launch/launch.py slurm', 'launch/launch.py local', '--mode=ablation', '--mode=distill',
                '--mode=edit', 'convert_var'):
     assert any(part in c for c in commands), part
+  in_process = [c for c in commands if c.startswith('python -m srdd_jax.main') or
+                c.startswith('python -m srdd_jax.tools.')]
+  processes = [mains[0]] + [c for c in commands if c not in in_process]
+  assert len(in_process) >= len(mains) + 4
   with concurrent.futures.ThreadPoolExecutor(2) as pool:
-    results = list(pool.map(lambda c: _check(c, str(tmp_path / 'wd')), commands))
-  failed = [f'{c}\n  rc {r.returncode}: {r.stderr[-600:]}' for c, r in zip(commands, results)
-            if r is not None and r.returncode != 0]
+    futures = [pool.submit(_check, c, str(tmp_path / 'wd')) for c in processes]
+    results = [(c, _check(c, str(tmp_path / 'wd'), capsys)) for c in in_process]
+    results += [(c, f.result()) for c, f in zip(processes, futures)]
+  assert len(results) == len(commands) + 1
+  failed = [f'{c}\n  rc {r[0]}: {r[1][-600:]}' for c, r in results if r is not None and r[0] != 0]
   assert not failed, '\n'.join(failed)
   assert not os.path.exists(tmp_path / 'wd')  # A dry run writes nothing.
 
 
-def test_a_dry_run_still_refuses_a_bad_key(tmp_path):
-  r = subprocess.run([sys.executable, '-m', 'srdd_jax.main', '--config=configs/smoke.py', f'--workdir={tmp_path}',
-                      '--config.train.stepz=1', '--dry_run'], cwd=REPO, capture_output=True, text=True,
-                     timeout=300, env=dict(os.environ, JAX_PLATFORMS='cpu'))
-  assert r.returncode == 2 and "config.train has no key 'stepz'" in r.stderr
+def test_a_dry_run_still_refuses_a_bad_key(tmp_path, capsys):
+  """In this process (srdd_jax.main.run); tests/test_reliability runs such a refusal as a real process."""
+  rc = main.run(['srdd_jax.main', '--config=configs/smoke.py', f'--workdir={tmp_path}', '--config.train.stepz=1',
+                 '--dry_run'])
+  assert rc == 2 and "config.train has no key 'stepz'" in capsys.readouterr().err

@@ -1,7 +1,8 @@
 """No silent wrong results, nothing overwritten, every bad input an exit-2 message.
 
-The table at the end runs bad inputs through `python -m srdd_jax.main` in subprocesses: each must exit
-with status 2, print no traceback, and name the offending key, path or value.
+The table at the end runs bad inputs through srdd_jax.main's `run` in this process, and a few of them through
+`python -m srdd_jax.main` processes: each must exit with status 2, print no traceback, and name the
+offending key, path or value.
 """
 from __future__ import annotations
 
@@ -12,6 +13,9 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
+import time
+import traceback
 
 import jax
 import jax.numpy as jnp
@@ -19,6 +23,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from srdd_jax import main
 from srdd_jax.config import ConfigError
 from srdd_jax.data import token_cache
 from srdd_jax.data.source import DataError
@@ -194,26 +199,40 @@ def test_sigterm_and_ctrl_c_stop_after_the_step_and_save(tmp_path, sig):
   assert _steps(str(tmp_path)) == [1, 2, 3, 4, 5, 6]
 
 
-def test_a_stopped_run_saves_and_exits_75(tmp_path):
-  """Through main: Ctrl-C (SIGINT) -> checkpoint saved, exit 75, lock released."""
-  import time
+def test_a_stopped_run_saves_and_exits_75(tmp_path, caplog):
+  """Through main.run (the command `python -m srdd_jax.main` runs): Ctrl-C (SIGINT, from another thread
+  once the first step is logged) -> checkpoint saved, exit status 75, lock released. The run has the
+  configuration of test_metrics_never_hold_a_step_twice... (configs/smoke.py on 8 devices, 12 steps, a
+  checkpoint every 5), so its train step is that test's program, from the compilation cache."""
   sig = 'SIGINT'
   wd = tmp_path / 'run'
-  env = dict(os.environ, XLA_FLAGS=xla_flags(), JAX_PLATFORMS='cpu')
-  p = subprocess.Popen([sys.executable, '-m', 'srdd_jax.main', '--config=configs/smoke.py', f'--workdir={wd}',
-                        '--mode=train', '--config.train.steps=100000', '--config.train.checkpoint_every=1000'],
-                       cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-  deadline = time.time() + 240
-  while time.time() < deadline:
-    if (wd / 'metrics.jsonl').exists() and len((wd / 'metrics.jsonl').read_text().splitlines()) >= 3:
-      break
-    time.sleep(0.5)
-  p.send_signal(getattr(signal, sig))
-  out, _ = p.communicate(timeout=240)
-  assert p.returncode == PREEMPTED_EXIT_CODE == 75, out[-3000:]
-  assert f'stopped by {sig}' in out and 'Traceback' not in out
+  sent, done = threading.Event(), threading.Event()
+
+  def interrupt():
+    while not done.is_set():
+      if (wd / 'metrics.jsonl').exists() and (wd / 'metrics.jsonl').read_text().count('\n') >= 1:
+        sent.set()
+        os.kill(os.getpid(), getattr(signal, sig))
+        return
+      time.sleep(0.02)
+
+  # A signal that came after the run (it failed or finished first) must not interrupt pytest: caught
+  # here, outside the run, and the test fails on the status.
+  outside = signal.signal(getattr(signal, sig), lambda *_: None)
+  sender = threading.Thread(target=interrupt, daemon=True)
+  sender.start()
+  try:
+    with caplog.at_level('WARNING'):
+      rc = main.run(['srdd_jax.main', '--config=configs/smoke.py', f'--workdir={wd}', '--mode=train',
+                     '--config.mesh.data=8', '--config.train.steps=12', '--config.train.checkpoint_every=5'])
+  finally:
+    done.set()
+    sender.join()
+    signal.signal(getattr(signal, sig), outside)
+  assert sent.is_set() and rc == PREEMPTED_EXIT_CODE == 75
+  assert f'stopped by {sig}' in caplog.text
   last = json.loads((wd / 'metrics.jsonl').read_text().splitlines()[-1])['step']
-  assert str(last) in os.listdir(wd / 'checkpoints')
+  assert last < 12 and str(last) in os.listdir(wd / 'checkpoints')
   assert not (wd / LOCK_NAME).exists()
 
 
@@ -308,26 +327,74 @@ CASES = [
 ]
 
 
-def _run_case(args, fill):
+def _argv(args, fill):
   argv = [a.format(**fill) for a in args]
   if not any(a.startswith('--workdir') for a in argv):
     argv.append(f'--workdir={fill["root"]}/wd_{abs(hash(tuple(argv)))}')
-  env = dict(os.environ, XLA_FLAGS=xla_flags(8), JAX_PLATFORMS='cpu')
-  r = subprocess.run([sys.executable, '-m', 'srdd_jax.main'] + argv, cwd=REPO, env=env, capture_output=True,
-                     text=True, timeout=600)
-  return r, argv
+  return argv
 
 
-def test_bad_inputs_exit_2_with_one_line_naming_the_key(bad_inputs):
+def _problem(name, expected, fill, argv, rc, stdout, stderr):
+  """Why a case's outcome breaks the promise (exit 2, no traceback, one `error:` line naming `expected`),
+  or None."""
+  expected = expected.format(**fill)
+  errors = [line for line in stderr.splitlines() if line.startswith('error: ')]
+  if rc != 2 or 'Traceback' in stderr + stdout or len(errors) != 1 or expected not in errors[0]:
+    return f'{name}: rc {rc}, argv {argv}\n  stderr tail: {stderr[-800:]}'
+  return None
+
+
+def _in_process(argv, capsys):
+  """main.run(argv) here: (status, stdout, stderr); an exception, which `python -m srdd_jax.main` would
+  print as a traceback, comes back as the status with its traceback on stderr."""
+  try:
+    rc = main.run(['srdd_jax.main'] + argv)
+  except Exception:  # pylint: disable=broad-except
+    rc = f'raised {traceback.format_exc()}'
+  out = capsys.readouterr()
+  return rc, out.out, out.err + (rc if isinstance(rc, str) else '')
+
+
+def test_bad_inputs_exit_2_with_one_line_naming_the_key(bad_inputs, capsys):
+  """Every case through main.run, in this process: the command's own parse (its flags, the config file,
+  the overrides) and execution (multi-process start, workdir, lock, the mode's runner), as `python -m
+  srdd_jax.main` runs them; the real processes' exit status is the next test's."""
   assert len(CASES) >= 25
-  with concurrent.futures.ThreadPoolExecutor(2) as pool:
-    results = list(pool.map(lambda case: _run_case(case[1], bad_inputs), CASES))
   problems = []
-  for (name, _, expected), (r, argv) in zip(CASES, results):
-    expected = expected.format(**bad_inputs)
-    errors = [line for line in r.stderr.splitlines() if line.startswith('error: ')]
-    if r.returncode != 2 or 'Traceback' in r.stderr + r.stdout or len(errors) != 1 or expected not in errors[0]:
-      problems.append(f'{name}: rc {r.returncode}, argv {argv}\n  stderr tail: {r.stderr[-800:]}')
+  for name, args, expected in CASES:
+    argv = _argv(args, bad_inputs)
+    problems.append(_problem(name, expected, bad_inputs, argv, *_in_process(argv, capsys)))
+  problems = [p for p in problems if p]
   assert not problems, '\n'.join(problems)
   # Nothing was written where the input was refused.
   assert os.listdir(os.path.join(bad_inputs['root'], 'used', 'samples')) == ['samples.npz']
+
+
+# Cases also run as `python -m srdd_jax.main` processes: a flag refused by absl's parse of the real
+# command line, a multi-process flag refused at start-up, and a runner's ConfigError.
+END_TO_END = ('unknown key', 'multihost flags', 'tokenizer missing')
+
+
+def test_bad_inputs_exit_2_without_a_traceback_in_a_real_process(bad_inputs, capsys):
+  """The exit status and stderr of real processes; their one line is the one main.run printed."""
+  cases = [c for c in CASES if c[0] in END_TO_END]
+  assert len(cases) == len(END_TO_END)
+  env = dict(os.environ, XLA_FLAGS=xla_flags(8), JAX_PLATFORMS='cpu')
+
+  def process(case):
+    argv = _argv(case[1], bad_inputs)
+    r = subprocess.run([sys.executable, '-m', 'srdd_jax.main'] + argv, cwd=REPO, env=env, capture_output=True,
+                       text=True, timeout=600)
+    return argv, r
+
+  with concurrent.futures.ThreadPoolExecutor(2) as pool:
+    results = list(pool.map(process, cases))
+  problems = []
+  for (name, _, expected), (argv, r) in zip(cases, results):
+    problems.append(_problem(name, expected, bad_inputs, argv, r.returncode, r.stdout, r.stderr))
+    _, _, err = _in_process(argv, capsys)
+    if not problems[-1] and [l for l in r.stderr.splitlines() if l.startswith('error: ')] != [
+        l for l in err.splitlines() if l.startswith('error: ')]:
+      problems.append(f'{name}: the process said {r.stderr[-400:]!r}, main.run {err[-400:]!r}')
+  problems = [p for p in problems if p]
+  assert not problems, '\n'.join(problems)

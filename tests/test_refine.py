@@ -314,3 +314,22 @@ def test_init_from_with_another_architecture_names_the_parameter(plain_export, t
     train_mode.TransformerTask(smoke_config(init_from=str(tmp_path / 'missing')), str(tmp_path / 'y'))
   with pytest.raises(ConfigError, match='config.train.refine_zero_prob=1.5'):
     train_mode.TransformerTask(smoke_config(refine_zero_prob=1.5), str(tmp_path / 'z'))
+
+
+def test_heldout_loss_of_a_refine_model_sees_every_token_masked(models, vae_params):
+  """The held-out loss scores a refine model as its first sampling pass sees a scale (all masked),
+  not with the stream left out, an input the model never saw in training."""
+  from srdd_jax.train.distill import heldout_token_loss  # pylint: disable=import-outside-toplevel
+  _, _, live, lab, _ = models
+  c = _cfg('markov')
+  ids = jax.random.randint(jax.random.PRNGKey(5), (2, c.seq_len), 0, V)
+  got = heldout_token_loss(c, live, VQ, vae_params, ids, lab, batch_size=2)
+  x_in = Tokenizer(VQ).idx_to_var_input(vae_params, [ids[:, b:e] for b, e in c.begin_ends])
+
+  def mean_nll(reveal):
+    logits = VAR(c).apply({'params': live}, lab, x_in, reveal_ids=reveal)
+    return float(-jnp.take_along_axis(jax.nn.log_softmax(logits), ids[..., None], -1).mean())
+
+  masked = mean_nll(_all_masked(2, c.seq_len))
+  assert abs(got['mean_loss'] - masked) < 1e-5
+  assert abs(mean_nll(None) - masked) > 1e-4  # The live stream moves the logits: the two differ.

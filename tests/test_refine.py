@@ -17,6 +17,7 @@ from srdd_jax.modes import train as train_mode
 from srdd_jax.parallel import mesh as pm
 from srdd_jax.tokenizer.api import Tokenizer, unbox
 from srdd_jax.tokenizer.vqvae import VQVAEConfig
+from srdd_jax.train.distill import heldout_token_loss
 from srdd_jax.train.optimizer import OptimConfig
 from srdd_jax.train.refine import RefineTrainer, hidden_cross_entropy
 from srdd_jax.train.transformer_task import init_from_checkpoint
@@ -230,18 +231,23 @@ def test_refine_iterations_remask_only_low_probability_tokens(models, vae_params
     assert len(passes) == 2
     np.testing.assert_array_equal(passes[0], V)
     np.testing.assert_array_equal(passes[1], np.where(low[si], V, tok0[si]))
+  # The constructed model's later passes (tokens revealed) put all the mass on 3, so read at a revealed
+  # position every kept token but 3 would look improbable. Confidence is the probability under the pass
+  # that drew the token, where it was masked: kept tokens keep their first-pass 0.1 >= 0.05, redrawn
+  # ones got 1.0, so the second iteration re-masks nothing and changes nothing.
   tok2, calls = run(2)
   for si in (1, 2):
-    np.testing.assert_array_equal(tok2[si], 3)  # Under the later distribution all but 3 are low.
+    np.testing.assert_array_equal(tok2[si], tok1[si])
+    assert (tok2[si] != 3).any()  # Confident first-pass tokens survive the second iteration.
     passes = [r for s, r in calls if s == si]
-    np.testing.assert_array_equal(passes[2], np.where(tok1[si] != 3, V, 3))
+    np.testing.assert_array_equal(passes[2], tok1[si])  # Nothing re-masked: every token revealed.
   # Editing: kept tokens are revealed and never redrawn, however improbable.
   keep_ids = [np.zeros((8, p * p), np.int32) for p in PN]
   keep_masks = [np.zeros((8, p * p), bool) for p in PN]
   keep_ids[2][:, :3], keep_masks[2][:, :3] = 9, True
   tok, calls = run(2, (keep_ids, keep_masks))
   np.testing.assert_array_equal(tok[2][:, :3], 9)
-  np.testing.assert_array_equal(tok[2][:, 3:], 3)
+  np.testing.assert_array_equal(tok[2][:, 3:], tok1[2][:, 3:])
   later = [r for s, r in calls if s == 2][1:]
   assert len(later) == 2 and all(np.all(r[:, :3] == 9) for r in later)
 
@@ -310,3 +316,21 @@ def test_init_from_with_another_architecture_names_the_parameter(plain_export, t
     train_mode.task(smoke_config(init_from=str(tmp_path / 'missing')), str(tmp_path / 'y'))
   with pytest.raises(ConfigError, match='config.train.refine_zero_prob=1.5'):
     train_mode.task(smoke_config(refine_zero_prob=1.5), str(tmp_path / 'z'))
+
+
+def test_heldout_loss_of_a_refine_model_sees_every_token_masked(models, vae_params):
+  """The held-out loss scores a refine model as its first sampling pass sees a scale (all masked),
+  not with the stream left out, an input the model never saw in training."""
+  _, _, live, lab, _ = models
+  c = _cfg('markov')
+  ids = jax.random.randint(jax.random.PRNGKey(5), (2, c.seq_len), 0, V)
+  got = heldout_token_loss(c, live, VQ, vae_params, ids, lab, batch_size=2)
+  x_in = Tokenizer(VQ).idx_to_var_input(vae_params, [ids[:, b:e] for b, e in c.begin_ends])
+
+  def mean_nll(reveal):
+    logits = VAR(c).apply({'params': live}, lab, x_in, reveal_ids=reveal)
+    return float(-jnp.take_along_axis(jax.nn.log_softmax(logits), ids[..., None], -1).mean())
+
+  masked = mean_nll(_all_masked(2, c.seq_len))
+  assert abs(got['mean_loss'] - masked) < 1e-5
+  assert abs(mean_nll(None) - masked) > 1e-4  # The live stream moves the logits: the two differ.

@@ -160,20 +160,20 @@ class Sampler:
 
   def _refine(self, var_params, cond, x_in, si: int, caches, logits, tok, keep, key, t):
     """Masked resampling `refine` at scale `si` (SPEC §5), from the tokens `tok` drawn from the guided
-    `logits`: each iteration re-masks the tokens with probability < mr_threshold under the latest final
-    distribution, runs the scale once more with the others revealed (both halves of a guided batch alike)
-    and draws the masked ones afresh; kept tokens (editing) are always revealed, never redrawn. Causal:
-    the scale's cache rows are rewritten by every pass, so the next scale attends to the keys and
-    values of the last pass. -> (tokens, caches)."""
+    `logits`: each iteration re-masks the tokens whose confidence is < mr_threshold, runs the scale once
+    more with the others revealed (both halves of a guided batch alike) and draws the masked ones afresh;
+    kept tokens (editing) are always revealed, never redrawn. A token's confidence is its probability
+    under the pass that drew it, where it was masked: the refine stream is trained on hidden positions
+    only, so a pass's outputs at revealed positions were never supervised and say nothing about the
+    token there. Causal: the scale's cache rows are rewritten by every pass, so the next scale attends
+    to the keys and values of the last pass. -> (tokens, caches)."""
     c, sc = self.var_config, self.config
     b = tok.shape[0]
     guided = cond.shape[0] != b
 
-    # The final distribution of a pass is filtered once and serves both its draw and the next
-    # iteration's confidences (top-p sorts the vocabulary: the cost of an iteration on a CPU).
     def body(j, carry):
-      tok, vals, ids, caches = carry
-      low = filtering.probs_from(vals, ids, tok) < sc.mr_threshold
+      tok, conf, caches = carry
+      low = conf < sc.mr_threshold
       if keep is not None:
         low = low & ~keep
       reveal = jnp.where(low, c.vocab_size, tok)
@@ -181,12 +181,15 @@ class Sampler:
                                           jnp.concatenate([reveal, reveal]) if guided else reveal)
       if guided:
         logits = filtering.guide(logits[:b], logits[b:], t)
+      # The final distribution is filtered once for both the draw and the new tokens' confidences
+      # (top-p sorts the vocabulary: the cost of an iteration on a CPU).
       vals, ids = filtering.candidates(logits, sc)
       new = filtering.draw_from(jax.random.fold_in(key, j + 1), vals, ids, sc, False)
-      return jnp.where(low, new, tok), vals, ids, caches
+      conf = jnp.where(low, filtering.probs_from(vals, ids, new), conf)
+      return jnp.where(low, new, tok), conf, caches
 
-    vals, ids = filtering.candidates(logits, sc)
-    tok, _, _, caches = jax.lax.fori_loop(0, sc.mr_iterations, body, (tok, vals, ids, caches))
+    conf = filtering.probs_from(*filtering.candidates(logits, sc), tok)
+    tok, _, caches = jax.lax.fori_loop(0, sc.mr_iterations, body, (tok, conf, caches))
     return tok, caches
 
   def decode(self, vae_params, f_hat):

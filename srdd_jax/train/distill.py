@@ -212,7 +212,11 @@ def _heldout_sums(var_config: VARConfig, vae_config):
   @jax.jit
   def sums(p, vp, batch_ids, batch_labels, weight):
     x_in = tok.idx_to_var_input(vp, [batch_ids[:, b:e] for b, e in var_config.begin_ends])
-    logits = model.apply({'params': p}, batch_labels, x_in).astype(jnp.float32)
+    # A refine model is scored as its first sampling pass sees each scale: every token masked (the
+    # stream never saw a missing reveal in training).
+    reveal = (jnp.full(batch_ids.shape, var_config.vocab_size, jnp.int32) if var_config.refine
+              else None)
+    logits = model.apply({'params': p}, batch_labels, x_in, reveal_ids=reveal).astype(jnp.float32)
     nll = token_nll(logits, batch_ids)
     correct = (jnp.argmax(logits, axis=-1) == batch_ids).astype(jnp.float32)
     return (weight[:, None] * nll) @ onehot, (weight[:, None] * correct) @ onehot

@@ -20,7 +20,7 @@ from srdd_jax.train.optimizer import OptimConfig
 from srdd_jax.train.step import Trainer
 from srdd_jax.transformer.config import VARConfig
 from srdd_jax.transformer.model import VAR, blocks_layout, stack_blocks, unstack_blocks
-from tests.conftest import save_tiny_models, smoke_config
+from tests.conftest import smoke_config
 
 PN = (1, 2, 3)
 CFG = VARConfig(depth=3, width=64, num_heads=2, patch_nums=PN, vocab_size=32, z_channels=8, num_classes=5,
@@ -88,8 +88,8 @@ def test_converted_var_checkpoint_in_either_layout():
     np.testing.assert_array_equal(u, v)
 
 
-def test_saved_model_loads_in_either_layout(tmp_path):
-  var_dir, vae_dir = save_tiny_models(str(tmp_path))  # Saved per block (scan_blocks False).
+def test_saved_model_loads_in_either_layout(tiny_models):
+  var_dir, vae_dir = tiny_models  # Saved per block (scan_blocks False).
   c = smoke_config()
   c.model.checkpoint, c.tokenizer.checkpoint = var_dir, vae_dir
   for scan in (True, False):

@@ -113,11 +113,39 @@ def save_tiny_models(root) -> tuple[str, str]:
   vq = VQVAEConfig(vocab_size=64, z_channels=8, ch=32, ch_mult=(1, 1, 2), patch_nums=pn)
   vc = VARConfig(depth=1, width=64, num_heads=1, num_classes=10, vocab_size=64, z_channels=8, patch_nums=pn)
   x = np.zeros((1, vc.seq_len - 1, 8), np.float32)
-  var = unbox(VAR(vc).init(jax.random.PRNGKey(0), np.zeros((1,), np.int32), x)['params'])
+  # Compiled: the transformer's init op by op costs 2.5x the CPU (the tokenizer's is cheaper op by op).
+  var = jax.jit(lambda k: unbox(VAR(vc).init(k, np.zeros((1,), np.int32), x)['params']))(jax.random.PRNGKey(0))
   params_io.save_params(os.path.join(root, 'vae'), unbox(Tokenizer(vq).init(jax.random.PRNGKey(1))),
                         kind='vqvae', config=vq)
   params_io.save_params(os.path.join(root, 'var'), var, kind='var', config=vc)
   return os.path.join(root, 'var'), os.path.join(root, 'vae')
+
+
+def save_small_tokenizer(root) -> str:
+  """The cheapest tokenizer of the scales 1..4, untrained, saved under `root`: 8 px images (sklearn
+  digits' own size), one downsampling, one residual block per level, no attention. For runs whose
+  properties do not depend on the tokenizer: fewer and smaller arrays to load and programs to compile."""
+  # pylint: disable=import-outside-toplevel
+  from srdd_jax.convert import params_io
+  from srdd_jax.tokenizer.api import Tokenizer, unbox
+  from srdd_jax.tokenizer.vqvae import VQVAEConfig
+  vq = VQVAEConfig(vocab_size=64, z_channels=8, ch=32, ch_mult=(1, 1), num_res_blocks=1, using_sa=False,
+                   using_mid_sa=False, patch_nums=(1, 2, 3, 4))
+  return params_io.save_params(os.path.join(root, 'vae'), unbox(Tokenizer(vq).init(jax.random.PRNGKey(1))),
+                               kind='vqvae', config=vq)
+
+
+@pytest.fixture(scope='session')
+def small_tokenizer(tmp_path_factory):
+  """save_small_tokenizer once per test process (read-only): its directory."""
+  return save_small_tokenizer(str(tmp_path_factory.mktemp('small_tokenizer')))
+
+
+@pytest.fixture(scope='session')
+def tiny_models(tmp_path_factory):
+  """save_tiny_models once per test process, shared by the tests that only read them: (transformer dir,
+  tokenizer dir). A test that writes into them must save its own."""
+  return save_tiny_models(str(tmp_path_factory.mktemp('tiny_models')))
 
 
 def smoke_config(**train):

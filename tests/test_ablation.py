@@ -1,7 +1,7 @@
-"""--mode=ablation: every variant (a)-(g) on a tiny run (digits at 16 px, a given untrained tokenizer, 4-step
-transformers), its outputs, and a second run that redoes nothing; the selection rule and the noise statement
-exactly. (Training the tokenizer is --mode=train_tokenizer's, tested in test_tokenizer_train; here it would
-double the file's time.)"""
+"""--mode=ablation: every variant (a)-(g) on a tiny run (digits at their own 8 px, a given untrained
+tokenizer, 4-step transformers), its outputs, and a second run that redoes nothing; the selection rule and
+the noise statement exactly. (Training the tokenizer is --mode=train_tokenizer's, tested in
+test_tokenizer_train; here it would double the file's time.)"""
 import json
 import os
 
@@ -11,7 +11,6 @@ import pytest
 from srdd_jax import main
 from srdd_jax.config import ConfigError
 from srdd_jax.modes import ablation
-from tests.conftest import save_tiny_models
 
 
 def _tiny_config(tokenizer=''):
@@ -40,10 +39,10 @@ def _mtimes(root):
           for d, _, files in os.walk(root) for f in files if not f.startswith('ablation.')}
 
 
-def test_the_whole_ablation_runs_and_resumes_without_redoing(tmp_path):
+def test_the_whole_ablation_runs_and_resumes_without_redoing(tmp_path, small_tokenizer):
   assert main.MODES['ablation'] is ablation.run
   wd = str(tmp_path / 'run')
-  _, vae = save_tiny_models(str(tmp_path / 'given'))
+  vae = small_tokenizer
   first = ablation.run(_tiny_config(vae), wd)
   out = json.load(open(os.path.join(wd, 'ablation.json')))
   assert sorted(out['variants']) == list('abcdefg')

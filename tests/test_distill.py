@@ -181,11 +181,12 @@ def _losses(workdir):
 def teacher_dir(tmp_path_factory):
   """A tokenizer like the smoke config's (64 codes of 8 channels, scales 1..4) and a teacher for it (10
   classes) saved as a training export would be; per-block layout (the smoke run scans its blocks:
-  converted on load)."""
+  converted on load). The teacher is smaller than the smoke model (depth 1, width 32: a smaller step to
+  compile), so the student's architecture shows it comes from the teacher."""
   root = tmp_path_factory.mktemp('teacher')
   vq = VQVAEConfig(vocab_size=64, z_channels=8, ch=32, ch_mult=(1, 1, 2), patch_nums=TEACHER_PN)
   params_io.save_params(str(root / 'vae'), _vae(vq), kind='vqvae', config=vq)
-  c = VARConfig(depth=2, width=64, num_heads=2, num_classes=10, vocab_size=64, z_channels=8,
+  c = VARConfig(depth=1, width=32, num_heads=1, num_classes=10, vocab_size=64, z_channels=8,
                 patch_nums=TEACHER_PN, drop_path_rate=0.0)
   p = _init(c, 7)
   params_io.save_params(str(root / 'markov'), p, kind='var', config=c)
@@ -212,7 +213,7 @@ def test_distill_mode_runs_resumes_and_exports(teacher_dir, tmp_path):
   # Step 1 is computed on the initial student: the copied teacher, so no divergence from it (bfloat16).
   assert recs[0]['kl'] < 1e-3 and recs[-1]['kl'] > recs[0]['kl']
   cfg, _ = params_io.load_var(full['export'])
-  assert cfg.patch_nums == STUDENT_PN and (cfg.depth, cfg.width, cfg.num_classes) == (2, 64, 10)
+  assert cfg.patch_nums == STUDENT_PN and (cfg.depth, cfg.width, cfg.num_classes) == (1, 32, 10)
   # A run stopped at step 2 (its checkpoint, its metrics) resumes from there, not from the teacher.
   part = tmp_path / 'part'
   shutil.copytree(os.path.join(straight, 'checkpoints', '2'), part / 'checkpoints' / '2')

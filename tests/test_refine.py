@@ -1,6 +1,7 @@
 """Masked resampling `refine` (SPEC §5): the zero-initialised second stream, its training loss, the
 sampler's iterations and fine-tuning from a checkpoint without the stream."""
 import dataclasses
+import functools
 import math
 
 import jax
@@ -29,7 +30,10 @@ PN = (1, 2, 4)
 V = 16
 PLAIN = VARConfig(depth=2, width=32, num_heads=2, num_classes=4, vocab_size=V, z_channels=4, patch_nums=PN,
                   drop_path_rate=0.0, cond_drop_rate=0.0, init_adaln_gamma=1.0, init_head=1.0)  # Far from identity.
-VQ = VQVAEConfig(vocab_size=V, z_channels=4, ch=32, ch_mult=(1, 1, 2), patch_nums=PN)
+# The tokenizer only carries tokens to images here: the smallest one of this size (one residual block
+# per level, no attention) keeps the sampler's and the step's programs small.
+VQ = VQVAEConfig(vocab_size=V, z_channels=4, ch=32, ch_mult=(1, 1, 2), num_res_blocks=1, using_sa=False,
+                 using_mid_sa=False, patch_nums=PN)
 
 
 def _cfg(mask, refine=True):
@@ -40,20 +44,28 @@ def _cfg(mask, refine=True):
 def models():
   """(plain params, the same with the zero-initialised refine stream, the same with the stream made
   non-zero, inputs): one set of weights for both masks."""
-  lab = jnp.array([0, 3], jnp.int32)
-  x = jax.random.normal(jax.random.PRNGKey(1), (2, PLAIN.seq_len - 1, PLAIN.z_channels))
+  lab = np.array([0, 3], np.int32)
+  rng = np.random.default_rng(1)
+  x = rng.standard_normal((2, PLAIN.seq_len - 1, PLAIN.z_channels)).astype(np.float32)
   plain = jax.jit(lambda k: unbox(VAR(PLAIN).init(k, lab, x)['params']))(jax.random.PRNGKey(0))
   refine = with_refine_params(plain, _cfg('markov'), jax.random.PRNGKey(2))
-  k1, k2 = jax.random.split(jax.random.PRNGKey(3))
-  live = {**refine, 'refine_proj': {'kernel': 0.3 * jax.random.normal(k1, (32, 32)),
-                                    'bias': 0.1 * jax.random.normal(k2, (32,))}}
+  live = {**refine, 'refine_proj': {'kernel': (0.3 * rng.standard_normal((32, 32))).astype(np.float32),
+                                    'bias': (0.1 * rng.standard_normal(32)).astype(np.float32)}}
   return plain, refine, live, lab, x
 
 
 def _all_masked(b, n):
-  return jnp.full((b, n), V, jnp.int32)
+  return np.full((b, n), V, np.int32)
 
 
+# The model's passes compiled, one program per architecture and call pattern, shared by the tests (op by
+# op, the same checks compiled some hundreds of small programs).
+@functools.partial(jax.jit, static_argnums=0)
+def _forward(c, params, lab, x, reveal_ids=None):
+  return VAR(c).apply({'params': params}, lab, x, reveal_ids=reveal_ids)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4))
 def _scale_pass(c, params, lab, x, si, caches, reveal):
   """One scale's logits through scale_logits, from the teacher-forcing input `x` of the training forward."""
   m = VAR(c)
@@ -68,10 +80,9 @@ def _scale_pass(c, params, lab, x, si, caches, reveal):
 def test_zero_initialised_stream_gives_bitwise_the_plain_logits(models, mask):
   plain, refine, _, lab, x = models
   c0, c1 = dataclasses.replace(PLAIN, mask=mask), _cfg(mask)
-  ref = VAR(c0).apply({'params': plain}, lab, x)
-  np.testing.assert_array_equal(VAR(c1).apply({'params': refine}, lab, x), ref)
-  np.testing.assert_array_equal(
-      VAR(c1).apply({'params': refine}, lab, x, reveal_ids=_all_masked(2, c1.seq_len)), ref)
+  ref = _forward(c0, plain, lab, x)
+  np.testing.assert_array_equal(_forward(c1, refine, lab, x), ref)
+  np.testing.assert_array_equal(_forward(c1, refine, lab, x, _all_masked(2, c1.seq_len)), ref)
   caches0 = caches1 = caches2 = empty_caches(c0, 2) if mask == 'causal' else None
   for si, pn in enumerate(PN):
     want, caches0 = _scale_pass(c0, plain, lab, x, si, caches0, None)
@@ -86,12 +97,12 @@ def test_zero_initialised_stream_gives_bitwise_the_plain_logits(models, mask):
 
 def test_init_creates_the_stream_and_plain_models_refuse_it(models):
   plain, _, _, lab, x = models
-  p = unbox(VAR(_cfg('markov')).init(jax.random.PRNGKey(0), lab, x)['params'])
+  p = jax.jit(lambda k: unbox(VAR(_cfg('markov')).init(k, lab, x)['params']))(jax.random.PRNGKey(0))
   assert p['refine_embed']['embedding'].shape == (V + 1, 32)
   assert not np.any(p['refine_proj']['kernel']) and not np.any(p['refine_proj']['bias'])
   assert 'refine_embed' not in plain
-  with pytest.raises(ValueError, match='refine'):
-    VAR(PLAIN).apply({'params': plain}, lab, x, reveal_ids=_all_masked(2, PLAIN.seq_len))
+  with pytest.raises(ValueError, match='refine'):  # Refused while tracing: nothing to compile.
+    jax.eval_shape(lambda: VAR(PLAIN).apply({'params': plain}, lab, x, reveal_ids=_all_masked(2, PLAIN.seq_len)))
 
 
 @pytest.mark.parametrize('mask', ['markov', 'causal'])
@@ -99,26 +110,28 @@ def test_revealed_tokens_reach_the_hidden_tokens_logits(models, mask):
   _, _, live, lab, x = models
   c = _cfg(mask)
   b, e = c.begin_ends[2]
-  model = VAR(c)
 
   def logits(tok, params=live):
-    reveal = _all_masked(2, c.seq_len).at[:, b].set(tok)  # The first token of scale 2 revealed.
-    return model.apply({'params': params}, lab, x, reveal_ids=reveal)
+    reveal = _all_masked(2, c.seq_len)
+    reveal[:, b] = tok  # The first token of scale 2 revealed.
+    return _forward(c, params, lab, x, reveal)
 
-  l5, l7 = logits(5), logits(7)
+  l5, l7 = np.asarray(logits(5)), np.asarray(logits(7))
   hidden = slice(b + 1, e)
   # Every hidden token of the scale: its logits move with the revealed token's value.
-  diff = np.abs(np.asarray(l5[:, hidden] - l7[:, hidden])).max(axis=-1)
+  diff = np.abs(l5[:, hidden] - l7[:, hidden]).max(axis=-1)
   assert np.all(diff > 1e-5), diff  # Measured 4e-4 and up; no path would give exactly 0.
   np.testing.assert_array_equal(l5[:, :b], l7[:, :b])  # Coarser scales never see a finer one.
   # The gradient of the hidden tokens' logits reaches the revealed token's row and the [MASK] row only.
-  g = jax.grad(lambda p: jnp.sum(logits(5, p)[:, hidden] ** 2))(live)['refine_embed']['embedding']
+  g = jax.jit(jax.grad(lambda p: jnp.sum(logits(5, p)[:, hidden] ** 2)))(live)['refine_embed']['embedding']
   rows = np.flatnonzero(np.abs(np.asarray(g)).sum(-1))
   assert rows.tolist() == [5, V]
   # scale_logits (the sampler's pass) gives the same as the training forward.
   caches = empty_caches(c, 2) if mask == 'causal' else None
   for si, pn in enumerate(PN):
-    reveal = _all_masked(2, pn * pn).at[:, 0].set(5) if si == 2 else _all_masked(2, pn * pn)
+    reveal = _all_masked(2, pn * pn)
+    if si == 2:
+      reveal[:, 0] = 5
     out, caches = _scale_pass(c, live, lab, x, si, caches, reveal)
   np.testing.assert_allclose(out, l5[:, b:e], rtol=1e-5, atol=1e-5)
 
@@ -128,8 +141,8 @@ def test_causal_second_pass_rewrites_the_scale_in_the_cache(models):
   logits are bitwise those after the second pass only."""
   _, _, live, lab, x = models
   c = _cfg('causal')
-  first = jnp.array([[3, V, 9, V], [V, V, V, 1]], jnp.int32)
-  second = jnp.array([[3, 4, V, V], [2, V, V, 1]], jnp.int32)
+  first = np.array([[3, V, 9, V], [V, V, V, 1]], np.int32)
+  second = np.array([[3, 4, V, V], [2, V, V, 1]], np.int32)
   _, caches = _scale_pass(c, live, lab, x, 0, empty_caches(c, 2), _all_masked(2, 1))
   _, twice = _scale_pass(c, live, lab, x, 1, caches, first)
   _, twice = _scale_pass(c, live, lab, x, 1, twice, second)
@@ -143,27 +156,34 @@ def test_causal_second_pass_rewrites_the_scale_in_the_cache(models):
 
 def test_loss_is_the_hidden_tokens_cross_entropy():
   c = _cfg('markov')
-  logits = jax.random.normal(jax.random.PRNGKey(0), (2, c.seq_len, V))
-  targets = jax.random.randint(jax.random.PRNGKey(1), (2, c.seq_len), 0, V)
-  nll = -np.take_along_axis(np.asarray(jax.nn.log_softmax(logits)), np.asarray(targets)[..., None], -1)[..., 0]
+  rng = np.random.default_rng(0)
+  logits = rng.standard_normal((2, c.seq_len, V)).astype(np.float32)
+  targets = rng.integers(0, V, (2, c.seq_len)).astype(np.int32)
+  lse = np.log(np.exp(logits.astype(np.float64)).sum(-1, keepdims=True))
+  nll = -np.take_along_axis(logits - lse, targets[..., None], -1)[..., 0]
+  loss_fn = jax.jit(hidden_cross_entropy, static_argnums=3)  # One program for the three calls.
   revealed = np.ones((2, c.seq_len), bool)
   revealed[1, 7] = False  # Everything revealed but token 7 of example 1.
-  loss, m = hidden_cross_entropy(logits, targets, jnp.asarray(revealed), c)
+  loss, m = loss_fn(logits, targets, jnp.asarray(revealed), c)
   np.testing.assert_allclose(loss, nll[1, 7], rtol=1e-6)
   assert m['loss'] == loss and m['last_scale_loss'] == loss  # Token 7 is in the last scale (5..20).
   assert float(m['accuracy']) == float(np.argmax(logits[1, 7]) == targets[1, 7])
   revealed[0, 0] = False
-  loss, m = hidden_cross_entropy(logits, targets, jnp.asarray(revealed), c)
+  loss, m = loss_fn(logits, targets, jnp.asarray(revealed), c)
   np.testing.assert_allclose(loss, (nll[1, 7] + nll[0, 0]) / 2, rtol=1e-6)
   np.testing.assert_allclose(m['last_scale_loss'], nll[1, 7], rtol=1e-6)
   # Nothing revealed: VAR's mean cross-entropy.
-  loss, _ = hidden_cross_entropy(logits, targets, jnp.zeros((2, c.seq_len), bool), c)
+  loss, _ = loss_fn(logits, targets, jnp.zeros((2, c.seq_len), bool), c)
   np.testing.assert_allclose(loss, nll.mean(), rtol=1e-6)
 
 
 @pytest.fixture(scope='module')
 def vae_params():
-  return jax.jit(lambda k: unbox(Tokenizer(VQ).init(k)))(jax.random.PRNGKey(1))
+  """Random tokenizer weights (numpy, from the abstract tree): what they are does not matter here, and a
+  compiled initialiser costs more than every use of them."""
+  rng = np.random.default_rng(1)
+  return jax.tree_util.tree_map(lambda a: (0.1 * rng.standard_normal(a.shape)).astype(np.float32),
+                                unbox(Tokenizer(VQ).abstract_params()))
 
 
 def test_trainer_loss_reveals_ground_truth_and_scores_the_hidden_token(models, vae_params):
@@ -171,17 +191,19 @@ def test_trainer_loss_reveals_ground_truth_and_scores_the_hidden_token(models, v
   c = _cfg('markov')
   mesh = pm.make_mesh((1, 1, 1), devices=jax.devices()[:1])
   tr = RefineTrainer(c, VQ, OptimConfig(total_steps=10), mesh)
-  ids = jax.random.randint(jax.random.PRNGKey(4), (2, c.seq_len), 0, V)
+  ids = np.random.default_rng(4).integers(0, V, (2, c.seq_len)).astype(np.int32)
   revealed = np.ones((2, c.seq_len), bool)
   revealed[0, 9] = False
   tr.reveal = lambda rng, batch: jnp.asarray(revealed)
-  loss, _ = tr.loss(live, vae_params, lab, ids, jax.random.PRNGKey(0))
-  x_in = tr.tokenizer.idx_to_var_input(vae_params, [ids[:, b:e] for b, e in c.begin_ends])
-  logits = VAR(c).apply({'params': live}, lab, x_in, reveal_ids=jnp.where(revealed, ids, V))
-  np.testing.assert_allclose(loss, -jax.nn.log_softmax(logits[0, 9])[ids[0, 9]], rtol=1e-5)
+  loss, _ = jax.jit(tr.loss)(live, vae_params, lab, ids, jax.random.PRNGKey(0))
+  x_in = jax.jit(lambda vp, ids: tr.tokenizer.idx_to_var_input(vp, [ids[:, b:e] for b, e in c.begin_ends]))(
+      vae_params, ids)
+  logits = np.asarray(_forward(c, live, lab, x_in, np.where(revealed, ids, V)), np.float64)
+  lse = np.log(np.exp(logits[0, 9]).sum())
+  np.testing.assert_allclose(loss, lse - logits[0, 9, ids[0, 9]], rtol=1e-5)
   # The reveal ratio: 0 for a zero_prob share of examples, else uniform; tokens independently.
   tr = RefineTrainer(c, VQ, OptimConfig(total_steps=10), mesh, zero_prob=0.25, max_ratio=0.5)
-  frac = np.asarray(tr.reveal(jax.random.PRNGKey(0), 4000)).mean(axis=1)
+  frac = np.asarray(jax.jit(tr.reveal, static_argnums=1)(jax.random.PRNGKey(0), 4000)).mean(axis=1)
   # Nothing revealed: r = 0, or by chance all 21 tokens hidden (E[(1 - r)^21] = 2 (1 - 0.5^22) / 22).
   assert abs((frac == 0).mean() - (0.25 + 0.75 * 2 * (1 - 0.5 ** 22) / 22)) < 0.03
   assert abs(frac.mean() - 0.75 * 0.25) < 0.01

@@ -31,12 +31,6 @@ def _load_models(name):
 
 
 @pytest.fixture(scope='module')
-def models():
-  """The reference transformer (depth 2, width 128, 10 classes, 256 px) and its tokenizer, converted."""
-  return _load_models('var_d2_w128.npz')
-
-
-@pytest.fixture(scope='module')
 def compact_models():
   """The compact reference transformer (depth 2, width 64, 5 classes, V=512, 32 px, 6 scales) and its
   tokenizer, converted: part of the repository, so the tests using it run everywhere."""
@@ -183,11 +177,11 @@ def test_guidance_as_an_argument_is_the_configured_guidance(compact_models, mask
                                                                   guidance=jnp.zeros(5))
 
 
-def test_rng_seed_and_batch_index(models):
-  vc, p, vae_c, vae_p = models
+def test_rng_seed_and_batch_index(compact_models):
+  vc, p, vae_c, vae_p = compact_models
   s = Sampler(vc, vae_c, SamplerConfig(cfg=1.5), mask='markov')
   fn = jax.jit(s.tokens)
-  labels = jnp.array([3, 3, 5, 5])
+  labels = jnp.array([3, 3, 4, 4])
   a, _ = fn(p, vae_p, labels, batch_rng(0, 0))
   b, _ = fn(p, vae_p, labels, batch_rng(0, 0))
   c, _ = fn(p, vae_p, labels, batch_rng(0, 1))
@@ -227,9 +221,13 @@ def test_sharded_sampling_equals_single_device(compact_models):
       assert np.any(np.asarray(ids[-1])[0] != np.asarray(ids[-1])[5])
 
 
+# Editing on the compact models (32 px, an 8x8 latent, 6 scales): the same checks as at 256 px, everywhere.
+SIZE, DOWN = 32, 4
+
+
 @pytest.fixture(scope='module')
 def image():
-  with np.load(reference_file('vqvae_ch32_256.npz')) as z:
+  with np.load(reference_file('compact_vqvae_32.npz')) as z:
     return np.transpose(z['img'], (0, 2, 3, 1)).astype(np.float32)
 
 
@@ -243,33 +241,33 @@ def _check_edit(ids, gt, keep, out):
     differ += (a[~m] != g[~m]).sum()
   assert kept > 0 and total_gen > 0
   assert differ > 0.5 * total_gen  # The generated region is not a copy of the image's tokens.
-  assert out.shape == (2, 256, 256, 3) and 0.0 <= float(out.min()) and float(out.max()) <= 1.0
+  assert out.shape == (2, SIZE, SIZE, 3) and 0.0 <= float(out.min()) and float(out.max()) <= 1.0
 
 
 @pytest.mark.parametrize('task', ['inpaint', 'outpaint', 'class_edit'])
-def test_editing_keeps_the_kept_region(models, image, task):
-  vc, p, vae_c, vae_p = models
+def test_editing_keeps_the_kept_region(compact_models, image, task):
+  vc, p, vae_c, vae_p = compact_models
   editor = editing.Editor(Sampler(vc, vae_c, SamplerConfig(cfg=1.5), mask='markov'))
-  box = (64, 64, 192, 192) if task != 'class_edit' else (0, 0, 256, 128)
-  pixel = editing.box_keep_mask(256, box, keep_inside=task != 'inpaint')
-  latent = editing.latent_keep_mask(np.stack([pixel] * 2), 16)
+  box = (8, 8, 24, 24) if task != 'class_edit' else (0, 0, SIZE, SIZE // 2)
+  pixel = editing.box_keep_mask(SIZE, box, keep_inside=task != 'inpaint')
+  latent = editing.latent_keep_mask(np.stack([pixel] * 2), DOWN)
   labels = jnp.array([vc.num_classes] * 2) if task != 'class_edit' else jnp.array([4, 4])
   ids, out, gt, keep = jax.jit(editor.edit)(p, vae_p, image, latent, labels, batch_rng(0, 0))
   _check_edit(ids, gt, keep, out)
   assert bool(np.all(np.asarray(keep[0])))  # The 1x1 scale is always kept.
-  if task == 'inpaint':  # Scale 16x16: exactly the latent cells outside the box are kept.
-    np.testing.assert_array_equal(np.asarray(keep[-1])[0].reshape(16, 16), latent[0] > 0.5)
+  if task == 'inpaint':  # Scale 8x8: exactly the latent cells outside the box are kept.
+    np.testing.assert_array_equal(np.asarray(keep[-1])[0].reshape(8, 8), latent[0] > 0.5)
 
 
-def test_super_resolution_keeps_the_coarse_scales(models, image):
-  vc, p, vae_c, vae_p = models
+def test_super_resolution_keeps_the_coarse_scales(compact_models, image):
+  vc, p, vae_c, vae_p = compact_models
   editor = editing.Editor(Sampler(vc, vae_c, SamplerConfig(cfg=1.5), mask='causal'))
-  low = np.asarray(jax.image.resize(image, (2, 64, 64, 3), 'lanczos3'))
-  keep_scales = editing.default_sr_keep_scales(64, 256, vc.patch_nums)
-  assert keep_scales == 4  # pn <= 16 * 64 / 256 = 4: scales 1, 2, 3, 4.
-  ids, out, gt, keep = jax.jit(editor.super_resolve, static_argnums=3)(p, vae_p, low, keep_scales,
-                                                                       jnp.array([10, 10]), batch_rng(0, 0))
-  assert [bool(np.all(np.asarray(m))) for m in keep] == [True] * 4 + [False] * 6
+  low = np.asarray(jax.image.resize(image, (2, 16, 16, 3), 'lanczos3'))
+  keep_scales = editing.default_sr_keep_scales(16, SIZE, vc.patch_nums)
+  assert keep_scales == 4  # pn <= 8 * 16 / 32 = 4: scales 1, 2, 3, 4.
+  ids, out, gt, keep = jax.jit(editor.super_resolve, static_argnums=3)(
+      p, vae_p, low, keep_scales, jnp.array([vc.num_classes] * 2), batch_rng(0, 0))
+  assert [bool(np.all(np.asarray(m))) for m in keep] == [True] * 4 + [False] * 2
   _check_edit(ids, gt, keep, out)
 
 
@@ -290,12 +288,13 @@ def _run_main(argv):
   return r.returncode, r.stdout + r.stderr
 
 
-def test_cli_sample_and_edit(tmp_path, models):
+def test_cli_sample_and_edit(tmp_path):
+  """The entry point on the compact reference models (32 px, 5 classes): sample, edit, and the exit
+  status of bad input."""
   ck = tmp_path / 'ck'
-  assert convert_var.main(['--var', reference_file('var_d2_w128.npz'), '--prefix', 'var/', '--out',
-                           str(ck / 'var')]) == 0
-  assert convert_var.main(['--vae', reference_file('var_d2_w128.npz'), '--prefix', 'vae/', '--out',
-                           str(ck / 'vae')]) == 0
+  for part in ('var', 'vae'):
+    assert convert_var.main([f'--{part}', reference_file('compact_var_d2_w64.npz'), '--prefix', f'{part}/',
+                             '--patch_nums', '1,2,3,4,6,8', '--out', str(ck / part)]) == 0
   base = ['--config=configs/sample.py', f'--workdir={tmp_path / "w"}',
           f'--config.model.checkpoint={ck / "var"}', f'--config.tokenizer.checkpoint={ck / "vae"}',
           '--config.sample.batch_size=4']
@@ -303,19 +302,19 @@ def test_cli_sample_and_edit(tmp_path, models):
                               '--config.sample.num_per_class=3'])
   assert rc == 0, out
   with np.load(tmp_path / 'w' / 'samples' / 'samples.npz') as z:
-    assert z['arr_0'].shape == (6, 256, 256, 3) and z['arr_0'].dtype == np.uint8
+    assert z['arr_0'].shape == (6, SIZE, SIZE, 3) and z['arr_0'].dtype == np.uint8
     np.testing.assert_array_equal(z['arr_1'], [1, 1, 1, 4, 4, 4])
     from PIL import Image
     Image.fromarray(z['arr_0'][0]).save(tmp_path / 'in.png')
   assert len(os.listdir(tmp_path / 'w' / 'samples' / 'images')) == 6
   assert (tmp_path / 'w' / 'samples' / 'grid.png').exists()
   rc, out = _run_main(base + ['--mode=edit', f'--config.edit.image={tmp_path / "in.png"}',
-                              '--config.edit.box=64,64,192,192', '--config.edit.num_samples=2'])
+                              '--config.edit.box=8,8,24,24', '--config.edit.num_samples=2'])
   assert rc == 0, out
   with np.load(tmp_path / 'w' / 'edit' / 'inpaint.npz') as z:
-    assert z['arr_0'].shape == (2, 256, 256, 3)
-  rc, out = _run_main(base + ['--mode=sample', '--config.sample.classes=10'])
-  assert rc == 2 and 'class id 10 is out of range' in out
+    assert z['arr_0'].shape == (2, SIZE, SIZE, 3)
+  rc, out = _run_main(base + ['--mode=sample', '--config.sample.classes=5'])
+  assert rc == 2 and 'class id 5 is out of range' in out
   missing = [a if not a.startswith('--config.model.checkpoint') else '--config.model.checkpoint=/nope'
              for a in base]
   rc, out = _run_main(missing + ['--mode=sample'])

@@ -20,7 +20,7 @@ from srdd_jax.train.optimizer import OptimConfig
 from srdd_jax.train.step import Trainer
 from srdd_jax.transformer.config import VARConfig
 from srdd_jax.transformer.model import VAR, blocks_layout, stack_blocks, unstack_blocks
-from tests.conftest import save_tiny_models, smoke_config
+from tests.conftest import smoke_config
 
 PN = (1, 2, 3)
 CFG = VARConfig(depth=3, width=64, num_heads=2, patch_nums=PN, vocab_size=32, z_channels=8, num_classes=5,
@@ -31,7 +31,7 @@ X = jax.random.normal(jax.random.PRNGKey(1), (2, CFG.seq_len - 1, 8))
 
 @pytest.fixture(scope='module')
 def params():
-  return nn.meta.unbox(VAR(CFG).init(jax.random.PRNGKey(0), LABELS, X)['params'])
+  return jax.jit(lambda k: nn.meta.unbox(VAR(CFG).init(k, LABELS, X)['params']))(jax.random.PRNGKey(0))
 
 
 def _forward_and_grads(config, params, mask):
@@ -88,8 +88,8 @@ def test_converted_var_checkpoint_in_either_layout():
     np.testing.assert_array_equal(u, v)
 
 
-def test_saved_model_loads_in_either_layout(tmp_path):
-  var_dir, vae_dir = save_tiny_models(str(tmp_path))  # Saved per block (scan_blocks False).
+def test_saved_model_loads_in_either_layout(tiny_models):
+  var_dir, vae_dir = tiny_models  # Saved per block (scan_blocks False).
   c = smoke_config()
   c.model.checkpoint, c.tokenizer.checkpoint = var_dir, vae_dir
   for scan in (True, False):
@@ -100,14 +100,16 @@ def test_saved_model_loads_in_either_layout(tmp_path):
 
 def test_scanned_causal_sampler_cache_matches_per_block(params):
   vq = VQVAEConfig(vocab_size=32, z_channels=8, ch=32, ch_mult=(1, 1), patch_nums=PN)
-  vae = unbox(Tokenizer(vq).init(jax.random.PRNGKey(2)))
+  rng = np.random.default_rng(2)  # Tokenizer weights: any values (numpy: nothing to compile).
+  vae = jax.tree_util.tree_map(lambda a: (0.1 * rng.standard_normal(a.shape)).astype(np.float32),
+                               unbox(Tokenizer(vq).abstract_params()))
   sc = SamplerConfig(cfg=1.5, greedy=True)
   for mask in ('causal', 'markov'):
     out = []
     for scan in (False, True):
       c = dataclasses.replace(CFG, mask=mask, scan_blocks=scan)
-      ids, _ = Sampler(c, vq, sc).tokens(blocks_layout(params, c), vae, jnp.array([0, 3, 4]),
-                                         jax.random.PRNGKey(0))
+      ids, _ = jax.jit(Sampler(c, vq, sc).tokens)(blocks_layout(params, c), vae, jnp.array([0, 3, 4]),
+                                                  jax.random.PRNGKey(0))
       out.append(np.concatenate([np.asarray(i) for i in ids], axis=1))
     np.testing.assert_array_equal(out[0], out[1], err_msg=mask)
 

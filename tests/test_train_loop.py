@@ -16,6 +16,9 @@ from tests.conftest import smoke_config
 
 
 _config = smoke_config
+# The smoke run's 20 steps: runs that stop early (stop_after_steps) instead of training fewer steps
+# compile the same step program as `straight` (the step count is in the learning-rate schedule), so the
+# persistent compilation cache serves it.
 
 
 def _losses(workdir):
@@ -84,12 +87,12 @@ def test_resume_on_another_mesh(straight, tmp_path):
 
 def test_unreadable_checkpoint_is_skipped_and_kept(tmp_path):
   wd = str(tmp_path / 'crash')
-  train_mode.run(_config(steps=10), wd)
+  train_mode.run(_config(), wd, stop_after_steps=10)
   bad = os.path.join(wd, 'checkpoints', '15')
   os.makedirs(os.path.join(bad, 'state'))
   with open(os.path.join(bad, 'state', 'garbage'), 'w') as f:
     f.write('half a checkpoint')
-  s = train_mode.run(_config(steps=12), wd)
+  s = train_mode.run(_config(), wd, stop_after_steps=2)
   assert s['start_step'] == 10 and s['end_step'] == 12
   names = os.listdir(os.path.join(wd, 'checkpoints'))
   assert any(n.startswith('15.incomplete-') for n in names) and '10' in names and '12' in names
@@ -125,7 +128,7 @@ def test_config_errors_name_the_key(tmp_path):
 
 def test_non_finite_loss_stops_and_keeps_the_checkpoint(tmp_path):
   wd = str(tmp_path / 'nan')
-  train_mode.run(_config(steps=5), wd)
+  train_mode.run(_config(), wd, stop_after_steps=5)
   c = _config(steps=40)
   c.optim.base_lr = 1e30
   with pytest.raises(NonFiniteLoss, match=r'non-finite loss or gradient at step \d+'):
@@ -224,17 +227,17 @@ def test_heldout_loss_in_metrics(cache, tmp_path):
   from srdd_jax.train.distill import heldout_token_loss
   directory, _, _ = cache
   wd = str(tmp_path / 'h')
-  c = _config(steps=5, heldout_cache=directory, heldout_every=2, heldout_examples=20)
+  c = _config(heldout_cache=directory, heldout_every=3, heldout_examples=20)  # 20 steps: straight's program.
   s = train_mode.run(c, wd)
   recs = [r for r in map(json.loads, open(os.path.join(wd, 'metrics.jsonl'))) if 'heldout_loss' in r]
-  assert [r['step'] for r in recs] == [2, 4, 5] and all(r['heldout_examples'] == 20 for r in recs)
+  assert [r['step'] for r in recs] == [3, 6, 9, 12, 15, 18, 20] and all(r['heldout_examples'] == 20 for r in recs)
   assert recs[0]['heldout_loss'] != recs[-1]['heldout_loss'] and len(recs[-1]['heldout_loss_per_scale']) == 4
   vc, params = params_io.load_var(s['export'])
   tok = load_tokenizer(c)
   tc = token_cache.TokenCache(directory)
   r = heldout_token_loss(vc, params, tok.config, tok.params, tc.ids[:20, 0], tc.labels[:20], batch_size=8)
   np.testing.assert_allclose(recs[-1]['heldout_loss'], r['mean_loss'], rtol=1e-5)
-  bad = _config(steps=5, heldout_cache=directory)
+  bad = _config(heldout_cache=directory)
   bad.model.patch_nums = (1, 2, 4)
   bad.tokenizer.update(checkpoint='')
   with pytest.raises(Exception, match='config.train.heldout_cache=.*patch_nums'):
@@ -266,9 +269,9 @@ def test_training_from_the_cache_equals_training_from_images(cache, straight, tm
 
 def test_one_progress_line_per_log_step_with_eta(tmp_path, caplog):
   caplog.set_level('INFO')
-  train_mode.run(_config(steps=3, log_every=1, checkpoint_every=100), str(tmp_path))
+  train_mode.run(_config(log_every=1, checkpoint_every=100), str(tmp_path), stop_after_steps=3)
   lines = [r.getMessage() for r in caplog.records]
-  progress = [m for m in lines if ' step ' in m and '/3 ' in m]
+  progress = [m for m in lines if ' step ' in m and '/20 ' in m]
   assert [m.split(' step ')[1].split('/')[0] for m in progress] == ['1', '2', '3'], progress
   assert all('loss ' in m and 'acc ' in m and 'steps/s ETA ' in m for m in progress), progress
   # clu's logging writer would print each record again ("[1] loss=...").

@@ -38,7 +38,7 @@ tokenizer-demo: venv
 # (1,617 and 1,503 s since tests/conftest.py compiles without LLVM's optimisation passes.)
 TEST_WORKERS ?= 2
 test: venv
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15 tests
 
 clean:
 	rm -rf $(VENV) workdir .pytest_cache

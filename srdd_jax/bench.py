@@ -663,6 +663,12 @@ def parse_args(argv=None):
   return args
 
 
+def fail(msg: str) -> None:
+  """One `error:` line, exit status 2 (bad input: no traceback)."""
+  print(f'error: {msg}', file=sys.stderr, flush=True)
+  sys.exit(2)
+
+
 def main(argv=None):
   args = parse_args(argv)
   if args.vs_var is not None or args.suite:
@@ -688,8 +694,9 @@ def main(argv=None):
     mesh_shape, depths, batches, sample_batches = (
         ints(v or '', f) for v, f in ((args.mesh, '--mesh'), (args.depths, '--depths'),
                                       (args.batches, '--batches'), (args.sample_batches, '--sample_batches')))
+    patch_nums = ints(args.patch_nums, '--patch_nums') if args.patch_nums else None
   except ConfigError as e:
-    raise SystemExit(f'error: {e}') from None
+    fail(str(e))
   env = results['env']
   log(f'bench: {env["device_kind"]} ({env["backend"]}, {env["device_count"]} devices), jax {env["jax"]}')
   if args.aot:
@@ -698,10 +705,10 @@ def main(argv=None):
       base = preset(args.preset or 'd16', dtype=dtype, scan_blocks=args.scan != 0, remat=args.remat or 'none',
                     attention=args.attention or 'splash')
     except ValueError as e:
-      raise SystemExit(f'error: --preset: {e}') from None
+      fail(f'--preset: {e}')
     batch = args.batch or 256
     if not mesh_shape:
-      raise SystemExit(f'error: --mesh {args.mesh!r}: expected the sizes data,fsdp,tensor')
+      fail(f'--mesh {args.mesh!r}: expected the sizes data,fsdp,tensor')
     results['aot'] = {'topology': args.aot, 'preset': args.preset or 'd16', 'dtype': dtype,
                       'mesh_request': list(mesh_shape), 'rules': args.rules, 'hbm_bytes_table': HBM_BYTES,
                       'fit_fraction': FIT_FRACTION}
@@ -709,7 +716,7 @@ def main(argv=None):
       run_aot(args.aot, base, args.masks, batch, args.sample_batch or batch, mesh_shape, args.rules,
               args.kinds, args.tokenizer_ch or 160, on_record)
     except (ValueError, RuntimeError) as e:
-      raise SystemExit(f'error: {e}') from None
+      fail(str(e))
   else:
     accel = env['backend'] != 'cpu'
     # --quick is the issue's reference configuration, float32 everywhere.
@@ -720,7 +727,6 @@ def main(argv=None):
     repeats = args.repeats or (2 if args.quick else 5)
     ch = args.tokenizer_ch or (32 if args.quick and not accel else 160)
     sizes = (1024, 2048) if not accel else (4096, 8192)
-    patch_nums = _ints('--patch_nums', args.patch_nums) if args.patch_nums else None
     model = dict(scan_blocks=bool(accel if args.scan is None else args.scan), remat=args.remat or 'none',
                  attention=args.attention or 'auto')
     # What the flags resolved to here, so a second implementation can run the same shapes (--vs-var).
@@ -741,4 +747,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-  main()
+  sys.exit(main())

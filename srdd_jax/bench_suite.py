@@ -59,6 +59,7 @@ import jax
 import jax.numpy as jnp
 
 from srdd_jax import bench
+from srdd_jax.bench import fail
 from srdd_jax import bench_var
 from srdd_jax.diffusion.sampler import Sampler, batch_rng
 from srdd_jax.parallel import compile as pc
@@ -93,12 +94,6 @@ _T0 = time.perf_counter()
 def log(msg: str) -> None:
   print(f'[{time.strftime("%H:%M:%S")} +{time.perf_counter() - _T0:6.1f}s suite] {msg}', file=sys.stderr,
         flush=True)
-
-
-def fail(msg: str) -> None:
-  """One `error:` line, exit status 2 (bad input: no traceback)."""
-  print(f'error: {msg}', file=sys.stderr, flush=True)
-  sys.exit(2)
 
 
 def commit_of(explicit: str | None) -> tuple[str | None, str]:
@@ -438,7 +433,7 @@ def run_vs_var(args, argv) -> int:
   done = run_worker(cmd, child_env(jax_worker=True), lambda m: None, None)
   if not os.path.exists(ours_out):
     print(f'error: our side (python -m srdd_jax.bench) wrote no results (exit {done["rc"]})', file=sys.stderr)
-    return 1
+    return 2 if done['rc'] == 2 else 1  # A bad flag that only our side reads is still bad input.
   with open(ours_out) as f:
     ours = json.load(f)
   os.remove(ours_out)

@@ -278,6 +278,18 @@ def test_vs_var_without_a_var_checkout_exits_2(fake_var, tmp_path):
   assert not (tmp_path / 'x.json').exists() and not (tmp_path / 'y.json').exists()
 
 
+def test_bad_patch_nums_exits_2_alone_and_through_vs_var(fake_var, tmp_path):
+  out = tmp_path / 'x.json'
+  cmd = [sys.executable, '-m', 'srdd_jax.bench', '--quick', '--patch_nums', '1,x', '--out', str(out)]
+  p = subprocess.run(cmd, capture_output=True, text=True, env=env(), cwd=REPO, timeout=300)
+  check_exit_2(p, '--patch_nums', "'1,x'")
+  if importlib.util.find_spec('torch') is not None:  # --vs-var checks for torch before anything else.
+    cmd[3:3] = ['--vs-var', fake_var]
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env(), cwd=REPO, timeout=300)
+    assert p.returncode == 2 and '--patch_nums' in p.stderr and 'Traceback' not in p.stderr, p.stderr[-2000:]
+  assert not out.exists()
+
+
 def test_ratios_pair_equal_shapes_only():
   ours = [{'kind': 'train', 'mode': 'markov', 'depth': 16, 'batch': 64, 'seconds': 0.2, 'images_per_s': 320},
           {'kind': 'train', 'mode': 'causal', 'depth': 16, 'batch': 64, 'seconds': 0.25, 'images_per_s': 256},

@@ -671,6 +671,13 @@ def fail(msg: str) -> None:
 
 def main(argv=None):
   args = parse_args(argv)
+  try:  # The comma-separated flags, read before anything runs ('' or absent: the default).
+    mesh_shape, depths, batches, sample_batches = (
+        ints(v or '', f) for v, f in ((args.mesh, '--mesh'), (args.depths, '--depths'),
+                                      (args.batches, '--batches'), (args.sample_batches, '--sample_batches')))
+    patch_nums = ints(args.patch_nums, '--patch_nums') if args.patch_nums else None
+  except ConfigError as e:
+    fail(str(e))
   if args.vs_var is not None or args.suite:
     from srdd_jax import bench_suite  # pylint: disable=import-outside-toplevel
     return bench_suite.main(args, sys.argv if argv is None else list(argv))
@@ -690,13 +697,6 @@ def main(argv=None):
     results['records'].append(rec)
     save()
 
-  try:  # The comma-separated flags, read before anything runs ('' or absent: the default).
-    mesh_shape, depths, batches, sample_batches = (
-        ints(v or '', f) for v, f in ((args.mesh, '--mesh'), (args.depths, '--depths'),
-                                      (args.batches, '--batches'), (args.sample_batches, '--sample_batches')))
-    patch_nums = ints(args.patch_nums, '--patch_nums') if args.patch_nums else None
-  except ConfigError as e:
-    fail(str(e))
   env = results['env']
   log(f'bench: {env["device_kind"]} ({env["backend"]}, {env["device_count"]} devices), jax {env["jax"]}')
   if args.aot:

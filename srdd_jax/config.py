@@ -154,6 +154,10 @@ DEFAULTS: dict = {
         test_per_class=100,  # Test samples per class per sampling seed (scored against the test split).
         refine_steps=0,  # Steps of the refine model (trained from scratch); 0 = config.train.steps.
         distill_steps=0,  # Steps of the distilled student; 0 = config.train.steps (equal budget).
+        # Steps of each fine-tune of the paper's recipe (VAR continued / SDD from VAR / SDD fine-tuned /
+        # refine fine-tune), all from a from-scratch model of the same seed; 0 = config.train.steps.
+        finetune_steps=0,
+        heldout_examples=1000,  # Test-cache examples of the held-out loss curve (every tenth of training); 0 = all.
         timing_repeats=3,  # Timed sampling calls (one batch of config.eval.batch_size) after a warm-up.
         quick=False),  # Set by configs/ablation.py:quick (tiny steps, few samples); recorded in ablation.json.
     'optim': dict(

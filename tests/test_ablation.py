@@ -45,7 +45,7 @@ def test_the_whole_ablation_runs_and_resumes_without_redoing(tmp_path, small_tok
   vae = small_tokenizer
   first = ablation.run(_tiny_config(vae), wd)
   out = json.load(open(os.path.join(wd, 'ablation.json')))
-  assert sorted(out['variants']) == list('abcdefg')
+  assert sorted(out['variants']) == list('abcdefghijklm')
   fields = {'fd', 'class_consistency', 'heldout_token_loss', 'train_step_seconds', 'images_per_s',
             'compiled_sampling_memory_bytes', 'forward_passes_per_image', 'training_steps', 'sampler'}
   for v, r in out['variants'].items():
@@ -70,16 +70,32 @@ def test_the_whole_ablation_runs_and_resumes_without_redoing(tmp_path, small_tok
   assert v['f']['forward_passes_per_image'] == 3  # The student: every other scale plus the last, (1, 3, 4).
   assert v['f']['heldout_token_loss']['patch_nums'] == [1, 3, 4]
   assert v['f']['training_steps'] == 8 and v['a']['training_steps'] == 4  # Teacher + student steps.
+  # The paper's recipe: each fine-tune starts from the from-scratch model of its own seed and counts its steps.
+  models = {m['kind'] + str(m['seed']): m for m in (json.load(open(os.path.join(wd, 'models', d, 'result.json')))
+                                                    for d in os.listdir(os.path.join(wd, 'models')))}
+  for kind, start in (('causal_continued', 'causal'), ('markov_from_var', 'causal'), ('markov_continued', 'markov'),
+                      ('refine_finetuned', 'markov')):
+    for seed in (0, 1):
+      assert models[f'{kind}{seed}']['start']['export'] == models[f'{start}{seed}']['export'], (kind, seed)
+  assert all(v[k]['training_steps'] == 8 for k in 'hijklm')
+  assert v['l']['runs'][0]['model'] == v['m']['runs'][0]['model'] != v['j']['runs'][0]['model']
+  assert v['m']['forward_passes_per_image'] == 4 + 4 * 10 and v['l']['forward_passes_per_image'] == 4
+  assert v['i']['sampler']['cfg'] == v['h']['sampler']['cfg'] == 1.5  # VAR's protocol on both recipe arms.
+  # Held-out loss over training: every tenth of 4 steps (each step), and the plateau verdict beside it.
+  for k in 'abhij':
+    curves = v[k]['heldout_curves']
+    assert sorted(curves) == ['0', '1'] and all([p[0] for p in c] == [1, 2, 3, 4] for c in curves.values()), k
+    assert isinstance(v[k]['plateau']['reached'], bool) and len(v[k]['plateau']['relative_gain_last_fifth']) == 2
   # Selection on validation samples against training-split reals, never a test seed.
-  for key in 'cefg':
+  for key in 'cefgjl':
     s = out['selection'][key]
     assert s['real_split'] == 'train' and s['validation_seed'] not in (0, 1)
     assert s['cfg'] in (1.5, 3.0) and len(s['scores']) == 2
     assert s['cfg'] == min(s['scores'], key=lambda x: (x['fd'], x['cfg']))['cfg']
   assert out['teacher']['seed'] in (0, 1) and out['protocol']['tokenizer'] == vae
-  assert len(out['noise']) == 2 * 21  # Every pair of 7 variants, for fd and class consistency.
+  assert len(out['noise']) == 2 * 78  # Every pair of 13 variants, for fd and class consistency.
   md = open(os.path.join(wd, 'ablation.md')).read()
-  assert md.count('\n| (') == 7 and 'seed noise' in md and md.count('\n- SDD vs VAR (same protocol): (b) ') == 1
+  assert md.count('\n| (') == 13 and 'seed noise' in md and md.count('\n- SDD vs VAR (same protocol): (b) ') == 1
   from PIL import Image
   assert Image.open(os.path.join(wd, 'ablation.png')).size == (960, 480)
   assert len(first['units_run']) > 20
@@ -96,6 +112,16 @@ def test_the_whole_ablation_runs_and_resumes_without_redoing(tmp_path, small_tok
   again = json.load(open(os.path.join(wd, 'ablation.json')))
   assert again['variants']['f']['heldout_token_loss'] == v['f']['heldout_token_loss']
   assert again['unit_seconds']['total'] > 0 and set(again['unit_seconds']) >= {'models', 'evaluation', 'selection'}
+
+
+def test_plateau_rule_on_hand_made_curves():
+  flat = [[10, 2.0], [50, 1.2], [80, 1.005], [90, 1.001], [100, 1.0]]  # 0.5% better over the last fifth (from step 80).
+  falling = [[10, 2.0], [80, 1.2], [100, 1.0]]  # 16.7% better.
+  got = ablation.plateau([flat, flat])
+  assert got['reached'] is True and got['relative_gain_last_fifth'] == [pytest.approx(0.005 / 1.005)] * 2
+  got = ablation.plateau([flat, falling])
+  assert got['reached'] is False and got['relative_gain_last_fifth'][1] == pytest.approx(0.2 / 1.2)
+  assert ablation.plateau([flat, []])['reached'] is False  # A model without a curve is not shown to plateau.
 
 
 def test_selection_takes_the_lowest_then_the_smaller_cfg_then_the_earlier_schedule():

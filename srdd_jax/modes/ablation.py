@@ -14,6 +14,22 @@ Every variant shares the tokenizer, the token caches, the data, the steps, the o
  (f) sdd_distilled      a student (--mode=distill, the same steps) of the best markov model, its own selection
  (g) var_guided_redraw  the causal model, its own selection + `redraw`
 
+The paper's recipe, every model started from a from-scratch model of the same training seed and trained
+config.ablation.finetune_steps more (fresh optimizer and schedule; the table's training steps are the total):
+
+ (h) var_continued            (a)'s model trained on with the causal mask, VAR's protocol
+ (i) sdd_from_var             (a)'s model trained on with the markov mask (SRDD's recipe), VAR's protocol
+ (j) sdd_finetuned            (b)'s model trained on plainly, its own selection, MR off
+ (k) sdd_finetuned_redraw     (j) + `redraw`
+ (l) refine_finetuned         (b)'s model trained on with the refine stream (zero-initialised, so it starts
+                              as (b)), its own selection, MR off
+ (m) refine_finetuned_refine  (l) + `refine`
+
+(i) against (h) is the Markov mask at equal total steps; (l)/(m) against (j)/(k) is the refine stream
+against the same steps of plain fine-tuning. Every model's held-out token loss over training (every tenth
+of its steps, on config.ablation.heldout_examples test-cache examples) is in ablation.json, with whether
+it reached the plateau rule (< 1% better over the last fifth).
+
 Selection rule, the same for (c), (e), (f), (g): for each schedule of config.ablation.schedules and each
 strength of config.ablation.cfg_grid, val_per_class samples per class with the validation seed (1000, no test
 seed) from the first training seed's model, without masked resampling, scored by the proxy Fréchet distance
@@ -81,13 +97,34 @@ VARIANTS = {
     'e': ('refine', 'e', 'refine'),
     'f': ('distilled', 'f', None),
     'g': ('causal', 'g', 'redraw'),
+    # The paper's recipe: a trained VAR model continued with each mask for the same steps ...
+    'h': ('causal_continued', 'var', None),
+    'i': ('markov_from_var', 'var', None),
+    # ... and a trained SDD model fine-tuned plainly or with the refine stream, each with MR off and on.
+    'j': ('markov_continued', 'j', None),
+    'k': ('markov_continued', 'j', 'redraw'),
+    'l': ('refine_finetuned', 'l', None),
+    'm': ('refine_finetuned', 'l', 'refine'),
+}
+# Fine-tuned kinds: kind -> (mask, refine stream, the from-scratch kind whose model of the same seed
+# starts it). Each trains config.ablation.finetune_steps more; its total is its start's steps + those.
+FINETUNED = {
+    'causal_continued': ('causal', False, 'causal'),
+    'markov_from_var': ('markov', False, 'causal'),
+    'markov_continued': ('markov', False, 'markov'),
+    'refine_finetuned': ('markov', True, 'markov'),
 }
 NAMES = {'a': 'var', 'b': 'sdd', 'c': 'sdd_guided', 'd': 'sdd_guided_redraw', 'e': 'sdd_guided_refine',
-         'f': 'sdd_distilled', 'g': 'var_guided_redraw'}
+         'f': 'sdd_distilled', 'g': 'var_guided_redraw', 'h': 'var_continued', 'i': 'sdd_from_var',
+         'j': 'sdd_finetuned', 'k': 'sdd_finetuned_redraw', 'l': 'refine_finetuned', 'm': 'refine_finetuned_refine'}
 DESCRIPTIONS = {
     'a': 'VAR: causal mask, VAR protocol', 'b': 'SDD: markov mask, VAR protocol',
     'c': 'SDD + best guidance', 'd': '(c) + MR redraw', 'e': 'refine model, own guidance + MR refine',
-    'f': 'distilled student of the best markov model, own guidance', 'g': 'VAR + best guidance + MR redraw'}
+    'f': 'distilled student of the best markov model, own guidance', 'g': 'VAR + best guidance + MR redraw',
+    'h': 'VAR continued: (a) trained on, causal mask, VAR protocol',
+    'i': 'SDD fine-tuned from VAR: (a) trained on with the markov mask, VAR protocol',
+    'j': 'SDD fine-tuned plainly: (b) trained on, own guidance, MR off', 'k': '(j) + MR redraw',
+    'l': 'refine fine-tune of (b) (zero-initialised stream), own guidance, MR off', 'm': '(l) + MR refine'}
 
 
 # --- pure pieces (unit-tested) --------------------------------------------------------------------
@@ -104,6 +141,39 @@ def select_guidance(scores, schedules) -> tuple[str, float]:
   tol = 1e-9 * max(1.0, abs(best))
   tied = [k for k, v in scores.items() if v - best <= tol]
   return min(tied, key=lambda k: (k[1], order.get(k[0], len(order))))
+
+
+def heldout_curve(metrics_path: str) -> list[list[float]]:
+  """[[step, held-out token loss], ...] of a training run's metrics.jsonl (the last record of a step wins:
+  a resumed run logs its checkpoint's step again)."""
+  if not os.path.isfile(metrics_path):
+    return []
+  by_step = {}
+  with open(metrics_path) as f:
+    for r in map(json.loads, f):
+      if 'heldout_loss' in r:
+        by_step[int(r['step'])] = float(r['heldout_loss'])
+  return [[s, by_step[s]] for s in sorted(by_step)]
+
+
+PLATEAU_FRACTION, PLATEAU_GAIN = 0.2, 0.01  # Plateau: < 1% better over the last fifth of training.
+
+
+def plateau(curves) -> dict:
+  """Whether every model's held-out loss improved by less than PLATEAU_GAIN (relative) over the last
+  PLATEAU_FRACTION of its steps: the loss at the first point at or after that fraction against the last."""
+  gains = []
+  for curve in curves:
+    if not curve or len(curve) < 2:
+      gains.append(None)
+      continue
+    last_step = curve[-1][0]
+    begin = next(loss for step, loss in curve if step >= last_step * (1 - PLATEAU_FRACTION))
+    gains.append((begin - curve[-1][1]) / begin if begin else 0.0)
+  known = [g for g in gains if g is not None]
+  return {'rule': f'held-out token loss improves by < {PLATEAU_GAIN:.0%} over the last '
+                  f'{PLATEAU_FRACTION:.0%} of training', 'relative_gain_last_fifth': gains,
+          'reached': bool(known) and len(known) == len(gains) and all(g < PLATEAU_GAIN for g in known)}
 
 
 def mean_std(values) -> dict:
@@ -139,7 +209,11 @@ def noise_lines(statements) -> list[str]:
 # The comparisons the ablation is for: (question, variant, its reference).
 HEADLINES = (('SDD vs VAR (same protocol)', 'b', 'a'), ('best guidance on SDD', 'c', 'b'),
              ('MR redraw on SDD', 'd', 'c'), ('trained MR refine', 'e', 'c'), ('scale distillation', 'f', 'c'),
-             ('best guidance + MR redraw on VAR', 'g', 'a'), ('SDD with its tools vs VAR with them', 'd', 'g'))
+             ('best guidance + MR redraw on VAR', 'g', 'a'), ('SDD with its tools vs VAR with them', 'd', 'g'),
+             ("SDD fine-tuned from VAR vs VAR continued (the paper's recipe)", 'i', 'h'),
+             ('MR redraw on a fine-tuned SDD', 'k', 'j'), ('refine fine-tune vs plain fine-tune, MR off', 'l', 'j'),
+             ('MR refine on the refine fine-tune', 'm', 'l'),
+             ('refine fine-tune + MR refine vs plain fine-tune + MR redraw', 'm', 'k'))
 
 
 def headlines(fd_stats: dict, factor: float = NOISE_FACTOR) -> list[str]:
@@ -272,9 +346,10 @@ def _options(config) -> dict:
   for key in ('val_per_class', 'test_per_class', 'timing_repeats'):
     if o[key] < 1:
       raise ConfigError(f'config.ablation.{key}={o[key]} must be >= 1')
-  for key in ('refine_steps', 'distill_steps'):
+  for key in ('refine_steps', 'distill_steps', 'finetune_steps', 'heldout_examples'):
     if int(a[key]) < 0:
-      raise ConfigError(f'config.ablation.{key}={a[key]} must be >= 0 (0 = config.train.steps)')
+      raise ConfigError(f'config.ablation.{key}={a[key]} must be >= 0 (0 = ' +
+                        ('all' if key == 'heldout_examples' else 'config.train.steps') + ')')
   if int(config.train.steps) < 1:
     raise ConfigError(f'config.train.steps={config.train.steps}: the ablation needs a step count (>= 1), the '
                       'same for every model')
@@ -343,7 +418,9 @@ class _Ablation:
     return self.units(f'tokens/{name}', fn)['out_dir']
 
   # --- models ---
-  def model(self, kind: str, seed: int) -> dict:
+  def model(self, kind: str, seed: int, start: dict | None = None) -> dict:
+    """The model of `kind` and training seed `seed`: from scratch, or (FINETUNED kinds) trained on from
+    `start`, the from-scratch model of the same seed, with a fresh optimizer and learning-rate schedule."""
     name = f'models/{kind}_seed{seed}'
     root = os.path.join(self.workdir, name)
 
@@ -352,17 +429,26 @@ class _Ablation:
       c.seed = seed
       c.tokenizer.checkpoint = self.tok
       c.data.token_cache = self.cache_train
-      c.model.mask = 'causal' if kind == 'causal' else 'markov'
-      c.model.refine = kind == 'refine'
-      steps = self.steps
-      if kind == 'refine' and int(c.ablation.refine_steps) > 0:
-        steps = int(c.ablation.refine_steps)
+      if start is not None:
+        c.model.mask, c.model.refine, _ = FINETUNED[kind]
+        c.train.init_from = start['export']
+        steps = int(c.ablation.finetune_steps) or self.steps
+      else:
+        c.model.mask = 'causal' if kind == 'causal' else 'markov'
+        c.model.refine = kind == 'refine'
+        steps = int(c.ablation.refine_steps) if kind == 'refine' and int(c.ablation.refine_steps) > 0 else self.steps
       c.train.steps = steps
+      # The held-out token loss over training (line of ablation.json's curves): every tenth of the run.
+      c.train.heldout_cache, c.train.heldout_every = self.cache_test, max(1, steps // 10)
+      c.train.heldout_examples = int(c.ablation.heldout_examples)
       s = train.run(c, root)
       if not s.get('export'):
         raise _Stopped({**s, 'stage': name})
+      metrics = os.path.join(root, 'metrics.jsonl')
       return {'export': s['export'], 'kind': kind, 'seed': seed, 'steps': steps,
-              'steps_per_s': _steps_per_s(os.path.join(root, 'metrics.jsonl')),
+              'start': start and {'export': start['export'], 'kind': start['kind'], 'steps': start['steps']},
+              'start_steps': start['steps'] if start else 0,
+              'steps_per_s': _steps_per_s(metrics), 'heldout_curve': heldout_curve(metrics),
               'last_loss': s.get('last_loss'), 'patch_nums': list(self.pn)}
     return self.units(name, fn)
 
@@ -475,10 +561,14 @@ class _Ablation:
     self.cache_train = self.tokens('train', self.pn, 'train')
     self.cache_test = self.tokens('test', self.pn, 'test')
     models = {kind: [self.model(kind, s) for s in o['train_seeds']] for kind in ('causal', 'markov', 'refine')}
+    for kind, (_, _, start) in FINETUNED.items():
+      models[kind] = [self.model(kind, m['seed'], start=m) for m in models[start]]
     var_protocol = {k: PROTOCOLS['var'][k] for k in ('cfg', 'cfg_schedule')}
     selection = {'c': self.select('c', models['markov'][0])}
     selection['e'] = self.select('e', models['refine'][0])
     selection['g'] = self.select('g', models['causal'][0])
+    selection['j'] = self.select('j', models['markov_continued'][0])
+    selection['l'] = self.select('l', models['refine_finetuned'][0])
     teacher = self.teacher(models['markov'], selection['c'])
     self.student_pn = student_patch_nums(self.cfg().distill.patch_nums, self.pn)
     self.cache_student_train = self.tokens('train', self.student_pn, 'student_train')
@@ -519,7 +609,7 @@ class _Ablation:
     fd['std_over_sample_seeds'] = float(np.mean([mean_std([r['fd'] for r in rs])['std'] for rs in by_train.values()]))
     losses = np.asarray([h['loss'] for h in heldout], np.float64)
     rates = [m['steps_per_s'] for m in models if m.get('steps_per_s')]
-    steps = models[0]['steps'] + (models[0].get('teacher_steps') or 0)
+    steps = models[0]['steps'] + (models[0].get('teacher_steps') or 0) + models[0].get('start_steps', 0)
     return {
         'name': NAMES[v], 'description': DESCRIPTIONS[v], 'model_kind': kind, 'sampler': values,
         'train_seeds': [m['seed'] for m in models], 'sample_seeds': list(self.o['sample_seeds']),
@@ -530,7 +620,10 @@ class _Ablation:
         'train_step_seconds': 1.0 / float(np.mean(rates)) if rates else None,
         'training_steps': steps,
         'training_steps_note': ('teacher + student steps' if kind == 'distilled' else
+                              f'{FINETUNED[kind][2]} model + fine-tune steps' if kind in FINETUNED else
                               'its own model, trained from scratch' if kind == 'refine' else 'one model'),
+        'heldout_curves': {str(m['seed']): m.get('heldout_curve') for m in models},
+        'plateau': plateau([m.get('heldout_curve') for m in models]),
         'images_per_s': cost['images_per_s'], 'seconds_per_image': cost['seconds_per_image'],
         'compiled_sampling_memory_bytes': cost['compiled_memory_bytes'],
         'forward_passes_per_image': cost['forward_passes_per_image'],
@@ -624,7 +717,8 @@ def plot(variants: dict, path: str, size=(960, 480)):
                 x_title='sampling seconds per image', x_title_at=(size[0] - right) // 2 - 40,
                 y_title='fd (proxy), lower is better; bars: ± std', x_tick='{:.2g}', y_tick='{:.3g}')
   d, px, py, (w, _), top = chart.draw, chart.px, chart.py, size, chart.top
-  colours = ['#1f77b4', '#ff7f0e', '#2ca02c', '#d62728', '#9467bd', '#8c564b', '#e377c2']
+  colours = ['#1f77b4', '#ff7f0e', '#2ca02c', '#d62728', '#9467bd', '#8c564b', '#e377c2', '#7f7f7f', '#bcbd22',
+             '#17becf', '#393b79', '#ad494a', '#637939']
   points = [(px(r['seconds_per_image']), py(r['fd']['mean'])) for r in variants.values()]
   taken = []  # Label corners already used: each letter goes to the first free spot around its point.
 

@@ -157,7 +157,9 @@ DEFAULTS: dict = {
         # Steps of each fine-tune of the paper's recipe (VAR continued / SDD from VAR / SDD fine-tuned /
         # refine fine-tune), all from a from-scratch model of the same seed; 0 = config.train.steps.
         finetune_steps=0,
-        heldout_examples=1000,  # Test-cache examples of the held-out loss curve (every tenth of training); 0 = all.
+        # The held-out token loss curve of every model: heldout_points evaluations over its training, on the
+        # first heldout_examples examples of the test cache (0 = all).
+        heldout_points=10, heldout_examples=1000,
         timing_repeats=3,  # Timed sampling calls (one batch of config.eval.batch_size) after a warm-up.
         quick=False),  # Set by configs/ablation.py:quick (tiny steps, few samples); recorded in ablation.json.
     'optim': dict(

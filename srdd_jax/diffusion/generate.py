@@ -53,9 +53,11 @@ def sampler_config(c, mask: str) -> SamplerConfig:
     raise ConfigError(f'config.sampler: {e}') from e
 
 
-def sampler_from_config(config):
-  """(Sampler, var params, vae params) of the checkpoints the config names, placed on its mesh."""
-  var_config, var_params, vq, vae_params = load_models(config)
+def sampler_from_config(config, models=None):
+  """(Sampler, var params, vae params) of the checkpoints the config names, placed on its mesh. `models`:
+  what convert.loading.load_models returned for this config, when the caller keeps it (a study that
+  samples one model many times reads its checkpoint once)."""
+  var_config, var_params, vq, vae_params = models or load_models(config)
   mesh = pm.mesh_from_config(config)
   try:
     sampler = Sampler(var_config, vq, sampler_config(config.sampler, var_config.mask), mesh=mesh)

@@ -26,11 +26,11 @@ config.ablation.finetune_steps more (fresh optimizer and schedule; the table's t
  (m) refine_finetuned_refine  (l) + `refine`
 
 (i) against (h) is the Markov mask at equal total steps; (l)/(m) against (j)/(k) is the refine stream
-against the same steps of plain fine-tuning. Every model's held-out token loss over training (every tenth
-of its steps, on config.ablation.heldout_examples test-cache examples) is in ablation.json, with whether
-it reached the plateau rule (< 1% better over the last fifth).
+against the same steps of plain fine-tuning. Every model's held-out token loss over training
+(config.ablation.heldout_points evaluations, on heldout_examples test-cache examples) is in ablation.json,
+with whether it reached the plateau rule (< 1% better over the last fifth).
 
-Selection rule, the same for (c), (e), (f), (g): for each schedule of config.ablation.schedules and each
+Selection rule, the same for (c), (e), (f), (g), (j), (l): for each schedule of config.ablation.schedules and each
 strength of config.ablation.cfg_grid, val_per_class samples per class with the validation seed (1000, no test
 seed) from the first training seed's model, without masked resampling, scored by the proxy Fréchet distance
 against *training-split* real images; the lowest wins, ties go to the smaller strength, then to the earlier
@@ -56,6 +56,7 @@ selection's validation sampling is the same grid for every selected variant; (a)
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import itertools
 import json
@@ -71,7 +72,7 @@ from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec
 
 from srdd_jax.config import ConfigError, floats, ints, with_defaults
-from srdd_jax.convert.loading import tokenizer_for_model
+from srdd_jax.convert.loading import load_models, tokenizer_for_model
 from srdd_jax.data.token_cache import TokenCache
 from srdd_jax.diffusion.filtering import PROTOCOLS
 from srdd_jax.diffusion.generate import generate, sampler_from_config
@@ -85,6 +86,7 @@ from srdd_jax.parallel.compile import compiled_stats, jit_inference, needed_byte
 from srdd_jax.parallel.workdir import Units
 from srdd_jax.train.distill import heldout_token_loss, student_patch_nums
 
+LOADED_MODELS = 3  # Models the scorer keeps in memory (the seeds of one variant, in turn).
 VALIDATION_SEED = 1000  # Sampling seed of the selection: no test sampling seed (config.ablation.sample_seeds) is it.
 NOISE_FACTOR = 2.0  # A difference of means below NOISE_FACTOR x the larger std is within seed noise.
 
@@ -257,8 +259,20 @@ class Scorer:
   def __init__(self, config, workdir: str, tokenizer: str):
     self.base, self.workdir, self.tok = config, workdir, tokenizer
     self.compiled = {}  # (architecture, SamplerConfig, traced) -> (sampler, compiled, stats, batch)
+    self.loaded = collections.OrderedDict()  # Model export -> load_models(...): the last few, read once.
     c = with_defaults(config)
     self.proxy = protocol.ProxyScorer(c, c.eval.to_dict(), workdir, seed=0)
+
+  def models(self, c, export: str):
+    """load_models of `c` (whose model.checkpoint is `export`, mask and refine left to the checkpoint),
+    kept for the last LOADED_MODELS exports: a model is sampled for every selection point, test seed and
+    timing, and reading its checkpoint each time was a third of a quick run's wall time."""
+    if export not in self.loaded:
+      self.loaded[export] = load_models(c)
+      while len(self.loaded) > LOADED_MODELS:
+        self.loaded.popitem(last=False)
+    self.loaded.move_to_end(export)
+    return self.loaded[export]
 
   def program(self, model: dict, values: dict, traced: bool = False):
     """(sampler, var params, vae params, compiled, stats, batch, guidance) for `model` sampled with `values`.
@@ -270,7 +284,7 @@ class Scorer:
     c = with_defaults(self.base)
     c.tokenizer.checkpoint, c.model.checkpoint, c.model.mask, c.model.refine = self.tok, model['export'], '', False
     c.sampler.update(values)
-    sampler, var_params, vae_params = sampler_from_config(c)
+    sampler, var_params, vae_params = sampler_from_config(c, self.models(c, model['export']))
     guidance = sampler.guidance_array() if traced else None
     program = dataclasses.replace(sampler.config, cfg=0.0, cfg_schedule='constant') if traced else sampler.config
     # Keyed on the architecture, not the weights: the seeds' models share one compiled program.
@@ -346,6 +360,8 @@ def _options(config) -> dict:
   for key in ('val_per_class', 'test_per_class', 'timing_repeats'):
     if o[key] < 1:
       raise ConfigError(f'config.ablation.{key}={o[key]} must be >= 1')
+  if int(a.heldout_points) < 1:
+    raise ConfigError(f'config.ablation.heldout_points={a.heldout_points} must be >= 1')
   for key in ('refine_steps', 'distill_steps', 'finetune_steps', 'heldout_examples'):
     if int(a[key]) < 0:
       raise ConfigError(f'config.ablation.{key}={a[key]} must be >= 0 (0 = ' +
@@ -438,8 +454,9 @@ class _Ablation:
         c.model.refine = kind == 'refine'
         steps = int(c.ablation.refine_steps) if kind == 'refine' and int(c.ablation.refine_steps) > 0 else self.steps
       c.train.steps = steps
-      # The held-out token loss over training (line of ablation.json's curves): every tenth of the run.
-      c.train.heldout_cache, c.train.heldout_every = self.cache_test, max(1, steps // 10)
+      # The held-out token loss over training (ablation.json's curves, the plateau rule).
+      c.train.heldout_cache = self.cache_test
+      c.train.heldout_every = max(1, steps // max(1, int(c.ablation.heldout_points)))
       c.train.heldout_examples = int(c.ablation.heldout_examples)
       s = train.run(c, root)
       if not s.get('export'):
@@ -476,8 +493,8 @@ class _Ablation:
   def heldout(self, name: str, model: dict) -> dict:
     def fn():
       c = self.cfg()
-      c.tokenizer.checkpoint, c.model.checkpoint, c.model.mask = self.tok, model['export'], ''
-      sampler, var_params, vae_params = sampler_from_config(c)
+      c.tokenizer.checkpoint, c.model.checkpoint, c.model.mask, c.model.refine = self.tok, model['export'], '', False
+      sampler, var_params, vae_params = sampler_from_config(c, self.scorer.models(c, model['export']))
       student = tuple(model['patch_nums']) != tuple(self.pn)
       cache = TokenCache(self.cache_student_test if student else self.cache_test,
                          patch_nums=sampler.var_config.patch_nums)

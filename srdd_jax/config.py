@@ -176,6 +176,7 @@ DEFAULTS: dict = {
         cfg=-1.0,
         cfg_schedule='',  # 'linear', 'constant' or comma-separated per-scale values.
         temperature=1.0, top_k=900, top_p=0.96, greedy=False,
+        min_p=0.0,  # > 0: drop tokens less likely than min_p x the most likely one (after top-k, top-p).
         mr_threshold=-1.0, mr_iterations=-1,  # Masked resampling; 0 iterations = off.
         mr_scales='',  # '' = every scale, or comma-separated 0/1 per scale.
         # 'redraw' (draw the low-probability tokens again from the same logits) or 'refine' (re-mask

@@ -62,10 +62,21 @@ def test_top_k_and_top_p_semantics():
   np.testing.assert_array_equal(np.isfinite(p), [[True, False, False]])
 
 
+def test_min_p_keeps_tokens_at_least_p_times_the_most_likely():
+  logits = jnp.log(jnp.array([[0.5, 0.2, 0.04, 0.26]]))
+  kept = np.isfinite(filtering.min_p_filter(logits, 0.1))  # Threshold 0.05: 0.04 goes.
+  np.testing.assert_array_equal(kept, [[True, True, False, True]])
+  np.testing.assert_array_equal(np.isfinite(filtering.min_p_filter(logits, 0.5)), [[True, False, False, True]])
+  assert filtering.min_p_filter(logits, 0.0) is logits
+  with pytest.raises(ValueError, match='min_p=1.0'):
+    SamplerConfig(min_p=1.0)
+
+
 def test_compact_candidates_give_the_reference_distribution():
   logits = 3 * jax.random.normal(jax.random.PRNGKey(0), (4, 7, 300))
   for sc in (SamplerConfig(top_k=50, top_p=0.9, temperature=0.7), SamplerConfig(top_k=0, top_p=0.8),
-             SamplerConfig(top_k=20, top_p=0.0)):
+             SamplerConfig(top_k=20, top_p=0.0), SamplerConfig(top_k=50, top_p=0.9, min_p=0.1),
+             SamplerConfig(top_k=0, top_p=0.0, min_p=0.05)):
     ref = jax.nn.softmax(filtering.final_logits(logits, sc), -1)
     vals, ids = filtering.candidates(logits, sc)
     got = jax.nn.softmax(vals, -1)

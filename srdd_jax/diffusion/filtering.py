@@ -20,6 +20,9 @@ class SamplerConfig:
   temperature: float = 1.0
   top_k: int = 900  # 0 = off.
   top_p: float = 0.96  # 0 = off.
+  # min-p truncation: drops tokens less likely than min_p x the most likely one (0 = off). Applied after
+  # top-k and top-p; the study's plain-truncation arm against masked resampling's redraw.
+  min_p: float = 0.0
   greedy: bool = False  # argmax of the guided logits (VAR's top_k=1).
   # Masked Resampling: tokens with probability < mr_threshold under the final distribution are drawn
   # again, mr_iterations times; mr_scales switches it per scale (None: all). mr_mode 'redraw' draws
@@ -44,6 +47,8 @@ class SamplerConfig:
       raise ValueError(f'SamplerConfig.top_k={self.top_k}: must be >= 0 (0 = off)')
     if not 0 <= self.top_p <= 1:
       raise ValueError(f'SamplerConfig.top_p={self.top_p}: must be in [0, 1] (0 = off)')
+    if not 0 <= self.min_p < 1:
+      raise ValueError(f'SamplerConfig.min_p={self.min_p}: must be in [0, 1) (0 = off)')
     if self.mr_iterations < 0 or not 0 <= self.mr_threshold < 1:
       raise ValueError(f'SamplerConfig.mr_iterations={self.mr_iterations}, mr_threshold='
                        f'{self.mr_threshold}: need iterations >= 0 and a threshold in [0, 1)')
@@ -111,10 +116,18 @@ def top_p_filter(logits, p: float):
   return jnp.where(drop, -jnp.inf, logits)
 
 
+def min_p_filter(logits, p: float):
+  """Drops the tokens whose probability is < p x the most likely token's (logit < max + log p)."""
+  if p <= 0:
+    return logits
+  top = jnp.max(logits, axis=-1, keepdims=True)
+  return jnp.where(logits < top + np.log(p), -jnp.inf, logits)
+
+
 def final_logits(logits, sc: SamplerConfig):
-  """Temperature, then top-k, then top-p over the full vocabulary (reference semantics)."""
+  """Temperature, then top-k, then top-p, then min-p over the full vocabulary (reference semantics)."""
   logits = logits.astype(jnp.float32) / sc.temperature
-  return top_p_filter(top_k_filter(logits, sc.top_k), sc.top_p)
+  return min_p_filter(top_p_filter(top_k_filter(logits, sc.top_k), sc.top_p), sc.min_p)
 
 
 def candidates(logits, sc: SamplerConfig):
@@ -133,8 +146,8 @@ def candidates(logits, sc: SamplerConfig):
       drop = jnp.cumsum(jax.nn.softmax(asc, axis=-1), axis=-1) <= (1 - sc.top_p)
       drop = drop.at[..., -1].set(False)
       vals = jnp.where(drop[..., ::-1], -jnp.inf, vals)
-    return vals, ids
-  return top_p_filter(logits, sc.top_p), None
+    return min_p_filter(vals, sc.min_p), ids
+  return min_p_filter(top_p_filter(logits, sc.top_p), sc.min_p), None
 
 
 def draw(rng, logits, sc: SamplerConfig, mr: bool):

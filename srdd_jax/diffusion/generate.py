@@ -45,7 +45,8 @@ def sampler_config(c, mask: str) -> SamplerConfig:
     sched = floats(sched, 'config.sampler.cfg_schedule')
   try:
     return SamplerConfig(cfg=float(v['cfg']), cfg_schedule=sched, temperature=float(c.temperature),
-                         top_k=int(c.top_k), top_p=float(c.top_p), greedy=bool(c.greedy),
+                         top_k=int(c.top_k), top_p=float(c.top_p), min_p=float(c.min_p),
+                         greedy=bool(c.greedy),
                          mr_threshold=float(v['mr_threshold']), mr_iterations=int(v['mr_iterations']),
                          mr_mode=str(c.mr_mode),
                          mr_scales=tuple(bool(x) for x in ints(c.mr_scales, 'config.sampler.mr_scales')) or None)

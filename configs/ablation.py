@@ -50,6 +50,8 @@ def get_config(arg=None):
     c.train.update(steps=10, log_every=5, checkpoint_every=10)
     c.optim.warmup_steps = 2
     c.tokenize.max_examples = 2048  # Every cache (train, test, the student's): 20 s of encoding, not 6 min.
-    c.ablation.update(val_per_class=2, test_per_class=2, timing_repeats=1)
+    # A smaller search of the same shape (MR 2 x 1 against 2 truncations).
+    c.ablation.update(val_per_class=2, test_per_class=2, timing_repeats=1, mr_thresholds='0.01,0.05',
+                      mr_iterations='10', truncations='top_p=0.96,min_p=0.05')
     c.eval.update(batch_size=20, proxy_epochs=1, proxy_examples=1000)
   return with_defaults(c)

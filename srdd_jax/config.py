@@ -151,6 +151,11 @@ DEFAULTS: dict = {
         cfg_grid='0,1,1.5,2,3,5,8',  # Guidance strengths tried, the same grid for every selected variant.
         schedules='linear,constant',  # Guidance schedules tried for "the best schedule".
         val_per_class=20,  # Validation samples per class for the selection (seed 1000, training-split reals).
+        # Each selected variant searches guidance jointly with one more space, of the same size for all:
+        # masked resampling's thresholds x iterations (MR variants) or plain truncations (the others:
+        # top_p=P or min_p=P, each alone, top-k the config's).
+        mr_thresholds='0.001,0.01,0.05', mr_iterations='5,10,25',
+        truncations='top_p=0.96,top_p=0.9,top_p=0.8,top_p=0.7,min_p=0.01,min_p=0.02,min_p=0.05,min_p=0.1,min_p=0.2',
         test_per_class=100,  # Test samples per class per sampling seed (scored against the test split).
         refine_steps=0,  # Steps of the refine model (trained from scratch); 0 = config.train.steps.
         distill_steps=0,  # Steps of the distilled student; 0 = config.train.steps (equal budget).

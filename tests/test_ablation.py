@@ -31,7 +31,8 @@ def _tiny_config(tokenizer=''):
   c.ablation = ml_collections.ConfigDict(dict(
       train_seeds='0,1', sample_seeds='0,1', cfg_grid='1.5,3', schedules='linear', val_per_class=1,
       test_per_class=1, refine_steps=0, distill_steps=0, timing_repeats=1, heldout_points=2,
-      heldout_examples=64, quick=True))
+      heldout_examples=64, mr_thresholds='0.01,0.05', mr_iterations='2', truncations='top_p=0.9,min_p=0.1',
+      quick=True))
   return c
 
 
@@ -46,7 +47,7 @@ def test_the_whole_ablation_runs_and_resumes_without_redoing(tmp_path, small_tok
   vae = small_tokenizer
   first = ablation.run(_tiny_config(vae), wd)
   out = json.load(open(os.path.join(wd, 'ablation.json')))
-  assert sorted(out['variants']) == list('abcdefghijklm')
+  assert sorted(out['variants']) == list('abcdefghijklmn')
   fields = {'fd', 'class_consistency', 'heldout_token_loss', 'train_step_seconds', 'images_per_s',
             'compiled_sampling_memory_bytes', 'forward_passes_per_image', 'training_steps', 'sampler'}
   for v, r in out['variants'].items():
@@ -64,10 +65,17 @@ def test_the_whole_ablation_runs_and_resumes_without_redoing(tmp_path, small_tok
   # The protocols: VAR's for (a), (b); MR added to the selected guidance; refine costs passes, redraw none.
   assert (v['a']['sampler']['cfg'], v['a']['sampler']['cfg_schedule']) == (1.5, 'linear') == \
          (v['b']['sampler']['cfg'], v['b']['sampler']['cfg_schedule'])
-  assert v['d']['sampler']['cfg'] == v['c']['sampler']['cfg'] and v['d']['sampler']['mr_iterations'] == 10
-  assert v['c']['sampler']['mr_iterations'] == 0 and v['e']['sampler']['mr_mode'] == 'refine'
+  # Joint selection: MR variants search thresholds x iterations, the others truncations, as many runs each.
+  for k in 'dgk':
+    assert v[k]['sampler']['mr_iterations'] == 2 and v[k]['sampler']['mr_threshold'] in (0.01, 0.05), k
+    assert v[k]['sampler']['mr_mode'] == 'redraw'
+  for k in 'cfjln':
+    assert v[k]['sampler']['mr_iterations'] == 0, k
+    assert (v[k]['sampler']['top_p'], v[k]['sampler']['min_p']) in ((0.9, 0.0), (0.0, 0.1)), k
+  assert v['e']['sampler']['mr_mode'] == v['m']['sampler']['mr_mode'] == 'refine'
+  assert {out['selection'][k]['validation_runs'] for k in 'cdefgjklmn'} == {4}  # 2 strengths x 2 settings.
   assert v['a']['forward_passes_per_image'] == v['d']['forward_passes_per_image'] == 4
-  assert v['e']['forward_passes_per_image'] == 4 + 4 * 10
+  assert v['e']['forward_passes_per_image'] == 4 + 4 * 2
   assert v['f']['forward_passes_per_image'] == 3  # The student: every other scale plus the last, (1, 3, 4).
   assert v['f']['heldout_token_loss']['patch_nums'] == [1, 3, 4]
   assert v['f']['training_steps'] == 8 and v['a']['training_steps'] == 4  # Teacher + student steps.
@@ -80,7 +88,7 @@ def test_the_whole_ablation_runs_and_resumes_without_redoing(tmp_path, small_tok
       assert models[f'{kind}{seed}']['start']['export'] == models[f'{start}{seed}']['export'], (kind, seed)
   assert all(v[k]['training_steps'] == 8 for k in 'hijklm')
   assert v['l']['runs'][0]['model'] == v['m']['runs'][0]['model'] != v['j']['runs'][0]['model']
-  assert v['m']['forward_passes_per_image'] == 4 + 4 * 10 and v['l']['forward_passes_per_image'] == 4
+  assert v['m']['forward_passes_per_image'] == 4 + 4 * 2 and v['l']['forward_passes_per_image'] == 4
   assert v['i']['sampler']['cfg'] == v['h']['sampler']['cfg'] == 1.5  # VAR's protocol on both recipe arms.
   # Held-out loss over training: 2 points over 4 steps, and the plateau verdict beside it.
   for k in 'abhij':
@@ -88,15 +96,16 @@ def test_the_whole_ablation_runs_and_resumes_without_redoing(tmp_path, small_tok
     assert sorted(curves) == ['0', '1'] and all([p[0] for p in c] == [2, 4] for c in curves.values()), k
     assert isinstance(v[k]['plateau']['reached'], bool) and len(v[k]['plateau']['relative_gain_last_fifth']) == 2
   # Selection on validation samples against training-split reals, never a test seed.
-  for key in 'cefgjl':
+  for key in 'cdefgjklmn':
     s = out['selection'][key]
     assert s['real_split'] == 'train' and s['validation_seed'] not in (0, 1)
-    assert s['cfg'] in (1.5, 3.0) and len(s['scores']) == 2
-    assert s['cfg'] == min(s['scores'], key=lambda x: (x['fd'], x['cfg']))['cfg']
+    assert s['cfg'] in (1.5, 3.0) and len(s['scores']) == 4
+    best = min(s['scores'], key=lambda x: x['fd'])
+    assert s['cfg'] == best['cfg'] and s['setting'] == best['setting'], key
   assert out['teacher']['seed'] in (0, 1) and out['protocol']['tokenizer'] == vae
-  assert len(out['noise']) == 2 * 78  # Every pair of 13 variants, for fd and class consistency.
+  assert len(out['noise']) == 2 * 91  # Every pair of 14 variants, for fd and class consistency.
   md = open(os.path.join(wd, 'ablation.md')).read()
-  assert md.count('\n| (') == 13 and 'seed noise' in md and md.count('\n- SDD vs VAR (same protocol): (b) ') == 1
+  assert md.count('\n| (') == 14 and 'seed noise' in md and md.count('\n- SDD vs VAR (same protocol): (b) ') == 1
   from PIL import Image
   assert Image.open(os.path.join(wd, 'ablation.png')).size == (960, 480)
   assert len(first['units_run']) > 20
@@ -125,12 +134,29 @@ def test_plateau_rule_on_hand_made_curves():
   assert ablation.plateau([flat, []])['reached'] is False  # A model without a curve is not shown to plateau.
 
 
+def test_search_spaces_have_the_same_size_and_name_their_settings():
+  o = {'mr_thresholds': (0.001, 0.01, 0.05), 'mr_iterations': (5, 10, 25),
+       'truncations': ablation.parse_truncations('top_p=0.9, min_p=0.05', 'k') * 4 + ({'top_p': 0.8, 'min_p': 0.0},)}
+  mr, trunc = ablation.search_space(o, 'mr', 'refine'), ablation.search_space(o, 'truncation', None)
+  assert len(mr) == len(trunc) == 9 and ablation.search_space(o, None, None) == [None]
+  assert mr[1] == {'mr_mode': 'refine', 'mr_threshold': 0.001, 'mr_iterations': 10}
+  assert trunc[:2] == [{'top_p': 0.9, 'min_p': 0.0}, {'top_p': 0.0, 'min_p': 0.05}]
+  assert [ablation.setting_name(x) for x in (mr[1], trunc[0], trunc[1], None)] == [
+      'refine_t0.001_x10', 'top_p0.9', 'min_p0.05', 'default']
+  values = ablation.sampler_values('linear', 2.0, trunc[1])
+  assert (values['min_p'], values['top_p'], values['mr_iterations']) == (0.05, 0.0, 0)
+
+
 def test_selection_takes_the_lowest_then_the_smaller_cfg_then_the_earlier_schedule():
   scores = {('linear', 0.0): 5.0, ('linear', 2.0): 3.0, ('constant', 1.0): 3.0, ('constant', 2.0): 4.0}
   assert ablation.select_guidance(scores, ('linear', 'constant')) == ('constant', 1.0)  # Tie: smaller cfg.
   tie = {('linear', 0.0): 2.0, ('constant', 0.0): 2.0, ('linear', 1.0): 2.5}
   assert ablation.select_guidance(tie, ('constant', 'linear')) == ('constant', 0.0)  # Then the schedule order.
   assert ablation.select_guidance(tie, ('linear', 'constant')) == ('linear', 0.0)
+  joint = {('linear', 1.0, 1): 2.0, ('linear', 1.0, 0): 2.0, ('linear', 2.0, 0): 1.0, ('constant', 2.0, 0): 1.0}
+  assert ablation.select_guidance(joint, ('linear', 'constant')) == ('linear', 2.0, 0)
+  del joint[('linear', 2.0, 0)], joint[('constant', 2.0, 0)]
+  assert ablation.select_guidance(joint, ('linear',)) == ('linear', 1.0, 0)  # Then the earlier setting.
   with pytest.raises(ValueError):
     ablation.select_guidance({}, ('linear',))
 
@@ -150,11 +176,13 @@ def test_headlines_say_which_is_better_only_beyond_noise():
   lines = ablation.headlines(stats)
   assert lines == [
       '- SDD vs VAR (same protocol): (b) 11 vs (a) 10: (b) is worse than (a) by 1, beyond seed noise (0.4).',
-      '- best guidance on SDD: (c) 10.9 vs (b) 11: no difference beyond seed noise (|difference| 0.1 < 0.6).']
+      '- best guidance and truncation on SDD: (c) 10.9 vs (b) 11: no difference beyond seed noise (|difference| 0.1 < 0.6).']
 
 
 @pytest.mark.parametrize('key, value, match', [
     ('sample_seeds', '0,1000', 'sample_seeds: 1000 is the validation seed'), ('schedules', 'cosine', 'schedules'),
+    ('truncations', 'top_p=0.9', 'truncations has 1 settings and masked resampling 2'),
+    ('truncations', 'top_k=5,min_p=0.1', "truncations: 'top_k=5'"), ('mr_iterations', '0', 'mr_thresholds'),
     ('cfg_grid', '1,-1', 'cfg_grid'), ('train_seeds', '', 'train_seeds is empty')])
 def test_config_errors_name_the_key(tmp_path, key, value, match):
   c = _tiny_config()

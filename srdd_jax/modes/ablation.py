@@ -90,23 +90,28 @@ LOADED_MODELS = 3  # Models the scorer keeps in memory (the seeds of one variant
 VALIDATION_SEED = 1000  # Sampling seed of the selection: no test sampling seed (config.ablation.sample_seeds) is it.
 NOISE_FACTOR = 2.0  # A difference of means below NOISE_FACTOR x the larger std is within seed noise.
 
-# variant -> (model kind, guidance: 'var' (fixed VAR protocol) or the variant whose selection it uses, MR mode)
+# variant -> (model kind, search, MR mode). search None: VAR's fixed protocol (cfg 1.5 linear, nothing
+# selected); 'truncation': guidance x plain truncation (config.ablation.truncations: top-p, min-p);
+# 'mr': guidance x masked resampling in the variant's mode (config.ablation.mr_thresholds x mr_iterations).
+# The two searches have the same number of validation runs (checked), so no variant is tuned more.
 VARIANTS = {
-    'a': ('causal', 'var', None),
-    'b': ('markov', 'var', None),
-    'c': ('markov', 'c', None),
-    'd': ('markov', 'c', 'redraw'),
-    'e': ('refine', 'e', 'refine'),
-    'f': ('distilled', 'f', None),
-    'g': ('causal', 'g', 'redraw'),
+    'a': ('causal', None, None),
+    'b': ('markov', None, None),
+    'c': ('markov', 'truncation', None),
+    'd': ('markov', 'mr', 'redraw'),
+    'e': ('refine', 'mr', 'refine'),
+    'f': ('distilled', 'truncation', None),
+    'g': ('causal', 'mr', 'redraw'),
     # The paper's recipe: a trained VAR model continued with each mask for the same steps ...
-    'h': ('causal_continued', 'var', None),
-    'i': ('markov_from_var', 'var', None),
+    'h': ('causal_continued', None, None),
+    'i': ('markov_from_var', None, None),
     # ... and a trained SDD model fine-tuned plainly or with the refine stream, each with MR off and on.
-    'j': ('markov_continued', 'j', None),
-    'k': ('markov_continued', 'j', 'redraw'),
-    'l': ('refine_finetuned', 'l', None),
-    'm': ('refine_finetuned', 'l', 'refine'),
+    'j': ('markov_continued', 'truncation', None),
+    'k': ('markov_continued', 'mr', 'redraw'),
+    'l': ('refine_finetuned', 'truncation', None),
+    'm': ('refine_finetuned', 'mr', 'refine'),
+    # VAR with the same-size search over plain truncation: redraw's partner on the causal model.
+    'n': ('causal', 'truncation', None),
 }
 # Fine-tuned kinds: kind -> (mask, refine stream, the from-scratch kind whose model of the same seed
 # starts it). Each trains config.ablation.finetune_steps more; its total is its start's steps + those.
@@ -118,31 +123,37 @@ FINETUNED = {
 }
 NAMES = {'a': 'var', 'b': 'sdd', 'c': 'sdd_guided', 'd': 'sdd_guided_redraw', 'e': 'sdd_guided_refine',
          'f': 'sdd_distilled', 'g': 'var_guided_redraw', 'h': 'var_continued', 'i': 'sdd_from_var',
-         'j': 'sdd_finetuned', 'k': 'sdd_finetuned_redraw', 'l': 'refine_finetuned', 'm': 'refine_finetuned_refine'}
+         'j': 'sdd_finetuned', 'k': 'sdd_finetuned_redraw', 'l': 'refine_finetuned', 'm': 'refine_finetuned_refine',
+         'n': 'var_guided_truncated'}
 DESCRIPTIONS = {
     'a': 'VAR: causal mask, VAR protocol', 'b': 'SDD: markov mask, VAR protocol',
-    'c': 'SDD + best guidance', 'd': '(c) + MR redraw', 'e': 'refine model, own guidance + MR refine',
-    'f': 'distilled student of the best markov model, own guidance', 'g': 'VAR + best guidance + MR redraw',
+    'c': 'SDD + best guidance and truncation', 'd': 'SDD + best guidance and MR redraw',
+    'e': 'refine model, best guidance and MR refine',
+    'f': 'distilled student of the best markov model, best guidance and truncation',
+    'g': 'VAR + best guidance and MR redraw',
     'h': 'VAR continued: (a) trained on, causal mask, VAR protocol',
     'i': 'SDD fine-tuned from VAR: (a) trained on with the markov mask, VAR protocol',
-    'j': 'SDD fine-tuned plainly: (b) trained on, own guidance, MR off', 'k': '(j) + MR redraw',
-    'l': 'refine fine-tune of (b) (zero-initialised stream), own guidance, MR off', 'm': '(l) + MR refine'}
+    'j': 'SDD fine-tuned plainly: (b) trained on, best guidance and truncation, MR off',
+    'k': '(j)\'s model, best guidance and MR redraw',
+    'l': 'refine fine-tune of (b) (zero-initialised stream), best guidance and truncation, MR off',
+    'm': '(l)\'s model, best guidance and MR refine', 'n': 'VAR + best guidance and truncation'}
 
 
 # --- pure pieces (unit-tested) --------------------------------------------------------------------
 
-def select_guidance(scores, schedules) -> tuple[str, float]:
-  """(schedule, cfg) of the lowest validation score; ties go to the smaller cfg, then the earlier schedule.
+def select_guidance(scores, schedules) -> tuple:
+  """The key of the lowest validation score; ties go to the smaller cfg, then the earlier schedule, then
+  the earlier setting of the search space.
 
-  scores: {(schedule, cfg): validation Fréchet distance}. Only validation scores come in: the rule
-  cannot see the test split."""
+  scores: {(schedule, cfg) or (schedule, cfg, setting index): validation Fréchet distance}. Only
+  validation scores come in: the rule cannot see the test split."""
   if not scores:
     raise ValueError('select_guidance: no scores')
   order = {s: i for i, s in enumerate(schedules)}
   best = min(scores.values())
   tol = 1e-9 * max(1.0, abs(best))
   tied = [k for k, v in scores.items() if v - best <= tol]
-  return min(tied, key=lambda k: (k[1], order.get(k[0], len(order))))
+  return min(tied, key=lambda k: (k[1], order.get(k[0], len(order)), *k[2:]))
 
 
 def heldout_curve(metrics_path: str) -> list[list[float]]:
@@ -209,9 +220,10 @@ def noise_lines(statements) -> list[str]:
 
 
 # The comparisons the ablation is for: (question, variant, its reference).
-HEADLINES = (('SDD vs VAR (same protocol)', 'b', 'a'), ('best guidance on SDD', 'c', 'b'),
-             ('MR redraw on SDD', 'd', 'c'), ('trained MR refine', 'e', 'c'), ('scale distillation', 'f', 'c'),
-             ('best guidance + MR redraw on VAR', 'g', 'a'), ('SDD with its tools vs VAR with them', 'd', 'g'),
+HEADLINES = (('SDD vs VAR (same protocol)', 'b', 'a'), ('best guidance and truncation on SDD', 'c', 'b'),
+             ('MR redraw vs tuned truncation on SDD', 'd', 'c'), ('trained MR refine', 'e', 'c'),
+             ('scale distillation', 'f', 'c'), ('MR redraw vs tuned truncation on VAR', 'g', 'n'),
+             ('SDD with its tools vs VAR with them', 'd', 'g'), ('tuned SDD vs tuned VAR, truncation', 'c', 'n'),
              ("SDD fine-tuned from VAR vs VAR continued (the paper's recipe)", 'i', 'h'),
              ('MR redraw on a fine-tuned SDD', 'k', 'j'), ('refine fine-tune vs plain fine-tune, MR off', 'l', 'j'),
              ('MR refine on the refine fine-tune', 'm', 'l'),
@@ -238,13 +250,52 @@ def headlines(fd_stats: dict, factor: float = NOISE_FACTOR) -> list[str]:
 
 # --- sampling and scoring -------------------------------------------------------------------------
 
-def sampler_values(schedule: str, cfg: float, mr: str | None) -> dict:
-  """config.sampler's guidance and masked-resampling values: `schedule` and strength `cfg`, and SRDD's
-  masked resampling in mode `mr` (None: off)."""
-  srdd = PROTOCOLS['srdd']
-  return dict(cfg=float(cfg), cfg_schedule=schedule,
-              mr_threshold=float(srdd['mr_threshold']) if mr else 0.0,
-              mr_iterations=int(srdd['mr_iterations']) if mr else 0, mr_mode=mr or 'redraw')
+def sampler_values(schedule: str, cfg: float, setting: dict | None = None) -> dict:
+  """config.sampler's values: guidance `schedule` and strength `cfg`, and one point of a search space
+  (search_space): masked resampling {'mr_mode', 'mr_threshold', 'mr_iterations'} or truncation
+  {'top_p', 'min_p'}; None: MR off and the config's own truncation."""
+  out = dict(cfg=float(cfg), cfg_schedule=schedule, mr_threshold=0.0, mr_iterations=0, mr_mode='redraw',
+             min_p=0.0)
+  out.update(setting or {})
+  return out
+
+
+def search_space(o: dict, search: str | None, mr: str | None) -> list[dict]:
+  """The settings a variant's selection tries beside guidance: MR's thresholds x iterations in mode `mr`,
+  or the plain truncations; [None] for VAR's fixed protocol."""
+  if search == 'mr':
+    return [{'mr_mode': mr, 'mr_threshold': t, 'mr_iterations': n}
+            for t in o['mr_thresholds'] for n in o['mr_iterations']]
+  if search == 'truncation':
+    return [dict(t) for t in o['truncations']]
+  return [None]
+
+
+def setting_name(setting: dict | None) -> str:
+  if not setting:
+    return 'default'
+  if 'mr_mode' in setting:
+    return f'{setting["mr_mode"]}_t{setting["mr_threshold"]:g}_x{setting["mr_iterations"]}'
+  return '_'.join(f'{k}{v:g}' for k, v in sorted(setting.items()) if v)  or 'untruncated'
+
+
+def parse_truncations(text: str, key: str) -> tuple[dict, ...]:
+  """'top_p=0.9,min_p=0.05' -> ({'top_p': 0.9, 'min_p': 0.0}, {'top_p': 0.0, 'min_p': 0.05}): each entry
+  one truncation alone (top-k stays the config's)."""
+  out = []
+  for part in str(text).split(','):
+    part = part.strip()
+    if not part:
+      continue
+    name, _, value = part.partition('=')
+    try:
+      v = float(value)
+    except ValueError:
+      v = None
+    if name.strip() not in ('top_p', 'min_p') or v is None or not 0 <= v < 1 or (name.strip() == 'top_p' and v == 0):
+      raise ConfigError(f'{key}: {part!r}; write top_p=P or min_p=P with P in (0, 1)')
+    out.append({'top_p': v if name.strip() == 'top_p' else 0.0, 'min_p': v if name.strip() == 'min_p' else 0.0})
+  return tuple(out)
 
 
 class Scorer:
@@ -344,10 +395,22 @@ def _options(config) -> dict:
            cfg_grid=floats(a.cfg_grid, 'config.ablation.cfg_grid'),
            schedules=tuple(s.strip() for s in str(a.schedules).split(',') if s.strip()),
            val_per_class=int(a.val_per_class), test_per_class=int(a.test_per_class),
-           timing_repeats=int(a.timing_repeats))
-  for key in ('train_seeds', 'sample_seeds', 'cfg_grid', 'schedules'):
+           timing_repeats=int(a.timing_repeats),
+           mr_thresholds=floats(a.mr_thresholds, 'config.ablation.mr_thresholds'),
+           mr_iterations=ints(a.mr_iterations, 'config.ablation.mr_iterations'),
+           truncations=parse_truncations(a.truncations, 'config.ablation.truncations'))
+  for key in ('train_seeds', 'sample_seeds', 'cfg_grid', 'schedules', 'mr_thresholds', 'mr_iterations',
+              'truncations'):
     if not o[key]:
       raise ConfigError(f'config.ablation.{key} is empty')
+  if any(not 0 < t < 1 for t in o['mr_thresholds']) or any(n < 1 for n in o['mr_iterations']):
+    raise ConfigError(f'config.ablation.mr_thresholds={a.mr_thresholds!r} / mr_iterations={a.mr_iterations!r}: '
+                      'thresholds in (0, 1), iterations >= 1')
+  n_mr = len(o['mr_thresholds']) * len(o['mr_iterations'])
+  if len(o['truncations']) != n_mr:
+    raise ConfigError(f'config.ablation.truncations has {len(o["truncations"])} settings and masked '
+                      f'resampling {n_mr} (mr_thresholds x mr_iterations): every variant\'s search must have '
+                      'the same number of validation runs')
   if len(set(o['train_seeds'])) != len(o['train_seeds']) or len(set(o['sample_seeds'])) != len(o['sample_seeds']):
     raise ConfigError('config.ablation.train_seeds / sample_seeds: repeated seeds')
   if VALIDATION_SEED in o['sample_seeds']:
@@ -505,28 +568,35 @@ class _Ablation:
 
   # --- selection ---
   def select(self, variant: str, model: dict) -> dict:
+    """Guidance schedule x strength jointly with the variant's search space (MR or truncation)."""
     o = self.o
-    scores, seen = {}, {}
-    for schedule in o['schedules']:
-      for cfg in o['cfg_grid']:
-        values = sampler_values(schedule, cfg, None)
-        # Strength 0 is the same sampler under every schedule: scored once.
-        guidance = (0.0,) if cfg == 0 else (schedule, cfg)
-        name = f'selection/{variant}/{schedule}_cfg{cfg:g}'
-        if guidance in seen:
-          scores[(schedule, cfg)] = seen[guidance]
-          continue
-        r = self.units(name, lambda v=values: self.scorer.score(model, v, o['val_per_class'], VALIDATION_SEED,
-                                                                'train'))
-        scores[(schedule, cfg)] = seen[guidance] = r['fd']
-    schedule, cfg = select_guidance(scores, o['schedules'])
-    return {'schedule': schedule, 'cfg': cfg, 'model': model['export'], 'validation_seed': VALIDATION_SEED,
-            'real_split': 'train', 'per_class': o['val_per_class'],
-            'scores': [{'schedule': s, 'cfg': c, 'fd': v} for (s, c), v in scores.items()]}
+    _, search, mr = VARIANTS[variant]
+    space = search_space(o, search, mr)
+    scores, seen, runs = {}, {}, 0
+    for i, setting in enumerate(space):
+      for schedule in o['schedules']:
+        for cfg in o['cfg_grid']:
+          values = sampler_values(schedule, cfg, setting)
+          # Strength 0 is the same sampler under every schedule: scored once (and counted once).
+          guidance = (0.0, i) if cfg == 0 else (schedule, cfg, i)
+          name = f'selection/{variant}/{schedule}_cfg{cfg:g}_{setting_name(setting)}'
+          if guidance in seen:
+            scores[(schedule, cfg, i)] = seen[guidance]
+            continue
+          r = self.units(name, lambda v=values: self.scorer.score(model, v, o['val_per_class'], VALIDATION_SEED,
+                                                                  'train'))
+          scores[(schedule, cfg, i)] = seen[guidance] = r['fd']
+          runs += 1
+    schedule, cfg, i = select_guidance(scores, o['schedules'])
+    return {'schedule': schedule, 'cfg': cfg, 'setting': space[i], 'search': search,
+            'values': sampler_values(schedule, cfg, space[i]), 'model': model['export'],
+            'validation_seed': VALIDATION_SEED, 'real_split': 'train', 'per_class': o['val_per_class'],
+            'validation_runs': runs,
+            'scores': [{'schedule': s, 'cfg': c, 'setting': space[k], 'fd': v} for (s, c, k), v in scores.items()]}
 
   def teacher(self, markov: list[dict], choice: dict) -> dict:
     """The markov model with the lowest validation score under (c)'s choice."""
-    values = sampler_values(choice['schedule'], choice['cfg'], None)
+    values = choice['values']
     scores = []
     for m in markov:
       r = self.units(f'selection/teacher/seed{m["seed"]}',
@@ -581,11 +651,9 @@ class _Ablation:
     for kind, (_, _, start) in FINETUNED.items():
       models[kind] = [self.model(kind, m['seed'], start=m) for m in models[start]]
     var_protocol = {k: PROTOCOLS['var'][k] for k in ('cfg', 'cfg_schedule')}
-    selection = {'c': self.select('c', models['markov'][0])}
-    selection['e'] = self.select('e', models['refine'][0])
-    selection['g'] = self.select('g', models['causal'][0])
-    selection['j'] = self.select('j', models['markov_continued'][0])
-    selection['l'] = self.select('l', models['refine_finetuned'][0])
+    # Each searching variant selects on its first training seed's model; the student's after it exists.
+    selection = {v: self.select(v, models[kind][0]) for v, (kind, search, _) in VARIANTS.items()
+                 if search and kind in models}
     teacher = self.teacher(models['markov'], selection['c'])
     self.student_pn = student_patch_nums(self.cfg().distill.patch_nums, self.pn)
     self.cache_student_train = self.tokens('train', self.student_pn, 'student_train')
@@ -597,14 +665,13 @@ class _Ablation:
       heldout[kind] = [self.heldout(f'{kind}_seed{m["seed"]}' if kind != 'distilled' else 'distilled', m)
                        for m in ms]
     variants = {}
-    for v, (kind, guide, mr) in VARIANTS.items():
-      g = var_protocol if guide == 'var' else {'cfg_schedule': selection[guide]['schedule'],
-                                               'cfg': selection[guide]['cfg']}
-      values = sampler_values(g['cfg_schedule'], g['cfg'], mr)
+    for v, (kind, search, _) in VARIANTS.items():
+      values = (selection[v]['values'] if search else
+                sampler_values(var_protocol['cfg_schedule'], var_protocol['cfg']))
       ev = self.evaluate(v, models[kind], values)
       cost = self.cost(v, models[kind][0], values)
       variants[v] = self.summarise(v, kind, values, ev, cost, models[kind], heldout[kind],
-                                   selection.get(guide), teacher if kind == 'distilled' else None)
+                                   selection.get(v), teacher if kind == 'distilled' else None)
     out = self.report(variants, selection, teacher)
     # What main prints: the headline numbers and where the rest is (ablation.json has everything).
     return {'outputs': out['outputs'], 'quick': out['quick'], 'seconds': round(time.time() - t_all, 1),
@@ -661,10 +728,11 @@ class _Ablation:
           **{k: list(v) if isinstance(v, tuple) else v for k, v in self.o.items()},
           'validation_seed': VALIDATION_SEED, 'noise_rule': f'|difference of means| < {NOISE_FACTOR:g} x larger std',
           'selection_rule': 'lowest validation fd (val_per_class per class, validation seed, training-split '
-          'reals, no MR) on the first training seed\'s model; ties: smaller cfg, then the '
-          'earlier schedule; applied to every training seed',
+          'reals) over guidance schedule x strength jointly with the variant\'s search (MR: thresholds x '
+          'iterations; otherwise plain truncations, the same number of settings) on the first training seed\'s '
+          'model; ties: smaller cfg, then the earlier schedule, then the earlier setting; applied to every '
+          'training seed',
           'var_protocol': dict(PROTOCOLS['var']),
-          'mr': {k: PROTOCOLS['srdd'][k] for k in ('mr_threshold', 'mr_iterations')},
           'training_steps': self.steps, 'data': c.data.source, 'tokenizer': self.tok,
           'top_k': int(c.sampler.top_k), 'top_p': float(c.sampler.top_p),
           'test_split_reals': int(next(iter(variants.values()))['runs'][0]['real_examples'])},
@@ -694,14 +762,17 @@ def markdown(out: dict) -> str:
            ', '.join(f'{k} {v:.0f} s' for k, v in out['unit_seconds'].items() if k != 'total') + ')', '',
            f'Training: {p["training_steps"]} steps per model, training seeds {p["train_seeds"]}; sampling seeds '
            f'{p["sample_seeds"]} x {p["test_per_class"]} per class, scored against {p["test_split_reals"]} test-split '
-           f'images. Guidance selection: {p["selection_rule"]}; grid {p["cfg_grid"]} x {p["schedules"]}. '
+           f'images. Selection: {p["selection_rule"]}; guidance grid {p["cfg_grid"]} x {p["schedules"]}, MR '
+           f'{p["mr_thresholds"]} x {p["mr_iterations"]}, truncations {p["truncations"]}. '
            f'`{v0["fd_name"]}` is the proxy classifier\'s Fréchet distance (not an FID): lower is better.', '',
-           '| | variant | guidance | MR | ' + v0['fd_name'] + ' | class consistency | held-out token loss per scale '
+           '| | variant | guidance | MR / truncation | ' + v0['fd_name'] + ' | class consistency | held-out token loss per scale '
            '| train step s | training steps | images/s | compiled sampling MiB | passes/image |',
            '|---|---|---|---|---|---|---|---|---|---|---|---|']
   for v, r in out['variants'].items():
     s = r['sampler']
     mr = f'{s["mr_mode"]} {s["mr_threshold"]:g} x {s["mr_iterations"]}' if s['mr_iterations'] else 'off'
+    if not s['mr_iterations'] and r['selection'] and r['selection'].get('search') == 'truncation':
+      mr += ', ' + setting_name(r['selection']['setting'])
     loss = ' '.join(f'{x:.3f}' for x in r['heldout_token_loss']['per_scale_mean'])
     mem = r['compiled_sampling_memory_bytes']
     step = r['train_step_seconds']
@@ -711,8 +782,8 @@ def markdown(out: dict) -> str:
                  f'{"n/a" if step is None else f"{step:.4f}"} | {r["training_steps"]} ({r["training_steps_note"]}) | '
                  f'{r["images_per_s"]:.1f} | {"n/a" if mem is None else f"{mem / 2 ** 20:.1f}"} | '
                  f'{r["forward_passes_per_image"]} |')
-  lines += ['', 'Mean ± standard deviation over every (training seed, sampling seed) run; (a), (b), (c), (d), (e) and '
-            '(g) use every training seed\'s model, (f) the one student.', '',
+  lines += ['', 'Mean ± standard deviation over every (training seed, sampling seed) run; every variant uses every '
+            'training seed\'s model but (f), the one student.', '',
             '## Findings (fd, lower is better; computed from the numbers above)', '']
   lines += headlines({v: r['fd'] for v, r in out['variants'].items()})
   lines += ['', f'## Which differences are within seed noise, every pair ({p["noise_rule"]})', '']

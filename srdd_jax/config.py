@@ -159,6 +159,7 @@ DEFAULTS: dict = {
         test_per_class=100,  # Test samples per class per sampling seed (scored against the test split).
         refine_steps=0,  # Steps of the refine model (trained from scratch); 0 = config.train.steps.
         distill_steps=0,  # Steps of the distilled student; 0 = config.train.steps (equal budget).
+        distill_kl_weight=1.0,  # config.distill.kl_weight of the second student, (o); (f) trains with 0.
         # Steps of each fine-tune of the paper's recipe (VAR continued / SDD from VAR / SDD fine-tuned /
         # refine fine-tune), all from a from-scratch model of the same seed; 0 = config.train.steps.
         finetune_steps=0,

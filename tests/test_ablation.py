@@ -47,12 +47,12 @@ def test_the_whole_ablation_runs_and_resumes_without_redoing(tmp_path, small_tok
   vae = small_tokenizer
   first = ablation.run(_tiny_config(vae), wd)
   out = json.load(open(os.path.join(wd, 'ablation.json')))
-  assert sorted(out['variants']) == list('abcdefghijklmn')
+  assert sorted(out['variants']) == list('abcdefghijklmno')
   fields = {'fd', 'class_consistency', 'heldout_token_loss', 'train_step_seconds', 'images_per_s',
             'compiled_sampling_memory_bytes', 'forward_passes_per_image', 'training_steps', 'sampler'}
   for v, r in out['variants'].items():
     assert fields <= set(r), (v, fields - set(r))
-    n_models = 1 if v == 'f' else 2
+    n_models = 1 if v in 'fo' else 2
     assert r['fd']['n'] == n_models * 2 and len(r['runs']) == n_models * 2  # Train seeds x sample seeds.
     assert {x['real_split'] for x in r['runs']} == {'test'} and r['fd']['mean'] > 0
     assert len(r['heldout_token_loss']['per_scale_mean']) == len(r['heldout_token_loss']['patch_nums'])
@@ -69,16 +69,16 @@ def test_the_whole_ablation_runs_and_resumes_without_redoing(tmp_path, small_tok
   for k in 'dgk':
     assert v[k]['sampler']['mr_iterations'] == 2 and v[k]['sampler']['mr_threshold'] in (0.01, 0.05), k
     assert v[k]['sampler']['mr_mode'] == 'redraw'
-  for k in 'cfjln':
+  for k in 'cfjlno':
     assert v[k]['sampler']['mr_iterations'] == 0, k
     assert (v[k]['sampler']['top_p'], v[k]['sampler']['min_p']) in ((0.9, 0.0), (0.0, 0.1)), k
   assert v['e']['sampler']['mr_mode'] == v['m']['sampler']['mr_mode'] == 'refine'
-  assert {out['selection'][k]['validation_runs'] for k in 'cdefgjklmn'} == {4}  # 2 strengths x 2 settings.
+  assert {out['selection'][k]['validation_runs'] for k in 'cdefgjklmno'} == {4}  # 2 strengths x 2 settings.
   assert v['a']['forward_passes_per_image'] == v['d']['forward_passes_per_image'] == 4
   assert v['e']['forward_passes_per_image'] == 4 + 4 * 2
   assert v['f']['forward_passes_per_image'] == 3  # The student: every other scale plus the last, (1, 3, 4).
   assert v['f']['heldout_token_loss']['patch_nums'] == [1, 3, 4]
-  assert v['f']['training_steps'] == 8 and v['a']['training_steps'] == 4  # Teacher + student steps.
+  assert v['f']['training_steps'] == v['o']['training_steps'] == 8 and v['a']['training_steps'] == 4  # Teacher + student.
   # The paper's recipe: each fine-tune starts from the from-scratch model of its own seed and counts its steps.
   models = {m['kind'] + str(m['seed']): m for m in (json.load(open(os.path.join(wd, 'models', d, 'result.json')))
                                                     for d in os.listdir(os.path.join(wd, 'models')))}
@@ -87,6 +87,9 @@ def test_the_whole_ablation_runs_and_resumes_without_redoing(tmp_path, small_tok
     for seed in (0, 1):
       assert models[f'{kind}{seed}']['start']['export'] == models[f'{start}{seed}']['export'], (kind, seed)
   assert all(v[k]['training_steps'] == 8 for k in 'hijklm')
+  seed = out['teacher']['seed']
+  assert (models[f'distilled{seed}']['kl_weight'], models[f'distilled_kl{seed}']['kl_weight']) == (0.0, 1.0)
+  assert models[f'distilled_kl{seed}']['teacher'] == models[f'distilled{seed}']['teacher'] and fds('o') != fds('f')
   assert v['l']['runs'][0]['model'] == v['m']['runs'][0]['model'] != v['j']['runs'][0]['model']
   assert v['m']['forward_passes_per_image'] == 4 + 4 * 2 and v['l']['forward_passes_per_image'] == 4
   assert v['i']['sampler']['cfg'] == v['h']['sampler']['cfg'] == 1.5  # VAR's protocol on both recipe arms.
@@ -96,16 +99,16 @@ def test_the_whole_ablation_runs_and_resumes_without_redoing(tmp_path, small_tok
     assert sorted(curves) == ['0', '1'] and all([p[0] for p in c] == [2, 4] for c in curves.values()), k
     assert isinstance(v[k]['plateau']['reached'], bool) and len(v[k]['plateau']['relative_gain_last_fifth']) == 2
   # Selection on validation samples against training-split reals, never a test seed.
-  for key in 'cdefgjklmn':
+  for key in 'cdefgjklmno':
     s = out['selection'][key]
     assert s['real_split'] == 'train' and s['validation_seed'] not in (0, 1)
     assert s['cfg'] in (1.5, 3.0) and len(s['scores']) == 4
     best = min(s['scores'], key=lambda x: x['fd'])
     assert s['cfg'] == best['cfg'] and s['setting'] == best['setting'], key
   assert out['teacher']['seed'] in (0, 1) and out['protocol']['tokenizer'] == vae
-  assert len(out['noise']) == 2 * 91  # Every pair of 14 variants, for fd and class consistency.
+  assert len(out['noise']) == 2 * 105  # Every pair of 15 variants, for fd and class consistency.
   md = open(os.path.join(wd, 'ablation.md')).read()
-  assert md.count('\n| (') == 14 and 'seed noise' in md and md.count('\n- SDD vs VAR (same protocol): (b) ') == 1
+  assert md.count('\n| (') == 15 and 'seed noise' in md and md.count('\n- SDD vs VAR (same protocol): (b) ') == 1
   from PIL import Image
   assert Image.open(os.path.join(wd, 'ablation.png')).size == (960, 480)
   assert len(first['units_run']) > 20
@@ -183,6 +186,7 @@ def test_headlines_say_which_is_better_only_beyond_noise():
     ('sample_seeds', '0,1000', 'sample_seeds: 1000 is the validation seed'), ('schedules', 'cosine', 'schedules'),
     ('truncations', 'top_p=0.9', 'truncations has 1 settings and masked resampling 2'),
     ('truncations', 'top_k=5,min_p=0.1', "truncations: 'top_k=5'"), ('mr_iterations', '0', 'mr_thresholds'),
+    ('distill_kl_weight', 0.0, 'distill_kl_weight=0.0'),
     ('cfg_grid', '1,-1', 'cfg_grid'), ('train_seeds', '', 'train_seeds is empty')])
 def test_config_errors_name_the_key(tmp_path, key, value, match):
   c = _tiny_config()

@@ -13,6 +13,8 @@ Every variant shares the tokenizer, the token caches, the data, the steps, the o
             its own selection + masked resampling `refine` (0.01 x 10)
  (f) sdd_distilled      a student (--mode=distill, the same steps) of the best markov model, its own selection
  (g) var_guided_redraw  the causal model, its own selection + `redraw`
+ (n) var_guided_truncated  the causal model, its own selection over plain truncation (redraw's partner)
+ (o) sdd_distilled_kl   (f) trained with + distill_kl_weight x KL(teacher || student)
 
 The paper's recipe, every model started from a from-scratch model of the same training seed and trained
 config.ablation.finetune_steps more (fresh optimizer and schedule; the table's training steps are the total):
@@ -112,7 +114,10 @@ VARIANTS = {
     'm': ('refine_finetuned', 'mr', 'refine'),
     # VAR with the same-size search over plain truncation: redraw's partner on the causal model.
     'n': ('causal', 'truncation', None),
+    # (f) with the KL term to the teacher (config.ablation.distill_kl_weight): distillation proper.
+    'o': ('distilled_kl', 'truncation', None),
 }
+DISTILLED = ('distilled', 'distilled_kl')
 # Fine-tuned kinds: kind -> (mask, refine stream, the from-scratch kind whose model of the same seed
 # starts it). Each trains config.ablation.finetune_steps more; its total is its start's steps + those.
 FINETUNED = {
@@ -124,7 +129,7 @@ FINETUNED = {
 NAMES = {'a': 'var', 'b': 'sdd', 'c': 'sdd_guided', 'd': 'sdd_guided_redraw', 'e': 'sdd_guided_refine',
          'f': 'sdd_distilled', 'g': 'var_guided_redraw', 'h': 'var_continued', 'i': 'sdd_from_var',
          'j': 'sdd_finetuned', 'k': 'sdd_finetuned_redraw', 'l': 'refine_finetuned', 'm': 'refine_finetuned_refine',
-         'n': 'var_guided_truncated'}
+         'n': 'var_guided_truncated', 'o': 'sdd_distilled_kl'}
 DESCRIPTIONS = {
     'a': 'VAR: causal mask, VAR protocol', 'b': 'SDD: markov mask, VAR protocol',
     'c': 'SDD + best guidance and truncation', 'd': 'SDD + best guidance and MR redraw',
@@ -136,7 +141,8 @@ DESCRIPTIONS = {
     'j': 'SDD fine-tuned plainly: (b) trained on, best guidance and truncation, MR off',
     'k': '(j)\'s model, best guidance and MR redraw',
     'l': 'refine fine-tune of (b) (zero-initialised stream), best guidance and truncation, MR off',
-    'm': '(l)\'s model, best guidance and MR refine', 'n': 'VAR + best guidance and truncation'}
+    'm': '(l)\'s model, best guidance and MR refine', 'n': 'VAR + best guidance and truncation',
+    'o': '(f) trained with + distill_kl_weight x KL(teacher || student), best guidance and truncation'}
 
 
 # --- pure pieces (unit-tested) --------------------------------------------------------------------
@@ -423,6 +429,9 @@ def _options(config) -> dict:
   for key in ('val_per_class', 'test_per_class', 'timing_repeats'):
     if o[key] < 1:
       raise ConfigError(f'config.ablation.{key}={o[key]} must be >= 1')
+  if float(a.distill_kl_weight) <= 0:
+    raise ConfigError(f'config.ablation.distill_kl_weight={a.distill_kl_weight}: must be > 0 (variant (o) is '
+                      '(f) with the KL term; (f) itself trains without it)')
   if int(a.heldout_points) < 1:
     raise ConfigError(f'config.ablation.heldout_points={a.heldout_points} must be >= 1')
   for key in ('refine_steps', 'distill_steps', 'finetune_steps', 'heldout_examples'):
@@ -532,8 +541,10 @@ class _Ablation:
               'last_loss': s.get('last_loss'), 'patch_nums': list(self.pn)}
     return self.units(name, fn)
 
-  def distilled(self, teacher: dict) -> dict:
-    name = 'models/distilled'
+  def distilled(self, teacher: dict, kind: str = 'distilled') -> dict:
+    """The student of `teacher`: 'distilled' on the re-quantised tokens alone (kl_weight 0), 'distilled_kl'
+    with config.ablation.distill_kl_weight x KL(teacher || student) added."""
+    name = f'models/{kind}'
     root = os.path.join(self.workdir, name)
 
     def fn():
@@ -542,12 +553,14 @@ class _Ablation:
       c.tokenizer.checkpoint = self.tok
       c.distill.teacher = teacher['export']
       c.distill.token_cache = self.cache_student_train
+      c.distill.kl_weight = float(c.ablation.distill_kl_weight) if kind == 'distilled_kl' else 0.0
       steps = int(c.ablation.distill_steps) or self.steps
       c.train.steps = steps
       s = distill.run(c, root)
       if not s.get('export'):
         raise _Stopped({**s, 'stage': name})
-      return {'export': s['export'], 'kind': 'distilled', 'seed': teacher['seed'], 'steps': steps,
+      return {'export': s['export'], 'kind': kind, 'seed': teacher['seed'], 'steps': steps,
+              'kl_weight': float(c.distill.kl_weight),
               'teacher': teacher['export'], 'teacher_steps': teacher['steps'],
               'steps_per_s': _steps_per_s(os.path.join(root, 'metrics.jsonl')),
               'last_loss': s.get('last_loss'), 'patch_nums': list(self.student_pn)}
@@ -658,11 +671,12 @@ class _Ablation:
     self.student_pn = student_patch_nums(self.cfg().distill.patch_nums, self.pn)
     self.cache_student_train = self.tokens('train', self.student_pn, 'student_train')
     self.cache_student_test = self.tokens('test', self.student_pn, 'student_test')
-    models['distilled'] = [self.distilled(teacher)]
-    selection['f'] = self.select('f', models['distilled'][0])
+    for kind in DISTILLED:
+      models[kind] = [self.distilled(teacher, kind)]
+    selection.update({v: self.select(v, models[kind][0]) for v, (kind, _, _) in VARIANTS.items() if kind in DISTILLED})
     heldout = {}
     for kind, ms in models.items():
-      heldout[kind] = [self.heldout(f'{kind}_seed{m["seed"]}' if kind != 'distilled' else 'distilled', m)
+      heldout[kind] = [self.heldout(f'{kind}_seed{m["seed"]}' if kind not in DISTILLED else kind, m)
                        for m in ms]
     variants = {}
     for v, (kind, search, _) in VARIANTS.items():
@@ -671,7 +685,7 @@ class _Ablation:
       ev = self.evaluate(v, models[kind], values)
       cost = self.cost(v, models[kind][0], values)
       variants[v] = self.summarise(v, kind, values, ev, cost, models[kind], heldout[kind],
-                                   selection.get(v), teacher if kind == 'distilled' else None)
+                                   selection.get(v), teacher if kind in DISTILLED else None)
     out = self.report(variants, selection, teacher)
     # What main prints: the headline numbers and where the rest is (ablation.json has everything).
     return {'outputs': out['outputs'], 'quick': out['quick'], 'seconds': round(time.time() - t_all, 1),
@@ -703,7 +717,7 @@ class _Ablation:
                              'mean_loss': mean_std([h['mean_loss'] for h in heldout])},
         'train_step_seconds': 1.0 / float(np.mean(rates)) if rates else None,
         'training_steps': steps,
-        'training_steps_note': ('teacher + student steps' if kind == 'distilled' else
+        'training_steps_note': ('teacher + student steps' if kind in DISTILLED else
                               f'{FINETUNED[kind][2]} model + fine-tune steps' if kind in FINETUNED else
                               'its own model, trained from scratch' if kind == 'refine' else 'one model'),
         'heldout_curves': {str(m['seed']): m.get('heldout_curve') for m in models},

@@ -24,6 +24,7 @@ import time
 
 from configs import fashion_mnist
 from srdd_jax.config import floats
+from srdd_jax.diffusion.filtering import PROTOCOLS
 from srdd_jax.modes import ablation
 
 
@@ -91,7 +92,9 @@ def main(argv=None):
         for cfg in floats(a.cfg, '--cfg'):
           if cfg == 0 and schedule != a.schedules.split(',')[0]:
             continue  # Strength 0 is the same sampler under every schedule.
-          values = ablation.sampler_values(schedule, cfg, None if mr == 'off' else mr)
+          srdd = PROTOCOLS['srdd']  # SRDD's masked resampling, 0.01 x 10, in mode `mr`.
+          values = ablation.sampler_values(schedule, cfg, None if mr == 'off' else {
+              'mr_mode': mr, 'mr_threshold': srdd['mr_threshold'], 'mr_iterations': srdd['mr_iterations']})
           t0 = time.time()
           s = scorer.score(model, values, a.per_class, a.seed, a.which)
           row = {'top_p': top_p, 'mr': mr, 'schedule': schedule, 'cfg': cfg, 'fd': s['fd'],

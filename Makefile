@@ -33,9 +33,8 @@ tokenizer-demo: venv
 
 # Two pytest workers, one test file each at a time (--dist loadfile keeps a file's module fixtures and
 # compiled programs in one process): much of the suite is XLA compiles that use one core, so two cores
-# run two of them at once. Measured on 2 cores, cold: 1,711-2,125 s (three runs) against 2,105-2,211 s
-# with one process: on 2 cores the gain is within the machine's noise. TEST_WORKERS=N for more cores.
-# (1,617 and 1,503 s since tests/conftest.py compiles without LLVM's optimisation passes.)
+# run two of them at once. TEST_WORKERS=N for more cores. A cold run on 2 cores: docs/TESTS.md (462 s
+# on 2026-12-05).
 TEST_WORKERS ?= 2
 test: venv
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15 tests

@@ -35,11 +35,10 @@ def get_config(arg=None):
       raise ValueError(f'config argument {part!r}: configs/ablation.py takes only "quick"')
   c = _fashion_mnist().get_config()
   c.eval.batch_size = 100  # Sampling and held-out loss batches: a class per 10 images, no padding.
-  # Ten transformers are trained (3 seeds x causal, markov, refine, and the student): at the demo's
-  # float32 step on 2 CPU cores (0.33 s on the AMD machine of earlier runs, 0.48 s on the slower Intel one
-  # of docs/RESULTS.md's second recipe) 1000 steps each is 55-80 minutes of the 2-hour budget; the rest
-  # goes to the tokenizer, the caches and the sampling. An estimate, not yet measured end to end:
-  # ablation.json records every unit's wall time.
+  # 23 transformers are trained: 3 seeds x (causal, markov, refine from scratch, and the four fine-tunes
+  # of the paper's recipe) and two students. Not yet sized to issue 32's budget (8x the demo's stages on
+  # the same machine, models trained to the plateau rule): the steps below are the earlier preset's, and
+  # ablation.json records every unit's wall time and every model's held-out curve to size it from.
   c.train.steps = 1000
   c.ablation = ml_collections.ConfigDict(dict(
       train_seeds='0,1,2', sample_seeds='0,1,2', cfg_grid='0,1,1.5,2,3,5,8', schedules='linear,constant',

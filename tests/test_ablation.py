@@ -1,6 +1,6 @@
 """--mode=ablation: every variant (a)-(g) on a tiny run (digits at their own 8 px, a given untrained
 tokenizer, 4-step transformers), its outputs, and a second run that redoes nothing; the selection rule and
-the noise statement exactly. (Training the tokenizer is --mode=train_tokenizer's, tested in
+the paired comparisons exactly. (Training the tokenizer is --mode=train_tokenizer's, tested in
 test_tokenizer_train; here it would double the file's time.)"""
 import json
 import os
@@ -106,11 +106,30 @@ def test_the_whole_ablation_runs_and_resumes_without_redoing(tmp_path, small_tok
     best = min(s['scores'], key=lambda x: x['fd'])
     assert s['cfg'] == best['cfg'] and s['setting'] == best['setting'], key
   assert out['teacher']['seed'] in (0, 1) and out['protocol']['tokenizer'] == vae
-  assert len(out['noise']) == 2 * 105  # Every pair of 15 variants, for fd and class consistency.
+  # Paired comparisons: every headline and each student against its own teacher, on shared seeds.
+  comps = {c['question']: c for c in out['comparisons']}
+  assert len(comps) == len(ablation.HEADLINES) + 2
+  sdd = comps['SDD vs VAR (same protocol)']
+  assert (sdd['x'], sdd['ref'], sdd['fd']['n']) == ('b', 'a', 4) and sorted(map(tuple, sdd['fd']['keys'])) == [
+      (0, 0), (0, 1), (1, 0), (1, 1)]
+  by_key = lambda k: {(r['train_seed'], r['sampling_seed']): r['fd'] for r in v[k]['runs']}
+  want = [by_key('b')[k] - by_key('a')[k] for k in sorted(by_key('a'))]
+  assert sdd['fd']['differences'] == pytest.approx(want)
+  assert sdd['resolution'] == pytest.approx(0.05 * v['a']['fd']['mean'])
+  assert sdd['fd']['verdict']['decisive'] == (sdd['fd']['half_width'] <= sdd['resolution'])
+  for c in comps.values():
+    assert {'precision', 'recall', 'class_consistency'} <= set(c) and c['fd']['half_width'] is not None
+  student = comps['student (f) vs its own teacher, same sampler']
+  assert student['fd']['n'] == 2 and {tuple(k) for k in student['fd']['keys']} == {(out['teacher']['seed'], 0),
+                                                                                   (out['teacher']['seed'], 1)}
+  assert [r['sampler'] for r in out['teacher_runs']['f']] == [v['f']['sampler']] * 2
+  for k, r in v.items():
+    assert 0 <= r['precision']['mean'] <= 1 and 0 <= r['recall']['mean'] <= 1, k
   md = open(os.path.join(wd, 'ablation.md')).read()
-  assert md.count('\n| (') == 15 and 'seed noise' in md and md.count('\n- SDD vs VAR (same protocol): (b) ') == 1
+  assert md.count('\n| (') == 15 and md.count('\n- SDD vs VAR (same protocol): (b) - (a) fd ') == 1
+  assert 'seed noise' not in md and ('not decisive' in md or 'decisive:' in md)
   from PIL import Image
-  assert Image.open(os.path.join(wd, 'ablation.png')).size == (960, 480)
+  assert Image.open(os.path.join(wd, 'ablation.png')).size == (960 + 480, 480)  # fd panel, precision/recall panel.
   assert len(first['units_run']) > 20
   # Run again: every unit is kept, nothing is trained, sampled or written again.
   before = _mtimes(wd)
@@ -129,12 +148,13 @@ def test_the_whole_ablation_runs_and_resumes_without_redoing(tmp_path, small_tok
 
 def test_plateau_rule_on_hand_made_curves():
   flat = [[10, 2.0], [50, 1.2], [80, 1.005], [90, 1.001], [100, 1.0]]  # 0.5% better over the last fifth (from step 80).
-  falling = [[10, 2.0], [80, 1.2], [100, 1.0]]  # 16.7% better.
+  falling = [[10, 2.0], [50, 1.2], [100, 1.0]]  # 16.7% better since step 50, the last point before the fifth.
   got = ablation.plateau([flat, flat])
   assert got['reached'] is True and got['relative_gain_last_fifth'] == [pytest.approx(0.005 / 1.005)] * 2
   got = ablation.plateau([flat, falling])
   assert got['reached'] is False and got['relative_gain_last_fifth'][1] == pytest.approx(0.2 / 1.2)
   assert ablation.plateau([flat, []])['reached'] is False  # A model without a curve is not shown to plateau.
+  assert ablation.plateau([[[90, 1.0], [100, 1.0]]])['relative_gain_last_fifth'] == [None]  # Nothing before 80.
 
 
 def test_search_spaces_have_the_same_size_and_name_their_settings():
@@ -164,22 +184,39 @@ def test_selection_takes_the_lowest_then_the_smaller_cfg_then_the_earlier_schedu
     ablation.select_guidance({}, ('linear',))
 
 
-def test_noise_statement_on_hand_made_numbers():
-  stats = {'a': {'mean': 10.0, 'std': 1.0}, 'b': {'mean': 11.5, 'std': 0.5}, 'c': {'mean': 13.0, 'std': 0.1}}
-  got = {tuple(s['pair']): (s['difference'], s['bound'], s['within_noise'])
-         for s in ablation.noise_statements(stats, 'fd')}
-  assert got == {('a', 'b'): (1.5, 2.0, True), ('a', 'c'): (3.0, 2.0, False), ('b', 'c'): (1.5, 1.0, False)}
-  lines = ablation.noise_lines(ablation.noise_statements(stats, 'fd'))
-  assert 'within seed noise' in lines[0] and 'beyond seed noise' in lines[1]
+def test_paired_difference_and_verdicts_on_hand_made_numbers():
+  from srdd_jax.evaluation import paired
+  x = [{'train_seed': t, 'sampling_seed': s, 'fd': 10 + d} for (t, s), d in zip([(0, 0), (0, 1), (1, 0)], [1, 2, 3])]
+  y = [{'train_seed': t, 'sampling_seed': s, 'fd': 10.0} for t, s in [(0, 0), (0, 1), (1, 0), (2, 2)]]
+  d = paired.paired_difference(x, y, 'fd')
+  half = 4.302652729911275 / 3 ** 0.5  # t(0.975, 2) x sd 1 / sqrt(3).
+  assert (d['n'], d['mean'], d['sd']) == (3, 2.0, 1.0) and d['half_width'] == pytest.approx(half)
+  assert d['ci'] == pytest.approx([2 - half, 2 + half]) and (d['x_lower'], d['x_higher']) == (0, 3)
+  assert paired.verdict(d, resolution=2.0)['text'].startswith('not decisive (half-width 2.484 > resolution 2')
+  assert paired.verdict(d, resolution=3.0) == {  # Narrow enough, and the interval holds 0.
+      'decisive': True, 'direction': 'equivalent',
+      'text': 'equivalent within ±2.484 (decisive: 95% CI [-0.4841, 4.484] holds 0)'}
+  tight = paired.paired_difference(x, [{**r, 'fd': r['fd'] - 0.0} for r in x], 'fd')  # All differences 0.
+  assert paired.verdict(tight, 0.1)['direction'] == 'equivalent'
+  worse = paired.paired_difference([{**r, 'fd': r['fd'] + 5} for r in y[:3]], y[:3], 'fd')
+  assert worse['half_width'] == 0 and paired.verdict(worse, 0.1)['direction'] == 'worse'
+  assert paired.verdict(paired.paired_difference(x[:1], y, 'fd'), 10.0)['text'] == 'not decisive (fewer than 2 pairs)'
+  assert 'no difference' not in paired.verdict(d, 2.0)['text']
+
+
+def test_comparisons_label_wide_intervals_not_decisive():
+  runs = lambda fds: [{'train_seed': 0, 'sampling_seed': s, 'fd': f, 'class_consistency': 0.5, 'precision': 0.5,
+                       'recall': 0.5} for s, f in enumerate(fds)]
+  variants = {'a': {'fd': {'mean': 10.0}, 'runs': runs([10, 10, 10])},
+              'b': {'fd': {'mean': 11.0}, 'runs': runs([11, 11.02, 10.98])},  # Tight: decisive, worse.
+              'c': {'fd': {'mean': 11.0}, 'runs': runs([9, 13, 11])}}  # Wide against b: not decisive.
+  comps = {c['question']: c for c in ablation.comparisons(variants)}
+  assert comps['SDD vs VAR (same protocol)']['fd']['verdict']['direction'] == 'worse'
+  wide = comps['best guidance and truncation on SDD']
+  assert wide['resolution'] == pytest.approx(0.5) and not wide['fd']['verdict']['decisive']
+  lines = ablation.comparison_lines([wide])
+  assert '**not decisive' in lines[0] and 'no difference' not in lines[0]
   assert ablation.mean_std([1.0, 3.0]) == {'mean': 2.0, 'std': pytest.approx(2 ** 0.5), 'n': 2, 'values': [1.0, 3.0]}
-
-
-def test_headlines_say_which_is_better_only_beyond_noise():
-  stats = {'a': {'mean': 10.0, 'std': 0.2}, 'b': {'mean': 11.0, 'std': 0.1}, 'c': {'mean': 10.9, 'std': 0.3}}
-  lines = ablation.headlines(stats)
-  assert lines == [
-      '- SDD vs VAR (same protocol): (b) 11 vs (a) 10: (b) is worse than (a) by 1, beyond seed noise (0.4).',
-      '- best guidance and truncation on SDD: (c) 10.9 vs (b) 11: no difference beyond seed noise (|difference| 0.1 < 0.6).']
 
 
 @pytest.mark.parametrize('key, value, match', [

@@ -95,13 +95,15 @@ class ProxyScorer:
 
   seed: the classifier's (default config.seed); a study that compares runs of several seeds scores them
   all with one classifier. split: the real images, 'test' (held out: the reported metrics) or 'train'
-  (choosing a setting without looking at the test split)."""
+  (choosing a setting without looking at the test split). precision_recall: also improved precision and
+  recall against the same real images (their features kept; a study's precision/recall view)."""
 
-  def __init__(self, config, o, workdir: str, *, seed: int | None = None):
+  def __init__(self, config, o, workdir: str, *, seed: int | None = None, precision_recall: bool = False):
     self.config, self.o, self.workdir = config, o, workdir
     self.seed = int(config.seed) if seed is None else int(seed)
     self.clf = None
-    self.real_stats = {}  # split -> ((mu, sigma), number of real images)
+    self.real_stats = {}  # split -> ((mu, sigma), number of real images, their features)
+    self.precision_recall = precision_recall
 
   def classifier(self, size: int):
     if self.clf is None:
@@ -111,14 +113,18 @@ class ProxyScorer:
     return self.clf
 
   def reals(self, size: int, split: str = 'test'):
-    """((mu, sigma) of the classifier's features, count) of the first proxy_examples real images of `split`."""
+    """((mu, sigma) of the classifier's features, count, features) of the first proxy_examples real images
+    of `split`."""
     if split not in self.real_stats:
       clf = self.classifier(size)
       r = clf.info['request']
       real, _, _ = classifier.load_split(self.config.data, r['image_size'], split, train_split=r['train_split'],
                                          test_split=r['test_split'])
       real = real[:int(self.o['proxy_examples'])]
-      self.real_stats[split] = (proxy.feature_statistics(clf, real, what=f'{split} real images'), len(real))
+      _, feats = clf.outputs(real, what=f'{split} real images')
+      if len(feats) < 2:
+        raise ValueError(f'{split} real images: a covariance needs at least 2 images, got {len(feats)}')
+      self.real_stats[split] = (stats.feature_statistics(feats), len(real), feats)
     return self.real_stats[split]
 
   def __call__(self, images, labels, split: str = 'test') -> dict:
@@ -128,8 +134,9 @@ class ProxyScorer:
     size = int(images.shape[1])
     clf = self.classifier(size)
     try:
-      stats_, n_real = self.reals(size, split)
-      out = proxy.proxy_metrics(clf, None, images, labels if clf.num_classes > 1 else None, real_stats=stats_)
+      stats_, n_real, feats = self.reals(size, split)
+      out = proxy.proxy_metrics(clf, None, images, labels if clf.num_classes > 1 else None, real_stats=stats_,
+                                real_features=feats if self.precision_recall else None)
     except ValueError as e:
       where = f'config.eval.samples={self.o["samples"]!r}' if self.o['samples'] else 'the samples'
       raise ConfigError(f'{where}: {e} (the classes of config.data)') from e

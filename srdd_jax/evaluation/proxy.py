@@ -20,6 +20,9 @@ from srdd_jax.evaluation import metrics, stats
 from srdd_jax.evaluation.classifier import ProxyClassifier, agreement
 
 
+PR_K = 3  # Neighbours of the k-NN manifolds of precision and recall (Kynkäänniemi et al.'s default).
+
+
 def fd_name(classifier: ProxyClassifier) -> str:
   """The metric's name, e.g. 'fd_cnn_fashion_mnist_32px': the classifier and the resolution it was
   trained at, since classifiers of two resolutions give numbers that do not compare."""
@@ -45,13 +48,16 @@ def class_consistency(classifier: ProxyClassifier, images, labels, *, batch_size
 
 def proxy_metrics(classifier: ProxyClassifier, real_images, samples, sample_labels=None, *,
                   real_stats: tuple[np.ndarray, np.ndarray] | None = None,
-                  batch_size: int = 256) -> dict[str, float]:
+                  real_features: np.ndarray | None = None, batch_size: int = 256) -> dict[str, float]:
   """{'fd_<name>', 'class_consistency' (only with sample_labels), 'classifier_test_accuracy'}.
 
   real_images: held-out real images (e.g. held_out_images), or None with `real_stats` = their
   (mu, sigma) from feature_statistics, computed once. samples: NHWC uint8, or float in [0, 1], at the
   classifier's image size; sample_labels: the classes they were conditioned on (None: unconditional
-  samples, no consistency). Features of the samples are computed once for both metrics.
+  samples, no consistency). Features of the samples are computed once for every metric. With
+  `real_features` (the real images' classifier features) also improved precision and recall (k = 3,
+  Kynkäänniemi et al. 2019) in the same feature space: how many samples lie on the real manifold, and
+  how much of it the samples cover.
   """
   if real_stats is None:
     if real_images is None:
@@ -65,5 +71,7 @@ def proxy_metrics(classifier: ProxyClassifier, real_images, samples, sample_labe
   if sample_labels is not None:
     labels = classifier.check_labels(sample_labels, len(logits), 'sample labels')
     out['class_consistency'] = agreement(np.argmax(logits, axis=-1), labels)
+  if real_features is not None:
+    out.update(metrics.precision_recall(real_features, feats, k=PR_K))
   out['classifier_test_accuracy'] = classifier.accuracy
   return out

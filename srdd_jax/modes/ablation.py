@@ -48,13 +48,16 @@ for an unguided variant (strength 0) its own program without the null-class half
 Each unit of work (tokenizer, token caches, each model, each validation point, each test evaluation, each
 held-out loss, each timing) writes WORKDIR/<unit>/result.json and is skipped when that file exists, so an
 interrupted run resumes without redoing finished units (training units also resume from checkpoints).
-Outputs: WORKDIR/ablation.json (every number and the protocol), ablation.md (the table, one computed
-sentence per question of HEADLINES saying which variant is better only where the difference is beyond seed
-noise, and every pair) and ablation.png (quality against sampling seconds per image).
+Outputs: WORKDIR/ablation.json (every number and the protocol), ablation.md (the table, and one computed
+sentence per comparison of HEADLINES and per student against its own teacher: the paired difference over
+shared (training seed, sampling seed) runs with its 95% interval, "not decisive" when the interval's
+half-width exceeds 5% of (a)'s fd) and ablation.png (fd against sampling seconds per image; precision
+against recall).
 
 Fairness: every model gets config.train.steps (refine_steps / distill_steps 0 = the same); the refine model
 and the student are extra training on the markov side, shown in the table's "training steps" column. The
-selection's validation sampling is the same grid for every selected variant; (a) and (b) select nothing.
+selection's search has the same number of validation runs for every selecting variant; (a), (b), (h) and
+(i) select nothing (VAR's protocol).
 """
 from __future__ import annotations
 
@@ -79,7 +82,7 @@ from srdd_jax.data.token_cache import TokenCache
 from srdd_jax.diffusion.filtering import PROTOCOLS
 from srdd_jax.diffusion.generate import generate, sampler_from_config
 from srdd_jax.diffusion.sampler import batch_rng
-from srdd_jax.evaluation import protocol, proxy
+from srdd_jax.evaluation import paired, protocol, proxy
 from srdd_jax.evaluation.plot import Chart
 from srdd_jax.modes import distill, tokenize, train, train_tokenizer
 from srdd_jax.parallel import mesh as pm
@@ -90,7 +93,6 @@ from srdd_jax.train.distill import heldout_token_loss, student_patch_nums
 
 LOADED_MODELS = 3  # Models the scorer keeps in memory (the seeds of one variant, in turn).
 VALIDATION_SEED = 1000  # Sampling seed of the selection: no test sampling seed (config.ablation.sample_seeds) is it.
-NOISE_FACTOR = 2.0  # A difference of means below NOISE_FACTOR x the larger std is within seed noise.
 
 # variant -> (model kind, search, MR mode). search None: VAR's fixed protocol (cfg 1.5 linear, nothing
 # selected); 'truncation': guidance x plain truncation (config.ablation.truncations: top-p, min-p);
@@ -180,14 +182,16 @@ PLATEAU_FRACTION, PLATEAU_GAIN = 0.2, 0.01  # Plateau: < 1% better over the last
 
 def plateau(curves) -> dict:
   """Whether every model's held-out loss improved by less than PLATEAU_GAIN (relative) over the last
-  PLATEAU_FRACTION of its steps: the loss at the first point at or after that fraction against the last."""
+  PLATEAU_FRACTION of its steps: the loss at the last point at or before that fifth began against the
+  last point (a coarser curve measures over more than the fifth, never less; no such point: unknown)."""
   gains = []
   for curve in curves:
-    if not curve or len(curve) < 2:
+    last_step = curve[-1][0] if curve else 0
+    before = [loss for step, loss in (curve or [])[:-1] if step <= last_step * (1 - PLATEAU_FRACTION)]
+    if not before:
       gains.append(None)
       continue
-    last_step = curve[-1][0]
-    begin = next(loss for step, loss in curve if step >= last_step * (1 - PLATEAU_FRACTION))
+    begin = before[-1]
     gains.append((begin - curve[-1][1]) / begin if begin else 0.0)
   known = [g for g in gains if g is not None]
   return {'rule': f'held-out token loss improves by < {PLATEAU_GAIN:.0%} over the last '
@@ -202,29 +206,6 @@ def mean_std(values) -> dict:
           'values': v}
 
 
-def noise_statements(stats: dict, metric: str, factor: float = NOISE_FACTOR) -> list[dict]:
-  """Every pair of variants on `metric`: within seed noise when |difference of means| < factor x the
-  larger std. stats: {variant: {'mean', 'std'}}."""
-  out = []
-  for x, y in itertools.combinations(sorted(stats), 2):
-    a, b = stats[x], stats[y]
-    diff, bound = abs(a['mean'] - b['mean']), factor * max(a['std'], b['std'])
-    out.append({'pair': [x, y], 'metric': metric, 'difference': diff, 'bound': bound,
-                'within_noise': bool(diff < bound)})
-  return out
-
-
-def noise_lines(statements) -> list[str]:
-  lines = []
-  for s in statements:
-    x, y = s['pair']
-    verdict = 'within seed noise' if s['within_noise'] else 'beyond seed noise'
-    rel = '<' if s['within_noise'] else '>='
-    lines.append(f'- ({x}) vs ({y}), {s["metric"]}: |difference| {s["difference"]:.4g} {rel} '
-                 f'{NOISE_FACTOR:g} x larger std = {s["bound"]:.4g}: **{verdict}**')
-  return lines
-
-
 # The comparisons the ablation is for: (question, variant, its reference).
 HEADLINES = (('SDD vs VAR (same protocol)', 'b', 'a'), ('best guidance and truncation on SDD', 'c', 'b'),
              ('MR redraw vs tuned truncation on SDD', 'd', 'c'), ('trained MR refine', 'e', 'c'),
@@ -236,22 +217,49 @@ HEADLINES = (('SDD vs VAR (same protocol)', 'b', 'a'), ('best guidance and trunc
              ('refine fine-tune + MR refine vs plain fine-tune + MR redraw', 'm', 'k'))
 
 
-def headlines(fd_stats: dict, factor: float = NOISE_FACTOR) -> list[str]:
-  """One plain sentence per comparison of HEADLINES on the Fréchet distance (lower is better), saying
-  which is better and whether the difference is beyond seed noise; pairs with a missing variant are left out."""
+RESOLUTION = 0.05  # A comparison decides only with a 95% CI half-width <= 5% of VAR's (a) mean fd.
+METRICS = (('fd', True), ('class_consistency', False), ('precision', False), ('recall', False))  # (name, lower is better)
+
+
+def comparisons(variants: dict, teachers: dict | None = None, resolution: float = RESOLUTION) -> list[dict]:
+  """Every comparison of HEADLINES (and each student against its own teacher, sampled with the student's
+  settings: `teachers` {variant: teacher runs}) as paired differences over shared (training seed,
+  sampling seed) keys, for each of METRICS; the verdict on fd against `resolution` x (a)'s mean fd."""
+  base = variants['a']['fd']['mean'] if 'a' in variants else None
+  pairs = [(q, x, ref, variants[x]['runs'], variants[ref]['runs']) for q, x, ref in HEADLINES
+           if x in variants and ref in variants]
+  for v, runs in (teachers or {}).items():
+    if v in variants:
+      pairs.append((f'student ({v}) vs its own teacher, same sampler', v, f'{v} teacher', variants[v]['runs'], runs))
   out = []
-  for question, x, ref in HEADLINES:
-    if x not in fd_stats or ref not in fd_stats:
-      continue
-    a, b = fd_stats[x], fd_stats[ref]
-    diff, bound = a['mean'] - b['mean'], factor * max(a['std'], b['std'])
-    if abs(diff) < bound:
-      verdict = f'no difference beyond seed noise (|difference| {abs(diff):.4g} < {bound:.4g})'
-    else:
-      verdict = (f'({x}) is {"better" if diff < 0 else "worse"} than ({ref}) by {abs(diff):.4g}, beyond seed '
-                 f'noise ({bound:.4g})')
-    out.append(f'- {question}: ({x}) {a["mean"]:.4g} vs ({ref}) {b["mean"]:.4g}: {verdict}.')
+  for question, x, ref, xr, yr in pairs:
+    c = {'question': question, 'x': x, 'ref': ref,
+         'resolution': resolution * base if base is not None else None,
+         'resolution_rule': f'{resolution:.0%} of (a)\'s mean fd'}
+    for metric, lower in METRICS:
+      d = paired.paired_difference(xr, yr, metric)
+      if metric == 'fd' and c['resolution'] is not None:
+        d['verdict'] = paired.verdict(d, c['resolution'], lower_is_better=lower)
+      c[metric] = d
+    out.append(c)
   return out
+
+
+def comparison_lines(comps: list[dict]) -> list[str]:
+  """One sentence per comparison: the fd difference with its interval and verdict, then the others'."""
+  lines = []
+  for c in comps:
+    d = c['fd']
+    if d['mean'] is None:
+      lines.append(f'- {c["question"]}: ({c["x"]}) vs ({c["ref"]}): no shared seeds, nothing to compare.')
+      continue
+    ci = 'no interval' if d['ci'] is None else f'95% CI [{d["ci"][0]:.4g}, {d["ci"][1]:.4g}], half-width {d["half_width"]:.4g}'
+    text = d.get('verdict', {}).get('text', 'no resolution')
+    others = '; '.join(f'{m} {c[m]["mean"]:+.4g}' + (f' ± {c[m]["half_width"]:.3g}' if c[m]['half_width'] is not None else '')
+                       for m, _ in METRICS[1:] if c[m]['mean'] is not None)
+    lines.append(f'- {c["question"]}: ({c["x"]}) - ({c["ref"]}) fd {d["mean"]:+.4g} over {d["n"]} paired runs '
+                 f'({ci}; ({c["x"]}) lower in {d["x_lower"]} of {d["n"]}): **{text}**' + (f'. {others}.' if others else '.'))
+  return lines
 
 
 # --- sampling and scoring -------------------------------------------------------------------------
@@ -318,7 +326,7 @@ class Scorer:
     self.compiled = {}  # (architecture, SamplerConfig, traced) -> (sampler, compiled, stats, batch)
     self.loaded = collections.OrderedDict()  # Model export -> load_models(...): the last few, read once.
     c = with_defaults(config)
-    self.proxy = protocol.ProxyScorer(c, c.eval.to_dict(), workdir, seed=0)
+    self.proxy = protocol.ProxyScorer(c, c.eval.to_dict(), workdir, seed=0, precision_recall=True)
 
   def models(self, c, export: str):
     """load_models of `c` (whose model.checkpoint is `export`, mask and refine left to the checkpoint),
@@ -383,6 +391,7 @@ class Scorer:
     m = self.proxy(images, labels, which)
     name = proxy.fd_name(self.proxy.clf)
     return {'fd_name': name, 'fd': m[name], 'class_consistency': m['class_consistency'],
+            'precision': m['precision'], 'recall': m['recall'],
             'classifier_test_accuracy': m['classifier_test_accuracy'], 'proxy_classifier': m['proxy_classifier'],
             'real_split': which, 'real_examples': m['proxy_real_examples'], 'num_samples': int(len(labels)),
             'sampling_seed': seed, 'sampler': values, 'model': model['export']}
@@ -620,12 +629,13 @@ class _Ablation:
 
   # --- test evaluation ---
   def evaluate(self, variant: str, models: list[dict], values: dict) -> dict:
+    """Test-split runs of every model x sampling seed, keyed by (train_seed, sampling_seed) for pairing."""
     runs = []
     for m in models:
       for s in self.o['sample_seeds']:
         r = self.units(f'evaluation/{variant}/train{m["seed"]}_sample{s}',
                        lambda m=m, s=s: self.scorer.score(m, values, self.o['test_per_class'], s, 'test'))
-        runs.append(r)
+        runs.append({**r, 'train_seed': m['seed']})
     return {'runs': runs}
 
   def cost(self, variant: str, model: dict, values: dict) -> dict:
@@ -686,7 +696,10 @@ class _Ablation:
       cost = self.cost(v, models[kind][0], values)
       variants[v] = self.summarise(v, kind, values, ev, cost, models[kind], heldout[kind],
                                    selection.get(v), teacher if kind in DISTILLED else None)
-    out = self.report(variants, selection, teacher)
+    # Each student against its own teacher, the teacher sampled with the student's settings (same seeds).
+    teachers = {v: self.evaluate(f'{v}_teacher', [teacher], variants[v]['sampler'])['runs']
+                for v, (kind, _, _) in VARIANTS.items() if kind in DISTILLED}
+    out = self.report(variants, selection, teacher, teachers)
     # What main prints: the headline numbers and where the rest is (ablation.json has everything).
     return {'outputs': out['outputs'], 'quick': out['quick'], 'seconds': round(time.time() - t_all, 1),
             'units_run': list(self.units.ran), 'units_kept': len(self.units.kept),
@@ -703,6 +716,7 @@ class _Ablation:
       by_train.setdefault(m['seed'], []).append(r)
     fd = mean_std([r['fd'] for r in runs])
     cc = mean_std([r['class_consistency'] for r in runs])
+    pr = {k: mean_std([r[k] for r in runs]) for k in ('precision', 'recall')}
     fd['std_over_train_seeds'] = mean_std([np.mean([r['fd'] for r in rs]) for rs in by_train.values()])['std']
     fd['std_over_sample_seeds'] = float(np.mean([mean_std([r['fd'] for r in rs])['std'] for rs in by_train.values()]))
     losses = np.asarray([h['loss'] for h in heldout], np.float64)
@@ -711,7 +725,7 @@ class _Ablation:
     return {
         'name': NAMES[v], 'description': DESCRIPTIONS[v], 'model_kind': kind, 'sampler': values,
         'train_seeds': [m['seed'] for m in models], 'sample_seeds': list(self.o['sample_seeds']),
-        'fd_name': runs[0]['fd_name'], 'fd': fd, 'class_consistency': cc,
+        'fd_name': runs[0]['fd_name'], 'fd': fd, 'class_consistency': cc, **pr,
         'heldout_token_loss': {'patch_nums': heldout[0]['patch_nums'], 'per_scale_mean': losses.mean(0).tolist(),
                              'per_scale_std': (losses.std(0, ddof=1) if len(losses) > 1 else 0 * losses[0]).tolist(),
                              'mean_loss': mean_std([h['mean_loss'] for h in heldout])},
@@ -730,17 +744,17 @@ class _Ablation:
         'runs': runs}
 
   # --- outputs ---
-  def report(self, variants, selection, teacher) -> dict:
-    fd_stats = {v: r['fd'] for v, r in variants.items()}
-    cc_stats = {v: r['class_consistency'] for v, r in variants.items()}
-    noise = noise_statements(fd_stats, 'fd') + noise_statements(cc_stats, 'class_consistency')
+  def report(self, variants, selection, teacher, teachers) -> dict:
+    comps = comparisons(variants, teachers)
     c = self.cfg()
     out = {
         'command': ' '.join(sys.argv) if sys.argv else '', 'commit': _git_commit(),
         'quick': bool(c.ablation.quick),
         'protocol': {
           **{k: list(v) if isinstance(v, tuple) else v for k, v in self.o.items()},
-          'validation_seed': VALIDATION_SEED, 'noise_rule': f'|difference of means| < {NOISE_FACTOR:g} x larger std',
+          'validation_seed': VALIDATION_SEED, 'comparison_rule': (
+              'paired differences over shared (training seed, sampling seed) runs, mean and 95% CI (t over '
+              f'the pairs); decisive only when the fd CI half-width <= {RESOLUTION:.0%} of (a)\'s mean fd'),
           'selection_rule': 'lowest validation fd (val_per_class per class, validation seed, training-split '
           'reals) over guidance schedule x strength jointly with the variant\'s search (MR: thresholds x '
           'iterations; otherwise plain truncations, the same number of settings) on the first training seed\'s '
@@ -754,7 +768,8 @@ class _Ablation:
         'unit_seconds': {'total': round(sum(self.units.seconds.values()), 1),
                        **{g: round(sum(t for u, t in self.units.seconds.items() if u.split('/')[0] == g), 1)
                           for g in sorted({u.split('/')[0] for u in self.units.seconds})}},
-        'variants': variants, 'selection': selection, 'noise': noise,
+        'variants': variants, 'selection': selection, 'comparisons': comps,
+        'teacher_runs': teachers,
         'teacher': {'export': teacher['export'], 'seed': teacher['seed'],
                   'validation_scores': teacher['validation_scores']},
         'outputs': {k: os.path.join(self.workdir, f'ablation.{k}') for k in ('json', 'md', 'png')}}
@@ -779,9 +794,10 @@ def markdown(out: dict) -> str:
            f'images. Selection: {p["selection_rule"]}; guidance grid {p["cfg_grid"]} x {p["schedules"]}, MR '
            f'{p["mr_thresholds"]} x {p["mr_iterations"]}, truncations {p["truncations"]}. '
            f'`{v0["fd_name"]}` is the proxy classifier\'s Fréchet distance (not an FID): lower is better.', '',
-           '| | variant | guidance | MR / truncation | ' + v0['fd_name'] + ' | class consistency | held-out token loss per scale '
-           '| train step s | training steps | images/s | compiled sampling MiB | passes/image |',
-           '|---|---|---|---|---|---|---|---|---|---|---|---|']
+           '| | variant | guidance | MR / truncation | ' + v0['fd_name'] + ' | class consistency | precision | recall | held-out '
+           'token loss per scale | plateau | train step s | training steps | images/s | compiled sampling MiB | '
+           'passes/image |',
+           '|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|']
   for v, r in out['variants'].items():
     s = r['sampler']
     mr = f'{s["mr_mode"]} {s["mr_threshold"]:g} x {s["mr_iterations"]}' if s['mr_iterations'] else 'off'
@@ -792,21 +808,28 @@ def markdown(out: dict) -> str:
     step = r['train_step_seconds']
     lines.append(f'| ({v}) | {r["name"]}: {r["description"]} | {s["cfg_schedule"]} {s["cfg"]:g} | {mr} | '
                  f'{r["fd"]["mean"]:.3f} ± {r["fd"]["std"]:.3f} (n={r["fd"]["n"]}) | '
-                 f'{r["class_consistency"]["mean"]:.3f} ± {r["class_consistency"]["std"]:.3f} | {loss} | '
+                 f'{r["class_consistency"]["mean"]:.3f} ± {r["class_consistency"]["std"]:.3f} | '
+                 f'{r["precision"]["mean"]:.3f} ± {r["precision"]["std"]:.3f} | '
+                 f'{r["recall"]["mean"]:.3f} ± {r["recall"]["std"]:.3f} | {loss} | '
+                 f'{"yes" if r["plateau"]["reached"] else "no"} | '
                  f'{"n/a" if step is None else f"{step:.4f}"} | {r["training_steps"]} ({r["training_steps_note"]}) | '
                  f'{r["images_per_s"]:.1f} | {"n/a" if mem is None else f"{mem / 2 ** 20:.1f}"} | '
                  f'{r["forward_passes_per_image"]} |')
   lines += ['', 'Mean ± standard deviation over every (training seed, sampling seed) run; every variant uses every '
-            'training seed\'s model but (f), the one student.', '',
-            '## Findings (fd, lower is better; computed from the numbers above)', '']
-  lines += headlines({v: r['fd'] for v, r in out['variants'].items()})
-  lines += ['', f'## Which differences are within seed noise, every pair ({p["noise_rule"]})', '']
-  lines += noise_lines(out['noise'])
+            'training seed\'s model but (f) and (o), one student each. Precision and recall: improved k-NN '
+            '(k = 3) manifolds in the proxy classifier\'s feature space. Plateau: every model\'s held-out token '
+            'loss improved by < 1% over its last fifth of training.', '',
+            f'## Findings (paired; fd lower is better; {p["comparison_rule"]})', '',
+            'A comparison is "not decisive" when its interval is wider than the resolution: it neither shows '
+            'a difference nor rules one out.', '']
+  lines += comparison_lines(out['comparisons'])
   return '\n'.join(lines) + '\n'
 
 
-def plot(variants: dict, path: str, size=(960, 480)):
-  """Quality (fd, lower is better) against sampling seconds per image, a point per variant with ±std bars.
+def plot(variants: dict, path: str, size=(960, 480), pr_width: int = 480):
+  """Left: quality (fd, lower is better) against sampling seconds per image, a point per variant with ±std
+  bars. Right (pr_width pixels): precision against recall, a point per variant (truncation and masked
+  resampling trade recall for precision; fd alone hides which way a variant moved).
 
   Points carry their letter only, and a legend on the right names them, so close points (a guided
   variant that selected VAR's own protocol sits on top of its unguided one) do not write over each
@@ -839,7 +862,17 @@ def plot(variants: dict, path: str, size=(960, 480)):
     d.text(spot, f'({v})', fill=col)
     d.text((w - right + 20, top + 16 * i),
            f'({v}) {r["name"]}: {m:.2f} ± {s:.2f}, {r["images_per_s"]:.1f} img/s', fill=col)
-  chart.save(path)
+  pr = Chart((pr_width, size[1]), (0.0, 1.0), (0.0, 1.0), x_title='recall', x_title_at=pr_width // 2 - 20,
+             y_title='precision (k-NN manifolds, proxy features)', x_tick='{:.2g}', y_tick='{:.2g}')
+  for (v, r), col in zip(variants.items(), colours):
+    x, y = pr.px(r['recall']['mean']), pr.py(r['precision']['mean'])
+    pr.draw.ellipse([x - 4, y - 4, x + 4, y + 4], fill=col)
+    pr.draw.text((x + 6, y - 6), f'({v})', fill=col)
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  both = Image.new('RGB', (size[0] + pr_width, size[1]), 'white')
+  both.paste(chart.image, (0, 0))
+  both.paste(pr.image, (size[0], 0))
+  both.save(path)
 
 
 def run(config, workdir: str) -> dict:

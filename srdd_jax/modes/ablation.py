@@ -843,7 +843,7 @@ def plot(variants: dict, path: str, size=(960, 480), pr_width: int = 480):
                 y_title='fd (proxy), lower is better; bars: ± std', x_tick='{:.2g}', y_tick='{:.3g}')
   d, px, py, (w, _), top = chart.draw, chart.px, chart.py, size, chart.top
   colours = ['#1f77b4', '#ff7f0e', '#2ca02c', '#d62728', '#9467bd', '#8c564b', '#e377c2', '#7f7f7f', '#bcbd22',
-             '#17becf', '#393b79', '#ad494a', '#637939']
+             '#17becf', '#393b79', '#ad494a', '#637939', '#8c6d31', '#7b4173']
   points = [(px(r['seconds_per_image']), py(r['fd']['mean'])) for r in variants.values()]
   taken = []  # Label corners already used: each letter goes to the first free spot around its point.
 
@@ -851,7 +851,7 @@ def plot(variants: dict, path: str, size=(960, 480), pr_width: int = 480):
     return (all(abs(p[0] - tx) >= 24 or abs(p[1] - ty) >= 11 for tx, ty in taken) and
             all(not (p[0] - 4 <= qx <= p[0] + 22 and p[1] - 4 <= qy <= p[1] + 14) for qx, qy in points))
 
-  for i, ((v, r), col) in enumerate(zip(variants.items(), colours)):
+  for i, ((v, r), col) in enumerate(zip(variants.items(), itertools.cycle(colours))):
     x, m, s = px(r['seconds_per_image']), r['fd']['mean'], r['fd']['std']
     d.line([(x, py(m - s)), (x, py(m + s))], fill=col, width=2)
     d.ellipse([x - 4, py(m) - 4, x + 4, py(m) + 4], fill=col)
@@ -864,7 +864,7 @@ def plot(variants: dict, path: str, size=(960, 480), pr_width: int = 480):
            f'({v}) {r["name"]}: {m:.2f} ± {s:.2f}, {r["images_per_s"]:.1f} img/s', fill=col)
   pr = Chart((pr_width, size[1]), (0.0, 1.0), (0.0, 1.0), x_title='recall', x_title_at=pr_width // 2 - 20,
              y_title='precision (k-NN manifolds, proxy features)', x_tick='{:.2g}', y_tick='{:.2g}')
-  for (v, r), col in zip(variants.items(), colours):
+  for (v, r), col in zip(variants.items(), itertools.cycle(colours)):
     x, y = pr.px(r['recall']['mean']), pr.py(r['precision']['mean'])
     pr.draw.ellipse([x - 4, y - 4, x + 4, y + 4], fill=col)
     pr.draw.text((x + 6, y - 6), f'({v})', fill=col)

@@ -33,7 +33,7 @@ tokenizer-demo: venv
 
 # Two pytest workers, one test file each at a time (--dist loadfile keeps a file's module fixtures and
 # compiled programs in one process): much of the suite is XLA compiles that use one core, so two cores
-# run two of them at once. TEST_WORKERS=N for more cores. A cold run on 2 cores: docs/TESTS.md (462 s
+# run two of them at once. TEST_WORKERS=N for more cores. A cold run on 2 cores: docs/TESTS.md (448 s
 # on 2026-12-05).
 TEST_WORKERS ?= 2
 test: venv

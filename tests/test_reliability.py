@@ -300,6 +300,16 @@ CASES = [
     ('multihost flags', SMOKE + ['--num_processes=2'], 'coordinator_address'),
     ('sample class out of range', SAMPLE + ['--mode=sample', '--config.sample.classes=99'], 'config.sample.classes'),
     ('cfg schedule', SAMPLE + ['--mode=sample', '--config.sampler.cfg_schedule=a,b'], 'config.sampler.cfg_schedule'),
+    # Not finite, a negative that is not the -1 sentinel, and values SamplerConfig refuses: each names its
+    # config.sampler key, never "config.model / config.tokenizer" (issue 34).
+    ('cfg nan', SAMPLE + ['--mode=sample', '--config.sampler.cfg=nan'], 'config.sampler.cfg=nan: must be a finite'),
+    ('cfg inf', SAMPLE + ['--mode=sample', '--config.sampler.cfg=inf'], 'config.sampler.cfg=inf: must be a finite'),
+    ('temperature nan', SAMPLE + ['--mode=sample', '--config.sampler.temperature=nan'],
+     'config.sampler.temperature=nan'),
+    ('cfg -5', SAMPLE + ['--mode=sample', '--config.sampler.cfg=-5'], 'config.sampler.cfg=-5.0: -1 leaves it'),
+    ('cfg schedule inf', SAMPLE + ['--mode=sample', '--config.sampler.cfg_schedule=0,1,inf,1,1,1'],
+     'config.sampler.cfg_schedule='),
+    ('top_p 1.5', SAMPLE + ['--mode=sample', '--config.sampler.top_p=1.5'], 'error: config.sampler: SamplerConfig.top_p=1.5'),
     ('samples kept', SAMPLE + ['--mode=sample', '--workdir={root}/used'], '--overwrite'),
     ('edit box', EDIT + ['--config.edit.box=a,b,c,d'], 'config.edit.box'),
     ('edit box of 3', EDIT + ['--config.edit.box=1,2,3'], 'config.edit.box'),

@@ -41,6 +41,10 @@ class SamplerConfig:
     if isinstance(self.cfg_schedule, str) and self.cfg_schedule not in ('linear', 'constant'):
       raise ValueError(f"SamplerConfig.cfg_schedule={self.cfg_schedule!r}: use 'linear', 'constant' or "
                        'a list of one guidance value per scale')
+    if not (np.isfinite(self.cfg) and np.isfinite(self.temperature)):
+      raise ValueError(f'SamplerConfig.cfg={self.cfg}, temperature={self.temperature}: must be finite')
+    if isinstance(self.cfg_schedule, tuple) and not all(np.isfinite(t) for t in self.cfg_schedule):
+      raise ValueError(f'SamplerConfig.cfg_schedule={self.cfg_schedule}: every value must be finite')
     if self.temperature <= 0:
       raise ValueError(f'SamplerConfig.temperature={self.temperature}: must be > 0')
     if self.top_k < 0:

@@ -2,6 +2,8 @@
 checkpoints, and `generate` (batches with distinct seeds, split over the mesh, gathered)."""
 from __future__ import annotations
 
+import math
+
 import time
 
 import jax
@@ -19,6 +21,9 @@ from srdd_jax.parallel import multihost
 from srdd_jax.parallel.compile import jit_inference
 
 
+FINITE = ('cfg', 'temperature', 'top_p', 'min_p', 'mr_threshold')  # config.sampler's floats.
+
+
 def protocol_values(c, mask: str) -> dict:
   """The guidance and masked-resampling values of config.sampler `c` for a model with `mask`: those the
   config sets, the rest from its protocol ('auto': VAR's for the causal mask, SRDD's for markov)."""
@@ -30,8 +35,16 @@ def protocol_values(c, mask: str) -> dict:
   if name not in PROTOCOLS:
     raise ConfigError(f'config.sampler.protocol={name!r}: use auto, {", ".join(sorted(PROTOCOLS))}')
   p = PROTOCOLS[name]
-  unset = {'cfg': float(c.cfg) < 0, 'cfg_schedule': c.cfg_schedule == '',
-           'mr_threshold': float(c.mr_threshold) < 0, 'mr_iterations': int(c.mr_iterations) < 0}
+  for key in FINITE:
+    if not math.isfinite(float(c[key])):
+      raise ConfigError(f'config.sampler.{key}={c[key]!r}: must be a finite number')
+  # -1 is the one "unset" value (the protocol's); another negative is a typo, not a request for the default.
+  for key in ('cfg', 'mr_threshold', 'mr_iterations'):
+    if float(c[key]) < 0 and float(c[key]) != -1:
+      raise ConfigError(f'config.sampler.{key}={c[key]!r}: -1 leaves it to the protocol; other values must be '
+                        '>= 0')
+  unset = {'cfg': float(c.cfg) == -1, 'cfg_schedule': c.cfg_schedule == '',
+           'mr_threshold': float(c.mr_threshold) == -1, 'mr_iterations': int(c.mr_iterations) == -1}
   out = {k: (p[k] if unset[k] else c[k]) for k in unset}
   out['protocol'] = name
   return out
@@ -43,6 +56,8 @@ def sampler_config(c, mask: str) -> SamplerConfig:
   sched = v['cfg_schedule']
   if isinstance(sched, str) and sched not in ('linear', 'constant'):
     sched = floats(sched, 'config.sampler.cfg_schedule')
+    if not all(math.isfinite(t) for t in sched):
+      raise ConfigError(f'config.sampler.cfg_schedule={v["cfg_schedule"]!r}: every value must be finite')
   try:
     return SamplerConfig(cfg=float(v['cfg']), cfg_schedule=sched, temperature=float(c.temperature),
                          top_k=int(c.top_k), top_p=float(c.top_p), min_p=float(c.min_p),
@@ -60,8 +75,9 @@ def sampler_from_config(config, models=None):
   samples one model many times reads its checkpoint once)."""
   var_config, var_params, vq, vae_params = models or load_models(config)
   mesh = pm.mesh_from_config(config)
+  sc = sampler_config(config.sampler, var_config.mask)  # Its errors name config.sampler's keys.
   try:
-    sampler = Sampler(var_config, vq, sampler_config(config.sampler, var_config.mask), mesh=mesh)
+    sampler = Sampler(var_config, vq, sc, mesh=mesh)
   except ValueError as e:
     raise ConfigError(f'config.model / config.tokenizer do not fit together: {e}') from e
   rep = pm.replicated(mesh)

@@ -21,8 +21,9 @@ class SampleGrids:
   """Sample grids of the model being trained: PNG under DIR/samples/ and a TensorBoard image."""
 
   def __init__(self, config, var_config, vq, mesh, workdir):
+    sc = sampler_config(config.sampler, var_config.mask)  # Its errors name config.sampler's keys.
     try:
-      self.sampler = Sampler(var_config, vq, sampler_config(config.sampler, var_config.mask), mesh=mesh)
+      self.sampler = Sampler(var_config, vq, sc, mesh=mesh)
     except ValueError as e:
       raise ConfigError(f'config.sampler: {e}') from e
     nc = var_config.num_classes

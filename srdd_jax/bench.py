@@ -678,6 +678,12 @@ def main(argv=None):
     patch_nums = ints(args.patch_nums, '--patch_nums') if args.patch_nums else None
   except ConfigError as e:
     fail(str(e))
+  for flag, values in (('--depths', depths), ('--batches', batches), ('--sample_batches', sample_batches),
+                       ('--patch_nums', patch_nums or ())):
+    if any(v < 1 for v in values):
+      fail(f'{flag} {",".join(map(str, values))}: every value must be >= 1')
+  if patch_nums and any(b <= a for a, b in zip(patch_nums, patch_nums[1:])):
+    fail(f'--patch_nums {args.patch_nums}: the sides must increase strictly')
   if args.vs_var is not None or args.suite:
     from srdd_jax import bench_suite  # pylint: disable=import-outside-toplevel
     return bench_suite.main(args, sys.argv if argv is None else list(argv))

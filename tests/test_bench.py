@@ -95,6 +95,20 @@ def test_markdown_table_renders_every_kind():
   assert all(l.count('|') == lines[0].count('|') for l in lines[:5] if l)
 
 
+@pytest.mark.parametrize('argv, says', [
+    (['--depths', '0'], '--depths 0: every value must be >= 1'),
+    (['--depths=-2'], '--depths -2: every value must be >= 1'),
+    (['--batches', '8,0'], '--batches 8,0: every value must be >= 1'),
+    (['--patch_nums', '1,3,2'], '--patch_nums 1,3,2: the sides must increase strictly')])
+def test_bad_values_exit_2_before_anything_runs(tmp_path, capsys, argv, says):
+  out = tmp_path / 'x.json'
+  with pytest.raises(SystemExit) as e:
+    bench.main(['--quick', '--out', str(out)] + argv)
+  err = capsys.readouterr().err
+  assert e.value.code == 2 and says in err and err.count('error:') == 1, err
+  assert not out.exists()
+
+
 def test_bad_flags_are_named(capsys):
   for argv, says in ((['--masks', 'markov,block'], "--masks 'markov,block': 'block' is not one of"),
                      (['--batch', '64'], '--batch is for --aot'),

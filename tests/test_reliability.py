@@ -281,6 +281,8 @@ CASES = [
      'config.train.global_batch=12 is not divisible'),
     ('bad mesh', SMOKE + ['--config.mesh.data=3'], 'config.mesh'),
     ('bad mask', SMOKE + ['--config.model.mask=bogus'], 'config.model'),
+    ('patch_nums not increasing', SMOKE + ['--config.model.patch_nums=1,3,2,4'],
+     'config.model.patch_nums=(1, 3, 2, 4): the sides must increase strictly'),
     ('bad data source', SMOKE + ['--config.data.source=bogus'], 'config.data.source'),
     ('folder of bad images', SMOKE + ['--config.data.source=folder', '--config.data.path={root}/bad_images'],
      'bad_images'),

@@ -63,8 +63,8 @@ class VQVAEConfig:
         bad('ch', self.ch, f'ch*{m} = {self.ch * m} channels must be divisible by the 32 GroupNorm groups')
     if not self.patch_nums or any(p < 1 for p in self.patch_nums):
       bad('patch_nums', self.patch_nums, 'must be a non-empty sequence of positive sides')
-    if max(self.patch_nums) != self.patch_nums[-1]:
-      bad('patch_nums', self.patch_nums, 'the last scale must be the largest (it is the latent side)')
+    if any(b <= a for a, b in zip(self.patch_nums, self.patch_nums[1:])):
+      bad('patch_nums', self.patch_nums, 'the sides must increase strictly (the last is the latent side)')
     if self.share_quant_resi < 0:
       bad('share_quant_resi', self.share_quant_resi, 'must be 0 (per scale), 1 (shared) or K >= 2')
     if self.precision not in _PRECISIONS:

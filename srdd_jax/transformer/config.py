@@ -78,6 +78,8 @@ class VARConfig:
       bad('remat', f'must be one of {REMAT}')
     if not self.patch_nums or any(p < 1 for p in self.patch_nums):
       bad('patch_nums', 'must be a non-empty sequence of positive sides')
+    if any(b <= a for a, b in zip(self.patch_nums, self.patch_nums[1:])):
+      bad('patch_nums', 'the sides must increase strictly, one scale after the other')
     if self.num_classes < 1:
       bad('num_classes', 'must be >= 1 (use 1 for unconditional models)')
     if not 0 <= self.cond_drop_rate < 1:

@@ -195,12 +195,20 @@ def test_paired_difference_and_verdicts_on_hand_made_numbers():
   assert paired.verdict(d, resolution=2.0)['text'].startswith('not decisive (half-width 2.484 > resolution 2')
   assert paired.verdict(d, resolution=3.0) == {  # Narrow enough, and the interval holds 0.
       'decisive': True, 'direction': 'equivalent',
-      'text': 'equivalent within ±2.484 (decisive: 95% CI [-0.4841, 4.484] holds 0)'}
+      'text': 'equivalent: |difference| <= 4.484 (decisive: 95% CI [-0.4841, 4.484] holds 0)'}
   tight = paired.paired_difference(x, [{**r, 'fd': r['fd'] - 0.0} for r in x], 'fd')  # All differences 0.
   assert paired.verdict(tight, 0.1)['direction'] == 'equivalent'
   worse = paired.paired_difference([{**r, 'fd': r['fd'] + 5} for r in y[:3]], y[:3], 'fd')
   assert worse['half_width'] == 0 and paired.verdict(worse, 0.1)['direction'] == 'worse'
   assert paired.verdict(paired.paired_difference(x[:1], y, 'fd'), 10.0)['text'] == 'not decisive (fewer than 2 pairs)'
+  wide_but_signed = paired.verdict(worse | {'half_width': 1.0, 'ci': [4.0, 6.0]}, 0.5)
+  assert wide_but_signed == {'decisive': False, 'direction': 'worse', 'text':
+                             'not decisive (half-width 1 > resolution 0.5; the interval lies on the worse side of 0)'}
+  assert d['unpaired'] == [0, 1]  # y's (2, 2) has no partner.
+  with pytest.raises(ValueError, match='two runs of x share the key'):
+    paired.paired_difference(x + x[:1], y, 'fd')
+  with pytest.raises(ValueError, match="a run of y has no 'precision'"):
+    paired.paired_difference([{**r, 'precision': 0.5} for r in x], y, 'precision')
   assert 'no difference' not in paired.verdict(d, 2.0)['text']
 
 

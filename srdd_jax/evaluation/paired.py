@@ -24,14 +24,25 @@ def run_key(run: dict) -> tuple[int, int]:
 
 def paired_difference(x_runs, y_runs, metric: str, key=run_key) -> dict:
   """x - y on `metric` over the keys both have: n, mean, sd, the 95% interval and its half-width
-  (None with fewer than 2 pairs: no interval), and how many pairs went each way."""
-  x = {key(r): float(r[metric]) for r in x_runs if r.get(metric) is not None}
-  y = {key(r): float(r[metric]) for r in y_runs if r.get(metric) is not None}
+  (None with fewer than 2 pairs: no interval), how many pairs went each way, and how many runs of each
+  side found no partner. Two runs of one side with the same key, or a run without `metric`, are errors:
+  either would silently change what is paired."""
+  def by_key(runs, side):
+    out = {}
+    for r in runs:
+      if r.get(metric) is None:
+        raise ValueError(f'paired_difference: a run of {side} has no {metric!r} (key {key(r)})')
+      if key(r) in out:
+        raise ValueError(f'paired_difference: two runs of {side} share the key {key(r)}')
+      out[key(r)] = float(r[metric])
+    return out
+  x, y = by_key(x_runs, 'x'), by_key(y_runs, 'y')
   keys = sorted(set(x) & set(y))
   d = np.asarray([x[k] - y[k] for k in keys], np.float64)
   out = {'metric': metric, 'n': len(keys), 'keys': [list(k) for k in keys], 'differences': d.tolist(),
          'mean': float(d.mean()) if len(d) else None, 'sd': None, 'ci': None, 'half_width': None,
-         'x_lower': int((d < 0).sum()), 'x_higher': int((d > 0).sum()), 'confidence': CONFIDENCE}
+         'x_lower': int((d < 0).sum()), 'x_higher': int((d > 0).sum()), 'confidence': CONFIDENCE,
+         'unpaired': [len(set(x) - set(y)), len(set(y) - set(x))]}
   if len(d) >= 2:
     sd = float(d.std(ddof=1))
     half = float(scipy.stats.t.ppf(0.5 + CONFIDENCE / 2, len(d) - 1)) * sd / math.sqrt(len(d))
@@ -41,17 +52,24 @@ def paired_difference(x_runs, y_runs, metric: str, key=run_key) -> dict:
 
 def verdict(diff: dict, resolution: float, lower_is_better: bool = True) -> dict:
   """Reads a paired difference x - y: decisive when its interval's half-width is at most `resolution`;
-  then x is better or worse when the interval excludes 0, or equivalent within the half-width."""
+  then x is better or worse when the interval excludes 0, or equivalent (the difference at most the
+  interval's farther end from 0)."""
   half = diff['half_width']
-  if half is None or not half <= resolution:
-    why = ('fewer than 2 pairs' if half is None else
-           f'half-width {half:.4g} > resolution {resolution:.4g}')
-    return {'decisive': False, 'direction': None, 'text': f'not decisive ({why})'}
+  if half is None:
+    return {'decisive': False, 'direction': None, 'text': 'not decisive (fewer than 2 pairs)'}
   lo, hi = diff['ci']
+  word = None
   if lo > 0 or hi < 0:
-    better = (hi < 0) == lower_is_better
-    word = 'better' if better else 'worse'
+    word = 'better' if (hi < 0) == lower_is_better else 'worse'
+  if not half <= resolution:
+    # Too wide to decide at the study's resolution; a sign the interval does show is still said.
+    side = f'; the interval lies on the {word} side of 0' if word else ''
+    return {'decisive': False, 'direction': word,
+            'text': f'not decisive (half-width {half:.4g} > resolution {resolution:.4g}{side})'}
+  if word:
     return {'decisive': True, 'direction': word,
             'text': f'{word} by {abs(diff["mean"]):.4g} (decisive: 95% CI [{lo:.4g}, {hi:.4g}])'}
+  # The interval holds 0: the difference is at most its farther end, up to twice the half-width.
+  bound = max(abs(lo), abs(hi))
   return {'decisive': True, 'direction': 'equivalent',
-          'text': f'equivalent within ±{half:.4g} (decisive: 95% CI [{lo:.4g}, {hi:.4g}] holds 0)'}
+          'text': f'equivalent: |difference| <= {bound:.4g} (decisive: 95% CI [{lo:.4g}, {hi:.4g}] holds 0)'}

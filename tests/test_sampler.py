@@ -330,3 +330,14 @@ def test_cli_sample_and_edit(tmp_path):
              for a in base]
   rc, out = _run_main(missing + ['--mode=sample'])
   assert rc == 2 and "config.model.checkpoint='/nope' does not exist" in out
+
+
+def test_edit_image_of_16_bit_grey_is_scaled_not_clipped(tmp_path):
+  from PIL import Image
+  from srdd_jax.modes import edit
+  grey = np.array([[0, 16384, 32768, 65535]], np.uint16)  # Quarter steps of the 16-bit range.
+  Image.fromarray(grey).save(tmp_path / 'grey16.png')
+  assert Image.open(tmp_path / 'grey16.png').mode.startswith('I')
+  rgb = np.asarray(edit.open_image(str(tmp_path / 'grey16.png'), 'config.edit.image'))
+  assert rgb.shape == (1, 4, 3) and (rgb[..., 0] == rgb[..., 2]).all()
+  np.testing.assert_allclose(rgb[0, :, 0], [0, 64, 128, 255], atol=1)  # convert('RGB') gave 0, 255, 255, 255.

@@ -12,6 +12,7 @@ from PIL import Image
 
 from srdd_jax.config import ConfigError, ints, with_defaults
 from srdd_jax.data.images import grid, to_uint8
+from srdd_jax.data.preprocess import to_rgb
 from srdd_jax.diffusion import editing
 from srdd_jax.diffusion.generate import sampler_from_config
 from srdd_jax.diffusion.sampler import batch_rng
@@ -25,7 +26,10 @@ def open_image(path: str, key: str) -> Image.Image:
   if not path or not os.path.isfile(path):
     raise ConfigError(f'{key}={path!r}: no such image file')
   try:
-    return Image.open(path).convert('RGB')
+    with Image.open(path) as f:
+      f.load()
+      # data.preprocess's conversion: 16-bit greyscale scaled down, not clipped to white by convert('RGB').
+      return to_rgb(f).copy()
   except OSError as e:
     raise ConfigError(f'{key}={path!r}: unreadable image ({e})') from e
 

@@ -312,6 +312,8 @@ CASES = [
     ('cfg schedule inf', SAMPLE + ['--mode=sample', '--config.sampler.cfg_schedule=0,1,inf,1,1,1'],
      'config.sampler.cfg_schedule='),
     ('top_p 1.5', SAMPLE + ['--mode=sample', '--config.sampler.top_p=1.5'], 'error: config.sampler: SamplerConfig.top_p=1.5'),
+    ('mr_scales length', SAMPLE + ['--mode=sample', '--config.sampler.mr_scales=1,0'],
+     "config.sampler.mr_scales: 2 entries for the model's 4 scales"),
     ('samples kept', SAMPLE + ['--mode=sample', '--workdir={root}/used'], '--overwrite'),
     ('edit box', EDIT + ['--config.edit.box=a,b,c,d'], 'config.edit.box'),
     ('edit box of 3', EDIT + ['--config.edit.box=1,2,3'], 'config.edit.box'),

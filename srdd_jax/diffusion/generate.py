@@ -69,6 +69,15 @@ def sampler_config(c, mask: str) -> SamplerConfig:
     raise ConfigError(f'config.sampler: {e}') from e
 
 
+def check_for_model(sc: SamplerConfig, var_config, key: str = 'config.sampler.mr_scales') -> None:
+  """What a sampler config can only be checked against once the model is known: one mr_scales entry per
+  scale of its patch_nums."""
+  n = len(var_config.patch_nums)
+  if sc.mr_scales is not None and len(sc.mr_scales) != n:
+    raise ConfigError(f'{key}: {len(sc.mr_scales)} entries for the model\'s {n} scales '
+                      f'(patch_nums {tuple(var_config.patch_nums)}); give one 0/1 per scale, or \'\' for all')
+
+
 def sampler_from_config(config, models=None):
   """(Sampler, var params, vae params) of the checkpoints the config names, placed on its mesh. `models`:
   what convert.loading.load_models returned for this config, when the caller keeps it (a study that
@@ -76,6 +85,7 @@ def sampler_from_config(config, models=None):
   var_config, var_params, vq, vae_params = models or load_models(config)
   mesh = pm.mesh_from_config(config)
   sc = sampler_config(config.sampler, var_config.mask)  # Its errors name config.sampler's keys.
+  check_for_model(sc, var_config)
   try:
     sampler = Sampler(var_config, vq, sc, mesh=mesh)
   except ValueError as e:

@@ -62,6 +62,18 @@ def test_the_trained_model_is_exported_for_sampling(straight):
   assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
 
 
+def test_fewer_steps_than_done_is_an_error_that_keeps_the_run(straight, tmp_path):
+  import shutil
+  wd, _ = straight
+  copy = str(tmp_path / 'copy')
+  shutil.copytree(wd, copy)
+  before = {os.path.join(d, f): os.path.getmtime(os.path.join(d, f)) for d, _, fs in os.walk(copy) for f in fs}
+  with pytest.raises(ConfigError, match=r'config.train.steps=10: .*already holds step 20; give steps >= 20'):
+    train_mode.run(_config(steps=10), copy)
+  after = {os.path.join(d, f): os.path.getmtime(os.path.join(d, f)) for d, _, fs in os.walk(copy) for f in fs}
+  assert after == before  # Nothing written, nothing removed.
+
+
 def test_exact_resume_is_bitwise(straight, tmp_path):
   wd, full = straight
   part = str(tmp_path / 'part')

@@ -17,6 +17,7 @@ import time
 import jax
 from absl import logging
 
+from srdd_jax.config import ConfigError
 from srdd_jax.parallel import multihost
 from srdd_jax.train.checkpoint import Checkpointer
 
@@ -58,6 +59,7 @@ class Task:
   """What a trainer gives the driver. Subclasses set the attributes and override the methods."""
 
   name = 'train'  # In log lines.
+  steps_key = 'config.train.steps'  # The config key of total_steps, for errors.
   root = ''  # Output directory: checkpoints/, metrics.jsonl, TensorBoard events.
   total_steps = 0
   global_batch = 0
@@ -129,6 +131,11 @@ def run(task: Task, *, stop_after_steps: int | None = None, return_state: bool =
                       save_every=task.checkpoint_every)
   abstract, shardings = task.abstract_state()
   state, start = ckpt.restore_or_init(abstract, shardings, task.init)
+  if start > task.total_steps:
+    ckpt.close()
+    # Nothing to train and no export of that length: a scheduler must not see 0 (done) or 75 (retry).
+    raise ConfigError(f'{task.steps_key}={task.total_steps}: {ckpt.directory} already holds step {start}; '
+                      f'give steps >= {start} to continue this run, or another workdir')
   task.begin(start)
   metrics_path = os.path.join(task.root, 'metrics.jsonl')
   if main_process:

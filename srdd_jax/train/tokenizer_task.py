@@ -22,6 +22,7 @@ class TokenizerTask(driver.Task):
   names `workdir` as its source."""
 
   name = 'tokenizer'
+  steps_key = 'config.tokenizer_train.steps'
 
   def __init__(self, trainer: TokenizerTrainer, data, held_out: HeldOut | None, workdir: str, root: str):
     s = self.s = trainer.s

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import math
 
 
 class ConfigError(ValueError):
@@ -261,6 +262,11 @@ def with_defaults(config) -> ml_collections.ConfigDict:
         raise ConfigError(f'config.{section}.{unknown[0]} is not a key of config.{section}; known: '
                           f'{sorted(default)}')
       merged[section] = {**default, **value}
+      for key, v in merged[section].items():
+        # Every float of the config is a finite number: nan or inf is a typo or an overflow, and would
+        # otherwise surface steps later as a non-finite loss or as NaN in a JSON summary.
+        if isinstance(v, float) and not math.isfinite(v):
+          raise ConfigError(f'config.{section}.{key}={v!r}: must be a finite number')
     else:
       merged[section] = value
   for (section, key), kind in _OPTIONAL_TYPES.items():

@@ -277,6 +277,8 @@ CASES = [
     ('checkpoint_every 0', SMOKE + ['--config.train.checkpoint_every=0'], 'config.train.checkpoint_every=0'),
     ('negative batch', SMOKE + ['--config.train.global_batch=-16'], 'config.train.global_batch=-16: must be >= 1'),
     ('negative steps', SMOKE + ['--config.train.steps=-5'], 'config.train.steps=-5: must be >= 0'),
+    ('base_lr inf', SMOKE + ['--config.optim.base_lr=inf'], 'config.optim.base_lr=inf: must be a finite number'),
+    ('drop path nan', SMOKE + ['--config.model.drop_path_rate=nan'], 'config.model.drop_path_rate=nan'),
     ('batch not divisible', SMOKE + ['--config.train.global_batch=12', '--config.mesh.data=8'],
      'config.train.global_batch=12 is not divisible'),
     ('bad mesh', SMOKE + ['--config.mesh.data=3'], 'config.mesh'),

@@ -244,6 +244,9 @@ def bad_inputs(models, tmp_path_factory):
   root = tmp_path_factory.mktemp('bad')
   (root / 'empty_dir').mkdir()
   (root / 'a_file').write_text('not a directory')
+  (root / 'ckpt_file' / 'checkpoints').parent.mkdir()
+  (root / 'ckpt_file' / 'checkpoints').write_text('a file where the checkpoints folder belongs')
+  (root / 'metrics_dir' / 'metrics.jsonl').mkdir(parents=True)
   (root / 'random.npz').write_bytes(os.urandom(4096))
   (root / 'random.png').write_bytes(os.urandom(4096))
   bad_folder = root / 'bad_images' / 'cls'
@@ -296,6 +299,9 @@ CASES = [
      'config.tokenizer.checkpoint'),
     ('tokenizer is a transformer', SMOKE + ['--config.tokenizer.checkpoint={var}'], 'config.tokenizer.checkpoint'),
     ('workdir under a file', SMOKE + ['--workdir={root}/a_file/run'], '--workdir='),
+    ('checkpoints is a file', SMOKE + ['--workdir={root}/ckpt_file'], '{root}/ckpt_file/checkpoints is a file'),
+    ('metrics.jsonl is a folder', SMOKE + ['--workdir={root}/metrics_dir'],
+     '{root}/metrics_dir/metrics.jsonl is a folder'),
     ('workdir in use', SMOKE + ['--workdir={root}/locked'], 'is in use by process'),
     ('tokenize batch', ['--config=configs/smoke.py', '--mode=tokenize', '--config.tokenize.batch_size=3'],
      'config.tokenize.batch_size=3'),

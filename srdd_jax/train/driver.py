@@ -127,6 +127,13 @@ def run(task: Task, *, stop_after_steps: int | None = None, return_state: bool =
   main_process = multihost.is_main_process()
   if main_process:
     os.makedirs(task.root, exist_ok=True)
+  # A file where a folder belongs, or the reverse: one clear error before Orbax or the metrics writer
+  # meet it (they gave tracebacks, and a checkpoints *file* left the process hanging at exit).
+  for name, want_dir in (('checkpoints', True), ('metrics.jsonl', False)):
+    path = os.path.join(task.root, name)
+    if os.path.exists(path) and os.path.isdir(path) != want_dir:
+      raise ConfigError(f'{path} is a {"file" if want_dir else "folder"} where this run keeps its '
+                        f'{"checkpoints (a folder)" if want_dir else "metrics (a file)"}; move it away')
   ckpt = Checkpointer(os.path.join(task.root, 'checkpoints'), max_to_keep=task.keep_checkpoints,
                       save_every=task.checkpoint_every)
   abstract, shardings = task.abstract_state()

@@ -189,6 +189,24 @@ def test_tokenize_writes_a_manifest_and_the_tokens_of_each_example(cache):
   np.testing.assert_array_equal(lab, src.batch(0, 5, 16)[1])
 
 
+def test_a_truncated_shard_or_manifest_is_one_error_naming_the_file(cache, tmp_path):
+  import shutil
+  from srdd_jax.data.source import DataError
+  from srdd_jax.data.token_cache import TokenCache
+  out_dir, _, _ = cache
+  for name, cut in (('shard_00000.npz', 100), ('manifest.json', 20)):
+    bad = str(tmp_path / name)
+    shutil.copytree(out_dir, bad)
+    target = os.path.join(bad, name)
+    assert os.path.exists(target), os.listdir(bad)
+    data = open(target, 'rb').read()
+    with open(target, 'wb') as f:
+      f.write(data[:cut])
+    with pytest.raises(DataError, match=rf'{name}.* is unreadable .*--mode=tokenize'):
+      TokenCache(bad)
+    assert open(target, 'rb').read() == data[:cut]  # Left as it was found.
+
+
 def test_tokenize_never_overwrites_and_resumes_missing_shards(cache, tmp_path):
   import shutil
   directory, _, c = cache

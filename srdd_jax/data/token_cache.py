@@ -21,6 +21,7 @@ import json
 import math
 import os
 import time
+import zipfile
 
 import jax
 import numpy as np
@@ -174,8 +175,14 @@ class TokenCache:
     if not os.path.exists(path):
       raise DataError(f'{key}={directory!r} has no {MANIFEST}: the cache is incomplete; run --mode=tokenize '
                       'again to finish it')
-    with open(path) as f:
-      self.manifest = m = json.load(f)
+    try:
+      with open(path) as f:
+        self.manifest = m = json.load(f)
+    except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors.
+      raise DataError(f'{key}={directory!r}: {path} is unreadable ({type(e).__name__}: {e}); write the cache '
+                      'again with --mode=tokenize into a new directory') from None
+    if not isinstance(m, dict):
+      raise DataError(f'{key}={directory!r}: {path} is not a token-cache manifest')
     if m.get('format') not in (1, FORMAT):
       raise DataError(f'{key}: {path} has format {m.get("format")}, this version reads 1 and {FORMAT}')
     if m['format'] == 1:
@@ -192,10 +199,16 @@ class TokenCache:
                       f'(hash {tokenizer_hash[:12]})')
     ids, labels = [], []
     for i in range(m['num_shards']):
-      with np.load(_shard_path(directory, i)) as z:
-        ids.append(z['ids'])
-        labels.append(z['labels'])
-        writer = json.loads(str(z['writer'])) if 'writer' in z.files else None
+      try:
+        with np.load(_shard_path(directory, i)) as z:
+          ids.append(z['ids'])
+          labels.append(z['labels'])
+          writer = json.loads(str(z['writer'])) if 'writer' in z.files else None
+      except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+        # A shard cut short (a full disk, a copy interrupted): say which, keep everything as it is.
+        raise DataError(f'{key}={directory!r}: shard {_shard_path(directory, i)} is unreadable '
+                        f'({type(e).__name__}: {e}); write the cache again with --mode=tokenize into a new '
+                        'directory') from None
       if m['format'] >= 2 and (writer is None or writer.get('tokenizer_hash') != m['tokenizer_hash']
                                or writer.get('patch_nums') != list(m['patch_nums'])):
         raise DataError(f'{key}={directory!r}: {_shard_path(directory, i)} was not written by the tokenizer '

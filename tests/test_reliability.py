@@ -256,6 +256,8 @@ def bad_inputs(models, tmp_path_factory):
   Image.fromarray(np.zeros((8, 16, 3), np.uint8)).save(root / 'wide_mask.png')
   np.savez(root / 'one.npz', arr_0=np.zeros((1, 16, 16, 3), np.uint8), arr_1=np.zeros((1,), np.int32))
   np.savez(root / 'none.npz', arr_0=np.zeros((0, 16, 16, 3), np.uint8), arr_1=np.zeros((0,), np.int32))
+  np.savez(root / 'whole.npz', arr_0=np.zeros((8, 16, 16, 3), np.uint8), arr_1=np.zeros((8,), np.int32))
+  (root / 'truncated.npz').write_bytes((root / 'whole.npz').read_bytes()[:300])  # A copy cut short.
   np.savez(root / 'labels.npz', arr_0=np.random.default_rng(0).integers(0, 255, (4, 8, 8, 3), dtype=np.uint8),
            arr_1=np.array([0, 1, 2, 99], np.int32))
   used = root / 'used'
@@ -338,6 +340,8 @@ CASES = [
     ('eval metric', SAMPLE + ['--mode=eval', '--config.eval.metrics=bogus'], 'config.eval.metrics'),
     ('eval one image', ['--config=configs/fashion_mnist.py', '--mode=eval', '--config.eval.samples={root}/one.npz'],
      'config.eval.samples='),
+    ('eval truncated samples', ['--config=configs/fashion_mnist.py', '--mode=eval',
+                                '--config.eval.samples={root}/truncated.npz'], 'config.eval.samples='),
     ('eval no image', ['--config=configs/fashion_mnist.py', '--mode=eval', '--config.eval.samples={root}/none.npz'],
      'config.eval.samples='),
     ('eval labels out of range', ['--config=configs/fashion_mnist.py', '--mode=eval', '--config.data.source=digits',

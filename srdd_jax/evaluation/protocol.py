@@ -7,6 +7,7 @@ raises ConfigError naming the key when an input cannot work.
 from __future__ import annotations
 
 import os
+import zipfile
 
 import numpy as np
 
@@ -58,8 +59,9 @@ def load_samples(path: str):
   try:
     with np.load(path) as z:
       images, labels = z['arr_0'], (z['arr_1'] if 'arr_1' in z.files else None)
-  except (OSError, ValueError, KeyError) as e:
-    raise ConfigError(f'config.eval.samples={path!r}: not a samples .npz with arr_0 ({e})') from e
+  except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:  # Truncated: BadZipFile.
+    raise ConfigError(f'config.eval.samples={path!r}: not a samples .npz with arr_0 '
+                      f'({type(e).__name__}: {e})') from None
   if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
     raise ConfigError(f'config.eval.samples={path!r}: arr_0 must be uint8 NHWC RGB, got {images.dtype} '
                       f'{images.shape}')

@@ -236,3 +236,11 @@ def test_plan_compiles_each_point_for_a_tpu_topology(tiny_study):
   assert 'error' not in mem, mem['error']
   assert p['topology'] == 'v5e:2x2' and mem['chips'] == 4 and 'TPU' in mem['device_kind'], mem
   assert mem['per_chip_bytes'] > 0 and mem['xla_flops'] > 0 and mem['fits'] is True
+
+
+def test_an_unknown_topology_names_the_flag_that_gave_it():
+  # With or without libtpu: an unknown name cannot be described either way. Was a RuntimeError about --aot.
+  from srdd_jax.config import ConfigError
+  from srdd_jax.parallel.compile import topology_devices
+  with pytest.raises(ConfigError, match=r"^--topology 'v9z:7x7': cannot describe this TPU topology"):
+    topology_devices('v9z:7x7', '--topology')

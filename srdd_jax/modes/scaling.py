@@ -170,7 +170,7 @@ def compiled_memory(c, topology: str = '', mesh_shape=None) -> dict:
   vc, vq = _var_config(c)
   batch = int(c.train.global_batch)
   if topology:
-    devices = topology_devices(topology)
+    devices = topology_devices(topology, '--topology')
     mesh = pm.make_mesh(mesh_shape or (-1, 1, 1), devices)
   else:
     devices = jax.devices()

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import topologies
 
+from srdd_jax.config import ConfigError
 from srdd_jax.parallel import mesh as pm
 
 
@@ -127,8 +128,9 @@ def needed_bytes(memory: dict | None) -> int | None:
 FIT_FRACTION = 0.8  # Headroom for the runtime, fragmentation and what XLA's analysis leaves out.
 
 
-def topology_devices(topology: str):
-  """The devices of a TPU topology ('v5e:2x2', 'v5p:2x2x2'), described without any TPU attached."""
+def topology_devices(topology: str, flag: str = '--aot'):
+  """The devices of a TPU topology ('v5e:2x2', 'v5p:2x2x2'), described without any TPU attached; errors
+  name `flag`, the command-line flag that gave the topology."""
   # libtpu takes a machine-wide lockfile when it loads, so while any other JAX process runs here (a
   # training job, the test suite) the description fails with ABORTED. Compiling ahead of time touches no
   # TPU, so sharing the library is safe; the variable is read when libtpu loads, i.e. on the first call.
@@ -136,9 +138,9 @@ def topology_devices(topology: str):
   try:
     desc = topologies.get_topology_desc(platform='tpu', topology_name=topology)
   except Exception as e:  # pylint: disable=broad-except
-    raise RuntimeError(f'--aot {topology!r}: cannot describe this TPU topology ({type(e).__name__}: '
-                       f'{str(e).splitlines()[0] if str(e) else ""}); is libtpu installed '
-                       "(pip install -e '.[tpu]') and is the name like v5p:2x2x2?") from e
+    raise ConfigError(f'{flag} {topology!r}: cannot describe this TPU topology ({type(e).__name__}: '
+                      f'{str(e).splitlines()[0] if str(e) else ""}); is libtpu installed '
+                      "(pip install -e '.[tpu]') and is the name like v5p:2x2x2?") from None
   return list(desc.devices)
 
 

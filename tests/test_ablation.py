@@ -144,6 +144,13 @@ def test_the_whole_ablation_runs_and_resumes_without_redoing(tmp_path, small_tok
   again = json.load(open(os.path.join(wd, 'ablation.json')))
   assert again['variants']['f']['heldout_token_loss'] == v['f']['heldout_token_loss']
   assert again['unit_seconds']['total'] > 0 and set(again['unit_seconds']) >= {'models', 'evaluation', 'selection'}
+  # A test unit kept from an earlier version (fd only) is refused, naming it, not paired silently.
+  path = os.path.join(wd, 'evaluation', 'a', 'train0_sample0', 'result.json')
+  r = json.load(open(path))
+  del r['precision'], r['recall']
+  json.dump(r, open(path, 'w'))
+  with pytest.raises(ConfigError, match='train0_sample0/result.json has no precision/recall'):
+    ablation.run(_tiny_config(vae), wd)
 
 
 def test_plateau_rule_on_hand_made_curves():

@@ -21,9 +21,6 @@ from srdd_jax.parallel import multihost
 from srdd_jax.parallel.compile import jit_inference
 
 
-FINITE = ('cfg', 'temperature', 'top_p', 'min_p', 'mr_threshold')  # config.sampler's floats.
-
-
 def protocol_values(c, mask: str) -> dict:
   """The guidance and masked-resampling values of config.sampler `c` for a model with `mask`: those the
   config sets, the rest from its protocol ('auto': VAR's for the causal mask, SRDD's for markov)."""
@@ -35,9 +32,6 @@ def protocol_values(c, mask: str) -> dict:
   if name not in PROTOCOLS:
     raise ConfigError(f'config.sampler.protocol={name!r}: use auto, {", ".join(sorted(PROTOCOLS))}')
   p = PROTOCOLS[name]
-  for key in FINITE:
-    if not math.isfinite(float(c[key])):
-      raise ConfigError(f'config.sampler.{key}={c[key]!r}: must be a finite number')
   # -1 is the one "unset" value (the protocol's); another negative is a typo, not a request for the default.
   for key in ('cfg', 'mr_threshold', 'mr_iterations'):
     if float(c[key]) < 0 and float(c[key]) != -1:
@@ -69,13 +63,15 @@ def sampler_config(c, mask: str) -> SamplerConfig:
     raise ConfigError(f'config.sampler: {e}') from e
 
 
-def check_for_model(sc: SamplerConfig, var_config, key: str = 'config.sampler.mr_scales') -> None:
-  """What a sampler config can only be checked against once the model is known: one mr_scales entry per
-  scale of its patch_nums."""
+def sampler_config_for(c, var_config) -> SamplerConfig:
+  """sampler_config for the model of `var_config`, with what can only be checked once the model is known:
+  one config.sampler.mr_scales entry per scale of its patch_nums."""
+  sc = sampler_config(c, var_config.mask)
   n = len(var_config.patch_nums)
   if sc.mr_scales is not None and len(sc.mr_scales) != n:
-    raise ConfigError(f'{key}: {len(sc.mr_scales)} entries for the model\'s {n} scales '
+    raise ConfigError(f'config.sampler.mr_scales: {len(sc.mr_scales)} entries for the model\'s {n} scales '
                       f'(patch_nums {tuple(var_config.patch_nums)}); give one 0/1 per scale, or \'\' for all')
+  return sc
 
 
 def sampler_from_config(config, models=None):
@@ -84,8 +80,7 @@ def sampler_from_config(config, models=None):
   samples one model many times reads its checkpoint once)."""
   var_config, var_params, vq, vae_params = models or load_models(config)
   mesh = pm.mesh_from_config(config)
-  sc = sampler_config(config.sampler, var_config.mask)  # Its errors name config.sampler's keys.
-  check_for_model(sc, var_config)
+  sc = sampler_config_for(config.sampler, var_config)  # Its errors name config.sampler's keys.
   try:
     sampler = Sampler(var_config, vq, sc, mesh=mesh)
   except ValueError as e:

@@ -10,7 +10,7 @@ from PIL import Image
 
 from srdd_jax.config import ConfigError, ints
 from srdd_jax.data.images import grid, to_uint8
-from srdd_jax.diffusion.generate import check_for_model, sampler_config
+from srdd_jax.diffusion.generate import sampler_config_for
 from srdd_jax.diffusion.sampler import Sampler
 from srdd_jax.parallel import mesh as pm
 from srdd_jax.parallel import multihost
@@ -21,8 +21,7 @@ class SampleGrids:
   """Sample grids of the model being trained: PNG under DIR/samples/ and a TensorBoard image."""
 
   def __init__(self, config, var_config, vq, mesh, workdir):
-    sc = sampler_config(config.sampler, var_config.mask)  # Its errors name config.sampler's keys.
-    check_for_model(sc, var_config)
+    sc = sampler_config_for(config.sampler, var_config)  # Its errors name config.sampler's keys.
     try:
       self.sampler = Sampler(var_config, vq, sc, mesh=mesh)
     except ValueError as e:

@@ -123,9 +123,7 @@ class ProxyScorer:
       real, _, _ = classifier.load_split(self.config.data, r['image_size'], split, train_split=r['train_split'],
                                          test_split=r['test_split'])
       real = real[:int(self.o['proxy_examples'])]
-      _, feats = clf.outputs(real, what=f'{split} real images')
-      if len(feats) < 2:
-        raise ValueError(f'{split} real images: a covariance needs at least 2 images, got {len(feats)}')
+      feats = proxy.features(clf, real, what=f'{split} real images')
       self.real_stats[split] = (stats.feature_statistics(feats), len(real), feats)
     return self.real_stats[split]
 

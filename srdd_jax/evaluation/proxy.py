@@ -29,13 +29,18 @@ def fd_name(classifier: ProxyClassifier) -> str:
   return f'fd_{classifier.name}_{int(classifier.info["request"]["image_size"])}px'
 
 
-def feature_statistics(classifier: ProxyClassifier, images, *, batch_size: int = 256,
-                       what: str = 'images') -> tuple[np.ndarray, np.ndarray]:
-  """(mu, sigma) float64 of the classifier's features of NHWC images (uint8, or float in [0, 1])."""
+def features(classifier: ProxyClassifier, images, *, batch_size: int = 256, what: str = 'images') -> np.ndarray:
+  """The classifier's features of NHWC images (uint8, or float in [0, 1]); at least 2, for a covariance."""
   _, feats = classifier.outputs(images, batch_size=batch_size, what=what)
   if len(feats) < 2:
     raise ValueError(f'{what}: a covariance needs at least 2 images, got {len(feats)}')
-  return stats.feature_statistics(feats)
+  return feats
+
+
+def feature_statistics(classifier: ProxyClassifier, images, *, batch_size: int = 256,
+                       what: str = 'images') -> tuple[np.ndarray, np.ndarray]:
+  """(mu, sigma) float64 of the classifier's features of NHWC images (uint8, or float in [0, 1])."""
+  return stats.feature_statistics(features(classifier, images, batch_size=batch_size, what=what))
 
 
 def class_consistency(classifier: ProxyClassifier, images, labels, *, batch_size: int = 256,

@@ -633,8 +633,11 @@ class _Ablation:
     runs = []
     for m in models:
       for s in self.o['sample_seeds']:
-        r = self.units(f'evaluation/{variant}/train{m["seed"]}_sample{s}',
-                       lambda m=m, s=s: self.scorer.score(m, values, self.o['test_per_class'], s, 'test'))
+        unit = f'evaluation/{variant}/train{m["seed"]}_sample{s}'
+        r = self.units(unit, lambda m=m, s=s: self.scorer.score(m, values, self.o['test_per_class'], s, 'test'))
+        if 'precision' not in r:  # Kept from a run of an earlier version, which scored fd only.
+          raise ConfigError(f'{os.path.join(self.workdir, unit)}/result.json has no precision/recall (an earlier '
+                            f'version wrote it): remove {os.path.join(self.workdir, "evaluation")} to score again')
         runs.append({**r, 'train_seed': m['seed']})
     return {'runs': runs}
 

@@ -26,14 +26,14 @@ from absl import logging
 from ml_collections import config_flags
 
 from srdd_jax.config import ConfigError, load_file, with_defaults
-from srdd_jax.modes import ablation
+from srdd_jax.modes import ablation, checks
 from srdd_jax.modes import all as all_stages
 from srdd_jax.modes import distill
 from srdd_jax.modes import edit
 from srdd_jax.modes import eval as evaluation
 from srdd_jax.modes import reconstruct, sample, tokenize, train, train_tokenizer
 from srdd_jax.parallel import multihost
-from srdd_jax.parallel.workdir import WorkdirLock
+from srdd_jax.parallel.workdir import WorkdirLock, storage_fault
 from srdd_jax.train.driver import PREEMPTED_EXIT_CODE
 
 # --mode -> its runner: run(config, workdir) -> summary dict.
@@ -78,7 +78,8 @@ def define_flags(flag_values: flags.FlagValues, sys_argv: list[str] | None = Non
       'overwrite': flags.DEFINE_bool('overwrite', False, 'sample / edit / eval: replace the outputs an earlier '
                                      'run left in the workdir (without it they are never replaced).', **fv),
       'dry_run': flags.DEFINE_bool('dry_run', False, 'Check the command line and the config (every key known, '
-                                   'the defaults filled in), print the resolved config and exit; runs nothing.',
+                                   'the defaults filled in, the values the mode checks before it starts), print '
+                                   'the resolved config and exit; runs nothing.',
                                    **fv),
   }
   flags.mark_flags_as_required(['config', 'workdir'], flag_values=flag_values)
@@ -167,6 +168,7 @@ def execute(command: Command) -> int:
   if command.dry_run:
     try:
       resolved = with_defaults(command.config)
+      checks.validate(resolved, mode)  # The values the runner checks first, before anything starts.
     except ConfigError as e:
       raise BadInput(str(e)) from None
     print(f'--mode={mode} --workdir={workdir}\n{resolved}')
@@ -188,6 +190,11 @@ def execute(command: Command) -> int:
     raise BadInput(str(e)) from None
   except PermissionError as e:  # A read-only workdir (or a file in it), found when first written.
     raise BadInput(f'cannot write {e.filename!r} ({e.strerror}): give a writable --workdir') from None
+  except Exception as e:  # pylint: disable=broad-except
+    fault = storage_fault(e)  # A full disk, a quota: the storage's fault, told in one line.
+    if fault is None:
+      raise
+    raise BadInput(fault) from None
   if multihost.is_main_process():
     print(json.dumps(summary, indent=1, default=str))
   if summary.get('stopped_by') and not summary.get('complete', True):
@@ -222,22 +229,43 @@ def _parse_flags(argv):
 
 
 class _QuietLibraries(std_logging.Filter):
-  """Orbax logs every step of every save at INFO; our progress lines would drown in it."""
+  """Orbax logs every step of every save at INFO; our progress lines would drown in it. Its errors keep
+  their line, not their traceback: a failure reaches the main thread, which reports it once."""
 
   def filter(self, record):
-    return record.levelno >= std_logging.WARNING or '/orbax/' not in record.pathname
+    if '/orbax/' not in record.pathname:
+      return True
+    if record.levelno >= std_logging.WARNING:
+      record.exc_info, record.exc_text = None, None
+      return True
+    return False
+
+
+def _quiet_unraisable(unraisable):
+  """After a failed Orbax save (a full disk), TensorStore's callbacks find their event loop closed, each
+  printing a traceback: the failure itself is reported once, by the main thread."""
+  if isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == 'Event loop is closed':
+    return
+  sys.__unraisablehook__(unraisable)
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   logging.get_absl_handler().addFilter(_QuietLibraries())
+  sys.unraisablehook = _quiet_unraisable
   try:
     status = execute(_command(_FLAGS, sys.argv))
   except BadInput as e:
     status = _report(e)
   if status:
-    sys.exit(status)
+    # Everything this run saved is saved (checkpoints waited for, the lock released). Leaving now skips
+    # the interpreter's teardown, where background threads of a failed save print more tracebacks or
+    # keep the process alive: a scheduler's grace period after SIGTERM is short.
+    for stream in (sys.stdout, sys.stderr):
+      stream.flush()
+    logging.flush()
+    os._exit(status)  # pylint: disable=protected-access
 
 
 if __name__ == '__main__':

@@ -265,9 +265,8 @@ def bad_inputs(models, tmp_path_factory):
   (used / 'samples' / 'samples.npz').write_bytes(b'earlier')
   locked = root / 'locked'
   locked.mkdir()
-  with open(locked / LOCK_NAME, 'w') as f:  # Held by this (living) test process.
-    json.dump({'pid': os.getpid(), 'host': os.uname().nodename, 'started': 'now', 'command': 'pytest'}, f)
-  return {**{k: str(v) for k, v in models.items()}, 'root': str(root)}
+  with WorkdirLock(str(locked)):  # Held by this (living) test process while the cases run.
+    yield {**{k: str(v) for k, v in models.items()}, 'root': str(root)}
 
 
 SMOKE = ['--config=configs/smoke.py', '--mode=train']

@@ -322,7 +322,7 @@ def test_cli_sample_and_edit(tmp_path):
   rc, out = _run_main(base + ['--mode=edit', f'--config.edit.image={tmp_path / "in.png"}',
                               '--config.edit.box=8,8,24,24', '--config.edit.num_samples=2'])
   assert rc == 0, out
-  with np.load(tmp_path / 'w' / 'edit' / 'inpaint.npz') as z:
+  with np.load(tmp_path / 'w' / 'edit' / 'inpaint' / 'edits.npz') as z:
     assert z['arr_0'].shape == (2, SIZE, SIZE, 3)
   rc, out = _run_main(base + ['--mode=sample', '--config.sample.classes=5'])
   assert rc == 2 and 'class id 5 is out of range' in out

@@ -13,6 +13,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from srdd_jax.parallel import multihost
 from srdd_jax.tokenizer.vqvae import VQVAEConfig
 from srdd_jax.transformer.config import VARConfig
 
@@ -33,14 +34,15 @@ def save_params(out_dir: str, params, *, kind: str, config: Any, source: str | N
   """Writes `out_dir/params` (Orbax) and `out_dir/model.json` (kind, config, source, parameter count).
 
   Refuses to touch an existing conversion unless `overwrite`, so a typo never destroys saved work.
+  Written whole or not at all: into `out_dir`.partial, renamed into place once model.json is there, so
+  a run killed in between leaves no half model to trip over (the next one removes the partial folder).
+  Every process calls it (the Orbax save is collective); process 0 writes the rest.
   """
   out_dir = os.path.abspath(out_dir)
-  ppath = os.path.join(out_dir, PARAMS_DIR)
-  mpath = os.path.join(out_dir, MODEL_JSON)
-  if (os.path.exists(ppath) or os.path.exists(mpath)) and not overwrite:
+  if (os.path.exists(os.path.join(out_dir, PARAMS_DIR)) or os.path.exists(os.path.join(out_dir, MODEL_JSON))) \
+      and not overwrite:
     raise FileExistsError(f'{out_dir} already holds converted parameters; pass overwrite=True '
                           '(--overwrite) to replace them, or choose another directory')
-  os.makedirs(out_dir, exist_ok=True)
   cfg = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config)
   # Shapes only: the leaves may be sharded over several processes (every process calls this).
   num_params = int(sum(int(np.prod(x.shape)) for x in _leaves(params)))
@@ -50,21 +52,29 @@ def save_params(out_dir: str, params, *, kind: str, config: Any, source: str | N
       'num_params': num_params,
       'source': os.path.abspath(source) if isinstance(source, str) and os.path.exists(source) else source,
       'source_sha256': file_sha256(source) if isinstance(source, str) and os.path.isfile(source) else None,
-      'created': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
+      'created': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='microseconds'),
   }
-  if os.path.exists(ppath):  # overwrite: write beside, then swap, so a crash keeps the old copy.
-    tmp = ppath + '.new'
-    _orbax_save(tmp, params)
-    old = ppath + '.old'
-    os.replace(ppath, old)
-    os.replace(tmp, ppath)
-    shutil.rmtree(old)
-  else:
-    _orbax_save(ppath, params)
-  if jax.process_index() == 0:
-    with open(mpath + '.tmp', 'w') as f:
+  tmp, main = out_dir + '.partial', jax.process_index() == 0
+  if main and os.path.exists(tmp):
+    shutil.rmtree(tmp)
+  multihost.sync('save-params-begin')
+  _orbax_save(os.path.join(tmp, PARAMS_DIR), params)
+  if main:
+    with open(os.path.join(tmp, MODEL_JSON), 'w') as f:
       json.dump(meta, f, indent=1)
-    os.replace(mpath + '.tmp', mpath)
+    if os.path.exists(out_dir):  # overwrite: the old copy goes only once the new one is complete.
+      for name in os.listdir(out_dir):  # Anything else kept there stays.
+        if name not in (PARAMS_DIR, MODEL_JSON):
+          os.replace(os.path.join(out_dir, name), os.path.join(tmp, name))
+      old = out_dir + '.replaced'
+      if os.path.exists(old):
+        shutil.rmtree(old)
+      os.replace(out_dir, old)
+      os.replace(tmp, out_dir)
+      shutil.rmtree(old)
+    else:
+      os.replace(tmp, out_dir)
+  multihost.sync('save-params-done')
   return out_dir
 
 

@@ -49,7 +49,7 @@ from srdd_jax.data.folder import FolderSource
 from srdd_jax.data.source import DataError, ImageSource
 from srdd_jax.data.synthetic import SyntheticImages
 
-__all__ = ['DEFAULTS', 'SOURCES', 'DataError', 'ImageSource', 'build_source', 'rows_for_process']
+__all__ = ['DEFAULTS', 'SOURCES', 'DataError', 'ImageSource', 'build_source', 'check', 'rows_for_process']
 
 SOURCES = ('synthetic', 'tfds', 'folder', 'fashion_mnist', 'digits')
 # The keys this module reads, with their defaults (the one table of them is srdd_jax/config.py).
@@ -102,6 +102,11 @@ def _options(data_config, train: bool) -> dict:
     raise DataError(f'config.data.resize_ratio={o["resize_ratio"]} must be >= 1 (the crop is taken from '
                     'the resized image)')
   return o
+
+
+def check(data_config) -> None:
+  """config.data's keys and values, without reading any data (`--dry_run`)."""
+  _options({k: v for k, v in data_config.items() if k != 'token_cache'}, train=True)
 
 
 def _network_reachable(address: tuple[str, int], timeout: float = 3.0) -> bool:

@@ -7,8 +7,14 @@
   evaluate    --mode=eval              (config.eval on those samples; proxy metrics offline)
 
 Running it again after an interruption continues where it stopped: finished stages are skipped (their
-outputs are kept, never recomputed or overwritten) and the interrupted one resumes from its checkpoint.
-A training stage stopped by SIGTERM or Ctrl-C ends the run with exit status 75 (see main.py).
+outputs are kept) and the interrupted one resumes from its checkpoint. A training stage stopped by
+SIGTERM or Ctrl-C ends the run with exit status 75 (see main.py).
+
+Each stage's inputs (the model export and tokenizer it read, the config sections it used) are recorded
+in WORKDIR/stages.json. Run again with other inputs, samples and evaluation are made again (replaced
+whole, parallel/workdir.Outputs); the tokenizer, the token cache and the transformer, which hold
+training work, are kept and the run stops with exit status 2 naming the change. Outputs of another
+model are never presented as current.
 """
 from __future__ import annotations
 
@@ -20,22 +26,31 @@ import numpy as np
 from PIL import Image
 
 from srdd_jax.config import with_defaults
+from srdd_jax.convert.params_io import MODEL_JSON
 from srdd_jax.data.images import grid
 from srdd_jax.modes import eval as evaluation
 from srdd_jax.modes import sample, tokenize, train, train_tokenizer
 from srdd_jax.parallel import multihost
-from srdd_jax.parallel.workdir import Units
+from srdd_jax.parallel.workdir import Units, write_json
+
+STAGES_FILE = 'stages.json'  # Each finished stage's inputs.
+_REDONE = ('sample', 'eval')  # Stages made again when their inputs change; the others are refused.
 
 
 def run(config, workdir: str) -> dict:
   config = with_defaults(config)
   results, t_all = {}, time.time()
-  units = Units(workdir, label='=== stage')
+  units = Units(workdir, label='=== stage', inputs_file=STAGES_FILE)
 
-  def stage(name, fn, output=None):
+  def stage(name, fn, inputs, output=None, where=''):
     """Runs stage `name` (its summary kept for summary.json); with `output`, only when that file, which
-    the stage writes, does not exist yet (the stage is done: its outputs are kept)."""
-    out = units(name, fn, output) if output else units.timed(name, fn)
+    the stage writes, does not exist yet or was made from other `inputs` (samples, evaluation: made
+    again) or refused (token cache); without, a training stage that resumes from its checkpoints (at
+    `where`), refused when those were made from other `inputs`."""
+    if output:
+      out = units(name, fn, output, inputs=inputs, redo=name in _REDONE)
+    else:
+      out = units.timed(name, fn, inputs=inputs, where=where)
     if out is not None:
       results[name] = {k: v for k, v in out.items() if k != 'state'}
     return out
@@ -49,30 +64,42 @@ def run(config, workdir: str) -> dict:
     return {k: round(v, 1) for k, v in units.seconds.items()}
 
   # --- tokenizer ---
+  data = {k: v for k, v in config.data.to_dict().items() if k != 'token_cache'}
   if not config.tokenizer.checkpoint:
-    summary = stage('train_tokenizer', lambda: train_tokenizer.run(config, workdir))
+    summary = stage('train_tokenizer', lambda: train_tokenizer.run(config, workdir),
+                    {'config.tokenizer': _without(config.tokenizer, 'checkpoint'), 'config.data': data},
+                    where=os.path.join(workdir, train_tokenizer.SUBDIR, 'checkpoints'))
     if not summary.get('export'):
       return stopped('train_tokenizer', summary)
     config.tokenizer.checkpoint = summary['export']
   # --- token cache ---
   cache = config.tokenize.out_dir or os.path.join(workdir, 'tokens')
-  stage('tokenize', lambda: tokenize.run(config, workdir), output=os.path.join(cache, 'manifest.json'))
+  tokenizer = model_identity(config.tokenizer.checkpoint)
+  stage('tokenize', lambda: tokenize.run(config, workdir),
+        {'tokenizer': tokenizer, 'config.data': data, 'config.tokenize': config.tokenize.to_dict()},
+        output=os.path.join(cache, 'manifest.json'))
   config.data.token_cache = cache
   # --- transformer ---
-  summary = stage('train', lambda: train.run(config, workdir))
+  summary = stage('train', lambda: train.run(config, workdir),
+                  {'config.model': _without(config.model, 'checkpoint'), 'tokenizer': tokenizer,
+                   'token_cache': file_identity(os.path.join(cache, 'manifest.json'))},
+                  where=os.path.join(workdir, 'checkpoints'))
   if not summary.get('export'):
     return stopped('train', summary)
   config.model.checkpoint = summary['export']
   # --- samples ---
   samples = os.path.join(workdir, 'samples', 'samples.npz')
-  # Outputs of an interrupted sample stage (no samples.npz yet) are replaced.
-  stage('sample', lambda: sample.run(config, workdir, overwrite=True), output=samples)
+  # Samples of other inputs, or of an interrupted sample stage, are replaced whole.
+  stage('sample', lambda: sample.run(config, workdir, overwrite=True),
+        {'model': model_identity(config.model.checkpoint), 'tokenizer': tokenizer, 'seed': int(config.seed),
+         'config.sampler': config.sampler.to_dict(), 'config.sample': config.sample.to_dict()}, output=samples)
   if multihost.is_main_process():
     _small_grid(samples, os.path.join(workdir, 'samples', 'grid_10x10.png'), per=10)
   # --- evaluation ---
   config.eval.samples = samples
   stage('eval', lambda: evaluation.run(config, workdir, overwrite=True),
-        output=os.path.join(workdir, 'eval', 'eval.json'))
+        {'samples': file_identity(samples), 'seed': int(config.seed), 'config.data': data,
+         'config.eval': config.eval.to_dict()}, output=os.path.join(workdir, 'eval', 'eval.json'))
   summary = {'seconds': {**seconds(), 'total': round(time.time() - t_all, 1)}, 'stages': results,
              'outputs': {
                  'tokenizer': config.tokenizer.checkpoint,
@@ -81,9 +108,31 @@ def run(config, workdir: str) -> dict:
                  'sample_grid': os.path.join(workdir, 'samples', 'grid_10x10.png'), 'samples': samples,
                  'metrics': os.path.join(workdir, 'eval', 'eval.json')}}
   if multihost.is_main_process():
-    with open(os.path.join(workdir, 'summary.json'), 'w') as f:
-      json.dump(summary, f, indent=1, default=str)
+    write_json(os.path.join(workdir, 'summary.json'), json.loads(json.dumps(summary, default=str)))
   return summary
+
+
+def _without(section, *keys) -> dict:
+  return {k: v for k, v in section.to_dict().items() if k not in keys}
+
+
+def model_identity(directory: str) -> dict:
+  """What tells one export (or conversion) from another: its path and model.json's creation time."""
+  try:
+    with open(os.path.join(directory, MODEL_JSON)) as f:
+      meta = json.load(f)
+  except (OSError, ValueError):
+    meta = {}
+  return {'path': os.path.abspath(directory), 'created': meta.get('created'), 'num_params': meta.get('num_params')}
+
+
+def file_identity(path: str) -> dict:
+  """A file's path, size and modification time: enough to tell it was written again."""
+  try:
+    st = os.stat(path)
+  except OSError:
+    return {'path': os.path.abspath(path)}
+  return {'path': os.path.abspath(path), 'bytes': st.st_size, 'mtime_ns': st.st_mtime_ns}
 
 
 def _small_grid(samples_npz: str, out: str, per: int):

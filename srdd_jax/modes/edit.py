@@ -1,5 +1,6 @@
 """`--mode=edit`: zero-shot editing (inpaint, outpaint, class_edit, super_res) of one image with a
-trained or converted model; the input and the edits as a grid, and the edits as an .npz."""
+trained or converted model: WORKDIR/edit/<task>/ holds the input and the edits as a grid (grid.png), the
+edits as edits.npz and summary.json; that folder is replaced whole once new edits are complete."""
 from __future__ import annotations
 
 import json
@@ -18,7 +19,7 @@ from srdd_jax.diffusion.generate import sampler_from_config
 from srdd_jax.diffusion.sampler import batch_rng
 from srdd_jax.parallel import multihost
 from srdd_jax.parallel.compile import jit_inference
-from srdd_jax.parallel.workdir import claim_outputs
+from srdd_jax.parallel.workdir import Outputs
 
 
 def open_image(path: str, key: str) -> Image.Image:
@@ -43,7 +44,7 @@ def square(im: Image.Image, size: int) -> np.ndarray:
   return np.asarray(im, np.float32) / 127.5 - 1.0
 
 
-def _check(e) -> None:
+def check(e) -> None:
   """What can be checked before the models are loaded."""
   if e.task not in editing.TASKS:
     raise ConfigError(f'config.edit.task={e.task!r}: must be one of {editing.TASKS}')
@@ -65,7 +66,7 @@ def _check(e) -> None:
 def run(config, workdir: str, overwrite: bool = False) -> dict:
   config = with_defaults(config)
   e = config.edit
-  _check(e)
+  check(e)
   sampler, var_params, vae_params = sampler_from_config(config)
   size = sampler.tokenizer.config.image_size
   img = square(open_image(e.image, 'config.edit.image'), size)
@@ -77,10 +78,10 @@ def run(config, workdir: str, overwrite: bool = False) -> dict:
   labels = np.full((n,), cls if (e.task == 'class_edit' or 0 <= cls < nc) else nc, np.int32)
   if cls >= nc:
     raise ConfigError(f'config.edit.class_id={cls} is out of range for a model with {nc} classes')
-  out_dir = os.path.join(workdir, 'edit')  # The inputs work; only now do earlier outputs stand in the way.
+  # The inputs work; only now do earlier outputs stand in the way.
+  outputs = Outputs(os.path.join(workdir, 'edit', e.task), f'{e.task} edits', overwrite)
   if multihost.is_main_process():
-    claim_outputs(out_dir, (f'{e.task}_grid.png', f'{e.task}.npz', f'{e.task}_summary.json'), overwrite,
-                  f'{e.task} edits')
+    outputs.claim()
   editor = editing.Editor(sampler)
   rng = batch_rng(config.seed, 0)
   shown = img
@@ -123,12 +124,12 @@ def run(config, workdir: str, overwrite: bool = False) -> dict:
   src = to_uint8((shown + 1) / 2)
   if not multihost.is_main_process():
     return {'task': e.task, 'num_samples': n}
-  os.makedirs(out_dir, exist_ok=True)
-  Image.fromarray(grid(np.concatenate([src[None], out]), n + 1)).save(
-      os.path.join(out_dir, f'{e.task}_grid.png'))
-  np.savez(os.path.join(out_dir, f'{e.task}.npz'), arr_0=out, arr_1=labels)
+  out_dir = outputs.begin()
+  Image.fromarray(grid(np.concatenate([src[None], out]), n + 1)).save(os.path.join(out_dir, 'grid.png'))
+  np.savez(os.path.join(out_dir, 'edits.npz'), arr_0=out, arr_1=labels)
   summary = {'task': e.task, 'num_samples': n, 'labels': labels.tolist(), **info,
-             'outputs': [f'edit/{e.task}_grid.png (input, then the edits)', f'edit/{e.task}.npz']}
-  with open(os.path.join(out_dir, f'{e.task}_summary.json'), 'w') as f:
+             'outputs': [f'edit/{e.task}/grid.png (input, then the edits)', f'edit/{e.task}/edits.npz']}
+  with open(os.path.join(out_dir, 'summary.json'), 'w') as f:
     json.dump(summary, f, indent=1)
+  outputs.commit()
   return summary

@@ -6,7 +6,8 @@
       --config.eval.reference=VIRTUAL_imagenet256_labeled.npz
 
 Writes DIR/eval/samples.npz (arr_0 uint8 NHWC, arr_1 labels: what OpenAI's evaluator reads) and
-DIR/eval/eval.json (the metrics with the protocol that produced them). FID, IS and precision/recall use
+DIR/eval/eval.json (the metrics with the protocol that produced them); DIR/eval is replaced whole once
+the new evaluation is complete (parallel/workdir.Outputs). FID, IS and precision/recall use
 only verified FID Inception weights: without them the run stops before sampling; it never prints a
 number computed from other weights. `proxy` (the project's own classifier of the data set: `fd_<name>`,
 `class_consistency`) needs no download and is what the offline data sets report.
@@ -16,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import time
 
 import numpy as np
@@ -25,7 +27,7 @@ from srdd_jax.config import ConfigError, ints, with_defaults
 from srdd_jax.diffusion.generate import generate, sampler_from_config
 from srdd_jax.evaluation import protocol
 from srdd_jax.parallel import multihost
-from srdd_jax.parallel.workdir import claim_outputs
+from srdd_jax.parallel.workdir import Outputs
 
 
 def options(config) -> dict:
@@ -38,13 +40,16 @@ def options(config) -> dict:
   return o
 
 
+def _inside(path: str, folder: str) -> bool:
+  return os.path.commonpath([os.path.abspath(path), os.path.abspath(folder)]) == os.path.abspath(folder)
+
+
 def run(config, workdir: str, overwrite: bool = False) -> dict:
   config = with_defaults(config)
   o = options(config)
+  outputs = Outputs(os.path.join(workdir, 'eval'), 'evaluation', overwrite)
   if multihost.is_main_process():
-    # samples.npz is written only when sampling here (an existing one may be this run's input).
-    claim_outputs(os.path.join(workdir, 'eval'), ('eval.json',) + (() if o['samples'] else ('samples.npz',)),
-                  overwrite, 'an evaluation')
+    outputs.claim()
   t0 = time.time()
   # Everything that can be wrong is checked before the (long) sampling.
   inception_params, inception_info = (protocol.verified_inception(o) if set(o['metrics']) & set(protocol.INCEPTION_METRICS)
@@ -95,11 +100,13 @@ def run(config, workdir: str, overwrite: bool = False) -> dict:
       'seconds': {'sampling': round(t_sample, 2), 'total': round(time.time() - t0, 2)},
   }
   if multihost.is_main_process():
-    out = os.path.join(workdir, 'eval')
-    os.makedirs(out, exist_ok=True)
+    out = outputs.begin()
     if not o['samples']:
       np.savez(os.path.join(out, 'samples.npz'), arr_0=images, arr_1=labels)
+    elif _inside(o['samples'], outputs.final):  # Samples an earlier evaluation wrote: they stay.
+      shutil.copy2(o['samples'], os.path.join(out, os.path.relpath(o['samples'], outputs.final)))
     with open(os.path.join(out, 'eval.json'), 'w') as f:
       json.dump(summary, f, indent=1)
+    outputs.commit()
     logging.info('eval: %s', json.dumps(results))
   return summary

@@ -1,5 +1,6 @@
 """`--mode=sample`: class-conditional samples from trained or converted checkpoints, written as PNG
-(a grid with a row per class, and one file per image) and as `samples.npz`."""
+(a grid with a row per class, and one file per image) and as `samples.npz`, all in WORKDIR/samples,
+which is replaced whole once the new samples are complete (parallel/workdir.Outputs)."""
 from __future__ import annotations
 
 import dataclasses
@@ -14,13 +15,11 @@ from srdd_jax.config import ConfigError, ints, with_defaults
 from srdd_jax.data.images import grid
 from srdd_jax.diffusion.generate import generate, sampler_from_config
 from srdd_jax.parallel import multihost
-from srdd_jax.parallel.workdir import claim_outputs
+from srdd_jax.parallel.workdir import Outputs
 
 
-def run(config, workdir: str, overwrite: bool = False) -> dict:
-  config = with_defaults(config)
-  sampler, var_params, vae_params = sampler_from_config(config)
-  nc = sampler.var_config.num_classes
+def counts(config, nc: int) -> tuple[tuple[int, ...], int]:
+  """(classes, samples per class) of config.sample for a model of `nc` classes, checked."""
   classes = ints(config.sample.classes, 'config.sample.classes') or tuple(range(nc))
   bad = [k for k in classes if not 0 <= k < nc]
   if bad:
@@ -29,17 +28,27 @@ def run(config, workdir: str, overwrite: bool = False) -> dict:
   per = int(config.sample.num_per_class)
   if per < 1:
     raise ConfigError(f'config.sample.num_per_class={per}: must be >= 1')
+  if int(config.sample.batch_size) < 1:
+    raise ConfigError(f'config.sample.batch_size={config.sample.batch_size}: must be >= 1')
+  return classes, per
+
+
+def run(config, workdir: str, overwrite: bool = False) -> dict:
+  config = with_defaults(config)
+  sampler, var_params, vae_params = sampler_from_config(config)
+  classes, per = counts(config, sampler.var_config.num_classes)
   labels = np.repeat(np.asarray(classes, np.int32), per)
   bs = int(config.sample.batch_size)
   # The inputs are known to work; only now do earlier outputs stand in the way.
-  out_dir = os.path.join(workdir, 'samples')
+  outputs = Outputs(os.path.join(workdir, 'samples'), 'samples', overwrite)
   if multihost.is_main_process():
-    claim_outputs(out_dir, ('samples.npz', 'grid.png', 'summary.json', 'images'), overwrite, 'samples')
-  os.makedirs(os.path.join(out_dir, 'images'), exist_ok=True)
+    outputs.claim()
   t0 = time.time()
   images = generate(sampler, var_params, vae_params, labels, bs, int(config.seed), key='config.sample.batch_size')
   if not multihost.is_main_process():  # Process 0 writes; every process took part in sampling.
     return {'num_images': int(len(images))}
+  out_dir = outputs.begin()
+  os.makedirs(os.path.join(out_dir, 'images'))
   np.savez(os.path.join(out_dir, 'samples.npz'), arr_0=images, arr_1=labels)
   for i, (im, k) in enumerate(zip(images, labels)):
     Image.fromarray(im).save(os.path.join(out_dir, 'images', f'class{k:04d}_{i:06d}.png'))
@@ -51,4 +60,5 @@ def run(config, workdir: str, overwrite: bool = False) -> dict:
                          'samples/samples.npz (arr_0 uint8 NHWC, arr_1 labels)']}
   with open(os.path.join(out_dir, 'summary.json'), 'w') as f:
     json.dump(summary, f, indent=1)
+  outputs.commit()
   return summary

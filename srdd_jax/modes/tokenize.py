@@ -19,10 +19,9 @@ from srdd_jax.parallel import multihost
 from srdd_jax.tokenizer.api import Tokenizer
 
 
-def run(config, workdir: str) -> dict:
-  config = with_defaults(config)
+def check(config) -> None:
+  """config.tokenize's values (before anything is loaded)."""
   tk = config.tokenize
-  out_dir = tk.out_dir or os.path.join(workdir, 'tokens')
   bs = int(tk.batch_size)
   if bs < 1 or bs % jax.local_device_count():
     raise ConfigError(f'config.tokenize.batch_size={bs} must be a positive multiple of the '
@@ -31,6 +30,14 @@ def run(config, workdir: str) -> dict:
     raise ConfigError(f'config.tokenize.shard_size={tk.shard_size} must be >= 1')
   if int(tk.max_examples) < 0:
     raise ConfigError(f'config.tokenize.max_examples={tk.max_examples} must be >= 0 (0 = every example)')
+
+
+def run(config, workdir: str) -> dict:
+  config = with_defaults(config)
+  tk = config.tokenize
+  out_dir = tk.out_dir or os.path.join(workdir, 'tokens')
+  check(config)
+  bs = int(tk.batch_size)
   tok = tokenizer_for_model(config)  # The cache is for the model's scales.
   vq = tok.config
   data = {k: v for k, v in config.data.to_dict().items() if k != 'token_cache'}

@@ -27,6 +27,7 @@ from srdd_jax.train import tokenizer_settings as settings
 from srdd_jax.train.tokenizer_eval import HeldOut
 from srdd_jax.train.tokenizer_step import trainer_for
 from srdd_jax.train.tokenizer_task import TokenizerTask
+from srdd_jax.train.transformer_setup import check_batch_fits
 
 SUBDIR = 'tokenizer'
 # Sources whose held-out images come from another split of the same data set.
@@ -58,6 +59,7 @@ def task(config, workdir: str) -> TokenizerTask:
   mesh = pm.mesh_from_config(config)
   settings.validate_against(s, vq, mesh)
   data, held_out_source = _sources(config, s, vq.image_size)
+  check_batch_fits(s.global_batch, data, 'config.tokenizer_train.global_batch')
   trainer = trainer_for(vq, s, mesh, pm.rules_from_config(config))
   held_out = HeldOut(held_out_source, s, trainer, mesh) if held_out_source is not None else None
   if multihost.is_main_process():

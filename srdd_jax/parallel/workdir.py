@@ -1,18 +1,20 @@
-"""Safety of a workdir: one run at a time, outputs never replaced by accident, units of work run once.
+"""Safety of a workdir: one run at a time, outputs replaced whole or not at all, units of work run once.
 
-One run per workdir: WORKDIR/.srdd.lock names the run that holds it.
-
-Two runs writing one workdir interleave metrics.jsonl and race inside Orbax saves. The lock is a file
-created atomically (O_EXCL) by process 0 of a run and removed when the run ends, however it ends. A
-lock whose process no longer exists on this host is stale: it is taken over with a warning. A lock
-held on another host cannot be checked from here; the message says how to remove it.
+One run per workdir. Two runs writing one workdir interleave metrics.jsonl and race inside Orbax saves.
+Process 0 of a run holds an OS-level lock (flock) on the workdir directory itself: the kernel releases it
+when the process dies, however it dies, and no file can be deleted to get around it (a lock on a lock
+*file* can: delete the file and the next run locks a new one). WORKDIR/.srdd.lock only says who holds the
+lock, for the message a second run prints. File systems without flock (some network mounts) fall back
+to the file alone, created atomically (O_EXCL), with a warning.
 """
 from __future__ import annotations
 
 import datetime
-import glob
+import errno
+import fcntl
 import json
 import os
+import re
 import shutil
 import socket
 import sys
@@ -41,9 +43,11 @@ class WorkdirLock:
   e.g. on processes other than 0 of a multi-process run)."""
 
   def __init__(self, workdir: str, enabled: bool = True):
+    self.workdir = workdir
     self.path = os.path.join(workdir, LOCK_NAME)
     self.enabled = enabled
     self.held = False
+    self._fd = None  # The workdir, open and flock-ed while held.
 
   def _holder(self) -> dict:
     try:
@@ -52,11 +56,48 @@ class WorkdirLock:
     except (OSError, ValueError):
       return {}
 
+  def _in_use(self, h: dict) -> ConfigError:
+    return ConfigError(
+        f'workdir {self.workdir!r} is in use by process {h.get("pid", "?")} on host {h.get("host", "?")} '
+        f'since {h.get("started", "?")} ({h.get("command", "?")}); wait for it to finish or use another '
+        f'--workdir (if that run is gone, delete {self.path})')
+
+  def _flock(self) -> bool:
+    """Takes the OS lock on the workdir; False where the file system has none (then the file decides)."""
+    try:
+      self._fd = os.open(self.workdir, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError as e:
+      raise ConfigError(f'cannot open --workdir={self.workdir!r}: {e.strerror}') from e
+    try:
+      fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+      return True
+    except OSError as e:
+      if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+        os.close(self._fd)
+        self._fd = None
+        raise self._in_use(self._holder()) from None
+      logging.warning('the file system of %s has no flock (%s): the workdir is held by %s alone',
+                      self.workdir, e.strerror, self.path)
+      return False
+
   def acquire(self) -> None:
     if not self.enabled:
       return
     me = {'pid': os.getpid(), 'host': socket.gethostname(),
           'started': datetime.datetime.now().isoformat(timespec='seconds'), 'command': ' '.join(sys.argv)}
+    if self._flock():
+      # The kernel says nobody holds the workdir: a file left behind is stale, whoever wrote it.
+      h = self._holder()
+      if h:
+        logging.warning('%s was left by process %s on %s, which no longer holds the workdir; taking it over',
+                        self.path, h.get('pid', '?'), h.get('host', '?'))
+      try:
+        write_json(self.path, me)
+      except OSError as e:
+        self._unlock()
+        raise ConfigError(f'cannot write to --workdir={self.workdir!r}: {e.strerror}') from e
+      self.held = True
+      return
     for _ in range(2):
       try:
         fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -66,16 +107,20 @@ class WorkdirLock:
           logging.warning('%s was left by process %d, which no longer runs; taking it over', self.path, h['pid'])
           os.remove(self.path)
           continue
-        raise ConfigError(
-            f'workdir {os.path.dirname(self.path)!r} is in use by process {h.get("pid", "?")} on host '
-            f'{h.get("host", "?")} since {h.get("started", "?")} ({h.get("command", "?")}); wait for it to '
-            f'finish or use another --workdir (if that run is gone, delete {self.path})') from None
+        self._unlock()
+        raise self._in_use(h) from None
       except OSError as e:
-        raise ConfigError(f'cannot write to --workdir={os.path.dirname(self.path)!r}: {e.strerror}') from e
+        self._unlock()
+        raise ConfigError(f'cannot write to --workdir={self.workdir!r}: {e.strerror}') from e
       with os.fdopen(fd, 'w') as f:
         json.dump(me, f)
       self.held = True
       return
+
+  def _unlock(self) -> None:
+    if self._fd is not None:
+      os.close(self._fd)  # Closing the last descriptor releases the flock.
+      self._fd = None
 
   def release(self) -> None:
     if self.held:
@@ -84,6 +129,7 @@ class WorkdirLock:
       except FileNotFoundError:
         pass
       self.held = False
+    self._unlock()
 
   def __enter__(self):
     self.acquire()
@@ -94,22 +140,107 @@ class WorkdirLock:
     return False
 
 
-def claim_outputs(out_dir: str, patterns, overwrite: bool, what: str) -> None:
-  """Refuses to write into `out_dir` when an earlier run left outputs matching `patterns` there, unless
-  `overwrite`; then removes them first, so old and new outputs never mix."""
-  existing = sorted(p for pattern in patterns for p in glob.glob(os.path.join(out_dir, pattern)))
-  if not existing:
-    return
-  shown = ', '.join(os.path.relpath(p, out_dir) for p in existing[:3]) + (' ...' if len(existing) > 3 else '')
-  if not overwrite:
-    raise ConfigError(f'{out_dir} already holds {what} of an earlier run ({shown}); they are never replaced '
-                      'silently: choose another --workdir, or pass --overwrite to replace them')
-  logging.warning('--overwrite: removing %d earlier outputs in %s (%s)', len(existing), out_dir, shown)
-  for p in existing:
-    if os.path.isdir(p):
-      shutil.rmtree(p)
+# Write errors that are the storage's, not the program's: a full disk, a quota, a file-size limit, a
+# read-only mount. Exit status 2 with one line, never a traceback.
+_STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS)
+
+
+def storage_fault(e: BaseException | None) -> str | None:
+  """The one-line account of a write that failed for lack of space (or a limit, or a read-only file
+  system), from an exception or any exception it was raised from; None when it is something else.
+  Orbax's (TensorStore's) errors carry the errno as text: os_error_code='28'."""
+  seen = set()
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    code, path = None, None
+    if isinstance(e, OSError) and e.errno in _STORAGE_ERRNOS:
+      code, path = e.errno, e.filename
     else:
-      os.remove(p)
+      m = re.search(r"os_error_code='(\d+)'", str(e))
+      if m and int(m.group(1)) in _STORAGE_ERRNOS:
+        code = int(m.group(1))
+        where = re.search(r'Failed writing: "([^"]+)"', str(e)) or re.search(r'file "([^"]+)"', str(e))
+        path = where.group(1) if where else None
+    if code is not None:
+      return (f'cannot write {path or "to the workdir"}: {os.strerror(code)} (errno {code}); free space (or raise '
+              'the limit) and run the same command again: what was saved before is intact')
+    e = e.__cause__ or e.__context__
+  return None
+
+
+def check_space(directory: str, need: int, what: str) -> None:
+  """A ConfigError when the file system of `directory` has less free space than `need` bytes (and a
+  margin) for `what`."""
+  try:
+    st = os.statvfs(directory if os.path.isdir(directory) else os.path.dirname(directory) or '.')
+  except OSError:
+    return  # Nothing to measure (a mount without statvfs): the write will tell.
+  free = st.f_bavail * st.f_frsize
+  if free < need * 1.05 + (16 << 20):
+    raise ConfigError(f'{directory}: {free / 2**20:.0f} MiB free, {what} needs about {need / 2**20:.0f} MiB; '
+                      'free space and run the same command again: what was saved before is intact')
+
+
+def _holds_files(path: str) -> bool:
+  return any(files for _, _, files in os.walk(path))
+
+
+class Outputs:
+  """A run's outputs: the directory `final`, replaced whole or not at all.
+
+  `claim()` (before the long work) refuses when `final` holds an earlier run's outputs, unless
+  `overwrite`; `begin()` gives a temporary sibling (`final`.partial) to write everything into; `commit()`
+  swaps it into place. The old outputs are removed only after the new ones are complete: a run cut
+  short (SIGTERM, SIGKILL, a full disk) leaves the old outputs, or none, never a mix; its partial folder
+  is removed by the next run (which holds the workdir lock, so no other run is writing it), and a swap
+  cut between its two renames is undone there (`final`.replaced goes back into place).
+  """
+
+  def __init__(self, final: str, what: str, overwrite: bool = False):
+    self.final, self.what, self.overwrite = final, what, overwrite
+    self.partial, self.replaced = final + '.partial', final + '.replaced'
+
+  def _recover(self) -> None:
+    if os.path.isdir(self.replaced):
+      if os.path.exists(self.final):
+        shutil.rmtree(self.replaced)
+      else:
+        os.replace(self.replaced, self.final)
+        logging.warning('%s: an earlier run was stopped while replacing these %s; the old ones are back',
+                        self.final, self.what)
+    if os.path.exists(self.partial):
+      logging.warning('removing %s, left by a run stopped before its %s were complete', self.partial, self.what)
+      shutil.rmtree(self.partial) if os.path.isdir(self.partial) else os.remove(self.partial)
+
+  def claim(self) -> None:
+    self._recover()
+    if os.path.exists(self.final) and not os.path.isdir(self.final):
+      raise ConfigError(f'{self.final} is a file where this run writes its {self.what} (a folder); move it away')
+    if _holds_files(self.final):
+      shown = sorted(os.listdir(self.final))
+      shown = ', '.join(shown[:3]) + (' ...' if len(shown) > 3 else '')
+      if not self.overwrite:
+        raise ConfigError(f'{self.final} already holds {self.what} of an earlier run ({shown}); they are never '
+                          'replaced silently: choose another --workdir, or pass --overwrite to replace them')
+      logging.warning('--overwrite: %s (%s) will be replaced once the new %s are complete', self.final, shown,
+                      self.what)
+
+  def begin(self) -> str:
+    """The folder to write the outputs into (empty)."""
+    self._recover()
+    os.makedirs(self.partial)
+    return self.partial
+
+  def commit(self) -> str:
+    """The outputs written to `begin()`'s folder take the place of `final`'s; returns `final`."""
+    if os.path.exists(self.final):
+      os.replace(self.final, self.replaced)
+      os.replace(self.partial, self.final)
+      shutil.rmtree(self.replaced)
+    else:
+      os.makedirs(os.path.dirname(self.final) or '.', exist_ok=True)
+      os.replace(self.partial, self.final)
+    return self.final
 
 
 def write_json(path: str, obj) -> None:
@@ -119,6 +250,25 @@ def write_json(path: str, obj) -> None:
   with open(path + '.tmp', 'w') as f:
     json.dump(obj, f, indent=1, default=float)
   os.replace(path + '.tmp', path)
+
+
+def _flat(d, prefix='') -> dict:
+  if not isinstance(d, dict):
+    return {prefix: d}
+  out = {}
+  for k, v in d.items():
+    out.update(_flat(v, f'{prefix}.{k}' if prefix else str(k)))
+  return out
+
+
+def describe_change(old: dict | None, new: dict) -> str:
+  """'key: old -> new' for the entries of two (nested) input records that differ, the first few."""
+  if old is None:
+    return 'no record of what they were made from'
+  a, b = _flat(old), _flat(new)
+  changed = [f'{k}: {a.get(k, "(none)")!r} -> {b.get(k, "(none)")!r}' for k in sorted(set(a) | set(b))
+             if a.get(k) != b.get(k)]
+  return '; '.join(changed[:3]) + (f'; and {len(changed) - 3} more' if len(changed) > 3 else '')
 
 
 class Units:
@@ -133,37 +283,100 @@ class Units:
   cache's manifest, a samples file): done when PATH exists; a unit kept so returns None.
   `units.timed(name, fn)`: a unit that resumes by itself (training from its checkpoints) runs every
   time; it is timed and logged like the others.
+
+  With `inputs` (a JSON-able dict: what the unit is made from) and an `inputs_file`, the unit's inputs
+  are recorded there (ROOT/<inputs_file>): a unit done from other inputs is done again (`redo`; fn
+  must replace its outputs whole) or refused with a ConfigError naming the change (not `redo`: its
+  outputs are work to keep, e.g. a token cache that checkpoints were trained on); a timed unit whose
+  recorded inputs differ is refused before it runs. A done unit without a record (an earlier version's
+  workdir) is done again when `redo`, else its inputs are recorded as they are now.
   """
 
-  def __init__(self, root: str, result: str = 'result.json', label: str = 'unit'):
+  def __init__(self, root: str, result: str = 'result.json', label: str = 'unit', inputs_file: str | None = None):
     self.root, self.result, self.label = root, result, label
+    self.inputs_file = os.path.join(root, inputs_file) if inputs_file else None
     self.ran, self.kept = [], []
     self.seconds = {}  # Unit -> its wall time when it ran (JSON units kept: as recorded then).
 
   def path(self, name: str) -> str:
     return os.path.join(self.root, name, self.result)
 
-  def __call__(self, name: str, fn, output: str | None = None):
+  def _records(self) -> dict:
+    if not self.inputs_file or not os.path.isfile(self.inputs_file):
+      return {}
+    try:
+      with open(self.inputs_file) as f:
+        return json.load(f)
+    except ValueError:
+      logging.warning('%s is unreadable: every unit is checked as if it had no record', self.inputs_file)
+      return {}
+
+  def _record(self, name: str, inputs: dict | None) -> None:
+    if self.inputs_file and multihost.is_main_process():
+      records = self._records()
+      if inputs is None:
+        records.pop(name, None)
+      else:
+        records[name] = inputs
+      write_json(self.inputs_file, records)
+
+  def _changed(self, name: str, inputs: dict, where: str, redo: bool) -> bool:
+    """Whether done unit `name` (its outputs at `where`) must be done again for `inputs`."""
+    old = self._records().get(name)
+    if old == inputs:
+      return False
+    change = describe_change(old, inputs)
+    if redo:
+      logging.warning('%s %s: %s were made from other inputs (%s); done again', self.label, name, where, change)
+      return True
+    if old is None:
+      logging.warning('%s %s: %s has no record of its inputs (an earlier version made it); recorded as now',
+                      self.label, name, where)
+      self._record(name, inputs)
+      return False
+    raise ConfigError(f'{where} was made from other inputs than this run gives ({change}); it is kept, not '
+                      f'replaced: run with the inputs it was made from, or use another --workdir')
+
+  def __call__(self, name: str, fn, output: str | None = None, inputs: dict | None = None, redo: bool = True):
+    if inputs is not None:
+      inputs = json.loads(json.dumps(inputs, default=str))  # As it reads back from the record.
     if output is not None and os.path.exists(output):
-      logging.info('%s %s: %s exists, kept', self.label, name, output)
-      self.kept.append(name)
-      return None
+      if inputs is None or not self._changed(name, inputs, output, redo):
+        logging.info('%s %s: %s exists, kept', self.label, name, output)
+        self.kept.append(name)
+        return None
     path = self.path(name)
     if output is None and os.path.isfile(path):
-      with open(path) as f:
-        out = json.load(f)
-      logging.info('%s %s: done, kept', self.label, name)
-      self.kept.append(name)
-      self.seconds[name] = out.get('unit_seconds', 0.0)
-      return out
+      if inputs is None or not self._changed(name, inputs, path, redo):
+        with open(path) as f:
+          out = json.load(f)
+        logging.info('%s %s: done, kept', self.label, name)
+        self.kept.append(name)
+        self.seconds[name] = out.get('unit_seconds', 0.0)
+        return out
+    if inputs is not None:
+      self._record(name, None)  # Until fn completes, no outputs are vouched for.
     out, seconds = self._run(name, fn)
     if output is None and out is not None:
       out = {**out, 'unit_seconds': seconds}
       if multihost.is_main_process():
         write_json(path, out)
+    if out is not None and inputs is not None:
+      self._record(name, inputs)
     return out
 
-  def timed(self, name: str, fn):
+  def timed(self, name: str, fn, inputs: dict | None = None, where: str = ''):
+    """`inputs`: what the unit's saved state (`where`, e.g. its checkpoints) is made from; refused if
+    the record says otherwise, recorded before it runs."""
+    if inputs is not None:
+      inputs = json.loads(json.dumps(inputs, default=str))
+      old = self._records().get(name)
+      if old is not None and old != inputs:
+        raise ConfigError(f'{where or name} was made from other inputs than this run gives '
+                          f'({describe_change(old, inputs)}); it is kept, not replaced: run with the inputs it '
+                          f'was made from, or use another --workdir')
+      if old is None:
+        self._record(name, inputs)
     return self._run(name, fn)[0]
 
   def _run(self, name: str, fn):

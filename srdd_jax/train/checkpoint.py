@@ -12,6 +12,7 @@ from absl import logging
 
 from srdd_jax.config import ConfigError
 from srdd_jax.parallel import multihost
+from srdd_jax.parallel.workdir import check_space
 
 
 class CheckpointMismatch(ConfigError):
@@ -39,6 +40,11 @@ class Checkpointer:
   def save(self, step: int, state, extra: dict, force: bool = False) -> bool:
     if step in self.manager.all_steps():  # Saved already (periodic save, then SIGTERM / end).
       return False
+    if force or self.manager.should_save(step):
+      # A save that fills the disk fails inside Orbax's threads (dozens of tracebacks, a half-written
+      # temporary); refused here instead, with the checkpoints already saved intact.
+      need = sum(int(x.nbytes) for x in jax.tree_util.tree_leaves(state) if hasattr(x, 'nbytes'))
+      check_space(self.directory, need // jax.process_count(), f'the checkpoint of step {step}')
     return self.manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), extra=ocp.args.JsonSave(extra)), force=force)
 

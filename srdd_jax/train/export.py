@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import jax
 from absl import logging
@@ -26,6 +27,12 @@ def export_transformer(workdir: str, step: int, state, var_config: VARConfig) ->
   out = os.path.join(workdir, 'export', f'step_{step:08d}')
   if os.path.exists(os.path.join(out, params_io.MODEL_JSON)):
     return out
+  cut_short = os.path.exists(out)  # Params without model.json: an earlier version's export, cut short.
+  multihost.sync('transformer-export-look')  # Every process looks before process 0 removes it.
+  if cut_short:
+    if multihost.is_main_process():
+      logging.warning('%s holds no model.json (an export cut short): written again', out)
+      shutil.rmtree(out)
   params = state.ema_params if state.ema_params is not None else state.params
   params_io.save_params(out, params, kind='var', config=var_config, source=f'{workdir} (train step {step})')
   logging.info('exported the trained transformer to %s', out)

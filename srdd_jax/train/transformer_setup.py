@@ -83,8 +83,16 @@ def training_data(config, tok: LoadedTokenizer):
   if source.num_classes > int(config.model.num_classes):
     raise ConfigError(f'config.model.num_classes={config.model.num_classes} but the data '
                       f'({source.description}) has {source.num_classes} classes')
+  check_batch_fits(config.train.global_batch, source, 'config.train.global_batch')
   source.yields = 'ids' if cache else 'images'
   return source
+
+
+def check_batch_fits(global_batch, source, key: str) -> None:
+  """A batch larger than the data set would hold some examples twice in every step."""
+  if int(global_batch) > source.num_examples:
+    raise ConfigError(f'{key}={global_batch} is larger than the {source.num_examples} examples of '
+                      f'{source.description}: give at most {source.num_examples}')
 
 
 def schedule(config, num_examples: int, num_scales: int) -> tuple[int, OptimConfig, Progressive | None]:

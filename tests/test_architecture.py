@@ -236,9 +236,10 @@ def test_every_module_follows_the_layers():
 
 # Modules that compose whole runs from the runners, stage after stage: main's table of modes, --mode=all
 # (the stages of one model), --mode=ablation (those stages for every variant, and --mode=distill) and
-# scaling studies (the shared stages, then the training of every point).
+# scaling studies (the shared stages, then the training of every point), and --dry_run's table of the
+# modes' checks.
 COMPOSERS = ('srdd_jax.main', 'srdd_jax.modes.all', 'srdd_jax.modes.ablation', 'srdd_jax.modes.scaling',
-             'srdd_jax.scaling')
+             'srdd_jax.scaling', 'srdd_jax.modes.checks')
 
 
 def test_only_main_imports_runners_and_nothing_imports_tools():

@@ -30,6 +30,7 @@ from srdd_jax.data.source import DataError
 from srdd_jax.modes import sample, tokenize
 from srdd_jax.modes import train as train_mode
 from srdd_jax.parallel.workdir import LOCK_NAME, WorkdirLock
+from srdd_jax.parallel.workdir import Outputs as workdir_outputs
 from srdd_jax.train import driver
 from srdd_jax.train.driver import PREEMPTED_EXIT_CODE
 from tests.conftest import save_tiny_models, smoke_config, xla_flags
@@ -113,6 +114,210 @@ def test_sample_outputs_are_never_replaced_silently(models, tmp_path):
                                                                         'class0002_000001.png']
   with np.load(os.path.join(wd, 'samples', 'samples.npz')) as z:
     assert z['arr_1'].tolist() == [2, 2]
+
+
+def _tree(root) -> dict:
+  """Relative path -> bytes of every file under `root`."""
+  out = {}
+  for d, _, files in os.walk(root):
+    for f in files:
+      out[os.path.relpath(os.path.join(d, f), root)] = open(os.path.join(d, f), 'rb').read()
+  return out
+
+
+class _Stop(Exception):
+  pass
+
+
+def test_outputs_are_replaced_whole_or_not_at_all(models, tmp_path, monkeypatch):
+  """Issue 34: `--overwrite` then a stop while sampling deleted the old samples and wrote nothing; an
+  empty samples/images left by a stopped run blocked the rerun."""
+  wd = str(tmp_path)
+  out = os.path.join(wd, 'samples')
+  sample.run(_sample_config(models), wd)
+  before = _tree(out)
+  real_generate = sample.generate
+
+  def stopped(*args, **kwargs):  # SIGTERM / a crash while sampling (after the claim).
+    raise _Stop()
+
+  monkeypatch.setattr(sample, 'generate', stopped)
+  with pytest.raises(_Stop):
+    sample.run(_sample_config(models, classes='2'), wd, overwrite=True)
+  assert _tree(out) == before  # The old outputs, untouched.
+  # Stopped while writing the new ones (a .partial folder left half full): the old ones still stand,
+  # and the rerun removes the partial folder.
+  monkeypatch.setattr(sample, 'generate', real_generate)
+  real_save = Image.Image.save
+  calls = []
+
+  def dies_on_the_second_image(self, path, *a, **k):
+    calls.append(path)
+    if len(calls) == 2:
+      raise _Stop()
+    return real_save(self, path, *a, **k)
+
+  monkeypatch.setattr(Image.Image, 'save', dies_on_the_second_image)
+  with pytest.raises(_Stop):
+    sample.run(_sample_config(models, classes='2'), wd, overwrite=True)
+  monkeypatch.setattr(Image.Image, 'save', real_save)
+  assert _tree(out) == before and os.path.isdir(out + '.partial')
+  # A swap stopped between its two renames: the next run puts the old outputs back, and refuses to
+  # replace them without --overwrite.
+  os.replace(out, out + '.replaced')
+  with pytest.raises(ConfigError, match='already holds samples'):
+    sample.run(_sample_config(models, classes='2'), wd)
+  assert _tree(out) == before and not os.path.exists(out + '.partial')
+  # With --overwrite, replaced whole once complete: nothing of the old run is left.
+  sample.run(_sample_config(models, classes='2'), wd, overwrite=True)
+  assert sorted(os.listdir(os.path.join(out, 'images'))) == ['class0002_000000.png', 'class0002_000001.png']
+  assert sorted(os.listdir(wd)) == ['samples']
+  # An empty folder (what a stopped run of an earlier version left) holds no outputs: no --overwrite needed.
+  shutil.rmtree(out)
+  os.makedirs(os.path.join(out, 'images'))
+  sample.run(_sample_config(models), wd)
+  assert len(os.listdir(os.path.join(out, 'images'))) == 4
+
+
+def test_an_export_cut_short_is_written_again(tmp_path):
+  """Issue 34: an export left without model.json (a kill between its two writes) made every rerun fail
+  with FileExistsError, suggesting an --overwrite that train does not take."""
+  wd = str(tmp_path)
+  s = train_mode.run(_train_config(steps=12, checkpoint_every=5), wd)
+  os.remove(os.path.join(s['export'], 'model.json'))
+  s2 = train_mode.run(_train_config(steps=12, checkpoint_every=5), wd)
+  assert s2['export'] == s['export'] and os.path.isfile(os.path.join(s['export'], 'model.json'))
+  assert not [d for d in os.listdir(os.path.join(wd, 'export')) if '.partial' in d]
+
+
+def test_the_workdir_lock_cannot_be_deleted_away(tmp_path):
+  """Issue 34: deleting the lock file let a second run in (every step then logged twice). The lock is the
+  kernel's (flock on the workdir), released when its process dies, even by SIGKILL."""
+  with WorkdirLock(str(tmp_path)):
+    os.remove(tmp_path / LOCK_NAME)
+    with pytest.raises(ConfigError, match='is in use by process'):
+      WorkdirLock(str(tmp_path)).acquire()
+  holder = subprocess.Popen(
+      [sys.executable, '-c', 'import sys, time; from srdd_jax.parallel.workdir import WorkdirLock; '
+       f'WorkdirLock({str(tmp_path)!r}).acquire(); print("held", flush=True); time.sleep(600)'],
+      cwd=REPO, stdout=subprocess.PIPE, text=True)
+  try:
+    assert holder.stdout.readline().strip() == 'held'
+    with pytest.raises(ConfigError, match=f'is in use by process {holder.pid}'):
+      WorkdirLock(str(tmp_path)).acquire()
+  finally:
+    holder.kill()
+    holder.wait()
+  with WorkdirLock(str(tmp_path)):  # Killed: the kernel released its lock; the file it left is taken over.
+    assert json.load(open(tmp_path / LOCK_NAME))['pid'] == os.getpid()
+
+
+class _FakeStages:
+  """The runners --mode=all calls, replaced by ones that write small outputs of the same layout at once
+  and say what each was made from, so that the stage bookkeeping runs end to end in seconds."""
+
+  def __init__(self, monkeypatch):
+    from srdd_jax.modes import all as all_stages
+    self.calls = []
+    for module, name in ((all_stages.train_tokenizer, 'train_tokenizer'), (all_stages.tokenize, 'tokenize'),
+                         (all_stages.train, 'train'), (all_stages.sample, 'sample'),
+                         (all_stages.evaluation, 'eval')):
+      monkeypatch.setattr(module, 'run', getattr(self, name))
+
+  @staticmethod
+  def _model(path, created):
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, 'model.json'), 'w') as f:
+      json.dump({'created': created}, f)
+    return path
+
+  def train_tokenizer(self, config, wd):
+    self.calls.append('train_tokenizer')
+    steps = int(config.tokenizer_train.steps)
+    return {'export': self._model(os.path.join(wd, 'tokenizer', 'params'), f'tokenizer {steps}'), 'complete': True}
+
+  def tokenize(self, config, wd):
+    self.calls.append('tokenize')
+    os.makedirs(os.path.join(wd, 'tokens'))
+    with open(os.path.join(wd, 'tokens', 'manifest.json'), 'w') as f:
+      json.dump({'tokenizer': config.tokenizer.checkpoint}, f)
+    return {}
+
+  def train(self, config, wd):
+    self.calls.append('train')
+    steps = int(config.train.steps)
+    return {'export': self._model(os.path.join(wd, 'export', f'step_{steps}'), f'transformer {steps}'),
+            'complete': True}
+
+  def sample(self, config, wd, overwrite=False):
+    self.calls.append('sample')
+    outputs = workdir_outputs(os.path.join(wd, 'samples'), 'samples', overwrite)
+    outputs.claim()
+    out = outputs.begin()
+    labels = np.arange(10, dtype=np.int32)
+    np.savez(os.path.join(out, 'samples.npz'), arr_0=np.zeros((10, 4, 4, 3), np.uint8), arr_1=labels)
+    with open(os.path.join(out, 'made_from.json'), 'w') as f:
+      json.dump({'model': config.model.checkpoint, 'cfg': float(config.sampler.cfg)}, f)
+    outputs.commit()
+    return {}
+
+  def eval(self, config, wd, overwrite=False):
+    self.calls.append('eval')
+    outputs = workdir_outputs(os.path.join(wd, 'eval'), 'evaluation', overwrite)
+    outputs.claim()
+    out = outputs.begin()
+    with open(os.path.join(config.eval.samples.replace('samples.npz', 'made_from.json'))) as f:
+      made_from = json.load(f)
+    with open(os.path.join(out, 'eval.json'), 'w') as f:
+      json.dump({'samples_made_from': made_from}, f)
+    outputs.commit()
+    return {}
+
+
+def test_stages_know_their_inputs(tmp_path, monkeypatch, capsys):
+  """Issue 34: --mode=all run again with more steps (or other sampler settings) kept the samples and the
+  evaluation of the earlier model, and summary.json named the new one. Now each stage's inputs are
+  recorded: samples and evaluation are made again, a training stage of other inputs is refused (exit 2,
+  naming the change, nothing touched)."""
+  stages = _FakeStages(monkeypatch)
+  wd = tmp_path / 'run'
+  base = ['srdd_jax.main', '--config=configs/fashion_mnist.py', f'--workdir={wd}', '--mode=all']
+
+  def run(*overrides):
+    stages.calls.clear()
+    rc = main.run(base + list(overrides))
+    return rc, list(stages.calls)
+
+  def made_from():
+    return json.load(open(wd / 'eval' / 'eval.json'))['samples_made_from']
+
+  assert run() == (0, ['train_tokenizer', 'tokenize', 'train', 'sample', 'eval'])
+  assert made_from() == {'model': str(wd / 'export' / 'step_2500'), 'cfg': 2.0}
+  # The same inputs: the samples and the evaluation are kept (the training stages resume: nothing to do).
+  assert run() == (0, ['train_tokenizer', 'train'])
+  # More steps: a new export, so new samples and a new evaluation of them.
+  assert run('--config.train.steps=3000') == (0, ['train_tokenizer', 'train', 'sample', 'eval'])
+  assert made_from()['model'] == str(wd / 'export' / 'step_3000')
+  assert json.load(open(wd / 'summary.json'))['outputs']['model'] == str(wd / 'export' / 'step_3000')
+  # Other sampler settings: the same.
+  assert run('--config.train.steps=3000', '--config.sampler.cfg=3') == (0, ['train_tokenizer', 'train', 'sample',
+                                                                           'eval'])
+  assert made_from() == {'model': str(wd / 'export' / 'step_3000'), 'cfg': 3.0}
+  capsys.readouterr()
+  kept = _tree(wd)
+  # Another transformer on the same checkpoints, or a token cache of another tokenizer: refused.
+  assert run('--config.train.steps=3000', '--config.sampler.cfg=3', '--config.model.depth=5')[0] == 2
+  err = capsys.readouterr().err
+  assert f'error: {wd}/checkpoints was made from other inputs' in err and 'config.model.depth: 4 -> 5' in err
+  assert run('--config.train.steps=3000', '--config.sampler.cfg=3', '--config.tokenizer_train.steps=800') == (
+      2, ['train_tokenizer'])
+  err = capsys.readouterr().err
+  assert f'error: {wd}/tokens/manifest.json was made from other inputs' in err
+  assert "'tokenizer 700' -> 'tokenizer 800'" in err
+  kept.pop('tokenizer/params/model.json')  # The fake tokenizer stage wrote its new export.
+  after = _tree(wd)
+  after.pop('tokenizer/params/model.json')
+  assert after == kept
 
 
 def test_the_workdir_lock(tmp_path):
@@ -236,6 +441,80 @@ def test_a_stopped_run_saves_and_exits_75(tmp_path, caplog):
   assert not (wd / LOCK_NAME).exists()
 
 
+def test_a_full_disk_is_refused_before_the_save_and_what_was_saved_stays(tmp_path, monkeypatch, capsys):
+  """Issue 34: a full disk gave 67 Orbax tracebacks and no `error:` line. The free space is checked before
+  each checkpoint: exit 2, one line naming the folder, the checkpoints already written intact. (A disk that
+  fills during a save: the real-process test below.)"""
+  wd = tmp_path / 'run'
+  real = os.statvfs
+
+  def statvfs(path):
+    st = real(path)
+    ckpts = wd / 'checkpoints'
+    if ckpts.is_dir() and any(d.isdigit() for d in os.listdir(ckpts)):  # Full once one checkpoint is in.
+      return os.statvfs_result((st.f_bsize, st.f_frsize, st.f_blocks, 0, 0, st.f_files, st.f_ffree,
+                                st.f_favail, st.f_flag, st.f_namemax))
+    return st
+
+  monkeypatch.setattr(os, 'statvfs', statvfs)
+  rc = main.run(['srdd_jax.main', '--config=configs/smoke.py', f'--workdir={wd}', '--mode=train',
+                 '--config.mesh.data=8', '--config.train.steps=12', '--config.train.checkpoint_every=5'])
+  errors = [l for l in capsys.readouterr().err.splitlines() if l.startswith('error: ')]
+  assert rc == 2 and len(errors) == 1 and f'{wd}/checkpoints: 0 MiB free, the checkpoint of step' in errors[0]
+  saved = [d for d in os.listdir(wd / 'checkpoints') if d.isdigit()]
+  assert len(saved) == 1 and os.listdir(wd / 'checkpoints') == saved  # No half-written save beside it.
+  assert not (wd / LOCK_NAME).exists()
+
+
+def test_real_processes_a_full_disk_and_sigterm(tmp_path):
+  """Two `python -m srdd_jax.main` processes at once, where the exit status is the point. (1) A save that
+  fails for lack of space (a file-size limit, which fails writes as a full disk does) inside Orbax's
+  threads: exit 2, one `error:` line naming the file and the cause, no traceback. (2) SIGTERM during
+  training: exit 75 within 10 s of the stop's checkpoint being written (issue 34 saw 39 s)."""
+  import resource  # pylint: disable=import-outside-toplevel
+  env = dict(os.environ, XLA_FLAGS=xla_flags(8), JAX_PLATFORMS='cpu')
+  command = [sys.executable, '-m', 'srdd_jax.main', '--config=configs/smoke.py', '--mode=train',
+             '--config.mesh.data=8', '--config.train.checkpoint_every=5']
+
+  def limited():
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # Writes past the limit fail with EFBIG, not a signal.
+    resource.setrlimit(resource.RLIMIT_FSIZE, (300_000, 300_000))
+
+  def full_disk():
+    return subprocess.run(command + [f'--workdir={tmp_path / "full"}', '--config.train.steps=12'], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=600, preexec_fn=limited)
+
+  def sigterm():
+    wd = tmp_path / 'term'
+    p = subprocess.Popen(command + [f'--workdir={wd}', '--config.train.steps=100000', '--config.train.log_every=1'],
+                         cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+      while not ((wd / 'metrics.jsonl').exists() and (wd / 'metrics.jsonl').read_text().count('\n') >= 2):
+        assert p.poll() is None, p.stderr.read()[-2000:]
+        time.sleep(0.05)
+      before = set(os.listdir(wd / 'checkpoints'))
+      p.send_signal(signal.SIGTERM)
+      written = None
+      while p.poll() is None:
+        if written is None and {d for d in os.listdir(wd / 'checkpoints') if d.isdigit()} - before:
+          written = time.time()
+        time.sleep(0.05)
+      exited = time.time()
+      return p.returncode, (exited - written) if written else None, p.stderr.read()
+    finally:
+      p.kill()
+
+  with concurrent.futures.ThreadPoolExecutor(2) as pool:
+    full, term = pool.submit(full_disk), pool.submit(sigterm)
+    full, (term_rc, after_checkpoint, term_err) = full.result(), term.result()
+  errors = [l for l in full.stderr.splitlines() if l.startswith('error: ')]
+  assert full.returncode == 2 and 'Traceback' not in full.stderr + full.stdout, full.stderr[-3000:]
+  assert len(errors) == 1 and 'cannot write ' in errors[0] and 'File too large (errno 27)' in errors[0]
+  assert str(tmp_path / 'full' / 'checkpoints') in errors[0]
+  assert term_rc == PREEMPTED_EXIT_CODE, term_err[-2000:]
+  assert after_checkpoint is not None and after_checkpoint < 10, (after_checkpoint, term_err[-2000:])
+
+
 # --- every bad input: exit 2, one line, no traceback ------------------------------------------------------
 
 @pytest.fixture(scope='module')
@@ -281,6 +560,11 @@ CASES = [
     ('checkpoint_every 0', SMOKE + ['--config.train.checkpoint_every=0'], 'config.train.checkpoint_every=0'),
     ('negative batch', SMOKE + ['--config.train.global_batch=-16'], 'config.train.global_batch=-16: must be >= 1'),
     ('negative steps', SMOKE + ['--config.train.steps=-5'], 'config.train.steps=-5: must be >= 0'),
+    ('batch above the data', SMOKE + ['--config.train.global_batch=1000000000'],
+     'config.train.global_batch=1000000000 is larger than the'),
+    ('tokenizer batch above the data', ['--config=configs/tokenizer_smoke.py', '--mode=train_tokenizer',
+                                        '--config.tokenizer_train.global_batch=1000000000'],
+     'config.tokenizer_train.global_batch=1000000000 is larger than the'),
     ('base_lr inf', SMOKE + ['--config.optim.base_lr=inf'], 'config.optim.base_lr=inf: must be a finite number'),
     ('drop path nan', SMOKE + ['--config.model.drop_path_rate=nan'], 'config.model.drop_path_rate=nan'),
     ('batch not divisible', SMOKE + ['--config.train.global_batch=12', '--config.mesh.data=8'],
@@ -396,6 +680,30 @@ def test_bad_inputs_exit_2_with_one_line_naming_the_key(bad_inputs, capsys):
   assert not problems, '\n'.join(problems)
   # Nothing was written where the input was refused.
   assert os.listdir(os.path.join(bad_inputs['root'], 'used', 'samples')) == ['samples.npz']
+
+
+# The cases of bad values: `--dry_run` refuses each with the same line, before anything starts (it runs
+# the checks the mode's runner runs first: srdd_jax/modes/checks.py).
+DRY_RUN = ('log_every 0', 'checkpoint_every 0', 'negative batch', 'negative steps', 'base_lr inf', 'drop path nan',
+           'batch not divisible', 'bad mesh', 'bad mask', 'patch_nums not increasing', 'bad data source',
+           'tokenize batch', 'tokenizer_train key', 'sample class out of range', 'cfg schedule', 'cfg nan', 'cfg inf',
+           'temperature nan', 'cfg -5', 'cfg schedule inf', 'top_p 1.5', 'top_k -1', 'temperature 0',
+           'mr_scales length', 'edit box', 'edit box of 3', 'edit low_res', 'edit keep_scales', 'edit num_samples',
+           'eval metric')
+
+
+def test_a_dry_run_refuses_every_bad_value(bad_inputs, capsys):
+  cases = [c for c in CASES if c[0] in DRY_RUN]
+  assert len(cases) == len(DRY_RUN)
+  problems = []
+  for name, args, expected in cases:
+    argv = _argv(args + ['--dry_run'], bad_inputs)
+    problems.append(_problem(name, expected, bad_inputs, argv, *_in_process(argv, capsys)))
+    workdir = next(a.split('=', 1)[1] for a in argv if a.startswith('--workdir='))
+    if os.path.exists(workdir):
+      problems.append(f'{name}: --dry_run created {workdir}')
+  problems = [p for p in problems if p]
+  assert not problems, '\n'.join(problems)
 
 
 # Cases also run as `python -m srdd_jax.main` processes: a flag refused by absl's parse of the real

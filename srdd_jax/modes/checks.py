@@ -1,8 +1,8 @@
 """`--dry_run`'s checks: each mode's checks of the config's values, the functions its runner calls first,
 run here without loading a model or data set, so a bad value is refused before anything starts.
 
-What needs the data or the weights (a batch larger than the data set, a token cache of another
-tokenizer) is checked by the runner when it reads them, still before its first step or sample.
+What needs files, the data or the weights (an image to edit, a batch larger than the data set, a token
+cache of another tokenizer) is checked by the runner when it reads them, before its first step or sample.
 """
 from __future__ import annotations
 
@@ -69,7 +69,9 @@ def evaluation_(config) -> None:
 
 def editing(config) -> None:
   edit.check(config.edit)
-  sampler_config_for(config.sampler, _model(config))
+  model = _model(config)
+  edit.check_keep_scales(config.edit, len(model.patch_nums))
+  sampler_config_for(config.sampler, model)
 
 
 def every_stage(config) -> None:

@@ -45,7 +45,7 @@ def square(im: Image.Image, size: int) -> np.ndarray:
 
 
 def check(e) -> None:
-  """What can be checked before the models are loaded."""
+  """config.edit's values (`--dry_run` too); `check_files` then reads the image and the mask."""
   if e.task not in editing.TASKS:
     raise ConfigError(f'config.edit.task={e.task!r}: must be one of {editing.TASKS}')
   if int(e.num_samples) < 1:
@@ -55,6 +55,16 @@ def check(e) -> None:
       raise ConfigError(f'config.edit.{key}={e[key]}: must be >= 0 (0 = derived)')
   if e.task != 'super_res' and e.box and not e.mask and len(ints(e.box, 'config.edit.box')) != 4:
     raise ConfigError(f'config.edit.box={e.box!r}: expected x0,y0,x1,y1')
+
+
+def check_keep_scales(e, num_scales: int) -> None:
+  if e.task == 'super_res' and int(e.keep_scales) >= num_scales:
+    raise ConfigError(f'config.edit.keep_scales={e.keep_scales}: the model has {num_scales} scales; keep '
+                      f'at most {num_scales - 1} (0 = those the low-res image determines)')
+
+
+def check_files(e) -> None:
+  """The image (and mask) config.edit names: readable, of one size; before the models are loaded."""
   image = open_image(e.image, 'config.edit.image')
   if e.task != 'super_res' and e.mask:
     mask = open_image(e.mask, 'config.edit.mask')
@@ -67,6 +77,7 @@ def run(config, workdir: str, overwrite: bool = False) -> dict:
   config = with_defaults(config)
   e = config.edit
   check(e)
+  check_files(e)
   sampler, var_params, vae_params = sampler_from_config(config)
   size = sampler.tokenizer.config.image_size
   img = square(open_image(e.image, 'config.edit.image'), size)
@@ -91,10 +102,7 @@ def run(config, workdir: str, overwrite: bool = False) -> dict:
       raise ConfigError(f'config.edit.low_res={e.low_res}: must be at most the model\'s {size} px')
     if int(e.low_res):
       low = np.asarray(jax.image.resize(img, (int(e.low_res), int(e.low_res), 3), 'lanczos3'))
-    num_scales = sampler.var_config.num_scales
-    if int(e.keep_scales) >= num_scales:
-      raise ConfigError(f'config.edit.keep_scales={e.keep_scales}: the model has {num_scales} scales; keep '
-                        f'at most {num_scales - 1} (0 = those the low-res image determines)')
+    check_keep_scales(e, sampler.var_config.num_scales)
     keep = int(e.keep_scales) or editing.default_sr_keep_scales(low.shape[0], size,
                                                                 sampler.var_config.patch_nums)
     batch = jnp.asarray(np.repeat(low[None], n, 0))

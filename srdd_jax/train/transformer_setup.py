@@ -35,9 +35,6 @@ def check_ranges(config):
               'heldout_every', 'heldout_examples'):
     if float(t[key]) < 0:
       raise ConfigError(f'config.train.{key}={t[key]}: must be >= 0')
-  if t.init_from and not os.path.isdir(t.init_from):
-    raise ConfigError(f'config.train.init_from={t.init_from!r} does not exist: give a transformer '
-                      'directory (WORKDIR/export/step_<n> of a training run, or convert_var output)')
   if not 0 <= float(t.ema_decay) < 1:
     raise ConfigError(f'config.train.ema_decay={t.ema_decay}: must be in [0, 1) (0 = no EMA)')
   if not float(o.base_lr) > 0:
@@ -62,6 +59,10 @@ def check_mesh(config, mesh):
 def mesh_and_tokenizer(config) -> tuple:
   """(mesh, LoadedTokenizer at the scales of config.model.patch_nums), after the checks of the values."""
   check_ranges(config)
+  t = config.train
+  if t.init_from and not os.path.isdir(t.init_from):
+    raise ConfigError(f'config.train.init_from={t.init_from!r} does not exist: give a transformer '
+                      'directory (WORKDIR/export/step_<n> of a training run, or convert_var output)')
   mesh = pm.mesh_from_config(config)
   check_mesh(config, mesh)
   return mesh, tokenizer_for_model(config)

@@ -147,5 +147,6 @@ def var_config(config, vocab_size: int, z_channels: int) -> VARConfig:
     if 'depth' not in sizes:
       raise ValueError('config.model.preset is empty, so config.model.depth must be > 0')
     return VARConfig(**sizes, **common)
-  except ValueError as e:
-    raise ConfigError(f'config.model: {str(e).replace("VARConfig.", "")}') from e
+  except ValueError as e:  # VARConfig names its field; config.model's key has the same name.
+    msg = str(e).replace('VARConfig.', 'config.model.')
+    raise ConfigError(msg if msg.startswith('config.') else f'config.model: {msg}') from e

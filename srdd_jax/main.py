@@ -7,9 +7,9 @@ config in order: configs/fashion_mnist.py), `ablation` (VAR against SDD and SRDD
 trained and evaluated alike, resumable: configs/ablation.py). Several processes: --multihost, or --coordinator_address,
 --num_processes, --process_id (launch/README.md).
 
-Exit status: 0 done; 2 an input that cannot work (a config key, path or value: one line on stderr says
-which and what would work, nothing was written or lost); 75 stopped by SIGTERM or Ctrl-C after saving
-a checkpoint (run the same command again to resume); anything else is a bug. In a Python process,
+Exit status: 0 done; 2 an input that cannot work (a config key, path or value, a full disk: one line on
+stderr says which and what would work, nothing saved was altered); 75 stopped by SIGTERM or Ctrl-C
+after saving a checkpoint (run the same command again to resume); anything else is a bug. In a Python process,
 `run(argv)` does the same and returns the status (`parse` and `execute` are its two halves).
 """
 import dataclasses

@@ -134,7 +134,7 @@ def test_attention_config_key_is_validated():
     VARConfig(depth=1, attention='flash')
   c = {'model': {'depth': 1, 'attention': 'splash'}}
   assert var_config(c, 16, 4).attention == 'splash'
-  with pytest.raises(ConfigError, match=r"config.model: attention='flash'"):
+  with pytest.raises(ConfigError, match=r"config.model.attention='flash': must be one of"):
     var_config({'model': {'depth': 1, 'attention': 'flash'}}, 16, 4)
 
 

@@ -492,17 +492,15 @@ def test_real_processes_a_full_disk_and_sigterm(tmp_path):
       while not ((wd / 'metrics.jsonl').exists() and (wd / 'metrics.jsonl').read_text().count('\n') >= 2):
         assert p.poll() is None, p.stderr.read()[-2000:]
         time.sleep(0.05)
-      before = set(os.listdir(wd / 'checkpoints'))
       p.send_signal(signal.SIGTERM)
-      written = None
-      while p.poll() is None:
-        if written is None and {d for d in os.listdir(wd / 'checkpoints') if d.isdigit()} - before:
-          written = time.time()
-        time.sleep(0.05)
+      err = p.communicate(timeout=300)[1]
       exited = time.time()
-      return p.returncode, (exited - written) if written else None, p.stderr.read()
     finally:
       p.kill()
+    # The stop's checkpoint: that of the last step logged; written when its last file was.
+    last = json.loads((wd / 'metrics.jsonl').read_text().splitlines()[-1])['step']
+    files = [os.path.join(d, f) for d, _, fs in os.walk(wd / 'checkpoints' / str(last)) for f in fs]
+    return p.returncode, (exited - max(map(os.path.getmtime, files))) if files else None, err
 
   with concurrent.futures.ThreadPoolExecutor(2) as pool:
     full, term = pool.submit(full_disk), pool.submit(sigterm)
@@ -539,6 +537,17 @@ def bad_inputs(models, tmp_path_factory):
   (root / 'truncated.npz').write_bytes((root / 'whole.npz').read_bytes()[:300])  # A copy cut short.
   np.savez(root / 'labels.npz', arr_0=np.random.default_rng(0).integers(0, 255, (4, 8, 8, 3), dtype=np.uint8),
            arr_1=np.array([0, 1, 2, 99], np.int32))
+  damaged = root / 'damaged_var'  # An export whose array files were cut short (a copy interrupted).
+  shutil.copytree(models['var'], damaged)
+  for d, _, files in os.walk(damaged / 'params'):
+    for f in files:
+      if os.path.basename(d) == 'd':
+        with open(os.path.join(d, f), 'r+b') as fh:
+          fh.truncate(os.path.getsize(os.path.join(d, f)) // 2)
+  (root / 'export_file').mkdir()
+  (root / 'export_file' / 'export').write_text('a file where the exports belong')
+  (root / 'samples_file').mkdir()
+  (root / 'samples_file' / 'samples').write_text('a file where the samples folder belongs')
   used = root / 'used'
   (used / 'samples').mkdir(parents=True)
   (used / 'samples' / 'samples.npz').write_bytes(b'earlier')
@@ -587,6 +596,8 @@ CASES = [
     ('checkpoints is a file', SMOKE + ['--workdir={root}/ckpt_file'], '{root}/ckpt_file/checkpoints is a file'),
     ('metrics.jsonl is a folder', SMOKE + ['--workdir={root}/metrics_dir'],
      '{root}/metrics_dir/metrics.jsonl is a folder'),
+    ('export is a file', SMOKE + ['--workdir={root}/export_file'],
+     '{root}/export_file/export is a file where this run keeps its export'),
     ('workdir in use', SMOKE + ['--workdir={root}/locked'], 'is in use by process'),
     ('tokenize batch', ['--config=configs/smoke.py', '--mode=tokenize', '--config.tokenize.batch_size=3'],
      'config.tokenize.batch_size=3'),
@@ -611,6 +622,11 @@ CASES = [
     ('mr_scales length', SAMPLE + ['--mode=sample', '--config.sampler.mr_scales=1,0'],
      "config.sampler.mr_scales: 2 entries for the model's 4 scales"),
     ('samples kept', SAMPLE + ['--mode=sample', '--workdir={root}/used'], '--overwrite'),
+    ('samples is a file', SAMPLE + ['--mode=sample', '--workdir={root}/samples_file'],
+     '{root}/samples_file/samples is a file where this run writes its samples'),
+    ('export cut short', ['--config=configs/sample.py', '--config.model.checkpoint={root}/damaged_var',
+                          '--config.tokenizer.checkpoint={vae}', '--mode=sample'],
+     'config.model.checkpoint: {root}/damaged_var/params cannot be read, its files are damaged or cut short'),
     ('edit box', EDIT + ['--config.edit.box=a,b,c,d'], 'config.edit.box'),
     ('edit box of 3', EDIT + ['--config.edit.box=1,2,3'], 'config.edit.box'),
     ('edit low_res', EDIT + ['--config.edit.task=super_res', '--config.edit.low_res=-4'], 'config.edit.low_res=-4'),

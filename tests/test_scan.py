@@ -146,5 +146,5 @@ def test_remat_key_is_checked():
   c = smoke_config()
   c.model.remat = 'most'
   from srdd_jax.transformer.config import var_config  # pylint: disable=import-outside-toplevel
-  with pytest.raises(ConfigError, match='config.model: remat'):
+  with pytest.raises(ConfigError, match='config.model.remat='):
     var_config(c, 64, 8)

@@ -100,7 +100,12 @@ def load_params(directory: str, kind: str | None = None):
     meta = json.load(f)
   if kind is not None and meta.get('kind') != kind:
     raise ValueError(f'{directory} holds a {meta.get("kind")!r} model, not a {kind!r} one')
-  params = ocp.StandardCheckpointer().restore(ppath)
+  try:
+    params = ocp.StandardCheckpointer().restore(ppath)
+  except Exception as e:  # pylint: disable=broad-except  # Orbax/TensorStore: ValueError, OSError, ...
+    reason = str(e).split(' [tensorstore_spec=')[0]
+    raise ValueError(f'{ppath} cannot be read, its files are damaged or cut short ({reason[:300]}); write '
+                     'it again (train export, convert_var)') from None
   return meta, params
 
 

@@ -31,7 +31,7 @@ from srdd_jax.data.images import grid
 from srdd_jax.modes import eval as evaluation
 from srdd_jax.modes import sample, tokenize, train, train_tokenizer
 from srdd_jax.parallel import multihost
-from srdd_jax.parallel.workdir import Units, write_json
+from srdd_jax.parallel.workdir import Units, file_identity, write_json
 
 STAGES_FILE = 'stages.json'  # Each finished stage's inputs.
 _REDONE = ('sample', 'eval')  # Stages made again when their inputs change; the others are refused.
@@ -124,15 +124,6 @@ def model_identity(directory: str) -> dict:
   except (OSError, ValueError):
     meta = {}
   return {'path': os.path.abspath(directory), 'created': meta.get('created'), 'num_params': meta.get('num_params')}
-
-
-def file_identity(path: str) -> dict:
-  """A file's path, size and modification time: enough to tell it was written again."""
-  try:
-    st = os.stat(path)
-  except OSError:
-    return {'path': os.path.abspath(path)}
-  return {'path': os.path.abspath(path), 'bytes': st.st_size, 'mtime_ns': st.st_mtime_ns}
 
 
 def _small_grid(samples_npz: str, out: str, per: int):

@@ -27,7 +27,7 @@ from srdd_jax.config import ConfigError, ints, with_defaults
 from srdd_jax.diffusion.generate import generate, sampler_from_config
 from srdd_jax.evaluation import protocol
 from srdd_jax.parallel import multihost
-from srdd_jax.parallel.workdir import Outputs
+from srdd_jax.parallel.workdir import Outputs, file_identity
 
 
 def options(config) -> dict:
@@ -93,6 +93,8 @@ def run(config, workdir: str, overwrite: bool = False) -> dict:
                    'batch_size': int(o['batch_size']), 'mask': sampler.mask if sampler else None,
                    'sampler': dataclasses.asdict(sampler.config) if sampler else None,
                    'samples': o['samples'] or None,
+                   # Which file exactly: a later --mode=sample --overwrite replaces it (size, time).
+                   'samples_file': file_identity(o['samples']) if o['samples'] else None,
                    'model': config.model.checkpoint if sampler else None,
                    'tokenizer': config.tokenizer.checkpoint if sampler else None,
                    'reference': o['reference'] or None,

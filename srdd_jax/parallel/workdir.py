@@ -168,6 +168,15 @@ def storage_fault(e: BaseException | None) -> str | None:
   return None
 
 
+def file_identity(path: str) -> dict:
+  """A file's path, size and modification time: enough to tell it was written again."""
+  try:
+    st = os.stat(path)
+  except OSError:
+    return {'path': os.path.abspath(path)}
+  return {'path': os.path.abspath(path), 'bytes': st.st_size, 'mtime_ns': st.st_mtime_ns}
+
+
 def check_space(directory: str, need: int, what: str) -> None:
   """A ConfigError when the file system of `directory` has less free space than `need` bytes (and a
   margin) for `what`."""

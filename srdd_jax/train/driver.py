@@ -129,11 +129,12 @@ def run(task: Task, *, stop_after_steps: int | None = None, return_state: bool =
     os.makedirs(task.root, exist_ok=True)
   # A file where a folder belongs, or the reverse: one clear error before Orbax or the metrics writer
   # meet it (they gave tracebacks, and a checkpoints *file* left the process hanging at exit).
-  for name, want_dir in (('checkpoints', True), ('metrics.jsonl', False)):
+  for name, want_dir, what in (('checkpoints', True, 'checkpoints (a folder)'), ('metrics.jsonl', False,
+                                'metrics (a file)'), ('export', True, 'export (a folder)')):
     path = os.path.join(task.root, name)
     if os.path.exists(path) and os.path.isdir(path) != want_dir:
-      raise ConfigError(f'{path} is a {"file" if want_dir else "folder"} where this run keeps its '
-                        f'{"checkpoints (a folder)" if want_dir else "metrics (a file)"}; move it away')
+      raise ConfigError(f'{path} is a {"file" if want_dir else "folder"} where this run keeps its {what}; '
+                        'move it away')
   ckpt = Checkpointer(os.path.join(task.root, 'checkpoints'), max_to_keep=task.keep_checkpoints,
                       save_every=task.checkpoint_every)
   abstract, shardings = task.abstract_state()

@@ -37,6 +37,9 @@ DEFAULTS: dict = {
     'seed': 0,
     'tokenizer': dict(
         checkpoint='',  # Directory written by `convert_var --vae` or by --mode=train_tokenizer.
+        # When set, the checkpoint's weights must have this hash (data/token_cache.params_hash): a
+        # tokenizer the repository carries is the one its record describes, or the run stops.
+        params_sha256='',
         allow_random=False,  # No checkpoint: True builds a freshly initialised one (smoke runs only).
         reference_npz='',  # --mode=reconstruct: a reference .npz (VAR code, random weights) to load.
         # The architecture (VQVAEConfig's fields; VAR's vae_ch160v4096z32 by default), used to build

@@ -196,7 +196,9 @@ def execute(command: Command) -> int:
       raise
     raise BadInput(fault) from None
   if multihost.is_main_process():
-    print(json.dumps(summary, indent=1, default=str))
+    print(json.dumps({k: v for k, v in summary.items() if k != 'report'}, indent=1, default=str))
+    if summary.get('report'):  # The few lines a person reads at the end.
+      print('\n'.join(summary['report']))
   if summary.get('stopped_by') and not summary.get('complete', True):
     logging.warning('stopped by %s at step %s; run the same command again to resume',
                     summary['stopped_by'], summary.get('end_step'))

@@ -269,7 +269,7 @@ class _FakeStages:
     with open(os.path.join(config.eval.samples.replace('samples.npz', 'made_from.json'))) as f:
       made_from = json.load(f)
     with open(os.path.join(out, 'eval.json'), 'w') as f:
-      json.dump({'samples_made_from': made_from}, f)
+      json.dump({'samples_made_from': made_from, 'metrics': {'fd_x_32px': 4.2, 'class_consistency': 0.96}}, f)
     outputs.commit()
     return {}
 
@@ -293,6 +293,10 @@ def test_stages_know_their_inputs(tmp_path, monkeypatch, capsys):
 
   assert run() == (0, ['train_tokenizer', 'tokenize', 'train', 'sample', 'eval'])
   assert made_from() == {'model': str(wd / 'export' / 'step_2500'), 'cfg': 2.0}
+  # It ends with where the outputs are, the numbers and what they mean (issue 35).
+  last = capsys.readouterr().out.rstrip().splitlines()[-4:]
+  assert last[0] == f'samples:    {wd}/samples/grid_10x10.png (a row per class), {wd}/samples/samples.npz'
+  assert last[2] == 'fd_x_32px = 4.20, class_consistency = 0.960' and 'not FID' in last[3]
   # The same inputs: the samples and the evaluation are kept (the training stages resume: nothing to do).
   assert run() == (0, ['train_tokenizer', 'train'])
   # More steps: a new export, so new samples and a new evaluation of them.
@@ -621,6 +625,8 @@ CASES = [
      'error: config.sampler: SamplerConfig.temperature=0'),
     ('mr_scales length', SAMPLE + ['--mode=sample', '--config.sampler.mr_scales=1,0'],
      "config.sampler.mr_scales: 2 entries for the model's 4 scales"),
+    ('tokenizer of another hash', SAMPLE + ['--mode=sample', '--config.tokenizer.params_sha256=0123abcd'],
+     'not config.tokenizer.params_sha256=0123abcd'),
     ('samples kept', SAMPLE + ['--mode=sample', '--workdir={root}/used'], '--overwrite'),
     ('samples is a file', SAMPLE + ['--mode=sample', '--workdir={root}/samples_file'],
      '{root}/samples_file/samples is a file where this run writes its samples'),

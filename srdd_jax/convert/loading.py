@@ -11,6 +11,7 @@ from absl import logging
 from srdd_jax.config import ConfigError, with_defaults
 from srdd_jax.convert import params_io, var_vqvae
 from srdd_jax.convert.reference import read_meta, vqvae_config_from_meta
+from srdd_jax.data import token_cache
 from srdd_jax.tokenizer.api import Tokenizer, tokenizer_config, unbox
 from srdd_jax.tokenizer.vqvae import VQVAEConfig
 from srdd_jax.transformer.config import VARConfig
@@ -49,6 +50,12 @@ def load_tokenizer(config, *, reference: bool = False) -> LoadedTokenizer:
       vq, params = params_io.load_vqvae(tc.checkpoint)
     except (FileNotFoundError, ValueError) as e:
       raise ConfigError(f'config.tokenizer.checkpoint: {e}') from e
+    if tc.params_sha256:
+      found = token_cache.params_hash(params)
+      if found != tc.params_sha256:
+        raise ConfigError(f'config.tokenizer.checkpoint={tc.checkpoint!r} holds weights of hash {found[:16]}..., '
+                          f'not config.tokenizer.params_sha256={tc.params_sha256[:16]}...: another or damaged '
+                          "tokenizer (set params_sha256='' to use it anyway)")
     return LoadedTokenizer(vq, params, f'checkpoint {tc.checkpoint}')
   if reference and tc.reference_npz and os.path.isfile(tc.reference_npz):
     with np.load(tc.reference_npz) as z:

@@ -107,9 +107,34 @@ def run(config, workdir: str) -> dict:
                  'token_cache': cache, 'model': config.model.checkpoint,
                  'sample_grid': os.path.join(workdir, 'samples', 'grid_10x10.png'), 'samples': samples,
                  'metrics': os.path.join(workdir, 'eval', 'eval.json')}}
+  summary['report'] = report(summary)
   if multihost.is_main_process():
     write_json(os.path.join(workdir, 'summary.json'), json.loads(json.dumps(summary, default=str)))
   return summary
+
+
+def report(summary: dict) -> list[str]:
+  """The lines a finished run ends with (main prints them last): where the outputs are, the numbers,
+  and what they mean."""
+  out = summary['outputs']
+  try:
+    with open(out['metrics']) as f:
+      metrics = json.load(f).get('metrics', {})
+  except (OSError, ValueError):
+    metrics = {}
+  lines = [f'samples:    {out["sample_grid"]} (a row per class), {out["samples"]}',
+           f'evaluation: {out["metrics"]}; model {out["model"]}; stage times in summary.json']
+  fd = {k: v for k, v in metrics.items() if k.startswith('fd_')}
+  for k, v in fd.items():
+    lines.append(f'{k} = {v:.2f}, class_consistency = {metrics.get("class_consistency", float("nan")):.3f}')
+  if fd:
+    lines.append('fd: Frechet distance between features of the samples and of the held-out test images, in the '
+                 "project's own classifier (lower is closer; not FID); class consistency: the share of samples "
+                 'that classifier assigns to the class they were drawn for.')
+  for k in ('fid', 'inception_score'):
+    if k in metrics:
+      lines.append(f'{k} = {metrics[k]}')
+  return lines
 
 
 def _without(section, *keys) -> dict:

@@ -28,8 +28,10 @@ data:
 demo: venv data
 	$(PY) -m srdd_jax.main --config=configs/fashion_mnist.py --workdir=$(WORKDIR) --mode=all
 
-tokenizer-demo: venv
-	$(PY) -m srdd_jax.main --config=configs/tokenizer_demo.py --workdir=workdir/tokenizer_demo --mode=reconstruct
+# The demo's tokenizer trained from scratch, by the recipe of the one the repository carries
+# (assets/fashion_mnist_tokenizer, docs/TOKENIZER.md).
+tokenizer-demo: venv data
+	$(PY) -m srdd_jax.main --config=configs/fashion_mnist.py --workdir=workdir/fashion_mnist_tokenizer --mode=train_tokenizer
 
 # Two pytest workers, one test file each at a time (--dist loadfile keeps a file's module fixtures and
 # compiled programs in one process): much of the suite is XLA compiles that use one core, so two cores

@@ -4,7 +4,7 @@
       [--schedules linear,constant] [--top_p 0.96] [--mr off,redraw] [--per_class 100] [--seed 1000]
 
 DIR is a finished `--mode=all` (or `--mode=train`) workdir of configs/fashion_mnist.py: its tokenizer
-(DIR/tokenizer/params unless --tokenizer) and its last exported model (DIR/export/step_*). Every setting is sampled with
+(DIR/tokenizer/params, else the config's, unless --tokenizer) and its last exported model (DIR/export/step_*). Every setting is sampled with
 the same seed by one compiled program per top-p and MR setting (guidance is a traced argument, as in the
 ablation), and scored with the proxy classifier (`fd_cnn_fashion_mnist_32px`, never an FID) against real
 images of --which: `train` to choose a setting, `test` only to report the chosen one. One JSON line per
@@ -78,6 +78,8 @@ def main(argv=None):
       p.error(str(e))
   c.eval.batch_size = 100
   tok = a.tokenizer or os.path.join(a.workdir, 'tokenizer', 'params')
+  if not a.tokenizer and not os.path.isdir(tok):  # A run on the tokenizer the config names (the carried one).
+    tok = c.tokenizer.checkpoint
   export = a.model or _latest_export(a.workdir)
   if not export:
     p.error(f'--workdir={a.workdir}: no export/step_* (a finished --mode=train or --mode=all); or give --model')

@@ -4,15 +4,26 @@
 
 Data: Debian's `dataset-fashion-mnist` IDX files (/usr/share/datasets/fashion-mnist), 28x28 grey images
 resized (Lanczos) to 32x32 RGB, the size a 4x-downsampling tokenizer maps to an 8x8 latent. Stages:
-a small multi-scale VQ-VAE (6 scales, 130 tokens), the token cache, a class-conditional Markov
-transformer, 100 samples per class, and the offline proxy metrics (a classifier of the project's own,
-never called FID). Any stage runs alone with its --mode and this config.
+the token cache, a class-conditional Markov transformer, 100 samples per class, and the offline proxy
+metrics (a classifier of the project's own, never called FID). Any stage runs alone with its --mode and
+this config.
+
+The tokenizer (a small multi-scale VQ-VAE, 6 scales, 130 tokens) is the one the repository carries in
+assets/fashion_mnist_tokenizer, trained by this config's own recipe (docs/TOKENIZER.md: the command, the
+commit, its hash) and checked against `params_sha256` when loaded. `make tokenizer-demo` trains it from
+scratch (--mode=train_tokenizer); `--config.tokenizer.checkpoint= --config.tokenizer.params_sha256=`
+makes `--mode=all` train its own first, as earlier versions did.
 """
+import os
+
 import ml_collections
 
 from srdd_jax.config import parse_arg, with_defaults
 
 PATCH_NUMS = (1, 2, 3, 4, 6, 8)
+TOKENIZER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'assets',
+                         'fashion_mnist_tokenizer')
+TOKENIZER_SHA256 = 'b88a29768add6bbce75a7fa94db2c1e41af68b93e6fe33de16645668f5031288'  # data/token_cache.params_hash of its weights.
 
 
 def get_config(arg=None):
@@ -24,14 +35,15 @@ def get_config(arg=None):
       token_cache=''))
   # --- tokenizer: architecture (VQVAEConfig fields) and its training ---
   c.tokenizer = ml_collections.ConfigDict(dict(
-      checkpoint='',  # '' = train it (stage 1); or a directory of a trained / converted one.
+      checkpoint=TOKENIZER,  # '' = train it (stage 1); or a directory of a trained / converted one.
+      params_sha256=TOKENIZER_SHA256,
       vocab_size=512, z_channels=16, ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, using_sa=False,
       using_mid_sa=True, share_quant_resi=4))
   c.tokenizer_train = ml_collections.ConfigDict(dict(
-      global_batch=32, steps=700, lr=1e-3, lr_schedule='cosine', lr_final_fraction=0.1, warmup_steps=50,
+      global_batch=32, steps=1500, lr=1e-3, lr_schedule='cosine', lr_final_fraction=0.1, warmup_steps=50,
       beta=0.25, l1_weight=1.0, l2_weight=1.0, vq_weight=1.0, gan_weight=0.0,
       usage_ema_decay=0.99, dead_code_restart_every=250, dead_code_threshold=0.05,
-      log_every=50, eval_every=350, eval_examples=512, eval_split='test', grid_examples=16,
+      log_every=50, eval_every=500, eval_examples=512, eval_split='test', grid_examples=16,
       checkpoint_every=500, keep_checkpoints=2, prefetch=True))
   c.tokenize = ml_collections.ConfigDict(dict(out_dir='', split='train', flips=False, batch_size=256,
                                               shard_size=10000))
@@ -42,7 +54,7 @@ def get_config(arg=None):
       dtype='float32', cond_drop_rate=0.1, drop_path_rate=0.0, checkpoint='',
       scan=False))  # XLA:CPU runs unrolled blocks 15-20% faster than a scan (docs/PERFORMANCE.md).
   c.train = ml_collections.ConfigDict(dict(
-      global_batch=32, steps=2500, epochs=0.0, accum_steps=1, ema_decay=0.0, log_every=50,
+      global_batch=32, steps=2800, epochs=0.0, accum_steps=1, ema_decay=0.999, log_every=50,
       checkpoint_every=500, keep_checkpoints=2, sample_every=0, progressive_start_scales=0,
       progressive_steps=0))
   c.optim = ml_collections.ConfigDict(dict(

@@ -281,7 +281,8 @@ def test_stages_know_their_inputs(tmp_path, monkeypatch, capsys):
   naming the change, nothing touched)."""
   stages = _FakeStages(monkeypatch)
   wd = tmp_path / 'run'
-  base = ['srdd_jax.main', '--config=configs/fashion_mnist.py', f'--workdir={wd}', '--mode=all']
+  base = ['srdd_jax.main', '--config=configs/fashion_mnist.py', f'--workdir={wd}', '--mode=all',
+          '--config.tokenizer.checkpoint=', '--config.tokenizer.params_sha256=']  # Its own tokenizer stage too.
 
   def run(*overrides):
     stages.calls.clear()

@@ -293,7 +293,7 @@ def test_stages_know_their_inputs(tmp_path, monkeypatch, capsys):
     return json.load(open(wd / 'eval' / 'eval.json'))['samples_made_from']
 
   assert run() == (0, ['train_tokenizer', 'tokenize', 'train', 'sample', 'eval'])
-  assert made_from() == {'model': str(wd / 'export' / 'step_2500'), 'cfg': 2.0}
+  assert made_from() == {'model': str(wd / 'export' / 'step_2800'), 'cfg': 2.0}
   # It ends with where the outputs are, the numbers and what they mean (issue 35).
   last = capsys.readouterr().out.rstrip().splitlines()[-4:]
   assert last[0] == f'samples:    {wd}/samples/grid_10x10.png (a row per class), {wd}/samples/samples.npz'
@@ -314,11 +314,11 @@ def test_stages_know_their_inputs(tmp_path, monkeypatch, capsys):
   assert run('--config.train.steps=3000', '--config.sampler.cfg=3', '--config.model.depth=5')[0] == 2
   err = capsys.readouterr().err
   assert f'error: {wd}/checkpoints was made from other inputs' in err and 'config.model.depth: 4 -> 5' in err
-  assert run('--config.train.steps=3000', '--config.sampler.cfg=3', '--config.tokenizer_train.steps=800') == (
+  assert run('--config.train.steps=3000', '--config.sampler.cfg=3', '--config.tokenizer_train.steps=1600') == (
       2, ['train_tokenizer'])
   err = capsys.readouterr().err
   assert f'error: {wd}/tokens/manifest.json was made from other inputs' in err
-  assert "'tokenizer 700' -> 'tokenizer 800'" in err
+  assert "'tokenizer 1500' -> 'tokenizer 1600'" in err
   kept.pop('tokenizer/params/model.json')  # The fake tokenizer stage wrote its new export.
   after = _tree(wd)
   after.pop('tokenizer/params/model.json')

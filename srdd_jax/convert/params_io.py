@@ -88,6 +88,15 @@ def _leaves(tree):
   return jax.tree_util.tree_leaves(tree)
 
 
+def model_meta(directory: str) -> dict:
+  """The model.json of a model directory, {} when it has none (yet) or it cannot be read."""
+  try:
+    with open(os.path.join(directory, MODEL_JSON)) as f:
+      return json.load(f)
+  except (OSError, ValueError):
+    return {}
+
+
 def load_params(directory: str, kind: str | None = None):
   """Returns (model description dict, params as numpy arrays) saved by `save_params`."""
   directory = os.path.abspath(directory)

@@ -26,7 +26,7 @@ import numpy as np
 from PIL import Image
 
 from srdd_jax.config import with_defaults
-from srdd_jax.convert.params_io import MODEL_JSON
+from srdd_jax.convert.params_io import model_meta
 from srdd_jax.data.images import grid
 from srdd_jax.modes import eval as evaluation
 from srdd_jax.modes import sample, tokenize, train, train_tokenizer
@@ -143,11 +143,7 @@ def _without(section, *keys) -> dict:
 
 def model_identity(directory: str) -> dict:
   """What tells one export (or conversion) from another: its path and model.json's creation time."""
-  try:
-    with open(os.path.join(directory, MODEL_JSON)) as f:
-      meta = json.load(f)
-  except (OSError, ValueError):
-    meta = {}
+  meta = model_meta(directory)
   return {'path': os.path.abspath(directory), 'created': meta.get('created'), 'num_params': meta.get('num_params')}
 
 

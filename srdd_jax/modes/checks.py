@@ -6,11 +6,9 @@ cache of another tokenizer) is checked by the runner when it reads them, before 
 """
 from __future__ import annotations
 
-import json
-import os
 import types
 
-from srdd_jax.convert.params_io import MODEL_JSON
+from srdd_jax.convert.params_io import model_meta
 from srdd_jax.data import pipeline
 from srdd_jax.diffusion.generate import sampler_config_for
 from srdd_jax.modes import edit, sample, tokenize
@@ -24,11 +22,7 @@ from srdd_jax.transformer.config import var_config as build_var_config
 
 def _saved_config(directory: str) -> dict:
   """The config in a model directory's model.json ({} when there is none yet)."""
-  try:
-    with open(os.path.join(directory, MODEL_JSON)) as f:
-      return json.load(f).get('config') or {}
-  except (OSError, ValueError):
-    return {}
+  return model_meta(directory).get('config') or {}
 
 
 def tokenizer_training(config) -> None:

@@ -280,6 +280,16 @@ def describe_change(old: dict | None, new: dict) -> str:
   return '; '.join(changed[:3]) + (f'; and {len(changed) - 3} more' if len(changed) > 3 else '')
 
 
+def _as_recorded(inputs: dict | None) -> dict | None:
+  """`inputs` as it reads back from the JSON record (tuples as lists, other values as text)."""
+  return None if inputs is None else json.loads(json.dumps(inputs, default=str))
+
+
+def _made_from_other_inputs(where: str, change: str) -> ConfigError:
+  return ConfigError(f'{where} was made from other inputs than this run gives ({change}); it is kept, not '
+                     'replaced: run with the inputs it was made from, or use another --workdir')
+
+
 class Units:
   """Units of work run once in a workdir, so that a command run again after an interruption resumes
   where it stopped, redoing only the unit that was cut short.
@@ -343,12 +353,10 @@ class Units:
                       self.label, name, where)
       self._record(name, inputs)
       return False
-    raise ConfigError(f'{where} was made from other inputs than this run gives ({change}); it is kept, not '
-                      f'replaced: run with the inputs it was made from, or use another --workdir')
+    raise _made_from_other_inputs(where, change)
 
   def __call__(self, name: str, fn, output: str | None = None, inputs: dict | None = None, redo: bool = True):
-    if inputs is not None:
-      inputs = json.loads(json.dumps(inputs, default=str))  # As it reads back from the record.
+    inputs = _as_recorded(inputs)
     if output is not None and os.path.exists(output):
       if inputs is None or not self._changed(name, inputs, output, redo):
         logging.info('%s %s: %s exists, kept', self.label, name, output)
@@ -377,13 +385,11 @@ class Units:
   def timed(self, name: str, fn, inputs: dict | None = None, where: str = ''):
     """`inputs`: what the unit's saved state (`where`, e.g. its checkpoints) is made from; refused if
     the record says otherwise, recorded before it runs."""
+    inputs = _as_recorded(inputs)
     if inputs is not None:
-      inputs = json.loads(json.dumps(inputs, default=str))
       old = self._records().get(name)
       if old is not None and old != inputs:
-        raise ConfigError(f'{where or name} was made from other inputs than this run gives '
-                          f'({describe_change(old, inputs)}); it is kept, not replaced: run with the inputs it '
-                          f'was made from, or use another --workdir')
+        raise _made_from_other_inputs(where or name, describe_change(old, inputs))
       if old is None:
         self._record(name, inputs)
     return self._run(name, fn)[0]

@@ -36,6 +36,21 @@ def _tiny_config(tokenizer=''):
   return c
 
 
+@pytest.mark.parametrize('arg', ['', 'gpu', 'quick', 'gpu,quick'])
+def test_every_preset_plans_the_same_study(arg):
+  """Every preset of configs/ablation.py runs the 15 variants' 23 models and passes the runner's checks;
+  only sizes differ. The gpu preset trains each model 10 epochs (the CPU default: 0.53)."""
+  from configs import ablation as presets
+  c = presets.get_config(arg)
+  p = ablation.plan(c)
+  assert p['models'] == 23 and p['test_runs'] == (13 * 3 + 2 + 2) * 3
+  if arg == 'gpu':
+    assert p['examples_per_step'] * c.train.steps / 60000 > 10 and c.model.dtype == 'bfloat16'
+    assert p['validation_runs'] == 11 * 11 * 9 + 3 and p['validation_images'] == p['validation_runs'] * 200
+  with pytest.raises(ValueError, match="config argument 'tpu'"):
+    presets.get_config('gpu,tpu')
+
+
 def _mtimes(root):
   return {os.path.join(d, f): os.path.getmtime(os.path.join(d, f))
           for d, _, files in os.walk(root) for f in files if not f.startswith('ablation.')}
@@ -87,6 +102,13 @@ def test_the_whole_ablation_runs_and_resumes_without_redoing(tmp_path, small_tok
     for seed in (0, 1):
       assert models[f'{kind}{seed}']['start']['export'] == models[f'{start}{seed}']['export'], (kind, seed)
   assert all(v[k]['training_steps'] == 8 for k in 'hijklm')
+  # The plan counted before the run is what the run did.
+  plan, ran = out['plan'], first['units_run']
+  assert plan['models'] == len(models) == 16
+  assert plan['training_steps'] == sum(m['steps'] for m in models.values()) == 6 * 4 + 8 * 4 + 2 * 4
+  assert plan['validation_runs'] == sum(u.startswith('selection/') for u in ran) == 11 * 4 + 2
+  assert plan['test_runs'] == sum(u.startswith('evaluation/') for u in ran) == (13 * 2 + 2 + 2) * 2
+  assert plan['test_images'] == plan['test_runs'] * 10 and plan['validation_images'] == plan['validation_runs'] * 10
   seed = out['teacher']['seed']
   assert (models[f'distilled{seed}']['kl_weight'], models[f'distilled_kl{seed}']['kl_weight']) == (0.0, 1.0)
   assert models[f'distilled_kl{seed}']['teacher'] == models[f'distilled{seed}']['teacher'] and fds('o') != fds('f')

@@ -456,6 +456,42 @@ def _options(config) -> dict:
   return o
 
 
+def plan(config) -> dict:
+  """What a run of `config` does, counted before it starts (logged, and kept in ablation.json): the models
+  and their training steps, the validation and test sampling runs and their images. How a preset is
+  sized: each count times a rate measured on the machine (docs/RESULTS.md)."""
+  config = with_defaults(config)
+  o, a = _options(config), config.ablation
+  n = len(o['train_seeds'])
+  steps = int(config.train.steps)
+  refine = int(a.refine_steps) or steps
+  finetune = int(a.finetune_steps) or steps
+  distill_steps = int(a.distill_steps) or steps
+  classes = int(config.model.num_classes)
+  guidance = sum(1 for c in o['cfg_grid'] if c == 0) + sum(1 for c in o['cfg_grid'] if c != 0) * len(o['schedules'])
+  selecting = [v for v, (_, search, _) in VARIANTS.items() if search]
+  validation_runs = len(selecting) * guidance * len(o['truncations']) + n  # + the teacher's choice.
+  students = sum(kind in DISTILLED for kind, _, _ in VARIANTS.values())  # One model each, and its teacher.
+  test_runs = ((len(VARIANTS) - students) * n + 2 * students) * len(o['sample_seeds'])
+  return {'models': 3 * n + len(FINETUNED) * n + len(DISTILLED),
+          'training_steps': (2 * steps + refine) * n + len(FINETUNED) * finetune * n + len(DISTILLED) * distill_steps,
+          'examples_per_step': int(config.train.global_batch),
+          'validation_runs': validation_runs, 'validation_images': validation_runs * o['val_per_class'] * classes,
+          'test_runs': test_runs, 'test_images': test_runs * o['test_per_class'] * classes}
+
+
+def compile_cache(workdir: str) -> str:
+  """JAX's persistent compilation cache, WORKDIR/jax_cache unless one is set: the seeds' and the fine-tunes'
+  models compile the same training and held-out programs (the weights are arguments), so each program
+  compiles once per study, and a resumed run compiles nothing it already has."""
+  current = jax.config.jax_compilation_cache_dir
+  if current:
+    return current
+  path = os.path.join(workdir, 'jax_cache')
+  jax.config.update('jax_compilation_cache_dir', path)
+  return path
+
+
 def _git_commit() -> str:
   try:
     return subprocess.run(['git', 'rev-parse', 'HEAD'], capture_output=True, text=True, timeout=10,
@@ -666,6 +702,11 @@ class _Ablation:
   def run(self) -> dict:
     t_all = time.time()
     o = self.o
+    p = plan(self.base)
+    logging.info('ablation: %d models, %s training steps of %d examples; %d validation runs (%s images), '
+                 '%d test runs (%s images); compilation cache %s', p['models'], f'{p["training_steps"]:,}',
+                 p['examples_per_step'], p['validation_runs'], f'{p["validation_images"]:,}', p['test_runs'],
+                 f'{p["test_images"]:,}', compile_cache(self.workdir))
     self.tok = self.tokenizer()
     self.scorer = Scorer(self.base, self.workdir, self.tok)
     c = self.cfg()
@@ -768,6 +809,7 @@ class _Ablation:
           'top_k': int(c.sampler.top_k), 'top_p': float(c.sampler.top_p),
           'test_split_reals': int(next(iter(variants.values()))['runs'][0]['real_examples'])},
       # Wall time of every unit, summed over the runs that did them (resumed runs included).
+        'plan': plan(self.base),
         'unit_seconds': {'total': round(sum(self.units.seconds.values()), 1),
                        **{g: round(sum(t for u, t in self.units.seconds.items() if u.split('/')[0] == g), 1)
                           for g in sorted({u.split('/')[0] for u in self.units.seconds})}},

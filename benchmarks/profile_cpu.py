@@ -78,6 +78,8 @@ def main():
   ap.add_argument('--mask', default='causal', choices=('causal', 'markov'))
   ap.add_argument('--scan', type=int, default=0, choices=(0, 1))
   ap.add_argument('--trace_dir', default='/tmp/srdd_profile')
+  ap.add_argument('--top', type=int, default=10, help='ops listed per group (copies, broadcast fusions)')
+  ap.add_argument('--hlo', default='', help='a file to write the optimized HLO of the step to')
   args = ap.parse_args()
   c = VARConfig(depth=6, width=384, num_heads=6, vocab_size=4096, z_channels=32, mask=args.mask,
                 scan_blocks=bool(args.scan), num_classes=1000)
@@ -112,13 +114,17 @@ def main():
   print('| group | ms per step | share |\n|---|---|---|')
   for g, v in groups.most_common():
     print(f'| {g} | {v / STEPS / 1e3:.0f} | {v / total:.1%} |')
-  top = collections.Counter()
-  for e in ops:
-    if cats[e['name']][0] in ('copy / transpose', 'broadcast fusions'):
-      top[e['name']] += e['dur']
-  print('\nlongest copies and broadcast fusions:')
-  for name, v in top.most_common(10):
-    print(f'  {v / STEPS / 1e3:6.0f} ms  {name}  <- {cats[name][1][-100:]}')
+  for group in ('copy / transpose', 'broadcast fusions'):
+    top = collections.Counter()
+    for e in ops:
+      if cats[e['name']][0] == group:
+        top[e['name']] += e['dur']
+    print(f'\nlongest {group} ({len(top)} ops):')
+    for name, v in top.most_common(args.top):
+      print(f'  {v / STEPS / 1e3:6.1f} ms  {name}  <- {cats[name][1][-100:]}')
+  if args.hlo:
+    with open(args.hlo, 'w') as f:
+      f.write(step.as_text())
 
 
 if __name__ == '__main__':

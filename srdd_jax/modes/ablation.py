@@ -481,9 +481,9 @@ def plan(config) -> dict:
 
 
 def compile_cache(workdir: str) -> str:
-  """JAX's persistent compilation cache, WORKDIR/jax_cache unless one is set: the seeds' and the fine-tunes'
-  models compile the same training and held-out programs (the weights are arguments), so each program
-  compiles once per study, and a resumed run compiles nothing it already has."""
+  """JAX's persistent compilation cache, WORKDIR/jax_cache unless one is set: a run resumed after a time
+  limit or a preemption reloads the sampling and held-out programs it compiled before instead of compiling
+  them again. (Each model's train step still compiles: its seed's key is a constant of the program.)"""
   current = jax.config.jax_compilation_cache_dir
   if current:
     return current

@@ -109,8 +109,10 @@ class Trainer(ShardedTrainer):
     scales = self.tokenizer.img_to_idx(self.tokenizer_params(frozen), batch['images'].astype(jnp.float32))
     return jax.lax.stop_gradient(jnp.concatenate(scales, axis=1))
 
-  def _step(self, state: TrainState, frozen, batch, stage=None):
-    rng = self.step_key(state.step)
+  def _step(self, state: TrainState, frozen, batch, stage=None, key=None):
+    # `key` (make_step's): PRNGKey(seed) as an argument, so that models of other seeds run the same
+    # program (one compile per architecture in a study, with the persistent cache); the same draws.
+    rng = self.step_key(state.step) if key is None else jax.random.fold_in(key, state.step)
     labels, ids = batch['labels'], self.tokens(frozen, batch)
     newest = None if stage is None else progressive_lib.newest_weight(stage, state.step)
     grad_fn = jax.value_and_grad(functools.partial(self.loss, stage=stage, newest=newest), has_aux=True)
@@ -154,12 +156,16 @@ class Trainer(ShardedTrainer):
     return functools.partial(self._step, stage=stage)
 
   def make_step(self, stage=None):
-    """The jitted step (state, frozen, batch) -> (state, metrics) with the state donated; `frozen`
-    (`place_frozen` of the tokenizer weights) replicated. The batch holds 'labels' and either token
-    'ids' (B, L) or 'images' (B, H, W, 3) in [-1, 1], all split over the batch axes. Under progressive
-    training each stage is its own program (its sequence length differs): `stage` of the steps it runs."""
-    return self.jit_step(self.step_fn(stage), pm.replicated(self.mesh))
+    """The jitted step (state, placed, batch) -> (state, metrics) with the state donated; `placed`
+    (`place_frozen` of the tokenizer weights: the frozen weights and the seed's key) replicated. The batch
+    holds 'labels' and either token 'ids' (B, L) or 'images' (B, H, W, 3) in [-1, 1], all split over the
+    batch axes. Under progressive training each stage is its own program (its sequence length differs):
+    `stage` of the steps it runs."""
+    step = lambda state, placed, batch: self._step(state, placed['frozen'], batch, stage, key=placed['key'])
+    return self.jit_step(step, pm.replicated(self.mesh))
 
   def place_frozen(self, vae_params):
-    """The frozen argument of the step, replicated on the mesh: placed once, shared by every program."""
-    return jax.device_put(self.frozen(vae_params), pm.replicated(self.mesh))
+    """make_step's second argument, replicated on the mesh, placed once and shared by every program: the
+    frozen weights (`frozen`) and the key of the trainer's seed."""
+    return jax.device_put({'frozen': self.frozen(vae_params), 'key': jax.random.PRNGKey(self.seed)},
+                          pm.replicated(self.mesh))

@@ -48,6 +48,7 @@ def get_config(arg=None):
   quick = 'quick' in presets
   c = _fashion_mnist().get_config()
   c.eval.batch_size = 100  # Sampling and held-out loss batches: a class per 10 images, no padding.
+  c.sampler.top_p = 0.96  # VAR's protocol's top-p for (a), (b), (h), (i); the searches set their own.
   c.train.steps = 1000
   c.ablation = ml_collections.ConfigDict(dict(
       train_seeds='0,1,2', sample_seeds='0,1,2', cfg_grid='0,1,1.5,2,3,5,8', schedules='linear,constant',

@@ -80,15 +80,27 @@ def main():
   ap.add_argument('--trace_dir', default='/tmp/srdd_profile')
   ap.add_argument('--top', type=int, default=10, help='ops listed per group (copies, broadcast fusions)')
   ap.add_argument('--hlo', default='', help='a file to write the optimized HLO of the step to')
+  ap.add_argument('--model', default='bench', choices=('bench', 'demo'),
+                  help='bench: the issue\'s configuration above; demo: configs/fashion_mnist.py\'s transformer '
+                  '(depth 4, width 128, 4 heads, 130 tokens, vocabulary 512, batch 32, EMA)')
   args = ap.parse_args()
-  c = VARConfig(depth=6, width=384, num_heads=6, vocab_size=4096, z_channels=32, mask=args.mask,
-                scan_blocks=bool(args.scan), num_classes=1000)
-  vq = VQVAEConfig(vocab_size=4096, z_channels=32, ch=32)
+  if args.model == 'demo':
+    pn = (1, 2, 3, 4, 6, 8)
+    c = VARConfig(depth=4, width=128, num_heads=4, vocab_size=512, z_channels=16, patch_nums=pn, mask=args.mask,
+                  scan_blocks=bool(args.scan), num_classes=10, drop_path_rate=0.0)
+    vq = VQVAEConfig(vocab_size=512, z_channels=16, ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, using_sa=False,
+                     using_mid_sa=True, share_quant_resi=4, patch_nums=pn)
+    batch_size, ema = 32, 0.999
+  else:
+    c = VARConfig(depth=6, width=384, num_heads=6, vocab_size=4096, z_channels=32, mask=args.mask,
+                  scan_blocks=bool(args.scan), num_classes=1000)
+    vq = VQVAEConfig(vocab_size=4096, z_channels=32, ch=32)
+    batch_size, ema = 8, 0.0
   vae = unbox(Tokenizer(vq).init(jax.random.PRNGKey(0)))
-  trainer = Trainer(c, vq, OptimConfig(total_steps=100), make_mesh((1, 1, 1), jax.devices()[:1]))
+  trainer = Trainer(c, vq, OptimConfig(total_steps=100), make_mesh((1, 1, 1), jax.devices()[:1]), ema_decay=ema)
   state = trainer.init(jax.random.PRNGKey(0))
-  batch = trainer.shard_batch({'labels': jnp.zeros((8,), jnp.int32),
-                               'ids': jnp.asarray(np.random.randint(0, 4096, (8, c.seq_len)), jnp.int32)})
+  batch = trainer.shard_batch({'labels': jnp.zeros((batch_size,), jnp.int32), 'ids': jnp.asarray(
+      np.random.randint(0, c.vocab_size, (batch_size, c.seq_len)), jnp.int32)})
   frozen = trainer.place_frozen(vae)
   step = trainer.make_step().lower(state, frozen, batch).compile()
   cats = categories(step.as_text())

@@ -100,6 +100,8 @@ from srdd_jax.transformer.model import VAR
 SCHEMA = 'srdd_jax.bench/1'
 # The evaluation protocol of VAR's paper; the sampler's cost depends on it (guidance doubles the batch).
 SAMPLER = SamplerConfig(cfg=1.5, cfg_schedule='linear', top_k=900, top_p=0.96)
+# Sampling decodes at the accelerator's default matmul precision, as config.sampler.decode_precision does.
+DECODE_PRECISION = 'default'
 # Chip HBM in bytes, by the topology's prefix (Google Cloud's published capacities).
 HBM_BYTES = dict(pc.HBM_BYTES)  # By a substring of the chip's name.
 # Every timed record has these keys (None where they do not apply); AOT records have AOT_FIELDS.
@@ -356,7 +358,7 @@ def bench_sample(c: VARConfig, vae_c: VQVAEConfig, vae_params, host_params, mesh
   for both masks and every depth); it is warmed up with the first tokens program that uses it.
   `tokens`: (executable, compile seconds) of the tokens program compiled elsewhere, or None."""
   rec = _empty('sample', c, batch)
-  sampler = Sampler(c, vae_c, SAMPLER, mesh=mesh)
+  sampler = Sampler(c, vae_c, SAMPLER, mesh=mesh, decode_precision=DECODE_PRECISION)
   params = jax.device_put(host_params, pm.replicated(mesh))
   labels = jnp.arange(batch, dtype=jnp.int32) % c.num_classes
   if tokens is None:
@@ -482,7 +484,7 @@ def aot_sample(c: VARConfig, vae_c: VQVAEConfig, topology: str, devices, mesh, r
   state, shardings = trainer.abstract_state()
   rep = pm.replicated(mesh)
   vae = unbox(Tokenizer(vae_c).abstract_params())
-  sampler = Sampler(c, vae_c, SAMPLER, mesh=mesh)
+  sampler = Sampler(c, vae_c, SAMPLER, mesh=mesh, decode_precision=DECODE_PRECISION)
   args = (abstract(state.params, shardings.params),
           abstract(vae, jax.tree_util.tree_map(lambda _: rep, vae)),
           jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=trainer.batch_sharding),

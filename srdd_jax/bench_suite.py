@@ -627,14 +627,14 @@ def abstract_var_params(c: VARConfig):
 
 def lower_tokens(c: VARConfig, vae_c, vae_params, mesh, batch: int):
   """The sampler's tokens program as `bench.bench_sample` lowers it (parameters abstract, replicated)."""
-  sampler = Sampler(c, vae_c, bench.SAMPLER, mesh=mesh)
+  sampler = Sampler(c, vae_c, bench.SAMPLER, mesh=mesh, decode_precision=bench.DECODE_PRECISION)
   params = _sds(abstract_var_params(c), pm.replicated(mesh))
   labels = jnp.arange(batch, dtype=jnp.int32) % c.num_classes
   return pc.jit_inference(sampler.tokens).lower(params, vae_params, labels, batch_rng(0, 0))
 
 
 def compile_decoder(c: VARConfig, vae_c, vae_params, mesh, batch: int, f_sharding) -> dict:
-  sampler = Sampler(c, vae_c, bench.SAMPLER, mesh=mesh)
+  sampler = Sampler(c, vae_c, bench.SAMPLER, mesh=mesh, decode_precision=bench.DECODE_PRECISION)
   f_shape = jax.ShapeDtypeStruct((batch, vae_c.latent_side, vae_c.latent_side, vae_c.z_channels), jnp.float32,
                                  sharding=f_sharding)
   t = time.perf_counter()

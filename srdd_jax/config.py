@@ -191,7 +191,11 @@ DEFAULTS: dict = {
         mr_scales='',  # '' = every scale, or comma-separated 0/1 per scale.
         # 'redraw' (draw the low-probability tokens again from the same logits) or 'refine' (re-mask
         # them and run the scale again with the others revealed; needs a model with config.model.refine).
-        mr_mode='redraw'),
+        mr_mode='redraw',
+        # The image decoder's matmul precision: 'default' (the accelerator's fast path: bfloat16 passes on
+        # TPU, TF32 on GPU; float32 on a CPU either way), 'high', 'highest', or '' = config.tokenizer.precision.
+        # Sampled images are scored, not compared bit for bit; reference checks decode at 'highest'.
+        decode_precision='default'),
     'sample': dict(
         classes='',  # '' = every class (grids during training: the first 10), or comma-separated ids.
         num_per_class=4, batch_size=16),

@@ -624,6 +624,8 @@ CASES = [
     ('top_k -1', SAMPLE + ['--mode=sample', '--config.sampler.top_k=-1'], 'error: config.sampler: SamplerConfig.top_k=-1'),
     ('temperature 0', SAMPLE + ['--mode=sample', '--config.sampler.temperature=0'],
      'error: config.sampler: SamplerConfig.temperature=0'),
+    ('decode precision', SAMPLE + ['--mode=sample', '--config.sampler.decode_precision=bf16'],
+     "error: config.sampler.decode_precision='bf16': must be one of ['default', 'high', 'highest']"),
     ('mr_scales length', SAMPLE + ['--mode=sample', '--config.sampler.mr_scales=1,0'],
      "config.sampler.mr_scales: 2 entries for the model's 4 scales"),
     ('tokenizer of another hash', SAMPLE + ['--mode=sample', '--config.tokenizer.params_sha256=0123abcd'],
@@ -711,7 +713,7 @@ DRY_RUN = ('log_every 0', 'checkpoint_every 0', 'negative batch', 'negative step
            'batch not divisible', 'bad mesh', 'bad mask', 'patch_nums not increasing', 'bad data source',
            'tokenize batch', 'tokenizer_train key', 'sample class out of range', 'cfg schedule', 'cfg nan', 'cfg inf',
            'temperature nan', 'cfg -5', 'cfg schedule inf', 'top_p 1.5', 'top_k -1', 'temperature 0',
-           'mr_scales length', 'edit box', 'edit box of 3', 'edit low_res', 'edit keep_scales', 'edit num_samples',
+           'mr_scales length', 'decode precision', 'edit box', 'edit box of 3', 'edit low_res', 'edit keep_scales', 'edit num_samples',
            'eval metric')
 
 

@@ -205,6 +205,39 @@ def test_rng_seed_and_batch_index(compact_models):
     s.tokens(p, vae_p, jnp.array([11]), batch_rng(0, 0))
 
 
+def test_the_decoder_runs_at_its_own_precision(compact_models):
+  """Sampling decodes at config.sampler.decode_precision ('default' unless set) while the tokens, and
+  every reference check (a Sampler built without it), keep the tokenizer's float32-exact precision: the
+  precision reaches the compiled decoder's dots and convolutions, and nowhere else."""
+  from srdd_jax.config import ConfigError, with_defaults
+  from srdd_jax.diffusion.generate import decode_precision
+  vc, p, vae_c, vae_p = compact_models
+  assert vae_c.precision == 'highest'
+  exact = Sampler(vc, vae_c, SamplerConfig(cfg=1.5), mask='markov')
+  fast = Sampler(vc, vae_c, SamplerConfig(cfg=1.5), mask='markov', decode_precision='default')
+  assert exact.decoder is exact.tokenizer and fast.decoder.config.precision == 'default'
+  assert fast.tokenizer.config.precision == 'highest'
+  f_hat = jnp.zeros((2, vae_c.latent_side, vae_c.latent_side, vae_c.z_channels), jnp.float32)
+
+  def hlo(sampler):
+    return jax.jit(sampler.decode).lower(vae_p, f_hat).as_text()
+  assert 'HIGHEST' in hlo(exact).upper() and 'HIGHEST' not in hlo(fast).upper()
+  # The tokens program (the f_hat path) is the same program under either decoder.
+  labels = jnp.array([1, 2])
+  tokens = lambda s: jax.jit(s.tokens).lower(p, vae_p, labels, batch_rng(0, 0)).as_text()
+  assert tokens(exact) == tokens(fast)
+  # On the CPU a float32 dot is float32 at every precision: the images agree to rounding.
+  ids, f = jax.jit(exact.tokens)(p, vae_p, labels, batch_rng(0, 0))
+  np.testing.assert_allclose(jax.jit(fast.decode)(vae_p, f), jax.jit(exact.decode)(vae_p, f), atol=1e-5)
+  c = with_defaults(None)
+  assert c.sampler.decode_precision == 'default' and decode_precision(c.sampler) == 'default'
+  c.sampler.decode_precision = ''
+  assert decode_precision(c.sampler) is None  # The tokenizer's own.
+  c.sampler.decode_precision = 'bfloat16'
+  with pytest.raises(ConfigError, match=r"config.sampler.decode_precision='bfloat16': must be one of"):
+    decode_precision(c.sampler)
+
+
 def test_sharded_sampling_equals_single_device(compact_models):
   """The batch sharded over the 8 devices of a (data=8) mesh gives, with the same key, the tokens of one
   device exactly, greedy (causal, KV cache) and random (markov; top-k, top-p, masked redraw), and the

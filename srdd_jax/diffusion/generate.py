@@ -19,6 +19,7 @@ from srdd_jax.diffusion.sampler import Sampler, batch_rng
 from srdd_jax.parallel import mesh as pm
 from srdd_jax.parallel import multihost
 from srdd_jax.parallel.compile import jit_inference
+from srdd_jax.tokenizer.vqvae import PRECISIONS
 
 
 def protocol_values(c, mask: str) -> dict:
@@ -63,9 +64,20 @@ def sampler_config(c, mask: str) -> SamplerConfig:
     raise ConfigError(f'config.sampler: {e}') from e
 
 
+def decode_precision(c) -> str | None:
+  """config.sampler.decode_precision checked: the matmul precision of the sampler's image decoder
+  ('' = the tokenizer's own, config.tokenizer.precision)."""
+  value = str(c.get('decode_precision', ''))
+  if value and value not in PRECISIONS:
+    raise ConfigError(f'config.sampler.decode_precision={value!r}: must be one of {sorted(PRECISIONS)}, or \'\' '
+                      'for config.tokenizer.precision')
+  return value or None
+
+
 def sampler_config_for(c, var_config) -> SamplerConfig:
   """sampler_config for the model of `var_config`, with what can only be checked once the model is known:
   one config.sampler.mr_scales entry per scale of its patch_nums."""
+  decode_precision(c)
   sc = sampler_config(c, var_config.mask)
   n = len(var_config.patch_nums)
   if sc.mr_scales is not None and len(sc.mr_scales) != n:
@@ -82,7 +94,7 @@ def sampler_from_config(config, models=None):
   mesh = pm.mesh_from_config(config)
   sc = sampler_config_for(config.sampler, var_config)  # Its errors name config.sampler's keys.
   try:
-    sampler = Sampler(var_config, vq, sc, mesh=mesh)
+    sampler = Sampler(var_config, vq, sc, mesh=mesh, decode_precision=decode_precision(config.sampler))
   except ValueError as e:
     raise ConfigError(f'config.model / config.tokenizer do not fit together: {e}') from e
   rep = pm.replicated(mesh)

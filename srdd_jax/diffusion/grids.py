@@ -10,7 +10,7 @@ from PIL import Image
 
 from srdd_jax.config import ConfigError, ints
 from srdd_jax.data.images import grid, to_uint8
-from srdd_jax.diffusion.generate import sampler_config_for
+from srdd_jax.diffusion.generate import decode_precision, sampler_config_for
 from srdd_jax.diffusion.sampler import Sampler
 from srdd_jax.parallel import mesh as pm
 from srdd_jax.parallel import multihost
@@ -23,7 +23,7 @@ class SampleGrids:
   def __init__(self, config, var_config, vq, mesh, workdir):
     sc = sampler_config_for(config.sampler, var_config)  # Its errors name config.sampler's keys.
     try:
-      self.sampler = Sampler(var_config, vq, sc, mesh=mesh)
+      self.sampler = Sampler(var_config, vq, sc, mesh=mesh, decode_precision=decode_precision(config.sampler))
     except ValueError as e:
       raise ConfigError(f'config.sampler: {e}') from e
     nc = var_config.num_classes

@@ -13,6 +13,7 @@ pure, jittable function of (params, labels, rng); the loop over scales is unroll
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Sequence
 
 import jax
@@ -40,7 +41,7 @@ class Sampler:
   """Tokens and images from class labels; `mask` defaults to the transformer config's."""
 
   def __init__(self, var_config: VARConfig, vae_config: VQVAEConfig, sampler_config: SamplerConfig,
-               mask: str | None = None, mesh=None):
+               mask: str | None = None, mesh=None, decode_precision: str | None = None):
     mask = mask or var_config.mask
     if mask not in MASKS:
       raise ValueError(f'mask={mask!r}: must be one of {MASKS}')
@@ -57,6 +58,11 @@ class Sampler:
     self.mesh = mesh
     self.model = VAR(var_config)
     self.tokenizer = Tokenizer(vae_config)
+    # The decoder may run at another matmul precision than the tokenizer's f_hat path: images are scored,
+    # not compared bit for bit, so sampling decodes at the accelerator's default (config.sampler.
+    # decode_precision) while reference checks keep None, the tokenizer's own (float32-exact).
+    self.decoder = (self.tokenizer if decode_precision in (None, vae_config.precision)
+                    else Tokenizer(dataclasses.replace(vae_config, precision=decode_precision)))
     self.guidance = sampler_config.guidance(var_config.num_scales)
     if sampler_config.mr_mode == 'refine' and not var_config.refine:
       raise ValueError("mr_mode='refine' (config.sampler.mr_mode) needs a transformer with the refine "
@@ -194,7 +200,7 @@ class Sampler:
 
   def decode(self, vae_params, f_hat):
     """f_hat -> images in [0, 1] (NHWC)."""
-    return self.tokenizer.fhat_to_img(vae_params, f_hat) * 0.5 + 0.5
+    return self.decoder.fhat_to_img(vae_params, f_hat) * 0.5 + 0.5
 
   def sample(self, var_params, vae_params, labels, rng, guidance=None):
     """-> (token ids per scale, images in [0, 1]); `guidance` as in `tokens`."""

@@ -15,7 +15,7 @@ import numpy as np
 from srdd_jax.tokenizer import layers
 from srdd_jax.tokenizer import resample
 
-_PRECISIONS = {
+PRECISIONS = {
     'default': jax.lax.Precision.DEFAULT,
     'high': jax.lax.Precision.HIGH,
     'highest': jax.lax.Precision.HIGHEST,
@@ -67,8 +67,8 @@ class VQVAEConfig:
       bad('patch_nums', self.patch_nums, 'the sides must increase strictly (the last is the latent side)')
     if self.share_quant_resi < 0:
       bad('share_quant_resi', self.share_quant_resi, 'must be 0 (per scale), 1 (shared) or K >= 2')
-    if self.precision not in _PRECISIONS:
-      bad('precision', self.precision, f'must be one of {sorted(_PRECISIONS)}')
+    if self.precision not in PRECISIONS:
+      bad('precision', self.precision, f'must be one of {sorted(PRECISIONS)}')
 
   @property
   def downsample(self) -> int:
@@ -100,7 +100,7 @@ class VQVAEConfig:
 
   @property
   def lax_precision(self):
-    return _PRECISIONS[self.precision]
+    return PRECISIONS[self.precision]
 
   def phi_map(self) -> tuple[int, ...]:
     return phi_index_map(self.num_scales, self.num_phis)

@@ -51,6 +51,22 @@ def test_every_preset_plans_the_same_study(arg):
     presets.get_config('gpu,tpu')
 
 
+def test_progress_gives_an_eta_from_the_rates_so_far():
+  p = {'training_steps': 1000, 'validation_image_passes': 3000, 'test_image_passes_at_most': 1000}
+  progress = ablation.Progress(p)
+  assert progress.eta() is None and 'ETA once' in progress.line()
+  progress('models/causal_seed0', {'steps': 100}, 50.0, True)  # 0.5 s a step.
+  assert progress.eta() is None  # No sampling rate yet.
+  progress('tokens/train', {'count': 10}, 30.0, True)  # Not in the ETA.
+  progress('selection/e/linear_cfg1.5_refine_t0.01_x9', {'num_samples': 20, 'sampler': {
+      'mr_mode': 'refine', 'mr_iterations': 9}}, 20.0, True)  # 200 image-passes: 0.1 s each.
+  progress('selection/d/linear_cfg1.5_redraw_t0.01_x9', {'num_samples': 200, 'sampler': {
+      'mr_mode': 'redraw', 'mr_iterations': 9}}, 20.0, False)  # Kept: counted at its recorded time.
+  assert progress.done == {'training': 100, 'sampling': 400}
+  assert progress.eta() == pytest.approx(900 * 0.5 + 3600 * 0.1)
+  assert 'ETA at most 14 min' in progress.line() and '100/1,000 steps (0.500 s each)' in progress.line()
+
+
 def _mtimes(root):
   return {os.path.join(d, f): os.path.getmtime(os.path.join(d, f))
           for d, _, files in os.walk(root) for f in files if not f.startswith('ablation.')}
@@ -109,6 +125,20 @@ def test_the_whole_ablation_runs_and_resumes_without_redoing(tmp_path, small_tok
   assert plan['validation_runs'] == sum(u.startswith('selection/') for u in ran) == 11 * 4 + 2
   assert plan['test_runs'] == sum(u.startswith('evaluation/') for u in ran) == (13 * 2 + 2 + 2) * 2
   assert plan['test_images'] == plan['test_runs'] * 10 and plan['validation_images'] == plan['validation_runs'] * 10
+  # Refine's extra passes are counted: each selection run's images x (1 + its refine iterations).
+  def image_passes(unit):
+    r = json.load(open(os.path.join(wd, unit, 'result.json')))
+    refine = r['sampler']['mr_mode'] == 'refine' and r['sampler']['mr_iterations']
+    return r['num_samples'] * (1 + (r['sampler']['mr_iterations'] if refine else 0))
+  assert plan['validation_image_passes'] == sum(image_passes(u) for u in ran if u.startswith('selection/')) == (
+      9 * 4 + 2 * 4 * 3 + 2) * 10
+  assert plan['test_image_passes_at_most'] == (52 + 8 * 3) * 10 >= sum(
+      image_passes(u) for u in ran if u.startswith('evaluation/'))
+  # The progress (ETA) counted the same work: every step, and the image-passes the run sampled.
+  rates = out['rates']
+  assert rates['done']['training'] == rates['total']['training'] == plan['training_steps']
+  assert rates['done']['sampling'] == sum(image_passes(u) for u in ran if u.split('/')[0] in ('selection', 'evaluation'))
+  assert rates['seconds_per_training_step'] > 0 and rates['seconds_per_image_pass'] > 0
   seed = out['teacher']['seed']
   assert (models[f'distilled{seed}']['kl_weight'], models[f'distilled_kl{seed}']['kl_weight']) == (0.0, 1.0)
   assert models[f'distilled_kl{seed}']['teacher'] == models[f'distilled{seed}']['teacher'] and fds('o') != fds('f')

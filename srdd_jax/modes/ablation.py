@@ -353,7 +353,7 @@ class Scorer:
     guidance = sampler.guidance_array() if traced else None
     program = dataclasses.replace(sampler.config, cfg=0.0, cfg_schedule='constant') if traced else sampler.config
     # Keyed on the architecture, not the weights: the seeds' models share one compiled program.
-    key = (repr(sampler.var_config), repr(sampler.vae_config), program, traced)
+    key = (repr(sampler.var_config), repr(sampler.vae_config), repr(sampler.decoder.config), program, traced)
     if key not in self.compiled:
       bs = int(c.eval.batch_size)
       n_par = pm.data_parallel_size(sampler.mesh)
@@ -473,11 +473,91 @@ def plan(config) -> dict:
   validation_runs = len(selecting) * guidance * len(o['truncations']) + n  # + the teacher's choice.
   students = sum(kind in DISTILLED for kind, _, _ in VARIANTS.values())  # One model each, and its teacher.
   test_runs = ((len(VARIANTS) - students) * n + 2 * students) * len(o['sample_seeds'])
+  # What sampling costs beyond its image count: MR refine runs the transformer 1 + iterations times on
+  # each scale (Sampler.forward_passes), so a search over 5, 10 and 25 iterations costs 14x a plain one.
+  # Passes per image, summed over runs; the test's refine runs at the most iterations they may select.
+  validation_passes = n + sum(guidance * sum(_passes(s) for s in search_space(o, search, mr))
+                              for _, search, mr in VARIANTS.values() if search)
+  most = max(_passes(s) for _, search, mr in VARIANTS.values() for s in search_space(o, search, mr))
+  test_passes = sum((2 if kind in DISTILLED else n) * len(o['sample_seeds']) * (most if mr == 'refine' else 1)
+                    for kind, _, mr in VARIANTS.values())
   return {'models': 3 * n + len(FINETUNED) * n + len(DISTILLED),
           'training_steps': (2 * steps + refine) * n + len(FINETUNED) * finetune * n + len(DISTILLED) * distill_steps,
           'examples_per_step': int(config.train.global_batch),
           'validation_runs': validation_runs, 'validation_images': validation_runs * o['val_per_class'] * classes,
-          'test_runs': test_runs, 'test_images': test_runs * o['test_per_class'] * classes}
+          'validation_image_passes': validation_passes * o['val_per_class'] * classes,
+          'test_runs': test_runs, 'test_images': test_runs * o['test_per_class'] * classes,
+          'test_image_passes_at_most': test_passes * o['test_per_class'] * classes}
+
+
+def _passes(setting: dict | None) -> int:
+  """Transformer passes per image and scale of a sampler setting: 1, or 1 + iterations for MR refine."""
+  refine = bool(setting) and setting.get('mr_mode') == 'refine' and int(setting.get('mr_iterations') or 0) > 0
+  return 1 + int(setting['mr_iterations']) if refine else 1
+
+
+class Progress:
+  """A study of hours says how far it is: work done against the plan (training steps; sampled images
+  weighted by their passes, _passes) and the time it took, logged after each unit with an ETA, and the
+  rates kept in ablation.json (`rates`), the numbers a preset is sized from. Units kept from an earlier
+  command count with the seconds they took then. Held-out losses, token caches and timings are not in
+  the ETA (minutes of a run of hours)."""
+
+  def __init__(self, p: dict):
+    self.total = {'training': p['training_steps'],
+                  'sampling': p['validation_image_passes'] + p['test_image_passes_at_most']}
+    self.done = {'training': 0, 'sampling': 0}
+    self.seconds = {'training': 0.0, 'sampling': 0.0, 'other': 0.0}
+
+  @staticmethod
+  def work(name: str, value: dict) -> tuple[str, int]:
+    if name.startswith('models/') and 'steps' in value:
+      return 'training', int(value['steps'])
+    if name.startswith(('selection/', 'evaluation/')) and 'num_samples' in value:
+      return 'sampling', int(value['num_samples']) * _passes(value.get('sampler'))
+    return 'other', 0
+
+  def __call__(self, name: str, value: dict, seconds: float, ran: bool) -> None:
+    kind, amount = self.work(name, value)
+    if kind != 'other':
+      self.done[kind] += amount
+    self.seconds[kind] += float(seconds or 0.0)
+    if ran:
+      logging.info('ablation: %s', self.line())
+
+  def rates(self) -> dict:
+    return {'seconds_per_training_step': self.seconds['training'] / self.done['training'] if self.done['training'] else None,
+            'seconds_per_image_pass': self.seconds['sampling'] / self.done['sampling'] if self.done['sampling'] else None,
+            'done': dict(self.done), 'total': dict(self.total), 'seconds': {k: round(v, 1) for k, v in self.seconds.items()}}
+
+  def eta(self) -> float | None:
+    """Seconds left at the rates so far (sampling at most: the test's refine runs counted at the most
+    iterations); None until both kinds of work have a rate."""
+    r = self.rates()
+    left = 0.0
+    for kind, rate in (('training', r['seconds_per_training_step']), ('sampling', r['seconds_per_image_pass'])):
+      remaining = max(self.total[kind] - self.done[kind], 0)
+      if remaining and rate is None:
+        return None
+      left += remaining * (rate or 0.0)
+    return left
+
+  def line(self) -> str:
+    r, eta = self.rates(), self.eta()
+    train = f'training {self.done["training"]:,}/{self.total["training"]:,} steps'
+    if r['seconds_per_training_step']:
+      train += f' ({r["seconds_per_training_step"]:.3f} s each)'
+    samp = f'sampling {self.done["sampling"]:,}/{self.total["sampling"]:,} image-passes'
+    if r['seconds_per_image_pass']:
+      samp += f' ({r["seconds_per_image_pass"] * 1e3:.2f} ms each)'
+    when = (f'ETA at most {_duration(eta)}' if eta is not None else
+            'ETA once training and sampling have each run a unit')
+    return f'{train}; {samp}; {when}'
+
+
+def _duration(seconds: float) -> str:
+  m = int(round(seconds / 60))
+  return f'{m // 60} h {m % 60:02d} min' if m >= 60 else f'{m} min'
 
 
 def compile_cache(workdir: str) -> str:
@@ -707,6 +787,7 @@ class _Ablation:
                  '%d test runs (%s images); compilation cache %s', p['models'], f'{p["training_steps"]:,}',
                  p['examples_per_step'], p['validation_runs'], f'{p["validation_images"]:,}', p['test_runs'],
                  f'{p["test_images"]:,}', compile_cache(self.workdir))
+    self.progress = self.units.on_done = Progress(p)
     self.tok = self.tokenizer()
     self.scorer = Scorer(self.base, self.workdir, self.tok)
     c = self.cfg()
@@ -813,6 +894,8 @@ class _Ablation:
         'unit_seconds': {'total': round(sum(self.units.seconds.values()), 1),
                        **{g: round(sum(t for u, t in self.units.seconds.items() if u.split('/')[0] == g), 1)
                           for g in sorted({u.split('/')[0] for u in self.units.seconds})}},
+        # Seconds per training step and per sampled image-pass over the whole study: what sizes a preset.
+        'rates': self.progress.rates(),
         'variants': variants, 'selection': selection, 'comparisons': comps,
         'teacher_runs': teachers,
         'teacher': {'export': teacher['export'], 'seed': teacher['seed'],

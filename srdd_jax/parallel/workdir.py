@@ -316,6 +316,8 @@ class Units:
     self.inputs_file = os.path.join(root, inputs_file) if inputs_file else None
     self.ran, self.kept = [], []
     self.seconds = {}  # Unit -> its wall time when it ran (JSON units kept: as recorded then).
+    # Called as on_done(name, value, seconds, ran) after each JSON unit, run now (ran) or kept: progress.
+    self.on_done = None
 
   def path(self, name: str) -> str:
     return os.path.join(self.root, name, self.result)
@@ -370,6 +372,8 @@ class Units:
         logging.info('%s %s: done, kept', self.label, name)
         self.kept.append(name)
         self.seconds[name] = out.get('unit_seconds', 0.0)
+        if self.on_done:
+          self.on_done(name, out, self.seconds[name], False)
         return out
     if inputs is not None:
       self._record(name, None)  # Until fn completes, no outputs are vouched for.
@@ -380,6 +384,8 @@ class Units:
         write_json(path, out)
     if out is not None and inputs is not None:
       self._record(name, inputs)
+    if out is not None and output is None and self.on_done:
+      self.on_done(name, out, seconds, True)
     return out
 
   def timed(self, name: str, fn, inputs: dict | None = None, where: str = ''):

@@ -783,10 +783,11 @@ class _Ablation:
     t_all = time.time()
     o = self.o
     p = plan(self.base)
-    logging.info('ablation: %d models, %s training steps of %d examples; %d validation runs (%s images), '
-                 '%d test runs (%s images); compilation cache %s', p['models'], f'{p["training_steps"]:,}',
-                 p['examples_per_step'], p['validation_runs'], f'{p["validation_images"]:,}', p['test_runs'],
-                 f'{p["test_images"]:,}', compile_cache(self.workdir))
+    logging.info('ablation: %d models, %s training steps of %d examples; %d validation runs (%s images, %s '
+                 'image-passes with MR refine\'s), %d test runs (%s images, at most %s image-passes); compilation '
+                 'cache %s', p['models'], f'{p["training_steps"]:,}', p['examples_per_step'], p['validation_runs'],
+                 f'{p["validation_images"]:,}', f'{p["validation_image_passes"]:,}', p['test_runs'],
+                 f'{p["test_images"]:,}', f'{p["test_image_passes_at_most"]:,}', compile_cache(self.workdir))
     self.progress = self.units.on_done = Progress(p)
     self.tok = self.tokenizer()
     self.scorer = Scorer(self.base, self.workdir, self.tok)

@@ -83,6 +83,9 @@ def main():
   ap.add_argument('--model', default='bench', choices=('bench', 'demo'),
                   help='bench: the issue\'s configuration above; demo: configs/fashion_mnist.py\'s transformer '
                   '(depth 4, width 128, 4 heads, 130 tokens, vocabulary 512, batch 32, EMA)')
+  ap.add_argument('--what', default='train', choices=('train', 'sample'),
+                  help='sample: the token program of srdd_jax.bench\'s sampling (batch 32, cfg 1.5 linear, top-k '
+                  '900, top-p 0.96), ops grouped by the JAX operation they come from')
   args = ap.parse_args()
   if args.model == 'demo':
     pn = (1, 2, 3, 4, 6, 8)
@@ -97,6 +100,8 @@ def main():
     vq = VQVAEConfig(vocab_size=4096, z_channels=32, ch=32)
     batch_size, ema = 8, 0.0
   vae = unbox(Tokenizer(vq).init(jax.random.PRNGKey(0)))
+  if args.what == 'sample':
+    return profile_sampling(c, vq, vae, args)
   trainer = Trainer(c, vq, OptimConfig(total_steps=100), make_mesh((1, 1, 1), jax.devices()[:1]), ema_decay=ema)
   state = trainer.init(jax.random.PRNGKey(0))
   batch = trainer.shard_batch({'labels': jnp.zeros((batch_size,), jnp.int32), 'ids': jnp.asarray(
@@ -137,6 +142,51 @@ def main():
   if args.hlo:
     with open(args.hlo, 'w') as f:
       f.write(step.as_text())
+
+
+def _trace_ops(fn, args_):
+  """(executed ops of a Perfetto trace of STEPS calls, executor wall per call in us)."""
+  with jax.profiler.trace(args_.trace_dir, create_perfetto_trace=True):
+    for _ in range(STEPS):
+      jax.block_until_ready(fn())
+  path = sorted(glob.glob(args_.trace_dir + '/**/perfetto_trace.json.gz', recursive=True))[-1]
+  with gzip.open(path) as f:
+    events = json.load(f)
+  events = events['traceEvents'] if isinstance(events, dict) else events
+  wall = sum(e['dur'] for e in events if e.get('ph') == 'X' and e.get('name') == 'ThunkExecutor::Execute')
+  return [e for e in events if e.get('ph') == 'X'], wall / STEPS
+
+
+def profile_sampling(c, vq, vae, args):
+  """The bench's sampling token program (our side of `--vs-var`'s sample records), ops summed by the
+  JAX operation they come from (the op_name's last two parts: `top_k`, `sort`, `dot_general` ...)."""
+  from srdd_jax.bench import SAMPLER, random_var_params  # pylint: disable=import-outside-toplevel
+  from srdd_jax.diffusion.sampler import Sampler, batch_rng  # pylint: disable=import-outside-toplevel
+  from srdd_jax.parallel.compile import jit_inference  # pylint: disable=import-outside-toplevel
+  batch = 32
+  params = jax.tree_util.tree_map(jnp.asarray, random_var_params(c))  # The bench's random weights.
+  sampler = Sampler(c, vq, SAMPLER)
+  labels = jnp.arange(batch, dtype=jnp.int32) % c.num_classes
+  prog = jit_inference(sampler.tokens).lower(params, vae, labels, batch_rng(0, 0)).compile()
+  cats = categories(prog.as_text())
+  for i in range(2):
+    jax.block_until_ready(prog(params, vae, labels, batch_rng(0, i)))
+  ops, wall = _trace_ops(lambda: prog(params, vae, labels, batch_rng(0, 9)), args)
+  by_op, by_group = collections.Counter(), collections.Counter()
+  for e in ops:
+    if e['name'] in cats:
+      group, op_name = cats[e['name']]
+      by_op['/'.join(op_name.split('/')[-2:]) or e['name']] += e['dur']
+      by_group[group] += e['dur']
+  total = sum(by_group.values())
+  print(f'sampling, {args.mask}, batch {batch}: executor wall {wall / 1e3:.0f} ms per call, ops '
+        f'{total / STEPS / 1e3:.0f} ms per call (ops of both threads summed)')
+  print('| group | ms per call | share |\n|---|---|---|')
+  for g, v in by_group.most_common():
+    print(f'| {g} | {v / STEPS / 1e3:.0f} | {v / total:.1%} |')
+  print('\nlongest JAX operations:')
+  for name, v in by_op.most_common(max(args.top, 15)):
+    print(f'  {v / STEPS / 1e3:7.1f} ms  {v / total:5.1%}  {name[-110:]}')
 
 
 if __name__ == '__main__':

@@ -22,7 +22,9 @@ recipe's) and sampling with decoding (VAR's ch-160 tokenizer), both implementati
   2. our side compiles its programs at that batch, all at once in threads (XLA compiles outside the
      GIL), checks XLA's memory analysis against the device's limit (95% of `bytes_limit`, the JAX pool
      being `XLA_PYTHON_CLIENT_MEM_FRACTION`=0.90 of the card here), steps down the ladder where a
-     program would not fit, then times both masks;
+     program would not fit, then times both masks. Without VAR-PyTorch's batch, ours first compiles a
+     probe batch (32 train, 16 sampling) and takes the largest ladder batch its memory analysis,
+     linear in the batch, says fits: no program is compiled at a batch far over the memory;
   3. where ours had to step down, VAR-PyTorch is timed again at our batch.
 Without --vs-var the suite times our side alone, at the largest batch of its own. A time budget
 (`--budget_s`, default 480 s) covers all of it: a step that cannot start in time, or a worker still
@@ -77,6 +79,9 @@ TORCH_WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'bench_v
 TRAIN_LADDER = (1024, 768, 512, 384, 256, 192, 128, 96, 64, 48, 32, 24, 16, 8, 4, 2, 1)
 SAMPLE_LADDER = (512, 384, 256, 192, 128, 96, 64, 48, 32, 24, 16, 8, 4, 2, 1)
 FIT_FRACTION = 0.95  # Of the JAX pool (bytes_limit): XLA's analysis leaves out the runtime's own buffers.
+# Where ours finds its own largest batch: the batch whose compiled memory is extrapolated (linear in the
+# batch) to the ladder, instead of compiling at the ladder's top first.
+PROBE_BATCH = {'train': 32, 'sample': 16}
 JAX_MEM_FRACTION = '0.90'  # The JAX worker is alone on the device (the PyTorch one has exited).
 # The suites. 'tiny' is the same path at sizes a 2-core CPU runs in a minute or two.
 SUITES = {
@@ -677,15 +682,6 @@ def jax_worker(path: str) -> int:
   limit = spec.get('memory_limit') or (env.get('device_memory') or {}).get('bytes_limit')
   deadline = spec.get('deadline')
   kinds = spec['kinds']
-  plan = {}  # kind -> batch
-  for kind, k in kinds.items():
-    if k.get('batch'):
-      plan[kind] = int(k['batch'])
-    else:
-      under = [b for b in k['ladder'] if b <= k['cap']]
-      plan[kind] = max(under) if under else min(k['ladder'])
-    emit({'type': 'batch', 'kind': kind, 'depth': depth, 'batch': plan[kind], 'reduced_from': None,
-          'how': 'VAR-PyTorch\'s batch' if k.get('batch') else 'the ladder\'s top under the cap'})
   # Enough threads for every program at once (a decoder's task waits for its tokens program).
   pool = concurrent.futures.ThreadPoolExecutor(max_workers=16)
   pending = []  # Every compile started, used or not.
@@ -737,12 +733,46 @@ def jax_worker(path: str) -> int:
   def reduced(kind: str, new, old: int, why: str):
     emit({'type': 'batch', 'kind': kind, 'depth': depth, 'batch': new, 'reduced_from': old, 'how': why})
 
+  # The batch of each kind: VAR-PyTorch's; else, where the memory limit is known, the largest of the
+  # ladder that XLA's memory analysis of a small probe batch (PROBE_BATCH), linear in the batch, says
+  # fits; else the ladder's top under the cap. (A program compiled at a batch far over the memory costs
+  # minutes of XLA's rematerialisation before it fails: the first GPU run lost its d24 programs so.)
+  plan, how = {}, {}  # kind -> batch, and why
+  probes, ready = {}, {}
+  for kind, k in kinds.items():
+    under = [b for b in k['ladder'] if b <= k['cap']]
+    top = max(under) if under else min(k['ladder'])
+    if k.get('batch'):
+      plan[kind], how[kind] = int(k['batch']), 'VAR-PyTorch\'s batch'
+      continue
+    plan[kind], how[kind] = top, 'the ladder\'s top under the cap'
+    small = [b for b in under if b <= PROBE_BATCH[kind]]
+    if limit is not None and small and max(small) < top:
+      probes[kind] = (max(small), compile_kind(kind, max(small)))
+  for kind, (probe, futs) in probes.items():
+    try:
+      got = gather(kind, probe, futs)
+    except Exception as e:  # pylint: disable=broad-except
+      how[kind] += f' (the probe at batch {probe} failed: {type(e).__name__})'
+      continue
+    per = max((got['need'] - got['arg']) / probe, 1.0)
+    room = FIT_FRACTION * limit - got['arg']
+    fit = [b for b in kinds[kind]['ladder'] if probe <= b <= plan[kind] and b * per <= room]
+    plan[kind] = max(fit) if fit else probe
+    if plan[kind] == probe:
+      ready[kind] = futs  # Compiled already.
+    how[kind] = (f"the largest under the cap that fits by XLA's memory analysis at batch {probe} "
+                 f'({per / 2**20:,.1f} MiB per example, {got["arg"] / 2**20:,.0f} MiB of arguments)')
+  for kind in kinds:
+    emit({'type': 'batch', 'kind': kind, 'depth': depth, 'batch': plan[kind], 'reduced_from': None,
+          'how': how[kind]})
+
   # Everything compiles at once, the random weights are drawn on the host meanwhile. Where a memory
   # limit is known each kind is also compiled at a smaller batch (sampling: half; train: the ladder's
   # next): where ours needs more memory than VAR-PyTorch (our causal sampler's KV cache, say) the
   # fallback is then ready, and a compile in parallel costs little wall time.
   t0 = time.perf_counter()
-  futures = {kind: compile_kind(kind, plan[kind]) for kind in kinds}
+  futures = {kind: ready.get(kind) or compile_kind(kind, plan[kind]) for kind in kinds}
   spare = {}
   if limit is not None:
     for kind in kinds:

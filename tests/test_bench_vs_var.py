@@ -290,6 +290,31 @@ def test_bad_patch_nums_exits_2_alone_and_through_vs_var(fake_var, tmp_path):
   assert not out.exists()
 
 
+def test_the_suite_sizes_its_own_batch_from_a_probe_not_the_ladder_top(tmp_path):
+  """Without VAR-PyTorch's batch our side compiles a probe batch (32 train, 16 sampling), extrapolates
+  XLA's memory analysis along the ladder and compiles the largest batch that fits: never the ladder's
+  top when that is over the memory (the first GPU run spent its budget compiling those). No torch
+  needed: the suite times our side alone."""
+  out = tmp_path / 'suite.json'
+  cmd = [sys.executable, '-m', 'srdd_jax.bench', '--suite', 'gpu', '--tiny', '--depths', '1', '--max_batch', '64',
+         '--max_sample_batch', '32', '--memory_limit_gib', str(17 / 1024), '--masks', 'markov', '--out', str(out)]
+  p = subprocess.run(cmd, capture_output=True, text=True, env=env(), cwd=REPO, timeout=600)
+  assert p.returncode == 0, p.stderr[-3000:]
+  data = json.loads(out.read_text())
+  first = {b['kind']: b for b in data['batches'] if b['reduced_from'] is None}
+  assert "XLA's memory analysis at batch 32" in first['train']['how'], first
+  assert "XLA's memory analysis at batch 16" in first['sample']['how'], first
+  # 17 MiB a device (the tests' 8 CPU devices split each batch): the train step's ~5 MiB of arguments
+  # and ~0.2 MiB per example fit 48 of the ladder, not 64; nothing was compiled at the top, and what
+  # ran fits the limit.
+  assert 32 <= first['train']['batch'] < 64 and first['sample']['batch'] < 32, first
+  recs = {r['kind']: r for r in data['ours']['records']}
+  assert all('error' not in r for r in recs.values()) and recs['train']['batch'] == first['train']['batch']
+  compiles = data['ours']['compiles'][0]
+  assert not any(k.endswith('b64') for k in compiles['programs']), compiles
+  assert max(compiles['needed_bytes'].values()) <= 0.95 * 17 * 2**20
+
+
 def test_ratios_pair_equal_shapes_only():
   ours = [{'kind': 'train', 'mode': 'markov', 'depth': 16, 'batch': 64, 'seconds': 0.2, 'images_per_s': 320},
           {'kind': 'train', 'mode': 'causal', 'depth': 16, 'batch': 64, 'seconds': 0.25, 'images_per_s': 256},

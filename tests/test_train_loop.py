@@ -308,3 +308,15 @@ def test_one_progress_line_per_log_step_with_eta(tmp_path, caplog):
   assert not [m for m in lines if m.startswith('[') and 'loss=' in m]
   records = [json.loads(l) for l in open(tmp_path / 'metrics.jsonl')]
   assert [r['step'] for r in records] == [1, 2, 3] and all('eta_s' in r and 'tokens_per_s' in r for r in records)
+
+
+def test_training_without_tensorflow_writes_metrics_and_no_events(tmp_path, caplog, monkeypatch):
+  """clu's TensorBoard writer imports TensorFlow; a machine without it (the GPU images) still trains,
+  with metrics.jsonl and a warning instead of event files."""
+  import sys  # pylint: disable=import-outside-toplevel
+  monkeypatch.setitem(sys.modules, 'clu.metric_writers', None)  # Its import fails, as without TensorFlow.
+  caplog.set_level('WARNING')
+  train_mode.run(_config(log_every=1, checkpoint_every=100), str(tmp_path), stop_after_steps=2)
+  assert [json.loads(l)['step'] for l in open(tmp_path / 'metrics.jsonl')] == [1, 2]
+  assert not [f for f in os.listdir(tmp_path) if f.startswith('events.out')]
+  assert any("no TensorBoard events" in r.getMessage() for r in caplog.records)

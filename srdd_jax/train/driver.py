@@ -8,6 +8,7 @@ step, so a run resumed from a checkpoint continues exactly as an uninterrupted o
 """
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import os
@@ -112,12 +113,32 @@ class Task:
     return {}
 
 
+class _NoEvents:
+  """The writer where clu's cannot be imported: metrics.jsonl keeps every number, TensorBoard gets none."""
+
+  def write_scalars(self, step, scalars):
+    del step, scalars
+
+  def write_images(self, step, images):
+    del step, images
+
+  def flush(self):
+    pass
+
+
 def _writer(root: str, main_process: bool):
   """TensorBoard on process 0. No logging writer: the progress line is the driver's own, printed once."""
-  # clu's writers import TensorFlow (seconds): only runs that train pay for it.
-  from clu import metric_writers  # pylint: disable=import-outside-toplevel
   if not main_process:
-    return metric_writers.MultiWriter([])
+    return _NoEvents()
+  try:
+    # clu's writers import TensorFlow (seconds): only runs that train pay for it. Where it is not
+    # installed (the GPU images the study runs on have TensorBoard but no TensorFlow) clu cannot even
+    # be imported; training goes on without event files rather than dying at its first step.
+    metric_writers = importlib.import_module('clu.metric_writers')
+  except ImportError as e:
+    logging.warning('no TensorBoard events in %s: clu\'s writer cannot be imported (%s); metrics.jsonl holds '
+                    'every logged number', root, e)
+    return _NoEvents()
   return metric_writers.SummaryWriter(root)
 
 

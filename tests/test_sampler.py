@@ -72,17 +72,56 @@ def test_min_p_keeps_tokens_at_least_p_times_the_most_likely():
     SamplerConfig(min_p=1.0)
 
 
-def test_compact_candidates_give_the_reference_distribution():
+@pytest.mark.parametrize('impl', ['sort', 'bisect'])
+def test_compact_candidates_give_the_reference_distribution(impl):
   logits = 3 * jax.random.normal(jax.random.PRNGKey(0), (4, 7, 300))
-  for sc in (SamplerConfig(top_k=50, top_p=0.9, temperature=0.7), SamplerConfig(top_k=0, top_p=0.8),
-             SamplerConfig(top_k=20, top_p=0.0), SamplerConfig(top_k=50, top_p=0.9, min_p=0.1),
-             SamplerConfig(top_k=0, top_p=0.0, min_p=0.05)):
-    ref = jax.nn.softmax(filtering.final_logits(logits, sc), -1)
-    vals, ids = filtering.candidates(logits, sc)
-    got = jax.nn.softmax(vals, -1)
-    if ids is not None:
-      got = jnp.zeros_like(ref).at[jnp.arange(4)[:, None, None], jnp.arange(7)[None, :, None], ids].set(got)
-    np.testing.assert_allclose(got, ref, atol=1e-6)
+  # Rounded to a grid of 0.25: many ties, the k-th value's among them (the reference keeps every tie of
+  # it, the compact forms exactly k, so there only the kept set of top-k alone is checked).
+  tied = jnp.round(4 * logits) / 4
+  for x in (logits, tied, logits.at[..., :40].set(-jnp.inf)):
+    for sc in (SamplerConfig(top_k=50, top_p=0.9, temperature=0.7), SamplerConfig(top_k=0, top_p=0.8),
+               SamplerConfig(top_k=20, top_p=0.0), SamplerConfig(top_k=50, top_p=0.9, min_p=0.1),
+               SamplerConfig(top_k=0, top_p=0.0, min_p=0.05), SamplerConfig(top_k=299, top_p=0.5)):
+      ref = filtering.final_logits(x, sc)
+      vals, ids = filtering.candidates(x, sc, impl)
+      if ids is not None:
+        assert ids.shape == (4, 7, sc.top_k) and vals.shape == ids.shape
+        # Each kept id once, and its value the logit's own.
+        assert all(len(set(r)) == sc.top_k for r in np.asarray(ids).reshape(-1, sc.top_k).tolist())
+        vals = jnp.full_like(ref, -jnp.inf).at[jnp.arange(4)[:, None, None], jnp.arange(7)[None, :, None],
+                                                ids].set(vals)
+      if x is tied and sc.top_k:
+        if sc.top_p == 0 and sc.min_p == 0:  # The values above the k-th all kept, none below it.
+          kth = jax.lax.top_k(x, sc.top_k)[0][..., -1:]
+          kept = np.isfinite(np.asarray(vals))
+          assert np.all(kept[np.asarray(x > kth)]) and not np.any(kept[np.asarray(x < kth)])
+        continue
+      np.testing.assert_allclose(jax.nn.softmax(vals, -1), jax.nn.softmax(ref, -1), atol=1e-6)
+
+
+def test_sort_free_top_k_keeps_the_largest_and_then_the_first_ties():
+  """The values above the k-th always stay, whatever their ids; ties of the k-th fill the remaining
+  slots from the lowest id (the case a plain prefix-sum compaction gets wrong: a large value at a high
+  id behind many ties)."""
+  x = jnp.array([[2.0, 2.0, 2.0, 5.0], [1.0, 3.0, 2.0, 2.0], [-1.0, -jnp.inf, -0.5, -3.0]])
+  vals, ids = filtering.candidates(x, SamplerConfig(top_k=2, top_p=0.0), 'bisect')
+  assert [sorted(r) for r in np.asarray(ids).tolist()] == [[0, 3], [1, 2], [0, 2]]
+  np.testing.assert_array_equal(np.take_along_axis(np.asarray(x), np.asarray(ids), -1), vals)
+  # Top-p on the compact values: mass 0.4 + 0.3 + 0.15 >= 0.8 (VAR's rule, as in the test above).
+  p = jnp.log(jnp.array([[0.05, 0.4, 0.1, 0.3, 0.15]]))
+  vals, ids = filtering.candidates(p, SamplerConfig(top_k=4, top_p=0.8), 'bisect')
+  assert sorted(np.asarray(ids)[0][np.isfinite(np.asarray(vals)[0])].tolist()) == [1, 3, 4]
+
+
+def test_the_sampler_filters_without_a_sort_on_the_cpu():
+  """'auto' takes the sort-free form on the CPU (XLA:CPU's TopK is the sampler's largest cost outside
+  the model there) and `lax.top_k` elsewhere: read from the compiled program, not from timings."""
+  sc = SamplerConfig(top_k=50, top_p=0.9)
+  x = jax.random.normal(jax.random.PRNGKey(0), (8, 300))
+  text = {impl: jax.jit(lambda y, impl=impl: filtering.candidates(y, sc, impl)).lower(x).as_text()
+          for impl in ('auto', 'sort', 'bisect')}
+  assert 'top_k' in text['sort'] and 'top_k' not in text['bisect']
+  assert text['auto'] == text['bisect'] if jax.default_backend() == 'cpu' else text['auto'] == text['sort']
 
 
 def test_masked_redraw_frequency_follows_the_distribution():

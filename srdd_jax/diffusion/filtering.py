@@ -24,6 +24,9 @@ class SamplerConfig:
   # top-k and top-p; the study's plain-truncation arm against masked resampling's redraw.
   min_p: float = 0.0
   greedy: bool = False  # argmax of the guided logits (VAR's top_k=1).
+  # How top-k finds its k: 'sort' (`lax.top_k`), 'bisect' (sort-free; faster on XLA:CPU), 'auto' (bisect
+  # on the CPU, sort elsewhere). The same distribution; a seed's draws differ between the two.
+  top_k_impl: str = 'auto'
   # Masked Resampling: tokens with probability < mr_threshold under the final distribution are drawn
   # again, mr_iterations times; mr_scales switches it per scale (None: all). mr_mode 'redraw' draws
   # them from the same logits; 'refine' re-masks them and runs the scale again with the other tokens
@@ -49,6 +52,8 @@ class SamplerConfig:
       raise ValueError(f'SamplerConfig.temperature={self.temperature}: must be > 0')
     if self.top_k < 0:
       raise ValueError(f'SamplerConfig.top_k={self.top_k}: must be >= 0 (0 = off)')
+    if self.top_k_impl not in ('auto', 'sort', 'bisect'):
+      raise ValueError(f"SamplerConfig.top_k_impl={self.top_k_impl!r}: use 'auto', 'sort' or 'bisect'")
     if not 0 <= self.top_p <= 1:
       raise ValueError(f'SamplerConfig.top_p={self.top_p}: must be in [0, 1] (0 = off)')
     if not 0 <= self.min_p < 1:
@@ -134,24 +139,95 @@ def final_logits(logits, sc: SamplerConfig):
   return min_p_filter(top_p_filter(top_k_filter(logits, sc.top_k), sc.top_p), sc.min_p)
 
 
-def candidates(logits, sc: SamplerConfig):
+def candidates(logits, sc: SamplerConfig, impl: str | None = None):
   """The final distribution in a compact form: (logits (..., K), token ids (..., K) or None).
 
   With top-k on, only the k best tokens can be drawn, so top-p, sampling and masked resampling work on
-  those k (sorted, no sort of the whole vocabulary: far less memory at the 4096-token vocabulary).
-  `lax.top_k` keeps exactly k tokens where VAR would keep every tie of the k-th value, a difference
-  of measure zero for real-valued logits.
+  those k (no sort of the whole vocabulary: far less memory at the 4096-token vocabulary). Exactly k are
+  kept where VAR would keep every tie of the k-th value, a difference of measure zero for real-valued
+  logits. `impl` (default `sc.top_k_impl`): 'sort' (`lax.top_k`, the k in descending order), 'bisect'
+  (sort-free, the k in vocabulary order: XLA:CPU's TopK is its sampler's largest cost outside the
+  model, and this form draws 1.46x faster at VAR's last scale there, benchmarks/filter_sortfree.py;
+  it keeps a few (rows, vocabulary) temporaries that the sort does not), 'auto' (bisect on the CPU,
+  sort elsewhere). Both give the same distribution; a seed's draws differ between them, since a draw
+  depends on the candidates' order.
   """
   logits = logits.astype(jnp.float32) / sc.temperature
+  impl = impl or sc.top_k_impl
   if 0 < sc.top_k < logits.shape[-1]:
-    vals, ids = jax.lax.top_k(logits, sc.top_k)  # Descending.
-    if 0 < sc.top_p < 1:
-      asc = vals[..., ::-1]
-      drop = jnp.cumsum(jax.nn.softmax(asc, axis=-1), axis=-1) <= (1 - sc.top_p)
-      drop = drop.at[..., -1].set(False)
-      vals = jnp.where(drop[..., ::-1], -jnp.inf, vals)
+    if impl == 'auto':
+      impl = 'bisect' if jax.default_backend() == 'cpu' else 'sort'
+    rows = logits.size // logits.shape[-1]
+    if impl == 'bisect' and (logits.shape[-1] >= 2 ** 15 or rows * sc.top_k >= 2 ** 31):
+      impl = 'sort'  # Its packed counts or its flat int32 slots would overflow.
+    if impl == 'bisect':
+      vals, ids = _top_k_bisect(logits, sc.top_k)
+      vals = _top_p_bisect(vals, sc.top_p)
+    else:
+      vals, ids = jax.lax.top_k(logits, sc.top_k)  # Descending.
+      if 0 < sc.top_p < 1:
+        asc = vals[..., ::-1]
+        drop = jnp.cumsum(jax.nn.softmax(asc, axis=-1), axis=-1) <= (1 - sc.top_p)
+        drop = drop.at[..., -1].set(False)
+        vals = jnp.where(drop[..., ::-1], -jnp.inf, vals)
     return min_p_filter(vals, sc.min_p), ids
   return min_p_filter(top_p_filter(logits, sc.top_p), sc.min_p), None
+
+
+def _order_key(x):
+  """int32 keys in the order of the float32 values (the bits of negative floats reversed)."""
+  i = jax.lax.bitcast_convert_type(x, jnp.int32)
+  return jnp.where(i < 0, i ^ jnp.int32(0x7fffffff), i)
+
+
+def _largest_key(key, holds):
+  """Per row, the largest int32 t with holds(key >= t) (true at int32's minimum, monotone), by 32
+  bisection passes: exact, where a search over float values would stop at a tolerance."""
+  lo = jnp.full(key.shape[:-1] + (1,), jnp.iinfo(jnp.int32).min, jnp.int32)
+  hi = jnp.full(key.shape[:-1] + (1,), jnp.iinfo(jnp.int32).max, jnp.int32)
+
+  for _ in range(32):  # Unrolled: a loop would carry (and copy) the (rows, vocabulary) keys in its state.
+    mid = (lo >> 1) + (hi >> 1) + ((lo & 1) | (hi & 1))  # The upper midpoint, without int32 overflow.
+    ok = holds(key >= mid)
+    lo, hi = jnp.where(ok, mid, lo), jnp.where(ok, hi, mid - 1)
+  return lo
+
+
+def _top_k_bisect(logits, k: int):
+  """The k largest logits and their ids, in vocabulary order: the k-th value by bisection, every value
+  above it, then as many of its ties as fit (the lowest ids), gathered into k slots by a prefix sum."""
+  vocab = logits.shape[-1]
+  key = _order_key(logits)
+  kth = _largest_key(key, lambda m: jnp.sum(m.astype(jnp.int32), axis=-1, keepdims=True) >= k)
+  above = key > kth
+  ties = key == kth
+  room = k - jnp.sum(above.astype(jnp.int32), axis=-1, keepdims=True)
+  # One prefix sum for both counts (values above the k-th in the low 16 bits, its ties in the high ones;
+  # the vocabulary is below 2^15): a second one would be another (rows, vocabulary) int32 array.
+  counts = jnp.cumsum(above.astype(jnp.int32) + (ties.astype(jnp.int32) << 16), axis=-1)
+  tie_rank = counts >> 16
+  keep = above | (ties & (tie_rank <= room))
+  slot = (counts & 0xffff) + jnp.minimum(tie_rank, room) - 1
+  lead = logits.shape[:-1]
+  rows = int(np.prod(lead))
+  # Flat positions (row * k + slot; past the end where not kept) scatter in one dimension: a (row, slot)
+  # index pair per element would double the indices' memory.
+  flat = jnp.where(keep, jnp.arange(rows, dtype=jnp.int32).reshape(lead + (1,)) * k + slot, rows * k)
+  ids = jnp.zeros((rows * k,), jnp.int32).at[flat.reshape(-1)].set(
+      jnp.broadcast_to(jnp.arange(vocab, dtype=jnp.int32), flat.shape).reshape(-1), mode='drop')
+  ids = ids.reshape(lead + (k,))
+  return jnp.take_along_axis(logits, ids, axis=-1), ids
+
+
+def _top_p_bisect(vals, p: float):
+  """VAR's top-p without a sort: a token stays iff the tokens more likely than it hold mass < p, i.e.
+  iff its logit is at least the largest t whose tokens at or above t hold mass >= p."""
+  if p <= 0 or p >= 1:
+    return vals
+  probs = jax.nn.softmax(vals, axis=-1)
+  key = _order_key(vals)
+  cut = _largest_key(key, lambda m: jnp.sum(jnp.where(m, probs, 0.0), axis=-1, keepdims=True) >= p)
+  return jnp.where(key >= cut, vals, -jnp.inf)
 
 
 def draw(rng, logits, sc: SamplerConfig, mr: bool):

@@ -147,7 +147,7 @@ def candidates(logits, sc: SamplerConfig, impl: str | None = None):
   kept where VAR would keep every tie of the k-th value, a difference of measure zero for real-valued
   logits. `impl` (default `sc.top_k_impl`): 'sort' (`lax.top_k`, the k in descending order), 'bisect'
   (sort-free, the k in vocabulary order: XLA:CPU's TopK is its sampler's largest cost outside the
-  model, and this form draws 1.46x faster at VAR's last scale there, benchmarks/filter_sortfree.py;
+  model, and this form filters and draws 1.65x faster at VAR's last scale there, benchmarks/filter_sortfree.py;
   it keeps a few (rows, vocabulary) temporaries that the sort does not), 'auto' (bisect on the CPU,
   sort elsewhere). Both give the same distribution; a seed's draws differ between them, since a draw
   depends on the candidates' order.

@@ -12,6 +12,12 @@ setup(
         'flax>=0.10',
         'optax',
         'orbax-checkpoint',
+        # Every file goes through etils.epath (srdd_jax/files.py); gs:// through fsspec's gcsfs, which
+        # (with TensorStore, under Orbax) follows a GCS emulator's address, so the tests run the real
+        # bucket code offline.
+        'etils[epath]',
+        'fsspec',
+        'gcsfs',
         'chex',
         'ml-collections',
         'clu',
@@ -28,7 +34,8 @@ setup(
     extras_require={
         # The tests include an ahead-of-time TPU compile (tests/test_bench.py), which needs libtpu;
         # libtpu has Linux wheels only (elsewhere that test skips itself, saying why).
-        'test': ['pytest', 'pytest-xdist', 'jax[tpu]; sys_platform == "linux"'],
+        # gcp-storage-emulator: a GCS server in Python for the bucket tests (tests/test_bucket.py).
+        'test': ['pytest', 'pytest-xdist', 'jax[tpu]; sys_platform == "linux"', 'gcp-storage-emulator'],
         # libtpu for TPU hosts and for compiling TPU programs ahead of time on any host
         # (`python -m srdd_jax.bench --aot v5p:4x4x4`). jax's own `tpu` extra pins the libtpu release
         # built for that jax version (jax 0.10.2: libtpu 0.0.42.*), so it always matches the jax that

@@ -1,6 +1,6 @@
 """The layers read one way. Every module's imports are parsed (ast) and checked against the order
 
-  config -> parallel -> data -> transformer -> tokenizer -> convert -> {diffusion, train, evaluation}
+  {config, files} -> parallel -> data -> transformer -> tokenizer -> convert -> {diffusion, train, evaluation}
   -> modes -> {main, bench} -> scaling   (tools/: command-line programs, imported by nothing in the library)
 
 A module imports only from its own package and from layers below it (the three packages of one layer
@@ -20,7 +20,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGE = os.path.join(REPO, 'srdd_jax')
 
 LAYERS = {
-    'config': 0, 'parallel': 1, 'data': 2, 'transformer': 3, 'tokenizer': 4, 'convert': 5,
+    'config': 0, 'files': 0, 'parallel': 1, 'data': 2, 'transformer': 3, 'tokenizer': 4, 'convert': 5,
     'diffusion': 6, 'train': 6, 'evaluation': 6, 'modes': 7, 'main': 8, 'bench': 8, 'bench_var': 8,
     'scaling': 9, 'bench_suite': 9, 'tools': 9,
 }

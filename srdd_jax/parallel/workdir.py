@@ -6,6 +6,16 @@ when the process dies, however it dies, and no file can be deleted to get around
 *file* can: delete the file and the next run locks a new one). WORKDIR/.srdd.lock only says who holds the
 lock, for the message a second run prints. File systems without flock (some network mounts) fall back
 to the file alone, created atomically (O_EXCL), with a warning.
+
+A workdir in a bucket (gs://...) has no flock and no process whose death a kernel could see: there
+WORKDIR/.srdd.lock is a lease, an object naming its holder and when its hold ends, renewed by a thread
+of process 0 while the run lasts. It is created only where no live lease is (if-absent on the store
+where it can, then read back after a pause: of two runs that raced, the one whose record is read back
+holds it); a lease not renewed for LEASE_SECONDS (its run was killed) is taken over.
+
+Every file here is read and written through srdd_jax.files, so all of this works the same in a bucket,
+except where a bucket has no atomic rename: there `Outputs` commits the way Orbax commits a checkpoint
+(srdd_jax.files.COMMIT_MARKER).
 """
 from __future__ import annotations
 
@@ -15,17 +25,22 @@ import fcntl
 import json
 import os
 import re
-import shutil
 import socket
 import sys
+import threading
 import time
+import uuid
 
 from absl import logging
 
+from srdd_jax import files
 from srdd_jax.config import ConfigError
 from srdd_jax.parallel import multihost
 
 LOCK_NAME = '.srdd.lock'
+# How long a bucket lease holds without renewal (renewed every quarter of it): how long a killed run
+# keeps its workdir from the next one.
+LEASE_SECONDS = float(os.environ.get('SRDD_LEASE_SECONDS', 120))
 
 
 def _alive(pid: int) -> bool:
@@ -44,15 +59,15 @@ class WorkdirLock:
 
   def __init__(self, workdir: str, enabled: bool = True):
     self.workdir = workdir
-    self.path = os.path.join(workdir, LOCK_NAME)
+    self.path = files.join(workdir, LOCK_NAME)
     self.enabled = enabled
     self.held = False
     self._fd = None  # The workdir, open and flock-ed while held.
+    self._lease = None  # A bucket's: its token and the thread renewing it.
 
   def _holder(self) -> dict:
     try:
-      with open(self.path) as f:
-        return json.load(f)
+      return files.read_json(self.path)
     except (OSError, ValueError):
       return {}
 
@@ -85,6 +100,9 @@ class WorkdirLock:
       return
     me = {'pid': os.getpid(), 'host': socket.gethostname(),
           'started': datetime.datetime.now().isoformat(timespec='seconds'), 'command': ' '.join(sys.argv)}
+    if files.is_remote(self.workdir):
+      self._take_lease(me)
+      return
     if self._flock():
       # The kernel says nobody holds the workdir: a file left behind is stale, whoever wrote it.
       h = self._holder()
@@ -100,22 +118,71 @@ class WorkdirLock:
       return
     for _ in range(2):
       try:
-        fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-      except FileExistsError:
-        h = self._holder()
-        if h.get('host') == me['host'] and isinstance(h.get('pid'), int) and not _alive(h['pid']):
-          logging.warning('%s was left by process %d, which no longer runs; taking it over', self.path, h['pid'])
-          os.remove(self.path)
-          continue
-        self._unlock()
-        raise self._in_use(h) from None
+        created = files.create_exclusive(self.path, json.dumps(me).encode())
       except OSError as e:
         self._unlock()
         raise ConfigError(f'cannot write to --workdir={self.workdir!r}: {e.strerror}') from e
-      with os.fdopen(fd, 'w') as f:
-        json.dump(me, f)
+      if not created:
+        h = self._holder()
+        if h.get('host') == me['host'] and isinstance(h.get('pid'), int) and not _alive(h['pid']):
+          logging.warning('%s was left by process %d, which no longer runs; taking it over', self.path, h['pid'])
+          files.remove(self.path)
+          continue
+        self._unlock()
+        raise self._in_use(h) from None
       self.held = True
       return
+
+  def _take_lease(self, me: dict) -> None:
+    token = uuid.uuid4().hex
+    h = self._holder()
+    if h and h.get('expires', 0) > time.time():
+      raise self._in_use(h)
+    if h:
+      logging.warning('%s was left by process %s on %s and has not been renewed since %s; taking it over',
+                      self.path, h.get('pid', '?'), h.get('host', '?'),
+                      datetime.datetime.fromtimestamp(h.get('expires', 0) - LEASE_SECONDS).isoformat(
+                          timespec='seconds'))
+    rec = {**me, 'token': token, 'expires': time.time() + LEASE_SECONDS}
+    try:
+      if h:
+        files.write_json(self.path, rec)
+      elif not files.create_exclusive(self.path, json.dumps(rec, indent=1).encode()):
+        raise self._in_use(self._holder())
+    except OSError as e:
+      raise ConfigError(f'cannot write to --workdir={self.workdir!r}: {e}') from e
+    # Where the store cannot create if absent (or two takeovers of a stale lease raced), the last
+    # write wins: the run that reads its own token back after the pause holds the lease.
+    time.sleep(min(2.0, LEASE_SECONDS / 20))
+    back = self._holder()
+    if back.get('token') != token:
+      raise self._in_use(back)
+    stop = threading.Event()
+    thread = threading.Thread(target=self._renew, args=(rec, stop), name='srdd-workdir-lease', daemon=True)
+    self._lease = (token, stop, thread)
+    self.held = True
+    thread.start()
+
+  def _renew(self, rec: dict, stop: threading.Event) -> None:
+    while not stop.wait(LEASE_SECONDS / 4):
+      try:
+        if self._holder().get('token') != rec['token']:
+          logging.error('%s was taken by another run: this run no longer holds its workdir', self.path)
+          return
+        files.write_json(self.path, {**rec, 'expires': time.time() + LEASE_SECONDS})
+      except Exception as e:  # pylint: disable=broad-except
+        logging.warning('could not renew %s (%s); trying again', self.path, e)
+
+  def _drop_lease(self) -> None:
+    token, stop, thread = self._lease
+    self._lease = None
+    stop.set()
+    thread.join(timeout=30)
+    try:
+      if self._holder().get('token') == token:
+        files.remove(self.path)
+    except OSError as e:
+      logging.warning('could not remove %s (%s): it expires by itself', self.path, e)
 
   def _unlock(self) -> None:
     if self._fd is not None:
@@ -123,11 +190,11 @@ class WorkdirLock:
       self._fd = None
 
   def release(self) -> None:
+    if self._lease is not None:
+      self._drop_lease()
+      self.held = False
     if self.held:
-      try:
-        os.remove(self.path)
-      except FileNotFoundError:
-        pass
+      files.remove(self.path)
       self.held = False
     self._unlock()
 
@@ -170,28 +237,21 @@ def storage_fault(e: BaseException | None) -> str | None:
 
 def file_identity(path: str) -> dict:
   """A file's path, size and modification time: enough to tell it was written again."""
-  try:
-    st = os.stat(path)
-  except OSError:
-    return {'path': os.path.abspath(path)}
-  return {'path': os.path.abspath(path), 'bytes': st.st_size, 'mtime_ns': st.st_mtime_ns}
+  st = files.size_and_mtime(path)
+  if st is None:
+    return {'path': files.absolute(path)}
+  return {'path': files.absolute(path), 'bytes': st[0], 'mtime_ns': st[1]}
 
 
 def check_space(directory: str, need: int, what: str) -> None:
   """A ConfigError when the file system of `directory` has less free space than `need` bytes (and a
   margin) for `what`."""
-  try:
-    st = os.statvfs(directory if os.path.isdir(directory) else os.path.dirname(directory) or '.')
-  except OSError:
-    return  # Nothing to measure (a mount without statvfs): the write will tell.
-  free = st.f_bavail * st.f_frsize
+  free = files.free_bytes(directory)
+  if free is None:
+    return  # Nothing to measure (a bucket, a mount without statvfs): the write will tell.
   if free < need * 1.05 + (16 << 20):
     raise ConfigError(f'{directory}: {free / 2**20:.0f} MiB free, {what} needs about {need / 2**20:.0f} MiB; '
                       'free space and run the same command again: what was saved before is intact')
-
-
-def _holds_files(path: str) -> bool:
-  return any(files for _, _, files in os.walk(path))
 
 
 class Outputs:
@@ -210,23 +270,44 @@ class Outputs:
     self.partial, self.replaced = final + '.partial', final + '.replaced'
 
   def _recover(self) -> None:
-    if os.path.isdir(self.replaced):
-      if os.path.exists(self.final):
-        shutil.rmtree(self.replaced)
+    if files.is_remote(self.final):
+      self._recover_in_bucket()
+      return
+    if files.isdir(self.replaced):
+      if files.exists(self.final):
+        files.rmtree(self.replaced)
       else:
-        os.replace(self.replaced, self.final)
+        files.rename(self.replaced, self.final)
         logging.warning('%s: an earlier run was stopped while replacing these %s; the old ones are back',
                         self.final, self.what)
-    if os.path.exists(self.partial):
+    if files.exists(self.partial):
       logging.warning('removing %s, left by a run stopped before its %s were complete', self.partial, self.what)
-      shutil.rmtree(self.partial) if os.path.isdir(self.partial) else os.remove(self.partial)
+      files.rmtree(self.partial)
+
+  def _recover_in_bucket(self) -> None:
+    # A committed partial folder is complete: a swap cut short is finished, never undone.
+    if files.committed(self.partial):
+      logging.warning('%s: an earlier run was stopped while putting its %s in place; finishing that', self.final,
+                      self.what)
+      self._swap_in_bucket()
+    elif files.holds_files(self.partial):
+      logging.warning('removing %s, left by a run stopped before its %s were complete', self.partial, self.what)
+      files.rmtree(self.partial)
+
+  def _swap_in_bucket(self) -> None:
+    """The committed partial folder copied over `final` (whose marker goes first and comes back last),
+    then removed: a reader that trusts only a committed `final` never sees a mix."""
+    files.remove(files.join(self.final, files.COMMIT_MARKER))
+    files.rmtree(self.final)
+    files.copytree(self.partial, self.final, last=files.COMMIT_MARKER)
+    files.rmtree(self.partial)
 
   def claim(self) -> None:
     self._recover()
-    if os.path.exists(self.final) and not os.path.isdir(self.final):
+    if files.isfile(self.final):
       raise ConfigError(f'{self.final} is a file where this run writes its {self.what} (a folder); move it away')
-    if _holds_files(self.final):
-      shown = sorted(os.listdir(self.final))
+    if files.holds_files(self.final):
+      shown = files.listdir(self.final)
       shown = ', '.join(shown[:3]) + (' ...' if len(shown) > 3 else '')
       if not self.overwrite:
         raise ConfigError(f'{self.final} already holds {self.what} of an earlier run ({shown}); they are never '
@@ -237,28 +318,33 @@ class Outputs:
   def begin(self) -> str:
     """The folder to write the outputs into (empty)."""
     self._recover()
-    os.makedirs(self.partial)
+    files.makedirs(self.partial)
     return self.partial
 
   def commit(self) -> str:
     """The outputs written to `begin()`'s folder take the place of `final`'s; returns `final`."""
-    if os.path.exists(self.final):
-      os.replace(self.final, self.replaced)
-      os.replace(self.partial, self.final)
-      shutil.rmtree(self.replaced)
+    if files.is_remote(self.final):
+      files.commit(self.partial)
+      self._swap_in_bucket()
+    elif files.exists(self.final):
+      files.rename(self.final, self.replaced)
+      files.rename(self.partial, self.final)
+      files.rmtree(self.replaced)
     else:
-      os.makedirs(os.path.dirname(self.final) or '.', exist_ok=True)
-      os.replace(self.partial, self.final)
+      files.makedirs(files.dirname(self.final) or '.')
+      files.rename(self.partial, self.final)
     return self.final
+
+  def pending(self) -> bool:
+    """Whether `final` is being replaced (a bucket's swap cut short): not to be trusted until the next
+    `claim()` or `begin()` finishes it."""
+    return files.is_remote(self.final) and files.committed(self.partial)
 
 
 def write_json(path: str, obj) -> None:
-  """`obj` as JSON at `path`, atomically: written to a temporary file that is then renamed, so a reader
-  (or a run cut short) sees the old file or the new one, never half of one."""
-  os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
-  with open(path + '.tmp', 'w') as f:
-    json.dump(obj, f, indent=1, default=float)
-  os.replace(path + '.tmp', path)
+  """`obj` as JSON at `path`, atomically: a reader (or a run cut short) sees the old file or the new
+  one, never half of one."""
+  files.write_json(path, obj)
 
 
 def _flat(d, prefix='') -> dict:
@@ -313,21 +399,20 @@ class Units:
 
   def __init__(self, root: str, result: str = 'result.json', label: str = 'unit', inputs_file: str | None = None):
     self.root, self.result, self.label = root, result, label
-    self.inputs_file = os.path.join(root, inputs_file) if inputs_file else None
+    self.inputs_file = files.join(root, inputs_file) if inputs_file else None
     self.ran, self.kept = [], []
     self.seconds = {}  # Unit -> its wall time when it ran (JSON units kept: as recorded then).
     # Called as on_done(name, value, seconds, ran) after each JSON unit, run now (ran) or kept: progress.
     self.on_done = None
 
   def path(self, name: str) -> str:
-    return os.path.join(self.root, name, self.result)
+    return files.join(self.root, name, self.result)
 
   def _records(self) -> dict:
-    if not self.inputs_file or not os.path.isfile(self.inputs_file):
+    if not self.inputs_file or not files.isfile(self.inputs_file):
       return {}
     try:
-      with open(self.inputs_file) as f:
-        return json.load(f)
+      return files.read_json(self.inputs_file)
     except ValueError:
       logging.warning('%s is unreadable: every unit is checked as if it had no record', self.inputs_file)
       return {}
@@ -359,16 +444,15 @@ class Units:
 
   def __call__(self, name: str, fn, output: str | None = None, inputs: dict | None = None, redo: bool = True):
     inputs = _as_recorded(inputs)
-    if output is not None and os.path.exists(output):
+    if output is not None and files.exists(output) and not Outputs(files.dirname(output), '').pending():
       if inputs is None or not self._changed(name, inputs, output, redo):
         logging.info('%s %s: %s exists, kept', self.label, name, output)
         self.kept.append(name)
         return None
     path = self.path(name)
-    if output is None and os.path.isfile(path):
+    if output is None and files.isfile(path):
       if inputs is None or not self._changed(name, inputs, path, redo):
-        with open(path) as f:
-          out = json.load(f)
+        out = files.read_json(path)
         logging.info('%s %s: done, kept', self.label, name)
         self.kept.append(name)
         self.seconds[name] = out.get('unit_seconds', 0.0)

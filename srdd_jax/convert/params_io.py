@@ -4,15 +4,13 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import hashlib
-import json
-import os
-import shutil
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from srdd_jax import files
 from srdd_jax.parallel import multihost
 from srdd_jax.tokenizer.vqvae import VQVAEConfig
 from srdd_jax.transformer.config import VARConfig
@@ -23,7 +21,7 @@ PARAMS_DIR = 'params'
 
 def file_sha256(path: str, chunk: int = 1 << 22) -> str:
   h = hashlib.sha256()
-  with open(path, 'rb') as f:
+  with files.open(path, 'rb') as f:
     while block := f.read(chunk):
       h.update(block)
   return h.hexdigest()
@@ -36,10 +34,12 @@ def save_params(out_dir: str, params, *, kind: str, config: Any, source: str | N
   Refuses to touch an existing conversion unless `overwrite`, so a typo never destroys saved work.
   Written whole or not at all: into `out_dir`.partial, renamed into place once model.json is there, so
   a run killed in between leaves no half model to trip over (the next one removes the partial folder).
+  In a bucket, which cannot rename, model.json is the commit: removed first, written last, so a run
+  killed in between leaves no model (never a mix), and readers require it.
   Every process calls it (the Orbax save is collective); process 0 writes the rest.
   """
-  out_dir = os.path.abspath(out_dir)
-  if (os.path.exists(os.path.join(out_dir, PARAMS_DIR)) or os.path.exists(os.path.join(out_dir, MODEL_JSON))) \
+  out_dir = files.absolute(out_dir)
+  if (files.exists(files.join(out_dir, PARAMS_DIR)) or files.exists(files.join(out_dir, MODEL_JSON))) \
       and not overwrite:
     raise FileExistsError(f'{out_dir} already holds converted parameters; pass overwrite=True '
                           '(--overwrite) to replace them, or choose another directory')
@@ -50,30 +50,39 @@ def save_params(out_dir: str, params, *, kind: str, config: Any, source: str | N
       'kind': kind,
       'config': cfg,
       'num_params': num_params,
-      'source': os.path.abspath(source) if isinstance(source, str) and os.path.exists(source) else source,
-      'source_sha256': file_sha256(source) if isinstance(source, str) and os.path.isfile(source) else None,
+      'source': files.absolute(source) if isinstance(source, str) and files.exists(source) else source,
+      'source_sha256': file_sha256(source) if isinstance(source, str) and files.isfile(source) else None,
       'created': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='microseconds'),
   }
-  tmp, main = out_dir + '.partial', jax.process_index() == 0
-  if main and os.path.exists(tmp):
-    shutil.rmtree(tmp)
-  multihost.sync('save-params-begin')
-  _orbax_save(os.path.join(tmp, PARAMS_DIR), params)
+  main = jax.process_index() == 0
+  if files.is_remote(out_dir):
+    if main:
+      files.remove(files.join(out_dir, MODEL_JSON))
+      files.rmtree(files.join(out_dir, PARAMS_DIR))
+    multihost.sync('save-params-begin')
+    _orbax_save(files.join(out_dir, PARAMS_DIR), params)
+    if main:
+      files.write_json(files.join(out_dir, MODEL_JSON), meta)
+    multihost.sync('save-params-done')
+    return out_dir
+  tmp = out_dir + '.partial'
   if main:
-    with open(os.path.join(tmp, MODEL_JSON), 'w') as f:
-      json.dump(meta, f, indent=1)
-    if os.path.exists(out_dir):  # overwrite: the old copy goes only once the new one is complete.
-      for name in os.listdir(out_dir):  # Anything else kept there stays.
+    files.rmtree(tmp)
+  multihost.sync('save-params-begin')
+  _orbax_save(files.join(tmp, PARAMS_DIR), params)
+  if main:
+    files.write_json(files.join(tmp, MODEL_JSON), meta)
+    if files.exists(out_dir):  # overwrite: the old copy goes only once the new one is complete.
+      for name in files.listdir(out_dir):  # Anything else kept there stays.
         if name not in (PARAMS_DIR, MODEL_JSON):
-          os.replace(os.path.join(out_dir, name), os.path.join(tmp, name))
+          files.rename(files.join(out_dir, name), files.join(tmp, name))
       old = out_dir + '.replaced'
-      if os.path.exists(old):
-        shutil.rmtree(old)
-      os.replace(out_dir, old)
-      os.replace(tmp, out_dir)
-      shutil.rmtree(old)
+      files.rmtree(old)
+      files.rename(out_dir, old)
+      files.rename(tmp, out_dir)
+      files.rmtree(old)
     else:
-      os.replace(tmp, out_dir)
+      files.rename(tmp, out_dir)
   multihost.sync('save-params-done')
   return out_dir
 
@@ -91,26 +100,30 @@ def _leaves(tree):
 def model_meta(directory: str) -> dict:
   """The model.json of a model directory, {} when it has none (yet) or it cannot be read."""
   try:
-    with open(os.path.join(directory, MODEL_JSON)) as f:
-      return json.load(f)
+    return files.read_json(files.join(directory, MODEL_JSON))
   except (OSError, ValueError):
     return {}
 
 
 def load_params(directory: str, kind: str | None = None):
   """Returns (model description dict, params as numpy arrays) saved by `save_params`."""
-  directory = os.path.abspath(directory)
-  mpath = os.path.join(directory, MODEL_JSON)
-  ppath = os.path.join(directory, PARAMS_DIR)
-  if not os.path.isfile(mpath) or not os.path.isdir(ppath):
+  directory = files.absolute(directory)
+  mpath = files.join(directory, MODEL_JSON)
+  ppath = files.join(directory, PARAMS_DIR)
+  if not files.isfile(mpath) or not files.isdir(ppath):
     raise FileNotFoundError(f'{directory} holds no converted parameters (expected {MODEL_JSON} and '
                             f'{PARAMS_DIR}/; create them with `python -m srdd_jax.tools.convert_var`)')
-  with open(mpath) as f:
-    meta = json.load(f)
+  meta = files.read_json(mpath)
   if kind is not None and meta.get('kind') != kind:
     raise ValueError(f'{directory} holds a {meta.get("kind")!r} model, not a {kind!r} one')
   try:
-    params = ocp.StandardCheckpointer().restore(ppath)
+    # As numpy, whatever devices wrote it: an export saved from a pod's sharded arrays records their
+    # topology, and a plain restore on another machine (one GPU, a laptop) refuses it.
+    checkpointer = ocp.PyTreeCheckpointer()
+    meta_tree = checkpointer.metadata(ppath)
+    tree = getattr(getattr(meta_tree, 'item_metadata', meta_tree), 'tree', meta_tree)  # Orbax versions differ.
+    params = checkpointer.restore(ppath, restore_args=jax.tree_util.tree_map(
+        lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree))
   except Exception as e:  # pylint: disable=broad-except  # Orbax/TensorStore: ValueError, OSError, ...
     reason = str(e).split(' [tensorstore_spec=')[0]
     raise ValueError(f'{ppath} cannot be read, its files are damaged or cut short ({reason[:300]}); write '

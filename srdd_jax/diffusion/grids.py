@@ -2,12 +2,10 @@
 PNG under DIR/samples/ and a TensorBoard image (--mode=train, --mode=distill)."""
 from __future__ import annotations
 
-import os
-
 import jax
 import numpy as np
-from PIL import Image
 
+from srdd_jax import files
 from srdd_jax.config import ConfigError, ints
 from srdd_jax.data.images import grid, to_uint8
 from srdd_jax.diffusion.generate import decode_precision, sampler_config_for
@@ -38,7 +36,7 @@ class SampleGrids:
     self.labels = jax.device_put(np.concatenate([labels, np.repeat(labels[-1:], pad)]), pm.replicated(mesh))
     self.fn = jit_inference(self.sampler.sample)
     self.seed = int(config.seed)
-    self.dir = os.path.join(workdir, 'samples')
+    self.dir = files.join(workdir, 'samples')
 
   def write(self, step, var_params, vae_params, writer):
     # The same key at every step, so grids of successive steps show the same noise evolving.
@@ -47,8 +45,7 @@ class SampleGrids:
     if not multihost.is_main_process():
       return None
     g = grid(images, self.per)
-    os.makedirs(self.dir, exist_ok=True)
-    path = os.path.join(self.dir, f'step_{step:08d}.png')
-    Image.fromarray(g).save(path)
+    path = files.join(self.dir, f'step_{step:08d}.png')
+    files.save_image(path, g)
     writer.write_images(step, {'samples': g[None]})
     return path

@@ -1,15 +1,16 @@
 """Orbax checkpoints of the train state: async saves, keep the last N, restore into a sharded
-abstract state (so a run can resume on another mesh), and skip a checkpoint that cannot be read."""
+abstract state (so a run can resume on another mesh), and skip a checkpoint that cannot be read.
+In a bucket (gs://) Orbax writes each step in place and commits it with its marker file, and so the
+checks here trust a step there only once that marker exists."""
 from __future__ import annotations
 
-import os
-import shutil
 import time
 
 import jax
 import orbax.checkpoint as ocp
 from absl import logging
 
+from srdd_jax import files
 from srdd_jax.config import ConfigError
 from srdd_jax.parallel import multihost
 from srdd_jax.parallel.workdir import check_space
@@ -21,7 +22,7 @@ class CheckpointMismatch(ConfigError):
 
 class Checkpointer:
   def __init__(self, directory: str, max_to_keep: int = 3, save_every: int = 1000):
-    self.directory = os.path.abspath(directory)
+    self.directory = files.absolute(directory)
     self._remove_stale_temporaries()
     opts = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, save_interval_steps=save_every,
                                         enable_async_checkpointing=True)
@@ -30,11 +31,14 @@ class Checkpointer:
   def _remove_stale_temporaries(self) -> None:
     """A save that a crash interrupted leaves <step>.orbax-checkpoint-tmp-*: never a complete checkpoint,
     and (the workdir lock excludes a concurrent run) nobody is writing it any more."""
-    if jax.process_index() == 0 and os.path.isdir(self.directory):
-      for name in sorted(os.listdir(self.directory)):
+    if jax.process_index() == 0:
+      for name in files.listdir(self.directory):
         if '.orbax-checkpoint-tmp' in name:
-          logging.warning('removing %s, left by an interrupted save', os.path.join(self.directory, name))
-          shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+          logging.warning('removing %s, left by an interrupted save', files.join(self.directory, name))
+          try:
+            files.rmtree(files.join(self.directory, name))
+          except OSError as e:
+            logging.warning('could not remove it (%s)', e)
     multihost.sync('checkpoint-temporaries')
 
   def save(self, step: int, state, extra: dict, force: bool = False) -> bool:
@@ -53,10 +57,10 @@ class Checkpointer:
 
   def _set_aside(self, step: int, why: str) -> str:
     """Moves checkpoint `step` to <step>.<why>-<time>: kept for inspection, out of the manager's way."""
-    path = os.path.join(self.directory, str(step))
+    path = files.join(self.directory, str(step))
     aside = f'{path}.{why}-{int(time.time())}'
     if jax.process_index() == 0:  # One process moves it; the others wait, then all re-read.
-      os.replace(path, aside)
+      files.rename(path, aside)
     multihost.sync(f'checkpoint-aside-{step}')
     self.manager.reload()
     return aside
@@ -72,8 +76,8 @@ class Checkpointer:
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, shardings)
     failed = []  # (step, error) of complete checkpoints that did not restore, newest first.
     for step in sorted(self.manager.all_steps(), reverse=True):
-      path = os.path.join(self.directory, str(step))
-      if not os.path.exists(os.path.join(path, '_CHECKPOINT_METADATA')):
+      path = files.join(self.directory, str(step))
+      if not files.exists(files.join(path, '_CHECKPOINT_METADATA')) or not files.committed(path):
         aside = self._set_aside(step, 'incomplete')
         logging.warning('checkpoint %d in %s is incomplete; moved to %s, trying the previous one', step,
                         self.directory, aside)
@@ -92,7 +96,7 @@ class Checkpointer:
     if failed:
       step, e = failed[0]
       raise CheckpointMismatch(
-          f'checkpoint {os.path.join(self.directory, str(step))} is complete but does not fit the state of '
+          f'checkpoint {files.join(self.directory, str(step))} is complete but does not fit the state of '
           f'the current config (model, optimizer or EMA settings changed?), and no older checkpoint does: '
           f'{type(e).__name__}: {str(e)[:300]}') from e
     return None

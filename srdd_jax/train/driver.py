@@ -11,15 +11,16 @@ from __future__ import annotations
 import importlib
 import json
 import math
-import os
 import signal
 import time
 
 import jax
 from absl import logging
 
+from srdd_jax import files
 from srdd_jax.config import ConfigError
 from srdd_jax.parallel import multihost
+from srdd_jax.train import events
 from srdd_jax.train.checkpoint import Checkpointer
 
 
@@ -35,10 +36,10 @@ class NonFiniteLoss(FloatingPointError):
 def _keep_metrics_up_to(path: str, step: int) -> None:
   """Drops the records of steps after `step` (and a line cut short by a crash) from metrics.jsonl, so a
   resumed run that repeats those steps never writes a step twice."""
-  if not os.path.exists(path):
+  if not files.exists(path):
     return
   kept, dropped = [], 0
-  with open(path) as f:
+  with files.open(path) as f:
     for line in f:
       try:
         rec = json.loads(line)
@@ -50,9 +51,7 @@ def _keep_metrics_up_to(path: str, step: int) -> None:
       else:
         dropped += 1
   if dropped:
-    with open(path + '.tmp', 'w') as f:
-      f.writelines(kept)
-    os.replace(path + '.tmp', path)
+    files.write_text(path, ''.join(kept))
     logging.info('%s: dropped %d records after step %d (they are computed again)', path, dropped, step)
 
 
@@ -130,6 +129,9 @@ def _writer(root: str, main_process: bool):
   """TensorBoard on process 0. No logging writer: the progress line is the driver's own, printed once."""
   if not main_process:
     return _NoEvents()
+  if files.is_remote(root):
+    # clu's writer goes through TensorFlow's file system; a bucket gets the events through ours.
+    return events.EventWriter(root)
   try:
     # clu's writers import TensorFlow (seconds): only runs that train pay for it. Where it is not
     # installed (the GPU images the study runs on have TensorBoard but no TensorFlow) clu cannot even
@@ -147,16 +149,16 @@ def run(task: Task, *, stop_after_steps: int | None = None, return_state: bool =
   t_start = time.time()
   main_process = multihost.is_main_process()
   if main_process:
-    os.makedirs(task.root, exist_ok=True)
+    files.makedirs(task.root)
   # A file where a folder belongs, or the reverse: one clear error before Orbax or the metrics writer
   # meet it (they gave tracebacks, and a checkpoints *file* left the process hanging at exit).
   for name, want_dir, what in (('checkpoints', True, 'checkpoints (a folder)'), ('metrics.jsonl', False,
                                 'metrics (a file)'), ('export', True, 'export (a folder)')):
-    path = os.path.join(task.root, name)
-    if os.path.exists(path) and os.path.isdir(path) != want_dir:
+    path = files.join(task.root, name)
+    if files.exists(path) and files.isdir(path) != want_dir:
       raise ConfigError(f'{path} is a {"file" if want_dir else "folder"} where this run keeps its {what}; '
                         'move it away')
-  ckpt = Checkpointer(os.path.join(task.root, 'checkpoints'), max_to_keep=task.keep_checkpoints,
+  ckpt = Checkpointer(files.join(task.root, 'checkpoints'), max_to_keep=task.keep_checkpoints,
                       save_every=task.checkpoint_every)
   abstract, shardings = task.abstract_state()
   state, start = ckpt.restore_or_init(abstract, shardings, task.init)
@@ -166,7 +168,7 @@ def run(task: Task, *, stop_after_steps: int | None = None, return_state: bool =
     raise ConfigError(f'{task.steps_key}={task.total_steps}: {ckpt.directory} already holds step {start}; '
                       f'give steps >= {start} to continue this run, or another workdir')
   task.begin(start)
-  metrics_path = os.path.join(task.root, 'metrics.jsonl')
+  metrics_path = files.join(task.root, 'metrics.jsonl')
   if main_process:
     _keep_metrics_up_to(metrics_path, start if start else -1)
   writer = _writer(task.root, main_process)
@@ -174,8 +176,7 @@ def run(task: Task, *, stop_after_steps: int | None = None, return_state: bool =
 
   def write(rec: dict):
     if main_process:
-      with open(metrics_path, 'a') as f:
-        f.write(json.dumps(rec) + '\n')
+      files.append_text(metrics_path, json.dumps(rec) + '\n')
       scalars = {k: v for k, v in rec.items() if k != 'step' and isinstance(v, (int, float))}
       writer.write_scalars(rec['step'], scalars)
 

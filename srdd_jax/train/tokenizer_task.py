@@ -3,12 +3,12 @@ held-out PSNR and reconstruction grid, and export. Built from pieces the runner 
 (train/tokenizer_settings.py)."""
 from __future__ import annotations
 
-import os
 import time
 
 import jax
 from absl import logging
 
+from srdd_jax import files
 from srdd_jax.parallel import multihost
 from srdd_jax.train import driver
 from srdd_jax.train.export import export_tokenizer
@@ -32,7 +32,7 @@ class TokenizerTask(driver.Task):
     self.log_every, self.checkpoint_every, self.keep_checkpoints = s.log_every, s.checkpoint_every, s.keep_checkpoints
     self.eval_every = s.eval_every if self.held_out is not None else 0
     self.eval_at_start = True
-    self.grid_path = os.path.join(self.root, 'reconstructions.png')
+    self.grid_path = files.join(self.root, 'reconstructions.png')
     self.psnr_first = self.psnr_last = None
     self.usage_last = None
 

@@ -6,11 +6,11 @@ and the mesh are refused before anything is loaded. (The tokenizer's are train/t
 from __future__ import annotations
 
 import math
-import os
 
 import jax
 from absl import logging
 
+from srdd_jax import files
 from srdd_jax.config import ConfigError
 from srdd_jax.convert.loading import LoadedTokenizer, tokenizer_for_model
 from srdd_jax.data import pipeline, token_cache
@@ -60,7 +60,7 @@ def mesh_and_tokenizer(config) -> tuple:
   """(mesh, LoadedTokenizer at the scales of config.model.patch_nums), after the checks of the values."""
   check_ranges(config)
   t = config.train
-  if t.init_from and not os.path.isdir(t.init_from):
+  if t.init_from and not files.isdir(t.init_from):
     raise ConfigError(f'config.train.init_from={t.init_from!r} does not exist: give a transformer '
                       'directory (WORKDIR/export/step_<n> of a training run, or convert_var output)')
   mesh = pm.mesh_from_config(config)

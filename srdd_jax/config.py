@@ -347,10 +347,12 @@ def base_config(preset: str, *, num_classes: int, resolution: int = 256, mask: s
   c.optim.base_lr = r['base_lr']
   c.optim.final_fraction = r['final_fraction']
   c.optim.weight_decay_end = r['weight_decay_end']
-  # TPU pod: data parallel across hosts, parameters and optimizer state sharded 8 ways (fsdp) so d30
-  # fits in 16 GB HBM; tensor parallelism is off until widths reach several thousand.
+  # TPU pod: parameters and optimizer state sharded over every chip of a slice (fsdp -1), data parallel
+  # across slices (data -1); maxtext's default, and a mesh that builds on any slice (fsdp 8 has no
+  # v5p-8, and fits no physical axis of v5p-128's 4x4x4 torus). The batch is split over both axes.
+  # Tensor parallelism is off until widths reach several thousand.
   import ml_collections  # pylint: disable=import-outside-toplevel
-  c.mesh = ml_collections.ConfigDict({'data': -1, 'fsdp': 8, 'tensor': 1})
+  c.mesh = ml_collections.ConfigDict({'data': -1, 'fsdp': -1, 'tensor': 1})
   return c
 
 

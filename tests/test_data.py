@@ -60,8 +60,17 @@ def test_process_rows_together_equal_the_global_batch():
   assert rows_for_process(16, 1, 2) == slice(8, 16)
   with pytest.raises(DataError, match='does not split evenly'):
     rows_for_process(10, 0, 4)
-  with pytest.raises(DataError, match='contiguous slice'):
+  with pytest.raises(DataError, match='contiguous slices'):
     s.batch(3, 7, 16, slice(8, 20))
+  # A host of a TPU pod can hold scattered row blocks (v5p-64: blocks 0, 1, 4, 5 of 8): its spans give
+  # those rows, in the batch's order, and the hosts' spans together give the global batch.
+  spans = (slice(0, 2), slice(8, 10))
+  part = indexed_source(10, random_crop=True, flip=True).batch(3, 7, 16, spans)
+  np.testing.assert_array_equal(part[0], images[np.r_[0:2, 8:10]])
+  np.testing.assert_array_equal(part[1], labels[np.r_[0:2, 8:10]])
+  for bad in ((slice(8, 10), slice(0, 2)), (slice(0, 4), slice(2, 6)), ()):
+    with pytest.raises(DataError, match='rows='):
+      s.batch(3, 7, 16, bad)
 
 
 def test_crop_and_flip_depend_on_seed_step_and_position():

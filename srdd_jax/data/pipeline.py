@@ -37,11 +37,11 @@ Synthetic images are generated at image_size; resize, crop and flip do not apply
 """
 from __future__ import annotations
 
-import os
 import socket
 
 from absl import logging
 
+from srdd_jax import files
 from srdd_jax.config import DEFAULTS as DEFAULTS_ALL
 from srdd_jax.data import digits, idx, tfds_source
 from srdd_jax.data.arrays import ArraySource
@@ -78,7 +78,7 @@ class SyntheticSource(ImageSource):
   def decode(self, index: int, seed: int, step: int, position: int):
     return self.load(index)
 
-  def iterator(self, seed: int, start_step: int, global_batch: int, rows: slice | None = None):
+  def iterator(self, seed: int, start_step: int, global_batch: int, rows=None):
     # Images computed from their index need no decoding threads: skipping tf.data keeps smoke runs and
     # their subprocesses free of TensorFlow's start-up.
     step = start_step
@@ -119,7 +119,7 @@ def _network_reachable(address: tuple[str, int], timeout: float = 3.0) -> bool:
 
 def _fashion_mnist(o: dict, preprocessing: dict) -> ImageSource:
   idx_dir = o['idx_dir']
-  if idx_dir and os.path.isdir(idx_dir):
+  if idx_dir and files.isdir(idx_dir):
     images, labels = idx.load_fashion_mnist(idx_dir, o['split'])
     return ArraySource(images, labels, len(idx.CLASSES), name_prefix=f'fashion_mnist/{o["split"]}',
                        description=f'Fashion-MNIST {o["split"]} from IDX files in {idx_dir} ({len(images)} '

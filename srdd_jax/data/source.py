@@ -37,6 +37,27 @@ def augmentation_draws(seed: int, step: int, position: int) -> np.ndarray:
   return np.random.default_rng([seed, step, position, AUG_TAG]).random(3)
 
 
+def row_positions(global_batch: int, rows=None) -> np.ndarray:
+  """Positions in the global batch that `rows` names: None (all of it), a slice, or a sequence of
+  disjoint increasing slices (a process's spans on a mesh laid out by the interconnect, where a host can
+  hold blocks 0, 1, 4 and 5 of the batch). The loaded rows are their concatenation, in this order."""
+  if global_batch < 1:
+    raise DataError(f'global_batch must be >= 1, got {global_batch}')
+  spans = [slice(0, global_batch)] if rows is None else [rows] if isinstance(rows, slice) else list(rows)
+  out, end = [], 0
+  for r in spans:
+    start = 0 if r.start is None else r.start
+    stop = global_batch if r.stop is None else r.stop
+    if r.step not in (None, 1) or not end <= start < stop <= global_batch:
+      raise DataError(f'rows={rows} must be non-empty, increasing, disjoint contiguous slices of '
+                      f'[0, {global_batch}) (the global batch)')
+    out.append(np.arange(start, stop))
+    end = stop
+  if not out:
+    raise DataError(f'rows={rows} names no row of the global batch')
+  return np.concatenate(out)
+
+
 class Unreadable(Exception):
   """Raised by a source's `load` for an example whose bytes cannot be read or decoded."""
 
@@ -122,31 +143,18 @@ class ImageSource:
     raise DataError(f'{self.description}: none of the {self.num_examples} examples is readable')
 
   # --- batches ---
-  def _rows(self, global_batch: int, rows: slice | None) -> tuple[int, int]:
-    if global_batch < 1:
-      raise DataError(f'global_batch must be >= 1, got {global_batch}')
-    if rows is None:
-      return 0, global_batch
-    start = 0 if rows.start is None else rows.start
-    stop = global_batch if rows.stop is None else rows.stop
-    if rows.step not in (None, 1) or not 0 <= start < stop <= global_batch:
-      raise DataError(f'rows={rows} must be a non-empty contiguous slice of [0, {global_batch}) '
-                      '(the global batch)')
-    return start, stop
-
-  def batch(self, seed: int, step: int, global_batch: int, rows: slice | None = None):
-    """Rows [rows.start, rows.stop) of the global batch of `step` (all of it for None): images float32
-    (n, S, S, 3) in [-1, 1] and labels int32 (n,)."""
-    start, stop = self._rows(global_batch, rows)
-    pairs = [self.example(seed, step, p, global_batch) for p in range(start, stop)]
+  def batch(self, seed: int, step: int, global_batch: int, rows=None):
+    """The rows `rows` (None: all; a slice; or a process's spans, see `row_positions`) of the global batch
+    of `step`: images float32 (n, S, S, 3) in [-1, 1] and labels int32 (n,)."""
+    pairs = [self.example(seed, step, int(p), global_batch) for p in row_positions(global_batch, rows)]
     return np.stack([p[0] for p in pairs]), np.array([p[1] for p in pairs], np.int32)
 
   def iterator(self, seed: int, start_step: int, global_batch: int,
-               rows: slice | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+               rows=None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """batch(seed, s, global_batch, rows) for s = start_step, start_step+1, ..., decoded by tf.data on
     parallel threads (PIL releases the GIL while decoding and resizing) and prefetched."""
-    start, stop = self._rows(global_batch, rows)
-    n, size = stop - start, self.image_size
+    positions = row_positions(global_batch, rows)
+    n, size = len(positions), self.image_size
     # Deferred: TensorFlow takes seconds to import and only this path needs it.
     import tensorflow as tf  # pylint: disable=import-outside-toplevel
     try:  # Keep TensorFlow off accelerators that JAX owns.
@@ -156,7 +164,7 @@ class ImageSource:
 
     def one(j):
       step, p = divmod(int(j), n)
-      return self.example(seed, start_step + step, start + p, global_batch)
+      return self.example(seed, start_step + step, int(positions[p]), global_batch)
 
     def load(j):
       image, label = tf.numpy_function(one, [j], (tf.float32, tf.int32))

@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import time
 import zipfile
 
@@ -27,7 +26,8 @@ import jax
 import numpy as np
 from absl import logging
 
-from srdd_jax.data.source import DataError, Unreadable, augmentation_draws
+from srdd_jax import files
+from srdd_jax.data.source import DataError, Unreadable, augmentation_draws, row_positions
 
 MANIFEST = 'manifest.json'
 FORMAT = 2  # 2: every shard records its writer. 1 (no record) is still read, unverified.
@@ -45,7 +45,7 @@ def params_hash(params) -> str:
 
 
 def _shard_path(directory: str, i: int) -> str:
-  return os.path.join(directory, f'shard_{i:05d}.npz')
+  return files.join(directory, f'shard_{i:05d}.npz')
 
 
 def write(directory: str, source, encode, *, tokenizer_hash: str, tokenizer_checkpoint: str, patch_nums,
@@ -55,14 +55,14 @@ def write(directory: str, source, encode, *, tokenizer_hash: str, tokenizer_chec
   `max_examples` (> 0), into `directory`. `encode(images (n, S, S, 3) in [-1, 1]) -> ids (n, L)`.
   Process p writes the shards i with i % process_count == p; process 0 writes the manifest once all
   shards exist."""
-  manifest_path = os.path.join(directory, MANIFEST)
-  if os.path.exists(manifest_path):
+  manifest_path = files.join(directory, MANIFEST)
+  if files.exists(manifest_path):
     raise DataError(f'{directory} already holds a complete token cache ({manifest_path}); it is never '
                     'overwritten: choose another config.tokenize.out_dir or delete it yourself')
   if source.random_crop or source.flip:
     raise DataError('the token cache is written from center crops without random flips: build the source '
                     'with train=False')
-  os.makedirs(directory, exist_ok=True)
+  files.makedirs(directory)
   n = min(source.num_examples, max_examples) if max_examples > 0 else source.num_examples
   num_shards = math.ceil(n / shard_size)
   dtype = np.uint16 if vocab_size <= 1 << 16 else np.int32
@@ -74,7 +74,7 @@ def write(directory: str, source, encode, *, tokenizer_hash: str, tokenizer_chec
     lo, hi = i * shard_size, min(n, (i + 1) * shard_size)
     writer = {'tokenizer_hash': tokenizer_hash, 'patch_nums': [int(p) for p in patch_nums], 'flips': bool(flips),
               'shard_size': int(shard_size), 'count': n, 'examples': [lo, hi]}
-    if os.path.exists(path):  # Written by an earlier, interrupted run: complete by construction ...
+    if files.exists(path):  # Written by an earlier, interrupted run: complete by construction ...
       _check_writer(path, writer)  # ... but perhaps by another tokenizer or with other settings.
       done += 1
       continue
@@ -96,10 +96,8 @@ def write(directory: str, source, encode, *, tokenizer_hash: str, tokenizer_chec
                      sum(min(n, (j + 1) * shard_size) - j * shard_size for j in mine), process_index, rate,
                      (n / process_count - todo) / max(rate, 1e-9))
         last = time.time()
-    tmp = path + '.tmp.npz'
-    np.savez(tmp, ids=np.concatenate(ids), labels=np.concatenate(labels).astype(np.int32),
-             index=np.concatenate(index), writer=np.array(json.dumps(writer)))
-    os.replace(tmp, path)
+    files.save_npz(path, ids=np.concatenate(ids), labels=np.concatenate(labels).astype(np.int32),
+                   index=np.concatenate(index), writer=np.array(json.dumps(writer)))
   seconds = time.time() - t0
   sync('token-cache-shards')
   manifest = {
@@ -110,20 +108,17 @@ def write(directory: str, source, encode, *, tokenizer_hash: str, tokenizer_chec
       'skipped': int(source.skipped), 'created': time.strftime('%Y-%m-%dT%H:%M:%S%z'),
   }
   if process_index == 0:
-    missing = [i for i in range(num_shards) if not os.path.exists(_shard_path(directory, i))]
+    missing = [i for i in range(num_shards) if not files.exists(_shard_path(directory, i))]
     if missing:
       raise DataError(f'{directory}: shards {missing[:5]} are missing after tokenization')
-    tmp = manifest_path + '.tmp'
-    with open(tmp, 'w') as f:
-      json.dump(manifest, f, indent=1)
-    os.replace(tmp, manifest_path)
+    files.write_json(manifest_path, manifest)  # Last: the manifest is the cache's commit.
   sync('token-cache-manifest')
   return {'examples': todo, 'shards_written': len(mine) - done, 'shards_kept': done,
           'seconds': round(seconds, 2), 'images_per_s': round(todo * (2 if flips else 1) / max(seconds, 1e-9), 2)}
 
 
 def _shard_writer(path: str) -> dict | None:
-  with np.load(path) as z:
+  with files.np_load(path) as z:
     return json.loads(str(z['writer'])) if 'writer' in z.files else None
 
 
@@ -169,15 +164,14 @@ class TokenCache:
 
   def __init__(self, directory: str, *, tokenizer_hash: str | None = None, patch_nums=None,
                key: str = 'config.data.token_cache'):
-    path = os.path.join(directory, MANIFEST)
-    if not os.path.isdir(directory):
+    path = files.join(directory, MANIFEST)
+    if not files.isdir(directory):
       raise DataError(f'{key}={directory!r} does not exist (write it with --mode=tokenize)')
-    if not os.path.exists(path):
+    if not files.exists(path):
       raise DataError(f'{key}={directory!r} has no {MANIFEST}: the cache is incomplete; run --mode=tokenize '
                       'again to finish it')
     try:
-      with open(path) as f:
-        self.manifest = m = json.load(f)
+      self.manifest = m = files.read_json(path)
     except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors.
       raise DataError(f'{key}={directory!r}: {path} is unreadable ({type(e).__name__}: {e}); write the cache '
                       'again with --mode=tokenize into a new directory') from None
@@ -200,7 +194,7 @@ class TokenCache:
     ids, labels = [], []
     for i in range(m['num_shards']):
       try:
-        with np.load(_shard_path(directory, i)) as z:
+        with files.np_load(_shard_path(directory, i)) as z:
           ids.append(z['ids'])
           labels.append(z['labels'])
           writer = json.loads(str(z['writer'])) if 'writer' in z.files else None
@@ -229,12 +223,12 @@ class TokenCache:
       self._perms[epoch] = np.random.default_rng([seed, epoch]).permutation(self.num_examples)
     return self._perms[epoch]
 
-  def batch(self, seed: int, step: int, global_batch: int, rows: slice | None = None):
-    """Rows of the global batch of `step`: token ids (n, L) int32 and labels (n,) int32; the same
-    examples, in the same order, as the image source gives for (seed, step)."""
-    rows = rows or slice(0, global_batch)
+  def batch(self, seed: int, step: int, global_batch: int, rows=None):
+    """Rows of the global batch of `step` (None, a slice or spans: source.row_positions): token ids
+    (n, L) int32 and labels (n,) int32; the same examples, in the same order, as the image source gives
+    for (seed, step)."""
     out_ids, out_labels = [], []
-    for p in range(rows.start or 0, global_batch if rows.stop is None else rows.stop):
+    for p in map(int, row_positions(global_batch, rows)):
       epoch, k = divmod(step * global_batch + p, self.num_examples)
       i = int(self._perm(seed, epoch)[k])
       copy = 0
@@ -244,7 +238,7 @@ class TokenCache:
       out_labels.append(self.labels[i])
     return np.stack(out_ids).astype(np.int32), np.asarray(out_labels, np.int32)
 
-  def iterator(self, seed: int, start_step: int, global_batch: int, rows: slice | None = None):
+  def iterator(self, seed: int, start_step: int, global_batch: int, rows=None):
     step = start_step
     while True:
       yield self.batch(seed, step, global_batch, rows)

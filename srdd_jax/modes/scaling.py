@@ -33,7 +33,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import shlex
 import time
 
@@ -42,6 +41,7 @@ import numpy as np
 from absl import logging
 from scipy.optimize import curve_fit
 
+from srdd_jax import files
 from srdd_jax.config import ConfigError, with_defaults
 from srdd_jax.convert import params_io
 from srdd_jax.evaluation.plot import Chart
@@ -120,12 +120,12 @@ def apply_overrides(config, overrides: dict):
 
 def shared_paths(config, root: str, examples) -> dict:
   """Where the shared stages put (or found) the tokenizer and the token caches."""
-  tok = config.tokenizer.checkpoint or os.path.join(root, 'tokenizer', 'params')
+  tok = config.tokenizer.checkpoint or files.join(root, 'tokenizer', 'params')
   given_cache = config.data.token_cache
-  caches = {n: (given_cache if given_cache and not n else os.path.join(root, 'tokens', f'train_{n or "all"}'))
+  caches = {n: (given_cache if given_cache and not n else files.join(root, 'tokens', f'train_{n or "all"}'))
             for n in examples}
   return {'tokenizer': tok, 'tokenizer_given': bool(config.tokenizer.checkpoint), 'train_caches': caches,
-          'heldout_cache': os.path.join(root, 'tokens', 'heldout')}
+          'heldout_cache': files.join(root, 'tokens', 'heldout')}
 
 
 def point_config(config, root: str, p: Point, paths: dict, heldout_examples: int):
@@ -143,7 +143,7 @@ def launch_command(python: str, config_spec: str, cli_overrides, root: str, p: P
   keys = {**point_overrides(p), 'tokenizer.checkpoint': paths['tokenizer'],
           'data.token_cache': paths['train_caches'][p.examples], 'train.heldout_cache': paths['heldout_cache'],
           'train.heldout_examples': heldout_examples}
-  return ([python, '-m', 'srdd_jax.main', f'--config={config_spec}', f'--workdir={os.path.join(root, "points", p.name)}',
+  return ([python, '-m', 'srdd_jax.main', f'--config={config_spec}', f'--workdir={files.join(root, "points", p.name)}',
            '--mode=train', *cli_overrides] + [f'--config.{k}={v}' for k, v in keys.items()])
 
 
@@ -159,23 +159,20 @@ def analytic(var_config, batch: int, steps: int) -> dict:
 
 def _var_config(c):
   tok = c.tokenizer.checkpoint
-  vq = params_io.load_vqvae(tok)[0] if tok and os.path.isdir(tok) else tokenizer_config(c)
+  vq = params_io.load_vqvae(tok)[0] if tok and files.isdir(tok) else tokenizer_config(c)
   vq = dataclasses.replace(vq, patch_nums=tuple(c.model.patch_nums))
   return var_config(c, vq.vocab_size, vq.z_channels), vq
 
 
-def compiled_memory(c, topology: str = '', mesh_shape=None) -> dict:
+def compiled_memory(c, topology: str = '') -> dict:
   """Per-chip bytes and XLA's FLOPs of the point's train step, compiled from abstract state (nothing is
-  allocated): on this host's devices, or for a TPU topology (AOT, libtpu)."""
+  allocated) on the point's own mesh (config.mesh, as the launched run builds it): on this host's
+  devices, or for a TPU topology (AOT, libtpu)."""
   vc, vq = _var_config(c)
   batch = int(c.train.global_batch)
-  if topology:
-    devices = topology_devices(topology, '--topology')
-    mesh = pm.make_mesh(mesh_shape or (-1, 1, 1), devices)
-  else:
-    devices = jax.devices()
-    mesh = pm.mesh_from_config(c)
+  devices = topology_devices(topology, '--topology') if topology else jax.devices()
   rules = 'fsdp' if pm.rules_from_config(c) == pm.DEFAULT_RULES else None
+  mesh = pm.mesh_from_config(c, devices if topology else None)  # A mesh that cannot be: ConfigError, exit 2.
   try:
     trainer = Trainer(vc, vq, OptimConfig(peak_lr=1e-4, total_steps=1000), mesh, rules=rules_for(rules or 'fsdp'))
     compiled, compile_s = aot_train_step(trainer, unbox(Tokenizer(vq).abstract_params()), batch)
@@ -189,6 +186,11 @@ def compiled_memory(c, topology: str = '', mesh_shape=None) -> dict:
 def plan(config, config_spec: str, cli_overrides, root: str, points, *, heldout_examples: int,
          topology: str = '', mesh_shape=None, memory: bool = True, python: str = 'python',
          heldout_split: str = 'test') -> dict:
+  if mesh_shape:
+    # The plan prices the mesh its launched points will use: the override reaches both.
+    mesh = dict(zip(pm.MESH_AXES, (int(v) for v in mesh_shape)))
+    config = apply_overrides(config, {f'mesh.{k}': v for k, v in mesh.items()})
+    cli_overrides = [*cli_overrides, *(f'--config.mesh.{k}={v}' for k, v in mesh.items())]
   paths = shared_paths(config, root, _dedupe(p.examples for p in points))
   rows = []
   for i, p in enumerate(points):
@@ -196,12 +198,12 @@ def plan(config, config_spec: str, cli_overrides, root: str, points, *, heldout_
     vc, _ = _var_config(c)
     row = {'name': p.name, **dataclasses.asdict(p), 'batch': int(c.train.global_batch),
            'seq_len': vc.seq_len, **analytic(vc, int(c.train.global_batch), p.steps),
-           'workdir': os.path.join(root, 'points', p.name),
+           'workdir': files.join(root, 'points', p.name),
            'command': launch_command(python, config_spec, cli_overrides, root, p, paths, heldout_examples)}
     if memory:
       logging.info('plan: compiling the train step of %s (%d/%d)%s', p.name, i + 1, len(points),
                    f' for {topology}' if topology else '')
-      row['memory'] = compiled_memory(c, topology, mesh_shape)
+      row['memory'] = compiled_memory(c, topology)
     rows.append(row)
   prepare = [python, '-m', 'srdd_jax.scaling', 'prepare', f'--config={config_spec}', f'--workdir={root}',
              *sweep_flags(points), f'--heldout_examples={heldout_examples}', f'--heldout_split={heldout_split}',
@@ -234,11 +236,10 @@ def plan_table(p: dict) -> str:
 
 
 def load_plan(root: str) -> dict:
-  path = os.path.join(root, 'plan.json')
-  if not os.path.isfile(path):
+  path = files.join(root, 'plan.json')
+  if not files.isfile(path):
     raise ConfigError(f'--workdir={root!r} holds no plan.json: run `python -m srdd_jax.scaling plan` first')
-  with open(path) as f:
-    p = json.load(f)
+  p = files.read_json(path)
   if p.get('format') != FORMAT:
     raise ConfigError(f'{path}: format {p.get("format")!r}, this version reads {FORMAT}')
   return p
@@ -269,7 +270,7 @@ def run_points(config, root: str, points, *, heldout_examples: int, prepare_only
       c.tokenize.update(out_dir=out_dir, split=split, max_examples=max_examples)
       logging.info('scaling: token cache %s (%s split, %s examples)', out_dir, split, max_examples or 'all')
       return tokenize.run(c, root)
-    units(f'token cache {os.path.basename(out_dir)}', fn, output=os.path.join(out_dir, 'manifest.json'))
+    units(f'token cache {files.basename(out_dir)}', fn, output=files.join(out_dir, 'manifest.json'))
   for n, d in paths['train_caches'].items():
     if d != base.data.token_cache:  # A cache the config gives is used as it is.
       cache(d, 'train', n)
@@ -278,7 +279,7 @@ def run_points(config, root: str, points, *, heldout_examples: int, prepare_only
     return []
   out = []
   for i, p in enumerate(points):
-    wd = os.path.join(root, 'points', p.name)
+    wd = files.join(root, 'points', p.name)
 
     def point(p=p, wd=wd):
       s = train.run(point_config(base, root, p, paths, heldout_examples), wd)
@@ -297,10 +298,10 @@ def run_points(config, root: str, points, *, heldout_examples: int, prepare_only
 
 def last_heldout(metrics_path: str) -> dict | None:
   """The held-out record of the last step that has one."""
-  if not os.path.isfile(metrics_path):
+  if not files.isfile(metrics_path):
     return None
   best = None
-  with open(metrics_path) as f:
+  with files.open(metrics_path) as f:
     for line in f:
       r = json.loads(line)
       if 'heldout_loss' in r and (best is None or r['step'] >= best['step']):
@@ -337,7 +338,7 @@ def collect(root: str) -> list[dict]:
   p = load_plan(root)
   rows = []
   for r in p['points']:
-    h = last_heldout(os.path.join(r['workdir'], 'metrics.jsonl'))
+    h = last_heldout(files.join(r['workdir'], 'metrics.jsonl'))
     if h is None:
       logging.warning('scaling fit: %s has no held-out loss in %s/metrics.jsonl (not run yet?): left out',
                       r['name'], r['workdir'])
@@ -366,10 +367,9 @@ def fit(root: str) -> dict:
     except (ValueError, RuntimeError) as e:
       fits[mask] = {'error': str(e), 'points': len(mine)}
   out = {'format': FORMAT, 'workdir': root, 'runs': rows, 'fits': fits,
-         'outputs': {k: os.path.join(root, f'scaling.{k}') for k in ('json', 'md', 'png')}}
+         'outputs': {k: files.join(root, f'scaling.{k}') for k in ('json', 'md', 'png')}}
   write_json(out['outputs']['json'], out)
-  with open(out['outputs']['md'], 'w') as f:
-    f.write(fit_markdown(out))
+  files.write_text(out['outputs']['md'], fit_markdown(out))
   plot(rows, fits, out['outputs']['png'])
   return out
 

@@ -128,15 +128,16 @@ def needed_bytes(memory: dict | None) -> int | None:
 FIT_FRACTION = 0.8  # Headroom for the runtime, fragmentation and what XLA's analysis leaves out.
 
 
-def topology_devices(topology: str, flag: str = '--aot'):
-  """The devices of a TPU topology ('v5e:2x2', 'v5p:2x2x2'), described without any TPU attached; errors
-  name `flag`, the command-line flag that gave the topology."""
+def topology_devices(topology: str, flag: str = '--aot', num_slices: int = 1):
+  """The devices of a TPU topology ('v5e:2x2', 'v5p:2x2x2'; `num_slices` of them joined by the data-centre
+  network), described without any TPU attached; errors name `flag`, what gave the topology."""
   # libtpu takes a machine-wide lockfile when it loads, so while any other JAX process runs here (a
   # training job, the test suite) the description fails with ABORTED. Compiling ahead of time touches no
   # TPU, so sharing the library is safe; the variable is read when libtpu loads, i.e. on the first call.
   os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
   try:
-    desc = topologies.get_topology_desc(platform='tpu', topology_name=topology)
+    extra = {'num_slices': num_slices} if num_slices > 1 else {}
+    desc = topologies.get_topology_desc(platform='tpu', topology_name=topology, **extra)
   except Exception as e:  # pylint: disable=broad-except
     raise ConfigError(f'{flag} {topology!r}: cannot describe this TPU topology ({type(e).__name__}: '
                       f'{str(e).splitlines()[0] if str(e) else ""}); is libtpu installed '

@@ -4,11 +4,14 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import math
+import os
 from typing import Mapping, Sequence
 
 import flax.linen as nn
 import jax
 import numpy as np
+from absl import logging
+from jax.experimental import mesh_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
 from srdd_jax.config import ConfigError
@@ -43,17 +46,29 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
 )
 
 
-def resolve_mesh_shape(shape: Mapping[str, int] | Sequence[int], num_devices: int) -> tuple[int, ...]:
-  """Fills a single -1 so the product equals `num_devices`; errors name the offending axis."""
+def resolve_mesh_shape(shape: Mapping[str, int] | Sequence[int], num_devices: int,
+                       num_slices: int = 1) -> tuple[int, ...]:
+  """Fills the -1 sizes so the product equals `num_devices`; errors name the offending axis.
+
+  One -1 takes what the other axes leave. data and fsdp both -1 is the pod default (maxtext's): fsdp
+  spans every chip of a slice and data goes across the `num_slices` slices (1 on one slice or a GPU
+  host), so parameters are sharded as finely as the interconnect allows on any slice size.
+  """
   sizes = [int(shape[a]) for a in MESH_AXES] if isinstance(shape, Mapping) else [int(s) for s in shape]
   if len(sizes) != len(MESH_AXES):
     raise ValueError(f'mesh shape {tuple(sizes)} must give one size per axis {MESH_AXES}')
-  fill = [i for i, s in enumerate(sizes) if s == -1]
-  if len(fill) > 1:
-    raise ValueError(f'mesh shape {tuple(sizes)}: at most one axis may be -1')
   for a, s in zip(MESH_AXES, sizes):
     if s == 0 or s < -1:
       raise ValueError(f'mesh axis {a!r} has size {s}; sizes are positive or -1 (fill)')
+  fill = [i for i, s in enumerate(sizes) if s == -1]
+  if fill == [0, 1]:
+    if num_devices % (num_slices * sizes[2]):
+      raise ValueError(f'mesh shape {tuple(sizes)}: {num_devices} devices in {num_slices} slice(s) are not '
+                       f'divisible by tensor={sizes[2]} per slice')
+    return (num_slices, num_devices // (num_slices * sizes[2]), sizes[2])
+  if len(fill) > 1:
+    raise ValueError(f'mesh shape {tuple(sizes)}: at most one axis may be -1 (or data and fsdp both: fsdp '
+                     'over each slice, data across slices)')
   known = math.prod(s for s in sizes if s != -1)
   if fill:
     if num_devices % known:
@@ -65,16 +80,86 @@ def resolve_mesh_shape(shape: Mapping[str, int] | Sequence[int], num_devices: in
   return tuple(sizes)
 
 
-def make_mesh(shape: Mapping[str, int] | Sequence[int] = (-1, 1, 1), devices=None) -> jax.sharding.Mesh:
-  devices = jax.devices() if devices is None else list(devices)
-  sizes = resolve_mesh_shape(shape, len(devices))
-  axis_type = getattr(jax.sharding, 'AxisType', None)
+def num_slices(devices) -> int:
+  """Slices (TPU pods joined by the data-centre network) among `devices`; 1 where there is no such notion."""
+  return len({getattr(d, 'slice_index', 0) or 0 for d in devices})
+
+
+# Set to a TPU topology ('v5p:2x4x4', or 'v5p:2x2x2,slices=2'), CPU processes order their devices as
+# JAX orders that pod's chips: each process plays one host (its local devices, the host's chips), so a
+# multi-process CPU run meets the host row layout, collectives and resume of the pod. A rehearsal aid;
+# unset on real hardware.
+ENV_REHEARSE = 'SRDD_REHEARSE_TOPOLOGY'
+
+
+def device_grid(sizes: Sequence[int], devices) -> np.ndarray:
+  """`devices` as a (data, fsdp, tensor) array, laid out by JAX's device-mesh builder (the interconnect's
+  rings on TPU). Several slices (devices with distinct slice_index) put `data` across slices, over the
+  data-centre network, and the rest inside each slice. An axis that fits no physical axis of the torus
+  (fsdp 8 on a 4x4x4 v5p-128) is laid over split physical axes rather than refused."""
+  sizes = tuple(int(s) for s in sizes)
+  slices = sorted({getattr(d, 'slice_index', 0) or 0 for d in devices})
+  if len(slices) > 1:
+    if sizes[0] % len(slices):
+      raise ValueError(f'mesh axis data={sizes[0]} must be a multiple of the {len(slices)} slices: data is the '
+                       'axis across slices (fsdp and tensor stay inside one)')
+    ici = (sizes[0] // len(slices),) + sizes[1:]
+    build = lambda split: mesh_utils.create_hybrid_device_mesh(ici, (len(slices), 1, 1), devices,
+                                                               allow_split_physical_axes=split)
+  else:
+    build = lambda split: mesh_utils.create_device_mesh(sizes, devices, allow_split_physical_axes=split)
   try:
-    if axis_type is None:
-      raise TypeError('this JAX has no axis types')
-    return jax.make_mesh(sizes, MESH_AXES, axis_types=(axis_type.Auto,) * len(MESH_AXES), devices=devices)
-  except TypeError:  # Older JAX: no axis types, every axis is auto.
-    return jax.sharding.Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
+    return build(False)
+  except NotImplementedError:
+    try:
+      grid = build(True)
+    except (NotImplementedError, ValueError, AssertionError) as e:
+      raise ValueError(f'mesh {dict(zip(MESH_AXES, sizes))} cannot be laid out on these {len(devices)} '
+                       f'{devices[0].device_kind} devices ({str(e).splitlines()[0][:200]})') from None
+    logging.info('mesh %s: an axis spans split physical axes of the torus (no axis of it has that size)',
+                 dict(zip(MESH_AXES, sizes)))
+    return grid
+
+
+def rehearsal_devices(topology: str, devices) -> np.ndarray:
+  """For ENV_REHEARSE: the TPU devices of `topology` (libtpu's description: coordinates, host of each
+  chip, slice), and `devices` matched to them host by host (process p's i-th device by id plays host p's
+  i-th chip by id). Returns (tpu devices, the real device each stands for)."""
+  from srdd_jax.parallel.compile import topology_devices  # pylint: disable=import-outside-toplevel
+  name, _, opts = topology.partition(',')
+  slices = 1
+  if opts:
+    key, _, value = opts.partition('=')
+    if key != 'slices' or not value.isdigit() or int(value) < 1:
+      raise ValueError(f'{ENV_REHEARSE}={topology!r}: expected TOPOLOGY or TOPOLOGY,slices=N')
+    slices = int(value)
+  tpu = topology_devices(name, ENV_REHEARSE, num_slices=slices)
+  by_host = lambda ds: {p: sorted((d for d in ds if d.process_index == p), key=lambda d: d.id)
+                        for p in sorted({d.process_index for d in ds})}
+  tpu_hosts, hosts = by_host(tpu), by_host(devices)
+  shape = lambda h: [len(v) for v in h.values()]
+  if shape(tpu_hosts) != shape(hosts):
+    raise ValueError(f'{ENV_REHEARSE}={topology!r}: {len(tpu_hosts)} hosts of {shape(tpu_hosts)[0]} chips, but '
+                     f'this run has {len(hosts)} processes with {shape(hosts)} devices')
+  stand_in = {t.id: d for p in hosts for t, d in zip(tpu_hosts[p], hosts[p])}
+  return tpu, stand_in
+
+
+def make_mesh(shape: Mapping[str, int] | Sequence[int] = (-1, 1, 1), devices=None) -> jax.sharding.Mesh:
+  rehearse = os.environ.get(ENV_REHEARSE) if devices is None else None
+  devices = jax.devices() if devices is None else list(devices)
+  tpu, stand_in = rehearsal_devices(rehearse, devices) if rehearse else (None, None)
+  sizes = resolve_mesh_shape(shape, len(devices), num_slices(tpu or devices))
+  if rehearse:
+    grid = np.vectorize(lambda t: stand_in[t.id], otypes=[object])(device_grid(sizes, tpu))
+    logging.info('mesh %s: devices ordered as JAX orders the chips of %s (%s)', dict(zip(MESH_AXES, sizes)),
+                 rehearse, ENV_REHEARSE)
+  else:
+    grid = device_grid(sizes, devices)
+  axis_type = getattr(jax.sharding, 'AxisType', None)
+  if axis_type is None:  # Older JAX: no axis types, every axis is auto.
+    return jax.sharding.Mesh(grid, MESH_AXES)
+  return jax.sharding.Mesh(grid, MESH_AXES, axis_types=(axis_type.Auto,) * len(MESH_AXES))
 
 
 def param_shardings(abstract_boxed_params, mesh, rules=DEFAULT_RULES):

@@ -82,8 +82,8 @@ class ShardedTrainer:
     """Places a global host batch on the mesh (single process)."""
     return jax.device_put(batch, self.batch_sharding)
 
-  def local_rows(self, global_batch: int) -> slice:
-    """The rows of each global batch that this process loads."""
+  def local_rows(self, global_batch: int) -> tuple[slice, ...]:
+    """The rows of each global batch that this process loads: its spans, in the batch's order."""
     return multihost.local_rows(self.batch_sharding, global_batch)
 
   def assemble_batch(self, local: dict, global_batch: int) -> dict:

@@ -2,12 +2,11 @@
 originals over reconstructions."""
 from __future__ import annotations
 
-import os
 
 import jax
 import numpy as np
-from PIL import Image
 
+from srdd_jax import files
 from srdd_jax.data.images import signed_to_uint8
 from srdd_jax.parallel import mesh as pm
 from srdd_jax.parallel import multihost
@@ -50,7 +49,7 @@ class HeldOut:
     reconstructions as numpy)."""
     errors, hits, first = [], [], None
     for i in range(0, self.padded, self.batch):
-      local = self.images(i + self.rows.start, i + self.rows.stop)
+      local = np.concatenate([self.images(i + r.start, i + r.stop) for r in self.rows])
       batch = self.trainer.assemble_batch({'images': local}, self.batch)['images']
       err, recon, h = self.fn(params, batch)
       errors.append(np.asarray(jax.device_get(err)))
@@ -79,11 +78,9 @@ def code_usage(hits) -> dict:
 
 def _write_grid(path: str, originals, recons) -> np.ndarray:
   """Originals on top, reconstructions below, one column per image."""
-  from PIL import Image  # pylint: disable=import-outside-toplevel
   u8 = lambda x: np.asarray(np.clip(np.round((np.asarray(x) + 1) * 127.5), 0, 255), np.uint8)
   grid = np.concatenate([np.concatenate(list(u8(originals)), 1), np.concatenate(list(u8(recons)), 1)], 0)
-  Image.fromarray(grid).save(path + '.tmp.png')
-  os.replace(path + '.tmp.png', path)
+  files.save_image(path, grid)
   return grid
 
 
@@ -91,6 +88,5 @@ def write_grid(path: str, originals, recons) -> np.ndarray:
   """Originals on top, reconstructions below, one column per image; written atomically."""
   grid = np.concatenate([np.concatenate(list(signed_to_uint8(originals)), 1),
                          np.concatenate(list(signed_to_uint8(recons)), 1)], 0)
-  Image.fromarray(grid).save(path + '.tmp.png')
-  os.replace(path + '.tmp.png', path)
+  files.save_image(path, grid)
   return grid

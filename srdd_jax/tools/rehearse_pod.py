@@ -93,6 +93,7 @@ def rehearse(topology: str, slices: int, workdir: str, steps: int, global_batch:
   data, fsdp, tensor = mesh.split(',')
   args = [*SMOKE, f'--config.train.steps={steps}', f'--config.train.checkpoint_every={steps}',
           f'--config.train.global_batch={global_batch}', f'--config.tokenizer.checkpoint={vae}',
+          f'--config.data.num_examples={max(64, 2 * global_batch)}',
           f'--config.mesh.data={data}', f'--config.mesh.fsdp={fsdp}', f'--config.mesh.tensor={tensor}', *extra]
   env = dict(os.environ, PYTHON=python, JAX_PLATFORMS='cpu')
   env.pop(_ENV_REHEARSE, None)

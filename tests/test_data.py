@@ -209,6 +209,8 @@ def test_corrupt_files_are_skipped_counted_and_logged(tmp_path, caplog):
   fresh = build_source(config, 8, train=False)
   np.testing.assert_array_equal(next(fresh.iterator(4, 0, 8))[0], images)  # Same batch on tf.data threads.
   assert fresh.skipped == 2
+  spans = (slice(1, 3), slice(5, 7))  # A pod host's scattered rows, on tf.data threads too.
+  np.testing.assert_array_equal(next(fresh.iterator(4, 0, 8, spans))[0], images[[1, 2, 5, 6]])
 
 
 def test_folder_errors_name_the_key_and_path(tmp_path):

@@ -236,6 +236,10 @@ def test_plan_compiles_each_point_for_a_tpu_topology(tiny_study):
   assert 'error' not in mem, mem['error']
   assert p['topology'] == 'v5e:2x2' and mem['chips'] == 4 and 'TPU' in mem['device_kind'], mem
   assert mem['per_chip_bytes'] > 0 and mem['xla_flops'] > 0 and mem['fits'] is True
+  # The mesh it priced is the one the launched point builds: --mesh reaches the point's command.
+  assert mem['mesh'] == {'data': 1, 'fsdp': 4, 'tensor': 1}, mem
+  command = p['points'][0]['command']
+  assert {'--config.mesh.data=1', '--config.mesh.fsdp=-1', '--config.mesh.tensor=1'} <= set(command), command
 
 
 def test_an_unknown_topology_names_the_flag_that_gave_it():

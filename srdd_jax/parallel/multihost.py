@@ -15,6 +15,9 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
+from srdd_jax.config import ConfigError
+from srdd_jax.parallel import pod
+
 # Environment variables that request a multi-process start when the flags are not given (handy for
 # launchers that can set the environment but not the command line).
 ENV_COORDINATOR = 'SRDD_COORDINATOR_ADDRESS'
@@ -28,7 +31,8 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
 
   Explicit values (flags, else the SRDD_* environment variables) start a manual cluster, e.g. several
   processes on one machine; `auto` lets JAX detect the cluster (TPU pods, SLURM, Open MPI). With
-  neither, nothing happens and the program is a single process. Must run before any JAX computation.
+  neither, a host of a multi-host TPU slice (`pod.detect`) starts as `auto` does, or refuses with a
+  ConfigError naming the flags; anything else is a single process. Must run before any JAX computation.
   """
   coordinator_address = coordinator_address or os.environ.get(ENV_COORDINATOR) or None
   if num_processes is None and os.environ.get(ENV_NUM_PROCESSES):
@@ -36,8 +40,12 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
   if process_id is None and os.environ.get(ENV_PROCESS_ID):
     process_id = int(os.environ[ENV_PROCESS_ID])
   manual = coordinator_address is not None or num_processes is not None or process_id is not None
+  detected = None
   if not manual and not auto:
-    return False
+    detected = pod.detect()
+    if detected is None:
+      return False
+    logging.info('%s: starting jax.distributed as --multihost would', detected)
   if manual:
     missing = [n for n, v in (('coordinator_address', coordinator_address), ('num_processes', num_processes),
                               ('process_id', process_id)) if v is None]
@@ -58,7 +66,15 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
                                process_id=process_id)
   else:
-    jax.distributed.initialize()
+    try:
+      jax.distributed.initialize()
+    except Exception as e:  # pylint: disable=broad-except
+      if detected is None:
+        raise
+      reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+      raise ConfigError(f'{detected}, but jax.distributed did not start by itself ({reason}); start every '
+                        'host with --multihost, or give --coordinator_address, --num_processes and '
+                        '--process_id') from None
   logging.info('process %d of %d, %d local / %d global devices', jax.process_index(), jax.process_count(),
                jax.local_device_count(), jax.device_count())
   return True

@@ -19,7 +19,7 @@ from absl import logging
 
 from srdd_jax import files
 from srdd_jax.config import ConfigError
-from srdd_jax.parallel import multihost
+from srdd_jax.parallel import multihost, preemption
 from srdd_jax.train import events
 from srdd_jax.train.checkpoint import Checkpointer
 
@@ -188,6 +188,15 @@ def run(task: Task, *, stop_after_steps: int | None = None, return_state: bool =
   if task.eval_at_start and start == 0 and task.eval_every > 0:
     evaluate(0)
   stop = {'signal': None}
+  # Several processes stop where all of them agree (one signalled process saving alone waited forever
+  # for the others at the save's barrier): JAX's notifier hears SIGTERM, and `preemption.reached` names
+  # the step. This first question also places the counter at `start`, so that a notice that came
+  # during the restore stops the run after its first step.
+  coordinated = preemption.coordinated()
+  agreed = preemption.reached(start) if coordinated else False
+  if coordinated and preemption.python_owns_sigterm():
+    logging.warning('a Python SIGTERM handler (%s) hides SIGTERM from JAX\'s preemption notifier: this '
+                    'process will not stop the others when it is sent SIGTERM', signal.getsignal(signal.SIGTERM))
 
   def on_signal(signum, frame):
     del frame
@@ -195,12 +204,22 @@ def run(task: Task, *, stop_after_steps: int | None = None, return_state: bool =
     if name == 'SIGINT' and stop['signal'] == 'SIGINT':
       raise KeyboardInterrupt  # A second Ctrl-C: stop now, without waiting for the step and the save.
     stop['signal'] = name
-    logging.warning('%s: stopping after this step and saving a checkpoint (Ctrl-C again to abort)', name)
+    if coordinated:
+      preemption.notify()
+      logging.warning('%s: all %d processes stop at a step they agree on and save a checkpoint (Ctrl-C '
+                      'again to abort)', name, jax.process_count())
+    else:
+      logging.warning('%s: stopping after this step and saving a checkpoint (Ctrl-C again to abort)', name)
 
-  previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+  handled = (signal.SIGINT,) if coordinated else (signal.SIGTERM, signal.SIGINT)
+  previous = {s: signal.signal(s, on_signal) for s in handled}
   last, step, t_log, n_log, export = None, start, time.time(), 0, None
+  if agreed:
+    stop['signal'] = stop['signal'] or 'SIGTERM'
+    logging.info('stopping at step %d, before training (SIGTERM to one of the processes); the checkpoint of '
+                 'step %d is there', step, step)
   try:
-    while step < total:
+    while step < total and not agreed:
       state, metrics = task.step(state)
       metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
       step += 1
@@ -222,8 +241,13 @@ def run(task: Task, *, stop_after_steps: int | None = None, return_state: bool =
       if task.eval_every > 0 and (step % task.eval_every == 0 or step == total):
         evaluate(step)
         t_log = time.time()  # Evaluation time is not training time.
+      if coordinated:
+        agreed = preemption.reached(step)
+        if agreed and not stop['signal']:
+          stop['signal'] = 'SIGTERM'  # Sent to another process; only SIGTERM reaches JAX's notifier.
       ckpt.save(step, state, {'step': step})
-      if stop['signal'] or (stop_after_steps is not None and step - start >= stop_after_steps):
+      if (agreed or (stop['signal'] and not coordinated) or
+          (stop_after_steps is not None and step - start >= stop_after_steps)):
         ckpt.save(step, state, {'step': step}, force=True)
         logging.info('stopping at step %d (%s); checkpoint saved', step, stop['signal'] or 'requested')
         break

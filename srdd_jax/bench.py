@@ -80,6 +80,7 @@ import jaxlib
 import numpy as np
 import optax
 
+from srdd_jax import files
 from srdd_jax.config import ConfigError, ints
 from srdd_jax.diffusion.filtering import SamplerConfig
 from srdd_jax.diffusion.sampler import Sampler, batch_rng
@@ -695,11 +696,7 @@ def main(argv=None):
 
   def save(_=None):
     results['wall_s'] = time.perf_counter() - _T0
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    tmp = args.out + '.tmp'
-    with open(tmp, 'w') as f:
-      json.dump(results, f, indent=1, default=str)
-    os.replace(tmp, args.out)
+    files.write_text(args.out, json.dumps(results, indent=1, default=str))
 
   def on_record(rec):
     results['records'].append(rec)

@@ -60,6 +60,7 @@ import time
 import jax
 import jax.numpy as jnp
 
+from srdd_jax import files
 from srdd_jax import bench
 from srdd_jax.bench import fail
 from srdd_jax import bench_var
@@ -134,7 +135,7 @@ def check_var(var_dir: str) -> dict:
   """Exits 2 unless torch imports and `var_dir` is a VAR checkout whose models import; its info."""
   missing = bench_var.missing_var_files(var_dir)
   if missing:
-    what = 'does not exist' if not os.path.exists(var_dir) else f'lacks {", ".join(missing)}'
+    what = 'does not exist' if not files.exists(var_dir) else f'lacks {", ".join(missing)}'
     fail(f'--vs-var {var_dir!r} is not a checkout of the official VAR code: it {what}')
   try:
     has_torch = importlib.util.find_spec('torch') is not None
@@ -177,7 +178,7 @@ def run_worker(cmd, env, on_message, deadline: float | None) -> dict:
     try:
       line = lines.get(timeout=None if deadline is None else max(deadline - time.time(), 0.01))
     except queue.Empty:
-      log(f'time budget spent: stopping {" ".join(os.path.basename(c) for c in cmd[1:3])}')
+      log(f'time budget spent: stopping {" ".join(files.basename(c) for c in cmd[1:3])}')
       proc.kill()
       killed = True
       break
@@ -194,8 +195,8 @@ def run_worker(cmd, env, on_message, deadline: float | None) -> dict:
 
 def write_spec(spec: dict) -> str:
   fd, path = tempfile.mkstemp(prefix='srdd_bench_', suffix='.json')
-  with os.fdopen(fd, 'w') as f:
-    json.dump(spec, f)
+  os.close(fd)
+  files.write_text(path, json.dumps(spec))
   return path
 
 
@@ -207,7 +208,7 @@ class Results:
   def __init__(self, args, argv, mode: str, budget_s: float | None):
     commit, source = commit_of(args.commit)
     self.out = args.out
-    self.md = os.path.splitext(args.out)[0] + '.md'
+    self.md = files.splitext(args.out)[0] + '.md'
     self.data = {
         'schema': SCHEMA, 'argv': argv, 'args': vars(args), 'mode': mode,
         'started': time.strftime('%Y-%m-%d %H:%M:%S'), 'commit': commit, 'commit_source': source,
@@ -224,16 +225,11 @@ class Results:
   def save(self):
     self.data['wall_s'] = time.perf_counter() - _T0
     self.data['ratios'] = ratios(self.data['ours']['records'], self.data['var_pytorch']['records'])
-    os.makedirs(os.path.dirname(os.path.abspath(self.out)), exist_ok=True)
-    tmp = self.out + '.tmp'
-    with open(tmp, 'w') as f:
-      json.dump(self.data, f, indent=1, default=str)
-    os.replace(tmp, self.out)
+    files.write_text(self.out, json.dumps(self.data, indent=1, default=str))
 
   def write_markdown(self) -> str:
     text = markdown(self.data)
-    with open(self.md, 'w') as f:
-      f.write(text + '\n')
+    files.write_text(self.md, text + '\n')
     return text
 
   def set_peak(self, device_kind: str | None, dtype: str):
@@ -436,12 +432,11 @@ def run_vs_var(args, argv) -> int:
   ours_out = args.out + '.srdd_jax.json'
   cmd = [sys.executable, '-m', 'srdd_jax.bench', *child_argv(args), '--out', ours_out]
   done = run_worker(cmd, child_env(jax_worker=True), lambda m: None, None)
-  if not os.path.exists(ours_out):
+  if not files.exists(ours_out):
     print(f'error: our side (python -m srdd_jax.bench) wrote no results (exit {done["rc"]})', file=sys.stderr)
     return 2 if done['rc'] == 2 else 1  # A bad flag that only our side reads is still bad input.
-  with open(ours_out) as f:
-    ours = json.load(f)
-  os.remove(ours_out)
+  ours = files.read_json(ours_out)
+  files.remove(ours_out)
   r = ours['resolved']
   res.dtype = r['dtype']
   res.patch_nums = tuple(r['patch_nums'])
@@ -460,7 +455,7 @@ def run_vs_var(args, argv) -> int:
     run_worker([sys.executable, TORCH_WORKER, '--var_dir', args.vs_var, '--spec', spec], child_env(),
                res.on_message('var_pytorch'), None)
   finally:
-    os.remove(spec)
+    files.remove(spec)
   return finish(res)
 
 
@@ -558,7 +553,7 @@ def run_suite(args, argv) -> int:
       done = run_worker([sys.executable, '-m', 'srdd_jax.bench_suite', '--jax-worker', path],
                         child_env(jax_worker=True, fast_compile=args.tiny), on_ours, deadline)
     finally:
-      os.remove(path)
+      files.remove(path)
     if done['killed'] or done['rc'] != 0:
       why = 'killed at the end of the time budget' if done['killed'] else f'worker exited {done["rc"]}'
       miss = res.missing('srdd_jax', depth, cfg['kinds'], cfg['masks'])
@@ -594,7 +589,7 @@ def torch_step(res: Results, cfg: dict, var_dir: str, depth: int, jobs: list[dic
     done = run_worker([sys.executable, TORCH_WORKER, '--var_dir', var_dir, '--spec', path], child_env(),
                       on_msg, deadline)
   finally:
-    os.remove(path)
+    files.remove(path)
   if done['killed'] or done['rc'] != 0:
     why = 'killed at the end of the time budget' if done['killed'] else f'worker exited {done["rc"]}'
     before = {(r.get('kind'), r.get('mode'), r.get('batch')) for r in res.data['var_pytorch']['records']}
@@ -660,8 +655,7 @@ def jax_worker(path: str) -> int:
     proto.write(json.dumps(obj, default=str) + '\n')
     proto.flush()
 
-  with open(path) as f:
-    spec = json.load(f)
+  spec = files.read_json(path)
   env = bench.environment()
   emit({'type': 'info', 'info': env})
   accel = env['backend'] != 'cpu'

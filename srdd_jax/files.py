@@ -24,6 +24,7 @@ import os
 import posixpath
 import shutil
 import tempfile
+import threading
 from typing import Any, Iterator
 
 # Read by etils when a gs:// path first picks its backend (then cached): set before any path is made.
@@ -80,6 +81,14 @@ def relpath(p, start) -> str:
 def is_within(p, folder) -> bool:
   a, b = absolute(p).rstrip('/'), absolute(folder).rstrip('/')
   return a == b or a.startswith(b + '/')
+
+
+def normpath(p) -> str:
+  s = os.fspath(p)
+  if is_remote(s):
+    scheme, rest = s.split('://', 1)
+    return f'{scheme}://{posixpath.normpath(rest)}'
+  return os.path.normpath(s)
 
 
 def splitext(p) -> tuple[str, str]:
@@ -312,9 +321,9 @@ def save_image(p, image, **kwargs) -> None:
 def load_image(p):
   """The PIL image at `p`, read whole (the file is closed on return)."""
   from PIL import Image  # pylint: disable=import-outside-toplevel
-  with Image.open(io.BytesIO(read_bytes(p))) as im:
-    im.load()
-    return im.copy() if im.mode == 'P' else im.convert(im.mode)
+  im = Image.open(io.BytesIO(read_bytes(p)))
+  im.load()
+  return im
 
 
 def save_figure(p, figure, **kwargs) -> None:
@@ -336,6 +345,44 @@ def commit(folder) -> None:
   """Marks bucket folder `folder` complete, after everything in it is written (a no-op locally)."""
   if is_remote(folder):
     write_text(join(folder, COMMIT_MARKER), 'committed\n')
+
+
+def probe(p, timeout: float = 15.0) -> str | None:
+  """Why the store of bucket path `p` cannot be used (no credentials, no answer within `timeout`
+  seconds, an error listing it), or None when it answers. Cheap: one listing, in a thread so that a
+  client retrying an unreachable host cannot hold the caller past `timeout`. Local paths: None."""
+  s = os.fspath(p)
+  if not is_remote(s):
+    return None
+  if s.startswith('gs://') and not os.environ.get('STORAGE_EMULATOR_HOST'):
+    try:
+      import google.auth  # pylint: disable=import-outside-toplevel
+      google.auth.default()
+    except Exception as e:  # pylint: disable=broad-except  # DefaultCredentialsError, a bad key file
+      first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+      return (f'no Google Cloud credentials ({first.split(". ")[0]}); run `gcloud auth application-default '
+              'login`, or set GOOGLE_APPLICATION_CREDENTIALS to a service account key')
+  result = {}
+
+  def look():
+    try:
+      fs, where = fsspec.core.url_to_fs(s)
+      fs.ls(where.split('/', 1)[0], detail=False, refresh=True)
+      result['ok'] = True
+    except Exception as e:  # pylint: disable=broad-except
+      result['error'] = e
+
+  thread = threading.Thread(target=look, daemon=True, name='srdd-store-probe')
+  thread.start()
+  thread.join(timeout)
+  if 'ok' in result:
+    return None
+  if 'error' in result:
+    e = result['error']
+    if isinstance(e, FileNotFoundError):
+      return f'bucket {s.split("://", 1)[1].split("/", 1)[0]!r} does not exist'
+    return f'{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ""}'
+  return f'no answer from the store within {timeout:.0f} s (no network?)'
 
 
 def local_scratch(prefix: str = 'srdd-') -> str:

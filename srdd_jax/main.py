@@ -25,6 +25,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from srdd_jax import files
 from srdd_jax.config import ConfigError, load_file, with_defaults
 from srdd_jax.modes import ablation, checks
 from srdd_jax.modes import all as all_stages
@@ -33,7 +34,7 @@ from srdd_jax.modes import edit
 from srdd_jax.modes import eval as evaluation
 from srdd_jax.modes import reconstruct, sample, tokenize, train, train_tokenizer
 from srdd_jax.parallel import multihost
-from srdd_jax.parallel.workdir import WorkdirLock, storage_fault
+from srdd_jax.parallel.workdir import WorkdirLock, check_store, storage_fault
 from srdd_jax.train.driver import PREEMPTED_EXIT_CODE
 
 # --mode -> its runner: run(config, workdir) -> summary dict.
@@ -113,7 +114,7 @@ def _diagnose(argv, e: Exception) -> str:
   spec = next((a.split('=', 1)[1] for a in argv if a.startswith('--config=')), None)
   if spec is not None:
     path = spec.partition(':')[0]
-    if not os.path.isfile(path):
+    if not files.isfile(path):
       return f'--config={spec}: no config file {path!r} (the configs are in configs/, e.g. configs/smoke.py)'
     try:
       config = load_file(spec)
@@ -174,12 +175,16 @@ def execute(command: Command) -> int:
     print(f'--mode={mode} --workdir={workdir}\n{resolved}')
     return 0
   try:
+    check_store(workdir)
+  except ConfigError as e:
+    raise BadInput(str(e)) from None
+  try:
     multihost.initialize(command.coordinator_address, command.num_processes, command.process_id,
                          auto=command.multihost)
   except ValueError as e:
     raise BadInput(str(e)) from None
   try:
-    os.makedirs(workdir, exist_ok=True)
+    files.makedirs(workdir)
   except OSError as e:
     raise BadInput(f'--workdir={workdir!r} cannot be created: {e.strerror}') from None
   kwargs = {'overwrite': command.overwrite} if mode in _OVERWRITABLE else {}

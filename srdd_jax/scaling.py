@@ -9,13 +9,13 @@ runner, what each subcommand does, is srdd_jax/modes/scaling.py).
 from __future__ import annotations
 
 import json
-import os
 import sys
 
 from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from srdd_jax import files
 from srdd_jax.config import ConfigError, ints, with_defaults
 from srdd_jax.modes import scaling
 from srdd_jax.parallel import multihost
@@ -74,7 +74,7 @@ def main(argv):
     raise app.UsageError('--workdir is required')
   try:
     if cmd == 'fit' and _DRY_RUN.value:
-      print(f'fit --workdir={root}: would read {os.path.join(root, "plan.json")} and the points\' metrics.jsonl')
+      print(f'fit --workdir={root}: would read {files.join(root, "plan.json")} and the points\' metrics.jsonl')
       return
     if cmd == 'fit':
       out = scaling.fit(root)
@@ -98,9 +98,9 @@ def main(argv):
       p = scaling.plan(config, spec, overrides, root, points, heldout_examples=_HELDOUT.value,
                        topology=_TOPOLOGY.value, mesh_shape=mesh, memory=_MEMORY.value, python=_PYTHON.value,
                        heldout_split=_HELDOUT_SPLIT.value)
-      write_json(os.path.join(root, 'plan.json'), p)
+      write_json(files.join(root, 'plan.json'), p)
       print(scaling.plan_table(p))
-      print(f'written: {os.path.join(root, "plan.json")}')
+      print(f'written: {files.join(root, "plan.json")}')
       return
     multihost.initialize(None, None, None, auto=_MULTIHOST.value)
     if cmd == 'prepare':
@@ -109,8 +109,8 @@ def main(argv):
       return
     fresh = scaling.plan(config, spec, overrides, root, points, heldout_examples=_HELDOUT.value, memory=False,
                          python=_PYTHON.value, heldout_split=_HELDOUT_SPLIT.value)
-    path = os.path.join(root, 'plan.json')
-    old = json.load(open(path)) if os.path.isfile(path) else None
+    path = files.join(root, 'plan.json')
+    old = files.read_json(path) if files.isfile(path) else None
     # A plan of these very points (perhaps with its compiled memory) is kept; another is replaced.
     stale = old is None or [r['command'] for r in old.get('points', [])] != [r['command'] for r in fresh['points']]
     if stale and multihost.is_main_process():

@@ -32,9 +32,12 @@ HEAVY_OPTIONAL = ('tensorflow', 'tensorflow_datasets', 'torch', 'PIL', 'matplotl
 # Deferred in one module only, each for its reason: the GPU machines the benchmark suite runs on have no
 # ml_collections, and config builds a ConfigDict in two functions only; bench_var runs the user's VAR
 # checkout (its `models` package and the hub mixin VAR's code imports) in a process of its own;
-# bench's command line hands --vs-var and --suite to bench_suite, which is built on bench.
+# bench's command line hands --vs-var and --suite to bench_suite, which is built on bench; files asks
+# google.auth for credentials only when a workdir is a gs:// path; events (TensorBoard's protos) is
+# imported by every trainer and used only by runs whose workdir is in a bucket.
 DEFERRED = {'srdd_jax.config': ('ml_collections',), 'srdd_jax.bench_var': ('models', 'huggingface_hub'),
-            'srdd_jax.bench': ('srdd_jax',)}
+            'srdd_jax.bench': ('srdd_jax',), 'srdd_jax.files': ('google.auth',),
+            'srdd_jax.train.events': ('tensorboard',)}
 # The one import up the layers, deferred to the call that needs it (bench's --vs-var / --suite).
 DEFERRED_UP = {'srdd_jax.bench': ('srdd_jax.bench_suite',)}
 

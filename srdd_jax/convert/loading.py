@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import jax
 import numpy as np
 from absl import logging
 
+from srdd_jax import files
 from srdd_jax.config import ConfigError, with_defaults
 from srdd_jax.convert import params_io, var_vqvae
 from srdd_jax.convert.reference import read_meta, vqvae_config_from_meta
@@ -41,7 +41,7 @@ def load_tokenizer(config, *, reference: bool = False) -> LoadedTokenizer:
   c = with_defaults(config)
   tc = c.tokenizer
   if tc.checkpoint:
-    if not os.path.isdir(tc.checkpoint):
+    if not files.isdir(tc.checkpoint):
       raise ConfigError(
           f'config.tokenizer.checkpoint={tc.checkpoint!r} does not exist; convert VAR\'s tokenizer with '
           f'`python -m srdd_jax.tools.convert_var --vae vae_ch160v4096z32.pth --out {tc.checkpoint}` or '
@@ -57,8 +57,8 @@ def load_tokenizer(config, *, reference: bool = False) -> LoadedTokenizer:
                           f'not config.tokenizer.params_sha256={tc.params_sha256[:16]}...: another or damaged '
                           "tokenizer (set params_sha256='' to use it anyway)")
     return LoadedTokenizer(vq, params, f'checkpoint {tc.checkpoint}')
-  if reference and tc.reference_npz and os.path.isfile(tc.reference_npz):
-    with np.load(tc.reference_npz) as z:
+  if reference and tc.reference_npz and files.isfile(tc.reference_npz):
+    with files.np_load(tc.reference_npz) as z:
       vq = vqvae_config_from_meta(read_meta(z, tc.reference_npz), tc.reference_npz)
       params = var_vqvae.convert_vqvae({k[4:]: z[k] for k in z.files if k.startswith('vae/')}, vq)
       images = np.transpose(z['img'], (0, 2, 3, 1)).astype(np.float32) if 'img' in z.files else None
@@ -103,7 +103,7 @@ def load_models(config):
       raise ConfigError(f'config.{key}.checkpoint is empty: give the directory written by '
                         f'`python -m srdd_jax.tools.convert_var --{"var" if key == "model" else "vae"} ...` '
                         'or by training')
-    if not os.path.isdir(path):
+    if not files.isdir(path):
       raise ConfigError(f'config.{key}.checkpoint={path!r} does not exist')
   try:
     var_config, var_params = params_io.load_var(c.model.checkpoint)
@@ -144,7 +144,7 @@ def init_params_from(directory: str, var_config: VARConfig, abstract_params, rng
   to start a run of `var_config` from: in its block layout, with the refine stream added if missing.
   Every parameter must have the shape of `abstract_params` (the run's, shapes only); a difference is a
   ConfigError naming the parameter and both shapes."""
-  if not os.path.isdir(directory):
+  if not files.isdir(directory):
     raise ConfigError(f'{key}={directory!r} does not exist')
   try:
     _, params = params_io.load_var(directory)

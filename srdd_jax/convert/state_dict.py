@@ -16,6 +16,8 @@ from typing import Any, Callable, Iterable, Mapping
 import jax
 import numpy as np
 
+from srdd_jax import files
+
 _WEIGHT_LEAVES = ('kernel', 'scale', 'embedding')
 
 
@@ -33,11 +35,11 @@ def load_state_dict(source: str | os.PathLike | Mapping[str, Any], prefix: str =
     items = dict(source)
   else:
     path = os.fspath(source)
-    if not os.path.exists(path):
+    if not files.exists(path):
       raise FileNotFoundError(f'state dict file not found: {path}')
     if path.endswith('.npz'):
       try:
-        with np.load(path, allow_pickle=False) as z:
+        with files.np_load(path, allow_pickle=False) as z:
           keys = [k for k in z.files if k.startswith(prefix)] if prefix else list(z.files)
           items = {k: z[k] for k in keys}
       except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
@@ -61,7 +63,8 @@ def _load_torch(path: str) -> dict[str, np.ndarray]:
         'Install it once for the conversion (for example `pip install torch`), or pass a `.npz` '
         'of the state dict instead.') from e
   try:
-    obj = torch.load(path, map_location='cpu', weights_only=True)
+    with files.open(path, 'rb') as f:
+      obj = torch.load(f, map_location='cpu', weights_only=True)
   except Exception as e:  # pylint: disable=broad-except  (torch raises many kinds for a bad file)
     raise StateDictMismatch(f'{path} is not a readable PyTorch checkpoint ({type(e).__name__}: '
                             f'{str(e).splitlines()[0][:200] if str(e) else ""})') from e

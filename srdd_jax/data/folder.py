@@ -7,11 +7,10 @@ a corrupt file is found when it is first read and handled by the policy of `sour
 """
 from __future__ import annotations
 
-import os
 
 from absl import logging
-from PIL import Image
 
+from srdd_jax import files
 from srdd_jax.data import preprocess as pp
 from srdd_jax.data.source import DataError, ImageSource, Unreadable
 
@@ -26,14 +25,14 @@ def _visible(name: str) -> bool:
 def list_images(root: str) -> list[str]:
   """Image files under root, recursively, as sorted paths."""
   found, seen = [], set()
-  for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-    real = os.path.realpath(dirpath)
+  for dirpath, dirnames, filenames in files.walk(root):
+    real = files.realpath(dirpath)
     if real in seen:  # A link back up the tree would otherwise walk forever.
       dirnames[:] = []
       continue
     seen.add(real)
     dirnames[:] = sorted(d for d in dirnames if _visible(d))
-    found += [os.path.join(dirpath, f) for f in filenames
+    found += [files.join(dirpath, f) for f in filenames
               if _visible(f) and f.lower().endswith(EXTENSIONS)]
   return sorted(found)
 
@@ -43,7 +42,7 @@ class FolderSource(ImageSource):
   def __init__(self, path: str, labels: str, image_size: int, **options):
     if not path:
       raise DataError("config.data.path is empty: set it to a folder of images")
-    if not os.path.isdir(path):
+    if not files.isdir(path):
       raise DataError(f'config.data.path={path!r} does not exist or is not a folder')
     if labels not in LABEL_MODES:
       raise DataError(f'config.data.labels={labels!r} must be one of {LABEL_MODES}')
@@ -55,22 +54,22 @@ class FolderSource(ImageSource):
       if not self.paths:
         raise DataError(f'config.data.path={path!r} has no images ({exts}, searched recursively)')
     else:
-      classes = sorted(d for d in os.listdir(path) if _visible(d) and os.path.isdir(os.path.join(path, d)))
+      classes = sorted(d for d in files.listdir(path) if _visible(d) and files.isdir(files.join(path, d)))
       if not classes:
         raise DataError(f'config.data.path={path!r} has no class sub-folders (config.data.labels='
                         f"'subfolder'); for a flat folder of images set config.data.labels='none'")
-      loose = [f for f in os.listdir(path) if _visible(f) and f.lower().endswith(EXTENSIONS)]
+      loose = [f for f in files.listdir(path) if _visible(f) and f.lower().endswith(EXTENSIONS)]
       if loose:
         logging.warning('%d images directly in %s are ignored: with config.data.labels=\'subfolder\' only '
                         'images inside class sub-folders count', len(loose), path)
       self.paths, self.labels = [], []
       for k, c in enumerate(classes):
-        files = list_images(os.path.join(path, c))
-        if not files:
+        found = list_images(files.join(path, c))
+        if not found:
           raise DataError(f'config.data.path={path!r}: class folder {c!r} has no images ({exts}); remove it '
                           'or it would be a class without examples')
-        self.paths += files
-        self.labels += [k] * len(files)
+        self.paths += found
+        self.labels += [k] * len(found)
     super().__init__(num_examples=len(self.paths), num_classes=len(classes), image_size=image_size,
                      description=f'folder {path} ({len(self.paths)} images, {len(classes)} '
                                  f"class{'es' if len(classes) > 1 else ''}, labels={labels})", **options)
@@ -81,8 +80,8 @@ class FolderSource(ImageSource):
 
   def load(self, index: int):
     try:
-      with Image.open(self.paths[index]) as f:
-        f.load()  # Decode now, inside the try: PIL decodes lazily and a truncated file fails here.
+      # Decoded now, inside the try: PIL decodes lazily and a truncated file fails in load().
+      with files.load_image(self.paths[index]) as f:
         image = pp.to_rgb(f)
     # Whatever goes wrong while opening or decoding one file is a property of that file's bytes (PIL
     # raises OSError, ValueError, SyntaxError, DecompressionBombError, ... for broken files).

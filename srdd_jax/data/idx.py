@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 import gzip
-import os
 
 import numpy as np
 
+from srdd_jax import files
 from srdd_jax.data.source import DataError
 
 DEFAULT_DIR = '/usr/share/datasets/fashion-mnist'
@@ -18,10 +18,10 @@ _IMAGES_MAGIC, _LABELS_MAGIC = 0x00000803, 0x00000801
 
 def read_idx(path: str, magic: int) -> np.ndarray:
   """The uint8 array of a (gzipped) IDX file; DataError naming the file when it is not one."""
-  opener = gzip.open if path.endswith('.gz') else open
   try:
-    with opener(path, 'rb') as f:
-      raw = f.read()
+    raw = files.read_bytes(path)
+    if path.endswith('.gz'):
+      raw = gzip.decompress(raw)
   except (OSError, EOFError) as e:
     raise DataError(f'cannot read IDX file {path}: {e}') from e
   if len(raw) < 4 or int.from_bytes(raw[:4], 'big') != magic:
@@ -38,15 +38,15 @@ def idx_files(idx_dir: str, split: str) -> tuple[str, str]:
   if split not in SPLIT_PREFIX:
     raise DataError(f'config.data.split={split!r}: Fashion-MNIST has the splits {tuple(SPLIT_PREFIX)}')
   p = SPLIT_PREFIX[split]
-  return (os.path.join(idx_dir, f'{p}-images-idx3-ubyte.gz'), os.path.join(idx_dir, f'{p}-labels-idx1-ubyte.gz'))
+  return (files.join(idx_dir, f'{p}-images-idx3-ubyte.gz'), files.join(idx_dir, f'{p}-labels-idx1-ubyte.gz'))
 
 
 def load_fashion_mnist(idx_dir: str, split: str) -> tuple[np.ndarray, np.ndarray]:
   """(images uint8 (N, 28, 28), labels (N,)) of a split read from idx_dir."""
   images_path, labels_path = idx_files(idx_dir, split)
   for path in (images_path, labels_path):
-    if not os.path.isfile(path):
-      raise DataError(f'config.data.idx_dir={idx_dir!r} has no {os.path.basename(path)} ({path}); '
+    if not files.isfile(path):
+      raise DataError(f'config.data.idx_dir={idx_dir!r} has no {files.basename(path)} ({path}); '
                       '`apt-get install dataset-fashion-mnist` installs the IDX files')
   images, labels = read_idx(images_path, _IMAGES_MAGIC), read_idx(labels_path, _LABELS_MAGIC)
   if len(images) != len(labels) or labels.max(initial=0) >= len(CLASSES):

@@ -31,11 +31,9 @@ import functools
 import hashlib
 import json
 import math
-import os
 import re
-import shutil
-import tempfile
 import time
+import uuid
 from typing import Any
 
 import flax.linen as nn
@@ -46,6 +44,7 @@ import numpy as np
 import optax
 from absl import logging
 
+from srdd_jax import files
 from srdd_jax.data import pipeline
 from srdd_jax.evaluation.inception import check_images
 from srdd_jax.parallel.compile import inference_compiler_options
@@ -277,7 +276,7 @@ def dataset_name(data_config) -> str:
   if source == 'tfds':
     raw = str(data.get('name') or 'tfds').split(':')[0].split('/')[0]
   elif source == 'folder':
-    raw = os.path.basename(os.path.normpath(str(data.get('path') or 'folder')))
+    raw = files.basename(files.normpath(str(data.get('path') or 'folder')))
   else:
     raw = str(source)
   return re.sub(r'[^a-z0-9]+', '_', raw.lower()).strip('_') or 'data'
@@ -327,7 +326,7 @@ def cache_key(request: dict) -> tuple[str, str]:
 
 def _sha256(path: str) -> str:
   h = hashlib.sha256()
-  with open(path, 'rb') as f:
+  with files.open(path, 'rb') as f:
     for block in iter(lambda: f.read(1 << 20), b''):
       h.update(block)
   return h.hexdigest()
@@ -340,13 +339,12 @@ def _model(request: dict, num_classes: int) -> SmallCNN:
 
 def load(entry_dir: str, request: dict | None = None) -> ProxyClassifier:
   """The classifier cached in `entry_dir`; CacheMismatch when `request` is given and differs from its JSON."""
-  info_path, params_path = os.path.join(entry_dir, INFO_FILE), os.path.join(entry_dir, PARAMS_FILE)
+  info_path, params_path = files.join(entry_dir, INFO_FILE), files.join(entry_dir, PARAMS_FILE)
   for path in (info_path, params_path):
-    if not os.path.isfile(path):
-      raise FileNotFoundError(f'proxy classifier cache {entry_dir} has no {os.path.basename(path)}; delete '
+    if not files.isfile(path):
+      raise FileNotFoundError(f'proxy classifier cache {entry_dir} has no {files.basename(path)}; delete '
                               'the directory to retrain')
-  with open(info_path) as f:
-    info = json.load(f)
+  info = files.read_json(info_path)
   if info.get('kind') != KIND:
     raise CacheMismatch(f'{info_path} is not a proxy classifier description (kind={info.get("kind")!r})')
   if request is not None and info.get('request') != request:
@@ -360,8 +358,7 @@ def load(entry_dir: str, request: dict | None = None) -> ProxyClassifier:
                         f'{entry_dir} to retrain')
   model = _model(info['request'], info['num_classes'])
   template = _param_shapes(model, int(info['request']['image_size']))
-  with open(params_path, 'rb') as f:
-    params = flax.serialization.from_bytes(template, f.read())
+  params = flax.serialization.from_bytes(template, files.read_bytes(params_path))
   params = jax.tree_util.tree_map(np.asarray, params)
   return ProxyClassifier(name=info['name'], key=info['key'], params=params, info=info, model=model,
                          from_cache=True)
@@ -464,21 +461,29 @@ def train(request: dict, data_config) -> ProxyClassifier:
 
 def save(clf: ProxyClassifier, cache_dir: str) -> bool:
   """Writes clf to cache_dir/<key>/ through a temporary directory renamed into place. False when another
-  process renamed its copy there first (then that entry is the cache and this one is dropped)."""
-  os.makedirs(cache_dir, exist_ok=True)
-  final = os.path.join(cache_dir, clf.key)
-  tmp = tempfile.mkdtemp(prefix=f'.{clf.key}.', dir=cache_dir)
+  process renamed its copy there first (then that entry is the cache and this one is dropped). In a
+  bucket, which cannot rename, the entry is written in place with its JSON last: `load` requires it and
+  checks the parameters against the hash it records, so an entry cut short is never read."""
+  final = files.join(cache_dir, clf.key)
+  data = flax.serialization.to_bytes(clf.params)
+  info = dict(clf.info, params_sha256=hashlib.sha256(data).hexdigest())
+  text = json.dumps(info, indent=2, sort_keys=True)
+  if files.is_remote(final):
+    if files.isfile(files.join(final, INFO_FILE)):
+      return False
+    files.write_bytes(files.join(final, PARAMS_FILE), data)
+    files.write_text(files.join(final, INFO_FILE), text)
+    clf.info = info
+    return True
+  tmp = files.join(cache_dir, f'.{clf.key}.{uuid.uuid4().hex[:8]}')
   try:
-    params_path = os.path.join(tmp, PARAMS_FILE)
-    with open(params_path, 'wb') as f:
-      f.write(flax.serialization.to_bytes(clf.params))
-    info = dict(clf.info, params_sha256=_sha256(params_path))
-    with open(os.path.join(tmp, INFO_FILE), 'w') as f:
-      json.dump(info, f, indent=2, sort_keys=True)
-    os.rename(tmp, final)
+    files.makedirs(tmp)
+    files.write_bytes(files.join(tmp, PARAMS_FILE), data)
+    files.write_text(files.join(tmp, INFO_FILE), text)
+    files.rename(tmp, final)
   except OSError:
-    shutil.rmtree(tmp, ignore_errors=True)
-    if os.path.isfile(os.path.join(final, INFO_FILE)):
+    files.rmtree(tmp)
+    if files.isfile(files.join(final, INFO_FILE)):
       return False
     raise
   clf.info = info
@@ -499,8 +504,8 @@ def train_or_load(data_config, image_size: int, cache_dir: str, *, seed: int = 0
                          max_train_examples=max_train_examples, train_split=train_split,
                          test_split=test_split)
   _, key = cache_key(request)
-  entry = os.path.join(cache_dir, key)
-  if os.path.isdir(entry):
+  entry = files.join(cache_dir, key)
+  if files.isdir(entry):
     clf = load(entry, request)
     logging.info('proxy classifier %s from %s (test accuracy %.4f)', clf.key, entry, clf.accuracy)
     return clf

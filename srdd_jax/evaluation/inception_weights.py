@@ -15,6 +15,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from srdd_jax import files
 from srdd_jax.convert import state_dict as sd
 from srdd_jax.convert.params_io import file_sha256
 from srdd_jax.evaluation import inception
@@ -43,7 +44,7 @@ def verify_sha256(path: str | os.PathLike, expected: str | None = None) -> str:
   """
   path = os.fspath(path)
   expected = expected or FID_WEIGHTS_SHA256
-  if not os.path.isfile(path):
+  if not files.isfile(path):
     raise FileNotFoundError(f'Inception weights file not found: {path}')
   got = file_sha256(path)
   if got != expected:
@@ -98,15 +99,13 @@ def save_npz(out: str | os.PathLike, state: Mapping[str, Any], *, source_sha256:
   out = os.fspath(out)
   if not out.endswith('.npz'):
     raise ValueError(f'the converted Inception weights are written as .npz; got {out}')
-  if os.path.exists(out) and not overwrite:
+  if files.exists(out) and not overwrite:
     raise FileExistsError(f'{out} exists; pass overwrite=True (--overwrite) to replace it')
   arrays = {k: np.asarray(v, np.float32) if np.issubdtype(np.asarray(v).dtype, np.floating)
             else np.asarray(v) for k, v in state.items()}
-  meta = {'kind': NPZ_KIND, 'source': os.path.basename(source), 'source_sha256': source_sha256,
+  meta = {'kind': NPZ_KIND, 'source': files.basename(source), 'source_sha256': source_sha256,
           'arrays_sha256': arrays_digest(arrays), 'layout': 'PyTorch state dict (OIHW conv, (out, in) fc)'}
-  tmp = out[:-4] + '.tmp.npz'
-  np.savez(tmp, meta=np.array(json.dumps(meta)), **{NPZ_PREFIX + k: v for k, v in arrays.items()})
-  os.replace(tmp, out)
+  files.save_npz(out, meta=np.array(json.dumps(meta)), **{NPZ_PREFIX + k: v for k, v in arrays.items()})
   return out
 
 
@@ -120,7 +119,7 @@ def load_inception(path: str | os.PathLike, *, allow_unverified: bool = False
   then `info['verified']` is False: such weights must never produce a number called FID.
   """
   path = os.fspath(path)
-  if not os.path.isfile(path):
+  if not files.isfile(path):
     raise FileNotFoundError(f'Inception weights file not found: {path}')
   if not path.endswith('.npz'):
     got = file_sha256(path) if allow_unverified else verify_sha256(path)
@@ -128,7 +127,7 @@ def load_inception(path: str | os.PathLike, *, allow_unverified: bool = False
     return params, {'path': path, 'sha256': got, 'verified': got == FID_WEIGHTS_SHA256}
   state = sd.load_state_dict(path, prefix=NPZ_PREFIX)
   meta: dict[str, Any] = {}
-  with np.load(path, allow_pickle=False) as z:
+  with files.np_load(path, allow_pickle=False) as z:
     if 'meta' in z.files:
       try:
         meta = json.loads(str(z['meta']))

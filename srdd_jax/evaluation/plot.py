@@ -3,6 +3,8 @@ scaling fit's loss against compute): white canvas, two axes with five ticks each
 the maps from data to pixels; each figure draws its own points, bars, curves and legend on it."""
 from __future__ import annotations
 
+from srdd_jax import files
+
 
 class Chart:
   """`size` (w, h) pixels; the plot area leaves `left`, `right`, `top`, `bottom` pixels of margin (the
@@ -35,4 +37,4 @@ class Chart:
     return h - self.bottom - (y - self.y0) / (self.y1 - self.y0) * (h - self.top - self.bottom)
 
   def save(self, path: str) -> None:
-    self.image.save(path)
+    files.save_image(path, self.image)

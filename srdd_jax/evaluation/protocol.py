@@ -6,11 +6,11 @@ raises ConfigError naming the key when an input cannot work.
 """
 from __future__ import annotations
 
-import os
 import zipfile
 
 import numpy as np
 
+from srdd_jax import files
 from srdd_jax.config import ConfigError
 from srdd_jax.evaluation import classifier, inception, metrics, proxy, stats
 from srdd_jax.evaluation import inception_weights as fid_inception
@@ -48,7 +48,7 @@ def check_reference(o):
   except (FileNotFoundError, ValueError) as e:
     raise ConfigError(f'config.eval.reference: {e}') from e
   if 'pr' in o['metrics']:
-    with np.load(o['reference']) as z:
+    with files.np_load(o['reference']) as z:
       if 'arr_0' not in z.files:
         raise ConfigError(f'config.eval.reference={o["reference"]!r} has no arr_0 images, which '
                           'precision/recall needs')
@@ -57,7 +57,7 @@ def check_reference(o):
 
 def load_samples(path: str):
   try:
-    with np.load(path) as z:
+    with files.np_load(path) as z:
       images, labels = z['arr_0'], (z['arr_1'] if 'arr_1' in z.files else None)
   except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:  # Truncated: BadZipFile.
     raise ConfigError(f'config.eval.samples={path!r}: not a samples .npz with arr_0 '
@@ -110,7 +110,7 @@ class ProxyScorer:
   def classifier(self, size: int):
     if self.clf is None:
       kwargs = {'epochs': int(self.o['proxy_epochs'])} if int(self.o['proxy_epochs']) > 0 else {}
-      self.clf = classifier.train_or_load(self.config.data, size, os.path.join(self.workdir, 'proxy_classifier'),
+      self.clf = classifier.train_or_load(self.config.data, size, files.join(self.workdir, 'proxy_classifier'),
                                           seed=self.seed, **kwargs)
     return self.clf
 

@@ -20,6 +20,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from srdd_jax import files
 from srdd_jax.evaluation import inception
 
 STATS_KIND = 'fid_statistics'
@@ -89,7 +90,7 @@ def save_statistics(path: str | os.PathLike, mu, sigma, *, count: int, weights_s
   path = os.fspath(path)
   if not path.endswith('.npz'):
     raise ValueError(f'statistics are written as .npz; got {path}')
-  if os.path.exists(path) and not overwrite:
+  if files.exists(path) and not overwrite:
     raise FileExistsError(f'{path} exists; pass overwrite=True to replace it')
   mu = np.asarray(mu, np.float64)
   sigma = np.asarray(sigma, np.float64)
@@ -97,9 +98,7 @@ def save_statistics(path: str | os.PathLike, mu, sigma, *, count: int, weights_s
     raise ValueError(f'expected mu (d,) and sigma (d, d), got {mu.shape} and {sigma.shape}')
   meta = {'kind': STATS_KIND, 'count': int(count), 'feature': feature, 'source': source,
           'inception_weights_sha256': weights_sha256}
-  tmp = path[:-4] + '.tmp.npz'
-  np.savez(tmp, mu=mu, sigma=sigma, meta=np.array(json.dumps(meta)))
-  os.replace(tmp, path)
+  files.save_npz(path, mu=mu, sigma=sigma, meta=np.array(json.dumps(meta)))
   return path
 
 
@@ -124,32 +123,32 @@ def load_reference_batch(path: str | os.PathLike, *, images: bool = False) -> Re
   reference batches. Raises ValueError naming the file and the entry that is wrong.
   """
   path = os.fspath(path)
-  if not os.path.isfile(path):
+  if not files.isfile(path):
     raise FileNotFoundError(f'reference statistics file not found: {path}')
-  with np.load(path, allow_pickle=False) as z:
-    files = set(z.files)
+  with files.np_load(path, allow_pickle=False) as z:
+    entries = set(z.files)
     out = ReferenceBatch(path)
-    if 'meta' in files:
+    if 'meta' in entries:
       try:
         out.meta = json.loads(str(z['meta']))
       except json.JSONDecodeError:
         out.meta = None
-    if ('mu' in files) != ('sigma' in files):
+    if ('mu' in entries) != ('sigma' in entries):
       raise ValueError(f'{path}: has only one of `mu` and `sigma`')
-    if 'mu' in files:
+    if 'mu' in entries:
       mu, sigma = np.asarray(z['mu'], np.float64), np.asarray(z['sigma'], np.float64)
       if mu.ndim != 1 or sigma.shape != (mu.size, mu.size):
         raise ValueError(f'{path}: `mu` {mu.shape} and `sigma` {sigma.shape} are not (d,) and (d, d)')
       out.mu, out.sigma = mu, sigma
     if images:
-      if 'arr_0' not in files:
-        raise ValueError(f'{path}: no `arr_0` images (entries: {sorted(files)})')
+      if 'arr_0' not in entries:
+        raise ValueError(f'{path}: no `arr_0` images (entries: {sorted(entries)})')
       arr = z['arr_0']
       if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[-1] != 3:
         raise ValueError(f'{path}: `arr_0` must be uint8 NHWC RGB images, got {arr.dtype} {arr.shape}')
       out.images = arr
-    if out.mu is None and 'arr_0' not in files:
-      raise ValueError(f'{path}: neither `mu`/`sigma` nor `arr_0` images (entries: {sorted(files)})')
+    if out.mu is None and 'arr_0' not in entries:
+      raise ValueError(f'{path}: neither `mu`/`sigma` nor `arr_0` images (entries: {sorted(entries)})')
   return out
 
 

@@ -76,6 +76,7 @@ import numpy as np
 from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec
 
+from srdd_jax import files
 from srdd_jax.config import ConfigError, floats, ints, with_defaults
 from srdd_jax.convert.loading import load_models, tokenizer_for_model
 from srdd_jax.data.token_cache import TokenCache
@@ -167,10 +168,10 @@ def select_guidance(scores, schedules) -> tuple:
 def heldout_curve(metrics_path: str) -> list[list[float]]:
   """[[step, held-out token loss], ...] of a training run's metrics.jsonl (the last record of a step wins:
   a resumed run logs its checkpoint's step again)."""
-  if not os.path.isfile(metrics_path):
+  if not files.isfile(metrics_path):
     return []
   by_step = {}
-  with open(metrics_path) as f:
+  with files.open(metrics_path) as f:
     for r in map(json.loads, f):
       if 'heldout_loss' in r:
         by_step[int(r['step'])] = float(r['heldout_loss'])
@@ -369,7 +370,7 @@ class Scorer:
         compiled = jit_inference(sampler.sample).lower(var_params, vae_params, labels, batch_rng(0, 0)).compile()
       stats = compiled_stats(compiled)
       logging.info('ablation: sampler compiled in %.1fs (%s, %s, MR %s)', time.time() - t0,
-                   os.path.basename(model['export']),
+                   files.basename(model['export']),
                    'guidance as an argument' if traced else f'cfg {values["cfg"]:g} {values["cfg_schedule"]}',
                    values['mr_mode'] if values['mr_iterations'] else 'off')
       self.compiled[key] = (sampler, compiled, stats, bs)
@@ -567,7 +568,7 @@ def compile_cache(workdir: str) -> str:
   current = jax.config.jax_compilation_cache_dir
   if current:
     return current
-  path = os.path.join(workdir, 'jax_cache')
+  path = files.join(workdir, 'jax_cache')
   jax.config.update('jax_compilation_cache_dir', path)
   return path
 
@@ -583,9 +584,9 @@ def _git_commit() -> str:
 def _steps_per_s(metrics_path: str) -> float | None:
   """Median training rate of the logged windows, the first one left out when there are others (it holds
   the step's compilation)."""
-  if not os.path.isfile(metrics_path):
+  if not files.isfile(metrics_path):
     return None
-  with open(metrics_path) as f:
+  with files.open(metrics_path) as f:
     rates = [r['steps_per_s'] for r in map(json.loads, f) if 'steps_per_s' in r]
   if len(rates) > 1:
     rates = rates[1:]
@@ -618,7 +619,7 @@ class _Ablation:
     return self.units('tokenizer', fn)['export']
 
   def tokens(self, split: str, patch_nums, name: str) -> str:
-    out_dir = os.path.join(self.workdir, 'tokens', name)
+    out_dir = files.join(self.workdir, 'tokens', name)
 
     def fn():
       c = self.cfg()
@@ -635,7 +636,7 @@ class _Ablation:
     """The model of `kind` and training seed `seed`: from scratch, or (FINETUNED kinds) trained on from
     `start`, the from-scratch model of the same seed, with a fresh optimizer and learning-rate schedule."""
     name = f'models/{kind}_seed{seed}'
-    root = os.path.join(self.workdir, name)
+    root = files.join(self.workdir, name)
 
     def fn():
       c = self.cfg()
@@ -658,7 +659,7 @@ class _Ablation:
       s = train.run(c, root)
       if not s.get('export'):
         raise _Stopped({**s, 'stage': name})
-      metrics = os.path.join(root, 'metrics.jsonl')
+      metrics = files.join(root, 'metrics.jsonl')
       return {'export': s['export'], 'kind': kind, 'seed': seed, 'steps': steps,
               'start': start and {'export': start['export'], 'kind': start['kind'], 'steps': start['steps']},
               'start_steps': start['steps'] if start else 0,
@@ -670,7 +671,7 @@ class _Ablation:
     """The student of `teacher`: 'distilled' on the re-quantised tokens alone (kl_weight 0), 'distilled_kl'
     with config.ablation.distill_kl_weight x KL(teacher || student) added."""
     name = f'models/{kind}'
-    root = os.path.join(self.workdir, name)
+    root = files.join(self.workdir, name)
 
     def fn():
       c = self.cfg()
@@ -687,7 +688,7 @@ class _Ablation:
       return {'export': s['export'], 'kind': kind, 'seed': teacher['seed'], 'steps': steps,
               'kl_weight': float(c.distill.kl_weight),
               'teacher': teacher['export'], 'teacher_steps': teacher['steps'],
-              'steps_per_s': _steps_per_s(os.path.join(root, 'metrics.jsonl')),
+              'steps_per_s': _steps_per_s(files.join(root, 'metrics.jsonl')),
               'last_loss': s.get('last_loss'), 'patch_nums': list(self.student_pn)}
     return self.units(name, fn)
 
@@ -752,8 +753,8 @@ class _Ablation:
         unit = f'evaluation/{variant}/train{m["seed"]}_sample{s}'
         r = self.units(unit, lambda m=m, s=s: self.scorer.score(m, values, self.o['test_per_class'], s, 'test'))
         if 'precision' not in r:  # Kept from a run of an earlier version, which scored fd only.
-          raise ConfigError(f'{os.path.join(self.workdir, unit)}/result.json has no precision/recall (an earlier '
-                            f'version wrote it): remove {os.path.join(self.workdir, "evaluation")} to score again')
+          raise ConfigError(f'{files.join(self.workdir, unit)}/result.json has no precision/recall (an earlier '
+                            f'version wrote it): remove {files.join(self.workdir, "evaluation")} to score again')
         runs.append({**r, 'train_seed': m['seed']})
     return {'runs': runs}
 
@@ -901,13 +902,11 @@ class _Ablation:
         'teacher_runs': teachers,
         'teacher': {'export': teacher['export'], 'seed': teacher['seed'],
                   'validation_scores': teacher['validation_scores']},
-        'outputs': {k: os.path.join(self.workdir, f'ablation.{k}') for k in ('json', 'md', 'png')}}
+        'outputs': {k: files.join(self.workdir, f'ablation.{k}') for k in ('json', 'md', 'png')}}
     if multihost.is_main_process():
-      with open(os.path.join(self.workdir, 'ablation.json'), 'w') as f:
-        json.dump(out, f, indent=1, default=float)
-      with open(os.path.join(self.workdir, 'ablation.md'), 'w') as f:
-        f.write(markdown(out))
-      plot(variants, os.path.join(self.workdir, 'ablation.png'))
+      files.write_json(files.join(self.workdir, 'ablation.json'), out)
+      files.write_text(files.join(self.workdir, 'ablation.md'), markdown(out))
+      plot(variants, files.join(self.workdir, 'ablation.png'))
     return out
 
 
@@ -1001,7 +1000,7 @@ def plot(variants: dict, path: str, size=(960, 480), pr_width: int = 480):
   both = Image.new('RGB', (size[0] + pr_width, size[1]), 'white')
   both.paste(chart.image, (0, 0))
   both.paste(pr.image, (size[0], 0))
-  both.save(path)
+  files.save_image(path, both)
 
 
 def run(config, workdir: str) -> dict:

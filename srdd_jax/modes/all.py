@@ -19,12 +19,11 @@ model are never presented as current.
 from __future__ import annotations
 
 import json
-import os
 import time
 
 import numpy as np
-from PIL import Image
 
+from srdd_jax import files
 from srdd_jax.config import with_defaults
 from srdd_jax.convert.params_io import model_meta
 from srdd_jax.data.images import grid
@@ -68,48 +67,48 @@ def run(config, workdir: str) -> dict:
   if not config.tokenizer.checkpoint:
     summary = stage('train_tokenizer', lambda: train_tokenizer.run(config, workdir),
                     {'config.tokenizer': _without(config.tokenizer, 'checkpoint'), 'config.data': data},
-                    where=os.path.join(workdir, train_tokenizer.SUBDIR, 'checkpoints'))
+                    where=files.join(workdir, train_tokenizer.SUBDIR, 'checkpoints'))
     if not summary.get('export'):
       return stopped('train_tokenizer', summary)
     config.tokenizer.checkpoint = summary['export']
   # --- token cache ---
-  cache = config.tokenize.out_dir or os.path.join(workdir, 'tokens')
+  cache = config.tokenize.out_dir or files.join(workdir, 'tokens')
   tokenizer = model_identity(config.tokenizer.checkpoint)
   stage('tokenize', lambda: tokenize.run(config, workdir),
         {'tokenizer': tokenizer, 'config.data': data, 'config.tokenize': config.tokenize.to_dict()},
-        output=os.path.join(cache, 'manifest.json'))
+        output=files.join(cache, 'manifest.json'))
   config.data.token_cache = cache
   # --- transformer ---
   summary = stage('train', lambda: train.run(config, workdir),
                   {'config.model': _without(config.model, 'checkpoint'), 'tokenizer': tokenizer,
-                   'token_cache': file_identity(os.path.join(cache, 'manifest.json'))},
-                  where=os.path.join(workdir, 'checkpoints'))
+                   'token_cache': file_identity(files.join(cache, 'manifest.json'))},
+                  where=files.join(workdir, 'checkpoints'))
   if not summary.get('export'):
     return stopped('train', summary)
   config.model.checkpoint = summary['export']
   # --- samples ---
-  samples = os.path.join(workdir, 'samples', 'samples.npz')
+  samples = files.join(workdir, 'samples', 'samples.npz')
   # Samples of other inputs, or of an interrupted sample stage, are replaced whole.
   stage('sample', lambda: sample.run(config, workdir, overwrite=True),
         {'model': model_identity(config.model.checkpoint), 'tokenizer': tokenizer, 'seed': int(config.seed),
          'config.sampler': config.sampler.to_dict(), 'config.sample': config.sample.to_dict()}, output=samples)
   if multihost.is_main_process():
-    _small_grid(samples, os.path.join(workdir, 'samples', 'grid_10x10.png'), per=10)
+    _small_grid(samples, files.join(workdir, 'samples', 'grid_10x10.png'), per=10)
   # --- evaluation ---
   config.eval.samples = samples
   stage('eval', lambda: evaluation.run(config, workdir, overwrite=True),
         {'samples': file_identity(samples), 'seed': int(config.seed), 'config.data': data,
-         'config.eval': config.eval.to_dict()}, output=os.path.join(workdir, 'eval', 'eval.json'))
+         'config.eval': config.eval.to_dict()}, output=files.join(workdir, 'eval', 'eval.json'))
   summary = {'seconds': {**seconds(), 'total': round(time.time() - t_all, 1)}, 'stages': results,
              'outputs': {
                  'tokenizer': config.tokenizer.checkpoint,
-                 'reconstructions': os.path.join(workdir, 'tokenizer', 'reconstructions.png'),
+                 'reconstructions': files.join(workdir, 'tokenizer', 'reconstructions.png'),
                  'token_cache': cache, 'model': config.model.checkpoint,
-                 'sample_grid': os.path.join(workdir, 'samples', 'grid_10x10.png'), 'samples': samples,
-                 'metrics': os.path.join(workdir, 'eval', 'eval.json')}}
+                 'sample_grid': files.join(workdir, 'samples', 'grid_10x10.png'), 'samples': samples,
+                 'metrics': files.join(workdir, 'eval', 'eval.json')}}
   summary['report'] = report(summary)
   if multihost.is_main_process():
-    write_json(os.path.join(workdir, 'summary.json'), json.loads(json.dumps(summary, default=str)))
+    write_json(files.join(workdir, 'summary.json'), json.loads(json.dumps(summary, default=str)))
   return summary
 
 
@@ -118,8 +117,7 @@ def report(summary: dict) -> list[str]:
   and what they mean."""
   out = summary['outputs']
   try:
-    with open(out['metrics']) as f:
-      metrics = json.load(f).get('metrics', {})
+    metrics = files.read_json(out['metrics']).get('metrics', {})
   except (OSError, ValueError):
     metrics = {}
   lines = [f'samples:    {out["sample_grid"]} (a row per class), {out["samples"]}',
@@ -144,12 +142,12 @@ def _without(section, *keys) -> dict:
 def model_identity(directory: str) -> dict:
   """What tells one export (or conversion) from another: its path and model.json's creation time."""
   meta = model_meta(directory)
-  return {'path': os.path.abspath(directory), 'created': meta.get('created'), 'num_params': meta.get('num_params')}
+  return {'path': files.absolute(directory), 'created': meta.get('created'), 'num_params': meta.get('num_params')}
 
 
 def _small_grid(samples_npz: str, out: str, per: int):
   """The first `per` samples of each class, a row per class."""
-  with np.load(samples_npz) as z:
+  with files.np_load(samples_npz) as z:
     images, labels = z['arr_0'], z['arr_1']
   rows = [images[labels == k][:per] for k in np.unique(labels)]
-  Image.fromarray(grid(np.concatenate(rows), per)).save(out)
+  files.save_image(out, grid(np.concatenate(rows), per))

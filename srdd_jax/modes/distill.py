@@ -14,11 +14,10 @@ any transformer (config.model.checkpoint).
 """
 from __future__ import annotations
 
-import json
-import os
 
 from absl import logging
 
+from srdd_jax import files
 from srdd_jax.config import ConfigError, with_defaults
 from srdd_jax.convert import params_io
 from srdd_jax.data.token_cache import MANIFEST
@@ -35,7 +34,7 @@ def load_teacher(config):
   if not path:
     raise ConfigError('config.distill.teacher is empty: give a transformer directory (WORKDIR/export/step_<n> '
                       'of a training run, or convert_var\'s output)')
-  if not os.path.isdir(path):
+  if not files.isdir(path):
     raise ConfigError(f'config.distill.teacher={path!r} does not exist')
   try:
     return params_io.load_var(path)
@@ -45,11 +44,10 @@ def load_teacher(config):
 
 def _check_cache(directory: str, patch_nums) -> None:
   """A cache at another schedule is refused before anything loads, naming the command that writes one."""
-  path = os.path.join(directory, MANIFEST)
-  if not os.path.isfile(path):
+  path = files.join(directory, MANIFEST)
+  if not files.isfile(path):
     return  # TokenCache says what is wrong with it.
-  with open(path) as f:
-    have = tuple(json.load(f)['patch_nums'])
+  have = tuple(files.read_json(path)['patch_nums'])
   if have != tuple(patch_nums):
     want = ','.join(map(str, patch_nums))
     raise ConfigError(f'config.distill.token_cache={directory!r} holds tokens for patch_nums {have}, the student '

@@ -3,14 +3,13 @@ trained or converted model: WORKDIR/edit/<task>/ holds the input and the edits a
 edits as edits.npz and summary.json; that folder is replaced whole once new edits are complete."""
 from __future__ import annotations
 
-import json
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
+from srdd_jax import files
 from srdd_jax.config import ConfigError, ints, with_defaults
 from srdd_jax.data.images import grid, to_uint8
 from srdd_jax.data.preprocess import to_rgb
@@ -24,11 +23,10 @@ from srdd_jax.parallel.workdir import Outputs
 
 def open_image(path: str, key: str) -> Image.Image:
   """The RGB image at `path`; errors name the config `key`."""
-  if not path or not os.path.isfile(path):
+  if not path or not files.isfile(path):
     raise ConfigError(f'{key}={path!r}: no such image file')
   try:
-    with Image.open(path) as f:
-      f.load()
+    with files.load_image(path) as f:
       # data.preprocess's conversion: 16-bit greyscale scaled down, not clipped to white by convert('RGB').
       return to_rgb(f).copy()
   except OSError as e:
@@ -90,7 +88,7 @@ def run(config, workdir: str, overwrite: bool = False) -> dict:
   if cls >= nc:
     raise ConfigError(f'config.edit.class_id={cls} is out of range for a model with {nc} classes')
   # The inputs work; only now do earlier outputs stand in the way.
-  outputs = Outputs(os.path.join(workdir, 'edit', e.task), f'{e.task} edits', overwrite)
+  outputs = Outputs(files.join(workdir, 'edit', e.task), f'{e.task} edits', overwrite)
   if multihost.is_main_process():
     outputs.claim()
   editor = editing.Editor(sampler)
@@ -133,11 +131,10 @@ def run(config, workdir: str, overwrite: bool = False) -> dict:
   if not multihost.is_main_process():
     return {'task': e.task, 'num_samples': n}
   out_dir = outputs.begin()
-  Image.fromarray(grid(np.concatenate([src[None], out]), n + 1)).save(os.path.join(out_dir, 'grid.png'))
-  np.savez(os.path.join(out_dir, 'edits.npz'), arr_0=out, arr_1=labels)
+  files.save_image(files.join(out_dir, 'grid.png'), grid(np.concatenate([src[None], out]), n + 1))
+  files.save_npz(files.join(out_dir, 'edits.npz'), arr_0=out, arr_1=labels)
   summary = {'task': e.task, 'num_samples': n, 'labels': labels.tolist(), **info,
              'outputs': [f'edit/{e.task}/grid.png (input, then the edits)', f'edit/{e.task}/edits.npz']}
-  with open(os.path.join(out_dir, 'summary.json'), 'w') as f:
-    json.dump(summary, f, indent=1)
+  files.write_json(files.join(out_dir, 'summary.json'), summary)
   outputs.commit()
   return summary

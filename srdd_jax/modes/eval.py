@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import shutil
 import time
 
 import numpy as np
 from absl import logging
 
+from srdd_jax import files
 from srdd_jax.config import ConfigError, ints, with_defaults
 from srdd_jax.diffusion.generate import generate, sampler_from_config
 from srdd_jax.evaluation import protocol
@@ -41,13 +40,13 @@ def options(config) -> dict:
 
 
 def _inside(path: str, folder: str) -> bool:
-  return os.path.commonpath([os.path.abspath(path), os.path.abspath(folder)]) == os.path.abspath(folder)
+  return files.is_within(path, folder)
 
 
 def run(config, workdir: str, overwrite: bool = False) -> dict:
   config = with_defaults(config)
   o = options(config)
-  outputs = Outputs(os.path.join(workdir, 'eval'), 'evaluation', overwrite)
+  outputs = Outputs(files.join(workdir, 'eval'), 'evaluation', overwrite)
   if multihost.is_main_process():
     outputs.claim()
   t0 = time.time()
@@ -104,11 +103,10 @@ def run(config, workdir: str, overwrite: bool = False) -> dict:
   if multihost.is_main_process():
     out = outputs.begin()
     if not o['samples']:
-      np.savez(os.path.join(out, 'samples.npz'), arr_0=images, arr_1=labels)
+      files.save_npz(files.join(out, 'samples.npz'), arr_0=images, arr_1=labels)
     elif _inside(o['samples'], outputs.final):  # Samples an earlier evaluation wrote: they stay.
-      shutil.copy2(o['samples'], os.path.join(out, os.path.relpath(o['samples'], outputs.final)))
-    with open(os.path.join(out, 'eval.json'), 'w') as f:
-      json.dump(summary, f, indent=1)
+      files.copy(o['samples'], files.join(out, files.relpath(o['samples'], outputs.final)))
+    files.write_json(files.join(out, 'eval.json'), summary)
     outputs.commit()
     logging.info('eval: %s', json.dumps(results))
   return summary

@@ -1,16 +1,14 @@
 """`--mode=reconstruct`: the tokenizer end to end on a few images, with PSNR and an image grid."""
 from __future__ import annotations
 
-import json
-import os
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
-from PIL import Image
 
+from srdd_jax import files
 from srdd_jax.config import with_defaults
 from srdd_jax.convert.loading import load_tokenizer
 from srdd_jax.data.images import signed_to_uint8 as to_uint8
@@ -67,10 +65,10 @@ def run(config, workdir: str) -> dict:
   rec = np.concatenate(recs)
   t2 = time.time()
   ids = [np.concatenate([b[k] for b in all_ids]) for k in range(vq_config.num_scales)]
-  np.savez(os.path.join(workdir, 'tokens.npz'), **{f'idx_{k}': a for k, a in enumerate(ids)})
+  files.save_npz(files.join(workdir, 'tokens.npz'), **{f'idx_{k}': a for k, a in enumerate(ids)})
   grid = np.concatenate([np.concatenate(list(to_uint8(images)), 1),
                          np.concatenate(list(to_uint8(rec)), 1)], 0)
-  Image.fromarray(grid).save(os.path.join(workdir, 'reconstruction.png'))
+  files.save_image(files.join(workdir, 'reconstruction.png'), grid)
   summary = {
       'weights': source,
       'num_images': int(len(images)),
@@ -82,6 +80,5 @@ def run(config, workdir: str) -> dict:
       'seconds_tokenize_and_decode': round(t2 - t1, 2),
       'outputs': ['reconstruction.png (top: input, bottom: reconstruction)', 'tokens.npz', 'summary.json'],
   }
-  with open(os.path.join(workdir, 'summary.json'), 'w') as f:
-    json.dump(summary, f, indent=1)
+  files.write_json(files.join(workdir, 'summary.json'), summary)
   return summary

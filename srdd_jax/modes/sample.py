@@ -4,13 +4,11 @@ which is replaced whole once the new samples are complete (parallel/workdir.Outp
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 import time
 
 import numpy as np
-from PIL import Image
 
+from srdd_jax import files
 from srdd_jax.config import ConfigError, ints, with_defaults
 from srdd_jax.data.images import grid
 from srdd_jax.diffusion.generate import generate, sampler_from_config
@@ -40,7 +38,7 @@ def run(config, workdir: str, overwrite: bool = False) -> dict:
   labels = np.repeat(np.asarray(classes, np.int32), per)
   bs = int(config.sample.batch_size)
   # The inputs are known to work; only now do earlier outputs stand in the way.
-  outputs = Outputs(os.path.join(workdir, 'samples'), 'samples', overwrite)
+  outputs = Outputs(files.join(workdir, 'samples'), 'samples', overwrite)
   if multihost.is_main_process():
     outputs.claim()
   t0 = time.time()
@@ -48,17 +46,16 @@ def run(config, workdir: str, overwrite: bool = False) -> dict:
   if not multihost.is_main_process():  # Process 0 writes; every process took part in sampling.
     return {'num_images': int(len(images))}
   out_dir = outputs.begin()
-  os.makedirs(os.path.join(out_dir, 'images'))
-  np.savez(os.path.join(out_dir, 'samples.npz'), arr_0=images, arr_1=labels)
+  files.makedirs(files.join(out_dir, 'images'))
+  files.save_npz(files.join(out_dir, 'samples.npz'), arr_0=images, arr_1=labels)
   for i, (im, k) in enumerate(zip(images, labels)):
-    Image.fromarray(im).save(os.path.join(out_dir, 'images', f'class{k:04d}_{i:06d}.png'))
-  Image.fromarray(grid(images, per)).save(os.path.join(out_dir, 'grid.png'))
+    files.save_image(files.join(out_dir, 'images', f'class{k:04d}_{i:06d}.png'), im)
+  files.save_image(files.join(out_dir, 'grid.png'), grid(images, per))
   summary = {'num_images': int(len(images)), 'classes': list(map(int, classes)), 'per_class': per,
              'mask': sampler.mask, 'sampler': dataclasses.asdict(sampler.config),
              'seconds': round(time.time() - t0, 2),
              'outputs': ['samples/grid.png (a row per class)', 'samples/images/*.png',
                          'samples/samples.npz (arr_0 uint8 NHWC, arr_1 labels)']}
-  with open(os.path.join(out_dir, 'summary.json'), 'w') as f:
-    json.dump(summary, f, indent=1)
+  files.write_json(files.join(out_dir, 'summary.json'), summary)
   outputs.commit()
   return summary

@@ -2,7 +2,6 @@
 (srdd_jax/data/token_cache.py) that `--mode=train` reads with `config.data.token_cache=DIR`."""
 from __future__ import annotations
 
-import os
 import time
 
 import jax
@@ -11,6 +10,7 @@ import numpy as np
 from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec
 
+from srdd_jax import files
 from srdd_jax.config import ConfigError, with_defaults
 from srdd_jax.convert.loading import tokenizer_for_model
 from srdd_jax.data import pipeline, token_cache
@@ -35,7 +35,7 @@ def check(config) -> None:
 def run(config, workdir: str) -> dict:
   config = with_defaults(config)
   tk = config.tokenize
-  out_dir = tk.out_dir or os.path.join(workdir, 'tokens')
+  out_dir = tk.out_dir or files.join(workdir, 'tokens')
   check(config)
   bs = int(tk.batch_size)
   tok = tokenizer_for_model(config)  # The cache is for the model's scales.
@@ -65,7 +65,7 @@ def run(config, workdir: str) -> dict:
   try:
     stats = token_cache.write(
         out_dir, source, encode, tokenizer_hash=tokenizer_hash,
-        tokenizer_checkpoint=os.path.abspath(config.tokenizer.checkpoint) if config.tokenizer.checkpoint else '',
+        tokenizer_checkpoint=files.absolute(config.tokenizer.checkpoint) if config.tokenizer.checkpoint else '',
         patch_nums=vq.patch_nums, vocab_size=vq.vocab_size, flips=bool(tk.flips), batch_size=bs,
         shard_size=int(tk.shard_size), process_index=jax.process_index(), process_count=jax.process_count(),
         sync=multihost.sync, max_examples=int(tk.max_examples))

@@ -12,11 +12,11 @@ Outputs, all under WORKDIR/tokenizer/:
 """
 from __future__ import annotations
 
-import os
 
 import jax
 from absl import logging
 
+from srdd_jax import files
 from srdd_jax.config import ConfigError, with_defaults
 from srdd_jax.data import pipeline
 from srdd_jax.parallel import mesh as pm
@@ -69,7 +69,7 @@ def task(config, workdir: str) -> TokenizerTask:
                  s.steps * s.global_batch / data.num_examples,
                  f'weight {s.gan_weight} from step {s.gan_start_step}' if s.use_gan else 'off',
                  dict(mesh.shape), jax.process_count())
-  return TokenizerTask(trainer, data, held_out, workdir, os.path.join(workdir, SUBDIR))
+  return TokenizerTask(trainer, data, held_out, workdir, files.join(workdir, SUBDIR))
 
 
 def run(config, workdir: str, stop_after_steps: int | None = None, return_state: bool = False) -> dict:

@@ -235,6 +235,14 @@ def storage_fault(e: BaseException | None) -> str | None:
   return None
 
 
+def check_store(workdir: str) -> None:
+  """A workdir in a bucket that cannot be used (no credentials, no network): a ConfigError now, before
+  any work, rather than a traceback from the first write minutes later."""
+  why = files.probe(workdir)
+  if why:
+    raise ConfigError(f'--workdir={workdir}: {why}')
+
+
 def file_identity(path: str) -> dict:
   """A file's path, size and modification time: enough to tell it was written again."""
   st = files.size_and_mtime(path)

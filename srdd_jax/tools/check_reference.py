@@ -9,13 +9,12 @@ Exits 1 if a check fails (or, with --strict, if an entry could not be checked), 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import zipfile
 
 import jax
-import numpy as np
 
+from srdd_jax import files
 from srdd_jax.tools import reference_common as rc
 from srdd_jax.tools.reference_fid import check_fid_inception
 from srdd_jax.tools.reference_var import check_var
@@ -28,10 +27,10 @@ def _checkers():
 
 def check_file(path: str) -> tuple[dict, list[rc.Result]]:
   """Runs every check the port supports on one reference file."""
-  if not os.path.isfile(path):
+  if not files.isfile(path):
     raise rc.ReferenceFormatError(f'{path}: no such file')
   try:
-    z = np.load(path, allow_pickle=False)
+    z = files.np_load(path, allow_pickle=False)
   except (OSError, ValueError, zipfile.BadZipFile) as e:
     raise rc.ReferenceFormatError(f'{path}: not a readable .npz file ({e})') from e
   with z:

@@ -14,12 +14,12 @@ ratio (VAR's 256 px values by default). `--manifest` checks a key -> shape manif
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 
 import numpy as np
 
+from srdd_jax import files
 from srdd_jax.config import ConfigError, ints
 from srdd_jax.convert import params_io
 from srdd_jax.convert import state_dict as sd
@@ -51,8 +51,7 @@ def main(argv=None) -> int:
     ap.error(str(e))
 
   if args.manifest:
-    with open(args.manifest) as f:
-      manifests = json.load(f)
+    manifests = files.read_json(args.manifest)
     if args.manifest_key not in manifests:
       print(f'error: {args.manifest} has no entry {args.manifest_key!r}; it has {sorted(manifests)}',
             file=sys.stderr)

@@ -12,12 +12,12 @@ batches, the sampler's npz). The output (`mu`, `sigma`, `meta`) is read by
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 
 import numpy as np
 
+from srdd_jax import files
 from srdd_jax.evaluation import inception_weights as fid_inception
 from srdd_jax.evaluation import stats
 
@@ -25,26 +25,25 @@ _IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.webp', '.bmp')
 
 
 def image_files(folder: str) -> list[str]:
-  files = sorted(os.path.join(folder, f) for f in os.listdir(folder)
+  found = sorted(files.join(folder, f) for f in files.listdir(folder)
                  if f.lower().endswith(_IMAGE_EXTENSIONS))
-  if not files:
+  if not found:
     raise ValueError(f'{folder}: no image files ({", ".join(_IMAGE_EXTENSIONS)})')
-  return files
+  return found
 
 
-def folder_chunks(files: list[str], chunk: int):
+def folder_chunks(paths: list[str], chunk: int):
   """uint8 NHWC arrays of up to `chunk` images; every image must have the first one's size."""
-  from PIL import Image  # pylint: disable=import-outside-toplevel
   size = None
-  for start in range(0, len(files), chunk):
+  for start in range(0, len(paths), chunk):
     arrays = []
-    for f in files[start:start + chunk]:
-      with Image.open(f) as im:
+    for f in paths[start:start + chunk]:
+      with files.load_image(f) as im:
         a = np.asarray(im.convert('RGB'), np.uint8)
       if size is None:
         size = a.shape
       elif a.shape != size:
-        raise ValueError(f'{f}: size {a.shape[1]}x{a.shape[0]}, but {files[0]} is {size[1]}x{size[0]}; '
+        raise ValueError(f'{f}: size {a.shape[1]}x{a.shape[0]}, but {paths[0]} is {size[1]}x{size[0]}; '
                          'resize the images to one size first')
       arrays.append(a)
     yield np.stack(arrays)
@@ -60,16 +59,16 @@ def main(argv=None) -> int:
   ap.add_argument('--overwrite', action='store_true')
   args = ap.parse_args(argv)
 
-  if os.path.exists(args.out) and not args.overwrite:
+  if files.exists(args.out) and not args.overwrite:
     print(f'error: {args.out} exists; pass --overwrite to replace it', file=sys.stderr)
     return 1
   t0 = time.time()
   try:
     params, info = fid_inception.load_inception(args.weights)
     chunk = 50 * args.batch_size
-    if os.path.isdir(args.images):
-      files = image_files(args.images)
-      batches, n = folder_chunks(files, chunk), len(files)
+    if files.isdir(args.images):
+      paths = image_files(args.images)
+      batches, n = folder_chunks(paths, chunk), len(paths)
     else:
       images = stats.load_reference_batch(args.images, images=True).images
       batches = (images[i:i + chunk] for i in range(0, len(images), chunk))
@@ -77,7 +76,7 @@ def main(argv=None) -> int:
     print(f'{n} images from {args.images}; weights {args.weights} (SHA-256 {info["sha256"]})', flush=True)
     mu, sigma, count = stats.statistics_from_images(params, batches, batch_size=args.batch_size)
     stats.save_statistics(args.out, mu, sigma, count=count, weights_sha256=info['sha256'],
-                          source=os.path.abspath(args.images), overwrite=args.overwrite)
+                          source=files.absolute(args.images), overwrite=args.overwrite)
   except (FileNotFoundError, ImportError, ValueError) as e:
     # WeightsHashMismatch is a ValueError that names the file and both digests.
     print(f'error: {e}', file=sys.stderr)

@@ -27,8 +27,9 @@ def _png(image: np.ndarray) -> bytes:
     a = (np.clip(a, 0.0, 1.0) * 255 + 0.5).astype(np.uint8)
   if a.ndim == 3 and a.shape[-1] == 1:
     a = a[..., 0]
-  buf = io.BytesIO()
-  Image.fromarray(a).save(buf, format='PNG')
+  buf = io.BytesIO()  # In memory: the event file, not the image, is what is written.
+  image = Image.fromarray(a)
+  image.save(buf, format='PNG')
   return buf.getvalue()
 
 

@@ -179,7 +179,7 @@ def test_ctrl_c_of_one_process_stops_at_the_agreed_step(tmp_path, several_proces
   assert signal.SIGTERM not in seen and signal.getsignal(signal.SIGTERM) is term
   assert several_processes['notified'] == 1
   assert (s['end_step'], s['stopped_by'], s['complete']) == (4, 'SIGINT', False)  # Not 2: the others' step.
-  assert several_processes['asked'] == [0, 1, 2, 3, 4]  # The step resumed from, then every step.
+  assert several_processes['asked'] == [0, 0, 1, 2, 3, 4]  # The newest checkpoint's, the start's, then every step.
   assert max(int(d) for d in os.listdir(tmp_path / 'checkpoints') if d.isdigit()) == 4
 
 

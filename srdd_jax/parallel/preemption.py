@@ -33,10 +33,12 @@ def coordinated() -> bool:
 def reached(step: int) -> bool:
   """True on every process at the step all of them stop at, once any was sent SIGTERM; else False.
 
-  Every process must ask for the same steps in the same order (the driver asks for the step it resumed
-  from, then after each step). A notice that came before this run's first question, while an earlier
-  run in the process or the restore held the counter elsewhere, names a step this run may never ask
-  for: that run then goes on until the scheduler kills it (what it trained since its restore is lost).
+  Every process must ask for the same steps in the same order (the driver asks for the newest
+  checkpoint's step before restoring it, the step it resumed from, then each step it trained). The
+  notice names the step after the furthest process's last question: one that came before a run's first
+  question (while the process set up its data and model, or an earlier run in the same process held
+  the counter elsewhere) can name a step this run never asks for. That run then trains on until the
+  scheduler kills it, losing what it trained since its restore.
   """
   if not coordinated():
     return False

@@ -160,6 +160,10 @@ def run(task: Task, *, stop_after_steps: int | None = None, return_state: bool =
                         'move it away')
   ckpt = Checkpointer(files.join(task.root, 'checkpoints'), max_to_keep=task.keep_checkpoints,
                       save_every=task.checkpoint_every)
+  if preemption.coordinated():
+    # The sync counter at the step the restore will give (the newest), during the restore: a notice
+    # then names the step after it, not the step after the counter's 0.
+    preemption.reached(ckpt.manager.latest_step() or 0)
   abstract, shardings = task.abstract_state()
   state, start = ckpt.restore_or_init(abstract, shardings, task.init)
   if start > task.total_steps:
@@ -190,8 +194,8 @@ def run(task: Task, *, stop_after_steps: int | None = None, return_state: bool =
   stop = {'signal': None}
   # Several processes stop where all of them agree (one signalled process saving alone waited forever
   # for the others at the save's barrier): JAX's notifier hears SIGTERM, and `preemption.reached` names
-  # the step. This first question also places the counter at `start`, so that a notice that came
-  # during the restore stops the run after its first step.
+  # the step. Asking for `start` (again) keeps the counter right where the restore fell back to an
+  # older checkpoint.
   coordinated = preemption.coordinated()
   agreed = preemption.reached(start) if coordinated else False
   if coordinated and preemption.python_owns_sigterm():

@@ -14,6 +14,11 @@ import urllib.error
 import urllib.request
 from typing import Callable, Mapping
 
+try:  # JAX's own count of the TPU chips on the PCI bus (private: a JAX without it cannot tell either).
+  from jax._src import hardware_utils
+except ImportError:
+  hardware_utils = None
+
 # Worker lists, comma-separated: set on GKE's TPU hosts.
 WORKER_LIST_VARIABLES = ('TPU_PROCESS_ADDRESSES', 'TPU_WORKER_HOSTNAMES')
 _METADATA_TIMEOUT_S = 5
@@ -22,9 +27,8 @@ _METADATA_TIMEOUT_S = 5
 def tpu_chips() -> int:
   """TPU chips attached to this machine (0 where it cannot be told)."""
   try:
-    from jax._src import hardware_utils  # pylint: disable=import-outside-toplevel
     return int(hardware_utils.num_available_tpu_chips_and_device_id()[0])
-  except Exception:  # pylint: disable=broad-except  # A JAX without the helper: JAX cannot detect a pod either.
+  except (AttributeError, OSError, ValueError, IndexError, TypeError):
     return 0
 
 

@@ -38,7 +38,7 @@ def test_the_mesh_builds_on_every_v5p_slice_and_every_host_reads_its_rows(mesh_r
   slices a host's rows are scattered spans (v5p-64, fsdp 8: blocks 0, 1, 4, 5 of 32), which local_rows
   used to refuse."""
   require_libtpu()
-  from srdd_jax.parallel.compile import topology_devices  # pylint: disable=import-outside-toplevel
+  topology_devices = pm.topology_devices
   config = load_file('configs/ffhq.py')
   if mesh_request:
     config.mesh.update(mesh_request)
@@ -64,7 +64,7 @@ def test_two_slices_put_data_across_slices():
   """create_hybrid_device_mesh: data over the data-centre network, fsdp inside each slice (jax.make_mesh
   refuses several slices)."""
   require_libtpu()
-  from srdd_jax.parallel.compile import topology_devices  # pylint: disable=import-outside-toplevel
+  topology_devices = pm.topology_devices
   devices = topology_devices('v5p:2x2x2', num_slices=2)
   config = load_file('configs/ffhq.py')
   mesh = pm.mesh_from_config(config, devices)

@@ -3,13 +3,11 @@ programs compiled ahead of time for a TPU topology on any host (no TPU attached;
 from __future__ import annotations
 
 import functools
-import os
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental import topologies
 
 from srdd_jax.config import ConfigError
 from srdd_jax.parallel import mesh as pm
@@ -125,24 +123,9 @@ def needed_bytes(memory: dict | None) -> int | None:
 
 # --- ahead of time: programs compiled for a TPU topology on any host -----------------------------------
 
+topology_devices = pm.topology_devices  # Its home is mesh.py (the rehearsal builds meshes from it).
+
 FIT_FRACTION = 0.8  # Headroom for the runtime, fragmentation and what XLA's analysis leaves out.
-
-
-def topology_devices(topology: str, flag: str = '--aot', num_slices: int = 1):
-  """The devices of a TPU topology ('v5e:2x2', 'v5p:2x2x2'; `num_slices` of them joined by the data-centre
-  network), described without any TPU attached; errors name `flag`, what gave the topology."""
-  # libtpu takes a machine-wide lockfile when it loads, so while any other JAX process runs here (a
-  # training job, the test suite) the description fails with ABORTED. Compiling ahead of time touches no
-  # TPU, so sharing the library is safe; the variable is read when libtpu loads, i.e. on the first call.
-  os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
-  try:
-    extra = {'num_slices': num_slices} if num_slices > 1 else {}
-    desc = topologies.get_topology_desc(platform='tpu', topology_name=topology, **extra)
-  except Exception as e:  # pylint: disable=broad-except
-    raise ConfigError(f'{flag} {topology!r}: cannot describe this TPU topology ({type(e).__name__}: '
-                      f'{str(e).splitlines()[0] if str(e) else ""}); is libtpu installed '
-                      "(pip install -e '.[tpu]') and is the name like v5p:2x2x2?") from None
-  return list(desc.devices)
 
 
 def rules_for(name: str):

@@ -12,6 +12,7 @@ import jax
 import numpy as np
 from absl import logging
 from jax.experimental import mesh_utils
+from jax.experimental import topologies
 from jax.sharding import NamedSharding, PartitionSpec
 
 from srdd_jax.config import ConfigError
@@ -85,6 +86,23 @@ def num_slices(devices) -> int:
   return len({getattr(d, 'slice_index', 0) or 0 for d in devices})
 
 
+def topology_devices(topology: str, flag: str = '--aot', num_slices: int = 1):
+  """The devices of a TPU topology ('v5e:2x2', 'v5p:2x2x2'; `num_slices` of them joined by the data-centre
+  network), described without any TPU attached; errors name `flag`, what gave the topology."""
+  # libtpu takes a machine-wide lockfile when it loads, so while any other JAX process runs here (a
+  # training job, the test suite) the description fails with ABORTED. Compiling ahead of time touches no
+  # TPU, so sharing the library is safe; the variable is read when libtpu loads, i.e. on the first call.
+  os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
+  try:
+    extra = {'num_slices': num_slices} if num_slices > 1 else {}
+    desc = topologies.get_topology_desc(platform='tpu', topology_name=topology, **extra)
+  except Exception as e:  # pylint: disable=broad-except
+    raise ConfigError(f'{flag} {topology!r}: cannot describe this TPU topology ({type(e).__name__}: '
+                      f'{str(e).splitlines()[0] if str(e) else ""}); is libtpu installed '
+                      "(pip install -e '.[tpu]') and is the name like v5p:2x2x2?") from None
+  return list(desc.devices)
+
+
 # Set to a TPU topology ('v5p:2x4x4', or 'v5p:2x2x2,slices=2'), CPU processes order their devices as
 # JAX orders that pod's chips: each process plays one host (its local devices, the host's chips), so a
 # multi-process CPU run meets the host row layout, collectives and resume of the pod. A rehearsal aid;
@@ -125,7 +143,6 @@ def rehearsal_devices(topology: str, devices) -> np.ndarray:
   """For ENV_REHEARSE: the TPU devices of `topology` (libtpu's description: coordinates, host of each
   chip, slice), and `devices` matched to them host by host (process p's i-th device by id plays host p's
   i-th chip by id). Returns (tpu devices, the real device each stands for)."""
-  from srdd_jax.parallel.compile import topology_devices  # pylint: disable=import-outside-toplevel
   name, _, opts = topology.partition(',')
   slices = 1
   if opts:

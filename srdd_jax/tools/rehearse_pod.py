@@ -22,8 +22,15 @@ import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
 from etils import epath
+from jax.sharding import NamedSharding, PartitionSpec
+
+from srdd_jax.config import ConfigError
+from srdd_jax.convert import params_io
+from srdd_jax.parallel import mesh as pm
+from srdd_jax.parallel import multihost
 
 REPO = epath.Path(__file__).resolve().parent.parent.parent
 SMOKE = ['--config=configs/smoke.py', '--mode=train', '--config.model.depth=1']
@@ -31,14 +38,8 @@ SMOKE = ['--config=configs/smoke.py', '--mode=train', '--config.model.depth=1']
 
 def host_rows(topology: str, slices: int, mesh_shape, global_batch: int) -> dict:
   """{host: [[start, stop], ...]}: the batch rows each host of the slice loads under the mesh."""
-  import jax  # pylint: disable=import-outside-toplevel
-  from jax.sharding import NamedSharding, PartitionSpec  # pylint: disable=import-outside-toplevel
 
-  from srdd_jax.parallel import mesh as pm  # pylint: disable=import-outside-toplevel
-  from srdd_jax.parallel import multihost  # pylint: disable=import-outside-toplevel
-  from srdd_jax.parallel.compile import topology_devices  # pylint: disable=import-outside-toplevel
-  del jax
-  tpu = topology_devices(topology, '--topology', num_slices=slices)
+  tpu = pm.topology_devices(topology, '--topology', num_slices=slices)
   mesh = pm.make_mesh(mesh_shape, tpu)
   sharding = NamedSharding(mesh, PartitionSpec(('data', 'fsdp')))
   out = {}
@@ -53,8 +54,6 @@ def _records(workdir: epath.Path) -> list[dict]:
 
 
 def _export(workdir: epath.Path, steps: int):
-  from srdd_jax.convert import params_io  # pylint: disable=import-outside-toplevel
-  import jax  # pylint: disable=import-outside-toplevel
   _, params = params_io.load_params(str(workdir / 'export' / f'step_{steps:08d}'))
   return {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(params)}
 
@@ -147,11 +146,9 @@ def main(argv=None) -> int:
   if a.slices < 1 or a.steps < 1 or a.global_batch < 0:
     print('error: --slices and --steps must be >= 1 and --global_batch >= 0', file=sys.stderr)
     return 2
-  from srdd_jax.config import ConfigError  # pylint: disable=import-outside-toplevel
   try:
     if not a.global_batch:
-      from srdd_jax.parallel.compile import topology_devices  # pylint: disable=import-outside-toplevel
-      a.global_batch = 2 * len(topology_devices(a.topology, '--topology', num_slices=a.slices))
+      a.global_batch = 2 * len(pm.topology_devices(a.topology, '--topology', num_slices=a.slices))
     rec = rehearse(a.topology, a.slices, a.workdir, a.steps, a.global_batch, a.mesh)
   except (ConfigError, ValueError) as e:
     print(f'error: {e}', file=sys.stderr)

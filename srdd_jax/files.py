@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import posixpath
 import shutil
@@ -355,6 +356,9 @@ def probe(p, timeout: float = 15.0) -> str | None:
   if not is_remote(s):
     return None
   if s.startswith('gs://') and not os.environ.get('STORAGE_EMULATOR_HOST'):
+    auth_log = logging.getLogger('google.auth')  # Its warning of each way it tried: our line says it.
+    level = auth_log.level
+    auth_log.setLevel(logging.ERROR)
     try:
       import google.auth  # pylint: disable=import-outside-toplevel
       google.auth.default()
@@ -362,6 +366,8 @@ def probe(p, timeout: float = 15.0) -> str | None:
       first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
       return (f'no Google Cloud credentials ({first.split(". ")[0]}); run `gcloud auth application-default '
               'login`, or set GOOGLE_APPLICATION_CREDENTIALS to a service account key')
+    finally:
+      auth_log.setLevel(level)
   result = {}
 
   def look():

@@ -114,7 +114,8 @@ def test_a_training_run_in_a_bucket(bucket, empty_cwd, capsys):
   assert '.srdd.lock' not in out  # The lease is given back at the end.
   records = [json.loads(line) for line in files.read_text(f'{wd}/metrics.jsonl').splitlines()]
   assert [r['step'] for r in records] == [1, 2, 3]  # The resumed run logged its one step, once.
-  assert f'resumed from step 2 of {wd}/checkpoints' in capsys.readouterr().err or True
+  summary = json.loads(capsys.readouterr().out.rsplit('\n{\n', 1)[-1].join(['{\n', '']))
+  assert summary['start_step'] == 2 and summary['end_step'] == 3  # Resumed from the bucket's checkpoint.
 
 
 def test_every_stage_in_a_bucket_and_a_resume(bucket, empty_cwd, capsys):

@@ -47,6 +47,7 @@ from absl import logging
 from srdd_jax import files
 from srdd_jax.data import pipeline
 from srdd_jax.evaluation.inception import check_images
+from srdd_jax.parallel import multihost
 from srdd_jax.parallel.compile import inference_compiler_options
 
 # Bump when the network, its input scaling or the training recipe changes: the version is part of the
@@ -510,7 +511,8 @@ def train_or_load(data_config, image_size: int, cache_dir: str, *, seed: int = 0
     logging.info('proxy classifier %s from %s (test accuracy %.4f)', clf.key, entry, clf.accuracy)
     return clf
   clf = train(request, data_config)
-  if not save(clf, cache_dir):
+  # Every process trained the same classifier (same data, same seed); process 0 alone caches it.
+  if multihost.is_main_process() and not save(clf, cache_dir):
     return load(entry, request)
   logging.info('proxy classifier %s trained in %.1fs, test accuracy %.4f, cached in %s', clf.key,
                clf.info['train_seconds'], clf.accuracy, entry)

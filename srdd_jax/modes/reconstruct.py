@@ -12,6 +12,7 @@ from srdd_jax import files
 from srdd_jax.config import with_defaults
 from srdd_jax.convert.loading import load_tokenizer
 from srdd_jax.data.images import signed_to_uint8 as to_uint8
+from srdd_jax.parallel import multihost
 from srdd_jax.tokenizer.api import Tokenizer
 
 
@@ -65,10 +66,8 @@ def run(config, workdir: str) -> dict:
   rec = np.concatenate(recs)
   t2 = time.time()
   ids = [np.concatenate([b[k] for b in all_ids]) for k in range(vq_config.num_scales)]
-  files.save_npz(files.join(workdir, 'tokens.npz'), **{f'idx_{k}': a for k, a in enumerate(ids)})
   grid = np.concatenate([np.concatenate(list(to_uint8(images)), 1),
                          np.concatenate(list(to_uint8(rec)), 1)], 0)
-  files.save_image(files.join(workdir, 'reconstruction.png'), grid)
   summary = {
       'weights': source,
       'num_images': int(len(images)),
@@ -80,5 +79,8 @@ def run(config, workdir: str) -> dict:
       'seconds_tokenize_and_decode': round(t2 - t1, 2),
       'outputs': ['reconstruction.png (top: input, bottom: reconstruction)', 'tokens.npz', 'summary.json'],
   }
-  files.write_json(files.join(workdir, 'summary.json'), summary)
+  if multihost.is_main_process():  # Every process computed the same; one writes it.
+    files.save_npz(files.join(workdir, 'tokens.npz'), **{f'idx_{k}': a for k, a in enumerate(ids)})
+    files.save_image(files.join(workdir, 'reconstruction.png'), grid)
+    files.write_json(files.join(workdir, 'summary.json'), summary)
   return summary

@@ -88,6 +88,18 @@ def objects(root: str) -> list[str]:
   return sorted(files.relpath(files.join(d, f), root) for d, _, names in files.walk(root) for f in names)
 
 
+def _scalar_steps(path: str, tag: str) -> list[int]:
+  """The steps of scalar `tag` in a TensorBoard event file, read record by record as TensorBoard does."""
+  from tensorboard.compat.proto import event_pb2  # pylint: disable=import-outside-toplevel
+  data, at, steps = files.read_bytes(path), 0, []
+  while at < len(data):
+    (n,) = np.frombuffer(data[at:at + 8], '<u8')
+    event = event_pb2.Event.FromString(data[at + 12:at + 12 + int(n)])
+    at += 12 + int(n) + 4
+    steps += [event.step for v in event.summary.value if v.tag == tag]
+  return steps
+
+
 @pytest.fixture
 def empty_cwd(tmp_path, monkeypatch):
   """An empty working directory for the test, checked empty at its end: nothing of a run whose paths are
@@ -110,7 +122,8 @@ def test_a_training_run_in_a_bucket(bucket, empty_cwd, capsys):
   out = objects(wd)
   assert 'checkpoints/2/commit_success.txt' in out and 'checkpoints/3/commit_success.txt' in out
   assert 'export/step_00000003/model.json' in out and any(o.startswith('export/step_00000003/params/') for o in out)
-  assert any(o.startswith('events.out.tfevents.') for o in out)  # TensorBoard's, through our writer.
+  events = [o for o in out if o.startswith('events.out.tfevents.')]  # TensorBoard's, through our writer.
+  assert len(events) == 2 and sorted(s for e in events for s in _scalar_steps(f'{wd}/{e}', 'loss')) == [1, 2, 3]
   assert '.srdd.lock' not in out  # The lease is given back at the end.
   records = [json.loads(line) for line in files.read_text(f'{wd}/metrics.jsonl').splitlines()]
   assert [r['step'] for r in records] == [1, 2, 3]  # The resumed run logged its one step, once.
@@ -240,3 +253,19 @@ def test_a_bucket_that_cannot_be_reached_is_one_line(tmp_path):
       else:
         os.environ[k] = v
     _forget_clients()
+
+
+def test_data_given_as_bucket_paths(bucket):
+  """A folder of images in a bucket is a data set like a local one (config.data.source='folder')."""
+  del bucket
+  from srdd_jax.data.folder import FolderSource  # pylint: disable=import-outside-toplevel
+  root = f'gs://{BUCKET}/images'
+  rng = np.random.default_rng(0)
+  for c in ('cats', 'dogs'):
+    for i in range(2):
+      files.save_image(f'{root}/{c}/{i}.png', rng.integers(0, 255, (12, 10, 3), np.uint8))
+  src = FolderSource(root, 'subfolder', image_size=8)
+  assert (src.num_examples, src.num_classes, src.classes) == (4, 2, ['cats', 'dogs'])
+  assert src.name(3) == f'{root}/dogs/1.png'
+  image, label = src.load(3)
+  assert label == 1 and np.asarray(image).shape[-1] == 3

@@ -12,6 +12,7 @@ import io
 import os
 import socket
 import time
+import uuid
 
 import numpy as np
 
@@ -41,7 +42,9 @@ class EventWriter:
     from tensorboard.compat.proto import event_pb2, summary_pb2
     from tensorboard.summary.writer.record_writer import RecordWriter
     self._event_pb2, self._summary_pb2 = event_pb2, summary_pb2
-    self.path = files.join(root, f'events.out.tfevents.{time.time():.0f}.{socket.gethostname()}.{os.getpid()}')
+    # The run's own name: two runs of one process in the same second must not write one object.
+    self.path = files.join(root, f'events.out.tfevents.{time.time():.0f}.{socket.gethostname()}.{os.getpid()}.'
+                                 f'{uuid.uuid4().hex[:6]}')
     self._buf = io.BytesIO()
     self._records = RecordWriter(self._buf)
     self._dirty, self._flushed = False, time.time()

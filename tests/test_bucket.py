@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from srdd_jax import files, main
-from tests.conftest import save_small_tokenizer, xla_flags
+from tests.conftest import save_small_tokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUCKET = 'srdd-test'

@@ -23,8 +23,6 @@ import json
 import logging
 import os
 import posixpath
-import shutil
-import tempfile
 import threading
 from typing import Any, Iterator
 
@@ -327,13 +325,6 @@ def load_image(p):
   return im
 
 
-def save_figure(p, figure, **kwargs) -> None:
-  """A matplotlib figure at `p`, its format from the name."""
-  buf = io.BytesIO()
-  figure.savefig(buf, format=splitext(p)[1].lstrip('.') or 'png', **kwargs)
-  write_bytes(p, buf.getvalue())
-
-
 def committed(folder) -> bool:
   """Whether `folder` is complete: locally, that it exists (it was renamed into place whole); in a
   bucket, that its commit marker was written (last)."""
@@ -373,7 +364,11 @@ def probe(p, timeout: float = 15.0) -> str | None:
   def look():
     try:
       fs, where = fsspec.core.url_to_fs(s)
-      fs.ls(where.split('/', 1)[0], detail=False, refresh=True)
+      bucket, _, prefix = where.partition('/')
+      if s.startswith('gs://'):  # One page of one object: a bucket of any size answers at once.
+        fs.call('GET', 'b/{}/o', bucket, maxResults=1, prefix=prefix, json_out=True)
+      else:
+        fs.ls(where, detail=False, refresh=True)
       result['ok'] = True
     except Exception as e:  # pylint: disable=broad-except
       result['error'] = e
@@ -385,17 +380,9 @@ def probe(p, timeout: float = 15.0) -> str | None:
     return None
   if 'error' in result:
     e = result['error']
-    if isinstance(e, FileNotFoundError):
+    if isinstance(e, FileNotFoundError) and s.startswith('gs://'):
       return f'bucket {s.split("://", 1)[1].split("/", 1)[0]!r} does not exist'
+    if isinstance(e, FileNotFoundError):
+      return None  # The store answered: nothing is there yet.
     return f'{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ""}'
   return f'no answer from the store within {timeout:.0f} s (no network?)'
-
-
-def local_scratch(prefix: str = 'srdd-') -> str:
-  """A private folder on the local disk for a library that can only write local files (removed by
-  `drop_scratch`); what matters is copied out of it through this module."""
-  return tempfile.mkdtemp(prefix=prefix)
-
-
-def drop_scratch(folder: str) -> None:
-  shutil.rmtree(folder, ignore_errors=True)

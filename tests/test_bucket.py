@@ -269,3 +269,9 @@ def test_data_given_as_bucket_paths(bucket):
   assert src.name(3) == f'{root}/dogs/1.png'
   image, label = src.load(3)
   assert label == 1 and np.asarray(image).shape[-1] == 3
+
+
+def test_a_missing_bucket_is_one_line(bucket, capsys):
+  del bucket
+  assert main.run(['srdd_jax.main', *SMOKE, '--workdir=gs://no-such-bucket/run', '--mode=train']) == 2
+  assert capsys.readouterr().err == "error: --workdir=gs://no-such-bucket/run: bucket 'no-such-bucket' does not exist\n"

@@ -8,6 +8,7 @@ nowhere else.
 
 Sections, and who reads them:
   seed           every random draw (data order, init, sampling) is a function of it.
+  compile_cache  where compiled programs are kept between runs (srdd_jax/parallel/compile_cache.py).
   tokenizer      the VQ-VAE: a checkpoint to load, or the architecture to build (tokenizer.api).
   tokenizer_train  --mode=train_tokenizer.
   data           the input pipeline (data.pipeline), and `token_cache` for --mode=train.
@@ -35,6 +36,9 @@ PATCH_NUMS_512 = (1, 2, 3, 4, 6, 9, 13, 18, 24, 32)
 
 DEFAULTS: dict = {
     'seed': 0,
+    # JAX's persistent compilation cache, every mode (srdd_jax/parallel/compile_cache.py): '' for
+    # $JAX_COMPILATION_CACHE_DIR or else WORKDIR/jax_cache, a directory (gs:// too), or 'off'.
+    'compile_cache': '',
     'tokenizer': dict(
         checkpoint='',  # Directory written by `convert_var --vae` or by --mode=train_tokenizer.
         # When set, the checkpoint's weights must have this hash (data/token_cache.params_hash): a

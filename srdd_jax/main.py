@@ -33,7 +33,7 @@ from srdd_jax.modes import distill
 from srdd_jax.modes import edit
 from srdd_jax.modes import eval as evaluation
 from srdd_jax.modes import reconstruct, sample, tokenize, train, train_tokenizer
-from srdd_jax.parallel import multihost
+from srdd_jax.parallel import compile_cache, multihost
 from srdd_jax.parallel.workdir import WorkdirLock, check_store, storage_fault
 from srdd_jax.train.driver import PREEMPTED_EXIT_CODE
 
@@ -188,6 +188,8 @@ def execute(command: Command) -> int:
   except OSError as e:
     raise BadInput(f'--workdir={workdir!r} cannot be created: {e.strerror}') from None
   kwargs = {'overwrite': command.overwrite} if mode in _OVERWRITABLE else {}
+  cache = compile_cache.setup(workdir, command.config.get('compile_cache', ''))
+  logging.info('persistent compilation cache: %s', cache or 'off')
   try:
     with WorkdirLock(workdir, enabled=multihost.is_main_process()):
       summary = MODES[mode](command.config, workdir, **kwargs)
@@ -200,6 +202,8 @@ def execute(command: Command) -> int:
     if fault is None:
       raise
     raise BadInput(fault) from None
+  finally:
+    compile_cache.log()  # Every process: each host's log tells what it compiled and what it loaded.
   if multihost.is_main_process():
     print(json.dumps({k: v for k, v in summary.items() if k != 'report'}, indent=1, default=str))
     if summary.get('report'):  # The few lines a person reads at the end.

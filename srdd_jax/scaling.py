@@ -18,7 +18,7 @@ from ml_collections import config_flags
 from srdd_jax import files
 from srdd_jax.config import ConfigError, ints, with_defaults
 from srdd_jax.modes import scaling
-from srdd_jax.parallel import multihost
+from srdd_jax.parallel import compile_cache, multihost
 from srdd_jax.parallel.workdir import write_json
 
 
@@ -93,6 +93,8 @@ def main(argv):
                                             heldout_split=_HELDOUT_SPLIT.value)))
       print(f'{cmd}: dry run, nothing written or run')
       return
+    # One cache for the study (ROOT/jax_cache): the points share the sampler, held-out and stage programs.
+    compile_cache.setup(root, config.get('compile_cache', ''))
     if cmd == 'plan':
       mesh = ints(_MESH.value, '--mesh') or None
       p = scaling.plan(config, spec, overrides, root, points, heldout_examples=_HELDOUT.value,
@@ -121,6 +123,9 @@ def main(argv):
   except ConfigError as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
+  finally:
+    if cmd != 'fit':
+      compile_cache.log()
 
 
 if __name__ == '__main__':

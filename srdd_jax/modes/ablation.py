@@ -86,6 +86,7 @@ from srdd_jax.diffusion.sampler import batch_rng
 from srdd_jax.evaluation import paired, protocol, proxy
 from srdd_jax.evaluation.plot import Chart
 from srdd_jax.modes import distill, tokenize, train, train_tokenizer
+from srdd_jax.parallel import compile_cache as jax_cache
 from srdd_jax.parallel import mesh as pm
 from srdd_jax.parallel import multihost
 from srdd_jax.parallel.compile import compiled_stats, jit_inference, needed_bytes
@@ -561,16 +562,12 @@ def _duration(seconds: float) -> str:
   return f'{m // 60} h {m % 60:02d} min' if m >= 60 else f'{m} min'
 
 
-def compile_cache(workdir: str) -> str:
-  """JAX's persistent compilation cache, WORKDIR/jax_cache unless one is set: a run resumed after a time
-  limit or a preemption reloads the sampling and held-out programs it compiled before instead of compiling
-  them again. (Each model's train step still compiles: its seed's key is a constant of the program.)"""
-  current = jax.config.jax_compilation_cache_dir
-  if current:
-    return current
-  path = files.join(workdir, 'jax_cache')
-  jax.config.update('jax_compilation_cache_dir', path)
-  return path
+def compile_cache(workdir: str) -> str | None:
+  """JAX's persistent compilation cache (srdd_jax.main sets it up for every mode; WORKDIR/jax_cache unless
+  one is set): a run resumed after a time limit or a preemption reloads the sampling and held-out programs
+  it compiled before instead of compiling them again. (Each model's train step still compiles: its seed's
+  key is a constant of the program.)"""
+  return jax_cache.ensure(workdir)
 
 
 def _git_commit() -> str:

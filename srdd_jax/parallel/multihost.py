@@ -23,6 +23,7 @@ from srdd_jax.parallel import pod
 ENV_COORDINATOR = 'SRDD_COORDINATOR_ADDRESS'
 ENV_NUM_PROCESSES = 'SRDD_NUM_PROCESSES'
 ENV_PROCESS_ID = 'SRDD_PROCESS_ID'
+ENV_HEARTBEAT = 'SRDD_HEARTBEAT_TIMEOUT_S'  # Seconds without a heartbeat before a task counts as dead.
 
 
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
@@ -63,8 +64,12 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
   except (AttributeError, KeyError, ValueError):  # A JAX without the option has a working default.
     pass
   if manual:
+    # A rehearsal oversubscribes its CPUs (32 processes on 2 cores): a process can go minutes without a
+    # heartbeat while alive, and JAX's 100 s default then kills every task.
+    patience = ({'heartbeat_timeout_seconds': int(os.environ[ENV_HEARTBEAT])} if os.environ.get(ENV_HEARTBEAT)
+                else {})
     jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
-                               process_id=process_id)
+                               process_id=process_id, **patience)
   else:
     try:
       jax.distributed.initialize()

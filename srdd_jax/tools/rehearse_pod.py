@@ -105,7 +105,7 @@ def rehearse(topology: str, slices: int, workdir: str, steps: int, global_batch:
   name = topology + (f',slices={slices}' if slices > 1 else '')
   many = subprocess.run(['bash', 'launch/local.sh', str(hosts), str(per_host), str(root / 'logs'), '--',
                          f'--workdir={root / "many"}', *args], cwd=REPO, capture_output=True, text=True,
-                        env=dict(env, XLA_FLAGS=flags, **{_ENV_REHEARSE: name}))
+                        env=dict(env, XLA_FLAGS=flags, **{_ENV_REHEARSE: name, multihost.ENV_HEARTBEAT: '1800'}))
   out_one, _ = one.communicate()
   seconds = time.time() - t0
   if one.returncode or many.returncode:

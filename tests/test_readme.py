@@ -72,6 +72,8 @@ def _check(command: str, tmp: str, capsys=None):
         importlib.import_module(argv[2]).main(argv[3:])
       out = capsys.readouterr()
       return (e.value.code or 0) if 'usage:' in out.out else f'no usage printed: {out.out[:200]!r}', out.err
+  elif argv[:2] == ['python', '-m'] and argv[2].startswith('benchmarks.'):
+    argv = [sys.executable, '-m', argv[2], '--help']
   elif argv[:1] == ['launch/gpu_study.sh']:
     argv = ['bash'] + [f'{tmp}_gpu' if a == 'DIR' else a for a in argv]
     env = dict(os.environ, JAX_PLATFORMS='cpu', GPU_STUDY_DRY_RUN='1', PYTHON=sys.executable)

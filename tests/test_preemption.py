@@ -2,7 +2,7 @@
 jax.distributed itself.
 
 The real test: 2 processes on localhost (launch/local.sh, gloo CPU collectives, 2 devices each),
-configs/smoke.py at depth 1 with a saved tokenizer as in tests/test_multihost.py. One process is sent
+configs/smoke.py at depth 1 with a saved tokenizer as in tests/test_pod.py. One process is sent
 SIGTERM mid-training: every process stops at the same step, they save one checkpoint together and all
 exit 75; the same command then finishes the run, which equals an uninterrupted one bit for bit.
 """

@@ -275,3 +275,33 @@ def test_a_missing_bucket_is_one_line(bucket, capsys):
   del bucket
   assert main.run(['srdd_jax.main', *SMOKE, '--workdir=gs://no-such-bucket/run', '--mode=train']) == 2
   assert capsys.readouterr().err == "error: --workdir=gs://no-such-bucket/run: bucket 'no-such-bucket' does not exist\n"
+
+
+def test_outputs_in_a_bucket_are_committed_with_a_marker(bucket):
+  """Without rename, new outputs are written beside the old ones, committed by a marker written last, then
+  copied over them (the marker last again): a run stopped before the commit leaves the old ones (its
+  partial folder removed by the next run), one stopped after it has its swap finished by the next run."""
+  del bucket
+  from srdd_jax.parallel.workdir import Outputs  # pylint: disable=import-outside-toplevel
+  final = f'gs://{BUCKET}/outputs/eval'
+
+  def write(text):
+    out = Outputs(final, 'evaluation', overwrite=True)
+    out.claim()
+    files.write_text(files.join(out.begin(), 'eval.json'), text)
+    return out
+
+  write('1').commit()
+  assert objects(final) == ['commit_success.txt', 'eval.json'] and files.read_text(f'{final}/eval.json') == '1'
+  write('2')  # Stopped before its commit: the old outputs stand, the next run removes the partial folder.
+  assert files.committed(final) and not Outputs(final, 'evaluation').pending()
+  write('3').commit()
+  assert files.read_text(f'{final}/eval.json') == '3' and not files.exists(f'{final}.partial/eval.json')
+  # Stopped in the middle of the swap (committed, the old outputs half removed): finished by the next run.
+  files.write_text(f'{final}.partial/eval.json', '4')
+  files.commit(f'{final}.partial')
+  files.remove(f'{final}/commit_success.txt')
+  assert Outputs(final, 'evaluation').pending()
+  Outputs(final, 'evaluation', overwrite=True).claim()
+  assert files.read_text(f'{final}/eval.json') == '4' and files.committed(final)
+  assert not files.exists(f'{final}.partial/eval.json')

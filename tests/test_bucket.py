@@ -165,7 +165,7 @@ def test_every_stage_in_a_bucket_and_a_resume(bucket, empty_cwd, capsys):
 
 
 def test_two_processes_train_in_a_bucket(bucket, tmp_path):
-  """The multi-process run of tests/test_multihost.py (launch/local.sh: 2 processes, 2 devices each) with
+  """A multi-process run (launch/local.sh: 2 processes, 2 devices each, configs/smoke.py at depth 1) with
   its workdir and tokenizer in gs://: process 0 alone writes the shared files, both write the checkpoint,
   and neither leaves a file in its working directory or its temporary directory."""
   from srdd_jax.tokenizer.api import Tokenizer, tokenizer_config, unbox  # pylint: disable=import-outside-toplevel

@@ -14,10 +14,15 @@ point's training command from the plan, each as its own multi-host job.
 
 tpu    An existing slice (--name), or a new one as a queued resource (--queued with --accelerator and
        --runtime; --spot for spot capacity), waited for until ACTIVE. --sync copies the repository's
-       tracked files (git archive of HEAD) to every worker and makes its virtual environment there
-       (`make venv` and jax[tpu]). Each job: `gcloud compute tpus tpu-vm ssh NAME --worker=all
-       --command=...` running the same command on every host with --multihost (JAX reads the TPU
-       metadata). The work directory must be shared by the hosts (a GCS bucket or NFS).
+       committed files (git archive of HEAD) to every worker, with any uncommitted input inside the
+       repository that the config names, and makes the virtual environment there (launch/tpu_host.sh
+       setup: a Python >= 3.11, provisioned where the image has 3.10, and jax[tpu]). The paths the
+       command names (--config, the config's checkpoints, data, caches) are committed, copied, or checked
+       on every worker before anything starts. Then on every host (`gcloud compute tpus tpu-vm ssh NAME
+       --worker=all`): the previous run is stopped (SIGTERM, its checkpoint saved) with whatever else holds
+       the TPU, and the command (a plan's jobs chained) starts with --multihost, detached from SSH (its own
+       session), LIBTPU_INIT_ARGS set (--libtpu_init_args), each host's output in WORKDIR/logs/host_N.log.
+       The work directory must be shared by the hosts (a GCS bucket or NFS).
 slurm  One batch script per job (written next to the plan or into --script_dir), submitted with sbatch:
        one task per node, the coordinator is the job's first node (scontrol show hostnames), each task's
        process id its SLURM_PROCID; `srun` starts them. Jobs of a plan are chained (afterok) so the
@@ -38,6 +43,27 @@ import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PORT = 8476  # The coordinator's port on the first host (jax.distributed's default is 1234 on TPU).
+HOST_SCRIPT = 'launch/tpu_host.sh'  # What each TPU host runs: setup, check, stop, start (detached).
+# XLA's asynchronous collectives and their fusion, so FSDP's all-gathers and reduce-scatters overlap the
+# layers' compute: the flags maxtext's v5p recipes export (AI-Hypercomputer/maxtext,
+# MaxText/configs/v5p/32b.sh, 64b.sh, 128b.sh: this set), each present in libtpu 0.0.42 (jax 0.10.2's).
+LIBTPU_INIT_ARGS = ' '.join([
+    '--xla_tpu_enable_async_collective_fusion_fuse_all_gather=true',
+    '--xla_tpu_megacore_fusion_allow_ags=false',
+    '--xla_enable_async_collective_permute=true',
+    '--xla_tpu_enable_ag_backward_pipelining=true',
+    '--xla_tpu_enable_data_parallel_all_reduce_opt=true',
+    '--xla_tpu_data_parallel_opt_different_sized_ops=true',
+    '--xla_tpu_enable_async_collective_fusion=true',
+    '--xla_tpu_enable_async_collective_fusion_multiple_steps=true',
+    '--xla_tpu_overlap_compute_collective_tc=true',
+    '--xla_enable_async_all_gather=true',
+])
+# Config keys naming an input the run reads. data.* only for a source that reads files.
+INPUT_KEYS = (('tokenizer', 'checkpoint'), ('tokenizer', 'reference_npz'), ('tokenizer_train', 'eval_path'),
+              ('data', 'path'), ('data', 'token_cache'), ('model', 'checkpoint'), ('train', 'init_from'),
+              ('distill', 'teacher'), ('distill', 'token_cache'), ('edit', 'image'), ('edit', 'mask'),
+              ('eval', 'inception_weights'), ('eval', 'reference'), ('eval', 'samples'))
 
 
 class LaunchError(Exception):
@@ -73,6 +99,84 @@ def with_multihost(argv: list[str]) -> list[str]:
   return argv if '--multihost' in argv else argv[:2] + ['--multihost'] + argv[2:]
 
 
+def _flag(args: list[str], name: str) -> str | None:
+  return next((x.split('=', 1)[1] for x in args if x.startswith(f'{name}=')), None)
+
+
+def named_paths(main_args: list[str]) -> list[tuple[str, str]]:
+  """(what names it, path) of every input a srdd_jax.main command line names: the --config file and the
+  config's input paths, its --config.* overrides applied. Reads the config file (ml_collections), not JAX."""
+  spec = _flag(main_args, '--config')
+  if not spec:
+    return []
+  out = [('--config', spec.partition(':')[0])]
+  if not os.path.isfile(os.path.join(REPO, out[0][1])) and not os.path.isfile(out[0][1]):
+    raise LaunchError(f'--config={spec}: no config file {out[0][1]!r}')
+  sys.path.insert(0, REPO)
+  try:
+    from srdd_jax.config import load_file, with_defaults  # pylint: disable=import-outside-toplevel
+    cwd = os.getcwd()
+    os.chdir(REPO)
+    try:
+      config = with_defaults(load_file(spec)).to_dict()
+    finally:
+      os.chdir(cwd)
+  except Exception as e:  # pylint: disable=broad-except
+    raise LaunchError(f'--config={spec}: cannot read it to check the paths it names ({type(e).__name__}: '
+                      f'{e}); run the launcher with the repository\'s Python (.venv/bin/python launch/launch.py)') from e
+  finally:
+    sys.path.remove(REPO)
+  mode = _flag(main_args, '--mode') or 'reconstruct'
+  for section, key in INPUT_KEYS:
+    value = _flag(main_args, f'--config.{section}.{key}')
+    if value is None:
+      value = config.get(section, {}).get(key)
+    source = _flag(main_args, '--config.data.source') or config.get('data', {}).get('source')
+    if section == 'data' and key == 'path' and (source == 'synthetic' or mode in ('sample', 'edit')):
+      continue
+    if value and isinstance(value, str):
+      out.append((f'config.{section}.{key}', value))
+  return out
+
+
+def _in_head(path: str) -> bool:
+  r = subprocess.run(['git', '-C', REPO, 'ls-tree', '-r', '--name-only', 'HEAD', '--', path.rstrip('/')],
+                     capture_output=True, text=True, check=False)
+  return r.returncode == 0 and bool(r.stdout.strip())
+
+
+def sort_paths(paths: list[tuple[str, str]], sync: bool) -> tuple[list[str], list[str]]:
+  """(paths to check on every host, relative paths to copy beside the archive). With --sync a relative
+  path is in the archive (committed), or is copied from here, or is an error naming it."""
+  remote, extra = [], []
+  for what, path in paths:
+    if path.startswith('gs://') or os.path.isabs(path) or not sync:
+      remote.append(path)
+    elif _in_head(path):
+      continue
+    elif what == '--config':
+      raise LaunchError(f'--config={path}: not committed, and --sync copies the committed files (git archive '
+                        'HEAD): commit it')
+    elif os.path.exists(os.path.join(REPO, path)):
+      extra.append(path)
+    else:
+      raise LaunchError(f'{what}={path!r} is relative to the repository, not committed and not here, so no '
+                        f'worker would have it: give a gs:// path or one that exists on every worker '
+                        f'(--{what}=...)' if what.startswith('config.') else f'{what}={path!r} does not exist')
+  return remote, extra
+
+
+def log_dir(jobs) -> str:
+  """Where each host's log goes: the workdir of the job (the study's root for a plan: the prepare
+  stage's, else the first point's parent)."""
+  for _, argv in jobs:
+    w = _flag(argv, '--workdir')
+    if w:
+      return w.rstrip('/') + '/logs' if len(jobs) == 1 or argv[1] == 'srdd_jax.scaling' else (
+          os.path.dirname(w.rstrip('/')) + '/logs')
+  return 'srdd_logs'
+
+
 # --- backends ----------------------------------------------------------------------------------------
 
 def tpu_commands(a, jobs) -> list[list[str]]:
@@ -91,15 +195,28 @@ def tpu_commands(a, jobs) -> list[list[str]]:
     out.append(['bash', '-c', f'while true; do s=$({describe}); echo "queued resource {a.name}-qr: $s"; '
                 'case "$s" in ACTIVE) exit 0;; FAILED|SUSPENDED) exit 1;; esac; sleep 30; done'])
   ssh = base + ['tpu-vm', 'ssh', a.name, *where, '--worker=all']
+  host = lambda sub, env='': ssh + [f'--command=cd {a.repo_dir} && {env}bash {HOST_SCRIPT} {sub}']
+  # A plan's stages create the inputs of its points, so only a single command's paths are checked.
+  paths = named_paths(jobs[0][1][2:]) if len(jobs) == 1 and jobs[0][1][1] == 'srdd_jax.main' else []
+  remote, extra = sort_paths(paths, a.sync)
   if a.sync:
     archive = os.path.join('/tmp', f'srdd_jax_{a.name}.tar.gz')
     out.append(['git', '-C', REPO, 'archive', '--format=tar.gz', f'--output={archive}', 'HEAD'])
     out.append(base + ['tpu-vm', 'scp', archive, f'{a.name}:srdd_jax.tar.gz', *where, '--worker=all'])
-    out.append(ssh + [f'--command=mkdir -p {a.repo_dir} && tar xzf srdd_jax.tar.gz -C {a.repo_dir} && '
-                      f'cd {a.repo_dir} && make venv && .venv/bin/pip install --quiet "jax[tpu]"'])
-  for _, argv in jobs:
-    cmd = shlex.join([a.remote_python, *with_multihost(argv)])
-    out.append(ssh + [f'--command=cd {a.repo_dir} && {cmd}'])
+    unpack = f'tar xzf srdd_jax.tar.gz -C {a.repo_dir}'
+    if extra:  # Inputs the config names inside the repository that are not committed: copied too.
+      inputs = os.path.join('/tmp', f'srdd_jax_{a.name}_inputs.tar.gz')
+      out.append(['tar', '-C', REPO, '-czf', inputs, *extra])
+      out.append(base + ['tpu-vm', 'scp', inputs, f'{a.name}:srdd_jax_inputs.tar.gz', *where, '--worker=all'])
+      unpack += f' && tar xzf srdd_jax_inputs.tar.gz -C {a.repo_dir}'
+    # The image's Python is 3.10 on stock TPU VM images: tpu_host.sh setup provisions 3.11 where needed.
+    out.append(ssh + [f'--command=mkdir -p {a.repo_dir} && {unpack} && cd {a.repo_dir} && bash {HOST_SCRIPT} setup'])
+  if remote:
+    out.append(host('check ' + shlex.join(remote)))
+  out.append(host('stop'))
+  run = ' && '.join(shlex.join([a.remote_python, *with_multihost(argv)]) for _, argv in jobs)
+  env = f'LIBTPU_INIT_ARGS={shlex.quote(a.libtpu_init_args)} ' if a.libtpu_init_args else ''
+  out.append(host(f'start {shlex.quote(log_dir(jobs))} {shlex.quote(run)}', env))
   return out
 
 
@@ -174,6 +291,8 @@ def parse(argv):
   t.add_argument('--sync', action='store_true', help='copy the repository to every worker and set it up')
   t.add_argument('--repo_dir', default='~/srdd_jax')
   t.add_argument('--remote_python', default='.venv/bin/python')
+  t.add_argument('--libtpu_init_args', default=LIBTPU_INIT_ARGS,
+                 help="LIBTPU_INIT_ARGS of the run (default: maxtext's v5p set, FSDP's collectives overlapped; '' none)")
   s = sub.add_parser('slurm', parents=[common], help='a SLURM GPU cluster')
   s.add_argument('--nodes', type=int, required=True)
   s.add_argument('--gpus_per_node', type=int, default=8)

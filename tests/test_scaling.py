@@ -175,10 +175,12 @@ def test_launchers_dry_run_every_point_of_a_plan(tiny_study, tmp_path):
   rc, out, err = _launch('tpu', '--name=pod', '--zone=us-central2-b', f'--plan={path}', '--dry-run')
   assert rc == 0, err
   ssh = [l for l in out.splitlines() if 'tpu-vm ssh pod' in l]
-  assert len(ssh) == n and all('--worker=all' in l and '--multihost' in l for l in ssh)
-  assert 'srdd_jax.scaling --multihost prepare' in ssh[0]
-  for line, p in zip(ssh[1:], points):
-    assert f'points/{p.name}' in line and 'srdd_jax.main --multihost' in line
+  # The previous run stopped, then one detached chain on every host: the shared stages, then each point.
+  assert len(ssh) == 2 and all('--worker=all' in l for l in ssh) and 'tpu_host.sh stop' in ssh[0]
+  chain = ssh[1].split(' && ')
+  assert len(chain) == n + 1 and 'srdd_jax.scaling --multihost prepare' in chain[1]
+  for part, p in zip(chain[2:], points):
+    assert f'points/{p.name}' in part and 'srdd_jax.main --multihost' in part
   rc, out, err = _launch('slurm', '--nodes=2', f'--plan={path}', f'--script_dir={tmp_path}', '--dry-run')
   assert rc == 0, err
   assert out.count('#SBATCH --nodes=2') == n and out.count('scontrol show hostnames') == n
@@ -191,16 +193,19 @@ def test_launchers_dry_run_every_point_of_a_plan(tiny_study, tmp_path):
 
 
 def test_launchers_dry_run_one_command_and_bad_input():
-  args = ['--', '--config=configs/ffhq.py', '--workdir=gs://bucket/ffhq', '--mode=train']
-  rc, out, _ = _launch('tpu', '--name=pod', '--zone=z', '--queued', '--accelerator=v5p-64',
-                       '--runtime=v2-alpha-tpuv5', '--sync', '--dry-run', *args)
-  assert rc == 0
+  args = ['--', '--config=configs/ffhq.py', '--workdir=gs://bucket/ffhq', '--mode=train',
+          '--config.tokenizer.checkpoint=gs://bucket/vae', '--config.data.path=/mnt/ffhq']
+  rc, out, err = _launch('tpu', '--name=pod', '--zone=z', '--queued', '--accelerator=v5p-64',
+                         '--runtime=v2-alpha-tpuv5', '--sync', '--dry-run', *args)
+  assert rc == 0, err
   lines = out.strip().splitlines()
   assert lines[0].startswith('gcloud compute tpus queued-resources create pod-qr --node-id=pod')
   assert 'ACTIVE' in lines[1] and lines[2].startswith('git -C') and 'tpu-vm scp' in lines[3]
-  assert 'make venv' in lines[4] and lines[5].endswith(
-      "'--command=cd ~/srdd_jax && .venv/bin/python -m srdd_jax.main --multihost --config=configs/ffhq.py "
-      "--workdir=gs://bucket/ffhq --mode=train'")
+  assert 'tpu_host.sh setup' in lines[4] and 'tpu_host.sh check gs://bucket/vae /mnt/ffhq' in lines[5]
+  assert 'tpu_host.sh stop' in lines[6] and 'LIBTPU_INIT_ARGS=' in lines[7] and lines[7].endswith(
+      "bash launch/tpu_host.sh start gs://bucket/ffhq/logs '\"'\"'.venv/bin/python -m srdd_jax.main --multihost "
+      "--config=configs/ffhq.py --workdir=gs://bucket/ffhq --mode=train --config.tokenizer.checkpoint=gs://bucket/vae "
+      "--config.data.path=/mnt/ffhq'\"'\"''")
   rc, out, _ = _launch('slurm', '--nodes=4', '--partition=gpu', '--dry-run', *args)
   assert rc == 0 and '#SBATCH --nodes=4' in out and '#SBATCH --partition=gpu' in out
   assert 'SRDD_COORDINATOR_ADDRESS="$head:8476" SRDD_NUM_PROCESSES="$SLURM_NTASKS"' in out

@@ -72,10 +72,15 @@ class WorkdirLock:
       return {}
 
   def _in_use(self, h: dict) -> ConfigError:
+    if files.is_remote(self.workdir) and 'expires' in h:
+      until = datetime.datetime.fromtimestamp(h['expires']).isoformat(timespec='seconds')
+      gone = f'if that run is gone, its lease {self.path} expires at {until}, unless it is renewed'
+    else:
+      gone = f'if that run is gone, delete {self.path}'
     return ConfigError(
         f'workdir {self.workdir!r} is in use by process {h.get("pid", "?")} on host {h.get("host", "?")} '
         f'since {h.get("started", "?")} ({h.get("command", "?")}); wait for it to finish or use another '
-        f'--workdir (if that run is gone, delete {self.path})')
+        f'--workdir ({gone})')
 
   def _flock(self) -> bool:
     """Takes the OS lock on the workdir; False where the file system has none (then the file decides)."""

@@ -126,6 +126,9 @@ def named_paths(main_args: list[str]) -> list[tuple[str, str]]:
                       f'{e}); run the launcher with the repository\'s Python (.venv/bin/python launch/launch.py)') from e
   finally:
     sys.path.remove(REPO)
+  workdir = _flag(main_args, '--workdir') or ''
+  if workdir.startswith('gs://'):  # The run makes its workdir, in a bucket that must exist.
+    out.append(('--workdir', 'gs://' + workdir[5:].split('/', 1)[0]))
   mode = _flag(main_args, '--mode') or 'reconstruct'
   for section, key in INPUT_KEYS:
     value = _flag(main_args, f'--config.{section}.{key}')

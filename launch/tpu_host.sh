@@ -70,11 +70,16 @@ setup() {
   echo "$(hostname): .venv made with $(.venv/bin/python --version)"
 }
 
+gs_exists() {  # A bucket (which may be empty), or an object or prefix with something under it.
+  if [[ "$1" =~ ^gs://[^/]+/?$ ]]; then gcloud storage buckets describe "${1%/}" >/dev/null 2>&1; return; fi
+  (set +o pipefail; gcloud storage ls "$1" 2>/dev/null | head -n 1 | grep -q .)
+}
+
 check() {
   local p missing=0
   for p in "$@"; do
     case "$p" in
-      gs://*) gcloud storage ls "$p" >/dev/null 2>&1 || { echo "error: $p does not exist or cannot be read (from $(hostname))" >&2; missing=1; } ;;
+      gs://*) gs_exists "$p" || { echo "error: $p does not exist or cannot be read (from $(hostname))" >&2; missing=1; } ;;
       *) [ -e "$p" ] || { echo "error: $p does not exist on $(hostname) (in $(pwd))" >&2; missing=1; } ;;
     esac
   done

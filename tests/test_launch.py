@@ -25,20 +25,20 @@ def test_every_path_is_synced_or_checked():
   assert "config.tokenizer.checkpoint='checkpoints/vae_ch160v4096z32'" in err
   rc, out, err = _launch(*tpu, *FFHQ, '--config.tokenizer.checkpoint=gs://b/vae', '--config.data.path=/mnt/ffhq')
   assert rc == 0, err
-  assert "tpu_host.sh check gs://b/vae /mnt/ffhq" in out  # On every host, before the stop and the start.
+  assert "tpu_host.sh check gs://bucket gs://b/vae /mnt/ffhq" in out  # On every host, before the stop and the start.
   assert out.index('tpu_host.sh check') < out.index('tpu_host.sh stop') < out.index('tpu_host.sh start')
   # Committed: in the archive. Here but not committed: copied beside it.
   rc, out, err = _launch(*tpu, *FFHQ, '--config.tokenizer.checkpoint=assets/fashion_mnist_tokenizer',
                          '--config.data.path=.pytest_cache')
   assert rc == 0, err
-  assert 'tpu_host.sh check' not in out and ' -czf /tmp/srdd_jax_pod_inputs.tar.gz .pytest_cache' in out
+  assert 'check gs://bucket\'' in out and ' -czf /tmp/srdd_jax_pod_inputs.tar.gz .pytest_cache' in out
   assert 'tar xzf srdd_jax_inputs.tar.gz' in out
   rc, _, err = _launch(*tpu, '--', '--config=configs/nope.py', '--workdir=/w')
   assert rc == 2 and "--config=configs/nope.py: no config file 'configs/nope.py'" in err
   # Without --sync the repository on the workers is what there is: relative paths are checked there.
   rc, out, err = _launch('tpu', '--name=pod', '--zone=z', '--dry-run', *FFHQ)
   assert rc == 0, err
-  assert 'check configs/ffhq.py checkpoints/vae_ch160v4096z32 data/ffhq' in out
+  assert 'check configs/ffhq.py gs://bucket checkpoints/vae_ch160v4096z32 data/ffhq' in out
   assert 'LIBTPU_INIT_ARGS=' in out and '--xla_tpu_enable_async_collective_fusion=true' in out
   assert 'start gs://bucket/ffhq/logs' in out
 
@@ -97,3 +97,19 @@ def test_detached_run_logs_to_the_workdir_and_a_relaunch_ends_it(tmp_path):
   assert _wait_for(lambda: 'exit status 3' in log.read_text())
   assert log.read_text().count('\nstarted\n') == 1 and '\nsecond\n' in log.read_text()
   assert not (tmp_path / 'pid').exists()
+
+
+def test_host_check_names_what_is_missing(tmp_path):
+  """`tpu_host.sh check` on a worker: a bucket (empty is fine), a gs:// prefix with something under it, a
+  local path; exit 2 with one line for each that is missing. gcloud is a stand-in that knows gs://ok."""
+  gcloud = tmp_path / 'gcloud'
+  gcloud.write_text('#!/bin/bash\ncase "$*" in "storage buckets describe gs://ok") exit 0;;\n'
+                    '"storage ls gs://ok/x") printf "a\\nb\\n";; *) exit 1;; esac\n')
+  gcloud.chmod(0o755)
+  env = dict(os.environ, PATH=f'{tmp_path}:{os.environ["PATH"]}')
+  check = lambda *p: subprocess.run(['bash', HOST, 'check', *p], capture_output=True, text=True, env=env, check=False)
+  r = check('gs://ok', 'gs://ok/x', str(tmp_path))
+  assert r.returncode == 0, r.stderr
+  r = check('gs://ok/', 'gs://no/y', str(tmp_path / 'nope'))
+  assert r.returncode == 2 and r.stderr.count('error: ') == 2
+  assert 'error: gs://no/y does not exist' in r.stderr and f'error: {tmp_path}/nope does not exist' in r.stderr

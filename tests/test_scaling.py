@@ -201,7 +201,7 @@ def test_launchers_dry_run_one_command_and_bad_input():
   lines = out.strip().splitlines()
   assert lines[0].startswith('gcloud compute tpus queued-resources create pod-qr --node-id=pod')
   assert 'ACTIVE' in lines[1] and lines[2].startswith('git -C') and 'tpu-vm scp' in lines[3]
-  assert 'tpu_host.sh setup' in lines[4] and 'tpu_host.sh check gs://bucket/vae /mnt/ffhq' in lines[5]
+  assert 'tpu_host.sh setup' in lines[4] and 'tpu_host.sh check gs://bucket gs://bucket/vae /mnt/ffhq' in lines[5]
   assert 'tpu_host.sh stop' in lines[6] and 'LIBTPU_INIT_ARGS=' in lines[7] and lines[7].endswith(
       "bash launch/tpu_host.sh start gs://bucket/ffhq/logs '\"'\"'.venv/bin/python -m srdd_jax.main --multihost "
       "--config=configs/ffhq.py --workdir=gs://bucket/ffhq --mode=train --config.tokenizer.checkpoint=gs://bucket/vae "

@@ -116,3 +116,15 @@ def test_processes_playing_v5p_32_hosts_train_like_one_process(tmp_path):
   assert rec['steps'] == [1, 2, 3]
   assert rec['loss_max_rel_diff'] < 1e-6 and rec['grad_norm_max_rel_diff'] < 1e-5, rec
   assert rec['param_worst_rel_diff'] < 1e-4, rec  # Adam divides near-zero gradients' order noise by their size.
+
+
+def test_described_chips_lay_out_as_libtpu_s():
+  """The rehearsal's processes read the slice from a file (parallel.mesh.describe) instead of each loading
+  libtpu: the same mesh, chip for chip."""
+  require_libtpu()
+  for topology, slices, shape in (('v5p:4x4x4', 1, (-1, -1, 1)), ('v5p:4x4x4', 1, (-1, 8, 1)),
+                                  ('v5p:2x2x2', 2, (-1, -1, 1))):
+    tpu = pm.topology_devices(topology, num_slices=slices)
+    described = [pm.DescribedDevice(**{**r, 'coords': tuple(r['coords'])}) for r in pm.describe(tpu)]
+    ids = lambda grid: [d.id for d in grid.flat]
+    assert ids(pm.make_mesh(shape, described).devices) == ids(pm.make_mesh(shape, tpu).devices), topology

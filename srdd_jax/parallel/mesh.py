@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 import math
 import os
 from typing import Mapping, Sequence
@@ -15,6 +16,7 @@ from jax.experimental import mesh_utils
 from jax.experimental import topologies
 from jax.sharding import NamedSharding, PartitionSpec
 
+from srdd_jax import files
 from srdd_jax.config import ConfigError
 
 if hasattr(jax, 'shard_map'):
@@ -108,6 +110,7 @@ def topology_devices(topology: str, flag: str = '--aot', num_slices: int = 1):
 # multi-process CPU run meets the host row layout, collectives and resume of the pod. A rehearsal aid;
 # unset on real hardware.
 ENV_REHEARSE = 'SRDD_REHEARSE_TOPOLOGY'
+ENV_REHEARSE_LAYOUT = 'SRDD_REHEARSE_LAYOUT'
 
 
 def device_grid(sizes: Sequence[int], devices) -> np.ndarray:
@@ -139,18 +142,43 @@ def device_grid(sizes: Sequence[int], devices) -> np.ndarray:
     return grid
 
 
-def rehearsal_devices(topology: str, devices) -> np.ndarray:
-  """For ENV_REHEARSE: the TPU devices of `topology` (libtpu's description: coordinates, host of each
-  chip, slice), and `devices` matched to them host by host (process p's i-th device by id plays host p's
-  i-th chip by id). Returns (tpu devices, the real device each stands for)."""
-  name, _, opts = topology.partition(',')
-  slices = 1
-  if opts:
-    key, _, value = opts.partition('=')
-    if key != 'slices' or not value.isdigit() or int(value) < 1:
-      raise ValueError(f'{ENV_REHEARSE}={topology!r}: expected TOPOLOGY or TOPOLOGY,slices=N')
-    slices = int(value)
-  tpu = topology_devices(name, ENV_REHEARSE, num_slices=slices)
+@dataclasses.dataclass(frozen=True)
+class DescribedDevice:
+  """A chip as libtpu describes it: what JAX's device-mesh builder reads (coordinates, host, slice)."""
+  id: int
+  process_index: int
+  coords: tuple
+  core_on_chip: int = 0
+  slice_index: int = 0
+  device_kind: str = 'TPU v5'
+  platform: str = 'tpu'
+
+
+def describe(devices) -> list[dict]:
+  """The fields of DescribedDevice of each device (JSON), so processes can lay out a slice without libtpu."""
+  return [{'id': int(d.id), 'process_index': int(d.process_index), 'coords': [int(c) for c in d.coords],
+           'core_on_chip': int(getattr(d, 'core_on_chip', 0) or 0),
+           'slice_index': int(getattr(d, 'slice_index', 0) or 0), 'device_kind': d.device_kind,
+           'platform': d.platform} for d in devices]
+
+
+def rehearsal_devices(topology: str, devices) -> tuple[list, dict]:
+  """For ENV_REHEARSE: the TPU devices of `topology` (each chip's coordinates, host and slice, as libtpu
+  describes them; from the file ENV_REHEARSE_LAYOUT names where set, which `describe` wrote, so a
+  rehearsal's processes need not each load libtpu), and `devices` matched to them host by host (process
+  p's i-th device by id plays host p's i-th chip by id). Returns (tpu devices, {tpu id: real device})."""
+  layout = os.environ.get(ENV_REHEARSE_LAYOUT)
+  if layout:
+    tpu = [DescribedDevice(**{**r, 'coords': tuple(r['coords'])}) for r in files.read_json(layout)]
+  else:
+    name, _, opts = topology.partition(',')
+    slices = 1
+    if opts:
+      key, _, value = opts.partition('=')
+      if key != 'slices' or not value.isdigit() or int(value) < 1:
+        raise ValueError(f'{ENV_REHEARSE}={topology!r}: expected TOPOLOGY or TOPOLOGY,slices=N')
+      slices = int(value)
+    tpu = topology_devices(name, ENV_REHEARSE, num_slices=slices)
   by_host = lambda ds: {p: sorted((d for d in ds if d.process_index == p), key=lambda d: d.id)
                         for p in sorted({d.process_index for d in ds})}
   tpu_hosts, hosts = by_host(tpu), by_host(devices)

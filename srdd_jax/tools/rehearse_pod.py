@@ -41,12 +41,14 @@ def host_rows(topology: str, slices: int, mesh_shape, global_batch: int) -> dict
 
   tpu = pm.topology_devices(topology, '--topology', num_slices=slices)
   mesh = pm.make_mesh(mesh_shape, tpu)
+  layout = pm.describe(tpu)
   sharding = NamedSharding(mesh, PartitionSpec(('data', 'fsdp')))
   out = {}
   for p in sorted({d.process_index for d in tpu}):
     spans = multihost.rows_of(sharding, global_batch, [d for d in tpu if d.process_index == p])
     out[p] = [[s.start, s.stop] for s in spans]
-  return {'mesh': dict(mesh.shape), 'hosts': len(out), 'chips_per_host': len(tpu) // len(out), 'rows': out}
+  return {'mesh': dict(mesh.shape), 'hosts': len(out), 'chips_per_host': len(tpu) // len(out), 'rows': out,
+          'layout': layout}
 
 
 def _records(workdir: epath.Path) -> list[dict]:
@@ -84,6 +86,11 @@ def rehearse(topology: str, slices: int, workdir: str, steps: int, global_batch:
   root = epath.Path(workdir)
   rows = host_rows(topology, slices, [int(v) for v in mesh.split(',')], global_batch)
   hosts, per_host = rows['hosts'], rows['chips_per_host']
+  # The processes lay the slice out from this file (the same descriptions) instead of each loading libtpu:
+  # 16 processes with libtpu took 1.4 GB each, the whole machine.
+  root.mkdir(parents=True, exist_ok=True)
+  layout = root / 'layout.json'
+  layout.write_text(json.dumps(rows.pop('layout')))
   chips = hosts * per_host
   vae = root / 'vae'
   if not (vae / 'model.json').exists():
@@ -95,7 +102,8 @@ def rehearse(topology: str, slices: int, workdir: str, steps: int, global_batch:
           f'--config.data.num_examples={max(64, 2 * global_batch)}',
           f'--config.mesh.data={data}', f'--config.mesh.fsdp={fsdp}', f'--config.mesh.tensor={tensor}', *extra]
   env = dict(os.environ, PYTHON=python, JAX_PLATFORMS='cpu')
-  env.pop(_ENV_REHEARSE, None)
+  env.pop(pm.ENV_REHEARSE, None)
+  env.pop(pm.ENV_REHEARSE_LAYOUT, None)
   flags = ' '.join(f for f in env.get('XLA_FLAGS', '').split() if 'device_count' not in f)
   t0 = time.time()
   # Both at once: on a 2-core machine their compiles overlap the other's start-up.
@@ -105,7 +113,8 @@ def rehearse(topology: str, slices: int, workdir: str, steps: int, global_batch:
   name = topology + (f',slices={slices}' if slices > 1 else '')
   many = subprocess.run(['bash', 'launch/local.sh', str(hosts), str(per_host), str(root / 'logs'), '--',
                          f'--workdir={root / "many"}', *args], cwd=REPO, capture_output=True, text=True,
-                        env=dict(env, XLA_FLAGS=flags, **{_ENV_REHEARSE: name, multihost.ENV_HEARTBEAT: '1800'}))
+                        env=dict(env, XLA_FLAGS=flags, **{pm.ENV_REHEARSE: name, pm.ENV_REHEARSE_LAYOUT: str(layout),
+                                                         multihost.ENV_HEARTBEAT: '1800'}))
   out_one, _ = one.communicate()
   seconds = time.time() - t0
   if one.returncode or many.returncode:
@@ -115,11 +124,10 @@ def rehearse(topology: str, slices: int, workdir: str, steps: int, global_batch:
                      f'{out_one[-2000:]}\n{many.stderr[-1000:]}\n{logs}')
   log0 = (root / 'logs' / 'process_0.log').read_text()
   return {'topology': topology, 'slices': slices, 'chips': chips, 'processes': hosts, 'global_batch': global_batch,
-          'steps': steps, 'mesh_request': mesh, **rows, 'rehearsed_mesh_logged': _ENV_REHEARSE in log0,
+          'steps': steps, 'mesh_request': mesh, **rows, 'rehearsed_mesh_logged': pm.ENV_REHEARSE in log0,
           **compare(root / 'one', root / 'many', steps), 'seconds': round(seconds, 1)}
 
 
-_ENV_REHEARSE = 'SRDD_REHEARSE_TOPOLOGY'
 # A tokenizer saved once: every process loads it instead of initialising one (seconds of small compiles).
 _SAVE_TOKENIZER = '''
 import sys, jax

@@ -122,8 +122,10 @@ def named_paths(main_args: list[str]) -> list[tuple[str, str]]:
     finally:
       os.chdir(cwd)
   except Exception as e:  # pylint: disable=broad-except
+    first = str(e).strip().splitlines()[0] if str(e).strip() else ''
     raise LaunchError(f'--config={spec}: cannot read it to check the paths it names ({type(e).__name__}: '
-                      f'{e}); run the launcher with the repository\'s Python (.venv/bin/python launch/launch.py)') from e
+                      f'{first})' + ('; run the launcher with the repository\'s Python (.venv/bin/python '
+                                    'launch/launch.py)' if isinstance(e, ImportError) else '')) from e
   finally:
     sys.path.remove(REPO)
   workdir = _flag(main_args, '--workdir') or ''

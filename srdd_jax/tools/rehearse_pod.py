@@ -111,10 +111,10 @@ def rehearse(topology: str, slices: int, workdir: str, steps: int, global_batch:
                          env=dict(env, XLA_FLAGS=f'{flags} --xla_force_host_platform_device_count={chips}'),
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
   name = topology + (f',slices={slices}' if slices > 1 else '')
+  rehearsal = {pm.ENV_REHEARSE: name, pm.ENV_REHEARSE_LAYOUT: str(layout), multihost.ENV_HEARTBEAT: '1800'}
   many = subprocess.run(['bash', 'launch/local.sh', str(hosts), str(per_host), str(root / 'logs'), '--',
                          f'--workdir={root / "many"}', *args], cwd=REPO, capture_output=True, text=True,
-                        env=dict(env, XLA_FLAGS=flags, **{pm.ENV_REHEARSE: name, pm.ENV_REHEARSE_LAYOUT: str(layout),
-                                                         multihost.ENV_HEARTBEAT: '1800'}))
+                        env=dict(env, XLA_FLAGS=flags, **rehearsal))
   out_one, _ = one.communicate()
   seconds = time.time() - t0
   if one.returncode or many.returncode:

@@ -243,7 +243,7 @@ def storage_fault(e: BaseException | None) -> str | None:
 def check_store(workdir: str) -> None:
   """A workdir in a bucket that cannot be used (no credentials, no network): a ConfigError now, before
   any work, rather than a traceback from the first write minutes later."""
-  why = files.probe(workdir)
+  why = files.probe(workdir, timeout=float(os.environ.get('SRDD_STORE_PROBE_SECONDS', 15)))
   if why:
     raise ConfigError(f'--workdir={workdir}: {why}')
 

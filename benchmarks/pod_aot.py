@@ -27,6 +27,7 @@ def main(argv=None) -> int:
   ap.add_argument('--config', default='configs/ffhq.py')
   ap.add_argument('--presets', default='d16,d20,d24,d30')
   ap.add_argument('--topologies', default='v5p:2x4x4,v5p:4x4x4,v5p:4x4x8')
+  ap.add_argument('--mesh', default='', help="data,fsdp,tensor instead of the config's mesh")
   a = ap.parse_args(argv)
   records = []
   if os.path.exists(a.out):
@@ -39,6 +40,8 @@ def main(argv=None) -> int:
       if (spec, topology) in done:
         continue
       c = load_file(spec)
+      if a.mesh:
+        c.mesh.update(dict(zip(('data', 'fsdp', 'tensor'), (int(v) for v in a.mesh.split(',')))))
       print(f'{spec} on {topology} ({NAMES.get(topology, topology)}): compiling, batch '
             f'{c.train.global_batch}, mesh request {dict(c.mesh)}', flush=True)
       t = time.time()

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from srdd_jax import files, main
-from tests.conftest import save_small_tokenizer
+from tests.conftest import require_libtpu, save_small_tokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUCKET = 'srdd-test'
@@ -165,9 +165,14 @@ def test_every_stage_in_a_bucket_and_a_resume(bucket, empty_cwd, capsys):
 
 
 def test_two_processes_train_in_a_bucket(bucket, tmp_path):
-  """A multi-process run (launch/local.sh: 2 processes, 2 devices each, configs/smoke.py at depth 1) with
-  its workdir and tokenizer in gs://: process 0 alone writes the shared files, both write the checkpoint,
-  and neither leaves a file in its working directory or its temporary directory."""
+  """The multi-process run of issue 43's line 1 (tests/test_pod.py) with its workdir and tokenizer in gs://:
+  2 processes playing the 2 hosts of v5p-16 (4 devices each, ordered as JAX orders its chips, so each
+  holds scattered rows), configs/smoke.py at depth 1. Process 0 alone writes the shared files, both write
+  the checkpoint, and neither leaves a file in its working directory or its temporary directory."""
+  require_libtpu()
+  from srdd_jax.parallel import mesh as pm  # pylint: disable=import-outside-toplevel
+  layout = tmp_path / 'layout.json'
+  layout.write_text(json.dumps(pm.describe(pm.topology_devices('v5p:2x2x2'))))
   from srdd_jax.tokenizer.api import Tokenizer, tokenizer_config, unbox  # pylint: disable=import-outside-toplevel
   from srdd_jax.convert import params_io  # pylint: disable=import-outside-toplevel
   from tests.conftest import smoke_config  # pylint: disable=import-outside-toplevel
@@ -178,15 +183,17 @@ def test_two_processes_train_in_a_bucket(bucket, tmp_path):
   cwd, tmp = tmp_path / 'cwd', tmp_path / 'tmp'
   cwd.mkdir()
   tmp.mkdir()
-  env = dict(os.environ, **bucket, PYTHON=sys.executable, JAX_PLATFORMS='cpu', TMPDIR=str(tmp))
+  env = dict(os.environ, **bucket, PYTHON=sys.executable, JAX_PLATFORMS='cpu', TMPDIR=str(tmp),
+             **{pm.ENV_REHEARSE: 'v5p:2x2x2', pm.ENV_REHEARSE_LAYOUT: str(layout)})
   env.pop('XLA_FLAGS', None)
-  two = subprocess.run(['bash', os.path.join(REPO, 'launch', 'local.sh'), '2', '2', str(tmp_path / 'logs'), '--',
+  two = subprocess.run(['bash', os.path.join(REPO, 'launch', 'local.sh'), '2', '4', str(tmp_path / 'logs'), '--',
                         *SMOKE, f'--workdir={wd}', '--mode=train', '--config.train.steps=3',
                         '--config.train.checkpoint_every=3', f'--config.tokenizer.checkpoint={vae}'],
                        cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
   logs = [(tmp_path / 'logs' / f'process_{i}.log').read_text() for i in range(2)]
   assert two.returncode == 0, two.stderr + logs[0][-3000:] + logs[1][-3000:]
-  assert 'process 1 of 2, 2 local / 4 global devices' in logs[1]
+  assert 'process 1 of 2, 4 local / 8 global devices' in logs[1]
+  assert 'devices ordered as JAX orders the chips of v5p:2x2x2' in logs[0]
   out = objects(wd)
   assert 'checkpoints/3/commit_success.txt' in out and 'export/step_00000003/model.json' in out
   assert [json.loads(line)['step'] for line in files.read_text(f'{wd}/metrics.jsonl').splitlines()] == [1, 2, 3]

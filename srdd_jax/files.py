@@ -58,12 +58,15 @@ def basename(p) -> str:
   return posixpath.basename(os.fspath(p).rstrip('/')) if is_remote(p) else os.path.basename(os.fspath(p))
 
 
+def _remote(s: str, fn) -> str:
+  """`fn` of a bucket path's part after the scheme, the scheme kept."""
+  scheme, rest = s.split('://', 1)
+  return f'{scheme}://{fn(rest)}'
+
+
 def dirname(p) -> str:
   s = os.fspath(p)
-  if is_remote(s):
-    scheme, rest = s.split('://', 1)
-    return f'{scheme}://{posixpath.dirname(rest.rstrip("/"))}'
-  return os.path.dirname(s)
+  return _remote(s, lambda rest: posixpath.dirname(rest.rstrip('/'))) if is_remote(s) else os.path.dirname(s)
 
 
 def absolute(p) -> str:
@@ -84,10 +87,7 @@ def is_within(p, folder) -> bool:
 
 def normpath(p) -> str:
   s = os.fspath(p)
-  if is_remote(s):
-    scheme, rest = s.split('://', 1)
-    return f'{scheme}://{posixpath.normpath(rest)}'
-  return os.path.normpath(s)
+  return _remote(s, posixpath.normpath) if is_remote(s) else os.path.normpath(s)
 
 
 def splitext(p) -> tuple[str, str]:

@@ -47,6 +47,16 @@ def _forget_clients():
   gcsfs.GCSFileSystem.clear_instance_cache()
 
 
+def _restore(saved: dict) -> None:
+  """The environment variables `saved` names back as they were (None: unset), and fresh store clients."""
+  for k, v in saved.items():
+    if v is None:
+      os.environ.pop(k, None)
+    else:
+      os.environ[k] = v
+  _forget_clients()
+
+
 @pytest.fixture(scope='module')
 def bucket(tmp_path_factory):
   """gs://srdd-test on an emulator of this module's own; this process's environment points at it."""
@@ -72,12 +82,7 @@ def bucket(tmp_path_factory):
   try:
     yield env
   finally:
-    for k, v in saved.items():
-      if v is None:
-        os.environ.pop(k, None)
-      else:
-        os.environ[k] = v
-    _forget_clients()
+    _restore(saved)
     proc.kill()
     proc.wait()
     log.close()
@@ -257,12 +262,7 @@ def test_a_bucket_that_cannot_be_reached_is_one_line(tmp_path, capsys):
     assert err.count('\n') == 1 and err.startswith('error: --workdir=gs://no-such-bucket/run: '), err
   finally:
     os.environ.pop('SRDD_STORE_PROBE_SECONDS')
-    for k, v in saved.items():
-      if v is None:
-        os.environ.pop(k, None)
-      else:
-        os.environ[k] = v
-    _forget_clients()
+    _restore(saved)
 
 
 def test_data_given_as_bucket_paths(bucket):

@@ -97,7 +97,12 @@ holders() {
     | sed 's#^/proc/\([0-9]*\)/fd$#\1#' | sort -u || true
 }
 
-alive() { kill -0 "$@" 2>/dev/null || $SUDO kill -0 "$@" 2>/dev/null; }
+# A zombie (ended, not yet reaped by its parent) still answers kill -0 but holds nothing: it counts as ended.
+alive() {
+  local p=${*: -1}
+  case "$p" in -*) ;; *) [ "$(awk '{print $3}' "/proc/$p/stat" 2>/dev/null)" != Z ] || return 1 ;; esac
+  kill -0 "$@" 2>/dev/null || $SUDO kill -0 "$@" 2>/dev/null
+}
 
 stop_pids() {  # SIGTERM, up to GRACE seconds, then SIGKILL. Arguments: pids, or -PGID for a group.
   [ $# -gt 0 ] || return 0
@@ -125,7 +130,8 @@ stop() {
   local pids
   pids=$(if [ -n "$SUDO" ]; then $SUDO env SRDD_TPU_DEVICES="${SRDD_TPU_DEVICES:-}" bash "$SELF" holders; else holders; fi)
   if [ -n "$pids" ]; then
-    echo "$(hostname): ending what holds the TPU: $(ps -o pid=,comm= -p "$(echo $pids | tr ' ' ,)" | tr '\n' ';')"
+    echo "$(hostname): ending what holds the TPU: $(ps -o pid=,comm= -p "$(echo $pids | tr ' ' ,)" \
+      | awk '{printf "%s%s %s", (NR > 1 ? "; " : ""), $1, $2}')"
     # shellcheck disable=SC2086
     stop_pids $pids
   fi

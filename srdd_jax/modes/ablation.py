@@ -219,14 +219,15 @@ HEADLINES = (('SDD vs VAR (same protocol)', 'b', 'a'), ('best guidance and trunc
              ('refine fine-tune + MR refine vs plain fine-tune + MR redraw', 'm', 'k'))
 
 
-RESOLUTION = 0.05  # A comparison decides only with a 95% CI half-width <= 5% of VAR's (a) mean fd.
+RESOLUTION = 0.05  # Equivalent only when the whole 95% CI lies inside +-5% of VAR's (a) mean fd.
 METRICS = (('fd', True), ('class_consistency', False), ('precision', False), ('recall', False))  # (name, lower is better)
 
 
 def comparisons(variants: dict, teachers: dict | None = None, resolution: float = RESOLUTION) -> list[dict]:
   """Every comparison of HEADLINES (and each student against its own teacher, sampled with the student's
   settings: `teachers` {variant: teacher runs}) as paired differences over shared (training seed,
-  sampling seed) keys, for each of METRICS; the verdict on fd against `resolution` x (a)'s mean fd."""
+  sampling seed) keys, averaged per training seed, for each of METRICS; the verdict on fd with the margin
+  `resolution` x (a)'s mean fd."""
   base = variants['a']['fd']['mean'] if 'a' in variants else None
   pairs = [(q, x, ref, variants[x]['runs'], variants[ref]['runs']) for q, x, ref in HEADLINES
            if x in variants and ref in variants]
@@ -259,7 +260,7 @@ def comparison_lines(comps: list[dict]) -> list[str]:
     text = d.get('verdict', {}).get('text', 'no resolution')
     others = '; '.join(f'{m} {c[m]["mean"]:+.4g}' + (f' ± {c[m]["half_width"]:.3g}' if c[m]['half_width'] is not None else '')
                        for m, _ in METRICS[1:] if c[m]['mean'] is not None)
-    lines.append(f'- {c["question"]}: ({c["x"]}) - ({c["ref"]}) fd {d["mean"]:+.4g} over {d["n"]} paired runs '
+    lines.append(f'- {c["question"]}: ({c["x"]}) - ({c["ref"]}) fd {d["mean"]:+.4g} over {d["n"]} training seeds '
                  f'({ci}; ({c["x"]}) lower in {d["x_lower"]} of {d["n"]}): **{text}**' + (f'. {others}.' if others else '.'))
   return lines
 
@@ -877,8 +878,9 @@ class _Ablation:
         'protocol': {
           **{k: list(v) if isinstance(v, tuple) else v for k, v in self.o.items()},
           'validation_seed': VALIDATION_SEED, 'comparison_rule': (
-              'paired differences over shared (training seed, sampling seed) runs, mean and 95% CI (t over '
-              f'the pairs); decisive only when the fd CI half-width <= {RESOLUTION:.0%} of (a)\'s mean fd'),
+              'paired differences over shared (training seed, sampling seed) runs averaged per training seed, '
+              'mean and 95% CI (t over the training seeds); decisive when the fd CI excludes 0, equivalent when '
+              f'it lies inside +-{RESOLUTION:.0%} of (a)\'s mean fd, else not decisive'),
           'selection_rule': 'lowest validation fd (val_per_class per class, validation seed, training-split '
           'reals) over guidance schedule x strength jointly with the variant\'s search (MR: thresholds x '
           'iterations; otherwise plain truncations, the same number of settings) on the first training seed\'s '
@@ -945,8 +947,8 @@ def markdown(out: dict) -> str:
             '(k = 3) manifolds in the proxy classifier\'s feature space. Plateau: every model\'s held-out token '
             'loss improved by < 1% over its last fifth of training.', '',
             f'## Findings (paired; fd lower is better; {p["comparison_rule"]})', '',
-            'A comparison is "not decisive" when its interval is wider than the resolution: it neither shows '
-            'a difference nor rules one out.', '']
+            'A comparison is "not decisive" when its interval holds 0 and reaches past the margin: it neither '
+            'shows a difference nor rules one out.', '']
   lines += comparison_lines(out['comparisons'])
   return '\n'.join(lines) + '\n'
 

@@ -21,8 +21,7 @@ PACKAGE = os.path.join(REPO, 'srdd_jax')
 
 LAYERS = {
     'config': 0, 'files': 0, 'parallel': 1, 'data': 2, 'transformer': 3, 'tokenizer': 4, 'convert': 5,
-    'diffusion': 6, 'train': 6, 'evaluation': 6, 'modes': 7, 'main': 8, 'bench': 8, 'bench_var': 8,
-    'scaling': 9, 'bench_suite': 9, 'tools': 9,
+    'diffusion': 6, 'train': 6, 'evaluation': 6, 'modes': 7, 'main': 8, 'bench': 8, 'scaling': 9, 'tools': 9,
 }
 # Deferred because importing them costs seconds or they are needed by one path only: TensorFlow and
 # TFDS, torch (reading .pth files), PIL and matplotlib (images), scikit-learn (the digits data set),
@@ -30,16 +29,15 @@ LAYERS = {
 HEAVY_OPTIONAL = ('tensorflow', 'tensorflow_datasets', 'torch', 'PIL', 'matplotlib', 'sklearn', 'clu',
                   'jax.experimental.pallas')
 # Deferred in one module only, each for its reason: the GPU machines the benchmark suite runs on have no
-# ml_collections, and config builds a ConfigDict in two functions only; bench_var runs the user's VAR
-# checkout (its `models` package and the hub mixin VAR's code imports) in a process of its own;
-# bench's command line hands --vs-var and --suite to bench_suite, which is built on bench; files asks
-# google.auth for credentials only when a workdir is a gs:// path; events (TensorBoard's protos) is
-# imported by every trainer and used only by runs whose workdir is in a bucket.
-DEFERRED = {'srdd_jax.config': ('ml_collections',), 'srdd_jax.bench_var': ('models', 'huggingface_hub'),
-            'srdd_jax.bench': ('srdd_jax',), 'srdd_jax.files': ('google.auth',),
+# ml_collections, and config builds a ConfigDict in two functions only; the bench's var_pytorch runs the
+# user's VAR checkout (its `models` package and the hub mixin VAR's code imports) in a process of its
+# own; the bench's command line (timing) hands --vs-var and --suite to vs_var, which is built on timing;
+# files asks google.auth for credentials only when a workdir is a gs:// path; events (TensorBoard's
+# protos) is imported by every trainer and used only by runs whose workdir is in a bucket.
+DEFERRED = {'srdd_jax.config': ('ml_collections',),
+            'srdd_jax.bench.var_pytorch': ('models', 'huggingface_hub'),
+            'srdd_jax.bench.timing': ('srdd_jax.bench',), 'srdd_jax.files': ('google.auth',),
             'srdd_jax.train.events': ('tensorboard',)}
-# The one import up the layers, deferred to the call that needs it (bench's --vs-var / --suite).
-DEFERRED_UP = {'srdd_jax.bench': ('srdd_jax.bench_suite',)}
 
 
 def _unit(module: str) -> str:
@@ -85,8 +83,6 @@ def violations(source: str, module: str) -> list[str]:
     for full in imported:
       unit = _unit(full)
       if unit not in LAYERS:  # A name from srdd_jax/__init__.py, or a module outside the layers.
-        continue
-      if not top_level and full in DEFERRED_UP.get(module, ()):
         continue
       if unit != own and own in LAYERS and LAYERS[unit] >= LAYERS[own]:
         out.append(f'{where}: {own} (layer {LAYERS[own]}) imports {full} (layer {LAYERS[unit]})')

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from srdd_jax import bench
+from srdd_jax.bench import timing as bench
 from srdd_jax.parallel import mesh as pm
 from srdd_jax.tokenizer.vqvae import VQVAEConfig
 from srdd_jax.transformer.config import VARConfig

@@ -1,6 +1,6 @@
 """`python -m srdd_jax.bench --vs-var DIR` on a CPU against a tiny fake of the official VAR package (the
-API surface srdd_jax/bench_var.py uses), its exit-2 cases, and the PyTorch side's markov mask and batch
-fitting."""
+API surface srdd_jax/bench/var_pytorch.py uses), its exit-2 cases, and the PyTorch side's markov mask and
+batch fitting."""
 import importlib.util
 import json
 import os
@@ -10,10 +10,10 @@ import textwrap
 
 import pytest
 
-from srdd_jax import bench_suite
+from srdd_jax.bench import vs_var as bench_suite
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-WORKER = os.path.join(REPO, 'srdd_jax', 'bench_var.py')
+WORKER = os.path.join(REPO, 'srdd_jax', 'bench', 'var_pytorch.py')
 
 # The two tests that time the PyTorch side need torch, which the test extra leaves out (PyPI's Linux
 # torch is a CUDA build of several GB); the exit-2 cases, the ratios and the import isolation run
@@ -21,7 +21,7 @@ WORKER = os.path.join(REPO, 'srdd_jax', 'bench_var.py')
 needs_torch = pytest.mark.skipif(importlib.util.find_spec('torch') is None, reason='torch is not installed')
 
 # A stand-in for VAR's models package: the constructors, buffers, KV cache, forward, sampler and decoder
-# bench_var.py calls, at toy cost. Its attention keeps VAR's cache semantics (keys concatenated per call)
+# var_pytorch.py calls, at toy cost. Its attention keeps VAR's cache semantics (keys concatenated per call)
 # and notes how many keys each call saw; its forward raises CUDA's out-of-memory error above OOM_ABOVE
 # images, as a device would.
 FAKE_VAR = '''
@@ -208,11 +208,11 @@ def test_vs_var_writes_both_sides_their_ratios_and_a_table(fake_var, tmp_path):
 
 @needs_torch
 def test_var_side_markov_mask_and_batch_fitting(fake_var, tmp_path):
-  # In a subprocess: bench_var puts DIR's `models` on sys.path.
+  # In a subprocess: var_pytorch puts DIR's `models` on sys.path.
   script = textwrap.dedent(f'''
       import json, sys
       sys.path.insert(0, {os.path.dirname(WORKER)!r})
-      import bench_var
+      import var_pytorch as bench_var
       torch, models, _ = bench_var.import_var({fake_var!r})
       from models import var as fake
       m = dict(depth=2, width=16, heads=1, patch_nums=[1, 2, 3], vocab_size=32, z_channels=4, num_classes=10,
@@ -247,7 +247,7 @@ def test_var_side_markov_mask_and_batch_fitting(fake_var, tmp_path):
 
 
 def run_bench(args, pre=''):
-  code = f'{pre}import sys\nfrom srdd_jax import bench\nsys.exit(bench.main({args!r}))'
+  code = f'{pre}import sys\nfrom srdd_jax.bench import timing\nsys.exit(timing.main({args!r}))'
   return subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, env=env(), cwd=REPO,
                         timeout=300)
 
@@ -336,14 +336,14 @@ def test_ratios_pair_equal_shapes_only():
 
 def test_bench_and_the_suite_import_without_ml_collections_clu_or_tensorflow(tmp_path):
   # The GPU machines the suite runs on have none of these; every module a suite process imports
-  # (the orchestrator, the JAX worker, bench_var) must load without them.
+  # (the orchestrator, the JAX worker, var_pytorch) must load without them.
   (tmp_path / 'sitecustomize.py').write_text(
       "import sys\nfor n in ('ml_collections', 'clu', 'tensorflow', 'tensorflow_datasets'):\n"
       "  sys.modules[n] = None\n")
   e = env()
   e['PYTHONPATH'] = str(tmp_path) + os.pathsep + e['PYTHONPATH']
-  code = ('import sys\nimport srdd_jax.bench, srdd_jax.bench_suite\n'
-          f'sys.path.insert(0, {os.path.dirname(WORKER)!r})\nimport bench_var\n'
+  code = ('import sys\nimport srdd_jax.bench.timing, srdd_jax.bench.vs_var\n'
+          f'sys.path.insert(0, {os.path.dirname(WORKER)!r})\nimport var_pytorch\n'
           "assert sys.modules['ml_collections'] is None and sys.modules['tensorflow'] is None\nprint('ok')")
   p = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, env=e, cwd=REPO, timeout=300)
   assert p.returncode == 0 and p.stdout.strip() == 'ok', p.stderr[-2000:]

@@ -20,9 +20,9 @@ PACKAGE = os.path.join(REPO, 'srdd_jax')
 ALLOWED = {
     # The one path module.
     'srdd_jax/files.py': None,
-    # A script run by a PyTorch environment's Python (python srdd_jax/bench_var.py), which imports
+    # A script run by a PyTorch environment's Python (python srdd_jax/bench/var_pytorch.py), which imports
     # nothing of the package (nor etils): it reads the local VAR checkout it times and its job file.
-    'srdd_jax/bench_var.py': None,
+    'srdd_jax/bench/var_pytorch.py': None,
     # flock needs a descriptor of the local workdir directory itself (a bucket's lock is a lease object).
     'srdd_jax/parallel/workdir.py': {'os.open'},
 }

@@ -127,7 +127,7 @@ def test_analytic_flops_match_xlas_count(mask):
   Matmuls only are counted: XLA also counts elementwise work (norms, softmax, GELU, the optimizer),
   4.5% at width 384, 5.7% at 256 and 7.3% at 192 (measured), so narrower models are under-counted by
   more than 5%. The plan's count (the pairs the mask keeps, what the fit uses) is at most that."""
-  from srdd_jax import bench
+  from srdd_jax.bench import timing as bench
   from configs import fashion_mnist
   c = fashion_mnist.get_config()
   c.mesh.data = 8

@@ -10,12 +10,12 @@
 Side by side (`--vs-var DIR`, DIR a checkout of github.com/FoundationVision/VAR; torch needed for this
 flag only, and without it or without such a DIR the command exits 2 before timing anything): the same
 shapes, masks and batches timed with VAR's own PyTorch code in a process of its own
-(`srdd_jax/bench_var.py`: VAR's train step with bfloat16 autocast on a GPU and fused AdamW, and
+(`srdd_jax/bench/var_pytorch.py`: VAR's train step with bfloat16 autocast on a GPU and fused AdamW, and
 `autoregressive_infer_cfg` with decoding; the markov mask applied to VAR's code as its docstring
 says), both record sets and their ratios in one JSON (OUT) and one Markdown table (OUT, suffix .md).
 `--suite gpu` is the whole GPU comparison in one call inside `--budget_s` (default 480 s): d16 and
 d24, 256 px, bfloat16, both masks, train and sampling, both implementations at the largest batch that
-fits both; MFU against the nominal 989 TFLOP/s of an H100/H200. `srdd_jax/bench_suite.py` has the
+fits both; MFU against the nominal 989 TFLOP/s of an H100/H200. `srdd_jax/bench/vs_var.py` has the
 details and the JSON's fields.
 
 Timing (on the devices of this process): for each mask, depth and batch, the library's train step
@@ -86,7 +86,7 @@ from srdd_jax.diffusion.filtering import SamplerConfig
 from srdd_jax.diffusion.sampler import Sampler, batch_rng
 from srdd_jax.parallel import mesh as pm
 from srdd_jax.parallel import compile as pc
-# hbm_bytes is imported for this module's API too (tests read bench.hbm_bytes).
+# hbm_bytes is imported for this module's API too (tests read timing.hbm_bytes).
 from srdd_jax.parallel.compile import (FIT_FRACTION, abstract, aot_record, aot_train_step, compiled_stats,
                                        hbm_bytes, jit_inference, jit_train_step, needed_bytes, rules_for,
                                        topology_devices)
@@ -620,10 +620,10 @@ def parse_args(argv=None):
   ap.add_argument('--vs-var', dest='vs_var', default=None, metavar='DIR',
                   help='also time the official PyTorch VAR code of the checkout DIR (torch needed) on the '
                        'same shapes, in its own process; one JSON (OUT) and one Markdown table (OUT .md) '
-                       'with both record sets and their ratios (srdd_jax.bench_suite)')
+                       'with both record sets and their ratios (srdd_jax.bench.vs_var)')
   ap.add_argument('--suite', default=None, choices=('gpu',),
                   help='gpu: d16 and d24 at 256 px, bfloat16, both masks, train and sampling at the largest '
-                       'batch that fits, under --budget_s (srdd_jax.bench_suite)')
+                       'batch that fits, under --budget_s (srdd_jax.bench.vs_var)')
   ap.add_argument('--tiny', action='store_true', help='--suite at tiny sizes: a CPU dry run of its path')
   ap.add_argument('--budget_s', type=float, default=480.0, help='--suite: seconds for all of it (default 480)')
   ap.add_argument('--max_batch', type=int, default=None, help='--suite: largest train batch tried (1024)')
@@ -688,8 +688,8 @@ def main(argv=None):
   if patch_nums and any(b <= a for a, b in zip(patch_nums, patch_nums[1:])):
     fail(f'--patch_nums {args.patch_nums}: the sides must increase strictly')
   if args.vs_var is not None or args.suite:
-    from srdd_jax import bench_suite  # pylint: disable=import-outside-toplevel
-    return bench_suite.main(args, sys.argv if argv is None else list(argv))
+    from srdd_jax.bench import vs_var  # pylint: disable=import-outside-toplevel
+    return vs_var.main(args, sys.argv if argv is None else list(argv))
   results = {'schema': SCHEMA, 'argv': sys.argv if argv is None else list(argv), 'args': vars(args),
              'weights': 'random: the cost of a step or a sampling pass does not depend on the values',
              'started': time.strftime('%Y-%m-%d %H:%M:%S'), 'env': environment(), 'records': []}

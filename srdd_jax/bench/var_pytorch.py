@@ -1,10 +1,10 @@
 """The PyTorch side of `python -m srdd_jax.bench --vs-var DIR`: the official VAR code, timed on the shapes
-the JAX side runs. A script run in its own process (`python srdd_jax/bench_var.py ...`); it imports
-torch and the checkout's `models` package, never jax, so the two frameworks never share a process or
-the accelerator's memory.
+the JAX side runs. A script run in its own process (`python srdd_jax/bench/var_pytorch.py ...`); it
+imports torch and the checkout's `models` package, never jax nor anything of srdd_jax, so the two
+frameworks never share a process or the accelerator's memory.
 
-  python srdd_jax/bench_var.py --var_dir DIR --check             # torch and DIR's models import?
-  python srdd_jax/bench_var.py --var_dir DIR --spec SPEC.json    # time the jobs of SPEC
+  python srdd_jax/bench/var_pytorch.py --var_dir DIR --check             # torch and DIR's models import?
+  python srdd_jax/bench/var_pytorch.py --var_dir DIR --spec SPEC.json    # time the jobs of SPEC
 
 Protocol: one JSON object per line on standard output ({"type": "info" | "record" | "skipped" |
 "batch", ...}); VAR's own prints go to standard error. A missing torch or a checkout without VAR's
@@ -514,7 +514,7 @@ def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   ap.add_argument('--var_dir', required=True, help='a checkout of the official VAR code')
   ap.add_argument('--check', action='store_true', help='import torch and the models, print info, exit')
-  ap.add_argument('--spec', help='JSON file of the jobs (see srdd_jax.bench_suite)')
+  ap.add_argument('--spec', help='JSON file of the jobs (see srdd_jax.bench.vs_var)')
   args = ap.parse_args(argv)
   if args.check:
     torch, _, notes = import_var(args.var_dir)

@@ -7,7 +7,7 @@
 DIR is a checkout of https://github.com/FoundationVision/VAR (models/, dist.py); torch is needed only
 for it. Before anything is timed, a missing torch or a DIR that is not such a checkout exits 2 with one
 `error:` line. Each implementation runs in processes of its own, one after the other, so neither holds
-the accelerator's memory while the other runs: the PyTorch side is `srdd_jax/bench_var.py` (no jax;
+the accelerator's memory while the other runs: the PyTorch side is `srdd_jax/bench/var_pytorch.py` (no jax;
 its docstring says exactly what it times and how the markov mask is applied to VAR's code), and the
 JAX side is `srdd_jax.bench`'s train-step and sampler timing.
 
@@ -61,9 +61,9 @@ import jax
 import jax.numpy as jnp
 
 from srdd_jax import files
-from srdd_jax import bench
-from srdd_jax.bench import fail
-from srdd_jax import bench_var
+from srdd_jax.bench import timing as bench
+from srdd_jax.bench.timing import fail
+from srdd_jax.bench import var_pytorch as bench_var
 from srdd_jax.diffusion.sampler import Sampler, batch_rng
 from srdd_jax.parallel import compile as pc
 from srdd_jax.parallel import mesh as pm
@@ -75,8 +75,8 @@ from srdd_jax.transformer.config import VARConfig
 from srdd_jax.transformer.model import VAR
 
 SCHEMA = 'srdd_jax.bench_vs_var/1'
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TORCH_WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'bench_var.py')
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TORCH_WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'var_pytorch.py')
 TRAIN_LADDER = (1024, 768, 512, 384, 256, 192, 128, 96, 64, 48, 32, 24, 16, 8, 4, 2, 1)
 SAMPLE_LADDER = (512, 384, 256, 192, 128, 96, 64, 48, 32, 24, 16, 8, 4, 2, 1)
 FIT_FRACTION = 0.95  # Of the JAX pool (bytes_limit): XLA's analysis leaves out the runtime's own buffers.
@@ -550,7 +550,7 @@ def run_suite(args, argv) -> int:
       handler(msg)
     try:
       log(f'srdd_jax depth {depth}: batches {batches or "its own largest"}')
-      done = run_worker([sys.executable, '-m', 'srdd_jax.bench_suite', '--jax-worker', path],
+      done = run_worker([sys.executable, '-m', 'srdd_jax.bench.vs_var', '--jax-worker', path],
                         child_env(jax_worker=True, fast_compile=args.tiny), on_ours, deadline)
     finally:
       files.remove(path)

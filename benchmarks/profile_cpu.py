@@ -160,7 +160,8 @@ def _trace_ops(fn, args_):
 def profile_sampling(c, vq, vae, args):
   """The bench's sampling token program (our side of `--vs-var`'s sample records), ops summed by the
   JAX operation they come from (the op_name's last two parts: `top_k`, `sort`, `dot_general` ...)."""
-  from srdd_jax.bench.timing import SAMPLER, random_var_params  # pylint: disable=import-outside-toplevel
+  from srdd_jax.bench.base import SAMPLER  # pylint: disable=import-outside-toplevel
+  from srdd_jax.bench.timing import random_var_params  # pylint: disable=import-outside-toplevel
   from srdd_jax.diffusion.sampler import Sampler, batch_rng  # pylint: disable=import-outside-toplevel
   from srdd_jax.parallel.compile import jit_inference  # pylint: disable=import-outside-toplevel
   batch = 32

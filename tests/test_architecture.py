@@ -31,12 +31,10 @@ HEAVY_OPTIONAL = ('tensorflow', 'tensorflow_datasets', 'torch', 'PIL', 'matplotl
 # Deferred in one module only, each for its reason: the GPU machines the benchmark suite runs on have no
 # ml_collections, and config builds a ConfigDict in two functions only; the bench's var_pytorch runs the
 # user's VAR checkout (its `models` package and the hub mixin VAR's code imports) in a process of its
-# own; the bench's command line (timing) hands --vs-var and --suite to vs_var, which is built on timing;
-# files asks google.auth for credentials only when a workdir is a gs:// path; events (TensorBoard's
+# own; files asks google.auth for credentials only when a workdir is a gs:// path; events (TensorBoard's
 # protos) is imported by every trainer and used only by runs whose workdir is in a bucket.
 DEFERRED = {'srdd_jax.config': ('ml_collections',),
-            'srdd_jax.bench.var_pytorch': ('models', 'huggingface_hub'),
-            'srdd_jax.bench.timing': ('srdd_jax.bench',), 'srdd_jax.files': ('google.auth',),
+            'srdd_jax.bench.var_pytorch': ('models', 'huggingface_hub'), 'srdd_jax.files': ('google.auth',),
             'srdd_jax.train.events': ('tensorboard',)}
 
 
@@ -231,6 +229,76 @@ def test_every_module_follows_the_layers():
     count += 1
   assert count > 50  # The walk found the package.
   assert not found, '\n'.join(found)
+
+
+def package_imports(sources: dict[str, str]) -> dict[str, set[str]]:
+  """module -> the modules of `sources` ({dotted name: source}) it imports, at the top or in a function
+  (an import deferred to a call is still a dependence)."""
+  graph = {}
+  for module, source in sources.items():
+    found = set()
+    for target, names, _, _ in _imports(ast.parse(source), module):
+      subs = [f'{target}.{n}' for n in names if f'{target}.{n}' in sources]
+      if len(subs) < len(names) or not names:  # `import m`, or names defined in m itself.
+        subs.append(target)
+      found.update(m for m in subs if m in sources and m != module)
+    graph[module] = found
+  return graph
+
+
+def import_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+  """A circle of imports in `graph` as [a, b, ..., a], or None when every import goes one way."""
+  done, path = set(), []
+
+  def visit(m):
+    path.append(m)
+    for n in sorted(graph.get(m, ())):
+      if n in path:
+        return path[path.index(n):] + [n]
+      if n not in done:
+        circle = visit(n)
+        if circle:
+          return circle
+    path.pop()
+    done.add(m)
+    return None
+
+  for m in sorted(graph):
+    if m not in done:
+      circle = visit(m)
+      if circle:
+        return circle
+  return None
+
+
+def test_the_bench_package_imports_one_way():
+  sources = {}
+  for module, path in _modules((os.path.join('srdd_jax', 'bench'),)):
+    with open(path) as f:
+      sources[module] = f.read()
+  graph = package_imports(sources)
+  # The walk found the package, and the command line is built on its parts.
+  assert graph['srdd_jax.bench.cli'] >= {f'srdd_jax.bench.{m}' for m in
+                                         ('base', 'timing', 'aot', 'flags', 'vs_var', 'suite')}, graph
+  assert import_cycle(graph) is None, ' -> '.join(import_cycle(graph))
+  # The PyTorch side is run by a PyTorch environment's Python, which may have neither jax nor the package.
+  module = 'srdd_jax.bench.var_pytorch'
+  roots = {target.split('.')[0] for target, _, _, _ in _imports(ast.parse(sources[module]), module)}
+  assert not roots & {'srdd_jax', 'jax', 'jaxlib', 'flax'}, roots
+
+
+@pytest.mark.parametrize('sources, circle', [
+    # The layout before the package: bench's command line imported the suite in a function, the suite
+    # imported bench.
+    ({'srdd_jax.bench': 'def main():\n  from srdd_jax import bench_suite\n',
+      'srdd_jax.bench_suite': 'from srdd_jax import bench\nfrom srdd_jax.bench import fail\n'},
+     ['srdd_jax.bench', 'srdd_jax.bench_suite', 'srdd_jax.bench']),
+    ({'p.a': 'from p.b import x\n', 'p.b': 'import p.c\n', 'p.c': 'from p import a\n'},
+     ['p.a', 'p.b', 'p.c', 'p.a']),
+    ({'p.a': 'from p import b, c\n', 'p.b': 'from p.c import x\n', 'p.c': 'import os\n'}, None),
+])
+def test_the_cycle_checker_finds_a_circle_of_imports(sources, circle):
+  assert import_cycle(package_imports(sources)) == circle
 
 
 # Modules that compose whole runs from the runners, stage after stage: main's table of modes, --mode=all

@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from srdd_jax.bench import timing as bench
+from srdd_jax.bench import aot, cli, flags, timing
+from srdd_jax.bench.base import RECORD_FIELDS, model_config, train_flops
 from srdd_jax.parallel import mesh as pm
 from srdd_jax.tokenizer.vqvae import VQVAEConfig
 from srdd_jax.transformer.config import VARConfig
@@ -23,15 +24,15 @@ def tiny_configs(mask='markov', dtype='float32'):
 @pytest.fixture(scope='module')
 def v5e_devices():
   require_libtpu()
-  return bench.topology_devices('v5e:2x2')
+  return aot.topology_devices('v5e:2x2')
 
 
 def test_aot_train_step_for_a_tpu_topology_reports_memory_and_flops(v5e_devices):
   var, vae = tiny_configs(dtype='bfloat16')
   mesh = pm.make_mesh((1, -1, 1), v5e_devices)
-  rec = bench.aot_train(var, vae, 'v5e:2x2', v5e_devices, mesh, 'fsdp', batch=8)
+  rec = aot.aot_train(var, vae, 'v5e:2x2', v5e_devices, mesh, 'fsdp', batch=8)
   assert rec['kind'] == 'aot_train' and rec['chips'] == 4 and rec['mesh'] == {'data': 1, 'fsdp': 4, 'tensor': 1}
-  assert set(bench.AOT_FIELDS) <= set(rec)
+  assert set(aot.AOT_FIELDS) <= set(rec)
   assert rec['per_chip_bytes'] > 0 and rec['xla_flops'] > 0 and rec['xla_bytes_accessed'] > 0
   for k in ('argument_size_in_bytes', 'output_size_in_bytes', 'temp_size_in_bytes', 'alias_size_in_bytes',
             'generated_code_size_in_bytes'):
@@ -44,27 +45,27 @@ def test_aot_train_step_for_a_tpu_topology_reports_memory_and_flops(v5e_devices)
 def test_aot_flags_name_the_offending_value(v5e_devices):
   var, _ = tiny_configs()
   with pytest.raises(ValueError, match='--mesh 3,-1,1'):
-    bench.run_aot('v5e:2x2', var, ('markov',), 8, 8, (3, -1, 1), 'fsdp')
+    aot.run_aot('v5e:2x2', var, ('markov',), 8, 8, (3, -1, 1), 'fsdp')
   with pytest.raises(ValueError, match="--rules 'tensor'"):
-    bench.run_aot('v5e:2x2', var, ('markov',), 8, 8, (1, -1, 1), 'tensor')
+    aot.run_aot('v5e:2x2', var, ('markov',), 8, 8, (1, -1, 1), 'tensor')
 
 
 def test_timed_records_have_the_schema_fields():
   # Batch 8: the tests' 8 CPU devices split it over the data axis.
   # One mask keeps it cheap; both run the same record code.
-  records = bench.run_timed(depths=(1,), batches=(8,), sample_batches=(8,), masks=('markov',),
-                            dtype='float32', repeats=1, warmup=0, tokenizer_ch=32, peak=1e11, width=32,
-                            heads=1, patch_nums=(1, 2))
+  records = timing.run_timed(depths=(1,), batches=(8,), sample_batches=(8,), masks=('markov',),
+                             dtype='float32', repeats=1, warmup=0, tokenizer_ch=32, peak=1e11, width=32,
+                             heads=1, patch_nums=(1, 2))
   assert [(r['kind'], r['mode']) for r in records] == [('train', 'markov'), ('sample', 'markov')]
   for r in records:
     assert 'error' not in r, r.get('error')
-    assert set(bench.RECORD_FIELDS) <= set(r)
+    assert set(RECORD_FIELDS) <= set(r)
     assert (r['depth'], r['width'], r['heads'], r['batch'], r['seq_len']) == (1, 32, 1, 8, 5)
     assert r['seconds'] > 0 and r['compile_s'] > 0 and r['memory_bytes'] > 0
     assert r['seconds'] == pytest.approx(r['all_s'][0], abs=1e-5) and r['tokens_per_s'] > 0 and r['images_per_s'] > 0
   train, sample = records[0], records[1]
-  assert train['analytic_flops'] == bench.train_flops(bench.model_config(1, 'markov', 'float32', 32, 1, (1, 2)),
-                                                      8)['train_per_step']
+  assert train['analytic_flops'] == train_flops(model_config(1, 'markov', 'float32', 32, 1, (1, 2)),
+                                                8)['train_per_step']
   assert train['xla_flops'] > 0 and train['utilisation'] == pytest.approx(
       train['analytic_flops_per_s'] / 1e11)
   assert sample['images_per_s_tokens_only'] >= sample['images_per_s']
@@ -85,7 +86,7 @@ def test_markdown_table_renders_every_kind():
        'tensor': 1}, 'per_chip_bytes': 3 * 2**30, 'hbm_bytes': 95 * 2**30, 'fits': True, 'xla_flops': 4e12,
        'xla_bytes_accessed': 5e10, 'generated_code_bytes': 2**21, 'compile_s': 12.0},
   ]
-  text = bench.markdown_table(records)
+  text = cli.markdown_table(records)
   lines = text.splitlines()
   assert lines[0].startswith('| mode | kind | depth | width | batch | s (median) | tokens/s |')
   assert '| markov | train | 6 | 384 | 8 | 1.500 | 3,627 | 5.33 | - | 0.2 | 0.22 | 0.500 | 1.00 |' in lines
@@ -103,7 +104,7 @@ def test_markdown_table_renders_every_kind():
 def test_bad_values_exit_2_before_anything_runs(tmp_path, capsys, argv, says):
   out = tmp_path / 'x.json'
   with pytest.raises(SystemExit) as e:
-    bench.main(['--quick', '--out', str(out)] + argv)
+    cli.main(['--quick', '--out', str(out)] + argv)
   err = capsys.readouterr().err
   assert e.value.code == 2 and says in err and err.count('error:') == 1, err
   assert not out.exists()
@@ -114,9 +115,9 @@ def test_bad_flags_are_named(capsys):
                      (['--batch', '64'], '--batch is for --aot'),
                      (['--warmup', '-1'], '--warmup -1: must be >= 0')):
     with pytest.raises(SystemExit) as e:
-      bench.parse_args(['--out', 'x.json'] + argv)
+      flags.parse_args(['--out', 'x.json'] + argv)
     assert e.value.code == 2, argv
     err = capsys.readouterr().err
     assert says in err and err.count('error:') == 1, err
-  assert bench.hbm_bytes('v5p:4x4x4') == 95 * 2**30 and bench.hbm_bytes('v6e:2x2') == 32 * 2**30
-  assert bench.hbm_bytes('x', 'TPU v5 lite') == 16 * 2**30 and bench.hbm_bytes('x', 'cpu') is None
+  assert aot.hbm_bytes('v5p:4x4x4') == 95 * 2**30 and aot.hbm_bytes('v6e:2x2') == 32 * 2**30
+  assert aot.hbm_bytes('x', 'TPU v5 lite') == 16 * 2**30 and aot.hbm_bytes('x', 'cpu') is None

@@ -10,7 +10,7 @@ import textwrap
 
 import pytest
 
-from srdd_jax.bench import vs_var as bench_suite
+from srdd_jax.bench import vs_var
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(REPO, 'srdd_jax', 'bench', 'var_pytorch.py')
@@ -179,7 +179,7 @@ def test_vs_var_writes_both_sides_their_ratios_and_a_table(fake_var, tmp_path):
   p = subprocess.run(cmd, capture_output=True, text=True, env=env(), cwd=REPO, timeout=600)
   assert p.returncode == 0, p.stderr[-3000:]
   data = json.loads(out.read_text())
-  assert data['schema'] == bench_suite.SCHEMA and data['finished'] is True
+  assert data['schema'] == vs_var.SCHEMA and data['finished'] is True
   want = {(k, m) for k in ('train', 'sample') for m in ('markov', 'causal')}
   for side in ('ours', 'var_pytorch'):
     recs = data[side]['records']
@@ -212,13 +212,13 @@ def test_var_side_markov_mask_and_batch_fitting(fake_var, tmp_path):
   script = textwrap.dedent(f'''
       import json, sys
       sys.path.insert(0, {os.path.dirname(WORKER)!r})
-      import var_pytorch as bench_var
-      torch, models, _ = bench_var.import_var({fake_var!r})
+      import var_pytorch
+      torch, models, _ = var_pytorch.import_var({fake_var!r})
       from models import var as fake
       m = dict(depth=2, width=16, heads=1, patch_nums=[1, 2, 3], vocab_size=32, z_channels=4, num_classes=10,
                tokenizer_ch=32, dtype='float32')
       spec = dict(sampler=dict(cfg=1.5, top_k=900, top_p=0.96))
-      r = bench_var.Runner(torch, models, m, spec, torch.device('cpu'))
+      r = var_pytorch.Runner(torch, models, m, spec, torch.device('cpu'))
       out = {{}}
       r.set_mask('markov')
       out['markov_bias'] = (r.var.attn_bias_for_masking[0, 0] == 0).int().tolist()
@@ -247,7 +247,7 @@ def test_var_side_markov_mask_and_batch_fitting(fake_var, tmp_path):
 
 
 def run_bench(args, pre=''):
-  code = f'{pre}import sys\nfrom srdd_jax.bench import timing\nsys.exit(timing.main({args!r}))'
+  code = f'{pre}import sys\nfrom srdd_jax.bench import cli\nsys.exit(cli.main({args!r}))'
   return subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, env=env(), cwd=REPO,
                         timeout=300)
 
@@ -326,7 +326,7 @@ def test_ratios_pair_equal_shapes_only():
             {'kind': 'train', 'mode': 'causal', 'depth': 16, 'batch': 32, 'seconds': 0.3},
             {'kind': 'sample', 'mode': 'causal', 'depth': 16, 'batch': 32, 'seconds': 1.5,
              'seconds_tokens_only': 0.6}]
-  r = bench_suite.ratios(ours, theirs)
+  r = vs_var.ratios(ours, theirs)
   assert [(x['kind'], x['mode'], x['batch'], round(x['speedup'], 6)) for x in r] == [
       ('train', 'causal', 64, 2.0),
       ('train', 'markov (ours) vs causal (VAR)', 64, 2.5),
@@ -342,7 +342,7 @@ def test_bench_and_the_suite_import_without_ml_collections_clu_or_tensorflow(tmp
       "  sys.modules[n] = None\n")
   e = env()
   e['PYTHONPATH'] = str(tmp_path) + os.pathsep + e['PYTHONPATH']
-  code = ('import sys\nimport srdd_jax.bench.timing, srdd_jax.bench.vs_var\n'
+  code = ('import sys\nimport srdd_jax.bench.cli, srdd_jax.bench.suite_worker\n'
           f'sys.path.insert(0, {os.path.dirname(WORKER)!r})\nimport var_pytorch\n'
           "assert sys.modules['ml_collections'] is None and sys.modules['tensorflow'] is None\nprint('ok')")
   p = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, env=e, cwd=REPO, timeout=300)

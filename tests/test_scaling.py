@@ -127,7 +127,7 @@ def test_analytic_flops_match_xlas_count(mask):
   Matmuls only are counted: XLA also counts elementwise work (norms, softmax, GELU, the optimizer),
   4.5% at width 384, 5.7% at 256 and 7.3% at 192 (measured), so narrower models are under-counted by
   more than 5%. The plan's count (the pairs the mask keeps, what the fit uses) is at most that."""
-  from srdd_jax.bench import timing as bench
+  from srdd_jax.bench.base import train_flops
   from configs import fashion_mnist
   c = fashion_mnist.get_config()
   c.mesh.data = 8
@@ -136,7 +136,7 @@ def test_analytic_flops_match_xlas_count(mask):
   vc, _ = scaling._var_config(pc)  # pylint: disable=protected-access
   mem = scaling.compiled_memory(pc)
   xla = mem['xla_flops'] * mem['chips']  # XLA counts per device.
-  computed = bench.train_flops(vc, 32)['train_per_step']
+  computed = train_flops(vc, 32)['train_per_step']
   assert abs(computed - xla) / xla < 0.05, (computed, xla)
   assert scaling.analytic(vc, 32, 10)['train_flops_per_step'] <= computed
 

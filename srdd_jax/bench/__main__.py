@@ -1,7 +1,7 @@
-"""`python -m srdd_jax.bench`: the bench's command line (srdd_jax/bench/timing.py)."""
+"""`python -m srdd_jax.bench`: the bench's command line (srdd_jax/bench/cli.py)."""
 import sys
 
-from srdd_jax.bench import timing
+from srdd_jax.bench import cli
 
 if __name__ == '__main__':
-  sys.exit(timing.main())
+  sys.exit(cli.main())

@@ -18,7 +18,7 @@ def get_config(arg=None):
       dtype='bfloat16', cond_drop_rate=0.1, drop_path_rate=0.0))
   c.data = ml_collections.ConfigDict(dict(source='synthetic', num_examples=64))
   c.train = ml_collections.ConfigDict(dict(
-      global_batch=16, steps=20, accum_steps=1, ema_decay=0.0, log_every=1, checkpoint_every=5,
+      global_batch=16, steps=20, accum_steps=1, ema_decay=0.999, log_every=1, checkpoint_every=5,
       keep_checkpoints=3, sample_every=0, progressive_start_scales=0, progressive_steps=0))
   c.optim = ml_collections.ConfigDict(dict(
       base_lr=1e-2, weight_decay=0.05, weight_decay_end=-1.0, warmup_steps=2, final_fraction=0.1,

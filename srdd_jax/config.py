@@ -124,7 +124,11 @@ DEFAULTS: dict = {
         refine=False),
     'train': dict(
         global_batch=768, epochs=0.0, steps=0,  # steps > 0 wins; else epochs * examples / batch.
-        accum_steps=1, ema_decay=0.0, log_every=100, checkpoint_every=1000, keep_checkpoints=3,
+        # The exported and evaluated weights are an EMA of the trained ones (0 = none, the trained weights),
+        # warmed up (train/step.py: decay min(ema_decay, (1 + t) / (10 + t)) at step t), so that after 3
+        # steps it keeps under 1% of its starting point (the random initialisation, or init_from's model).
+        ema_decay=0.999,
+        accum_steps=1, log_every=100, checkpoint_every=1000, keep_checkpoints=3,
         sample_every=0,  # Steps between sample grids (0 = never); samples/step_<n>.png + TensorBoard.
         # Held-out token loss (teacher forcing, per scale) on a token cache of another split, written to
         # metrics.jsonl as heldout_loss / heldout_loss_per_scale: every heldout_every steps (0 = at the

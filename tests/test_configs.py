@@ -172,3 +172,30 @@ def test_one_function_makes_the_tokenizer_config():
   c.tokenizer.image_size = 16
   with pytest.raises(ConfigError, match=r'config\.tokenizer\.image_size=16, but config\.model\.patch_nums'):
     tokenizer_config(c)
+
+
+SPECS_WITH_EMA = ('fashion_mnist', 'smoke', 'ablation', 'ablation:quick', 'ablation:gpu', *REAL)
+
+
+def _run_lengths(c) -> list[int]:
+  """The lengths in steps of a config's runs: its steps (and the study's fine-tunes, 0 = as many), or for
+  the epoch recipes a lower bound, the epochs (a batch never exceeds the data set,
+  transformer_setup.check_batch_fits, so an epoch is at least one step)."""
+  if int(c.train.steps) > 0:
+    steps = int(c.train.steps)
+    return [steps, int(c.ablation.finetune_steps) or steps]
+  return [int(c.train.epochs)]
+
+
+@pytest.mark.parametrize('spec', SPECS_WITH_EMA)
+def test_every_config_exports_a_warmed_up_ema(spec):
+  """Every preset, --quick and the tests' smoke run train an EMA, and its export keeps under 1% of the
+  EMA's starting point (random initialisation, or a fine-tune's start model) at the preset's run
+  lengths (the study's fine-tunes included); the scaling tool's points are its base config's."""
+  from srdd_jax.train.step import ema_start_weight
+  name, _, arg = spec.partition(':')
+  c = _config(name, arg or None)
+  assert c.train.ema_decay == 0.999, spec
+  for steps in _run_lengths(c):
+    assert steps >= 3 and ema_start_weight(float(c.train.ema_decay), steps) < 0.01, (spec, steps)
+  assert recipe.DEFAULTS['train']['ema_decay'] == 0.999  # The scaling tool's and every config's default.

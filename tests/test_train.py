@@ -12,7 +12,7 @@ from srdd_jax.parallel import mesh as pm
 from srdd_jax.tokenizer.api import Tokenizer, unbox
 from srdd_jax.tokenizer.vqvae import VQVAEConfig
 from srdd_jax.train.optimizer import OptimConfig, decay_mask, lr_schedule, peak_lr_for, wd_schedule
-from srdd_jax.train.step import Trainer
+from srdd_jax.train.step import EMA_WARMUP, Trainer, ema_start_weight
 from srdd_jax.transformer.config import VARConfig
 
 PN = (1, 2, 3, 4)
@@ -75,12 +75,14 @@ def _run(shape, vae_params, batches, var_cfg=VAR_CFG, accum=1, ema=0.0, history=
   return np.array(losses), state
 
 
-EMA_DECAY = 0.9
+# Below the warm-up's (1 + t) / (10 + t) from step 2 on (0.2 < 3/12), so the 5 steps meet both sides of
+# the min.
+EMA_DECAY = 0.2
 
 
 @pytest.fixture(scope='module')
 def one_device(setup):
-  """5 steps on 1 device with an EMA (d = 0.9): (losses, final state, parameters at init and after every
+  """5 steps on 1 device with an EMA (d = 0.2): (losses, final state, parameters at init and after every
   step). The reference of the mesh test and the record of the EMA test, one compiled step for both (the
   EMA is read by neither the loss nor the update: the meshes, without one, must match it)."""
   vae_params, batches = setup
@@ -110,18 +112,21 @@ def test_gradient_accumulation_equals_the_full_batch(setup):
 
 
 def test_ema_tracks_the_parameters(one_device):
-  """e_0 = p_0, then e_t = d e_{t-1} + (1 - d) p_t after every step, for every parameter (d = 0.9, so
-  swapping d and 1 - d, or averaging the parameters before the update, is caught)."""
-  d = EMA_DECAY
+  """e_0 = p_0, then e_t = d_t e_{t-1} + (1 - d_t) p_t after every step, for every parameter, with the
+  warm-up d_t = min(d, (1 + t) / (10 + t)) at the step t before the update (d = 0.2: 0.1, 0.18, then 0.2;
+  swapping d and 1 - d, a decay without the warm-up, or averaging the parameters before the update, is
+  caught)."""
   _, s, history = one_device
   assert len(history) == 6
   flat = [flatten_params(h) for h in history]
   ema = flatten_params(jax.device_get(s.ema_params))
   assert set(ema) == set(flat[0])
+  decays = [min(EMA_DECAY, (1 + t) / (10 + t)) for t in range(5)]
+  assert decays[0] < decays[1] < decays[2] == decays[4] == EMA_DECAY
   moved = 0
   for path, got in ema.items():
     e = np.asarray(flat[0][path], np.float64)
-    for h in flat[1:]:
+    for d, h in zip(decays, flat[1:]):
       e = d * e + (1 - d) * np.asarray(h[path], np.float64)
     assert got.dtype == np.float32, path
     np.testing.assert_allclose(got, e, rtol=1e-6, atol=1e-7, err_msg='/'.join(path))
@@ -129,6 +134,43 @@ def test_ema_tracks_the_parameters(one_device):
   # The parameters moved, so the recursion is not satisfied by a constant.
   assert moved > 0.5 * len(ema)
   assert not np.allclose(ema[('head', 'kernel')], flat[-1][('head', 'kernel')])
+
+
+def test_the_ema_keeps_under_a_percent_of_its_start_after_three_steps():
+  """The weight the EMA's starting point (random initialisation, or a fine-tune's start model) keeps,
+  the product of the decays, against the closed form 1 / C(T + 9, 9) while the warm-up's decay is below
+  d, and against d^T without the warm-up: the demo's 2,800 steps kept 0.999^2800 = 6% before."""
+  assert EMA_WARMUP == 10
+  for steps in (1, 2, 3, 4, 10, 20, 1000, 2800):
+    assert ema_start_weight(0.999, steps) == pytest.approx(1 / math.comb(steps + 9, 9), rel=1e-9)
+  assert ema_start_weight(0.999, 1) == pytest.approx(0.1) and ema_start_weight(0.999, 2) == pytest.approx(0.2 / 11)
+  assert ema_start_weight(0.999, 3) < 0.01  # 0.0045: every run of 3 steps or more.
+  assert 0.999 ** 2800 > 0.06 and ema_start_weight(0.999, 2800) < 1e-20
+  # Past the warm-up (from t = 8,990 for 0.999) the decay is d's: the product goes on as d^(T - T0).
+  assert (1 + 8989) / (10 + 8989) < 0.999 < (1 + 8991) / (10 + 8991)
+  assert ema_start_weight(0.999, 10000) == pytest.approx(ema_start_weight(0.999, 9000) * 0.999 ** 1000, rel=1e-9)
+  assert ema_start_weight(0.0, 2800) is None  # No EMA: the export is the trained weights.
+
+
+def test_the_trained_ema_keeps_exactly_that_weight_of_its_start(setup):
+  """Run-level: the same 4 steps from a state whose EMA starts 1.0 above the weights, and from the plain
+  one. The EMA never feeds the loss or the update, so the EMAs differ by exactly the weight the start
+  keeps: ema_start_weight(d, t) after t steps, 0.1, 0.018, 0.0045, 0.0014 (was 0.999^t)."""
+  vae_params, batches = setup
+  mesh = pm.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+  tr = Trainer(VAR_CFG, VAE_CFG, OptimConfig(peak_lr=1e-3, warmup_steps=2, total_steps=5), mesh, ema_decay=0.999)
+  plain, shifted = tr.init(jax.random.PRNGKey(0)), tr.init(jax.random.PRNGKey(0))
+  shifted = shifted.replace(ema_params=jax.tree_util.tree_map(lambda e: e + 1.0, shifted.ema_params))
+  step, frozen = tr.make_step(), tr.place_frozen(vae_params)
+  for t, b in enumerate(batches[:4], start=1):
+    plain, _ = step(plain, frozen, tr.shard_batch(b))
+    shifted, _ = step(shifted, frozen, tr.shard_batch(b))
+    a, c = flatten_params(jax.device_get(plain.ema_params)), flatten_params(jax.device_get(shifted.ema_params))
+    np.testing.assert_array_equal(jax.device_get(plain.params['head']['kernel']),
+                                  jax.device_get(shifted.params['head']['kernel']))
+    kept = np.concatenate([(np.asarray(c[k], np.float64) - a[k]).ravel() for k in a])
+    np.testing.assert_allclose(kept, ema_start_weight(0.999, t), rtol=2e-3, atol=2e-6, err_msg=f'step {t}')
+  assert kept.max() < 0.01
 
 
 def test_progressive_training_is_vars():

@@ -174,7 +174,9 @@ def compiled_memory(c, topology: str = '') -> dict:
   rules = 'fsdp' if pm.rules_from_config(c) == pm.DEFAULT_RULES else None
   mesh = pm.mesh_from_config(c, devices if topology else None)  # A mesh that cannot be: ConfigError, exit 2.
   try:
-    trainer = Trainer(vc, vq, OptimConfig(peak_lr=1e-4, total_steps=1000), mesh, rules=rules_for(rules or 'fsdp'))
+    # With the point's EMA, whose copy of the weights is part of what each chip holds.
+    trainer = Trainer(vc, vq, OptimConfig(peak_lr=1e-4, total_steps=1000), mesh, rules=rules_for(rules or 'fsdp'),
+                      ema_decay=float(c.train.ema_decay))
     compiled, compile_s = aot_train_step(trainer, unbox(Tokenizer(vq).abstract_params()), batch)
     rec = aot_record(compiled, compile_s, topology or 'local', devices, mesh)
   except Exception as e:  # pylint: disable=broad-except

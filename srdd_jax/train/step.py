@@ -7,6 +7,7 @@ from typing import Any
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from srdd_jax.config import ConfigError
 from srdd_jax.parallel import mesh as pm
@@ -19,6 +20,29 @@ from srdd_jax.train.sharded import ShardedTrainer, global_norm
 from srdd_jax.transformer.config import VARConfig
 from srdd_jax.transformer.loss import cross_entropy_metrics
 from srdd_jax.transformer.model import VAR
+
+# The EMA's warm-up: at step t it averages with decay min(decay, (1 + t) / (EMA_WARMUP + t)). Without it
+# an EMA of decay d still holds d^T of its starting point after T steps (0.999: 37% of a random
+# initialisation, or of a fine-tune's start model, after 1,000 steps), and the EMA is what is exported.
+EMA_WARMUP = 10
+
+
+def ema_decay_at(decay: float, step):
+  """The EMA's decay at `step` (the state's step before the update: 0 on the first), traced or not; a
+  function of the step alone, so a resumed run averages exactly as an uninterrupted one."""
+  t = jnp.asarray(step, jnp.float32)
+  return jnp.minimum(jnp.float32(decay), (1.0 + t) / (EMA_WARMUP + t))
+
+
+def ema_start_weight(decay: float, steps: int) -> float | None:
+  """The weight the EMA's starting point (the random initialisation, or a fine-tune's start model) keeps
+  after `steps` steps: the product of the decays of steps 0..steps-1. None without an EMA (decay 0: the
+  export is the trained weights themselves)."""
+  if decay <= 0:
+    return None
+  t = np.arange(int(steps), dtype=np.float64)
+  return float(np.exp(np.sum(np.log(np.minimum(decay, (1.0 + t) / (EMA_WARMUP + t))))))
+
 
 @flax.struct.dataclass
 class TrainState:
@@ -144,7 +168,7 @@ class Trainer(ShardedTrainer):
     params = jax.tree_util.tree_map(lambda p, u: p + u, state.params, updates)
     ema = state.ema_params
     if ema is not None:
-      d = self.ema_decay
+      d = ema_decay_at(self.ema_decay, state.step)
       ema = jax.tree_util.tree_map(lambda e, p: d * e + (1 - d) * p, ema, params)
     return TrainState(state.step + 1, params, opt_state, ema), metrics
 

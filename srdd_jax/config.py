@@ -140,7 +140,9 @@ DEFAULTS: dict = {
         progressive_steps=0,  # ... until this step, from which every scale is trained (VAR: pg * steps);
         progressive_warmup_steps=-1,  # the newest scale's loss weight ramps from 0.01 over these; -1 = VAR's steps/300.
         # A transformer directory (WORKDIR/export/step_<n> or convert_var's) whose weights start the run
-        # (fine-tuning); '' = a fresh initialisation. The run's own checkpoints, when present, win.
+        # (fine-tuning); '' = a fresh initialisation. The run's own checkpoints, when present, win. A
+        # fine-tune counts its own steps from 0 (its EMA warms up again) and continues the data stream where
+        # its start model's export says it stopped (train/export.data_stream); its export records both.
         init_from='',
         # config.model.refine: per example a reveal ratio r, 0 with probability refine_zero_prob (the
         # plain next-scale task), else uniform in [0, refine_max_ratio].

@@ -323,3 +323,73 @@ def test_training_without_tensorflow_writes_metrics_and_no_events(tmp_path, capl
   assert [json.loads(l)['step'] for l in open(tmp_path / 'metrics.jsonl')] == [1, 2]
   assert not [f for f in os.listdir(tmp_path) if f.startswith('events.out')]
   assert any("no TensorBoard events" in r.getMessage() for r in caplog.records)
+
+
+def test_a_fine_tune_continues_its_start_models_data_stream_and_records_it(tmp_path, monkeypatch):
+  """A start model of 4 steps of 8 (32 of the smoke set's 64 examples), then a fine-tune of 4 more from its
+  export, cut after 2 steps and resumed: together they draw every example exactly once (the fine-tune
+  used to start at step 0 again: the start model's 32 examples twice, the other 32 never). Both exports
+  record their step, data stream and EMA; the fine-tune's its start model and step, and its own step
+  counter starts at 0, so its EMA (warmed up again) keeps 0.14% of the start model."""
+  from srdd_jax.convert import params_io
+  from srdd_jax.data.pipeline import SyntheticSource
+  from srdd_jax.train.step import ema_start_weight
+  drawn = []
+  real = SyntheticSource.batch
+
+  def spy(self, seed, step, global_batch, *args, **kwargs):
+    drawn.append((int(seed), int(step)))
+    return real(self, seed, step, global_batch, *args, **kwargs)
+
+  monkeypatch.setattr(SyntheticSource, 'batch', spy)
+  start_wd, tune_wd = str(tmp_path / 'start'), str(tmp_path / 'tune')
+  start = train_mode.run(_config(steps=4, global_batch=8), start_wd)
+  start_draws, drawn[:] = list(drawn), []
+  c = _config(steps=4, global_batch=8)
+  c.train.init_from = start['export']
+  first = train_mode.run(c, tune_wd, stop_after_steps=2)
+  assert first['start_step'] == 0 and first['end_step'] == 2
+  tune = train_mode.run(c, tune_wd)
+  assert tune['start_step'] == 2 and tune['end_step'] == 4
+  # The iterators draw batches in order (a prefetch may draw past the last step): the trained ones first.
+  assert start_draws[:4] == [(0, s) for s in range(4)]
+  tune_draws = sorted(set(drawn))
+  assert [d for d in tune_draws if d[1] < 8] == [(0, s) for s in range(4, 8)], drawn
+  examples = []
+  for seed, step in start_draws[:4] + [(0, s) for s in range(4, 8)]:
+    for p in range(8):
+      epoch, k = divmod(step * 8 + p, 64)
+      examples.append(int(np.random.default_rng([seed, epoch]).permutation(64)[k]))
+  assert sorted(examples) == list(range(64))  # One epoch, every example once.
+
+  rec = params_io.model_meta(start['export'])['train']
+  assert (rec['step'], rec['total_steps'], rec['init_from']) == (4, 4, None)
+  assert {k: rec['data'][k] for k in ('seed', 'global_batch', 'first_step', 'next_step', 'next_example',
+                                      'num_examples')} == {'seed': 0, 'global_batch': 8, 'first_step': 0,
+                                                           'next_step': 4, 'next_example': 32, 'num_examples': 64}
+  rec = params_io.model_meta(tune['export'])['train']
+  assert rec['init_from'] == {'source': os.path.abspath(start['export']), 'step': 4, 'total_steps': 4}
+  assert (rec['step'], rec['total_steps'], rec['data']['first_step'], rec['data']['next_example']) == (4, 8, 4, 64)
+  assert rec['ema'] == {'decay': 0.999, 'warmup': 10, 'start_weight': ema_start_weight(0.999, 4)}
+  assert rec['ema']['start_weight'] < 0.01
+  assert tune['init_from'] == rec['init_from'] and tune['data_stream']['first_step'] == 4
+
+
+def test_a_fine_tune_stream_on_other_data_or_batch(tmp_path):
+  """The stream's start from the start model's record: a batch that does not divide the examples it drew
+  skips fewer than a batch; another data set size, or an export without a record (convert_var's), starts
+  the run's own stream at step 0."""
+  from srdd_jax.train.export import data_stream
+  d = tmp_path / 'start'
+  d.mkdir()
+  (d / 'model.json').write_text(json.dumps({'kind': 'var', 'train': {
+      'step': 4, 'total_steps': 10, 'data': {'num_examples': 64, 'seed': 3, 'next_example': 80}}}))
+  s = data_stream(str(d), 64, 24, seed=0)
+  assert (s['seed'], s['first_step'], s['skipped_examples']) == (3, 4, 16)  # 96 >= 80, 96 - 80 skipped.
+  assert s['init_from'] == {'source': str(d), 'step': 4, 'total_steps': 10}
+  s = data_stream(str(d), 63, 8, seed=5)
+  assert (s['seed'], s['first_step'], s['skipped_examples'], s['init_from']['step']) == (5, 0, 0, 4)
+  (d / 'model.json').write_text(json.dumps({'kind': 'var'}))
+  s = data_stream(str(d), 64, 8, seed=5)
+  assert (s['seed'], s['first_step'], s['init_from']) == (5, 0, {'source': str(d), 'step': None, 'total_steps': None})
+  assert data_stream('', 64, 8, seed=2) == {'seed': 2, 'first_step': 0, 'init_from': None, 'skipped_examples': 0}

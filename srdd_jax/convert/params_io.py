@@ -28,8 +28,9 @@ def file_sha256(path: str, chunk: int = 1 << 22) -> str:
 
 
 def save_params(out_dir: str, params, *, kind: str, config: Any, source: str | None = None,
-                overwrite: bool = False) -> str:
-  """Writes `out_dir/params` (Orbax) and `out_dir/model.json` (kind, config, source, parameter count).
+                overwrite: bool = False, extra: dict | None = None) -> str:
+  """Writes `out_dir/params` (Orbax) and `out_dir/model.json` (kind, config, source, parameter count, and
+  the keys of `extra`: a trained model's record, say).
 
   Refuses to touch an existing conversion unless `overwrite`, so a typo never destroys saved work.
   Written whole or not at all: into `out_dir`.partial, renamed into place once model.json is there, so
@@ -53,6 +54,7 @@ def save_params(out_dir: str, params, *, kind: str, config: Any, source: str | N
       'source': files.absolute(source) if isinstance(source, str) and files.exists(source) else source,
       'source_sha256': file_sha256(source) if isinstance(source, str) and files.isfile(source) else None,
       'created': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='microseconds'),
+      **(extra or {}),
   }
   main = jax.process_index() == 0
   if files.is_remote(out_dir):

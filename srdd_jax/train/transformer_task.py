@@ -20,7 +20,7 @@ from srdd_jax.parallel import multihost
 from srdd_jax.parallel.compile import compiled_stats, measured_matmul_peak, needed_bytes, nominal_peak_flops
 from srdd_jax.train import driver
 from srdd_jax.train.distill import DistillTrainer, heldout_token_loss, init_student
-from srdd_jax.train.export import export_transformer
+from srdd_jax.train.export import data_stream, export_transformer, run_record
 from srdd_jax.train.step import Trainer
 from srdd_jax.transformer.flops import train_step_flops
 
@@ -69,6 +69,8 @@ class TransformerTask(driver.Task):
     self.eval_every = math.gcd(self.sample_every, self.heldout[2] if self.heldout else 0)
     self.root = self.workdir = workdir
     self.init_from = init_from
+    # A fine-tune continues its start model's data stream (export.data_stream), resumed or not.
+    self.stream = data_stream(init_from, data.num_examples, global_batch, seed)
 
   def abstract_state(self):
     return self.trainer.abstract_state()
@@ -86,7 +88,7 @@ class TransformerTask(driver.Task):
     self.host_step = start_step
     self.vae_replicated = jax.device_put(self.vae_params, pm.replicated(self.trainer.mesh))
     self.frozen = self.trainer.place_frozen(self.vae_replicated)  # Once: every stage's program reads it.
-    self.batches = self.data.iterator(self.seed, start_step, self.global_batch,
+    self.batches = self.data.iterator(self.stream['seed'], self.stream['first_step'] + start_step, self.global_batch,
                                       self.trainer.local_rows(self.global_batch))
 
   def step(self, state):
@@ -160,7 +162,14 @@ class TransformerTask(driver.Task):
             'heldout_accuracy_per_scale': r['accuracy'], 'heldout_examples': r['examples']}
 
   def export(self, step, state):
-    return export_transformer(self.workdir, step, state, self.var_config)
+    record = run_record(step, stream=self.stream, global_batch=self.global_batch,
+                        num_examples=self.data.num_examples, description=self.data.description,
+                        ema_decay=self.trainer.ema_decay if state.ema_params is not None else 0.0)
+    return export_transformer(self.workdir, step, state, self.var_config, record)
+
+  def summary(self):
+    return {'init_from': self.stream['init_from'],
+            'data_stream': {k: self.stream[k] for k in ('seed', 'first_step', 'skipped_examples')}}
 
 
 class DistillTask(driver.Task):

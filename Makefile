@@ -7,10 +7,17 @@ FASHION_MNIST ?= /usr/share/datasets/fashion-mnist
 
 .PHONY: venv data demo tokenizer-demo test clean
 
-# The test extra brings libtpu (jax[tpu], ~137 MB from PyPI) for the ahead-of-time TPU compile test.
+# What running needs: srdd_jax and its dependencies, no extra. (The test extra brings libtpu, and with
+# libtpu installed every run on a CPU first prints TPU-initialisation warnings.)
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e .
+	touch $@
+
+# What the tests need besides: the test extra (pytest, pytest-xdist, the GCS emulator, and libtpu,
+# jax[tpu] ~137 MB from PyPI, for the ahead-of-time TPU compile test).
+$(VENV)/.installed-test: setup.py $(VENV)/.installed
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $@
 
@@ -38,7 +45,7 @@ tokenizer-demo: venv data
 # run two of them at once. TEST_WORKERS=N for more cores. A cold run on 2 cores: docs/TESTS.md (448 s
 # on 2026-12-05).
 TEST_WORKERS ?= 2
-test: venv
+test: $(VENV)/.installed-test
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15 tests
 
 clean:

@@ -183,3 +183,50 @@ def test_cli_reads_the_cache_and_reports(trained, capsys):
   assert 'fd_cnn_digits_8px' in out and 'FID' not in out
   assert train_proxy_classifier.main(['--data=mnist', '--image_size=8', f'--out={cache}']) == 1
   assert 'config.data.source' in capsys.readouterr().err
+
+
+def test_real_features_are_computed_once_per_classifier_and_split(tmp_path, monkeypatch):
+  """The evaluations of a workdir compute the real images' features once per classifier, split and
+  count: a second scorer (a second `--mode=eval`) reads them from the classifier's cache entry without
+  loading an image, and gets the same numbers; another split, count or classifier computes its own; a
+  file that describes another classifier is computed again."""
+  import ml_collections
+  from srdd_jax.evaluation import protocol
+  cfg = ml_collections.ConfigDict({'seed': 0, 'data': DATA})
+  o = {'proxy_epochs': 3, 'proxy_examples': 150, 'samples': ''}
+  samples, labels, _ = C.load_split(DATA, SIZE, 'train')
+  samples, labels = samples[:40], labels[:40]
+  computed = []
+  real_features = proxy.features
+
+  def counted(clf, images, **kwargs):
+    if 'real images' in kwargs.get('what', ''):
+      computed.append((clf.key, kwargs['what'], len(images)))
+    return real_features(clf, images, **kwargs)
+
+  monkeypatch.setattr(protocol.proxy, 'features', counted)
+  wd = str(tmp_path)
+  first = protocol.ProxyScorer(cfg, o, wd)(samples, labels)
+  key = first['proxy_classifier']
+  assert computed == [(key, 'test real images', 150)] and first['proxy_real_examples'] == 150
+  entry = os.path.join(wd, 'proxy_classifier', key)
+  assert 'real_features_test_150.npz' in os.listdir(entry)
+
+  load_split = C.load_split
+  monkeypatch.setattr(C, 'load_split', lambda *a, **k: pytest.fail('real images loaded again'))
+  scorer = protocol.ProxyScorer(cfg, o, wd)
+  assert scorer(samples, labels) == first and len(computed) == 1
+  monkeypatch.setattr(C, 'load_split', load_split)
+  scorer(samples, labels, split='train')
+  protocol.ProxyScorer(cfg, {**o, 'proxy_examples': 100}, wd)(samples, labels)
+  other = protocol.ProxyScorer(cfg, o, wd, seed=1)(samples, labels)
+  assert other['proxy_classifier'] != key
+  assert computed[1:] == [(key, 'train real images', 150), (key, 'test real images', 100),
+                          (other['proxy_classifier'], 'test real images', 150)]
+  # A file whose record names another classifier (copied from elsewhere, say) is not believed.
+  path = os.path.join(entry, 'real_features_test_150.npz')
+  with np.load(path) as z:
+    feats, identity = z['features'], json.loads(str(z['identity']))
+  np.savez(path, features=feats, identity=np.asarray(json.dumps({**identity, 'params_sha256': 'x' * 64})))
+  assert protocol.ProxyScorer(cfg, o, wd)(samples, labels) == first
+  assert computed[-1] == (key, 'test real images', 150) and len(computed) == 5

@@ -6,14 +6,17 @@ raises ConfigError naming the key when an input cannot work.
 """
 from __future__ import annotations
 
+import json
 import zipfile
 
 import numpy as np
+from absl import logging
 
 from srdd_jax import files
 from srdd_jax.config import ConfigError
 from srdd_jax.evaluation import classifier, inception, metrics, proxy, stats
 from srdd_jax.evaluation import inception_weights as fid_inception
+from srdd_jax.parallel import multihost
 
 METRICS = ('fid', 'is', 'pr', 'proxy')
 INCEPTION_METRICS = ('fid', 'is', 'pr')
@@ -90,10 +93,45 @@ def inception_metrics(o, params, ref, images) -> dict:
   return out
 
 
+REAL_FEATURES = 'real_features_{split}_{examples}.npz'  # In the classifier's cache entry.
+
+
+def real_features(clf, data_config, split: str, examples: int, entry_dir: str) -> tuple[np.ndarray, bool]:
+  """(features, from the cache) of the classifier `clf` for the first `examples` real images of its
+  `split` ('test' or 'train'). Read from its cache entry `entry_dir` (REAL_FEATURES) when a run before
+  computed them for this very classifier (the file records its key, the SHA-256 of its parameters, the
+  split and the data it names, checked on reading); else computed (loading and preprocessing the images
+  is most of it: 10,000 Fashion-MNIST images on every evaluation) and written there for the next run."""
+  r = clf.info['request']
+  identity = {'classifier': clf.key, 'params_sha256': clf.info.get('params_sha256'), 'split': split,
+              'split_name': r['train_split' if split == 'train' else 'test_split'], 'data': r['data'],
+              'examples': int(examples)}
+  path = files.join(entry_dir, REAL_FEATURES.format(split=split, examples=int(examples)))
+  if identity['params_sha256'] and files.isfile(path):
+    try:
+      with files.np_load(path) as z:
+        recorded, feats = json.loads(str(z['identity'])), z['features']
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+      recorded, feats = None, None
+      logging.warning('%s is unreadable (%s: %s): the features are computed again', path, type(e).__name__, e)
+    if recorded == identity and feats.ndim == 2 and feats.shape[1] == clf.feature_dim:
+      return feats, True
+    if recorded is not None:
+      logging.warning('%s holds the features of another classifier or split: computed again', path)
+  real, _, _ = classifier.load_split(data_config, r['image_size'], split, train_split=r['train_split'],
+                                     test_split=r['test_split'])
+  feats = proxy.features(clf, real[:int(examples)], what=f'{split} real images')
+  # Process 0 writes, atomically (files.save_npz); a classifier whose parameters have no recorded hash (not
+  # cached itself) caches nothing.
+  if identity['params_sha256'] and multihost.is_main_process():
+    files.save_npz(path, features=feats, identity=np.asarray(json.dumps(identity, sort_keys=True)))
+  return feats, False
+
+
 class ProxyScorer:
   """The proxy metrics of many sets of samples against one classifier: the project's classifier of
-  config.data (trained once, cached under WORKDIR/proxy_classifier) and the real images' feature
-  statistics, each loaded once.
+  config.data (trained once, cached under WORKDIR/proxy_classifier) and the real images' features (computed
+  once per classifier and split, cached beside it: `real_features`), each loaded once.
 
   seed: the classifier's (default config.seed); a study that compares runs of several seeds scores them
   all with one classifier. split: the real images, 'test' (held out: the reported metrics) or 'train'
@@ -102,6 +140,7 @@ class ProxyScorer:
 
   def __init__(self, config, o, workdir: str, *, seed: int | None = None, precision_recall: bool = False):
     self.config, self.o, self.workdir = config, o, workdir
+    self.cache_dir = files.join(workdir, 'proxy_classifier')
     self.seed = int(config.seed) if seed is None else int(seed)
     self.clf = None
     self.real_stats = {}  # split -> ((mu, sigma), number of real images, their features)
@@ -110,8 +149,7 @@ class ProxyScorer:
   def classifier(self, size: int):
     if self.clf is None:
       kwargs = {'epochs': int(self.o['proxy_epochs'])} if int(self.o['proxy_epochs']) > 0 else {}
-      self.clf = classifier.train_or_load(self.config.data, size, files.join(self.workdir, 'proxy_classifier'),
-                                          seed=self.seed, **kwargs)
+      self.clf = classifier.train_or_load(self.config.data, size, self.cache_dir, seed=self.seed, **kwargs)
     return self.clf
 
   def reals(self, size: int, split: str = 'test'):
@@ -119,12 +157,9 @@ class ProxyScorer:
     of `split`."""
     if split not in self.real_stats:
       clf = self.classifier(size)
-      r = clf.info['request']
-      real, _, _ = classifier.load_split(self.config.data, r['image_size'], split, train_split=r['train_split'],
-                                         test_split=r['test_split'])
-      real = real[:int(self.o['proxy_examples'])]
-      feats = proxy.features(clf, real, what=f'{split} real images')
-      self.real_stats[split] = (stats.feature_statistics(feats), len(real), feats)
+      feats, _ = real_features(clf, self.config.data, split, int(self.o['proxy_examples']),
+                               files.join(self.cache_dir, clf.key))
+      self.real_stats[split] = (stats.feature_statistics(feats), len(feats), feats)
     return self.real_stats[split]
 
   def __call__(self, images, labels, split: str = 'test') -> dict:

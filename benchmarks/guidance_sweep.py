@@ -6,7 +6,7 @@
 DIR is a finished `--mode=all` (or `--mode=train`) workdir of configs/fashion_mnist.py: its tokenizer
 (DIR/tokenizer/params, else the config's, unless --tokenizer) and its last exported model (DIR/export/step_*). Every setting is sampled with
 the same seed by one compiled program per top-p and MR setting (guidance is a traced argument, as in the
-ablation), and scored with the proxy classifier (`fd_cnn_fashion_mnist_32px`, never an FID) against real
+study), and scored with the proxy classifier (`fd_cnn_fashion_mnist_32px`, never an FID) against real
 images of --which: `train` to choose a setting, `test` only to report the chosen one. One JSON line per
 setting, then a table sorted by fd.
 Record: docs/RESULTS.md, the guidance tables of workdir/demo_base (commit e1d036b) and workdir/exp1
@@ -25,7 +25,8 @@ import time
 from configs import fashion_mnist
 from srdd_jax.config import floats
 from srdd_jax.diffusion.filtering import PROTOCOLS
-from srdd_jax.modes import ablation
+from srdd_jax.study import plan
+from srdd_jax.study.scoring import Scorer
 
 
 def _latest_export(workdir):
@@ -83,22 +84,21 @@ def main(argv=None):
   export = a.model or _latest_export(a.workdir)
   if not export:
     p.error(f'--workdir={a.workdir}: no export/step_* (a finished --mode=train or --mode=all); or give --model')
-  model = {'export': export}
   top_ps = floats(a.top_p, '--top_p') or [float(c.sampler.top_p)]
   rows = []
   for top_p in top_ps:
     c.sampler.top_p = top_p
-    scorer = ablation.Scorer(c, a.workdir, tok)
+    scorer = Scorer(c, a.workdir, tok)
     for mr in a.mr.split(','):
       for schedule in a.schedules.split(','):
         for cfg in floats(a.cfg, '--cfg'):
           if cfg == 0 and schedule != a.schedules.split(',')[0]:
             continue  # Strength 0 is the same sampler under every schedule.
           srdd = PROTOCOLS['srdd']  # SRDD's masked resampling, 0.01 x 10, in mode `mr`.
-          values = ablation.sampler_values(schedule, cfg, None if mr == 'off' else {
+          values = plan.sampler_values(schedule, cfg, None if mr == 'off' else {
               'mr_mode': mr, 'mr_threshold': srdd['mr_threshold'], 'mr_iterations': srdd['mr_iterations']})
           t0 = time.time()
-          s = scorer.score(model, values, a.per_class, a.seed, a.which)
+          s = scorer.score(export, values, a.per_class, a.seed, a.which)
           row = {'top_p': top_p, 'mr': mr, 'schedule': schedule, 'cfg': cfg, 'fd': s['fd'],
                  'class_consistency': s['class_consistency'], 'fd_name': s['fd_name'],
                  'real_split': a.which, 'n': s['num_samples'], 'seconds': round(time.time() - t0, 1)}

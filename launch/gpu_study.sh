@@ -7,7 +7,7 @@
 #   launch/gpu_study.sh WORKDIR OUT [PRESET]    # there: runs (or resumes) the study in WORKDIR
 #
 # The study runs under `timeout` (STUDY_TIMEOUT seconds, default 540: a device command has 600) so that,
-# finished or not, OUT receives what sizes the next run: ablation.json/md/png when it finished, every
+# finished or not, OUT receives what sizes the next run: study.json/md/png when it finished, every
 # unit's result.json (each with its unit_seconds), the log, and the progress lines (training steps and
 # image-passes done, their rates, the ETA). Exit status: the study's (124 when the time ran out).
 # PYTHON (default python3) is the interpreter; PRESET defaults to gpu. GPU_STUDY_DRY_RUN=1 checks the
@@ -43,7 +43,7 @@ if [ $# -lt 2 ]; then
 fi
 WORKDIR=$1 OUT=$2 PRESET=${3:-gpu}
 STUDY=("$PYTHON" -m srdd_jax.main --config="configs/ablation.py:$PRESET" --config.data.idx_dir="$CARRY/fashion-mnist"
-       --workdir="$WORKDIR" --mode=ablation)
+       --workdir="$WORKDIR" --mode=study)
 if [ -n "$DRY" ]; then
   echo "${STUDY[*]}"
   exec "${STUDY[@]}" --dry_run
@@ -61,10 +61,10 @@ fi
 export PYTHONUNBUFFERED=1
 timeout --signal=TERM --kill-after=30 "${STUDY_TIMEOUT:-540}" "${STUDY[@]}" >"$OUT/study.log" 2>&1
 rc=$?
-cp "$WORKDIR"/ablation.json "$WORKDIR"/ablation.md "$WORKDIR"/ablation.png "$OUT"/ 2>/dev/null
+cp "$WORKDIR"/study.json "$WORKDIR"/study.md "$WORKDIR"/study.png "$OUT"/ 2>/dev/null
 # Every finished unit's result (small JSON), whatever the ending: the rates of a run cut short.
 (cd "$WORKDIR" && find . -name result.json -not -path './jax_cache/*' | tar -czf "$OUT/units.tar.gz" -T -) 2>/dev/null
-grep -E 'ablation: (training|[0-9]+ models)|error:' "$OUT/study.log" | tail -n 40 >"$OUT/progress.txt"
+grep -E 'study: (training|[0-9]+ arms)|error:' "$OUT/study.log" | tail -n 40 >"$OUT/progress.txt"
 tail -n 3 "$OUT/progress.txt"
 echo "study exit status $rc (124: STUDY_TIMEOUT ran out; run again on the same machine to resume)"
 exit $rc

@@ -157,31 +157,32 @@ DEFAULTS: dict = {
         kl_weight=0.0,  # > 0: + kl_weight * KL(teacher || student) on the student's inputs (markov teacher).
         kl_temperature=1.0,
         token_cache=''),  # '' = encode images in the step, else --mode=tokenize's cache at the student's scales.
-    # --mode=ablation (srdd_jax/modes/ablation.py): VAR against SDD and SRDD's tools, every variant with the
-    # same data, steps, optimizer and seeds, and one guidance-selection rule for all.
+    # --mode=study (= --mode=ablation; srdd_jax/study/): VAR against SDD and SRDD's sampling tools, every arm
+    # with the same data, steps, optimizer and seeds, one choice rule for all, compared by training seed.
     'ablation': dict(
-        train_seeds='0,1,2',  # Seeds (config.seed) of every trained model: init, data order, dropout.
-        sample_seeds='0,1,2',  # Test sampling seeds of every variant (batch i uses fold_in(PRNGKey(s), i)).
-        cfg_grid='0,1,1.5,2,3,5,8',  # Guidance strengths tried, the same grid for every selected variant.
-        schedules='linear,constant',  # Guidance schedules tried for "the best schedule".
-        val_per_class=20,  # Validation samples per class for the selection (seed 1000, training-split reals).
-        # Each selected variant searches guidance jointly with one more space, of the same size for all:
-        # masked resampling's thresholds x iterations (MR variants) or plain truncations (the others:
-        # top_p=P or min_p=P, each alone, top-k the config's).
-        mr_thresholds='0.001,0.01,0.05', mr_iterations='5,10,25',
-        truncations='top_p=0.96,top_p=0.9,top_p=0.8,top_p=0.7,min_p=0.01,min_p=0.02,min_p=0.05,min_p=0.1,min_p=0.2',
-        test_per_class=100,  # Test samples per class per sampling seed (scored against the test split).
-        refine_steps=0,  # Steps of the refine model (trained from scratch); 0 = config.train.steps.
-        distill_steps=0,  # Steps of the distilled student; 0 = config.train.steps (equal budget).
-        distill_kl_weight=1.0,  # config.distill.kl_weight of the second student, (o); (f) trains with 0.
-        # Steps of each fine-tune of the paper's recipe (VAR continued / SDD from VAR / SDD fine-tuned /
-        # refine fine-tune), all from a from-scratch model of the same seed; 0 = config.train.steps.
-        finetune_steps=0,
+        # The arms run: groups (headline, tools, refine, distill) or arm keys (srdd_jax/study/arms.py), and
+        # every model they need.
+        arms='headline,tools',
+        train_seeds='0,1,2,3,4,5',  # Seeds (config.seed) of every trained model: init, data order, dropout.
+        sample_seeds='0',  # Test sampling seeds of every arm (batch i uses fold_in(PRNGKey(s), i)).
+        cfg_grid='0.5,1,1.5,2,3',  # Guidance strengths an arm chooses from (<= 5), one grid for every arm.
+        schedules='linear,constant',  # Guidance schedules whose arms run (linear always: the protocols').
+        val_per_class=20,  # Validation samples per class of a choice (seed 1000, training-split reals).
+        # Masked resampling redraw's threshold grid (at mr_iterations iterations) and its partner, the plain
+        # truncation grid of the same size (top_p=P or min_p=P, each alone, top-k the config's), each
+        # chosen jointly with the guidance strength.
+        mr_thresholds='0.001,0.01,0.05', mr_iterations='10',
+        truncations='top_p=0.9,top_p=0.8,min_p=0.05',
+        test_per_class=500,  # Test samples per class per sampling seed (scored against the test split).
+        # Steps of each model trained on from another of the same seed (VAR continued, SDD from VAR), of the
+        # refine fine-tune and of a student; 0 = config.train.steps (refine: the fine-tunes').
+        finetune_steps=0, refine_steps=0, distill_steps=0,
+        distill_kl_weight=1.0,  # config.distill.kl_weight of the student_kl model; `student` trains with 0.
         # The held-out token loss curve of every model: heldout_points evaluations over its training, on the
         # first heldout_examples examples of the test cache (0 = all).
         heldout_points=10, heldout_examples=1000,
         timing_repeats=3,  # Timed sampling calls (one batch of config.eval.batch_size) after a warm-up.
-        quick=False),  # Set by configs/ablation.py:quick (tiny steps, few samples); recorded in ablation.json.
+        quick=False),  # Set by configs/ablation.py:quick (tiny steps, few samples); recorded in study.json.
     'optim': dict(
         base_lr=1e-4,  # Per 256 examples: peak LR = base_lr * global_batch / 256.
         weight_decay=0.05, weight_decay_end=-1.0,

@@ -3,8 +3,8 @@
 Modes: `train_tokenizer` (the VQ-VAE, configs/tokenizer_smoke.py), `tokenize` (a token cache of a data
 set), `train` (the transformer), `distill` (a student on fewer scales, from a trained teacher), `sample`,
 `edit` and `eval` (from trained or converted checkpoints, configs/sample.py), `reconstruct` (tokenizer round trip with PSNR), `all` (every stage of an embedded
-config in order: configs/fashion_mnist.py), `ablation` (VAR against SDD and SRDD's tools, every variant
-trained and evaluated alike, resumable: configs/ablation.py). Several processes: --multihost, or --coordinator_address,
+config in order: configs/fashion_mnist.py), `study` (VAR against SDD and SRDD's tools, every arm trained
+and evaluated alike, resumable: configs/ablation.py; `ablation` is its older name). Several processes: --multihost, or --coordinator_address,
 --num_processes, --process_id (launch/README.md).
 
 Exit status: 0 done; 2 an input that cannot work (a config key, path or value, a full disk: one line on
@@ -27,12 +27,12 @@ from ml_collections import config_flags
 
 from srdd_jax import files
 from srdd_jax.config import ConfigError, load_file, with_defaults
-from srdd_jax.modes import ablation, checks
+from srdd_jax.modes import checks
 from srdd_jax.modes import all as all_stages
 from srdd_jax.modes import distill
 from srdd_jax.modes import edit
 from srdd_jax.modes import eval as evaluation
-from srdd_jax.modes import reconstruct, sample, tokenize, train, train_tokenizer
+from srdd_jax.modes import reconstruct, sample, study, tokenize, train, train_tokenizer
 from srdd_jax.parallel import compile_cache, multihost
 from srdd_jax.parallel.workdir import WorkdirLock, check_store, storage_fault
 from srdd_jax.train.driver import PREEMPTED_EXIT_CODE
@@ -41,7 +41,8 @@ from srdd_jax.train.driver import PREEMPTED_EXIT_CODE
 MODES = {
     'reconstruct': reconstruct.run,
     'all': all_stages.run,
-    'ablation': ablation.run,
+    'study': study.run,
+    'ablation': study.run,  # The study's older name.
     'train': train.run,
     'distill': distill.run,
     'tokenize': tokenize.run,
@@ -65,7 +66,8 @@ def define_flags(flag_values: flags.FlagValues, sys_argv: list[str] | None = Non
                                                 sys_argv=sys_argv, **fv),
       'workdir': flags.DEFINE_string('workdir', None, 'Directory for outputs, checkpoints and logs.', **fv),
       'mode': flags.DEFINE_enum('mode', 'reconstruct', ['reconstruct', 'train', 'distill', 'sample', 'edit',
-                                                        'tokenize', 'train_tokenizer', 'eval', 'all', 'ablation'],
+                                                        'tokenize', 'train_tokenizer', 'eval', 'all', 'study',
+                                                        'ablation'],
                                 'What to run.', **fv),
       'multihost': flags.DEFINE_bool('multihost', False, 'Start jax.distributed with the cluster detected by '
                                      'JAX (TPU pods, SLURM, Open MPI).', **fv),

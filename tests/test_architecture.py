@@ -1,7 +1,7 @@
 """The layers read one way. Every module's imports are parsed (ast) and checked against the order
 
   {config, files} -> parallel -> data -> transformer -> tokenizer -> convert -> {diffusion, train, evaluation}
-  -> modes -> {main, bench} -> scaling   (tools/: command-line programs, imported by nothing in the library)
+  -> study -> modes -> {main, bench} -> scaling   (tools/: command-line programs, imported by nothing in the library)
 
 A module imports only from its own package and from layers below it (the three packages of one layer
 do not import each other); imports sit at the top of a module, except those of heavy optional libraries
@@ -21,7 +21,8 @@ PACKAGE = os.path.join(REPO, 'srdd_jax')
 
 LAYERS = {
     'config': 0, 'files': 0, 'parallel': 1, 'data': 2, 'transformer': 3, 'tokenizer': 4, 'convert': 5,
-    'diffusion': 6, 'train': 6, 'evaluation': 6, 'modes': 7, 'main': 8, 'bench': 8, 'scaling': 9, 'tools': 9,
+    'diffusion': 6, 'train': 6, 'evaluation': 6, 'study': 6.5, 'modes': 7, 'main': 8, 'bench': 8, 'scaling': 9,
+    'tools': 9,
 }
 # Deferred because importing them costs seconds or they are needed by one path only: TensorFlow and
 # TFDS, torch (reading .pth files), PIL and matplotlib (images), scikit-learn (the digits data set),
@@ -302,10 +303,10 @@ def test_the_cycle_checker_finds_a_circle_of_imports(sources, circle):
 
 
 # Modules that compose whole runs from the runners, stage after stage: main's table of modes, --mode=all
-# (the stages of one model), --mode=ablation (those stages for every variant, and --mode=distill) and
+# (the stages of one model), --mode=study (hands the stages to srdd_jax/study for every arm) and
 # scaling studies (the shared stages, then the training of every point), and --dry_run's table of the
 # modes' checks.
-COMPOSERS = ('srdd_jax.main', 'srdd_jax.modes.all', 'srdd_jax.modes.ablation', 'srdd_jax.modes.scaling',
+COMPOSERS = ('srdd_jax.main', 'srdd_jax.modes.all', 'srdd_jax.modes.study', 'srdd_jax.modes.scaling',
              'srdd_jax.scaling', 'srdd_jax.modes.checks')
 
 

@@ -1,4 +1,4 @@
-"""benchmarks/guidance_sweep.py: its command line (the sweep itself runs the ablation's tested scoring)."""
+"""benchmarks/guidance_sweep.py: its command line (the sweep itself runs the study's tested scoring)."""
 import pytest
 
 from benchmarks import guidance_sweep

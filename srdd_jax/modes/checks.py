@@ -11,7 +11,7 @@ import types
 from srdd_jax.convert.params_io import model_meta
 from srdd_jax.data import pipeline
 from srdd_jax.diffusion.generate import sampler_config_for
-from srdd_jax.modes import edit, sample, tokenize
+from srdd_jax.modes import edit, sample, study, tokenize
 from srdd_jax.modes import eval as evaluation
 from srdd_jax.parallel import mesh as pm
 from srdd_jax.tokenizer.api import tokenizer_config
@@ -85,11 +85,13 @@ CHECKS = {
     'eval': evaluation_,
     'edit': editing,
     'all': every_stage,
+    'study': study.check,
+    'ablation': study.check,
 }
 
 
 def validate(config, mode: str) -> None:
   """The checks of `mode` on a resolved config (`with_defaults`); ConfigError names the key."""
-  check = CHECKS.get(mode)  # reconstruct, distill and ablation check their few values as they start.
+  check = CHECKS.get(mode)  # reconstruct and distill check their few values as they start.
   if check is not None:
     check(config)

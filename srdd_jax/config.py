@@ -84,14 +84,14 @@ DEFAULTS: dict = {
         eval_path='',  # folder: the held-out folder ('' = the training folder, with a warning).
         grid_examples=8,  # Held-out images in reconstructions.png.
         checkpoint_every=1000, keep_checkpoints=3,
-        prefetch=True),  # True: tf.data threads decode ahead; False: decode each batch in the loop.
+        prefetch=True),  # True: config.data.workers threads decode ahead; False: each batch in the loop.
     # The input pipeline; srdd_jax/data/pipeline.py documents each key.
     'data': dict(
         source='synthetic',  # synthetic | tfds | folder | fashion_mnist | digits.
         split=None,  # None = 'train' for training, else 'test'.
         resize_ratio=1.125, random_crop=None, flip=None,  # None = on for training.
         name=None, data_dir=None, download=False, image_key='image', label_key='label',
-        max_in_memory_mb=4096,  # tfds
+        workers=0,  # Threads that read and decode images; 0 = one per CPU core (at most 64).
         path=None, labels='subfolder',  # folder
         idx_dir='/usr/share/datasets/fashion-mnist',  # fashion_mnist: Debian's IDX files.
         num_examples=1024, num_classes=None,  # synthetic; None = 10 (training: config.model.num_classes)

@@ -6,6 +6,7 @@ import logging
 import os
 import time
 
+import jax
 import numpy as np
 import pytest
 from PIL import Image
@@ -124,15 +125,28 @@ def test_shorter_side_is_resized_with_lanczos_and_torchvision_rounding():
   assert out.shape == (16, 16, 3) and out.dtype == np.float32
 
 
+def test_pixels_become_minus_one_one_with_the_same_bits_on_host_and_devices():
+  """uint8 goes to the devices and is normalised there: ToTensor's x/255*2-1 to within one float32
+  ulp, and the same bits in numpy and in a jitted function (where XLA rewrites divisions)."""
+  x = np.arange(256, dtype=np.uint8).reshape(16, 16, 1).repeat(3, -1)
+  host = pp.to_model_range(x)
+  assert host.dtype == np.float32 and host.min() == -1 and host.max() == 1
+  np.testing.assert_allclose(host, x.astype(np.float64) / 127.5 - 1, rtol=0, atol=1.2e-7)  # One float32 ulp at 1.
+  np.testing.assert_array_equal(np.asarray(jax.jit(pp.to_model_range)(x)), host)
+  floats = np.linspace(-1, 1, 7, dtype=np.float32)  # Synthetic images are float already: unchanged.
+  np.testing.assert_array_equal(pp.to_model_range(floats), floats)
+
+
 def test_center_crop_of_a_known_image_and_flip():
   rng = np.random.default_rng(1)
   image = rng.integers(0, 256, (18, 24, 3), np.uint8)  # Shorter side already round(1.125 * 16) = 18.
-  out = pp.preprocess(image, 16)
+  out = pp.pixels(image, 16)
   # torchvision's CenterCrop: top = round((18 - 16) / 2) = 1, left = round((24 - 16) / 2) = 4.
-  np.testing.assert_array_equal(out, image[1:17, 4:20].astype(np.float32) / 127.5 - 1)
-  np.testing.assert_array_equal(pp.preprocess(image, 16, flip=True), out[:, ::-1])
-  corner = pp.preprocess(image, 16, crop_uv=(0.0, 0.999))
-  np.testing.assert_array_equal(corner, image[0:16, 8:24].astype(np.float32) / 127.5 - 1)
+  np.testing.assert_array_equal(out, image[1:17, 4:20])
+  np.testing.assert_array_equal(pp.pixels(image, 16, flip=True), out[:, ::-1])
+  np.testing.assert_array_equal(pp.preprocess(image, 16, flip=True), pp.to_model_range(out[:, ::-1]))
+  corner = pp.pixels(image, 16, crop_uv=(0.0, 0.999))
+  np.testing.assert_array_equal(corner, image[0:16, 8:24])
   assert pp.crop_offsets(18, 24, 16, (0.5, 0.5)) == (1, 4)
 
 
@@ -142,7 +156,7 @@ def test_grayscale_and_rgba_become_rgb_in_minus_one_one():
     out = pp.preprocess(image, 8, resize_ratio=1.0)
     assert out.shape == (8, 8, 3)
     for c in range(3):
-      np.testing.assert_array_equal(out[..., c], grey.astype(np.float32) / 127.5 - 1)
+      np.testing.assert_array_equal(out[..., c], pp.to_model_range(grey))
   rgba = np.dstack([np.full((8, 8, 3), 255, np.uint8), np.zeros((8, 8), np.uint8)])
   np.testing.assert_array_equal(pp.preprocess(rgba, 8, 1.0), np.ones((8, 8, 3), np.float32))
   out = pp.preprocess(np.array([[0, 255], [255, 0]], np.uint8), 8)  # PIL clips Lanczos's overshoot.
@@ -171,7 +185,7 @@ def test_folder_with_class_subfolders(tmp_path):
   order = np.random.default_rng([0, 0]).permutation(4)
   np.testing.assert_array_equal(labels, np.array([0, 0, 1, 1])[order])
   png = images[list(order).index(2)]  # a.png: lossless, uniformly 10.
-  np.testing.assert_array_equal(png, np.full((8, 8, 3), 10 / 127.5 - 1, np.float32))
+  np.testing.assert_array_equal(png, pp.to_model_range(np.full((8, 8, 3), 10, np.uint8)))
   assert images.shape == (4, 8, 8, 3) and images.min() >= -1 and images.max() <= 1
 
 
@@ -205,9 +219,9 @@ def test_corrupt_files_are_skipped_counted_and_logged(tmp_path, caplog):
     while names[perm[k % 8]].startswith('bad'):
       k += 1
     value = 10 * (int(names[perm[k % 8]][2]) + 1)
-    np.testing.assert_array_equal(images[pos], np.full((8, 8, 3), value / 127.5 - 1, np.float32))
+    np.testing.assert_array_equal(images[pos], pp.to_model_range(np.full((8, 8, 3), value, np.uint8)))
   fresh = build_source(config, 8, train=False)
-  np.testing.assert_array_equal(next(fresh.iterator(4, 0, 8))[0], images)  # Same batch on tf.data threads.
+  np.testing.assert_array_equal(next(fresh.iterator(4, 0, 8))[0], images)  # Same batch on the reading threads.
   assert fresh.skipped == 2
   spans = (slice(1, 3), slice(5, 7))  # A pod host's scattered rows, on tf.data threads too.
   np.testing.assert_array_equal(next(fresh.iterator(4, 0, 8, spans))[0], images[[1, 2, 5, 6]])
@@ -309,16 +323,30 @@ def tiny_tfds(tmp_path_factory):
   return dirs
 
 
-def test_tfds_random_access_and_tfrecord_in_memory_agree(tiny_tfds):
+def test_tfds_array_record_and_tfrecord_read_by_offset_agree(tiny_tfds):
   got = {}
   for fmt, data_dir in tiny_tfds.items():
     s = build_source({'source': 'tfds', 'name': 'tiny_images', 'data_dir': data_dir, 'split': 'train',
-                      'resize_ratio': 1.25}, 8)
+                      'resize_ratio': 1.25, 'workers': 3}, 8)
     assert (s.num_examples, s.num_classes) == (7, 3)
-    assert ('random access' in s.description) == (fmt == 'array_record')
+    assert ('random access' if fmt == 'array_record' else 'read by offset') in s.description, s.description
     got[fmt] = s.batch(0, 0, 7)
+    # Read on 3 threads at once (a reader or file handle per thread): the same batches.
+    for k, (images, labels) in zip(range(3), s.iterator(0, 0, 7)):
+      want = s.batch(0, k, 7)
+      np.testing.assert_array_equal(images, want[0])
+      np.testing.assert_array_equal(labels, want[1])
   np.testing.assert_array_equal(got['array_record'][0], got['tfrecord'][0])
   np.testing.assert_array_equal(got['array_record'][1], got['tfrecord'][1])
+  # A tfrecord split is never held in memory: per example, only where its record is (20 bytes).
+  tfrecord = {'source': 'tfds', 'name': 'tiny_images', 'data_dir': tiny_tfds['tfrecord']}
+  s = build_source({**tfrecord, 'split': 'train[2:]'}, 8)
+  held = [v for v in vars(s).values() if isinstance(v, (bytes, list, tuple, np.ndarray))]
+  assert s.num_examples == 5 and sum(v.nbytes for v in held if isinstance(v, np.ndarray)) == 20 * 5
+  assert not [v for v in held if not isinstance(v, np.ndarray) and len(v) > 1]  # Only the file path.
+  full = build_source({**tfrecord, 'split': 'train'}, 8)
+  np.testing.assert_array_equal(s.load(0)[1], full.load(2)[1])
+  np.testing.assert_array_equal(np.asarray(s.load(4)[0]), np.asarray(full.load(6)[0]))
   images, labels = got['array_record']
   values = np.round((images[:, 0, 0, 0] + 1) * 127.5).astype(int)
   assert sorted(values) == [20 * i for i in range(7)]  # TFDS may store examples in any order...
@@ -338,7 +366,6 @@ def test_tfds_errors_fail_fast(tiny_tfds, tmp_path):
   with pytest.raises(DataError, match="config.data.split='validation'.*splits: \\['test', 'train'\\]"):
     build_source({'source': 'tfds', 'name': 'tiny_images', 'data_dir': tiny_tfds['array_record'],
                   'split': 'validation'}, 8)
-  with pytest.raises(DataError, match='config.data.max_in_memory_mb'):
-    build_source({'source': 'tfds', 'name': 'tiny_images', 'data_dir': tiny_tfds['tfrecord'],
-                  'max_in_memory_mb': 1e-6}, 8)
+  with pytest.raises(DataError, match='config.data.workers=-1'):
+    build_source({'source': 'tfds', 'name': 'tiny_images', 'data_dir': tiny_tfds['tfrecord'], 'workers': -1}, 8)
   assert time.time() - t < 10

@@ -31,7 +31,7 @@ from tests.conftest import smoke_config
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 20
 # Measured per step and so not bit-comparable between runs.
-TIMINGS = ('steps_per_s', 'eta_s', 'tokens_per_s', 'mfu')
+TIMINGS = ('steps_per_s', 'eta_s', 'tokens_per_s', 'mfu', 'host_wait_s')
 
 
 def _records(workdir):

@@ -27,7 +27,7 @@ from srdd_jax.train import tokenizer_step as tr
 from srdd_jax.tokenizer.vqvae import VQVAE, VQVAEConfig
 
 STEPS, GAN_START, RESTART_EVERY = 8, 4, 4
-_TIMING = ('steps_per_s', 'eta_s', 'eval_seconds')
+_TIMING = ('steps_per_s', 'eta_s', 'eval_seconds', 'host_wait_s')
 
 
 def _config(**train):

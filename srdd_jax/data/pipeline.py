@@ -4,6 +4,7 @@
     rows = rows_for_process(global_batch, jax.process_index(), jax.process_count())
     for images, labels in source.iterator(config.seed, start_step, global_batch, rows):
       ...  # images float32 (n, S, S, 3) in [-1, 1], labels int32 (n,): this process's rows of the step
+    # raw=True: images as decoded (uint8), normalised on the devices by preprocess.to_model_range.
 
 The batch of step s is a pure function of (seed, s) (see source.py): a resumed run sees the batches it
 would have seen, and processes taking disjoint rows see together exactly the batch of one process.
@@ -24,8 +25,8 @@ config.data keys (every default is in srdd_jax/config.py; None means "depends on
                  prepares it (as array_record), which needs a network.
   image_key      tfds: the image feature, 'image'.
   label_key      tfds: the class-label feature, 'label'; a dataset without it has labels 0 and 1 class.
-  max_in_memory_mb  tfds: a split stored as tfrecord (no random access) is read into memory up to this
-                 size, 4096; larger ones fail with the command that converts them to array_record.
+  workers        threads that read and decode examples (each batch split over all of them), 0: one per
+                 CPU core the process may use (at most 64).
   path           folder: the root folder.
   labels         folder: 'subfolder' (one class per top-level sub-folder, ids in sorted name order) or
                  'none' (flat and unlabelled: every label 0, 1 class). Files are found recursively.
@@ -78,12 +79,16 @@ class SyntheticSource(ImageSource):
   def decode(self, index: int, seed: int, step: int, position: int):
     return self.load(index)
 
-  def iterator(self, seed: int, start_step: int, global_batch: int, rows=None):
-    # Images computed from their index need no decoding threads: skipping tf.data keeps smoke runs and
-    # their subprocesses free of TensorFlow's start-up.
+  def batch(self, seed: int, step: int, global_batch: int, rows=None, raw: bool = False):
+    # Synthetic images are float32 in [-1, 1] already: raw or not, they are what the devices get.
+    del raw
+    return super().batch(seed, step, global_batch, rows)
+
+  def iterator(self, seed: int, start_step: int, global_batch: int, rows=None, raw: bool = False):
+    # Images computed from their index need no decoding threads.
     step = start_step
     while True:
-      yield self.batch(seed, step, global_batch, rows)
+      yield self.batch(seed, step, global_batch, rows, raw)
       step += 1
 
 
@@ -98,6 +103,8 @@ def _options(data_config, train: bool) -> dict:
   o['flip'] = train if o['flip'] is None else bool(o['flip'])
   if o['source'] not in SOURCES:
     raise DataError(f'config.data.source={o["source"]!r} must be one of {SOURCES}')
+  if not (isinstance(o['workers'], int) and o['workers'] >= 0):
+    raise DataError(f'config.data.workers={o["workers"]!r} must be an integer >= 0 (0: one thread per core)')
   if not float(o['resize_ratio']) >= 1.0:
     raise DataError(f'config.data.resize_ratio={o["resize_ratio"]} must be >= 1 (the crop is taken from '
                     'the resized image)')
@@ -131,8 +138,7 @@ def _fashion_mnist(o: dict, preprocessing: dict) -> ImageSource:
       not _network_reachable(_FASHION_MNIST_HOST):
     raise DataError(f'config.data.download=True but {_FASHION_MNIST_HOST[0]} cannot be reached to download '
                     f'TFDS fashion_mnist into config.data.data_dir={o["data_dir"]!r}{hint}')
-  return tfds_source.build_tfds('fashion_mnist', o['split'], o['data_dir'], download, hint=hint,
-                                max_in_memory_mb=float(o['max_in_memory_mb']), **preprocessing)
+  return tfds_source.build_tfds('fashion_mnist', o['split'], o['data_dir'], download, hint=hint, **preprocessing)
 
 
 def build_source(data_config, image_size: int, *, train: bool = True) -> ImageSource:
@@ -152,7 +158,7 @@ def _build(data_config, image_size: int, train: bool) -> ImageSource:
   if src == 'synthetic':
     return SyntheticSource(int(o['num_examples']), int(o['num_classes']), image_size)
   preprocessing = {'image_size': image_size, 'resize_ratio': float(o['resize_ratio']),
-                   'random_crop': o['random_crop'], 'flip': o['flip']}
+                   'random_crop': o['random_crop'], 'flip': o['flip'], 'workers': int(o['workers'])}
   if src == 'folder':
     return FolderSource(o['path'], o['labels'], **preprocessing)
   if src == 'digits':
@@ -163,8 +169,7 @@ def _build(data_config, image_size: int, train: bool) -> ImageSource:
   if src == 'fashion_mnist':
     return _fashion_mnist(o, preprocessing)
   return tfds_source.build_tfds(o['name'], o['split'], o['data_dir'], bool(o['download']),
-                                image_key=o['image_key'], label_key=o['label_key'],
-                                max_in_memory_mb=float(o['max_in_memory_mb']), **preprocessing)
+                                image_key=o['image_key'], label_key=o['label_key'], **preprocessing)
 
 
 def rows_for_process(global_batch: int, process_index: int, process_count: int) -> slice:

@@ -59,14 +59,30 @@ def crop_offsets(height: int, width: int, size: int, uv: tuple[float, float] | N
   return top, left
 
 
+def pixels(image: Image.Image | np.ndarray, image_size: int, resize_ratio: float = 1.125,
+           crop_uv: tuple[float, float] | None = None, flip: bool = False) -> np.ndarray:
+  """(image_size, image_size, 3) uint8, the pixels `preprocess` maps to [-1, 1]: what is sent to the
+  devices (a quarter of float32's bytes), normalised there by `to_model_range`."""
+  image = resize_shorter(to_rgb(image), round(resize_ratio * image_size))
+  top, left = crop_offsets(image.height, image.width, image_size, crop_uv)
+  # Flipping after the crop is the same law as VAR's flip-then-random-crop (a random crop of a mirror is
+  # the mirror of a random crop).
+  out = np.asarray(image.crop((left, top, left + image_size, top + image_size)), np.uint8)
+  return np.ascontiguousarray(out[:, ::-1] if flip else out)
+
+
+def to_model_range(x):
+  """uint8 pixels -> float32 in [-1, 1] (ToTensor, then x*2-1), on the host (numpy) or on the devices
+  (a jax array, inside a jitted step); float input is taken as already there (synthetic images). The
+  same float32 operations either way, so both give the same bits."""
+  if x.dtype == np.uint8:
+    # One rounding, the same on any backend: the difference is exact (half-integers), and a product
+    # (XLA turns a division by a constant into one; x * c - 1 it may fuse into one FMA).
+    return (x.astype(np.float32) - np.float32(127.5)) * np.float32(1 / 127.5)
+  return x.astype(np.float32)
+
+
 def preprocess(image: Image.Image | np.ndarray, image_size: int, resize_ratio: float = 1.125,
                crop_uv: tuple[float, float] | None = None, flip: bool = False) -> np.ndarray:
   """(image_size, image_size, 3) float32 in [-1, 1]; crop_uv None means a centre crop."""
-  image = resize_shorter(to_rgb(image), round(resize_ratio * image_size))
-  top, left = crop_offsets(image.height, image.width, image_size, crop_uv)
-  # Crop before converting so only the kept pixels become floats; flipping after the crop is the same
-  # law as VAR's flip-then-random-crop (a random crop of a mirror is the mirror of a random crop).
-  pixels = np.asarray(image.crop((left, top, left + image_size, top + image_size)), np.float32)
-  if flip:
-    pixels = pixels[:, ::-1]
-  return np.ascontiguousarray(pixels / 127.5 - 1.0, np.float32)
+  return to_model_range(pixels(image, image_size, resize_ratio, crop_uv, flip))

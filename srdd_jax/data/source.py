@@ -14,6 +14,9 @@ of files; the set of known-bad examples is only a cache and the order it is disc
 """
 from __future__ import annotations
 
+import collections
+import concurrent.futures
+import os
 import threading
 from collections.abc import Iterator
 
@@ -69,12 +72,15 @@ class ImageSource:
   """
 
   def __init__(self, *, num_examples: int, num_classes: int, image_size: int, description: str,
-               resize_ratio: float = 1.125, random_crop: bool = False, flip: bool = False):
+               resize_ratio: float = 1.125, random_crop: bool = False, flip: bool = False, workers: int = 0):
     if num_examples < 1:
       raise DataError(f'{description}: the dataset is empty')
     self.num_examples, self.num_classes, self.image_size = int(num_examples), int(num_classes), int(image_size)
     self.description = description
     self.resize_ratio, self.random_crop, self.flip = float(resize_ratio), bool(random_crop), bool(flip)
+    if int(workers) < 0:
+      raise DataError(f'config.data.workers={workers} must be >= 0 (0: one thread per core)')
+    self.workers = int(workers)
     self._lock = threading.Lock()
     self._perms: dict[tuple[int, int], np.ndarray] = {}
     self._bad: set[int] = set()
@@ -115,17 +121,17 @@ class ImageSource:
 
   # --- one example ---
   def decode(self, index: int, seed: int, step: int, position: int):
-    """The preprocessed image of example `index` with the crop and flip of (seed, step, position)."""
+    """The preprocessed pixels (uint8) of example `index` with the crop and flip of (seed, step, position)."""
     image, label = self.load(index)
     uv, flip = None, False
     if self.random_crop or self.flip:
       r = augmentation_draws(seed, step, position)
       uv = (float(r[0]), float(r[1])) if self.random_crop else None
       flip = self.flip and r[2] < 0.5
-    return pp.preprocess(image, self.image_size, self.resize_ratio, uv, flip), label
+    return pp.pixels(image, self.image_size, self.resize_ratio, uv, flip), label
 
   def example(self, seed: int, step: int, position: int, global_batch: int):
-    """(image, label) at `position` of the global batch of `step`, unreadable examples replaced."""
+    """(pixels, label) at `position` of the global batch of `step`, unreadable examples replaced."""
     if seed < 0 or step < 0:
       raise DataError(f'seed and step must be >= 0, got seed={seed}, step={step}')
     epoch, k = divmod(step * global_batch + position, self.num_examples)
@@ -143,36 +149,49 @@ class ImageSource:
     raise DataError(f'{self.description}: none of the {self.num_examples} examples is readable')
 
   # --- batches ---
-  def batch(self, seed: int, step: int, global_batch: int, rows=None):
+  def batch(self, seed: int, step: int, global_batch: int, rows=None, raw: bool = False):
     """The rows `rows` (None: all; a slice; or a process's spans, see `row_positions`) of the global batch
-    of `step`: images float32 (n, S, S, 3) in [-1, 1] and labels int32 (n,)."""
-    pairs = [self.example(seed, step, int(p), global_batch) for p in row_positions(global_batch, rows)]
+    of `step`: images (n, S, S, 3) float32 in [-1, 1] (raw: as decoded, uint8, for `pp.to_model_range` on
+    the devices) and labels int32 (n,)."""
+    images, labels = self._rows(seed, step, row_positions(global_batch, rows), global_batch)
+    return (images if raw else pp.to_model_range(images)), labels
+
+  def _rows(self, seed: int, step: int, positions, global_batch: int):
+    pairs = [self.example(seed, step, int(p), global_batch) for p in positions]
     return np.stack([p[0] for p in pairs]), np.array([p[1] for p in pairs], np.int32)
 
-  def iterator(self, seed: int, start_step: int, global_batch: int,
-               rows=None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """batch(seed, s, global_batch, rows) for s = start_step, start_step+1, ..., decoded by tf.data on
-    parallel threads (PIL releases the GIL while decoding and resizing) and prefetched."""
+  def iterator(self, seed: int, start_step: int, global_batch: int, rows=None,
+               raw: bool = False) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """batch(seed, s, global_batch, rows, raw) for s = start_step, start_step+1, ..., read and decoded
+    by `workers` threads (PIL and the readers release the GIL while decoding and resizing, so the reads
+    run in parallel), each batch split over all of them, `PREFETCH` batches ahead."""
     positions = row_positions(global_batch, rows)
-    n, size = len(positions), self.image_size
-    # Deferred: TensorFlow takes seconds to import and only this path needs it.
-    import tensorflow as tf  # pylint: disable=import-outside-toplevel
-    try:  # Keep TensorFlow off accelerators that JAX owns.
-      tf.config.set_visible_devices([], 'GPU')
-    except (RuntimeError, ValueError):
-      pass
+    workers = self.workers or default_workers()
+    chunk = -(-len(positions) // workers)
+    pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix='srdd-data')
+    submit = lambda step: [pool.submit(self._rows, seed, step, positions[i:i + chunk], global_batch)
+                           for i in range(0, len(positions), chunk)]
+    queue = collections.deque(submit(start_step + k) for k in range(PREFETCH))
+    step = start_step + PREFETCH
+    try:
+      while True:
+        parts = [f.result() for f in queue.popleft()]
+        queue.append(submit(step))
+        step += 1
+        images = np.concatenate([p[0] for p in parts])
+        yield (images if raw else pp.to_model_range(images)), np.concatenate([p[1] for p in parts])
+    finally:
+      pool.shutdown(wait=False, cancel_futures=True)
 
-    def one(j):
-      step, p = divmod(int(j), n)
-      return self.example(seed, start_step + step, int(positions[p]), global_batch)
 
-    def load(j):
-      image, label = tf.numpy_function(one, [j], (tf.float32, tf.int32))
-      image.set_shape((size, size, 3))
-      label.set_shape(())
-      return image, label
+# Batches an image source's iterator decodes ahead of the one it hands out.
+PREFETCH = 2
 
-    ds = tf.data.Dataset.range(np.iinfo(np.int64).max)
-    ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    ds = ds.batch(n, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
-    yield from ds.as_numpy_iterator()
+
+def default_workers() -> int:
+  """config.data.workers=0: a thread per CPU core this process may use, at most 64."""
+  try:
+    cores = len(os.sched_getaffinity(0))
+  except AttributeError:  # Not on Linux.
+    cores = os.cpu_count() or 1
+  return max(1, min(64, cores))

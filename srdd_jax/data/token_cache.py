@@ -16,6 +16,7 @@ resumed run sees exactly the batches it would have seen.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import hashlib
 import json
 import math
@@ -27,7 +28,7 @@ import numpy as np
 from absl import logging
 
 from srdd_jax import files
-from srdd_jax.data.source import DataError, Unreadable, augmentation_draws, row_positions
+from srdd_jax.data.source import DataError, default_workers, Unreadable, augmentation_draws, row_positions
 
 MANIFEST = 'manifest.json'
 FORMAT = 2  # 2: every shard records its writer. 1 (no record) is still read, unverified.
@@ -52,7 +53,8 @@ def write(directory: str, source, encode, *, tokenizer_hash: str, tokenizer_chec
           vocab_size: int, flips: bool, batch_size: int, shard_size: int, process_index: int = 0,
           process_count: int = 1, sync=lambda name: None, max_examples: int = 0) -> dict:
   """Tokenizes every example of `source` (in index order, preprocessed without randomness), or its first
-  `max_examples` (> 0), into `directory`. `encode(images (n, S, S, 3) in [-1, 1]) -> ids (n, L)`.
+  `max_examples` (> 0), into `directory`. `encode(pixels (n, S, S, 3) uint8, or float32 in [-1, 1] for
+  synthetic images) -> ids (n, L)`.
   Process p writes the shards i with i % process_count == p; process 0 writes the manifest once all
   shards exist."""
   manifest_path = files.join(directory, MANIFEST)
@@ -69,6 +71,8 @@ def write(directory: str, source, encode, *, tokenizer_hash: str, tokenizer_chec
   done = todo = 0
   t0, last = time.time(), time.time()
   mine = [i for i in range(num_shards) if i % process_count == process_index]
+  pool = concurrent.futures.ThreadPoolExecutor(getattr(source, 'workers', 0) or default_workers(),
+                                               thread_name_prefix='srdd-tokenize')
   for i in mine:
     path = _shard_path(directory, i)
     lo, hi = i * shard_size, min(n, (i + 1) * shard_size)
@@ -81,7 +85,7 @@ def write(directory: str, source, encode, *, tokenizer_hash: str, tokenizer_chec
     ids, labels, index = [], [], []
     for b in range(lo, hi, batch_size):
       idx = list(range(b, min(hi, b + batch_size)))
-      images, labs = _load(source, idx)
+      images, labs = _load(source, idx, pool)
       views = [images] + ([images[:, :, ::-1]] if flips else [])
       pad = batch_size - len(idx)  # The last batch is padded to the compiled size, then trimmed.
       enc = [np.asarray(encode(np.concatenate([v, np.repeat(v[-1:], pad, 0)]) if pad else v))[:len(idx)]
@@ -98,6 +102,7 @@ def write(directory: str, source, encode, *, tokenizer_hash: str, tokenizer_chec
         last = time.time()
     files.save_npz(path, ids=np.concatenate(ids), labels=np.concatenate(labels).astype(np.int32),
                    index=np.concatenate(index), writer=np.array(json.dumps(writer)))
+  pool.shutdown()
   seconds = time.time() - t0
   sync('token-cache-shards')
   manifest = {
@@ -140,21 +145,20 @@ def _check_writer(path: str, expected: dict) -> None:
                   'delete that directory\'s shards')
 
 
-def _load(source, indices):
-  """Examples by index, without augmentation (the source decides nothing random with train=False).
-  An unreadable example is replaced by the next readable one, as the image sources do."""
-  pairs = []
-  for i in indices:
+def _load(source, indices, pool=None):
+  """Examples by index as decoded (uint8 pixels), without augmentation (the source decides nothing random
+  with train=False), read by `pool`'s threads when given. An unreadable example is replaced by the next
+  readable one, as the image sources do."""
+  def one(i):
     for t in range(source.num_examples):
       j = (i + t) % source.num_examples
       try:
-        image, label = source.decode(j, 0, 0, 0)
-        break
+        return source.decode(j, 0, 0, 0)
       except Unreadable as e:
         source.mark_bad(j, str(e))
-    else:
-      raise DataError(f'{source.description}: no readable example')
-    pairs.append((image, label))
+    raise DataError(f'{source.description}: no readable example')
+
+  pairs = list(pool.map(one, indices) if pool is not None else map(one, indices))
   return np.stack([p[0] for p in pairs]), np.array([p[1] for p in pairs], np.int32)
 
 

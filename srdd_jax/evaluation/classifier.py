@@ -58,7 +58,7 @@ PARAMS_FILE, INFO_FILE = 'params.msgpack', 'classifier.json'
 
 # Keys that say where a dataset lives or how it is read, not which images it holds: moving the files
 # must not invalidate the cache. split/random_crop/flip are set by the classifier's own recipe.
-_LOCATION_KEYS = ('data_dir', 'idx_dir', 'download', 'max_in_memory_mb')
+_LOCATION_KEYS = ('data_dir', 'idx_dir', 'download', 'workers')
 _RECIPE_KEYS = ('split', 'random_crop', 'flip')
 # Sources whose config has no split: the classifier holds out a fixed share of the examples instead.
 _SPLITLESS = ('folder', 'synthetic')

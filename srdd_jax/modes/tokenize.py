@@ -14,6 +14,7 @@ from srdd_jax import files
 from srdd_jax.config import ConfigError, with_defaults
 from srdd_jax.convert.loading import tokenizer_for_model
 from srdd_jax.data import pipeline, token_cache
+from srdd_jax.data import preprocess as pp
 from srdd_jax.parallel import mesh as pm
 from srdd_jax.parallel import multihost
 from srdd_jax.tokenizer.api import Tokenizer
@@ -53,10 +54,11 @@ def run(config, workdir: str) -> dict:
   sharding = NamedSharding(mesh, PartitionSpec(('data', 'fsdp')))
   local_params = jax.device_put(vae_params, pm.replicated(mesh))
   tokenizer = Tokenizer(vq)
-  encode_jit = jax.jit(lambda p, x: jnp.concatenate(tokenizer.img_to_idx(p, x), axis=1))
+  # Pixels go to the devices as decoded (uint8) and are normalised there.
+  encode_jit = jax.jit(lambda p, x: jnp.concatenate(tokenizer.img_to_idx(p, pp.to_model_range(x)), axis=1))
 
   def encode(images):
-    return encode_jit(local_params, jax.device_put(np.asarray(images, np.float32), sharding))
+    return encode_jit(local_params, jax.device_put(np.asarray(images), sharding))
 
   tokenizer_hash = token_cache.params_hash(vae_params)
   logging.info('tokenizing %s with tokenizer %s (hash %s) into %s', source.description,

@@ -8,6 +8,7 @@ them).
 """
 from __future__ import annotations
 
+import collections
 import os
 
 import jax
@@ -122,6 +123,23 @@ def global_batch(sharding, local: dict, global_size: int) -> dict:
     v = np.asarray(v)
     out[k] = jax.make_array_from_process_local_data(sharding, v, (global_size,) + v.shape[1:])
   return out
+
+
+def prefetch_to_devices(batches, place, size: int = 2):
+  """Yields place(b) for each host batch b of `batches`, `size` batches ahead: the copies to the devices
+  (asynchronous) of the next batches run while the devices compute the current step, as flax's
+  prefetch_to_device does. size 0: placed when asked for."""
+  queue = collections.deque()
+  batches = iter(batches)
+  while True:
+    while len(queue) < max(size, 1):
+      try:
+        queue.append(place(next(batches)))
+      except StopIteration:
+        break
+    if not queue:
+      return
+    yield queue.popleft()
 
 
 def sync(name: str) -> None:

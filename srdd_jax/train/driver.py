@@ -218,40 +218,61 @@ def run(task: Task, *, stop_after_steps: int | None = None, return_state: bool =
   handled = (signal.SIGINT,) if coordinated else (signal.SIGTERM, signal.SIGINT)
   previous = {s: signal.signal(s, on_signal) for s in handled}
   last, step, t_log, n_log, export = None, start, time.time(), 0, None
+  # The host reads a step's metrics one step late: step s+1 is dispatched (its batch fetched and sent)
+  # before the host waits for step s, so the devices always have the next step queued (maxtext's
+  # pattern). Where the host must act on step s itself (a log line, an evaluation, a checkpoint, a stop)
+  # it waits for s before acting, so no checkpoint is saved without its metrics checked for NaN.
+  pending, waited = None, 0.0
+
+  def read(pending):
+    nonlocal waited
+    at, device_metrics = pending
+    t = time.perf_counter()
+    metrics = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
+    waited += time.perf_counter() - t
+    if not (math.isfinite(metrics['loss']) and math.isfinite(metrics['grad_norm'])):
+      raise NonFiniteLoss(f'non-finite loss or gradient at step {at} (loss {metrics["loss"]}, grad '
+                          f'norm {metrics["grad_norm"]}); the last checkpoint in {ckpt.directory} is kept')
+    return metrics
+
   if agreed:
     stop['signal'] = stop['signal'] or 'SIGTERM'
     logging.info('stopping at step %d, before training (SIGTERM to one of the processes); the checkpoint of '
                  'step %d is there', step, step)
   try:
     while step < total and not agreed:
-      state, metrics = task.step(state)
-      metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+      state, device_metrics = task.step(state)
       step += 1
       n_log += 1
-      if not (math.isfinite(metrics['loss']) and math.isfinite(metrics['grad_norm'])):
-        raise NonFiniteLoss(f'non-finite loss or gradient at step {step} (loss {metrics["loss"]}, grad '
-                            f'norm {metrics["grad_norm"]}); the last checkpoint in {ckpt.directory} is kept')
-      last = metrics
-      if step % task.log_every == 0 or step == total:
-        dt = max(time.time() - t_log, 1e-9)
-        rate = n_log / dt
-        eta = (total - step) / max(rate, 1e-9)
-        write({'step': step, **metrics, 'steps_per_s': rate, 'eta_s': eta, **task.record(metrics, n_log, dt),
-               'examples_seen': step * task.global_batch, 'skipped_examples': task.skipped_examples})
-        if main_process:
-          logging.info('%s step %d/%d %s %.2f steps/s ETA %s', task.name, step, total, task.progress(metrics),
-                       rate, _duration(eta))
-        t_log, n_log = time.time(), 0
-      if task.eval_every > 0 and (step % task.eval_every == 0 or step == total):
-        evaluate(step)
-        t_log = time.time()  # Evaluation time is not training time.
       if coordinated:
         agreed = preemption.reached(step)
         if agreed and not stop['signal']:
           stop['signal'] = 'SIGTERM'  # Sent to another process; only SIGTERM reaches JAX's notifier.
+      logged = step % task.log_every == 0 or step == total
+      evaluated = task.eval_every > 0 and (step % task.eval_every == 0 or step == total)
+      stopping = bool(agreed or (stop['signal'] and not coordinated) or
+                      (stop_after_steps is not None and step - start >= stop_after_steps))
+      if pending is not None:
+        last = read(pending)
+      pending = (step, device_metrics)
+      if logged or evaluated or stopping or step == total or ckpt.manager.should_save(step):
+        last, pending = read(pending), None
+      if logged:
+        dt = max(time.time() - t_log, 1e-9)
+        rate = n_log / dt
+        eta = (total - step) / max(rate, 1e-9)
+        write({'step': step, **last, 'steps_per_s': rate, 'eta_s': eta, 'host_wait_s': waited / n_log,
+               **task.record(last, n_log, dt), 'examples_seen': step * task.global_batch,
+               'skipped_examples': task.skipped_examples})
+        if main_process:
+          logging.info('%s step %d/%d %s %.2f steps/s ETA %s', task.name, step, total, task.progress(last),
+                       rate, _duration(eta))
+        t_log, n_log, waited = time.time(), 0, 0.0
+      if evaluated:
+        evaluate(step)
+        t_log = time.time()  # Evaluation time is not training time.
       ckpt.save(step, state, {'step': step})
-      if (agreed or (stop['signal'] and not coordinated) or
-          (stop_after_steps is not None and step - start >= stop_after_steps)):
+      if stopping:
         ckpt.save(step, state, {'step': step}, force=True)
         logging.info('stopping at step %d (%s); checkpoint saved', step, stop['signal'] or 'requested')
         break

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from srdd_jax.config import ConfigError
+from srdd_jax.data import preprocess as pp
 from srdd_jax.parallel import mesh as pm
 from srdd_jax.tokenizer.api import Tokenizer
 from srdd_jax.tokenizer.vqvae import VQVAEConfig
@@ -130,7 +131,7 @@ class Trainer(ShardedTrainer):
     """The batch's token ids (B, L): given, or encoded on the fly by the frozen tokenizer (float32)."""
     if 'ids' in batch:
       return batch['ids']
-    scales = self.tokenizer.img_to_idx(self.tokenizer_params(frozen), batch['images'].astype(jnp.float32))
+    scales = self.tokenizer.img_to_idx(self.tokenizer_params(frozen), pp.to_model_range(batch['images']))
     return jax.lax.stop_gradient(jnp.concatenate(scales, axis=1))
 
   def _step(self, state: TrainState, frozen, batch, stage=None, key=None):
@@ -182,9 +183,9 @@ class Trainer(ShardedTrainer):
   def make_step(self, stage=None):
     """The jitted step (state, placed, batch) -> (state, metrics) with the state donated; `placed`
     (`place_frozen` of the tokenizer weights: the frozen weights and the seed's key) replicated. The batch
-    holds 'labels' and either token 'ids' (B, L) or 'images' (B, H, W, 3) in [-1, 1], all split over the
-    batch axes. Under progressive training each stage is its own program (its sequence length differs):
-    `stage` of the steps it runs."""
+    holds 'labels' and either token 'ids' (B, L) or 'images' (B, H, W, 3) (uint8 pixels, or float32 in
+    [-1, 1]), all split over the batch axes. Under progressive training each stage is its own program
+    (its sequence length differs): `stage` of the steps it runs."""
     step = lambda state, placed, batch: self._step(state, placed['frozen'], batch, stage, key=placed['key'])
     return self.jit_step(step, pm.replicated(self.mesh))
 

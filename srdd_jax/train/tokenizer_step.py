@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from srdd_jax.data import preprocess as pp
 from srdd_jax.parallel import mesh as pm
 from srdd_jax.tokenizer.api import Tokenizer
 from srdd_jax.tokenizer.vqvae import VQVAE, VQVAEConfig
@@ -165,7 +166,7 @@ class TokenizerTrainer(ShardedTrainer):
   def _step(self, state: TokenizerTrainState, batch):
     s, vq = self.s, self.vq
     rng = self.step_key(state.step)
-    images = batch['images'].astype(jnp.float32)
+    images = pp.to_model_range(batch['images'])  # uint8 from the input pipeline, normalised here.
     gan_on = self.gan_active(state.step)
     grad_fn = jax.value_and_grad(self.generator_loss, has_aux=True)
     (_, (metrics, recon, aux)), grads = grad_fn(state.params, state.disc_params, images, gan_on)

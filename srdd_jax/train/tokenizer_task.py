@@ -44,14 +44,16 @@ class TokenizerTask(driver.Task):
 
   def begin(self, start_step):
     s, rows = self.s, self.trainer.local_rows(self.global_batch)
+    # Images as decoded (uint8, normalised on the devices), `prefetch` batches ahead on the devices.
     if s.prefetch:
-      self.batches = self.data.iterator(s.seed, start_step, s.global_batch, rows)
+      host = self.data.iterator(s.seed, start_step, s.global_batch, rows, raw=True)
     else:
-      self.batches = (self.data.batch(s.seed, k, s.global_batch, rows) for k in range(start_step, s.steps))
+      host = (self.data.batch(s.seed, k, s.global_batch, rows, raw=True) for k in range(start_step, s.steps))
+    place = lambda b: self.trainer.assemble_batch({'images': b[0]}, self.global_batch)
+    self.batches = multihost.prefetch_to_devices(host, place, 2 if s.prefetch else 0)
 
   def step(self, state):
-    images, _ = next(self.batches)
-    return self.trainer.step_fn(state, self.trainer.assemble_batch({'images': images}, self.global_batch))
+    return self.trainer.step_fn(state, next(self.batches))
 
   def progress(self, m):
     usage = ' '.join(f'{m[f"usage_s{k}"]:.2f}' for k in range(self.vq.num_scales))

@@ -46,7 +46,8 @@ PORT = 8476  # The coordinator's port on the first host (jax.distributed's defau
 HOST_SCRIPT = 'launch/tpu_host.sh'  # What each TPU host runs: setup, check, stop, start (detached).
 # XLA's asynchronous collectives and their fusion, so FSDP's all-gathers and reduce-scatters overlap the
 # layers' compute: the flags maxtext's v5p recipes export (AI-Hypercomputer/maxtext,
-# MaxText/configs/v5p/32b.sh, 64b.sh, 128b.sh: this set), each present in libtpu 0.0.42 (jax 0.10.2's).
+# MaxText/configs/v5p/32b.sh, 64b.sh and 128b.sh export this same set, read 2026-12-07), each present in
+# libtpu 0.0.42 (jax 0.10.2's).
 LIBTPU_INIT_ARGS = ' '.join([
     '--xla_tpu_enable_async_collective_fusion_fuse_all_gather=true',
     '--xla_tpu_megacore_fusion_allow_ags=false',

@@ -91,7 +91,7 @@ DEFAULTS: dict = {
         split=None,  # None = 'train' for training, else 'test'.
         resize_ratio=1.125, random_crop=None, flip=None,  # None = on for training.
         name=None, data_dir=None, download=False, image_key='image', label_key='label',
-        workers=0,  # Threads that read and decode images; 0 = one per CPU core (at most 64).
+        workers=0,  # Threads that read and decode images; 0 = two per CPU core (at most 64).
         path=None, labels='subfolder',  # folder
         idx_dir='/usr/share/datasets/fashion-mnist',  # fashion_mnist: Debian's IDX files.
         num_examples=1024, num_classes=None,  # synthetic; None = 10 (training: config.model.num_classes)

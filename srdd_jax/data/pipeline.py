@@ -25,8 +25,8 @@ config.data keys (every default is in srdd_jax/config.py; None means "depends on
                  prepares it (as array_record), which needs a network.
   image_key      tfds: the image feature, 'image'.
   label_key      tfds: the class-label feature, 'label'; a dataset without it has labels 0 and 1 class.
-  workers        threads that read and decode examples (each batch split over all of them), 0: one per
-                 CPU core the process may use (at most 64).
+  workers        threads that read and decode examples (each batch split over all of them), 0:
+                 two per CPU core the process may use (at most 64).
   path           folder: the root folder.
   labels         folder: 'subfolder' (one class per top-level sub-folder, ids in sorted name order) or
                  'none' (flat and unlabelled: every label 0, 1 class). Files are found recursively.
@@ -104,7 +104,7 @@ def _options(data_config, train: bool) -> dict:
   if o['source'] not in SOURCES:
     raise DataError(f'config.data.source={o["source"]!r} must be one of {SOURCES}')
   if not (isinstance(o['workers'], int) and o['workers'] >= 0):
-    raise DataError(f'config.data.workers={o["workers"]!r} must be an integer >= 0 (0: one thread per core)')
+    raise DataError(f'config.data.workers={o["workers"]!r} must be an integer >= 0 (0: two threads per core)')
   if not float(o['resize_ratio']) >= 1.0:
     raise DataError(f'config.data.resize_ratio={o["resize_ratio"]} must be >= 1 (the crop is taken from '
                     'the resized image)')

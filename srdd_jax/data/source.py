@@ -79,7 +79,7 @@ class ImageSource:
     self.description = description
     self.resize_ratio, self.random_crop, self.flip = float(resize_ratio), bool(random_crop), bool(flip)
     if int(workers) < 0:
-      raise DataError(f'config.data.workers={workers} must be >= 0 (0: one thread per core)')
+      raise DataError(f'config.data.workers={workers} must be >= 0 (0: two threads per core)')
     self.workers = int(workers)
     self._lock = threading.Lock()
     self._perms: dict[tuple[int, int], np.ndarray] = {}
@@ -189,9 +189,10 @@ PREFETCH = 2
 
 
 def default_workers() -> int:
-  """config.data.workers=0: a thread per CPU core this process may use, at most 64."""
+  """config.data.workers=0: two threads per CPU core this process may use, at most 64. Two, because a
+  thread also waits: for its file (a bucket's latency), and for the GIL in the Python between decodes."""
   try:
     cores = len(os.sched_getaffinity(0))
   except AttributeError:  # Not on Linux.
     cores = os.cpu_count() or 1
-  return max(1, min(64, cores))
+  return max(1, min(64, 2 * cores))

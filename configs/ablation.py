@@ -17,8 +17,9 @@ starts; study.json keeps the plan, the rates and every unit's wall time, the num
 - gpu: the same arms and every group (refine, distill) with the same model and data on one GPU, batch 256,
   2,400 steps per model from scratch (10 epochs), bfloat16. A first sizing from counts; its plan line and
   unit times size it.
-- quick: every group of arms, two training seeds, tiny step counts and few samples: a smoke test of
-  every arm, unit and output, not a result. Combines with gpu (`gpu,quick`).
+- quick: every group of arms (the tools on (i), MR refine, the student), two training seeds, tiny step
+  counts and few samples: a smoke test of every kind of arm, unit and output, not a result. Combines with
+  gpu (`gpu,quick`).
 `make demo` (configs/fashion_mnist.py) is unchanged.
 """
 import importlib.util
@@ -62,11 +63,15 @@ def get_config(arg=None):
     c.train.update(steps=10, log_every=5, checkpoint_every=5)
     c.optim.warmup_steps = 2
     c.tokenize.max_examples = 1000  # Every cache (train, test, the student's): seconds of encoding, not minutes.
-    # A smaller search of the same shape (2 strengths; MR refine's 2 iterations cost 3 passes per scale),
-    # two held-out points of 200 examples.
-    c.ablation.update(dict(arms='headline,tools,refine,distill', train_seeds='0,1', sample_seeds='0',
+    # Every group, each of its arms once: the tools on (i) (on (h) they are the same rows on the causal
+    # model), MR refine, the student without the KL term. A smaller search of the same shape: 2 strengths
+    # (one program: guidance is traced); grids of one point, the threshold SRDD's 0.01 x 10, so the grid's
+    # redraw program is SRDD's. Every other sampler setting and model kind compiles a program of its own,
+    # most of a quick run's time. Two held-out points of 200 examples.
+    quick_arms = 'headline,i_constant,i_paper,i_redraw,i_redraw_grid,i_truncation_grid,l,f'
+    c.ablation.update(dict(arms=quick_arms, train_seeds='0,1', sample_seeds='0',
                            val_per_class=2, test_per_class=2, timing_repeats=1, cfg_grid='1.5,3',
-                           mr_thresholds='0.01,0.05', mr_iterations='2', truncations='top_p=0.9,min_p=0.05',
+                           mr_thresholds='0.01', mr_iterations='10', truncations='min_p=0.05',
                            heldout_points=2, heldout_examples=200))
     c.eval.update(batch_size=20, proxy_epochs=1, proxy_examples=1000)
   return with_defaults(c)

@@ -88,7 +88,8 @@ def lines(comps: list[dict], model_comps: list[dict]) -> list[str]:
     others = '; '.join(
         f'{m} {c[m]["mean"]:+.4g}' + (f' [{c[m]["ci"][0]:+.3g}, {c[m]["ci"][1]:+.3g}]' if c[m]['ci'] else '')
         for m, _ in METRICS[1:] if c[m]['mean'] is not None)
-    out.append(f'- {c["question"]}: ({c["x"]}) - ({c["ref"]}) fd {d["mean"]:+.4g} ({d["runs"]} paired runs in '
+    same = ' (the same samples: both arms sampled with the same settings)' if not any(d['per_seed']) else ''
+    out.append(f'- {c["question"]}: ({c["x"]}) - ({c["ref"]}) fd {d["mean"]:+.4g}{same} ({d["runs"]} paired runs in '
                f'{d["n"]} training seeds; ({c["x"]}) lower in {d["x_lower"]} of {d["n"]}): **{d["verdict"]["text"]}**'
                + (f'. {others}.' if others else '.'))
   for c in model_comps:

@@ -39,12 +39,15 @@ class Scorer:
     self.loaded = collections.OrderedDict()  # Model export -> load_models(...): the last few, read once.
     c = with_defaults(config)
     self.proxy = protocol.ProxyScorer(c, c.eval.to_dict(), workdir, seed=0, precision_recall=True)
+    # One resolved config whose sampler and checkpoint are set for each call (resolving one per sample
+    # run cost seconds in a small study); the sampler's values start from the base's every time.
+    self.work, self.sampler_base = c, c.sampler.to_dict()
 
   def config(self, export: str, values: dict):
     """The base config sampling `export` (its mask and refine stream the checkpoint's) with `values`."""
-    c = with_defaults(self.base)
+    c = self.work
     c.tokenizer.checkpoint, c.model.checkpoint, c.model.mask, c.model.refine = self.tok, export, '', False
-    c.sampler.update(values)
+    c.sampler.update({**self.sampler_base, **values})
     return c
 
   def models(self, c, export: str):

@@ -29,7 +29,7 @@ import numpy as np
 from srdd_jax import files
 from srdd_jax.config import with_defaults
 from srdd_jax.convert.loading import tokenizer_for_model
-from srdd_jax.convert.params_io import model_meta
+from srdd_jax.convert.params_io import model_identity
 from srdd_jax.diffusion.sampler import batch_rng
 from srdd_jax.parallel.compile import needed_bytes
 from srdd_jax.parallel.workdir import Units
@@ -66,9 +66,9 @@ class Stopped(Exception):
 
 
 def identity(directory: str) -> dict:
-  """What tells one model export from another: its path and model.json's creation time and size."""
-  meta = model_meta(directory)
-  return {'path': files.absolute(directory), 'created': meta.get('created'), 'num_params': meta.get('num_params')}
+  """What tells one model export (or tokenizer) from another: params_io.model_identity, the identity
+  --mode=all's stages record."""
+  return model_identity(directory)
 
 
 def metrics_summary(metrics_path: str) -> dict:
@@ -98,7 +98,14 @@ class Work:
     self.base, self.workdir, self.stages, self.o, self.progress = config, workdir, stages, o, progress
     self.units = Units(workdir, label='study: unit', inputs_file=INPUTS_FILE)
     self.units.on_done = progress
+    self.identities = {}
     self.arm_units = []  # (name prefix, Units) of every (arm, seed): what ran and what was kept.
+    c = self.cfg()
+    # What every sampling unit records beside its own settings, read once (a resolved config per unit
+    # cost seconds in a small study).
+    self.sampler_base = c.sampler.to_dict()
+    self.eval_inputs = {k: c.eval[k] for k in ('proxy_examples', 'proxy_epochs', 'batch_size')}
+    self.data_inputs = {k: v for k, v in c.data.to_dict().items() if k != 'token_cache'}
 
   def cfg(self):
     return with_defaults(self.base)
@@ -117,9 +124,6 @@ class Work:
       self.caches['student_train'] = self.tokens('train', self.student_pn, 'student_train')
       self.caches['student_test'] = self.tokens('test', self.student_pn, 'student_test')
 
-  def data(self) -> dict:
-    return {k: v for k, v in self.cfg().data.to_dict().items() if k != 'token_cache'}
-
   def tokenizer(self) -> str:
     c = self.cfg()
     if c.tokenizer.checkpoint:
@@ -131,7 +135,7 @@ class Work:
         raise Stopped({**s, 'stage': 'tokenizer'})
       return {'export': s['export'], 'steps': s['end_step'], 'eval_psnr_end': s.get('eval_psnr_end')}
     inputs = {'config.tokenizer': c.tokenizer.to_dict(), 'config.tokenizer_train': c.tokenizer_train.to_dict(),
-              'config.data': self.data()}
+              'config.data': self.data_inputs}
     return self.units('tokenizer', fn, inputs=inputs, redo=False)['export']
 
   def tokens(self, split: str, patch_nums, name: str) -> str:
@@ -146,7 +150,8 @@ class Work:
       return {'out_dir': out_dir, 'split': split, 'patch_nums': list(patch_nums), 'count': s.get('count')}
     c = self.cfg()
     inputs = {'tokenizer': identity(self.tok), 'split': split, 'patch_nums': list(patch_nums),
-              'config.data': self.data(), 'max_examples': int(c.tokenize.max_examples), 'flips': bool(c.tokenize.flips)}
+              'config.data': self.data_inputs, 'max_examples': int(c.tokenize.max_examples),
+              'flips': bool(c.tokenize.flips)}
     return self.units(f'tokens/{name}', fn, inputs=inputs, redo=False)['out_dir']
 
   # --- models ---
@@ -214,11 +219,15 @@ class Work:
 
   # --- an arm on one training seed ---
   def sampling_inputs(self, export: str, values: dict, per_class: int, seed: int, split: str) -> dict:
-    c = self.cfg()
-    sampler = {**c.sampler.to_dict(), **values}
-    return {'model': identity(export), 'tokenizer': identity(self.tok), 'sampler': sampler,
-            'per_class': per_class, 'sampling_seed': seed, 'real_split': split, 'config.data': self.data(),
-            'config.eval': {k: c.eval[k] for k in ('proxy_examples', 'proxy_epochs', 'batch_size')}}
+    return {'model': self.identity(export), 'tokenizer': self.identity(self.tok),
+            'sampler': {**self.sampler_base, **values}, 'per_class': per_class, 'sampling_seed': seed,
+            'real_split': split, 'config.data': self.data_inputs, 'config.eval': self.eval_inputs}
+
+  def identity(self, export: str) -> dict:
+    """identity(export), read once per export: an export is written once and never replaced."""
+    if export not in self.identities:
+      self.identities[export] = identity(export)
+    return self.identities[export]
 
   def arm(self, arm, seed: int, model: dict) -> dict:
     """The arm on `model` (the result of its model's training seed `seed`): its choice on validation
@@ -280,6 +289,6 @@ class Work:
               'compiled_memory_bytes': needed_bytes(stats['memory']), 'memory': stats['memory'],
               'forward_passes_per_image': sampler.forward_passes(), 'sampler': dataclasses.asdict(sampler.config),
               'guidance_traced': traced, 'device': str(jax.devices()[0].device_kind), 'devices': jax.device_count()}
-    inputs = {'model': identity(export), 'sampler': values, 'batch_size': int(self.cfg().eval.batch_size),
+    inputs = {'model': self.identity(export), 'sampler': values, 'batch_size': int(self.eval_inputs['batch_size']),
               'timing_repeats': self.o['timing_repeats']}
     return self.units(f'cost/{arm.key}', fn, inputs=inputs)

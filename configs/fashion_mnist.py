@@ -23,7 +23,8 @@ from srdd_jax.config import parse_arg, with_defaults
 PATCH_NUMS = (1, 2, 3, 4, 6, 8)
 TOKENIZER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'assets',
                          'fashion_mnist_tokenizer')
-TOKENIZER_SHA256 = 'b88a29768add6bbce75a7fa94db2c1e41af68b93e6fe33de16645668f5031288'  # data/token_cache.params_hash of its weights.
+# convert/loading.tokenizer_identity's hash: its architecture (model.json) and its weights.
+TOKENIZER_SHA256 = '07ae4268b36dd8afbeb65c17b7c329c616ea2643d599303711a3f567a89efea0'
 
 
 def get_config(arg=None):

@@ -41,8 +41,9 @@ DEFAULTS: dict = {
     'compile_cache': '',
     'tokenizer': dict(
         checkpoint='',  # Directory written by `convert_var --vae` or by --mode=train_tokenizer.
-        # When set, the checkpoint's weights must have this hash (data/token_cache.params_hash): a
-        # tokenizer the repository carries is the one its record describes, or the run stops.
+        # When set, the checkpoint must have this hash of its architecture and weights
+        # (convert/loading.tokenizer_identity): a tokenizer the repository carries is the one its record
+        # describes, or the run stops.
         params_sha256='',
         allow_random=False,  # No checkpoint: True builds a freshly initialised one (smoke runs only).
         reference_npz='',  # --mode=reconstruct: a reference .npz (VAR code, random weights) to load.

@@ -178,7 +178,8 @@ def test_tokenize_writes_a_manifest_and_the_tokens_of_each_example(cache):
   assert summary['examples'] == 64 and summary['shards_written'] == 3
   tok = load_tokenizer(c)
   vq, vae = tok.config, tok.params
-  assert m['tokenizer_hash'] == token_cache.params_hash(vae)
+  # The tokenizer's identity: its architecture and its weights (issue 47).
+  assert m['tokenizer_hash'] == tok.identity()['hash'] and m['tokenizer']['weights'] == token_cache.params_hash(vae)
   tc = token_cache.TokenCache(directory, tokenizer_hash=m['tokenizer_hash'], patch_nums=(1, 2, 3, 4))
   src = pipeline.build_source({'source': 'synthetic', 'num_examples': 64, 'num_classes': 10}, 16, train=False)
   images = np.stack([src.load(i)[0] for i in (0, 37, 63)])

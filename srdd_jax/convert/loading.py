@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 
 import jax
 import numpy as np
@@ -12,6 +14,7 @@ from srdd_jax.config import ConfigError, with_defaults
 from srdd_jax.convert import params_io, var_vqvae
 from srdd_jax.convert.reference import read_meta, vqvae_config_from_meta
 from srdd_jax.data import token_cache
+from srdd_jax.parallel.workdir import describe_change
 from srdd_jax.tokenizer.api import Tokenizer, tokenizer_config, unbox
 from srdd_jax.tokenizer.vqvae import VQVAEConfig
 from srdd_jax.transformer.config import VARConfig
@@ -26,12 +29,52 @@ class LoadedTokenizer:
   def __init__(self, config: VQVAEConfig, params=None, source: str = '', images=None, init=None):
     self.config, self.source, self.images = config, source, images
     self._params, self._init = params, init
+    self._identity = None
 
   @property
   def params(self):
     if self._params is None:
       self._params = self._init()
     return self._params
+
+  def identity(self) -> dict:
+    """tokenizer_identity of this tokenizer, with where it came from (`source`); hashed once."""
+    if self._identity is None:
+      self._identity = {**tokenizer_identity(self.config, self.params), 'source': self.source}
+    return self._identity
+
+
+def tokenizer_identity(vq: VQVAEConfig, params) -> dict:
+  """What tells one tokenizer from another: {'hash': of the two below, 'weights': token_cache.params_hash of
+  its weights, 'architecture': its VQVAEConfig (model.json's config)}. The architecture counts as much as
+  the weights: the same weights with quant_resi 0.1 instead of 0.5 give other token ids for most tokens.
+  The scales (patch_nums) are left out: each user quantizes at its own (a token cache, a model and a
+  student at theirs) and records them beside."""
+  architecture = {k: v for k, v in json.loads(json.dumps(dataclasses.asdict(vq))).items() if k != 'patch_nums'}
+  weights = token_cache.params_hash(params)
+  both = json.dumps({'architecture': architecture, 'weights': weights}, sort_keys=True)
+  return {'hash': hashlib.sha256(both.encode()).hexdigest(), 'weights': weights, 'architecture': architecture}
+
+
+def tokenizer_difference(recorded: dict, current: dict) -> str:
+  """How two tokenizer identities differ, in words: the architecture's keys that changed, or the weights."""
+  if recorded.get('architecture') is not None and recorded['architecture'] != current['architecture']:
+    return 'architecture ' + describe_change(recorded['architecture'], current['architecture'])
+  return f'weights {str(recorded.get("weights"))[:12]} -> {str(current["weights"])[:12]}'
+
+
+def check_tokenizer_of(directory: str, key: str, tok: LoadedTokenizer, what: str = 'trained') -> None:
+  """A transformer export (`key`=`directory`) that records the tokenizer it was trained with (its
+  model.json's train record) is used only with that tokenizer: another one's ids mean other images. A
+  ConfigError naming both; an export without a record (convert_var's, an earlier version's) passes."""
+  recorded = (params_io.model_meta(directory).get('train') or {}).get('tokenizer')
+  if not recorded or recorded.get('hash') == tok.identity()['hash']:
+    return
+  mine = tok.identity()
+  raise ConfigError(
+      f'{key}={directory!r} was {what} with the tokenizer {recorded.get("source") or "(not recorded)"} (hash '
+      f'{str(recorded.get("hash"))[:12]}), config.tokenizer.checkpoint gives another, {mine["source"]} (hash '
+      f'{mine["hash"][:12]}; {tokenizer_difference(recorded, mine)}): use the tokenizer it was {what} with')
 
 
 def load_tokenizer(config, *, reference: bool = False) -> LoadedTokenizer:
@@ -50,13 +93,14 @@ def load_tokenizer(config, *, reference: bool = False) -> LoadedTokenizer:
       vq, params = params_io.load_vqvae(tc.checkpoint)
     except (FileNotFoundError, ValueError) as e:
       raise ConfigError(f'config.tokenizer.checkpoint: {e}') from e
+    tok = LoadedTokenizer(vq, params, f'checkpoint {files.absolute(tc.checkpoint)}')
     if tc.params_sha256:
-      found = token_cache.params_hash(params)
+      found = tok.identity()['hash']  # Its architecture (model.json) and its weights.
       if found != tc.params_sha256:
-        raise ConfigError(f'config.tokenizer.checkpoint={tc.checkpoint!r} holds weights of hash {found[:16]}..., '
-                          f'not config.tokenizer.params_sha256={tc.params_sha256[:16]}...: another or damaged '
-                          "tokenizer (set params_sha256='' to use it anyway)")
-    return LoadedTokenizer(vq, params, f'checkpoint {tc.checkpoint}')
+        raise ConfigError(f'config.tokenizer.checkpoint={tc.checkpoint!r} holds a tokenizer of hash {found[:16]}... '
+                          f'(architecture and weights), not config.tokenizer.params_sha256={tc.params_sha256[:16]}...: '
+                          "another or damaged tokenizer (set params_sha256='' to use it anyway)")
+    return tok
   if reference and tc.reference_npz and files.isfile(tc.reference_npz):
     with files.np_load(tc.reference_npz) as z:
       vq = vqvae_config_from_meta(read_meta(z, tc.reference_npz), tc.reference_npz)
@@ -110,6 +154,7 @@ def load_models(config):
   except (FileNotFoundError, ValueError) as e:
     raise ConfigError(f'config.model.checkpoint: {e}') from e
   tok = load_tokenizer(c)
+  check_tokenizer_of(c.model.checkpoint, 'config.model.checkpoint', tok)
   # How the blocks run (scanned or not) is the config's choice, whatever layout the weights were saved in.
   # config.model.refine adds the (zero-initialised, so inert) refine stream to a checkpoint without it;
   # a checkpoint that has it keeps it.

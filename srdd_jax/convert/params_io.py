@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import hashlib
+import json
 from typing import Any
 
 import jax
@@ -105,6 +106,25 @@ def model_meta(directory: str) -> dict:
     return files.read_json(files.join(directory, MODEL_JSON))
   except (OSError, ValueError):
     return {}
+
+
+def model_identity(directory: str) -> dict:
+  """What tells one model directory (an export, a conversion, a tokenizer) from another, read without its
+  weights: its path; model.json's creation time, parameter count and SHA-256 (the architecture, the
+  training record with the tokenizer it learnt the ids of: an edit of any is a change); and the names,
+  sizes and modification times of its parameter files (weights written again in place)."""
+  meta = model_meta(directory)
+  mpath = files.join(directory, MODEL_JSON)
+  listed = []
+  root = files.join(directory, PARAMS_DIR)
+  if files.isdir(root):
+    for folder, _, names in files.walk(root):
+      for name in names:
+        p = files.join(folder, name)
+        listed.append([files.relpath(p, root), *(files.size_and_mtime(p) or (None, None))])
+  return {'path': files.absolute(directory), 'created': meta.get('created'), 'num_params': meta.get('num_params'),
+          'model_json_sha256': file_sha256(mpath) if files.isfile(mpath) else None,
+          'params_files': hashlib.sha256(json.dumps(sorted(listed)).encode()).hexdigest() if listed else None}
 
 
 def load_params(directory: str, kind: str | None = None):

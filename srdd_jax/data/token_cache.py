@@ -1,8 +1,9 @@
 """Token caches: a data set's token ids under a frozen tokenizer, written once, read by training.
 
 Layout of a cache directory:
-  manifest.json            written last (its presence means the cache is complete): tokenizer hash and
-                           checkpoint, patch_nums, vocab size, counts, flips, data description, shards
+  manifest.json            written last (its presence means the cache is complete): tokenizer hash (of
+                           its architecture and weights), record and checkpoint, patch_nums, vocab size,
+                           counts, flips, data description, shards
   shard_00000.npz          ids (n, F, L) uint16/int32 (F = 2 with the flipped copy, else 1), labels (n,),
   shard_00001.npz ...      index (n,): example index in the source's order, and `writer`: the JSON of
                            what wrote it (tokenizer hash, patch_nums, flips, shard size, example count)
@@ -29,13 +30,18 @@ from absl import logging
 
 from srdd_jax import files
 from srdd_jax.data.source import DataError, default_workers, Unreadable, augmentation_draws, row_positions
+from srdd_jax.parallel.workdir import describe_change
 
 MANIFEST = 'manifest.json'
-FORMAT = 2  # 2: every shard records its writer. 1 (no record) is still read, unverified.
+# 3: the tokenizer hash covers its architecture and its weights (convert.loading.tokenizer_identity), and
+# the manifest records both. 2: every shard records its writer; the hash covers the weights only (read,
+# the architecture unchecked). 1 (no record) is still read, unverified.
+FORMAT = 3
 
 
 def params_hash(params) -> str:
-  """SHA-256 of a parameter tree (names, dtypes, shapes and bytes): the identity of a tokenizer."""
+  """SHA-256 of a parameter tree (names, dtypes, shapes and bytes): the identity of a tokenizer's weights
+  (its architecture is the other half of its identity: convert.loading.tokenizer_identity)."""
   h = hashlib.sha256()
   for path, leaf in sorted(jax.tree_util.tree_flatten_with_path(jax.device_get(params))[0],
                            key=lambda kv: jax.tree_util.keystr(kv[0])):
@@ -51,10 +57,12 @@ def _shard_path(directory: str, i: int) -> str:
 
 def write(directory: str, source, encode, *, tokenizer_hash: str, tokenizer_checkpoint: str, patch_nums,
           vocab_size: int, flips: bool, batch_size: int, shard_size: int, process_index: int = 0,
-          process_count: int = 1, sync=lambda name: None, max_examples: int = 0) -> dict:
+          process_count: int = 1, sync=lambda name: None, max_examples: int = 0,
+          tokenizer: dict | None = None) -> dict:
   """Tokenizes every example of `source` (in index order, preprocessed without randomness), or its first
   `max_examples` (> 0), into `directory`. `encode(pixels (n, S, S, 3) uint8, or float32 in [-1, 1] for
-  synthetic images) -> ids (n, L)`.
+  synthetic images) -> ids (n, L)`. `tokenizer_hash`: the tokenizer's identity hash (`tokenizer`, its
+  record: weights hash and architecture, goes into the manifest to say what changed on a mismatch).
   Process p writes the shards i with i % process_count == p; process 0 writes the manifest once all
   shards exist."""
   manifest_path = files.join(directory, MANIFEST)
@@ -107,6 +115,7 @@ def write(directory: str, source, encode, *, tokenizer_hash: str, tokenizer_chec
   sync('token-cache-shards')
   manifest = {
       'format': FORMAT, 'tokenizer_hash': tokenizer_hash, 'tokenizer_checkpoint': tokenizer_checkpoint,
+      'tokenizer': tokenizer,
       'patch_nums': [int(p) for p in patch_nums], 'vocab_size': int(vocab_size), 'count': n,
       'num_classes': int(source.num_classes), 'flips': bool(flips), 'image_size': int(source.image_size),
       'data': source.description, 'source_examples': int(source.num_examples), 'shard_size': int(shard_size), 'num_shards': num_shards,
@@ -145,6 +154,30 @@ def _check_writer(path: str, expected: dict) -> None:
                   'delete that directory\'s shards')
 
 
+def _check_tokenizer(m: dict, tokenizer: dict, directory: str, key: str) -> None:
+  """The manifest `m` of the cache at `directory` against the identity of the tokenizer that reads it: a
+  DataError naming what differs (the architecture's keys, or the weights) and both tokenizers."""
+  if m['format'] < 3:  # Its hash is of the weights alone.
+    if m['tokenizer_hash'] == tokenizer['weights']:
+      logging.warning('%s: a format-%d cache records its tokenizer\'s weights only; their architecture (model.json) '
+                      'cannot be checked (write it again with --mode=tokenize to get the check)', directory,
+                      m['format'])
+      return
+    why = f'weights {m["tokenizer_hash"][:12]} there, {tokenizer["weights"][:12]} now'
+  elif m['tokenizer_hash'] == tokenizer['hash']:
+    return
+  else:
+    recorded = m.get('tokenizer') or {}
+    if recorded.get('architecture') not in (None, tokenizer['architecture']):
+      why = 'architecture ' + describe_change(recorded['architecture'], tokenizer['architecture'])
+    else:
+      why = f'weights {str(recorded.get("weights"))[:12]} there, {tokenizer["weights"][:12]} now'
+  raise DataError(f'{key}={directory!r} was written by another tokenizer ({m.get("tokenizer_checkpoint") or "?"}, '
+                  f'hash {m["tokenizer_hash"][:12]}) than config.tokenizer.checkpoint ({tokenizer.get("source", "?")}, '
+                  f'hash {tokenizer["hash"][:12]}): {why}; write a cache with this tokenizer (--mode=tokenize, another '
+                  'config.tokenize.out_dir) or use the tokenizer it was written with')
+
+
 def _load(source, indices, pool=None):
   """Examples by index as decoded (uint8 pixels), without augmentation (the source decides nothing random
   with train=False), read by `pool`'s threads when given. An unreadable example is replaced by the next
@@ -163,11 +196,12 @@ def _load(source, indices, pool=None):
 
 
 class TokenCache:
-  """A complete cache, checked against the tokenizer (its hash, or a function giving it) and the
-  patch_nums the training run uses."""
+  """A complete cache, checked against the tokenizer and the patch_nums the training run uses: `tokenizer`
+  its identity (convert.loading.tokenizer_identity, or a function giving it), or `tokenizer_hash` the hash
+  the manifest must hold (or a function giving it)."""
 
   def __init__(self, directory: str, *, tokenizer_hash: str | None = None, patch_nums=None,
-               key: str = 'config.data.token_cache'):
+               key: str = 'config.data.token_cache', tokenizer=None):
     path = files.join(directory, MANIFEST)
     if not files.isdir(directory):
       raise DataError(f'{key}={directory!r} does not exist (write it with --mode=tokenize)')
@@ -181,8 +215,8 @@ class TokenCache:
                       'again with --mode=tokenize into a new directory') from None
     if not isinstance(m, dict):
       raise DataError(f'{key}={directory!r}: {path} is not a token-cache manifest')
-    if m.get('format') not in (1, FORMAT):
-      raise DataError(f'{key}: {path} has format {m.get("format")}, this version reads 1 and {FORMAT}')
+    if m.get('format') not in (1, 2, FORMAT):
+      raise DataError(f'{key}: {path} has format {m.get("format")}, this version reads 1 to {FORMAT}')
     if m['format'] == 1:
       logging.warning('%s: a format-1 cache records no writer per shard; its shards cannot be checked '
                       'against its tokenizer (write it again with --mode=tokenize to get the checks)', directory)
@@ -191,6 +225,10 @@ class TokenCache:
                       f'uses {tuple(patch_nums)}')
     if callable(tokenizer_hash):  # Computed only for a cache that exists (hashing may need an init).
       tokenizer_hash = tokenizer_hash()
+    if callable(tokenizer):
+      tokenizer = tokenizer()
+    if tokenizer is not None:
+      _check_tokenizer(m, tokenizer, directory, key)
     if tokenizer_hash is not None and m['tokenizer_hash'] != tokenizer_hash:
       raise DataError(f'{key}={directory!r} was written by another tokenizer (hash {m["tokenizer_hash"][:12]}, '
                       f'from {m["tokenizer_checkpoint"]!r}) than config.tokenizer.checkpoint '

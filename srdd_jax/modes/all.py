@@ -25,7 +25,7 @@ import numpy as np
 
 from srdd_jax import files
 from srdd_jax.config import with_defaults
-from srdd_jax.convert.params_io import model_meta
+from srdd_jax.convert.params_io import model_identity
 from srdd_jax.data.images import grid
 from srdd_jax.modes import eval as evaluation
 from srdd_jax.modes import sample, tokenize, train, train_tokenizer
@@ -137,12 +137,6 @@ def report(summary: dict) -> list[str]:
 
 def _without(section, *keys) -> dict:
   return {k: v for k, v in section.to_dict().items() if k not in keys}
-
-
-def model_identity(directory: str) -> dict:
-  """What tells one export (or conversion) from another: its path and model.json's creation time."""
-  meta = model_meta(directory)
-  return {'path': files.absolute(directory), 'created': meta.get('created'), 'num_params': meta.get('num_params')}
 
 
 def _small_grid(samples_npz: str, out: str, per: int):

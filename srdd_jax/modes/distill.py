@@ -20,6 +20,7 @@ from absl import logging
 from srdd_jax import files
 from srdd_jax.config import ConfigError, with_defaults
 from srdd_jax.convert import params_io
+from srdd_jax.convert.loading import check_tokenizer_of
 from srdd_jax.data.token_cache import MANIFEST
 from srdd_jax.diffusion.grids import SampleGrids
 from srdd_jax.train import distill, driver
@@ -88,6 +89,7 @@ def task(config, workdir: str) -> DistillTask:
   config.model.num_classes = teacher.num_classes
   config.data.token_cache = d.token_cache
   mesh, tok = setup.mesh_and_tokenizer(config)
+  check_tokenizer_of(d.teacher, 'config.distill.teacher', tok)  # The student learns the teacher's tokens.
   vq = tok.config
   var_config, teacher, teacher_params = student_and_teacher(config, vq, teacher, teacher_params, pn)
   data = setup.training_data(config, tok)
@@ -103,7 +105,7 @@ def task(config, workdir: str) -> DistillTask:
   logging.info('distill: teacher %s %s -> student %s (%d -> %d tokens), KL weight %g', d.teacher,
                teacher.patch_nums, pn, teacher.seq_len, var_config.seq_len, trainer.kl_weight)
   return DistillTask(TransformerTask(trainer, tok.params, data, workdir, total_steps=total, grids=grids,
-                                     heldout=heldout, **setup.loop_settings(config)))
+                                     heldout=heldout, tokenizer=tok.identity(), **setup.loop_settings(config)))
 
 
 def run(config, workdir: str, stop_after_steps: int | None = None, return_state: bool = False) -> dict:

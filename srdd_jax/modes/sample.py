@@ -10,6 +10,7 @@ import numpy as np
 
 from srdd_jax import files
 from srdd_jax.config import ConfigError, ints, with_defaults
+from srdd_jax.convert.params_io import model_identity
 from srdd_jax.data.images import grid
 from srdd_jax.diffusion.generate import generate, sampler_from_config
 from srdd_jax.parallel import multihost
@@ -53,6 +54,9 @@ def run(config, workdir: str, overwrite: bool = False) -> dict:
   files.save_image(files.join(out_dir, 'grid.png'), grid(images, per))
   summary = {'num_images': int(len(images)), 'classes': list(map(int, classes)), 'per_class': per,
              'mask': sampler.mask, 'sampler': dataclasses.asdict(sampler.config),
+             # What they were made from: the two models (params_io.model_identity) and the seed.
+             'made_from': {'model': model_identity(config.model.checkpoint),
+                           'tokenizer': model_identity(config.tokenizer.checkpoint), 'seed': int(config.seed)},
              'seconds': round(time.time() - t0, 2),
              'outputs': ['samples/grid.png (a row per class)', 'samples/images/*.png',
                          'samples/samples.npz (arr_0 uint8 NHWC, arr_1 labels)']}

@@ -60,7 +60,8 @@ def run(config, workdir: str) -> dict:
   def encode(images):
     return encode_jit(local_params, jax.device_put(np.asarray(images), sharding))
 
-  tokenizer_hash = token_cache.params_hash(vae_params)
+  identity = tok.identity()  # Its architecture and weights: what a cache is checked against when read.
+  tokenizer_hash = identity['hash']
   logging.info('tokenizing %s with tokenizer %s (hash %s) into %s', source.description,
                config.tokenizer.checkpoint or '(random)', tokenizer_hash[:12], out_dir)
   t0 = time.time()
@@ -70,7 +71,7 @@ def run(config, workdir: str) -> dict:
         tokenizer_checkpoint=files.absolute(config.tokenizer.checkpoint) if config.tokenizer.checkpoint else '',
         patch_nums=vq.patch_nums, vocab_size=vq.vocab_size, flips=bool(tk.flips), batch_size=bs,
         shard_size=int(tk.shard_size), process_index=jax.process_index(), process_count=jax.process_count(),
-        sync=multihost.sync, max_examples=int(tk.max_examples))
+        sync=multihost.sync, max_examples=int(tk.max_examples), tokenizer=identity)
   except pipeline.DataError as e:
     raise pipeline.DataError(f'config.tokenize: {e}') from e
   summary = {'out_dir': out_dir, **stats, 'wall_seconds': round(time.time() - t0, 2),

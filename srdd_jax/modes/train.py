@@ -8,6 +8,7 @@ and the held-out token loss as the evaluations and WORKDIR/export/step_<n> as th
 from __future__ import annotations
 
 from srdd_jax.config import with_defaults
+from srdd_jax.convert.loading import check_tokenizer_of
 from srdd_jax.diffusion.grids import SampleGrids
 from srdd_jax.train import driver
 from srdd_jax.train import transformer_setup as setup
@@ -20,6 +21,8 @@ from srdd_jax.transformer.config import var_config as build_var_config
 def task(config, workdir: str) -> TransformerTask:
   """The task of a resolved config (`with_defaults`): every piece built, every value checked."""
   mesh, tok = setup.mesh_and_tokenizer(config)
+  if config.train.init_from:  # A fine-tune goes on learning its start model's tokens.
+    check_tokenizer_of(config.train.init_from, 'config.train.init_from', tok)
   vq = tok.config
   var_config = build_var_config(config, vq.vocab_size, vq.z_channels)
   data = setup.training_data(config, tok)
@@ -36,7 +39,7 @@ def task(config, workdir: str) -> TransformerTask:
   setup.log_run(config, data, total, var_config, mesh)
   # A fresh tokenizer is initialised by tokenizer_for_model, once the config is known to work.
   return TransformerTask(trainer, tok.params, data, workdir, total_steps=total, grids=grids, heldout=heldout,
-                         **setup.loop_settings(config))
+                         tokenizer=tok.identity(), **setup.loop_settings(config))
 
 
 def run(config, workdir: str, stop_after_steps: int | None = None, return_state: bool = False) -> dict:

@@ -384,6 +384,21 @@ def _as_recorded(inputs: dict | None) -> dict | None:
   return None if inputs is None else json.loads(json.dumps(inputs, default=str))
 
 
+# Keys this version added to the identities units record (convert/params_io.model_identity): a record without
+# them, equal to the current one on every key it has, was made from the same inputs by an earlier version.
+ADDED_IDENTITY_KEYS = ('model_json_sha256', 'params_files')
+
+
+def recorded_by_an_earlier_version(old: dict | None, new: dict) -> bool:
+  """Whether record `old` is `new` less some ADDED_IDENTITY_KEYS (nothing else differing)."""
+  if old is None:
+    return False
+  a, b = _flat(old), _flat(new)
+  added = set(b) - set(a)
+  return bool(added) and all(a[k] == b.get(k) for k in a) and all(
+      k.rsplit('.', 1)[-1] in ADDED_IDENTITY_KEYS for k in added)
+
+
 def _made_from_other_inputs(where: str, change: str) -> ConfigError:
   return ConfigError(f'{where} was made from other inputs than this run gives ({change}); it is kept, not '
                      'replaced: run with the inputs it was made from, or use another --workdir')
@@ -444,6 +459,9 @@ class Units:
     old = self._records().get(name)
     if old == inputs:
       return False
+    if recorded_by_an_earlier_version(old, inputs):
+      self._record(name, inputs)
+      return False
     change = describe_change(old, inputs)
     if redo:
       logging.warning('%s %s: %s were made from other inputs (%s); done again', self.label, name, where, change)
@@ -491,9 +509,9 @@ class Units:
     inputs = _as_recorded(inputs)
     if inputs is not None:
       old = self._records().get(name)
-      if old is not None and old != inputs:
+      if old is not None and old != inputs and not recorded_by_an_earlier_version(old, inputs):
         raise _made_from_other_inputs(where or name, describe_change(old, inputs))
-      if old is None:
+      if old != inputs:
         self._record(name, inputs)
     return self._run(name, fn)[0]
 

@@ -60,12 +60,13 @@ def data_stream(init_from: str, num_examples: int, global_batch: int, seed: int)
 
 
 def run_record(step: int, *, stream: dict, global_batch: int, num_examples: int, description: str,
-               ema_decay: float) -> dict:
+               ema_decay: float, tokenizer: dict | None = None) -> dict:
   """model.json's `train` record of a transformer trained `step` steps of `global_batch` examples from
   the data stream `stream` (data_stream's): its steps, those of its start model added (total_steps), the
   stream (seed, first and next step, the next example a continuation draws), where it started and the
   weight its EMA's starting point still holds in the export (train/step.ema_start_weight: the random
-  initialisation's, or the start model's for a fine-tune)."""
+  initialisation's, or the start model's for a fine-tune), and the tokenizer whose ids it learnt
+  (`tokenizer`: convert.loading.tokenizer_identity's record, which sampling checks its tokenizer against)."""
   start = stream['init_from']
   first = int(stream['first_step'])
   return {
@@ -77,6 +78,7 @@ def run_record(step: int, *, stream: dict, global_batch: int, num_examples: int,
                'next_example': (first + int(step)) * int(global_batch),
                'skipped_examples': int(stream['skipped_examples'])},
       'ema': {'decay': float(ema_decay), 'warmup': EMA_WARMUP, 'start_weight': ema_start_weight(ema_decay, step)},
+      'tokenizer': tokenizer,
   }
 
 

@@ -75,8 +75,7 @@ def training_data(config, tok: LoadedTokenizer):
   cache = d.pop('token_cache', '')
   image_size = tok.config.image_size
   if cache:
-    source = token_cache.TokenCache(cache, tokenizer_hash=lambda: token_cache.params_hash(tok.params),
-                                    patch_nums=tok.config.patch_nums)
+    source = token_cache.TokenCache(cache, tokenizer=tok.identity, patch_nums=tok.config.patch_nums)
   else:
     if d.get('source') == 'synthetic' and d.get('num_classes') is None:
       d['num_classes'] = int(config.model.num_classes)
@@ -137,8 +136,8 @@ def heldout_set(config, tok: LoadedTokenizer, var_config: VARConfig, total: int)
   t = config.train
   if not t.heldout_cache:
     return None
-  cache = token_cache.TokenCache(t.heldout_cache, tokenizer_hash=lambda: token_cache.params_hash(tok.params),
-                                 patch_nums=var_config.patch_nums, key='config.train.heldout_cache')
+  cache = token_cache.TokenCache(t.heldout_cache, tokenizer=tok.identity, patch_nums=var_config.patch_nums,
+                                 key='config.train.heldout_cache')
   n = int(t.heldout_examples) or len(cache.ids)
   return cache.ids[:n, 0], cache.labels[:n], int(t.heldout_every) or total
 

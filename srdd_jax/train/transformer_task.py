@@ -50,14 +50,15 @@ class TransformerTask(driver.Task):
   tokenizer weights `vae_params` frozen; `grids` (an object with write(step, params, vae_params,
   writer) -> path or None) draws sample grids every `sample_every` steps; `heldout` = (ids, labels,
   every) measures the held-out token loss every `every` steps; `init_from` is a transformer directory
-  to start from (a fine-tune) when the run has no checkpoint of its own.
+  to start from (a fine-tune) when the run has no checkpoint of its own; `tokenizer` the identity of the
+  tokenizer (convert.loading.tokenizer_identity), recorded in the export.
   """
 
   name = 'train'
 
   def __init__(self, trainer: Trainer, vae_params, data, workdir: str, *, total_steps: int, global_batch: int,
                seed: int, log_every: int, checkpoint_every: int, keep_checkpoints: int, sample_every: int = 0,
-               init_from: str = '', grids=None, heldout=None):
+               init_from: str = '', grids=None, heldout=None, tokenizer: dict | None = None):
     self.trainer, self.data = trainer, data
     self.vq, self.var_config = trainer.vae_config, trainer.var_config
     self.vae_params = vae_params
@@ -69,6 +70,7 @@ class TransformerTask(driver.Task):
     self.eval_every = math.gcd(self.sample_every, self.heldout[2] if self.heldout else 0)
     self.root = self.workdir = workdir
     self.init_from = init_from
+    self.tokenizer = tokenizer
     # A fine-tune continues its start model's data stream (export.data_stream), resumed or not.
     self.stream = data_stream(init_from, data.num_examples, global_batch, seed)
 
@@ -168,7 +170,8 @@ class TransformerTask(driver.Task):
   def export(self, step, state):
     record = run_record(step, stream=self.stream, global_batch=self.global_batch,
                         num_examples=self.data.num_examples, description=self.data.description,
-                        ema_decay=self.trainer.ema_decay if state.ema_params is not None else 0.0)
+                        ema_decay=self.trainer.ema_decay if state.ema_params is not None else 0.0,
+                        tokenizer=self.tokenizer)
     return export_transformer(self.workdir, step, state, self.var_config, record)
 
   def summary(self):

@@ -8,17 +8,26 @@ and evaluated alike, resumable: configs/ablation.py; `ablation` is its older nam
 --num_processes, --process_id (launch/README.md).
 
 Exit status: 0 done; 2 an input that cannot work (a config key, path or value, a full disk: one line on
-stderr says which and what would work, nothing saved was altered); 75 stopped by SIGTERM or Ctrl-C
-after saving a checkpoint (run the same command again to resume); anything else is a bug. In a Python process,
-`run(argv)` does the same and returns the status (`parse` and `execute` are its two halves).
+stderr says which and what would work, nothing saved was altered); 75 stopped by SIGTERM or Ctrl-C at any
+point, a training stage after saving a checkpoint, any other before its outputs are put in place, the
+workdir's lock released (run the same command again to continue); 130 a second Ctrl-C in a training loop
+(its stop's checkpoint not saved); anything else is a bug. In a Python process, `run(argv)` does the same
+and returns the status (`parse` and `execute` are its two halves).
 """
-import dataclasses
-import difflib
-import json
-import logging as std_logging
-import os
 import sys
-from typing import Any
+
+if __name__ == '__main__':
+  # The libraries below take seconds to load (JAX's most): a stop meanwhile ends the command at once, with
+  # the status of every stop and one line. main() puts the handler of the run in its place.
+  from srdd_jax.parallel import early_stop  # pylint: disable=ungrouped-imports
+  early_stop.install()
+
+import dataclasses  # pylint: disable=wrong-import-position
+import difflib  # pylint: disable=wrong-import-position
+import json  # pylint: disable=wrong-import-position
+import logging as std_logging  # pylint: disable=wrong-import-position
+import os  # pylint: disable=wrong-import-position
+from typing import Any  # pylint: disable=wrong-import-position
 
 from absl import app
 from absl import flags
@@ -33,7 +42,7 @@ from srdd_jax.modes import distill
 from srdd_jax.modes import edit
 from srdd_jax.modes import eval as evaluation
 from srdd_jax.modes import reconstruct, sample, study, tokenize, train, train_tokenizer
-from srdd_jax.parallel import compile_cache, multihost
+from srdd_jax.parallel import compile_cache, multihost, preemption
 from srdd_jax.parallel.workdir import WorkdirLock, check_store, storage_fault
 from srdd_jax.train.driver import PREEMPTED_EXIT_CODE
 
@@ -180,11 +189,18 @@ def execute(command: Command) -> int:
     check_store(workdir)
   except ConfigError as e:
     raise BadInput(str(e)) from None
+  # The process's own stop handler (main() installed it; a process that calls `run` keeps its own): its
+  # SIGTERM part gives way while jax.distributed starts, whose notifier then owns SIGTERM.
+  own_stops = preemption.stopping_handled()
+  if own_stops:
+    preemption.default_sigterm()
   try:
-    multihost.initialize(command.coordinator_address, command.num_processes, command.process_id,
-                         auto=command.multihost)
+    several = multihost.initialize(command.coordinator_address, command.num_processes, command.process_id,
+                                   auto=command.multihost)
   except ValueError as e:
     raise BadInput(str(e)) from None
+  if own_stops:
+    preemption.stop_on_signals(sigterm=not several)
   try:
     files.makedirs(workdir)
   except OSError as e:
@@ -193,7 +209,8 @@ def execute(command: Command) -> int:
   cache = compile_cache.setup(workdir, command.config.get('compile_cache', ''))
   logging.info('persistent compilation cache: %s', cache or 'off')
   try:
-    with WorkdirLock(workdir, enabled=multihost.is_main_process()):
+    with WorkdirLock(workdir, enabled=multihost.is_main_process()) as lock:
+      preemption.at_forced_exit(lock.release)  # A stop the main thread cannot act on in time.
       summary = MODES[mode](command.config, workdir, **kwargs)
   except ConfigError as e:
     raise BadInput(str(e)) from None
@@ -222,6 +239,13 @@ def _report(e: BadInput) -> int:
   return BAD_INPUT_EXIT_CODE
 
 
+def _stopped(e: BaseException) -> int:
+  """A stop outside a training loop (Interrupted), or an abort (a second Ctrl-C in one): its line, its status."""
+  status, line = preemption.exit_of(e)
+  print(line, file=sys.stderr)
+  return status
+
+
 def run(argv: list[str]) -> int:
   """`python -m srdd_jax.main` with the command line `argv` (argv[0] the program), in this process:
   parse, then execute. Returns the exit status the command has, a bad input's one-line message on
@@ -230,6 +254,8 @@ def run(argv: list[str]) -> int:
     return execute(parse(argv))
   except BadInput as e:
     return _report(e)
+  except (preemption.Interrupted, KeyboardInterrupt) as e:
+    return _stopped(e)
 
 
 def _parse_flags(argv):
@@ -268,9 +294,13 @@ def main(argv):
   logging.get_absl_handler().addFilter(_QuietLibraries())
   sys.unraisablehook = _quiet_unraisable
   try:
+    # SIGTERM or Ctrl-C from here on, outside a training loop, unwinds the run to status 75.
+    preemption.stop_on_signals()
     status = execute(_command(_FLAGS, sys.argv))
   except BadInput as e:
     status = _report(e)
+  except (preemption.Interrupted, KeyboardInterrupt) as e:
+    status = _stopped(e)
   if status:
     # Everything this run saved is saved (checkpoints waited for, the lock released). Leaving now skips
     # the interpreter's teardown, where background threads of a failed save print more tracebacks or

@@ -13,16 +13,25 @@ A Python SIGTERM handler installed after `jax.distributed.initialize` replaces t
 "restoring" the default afterwards removes it): multi-process runs leave SIGTERM alone and turn a
 Ctrl-C into a SIGTERM of their own process. Steps are absolute training steps, as Orbax's
 `CheckpointManager.should_save` asks them too; see `reached` for the one notice that can be missed.
+
+Outside a training loop (setup, compilation, tokenizing, sampling, evaluation, a study's or a sweep's
+bookkeeping), a command's process stops by `stop_on_signals`: the signal raises Interrupted in the main
+thread, which unwinds (the workdir lock released, nothing half-written put in place) to an exit with the
+status the driver's loop gives, 75; a watchdog ends the process with that status if the main thread is
+held in native code longer than GRACE_SECONDS.
 """
 from __future__ import annotations
 
 import os
 import signal
+import threading
+import time
 
 import jax
 from jax.experimental import multihost_utils
 
 from srdd_jax.config import ConfigError
+from srdd_jax.parallel.early_stop import STOPPED_EXIT_CODE
 
 
 def coordinated() -> bool:
@@ -57,3 +66,123 @@ def notify() -> None:
 def python_owns_sigterm() -> bool:
   """Whether Python code has installed a SIGTERM handler, which keeps JAX's notifier from hearing it."""
   return callable(signal.getsignal(signal.SIGTERM))
+
+
+# --- stops outside a training loop ---------------------------------------------------------------------
+
+# A second Ctrl-C in a training loop: the run ends at once, without the stop's checkpoint.
+ABORTED_EXIT_CODE = 130
+# How long the main thread has to act on a stop before the process exits without it: a thread cannot be
+# interrupted inside native code (XLA compiling, a wait for the device), and a scheduler's grace period
+# after SIGTERM, before its SIGKILL, is typically 30 s.
+GRACE_SECONDS = float(os.environ.get('SRDD_STOP_GRACE_SECONDS', 10))
+
+
+class Interrupted(BaseException):
+  """SIGTERM or Ctrl-C outside a training loop (setup, compilation, tokenizing, sampling, evaluation), raised
+  in the main thread where it was, so that every `with` and `finally` on the way up runs (the workdir lock
+  is released; an output being written stays in its `.partial` folder or temporary file, which the next
+  run removes), and the command exits with STOPPED_EXIT_CODE. A BaseException, as KeyboardInterrupt is:
+  the `except Exception` of error handling on the way never takes it for a failure to report. Also raised
+  by a runner whose training stage the driver stopped (its checkpoint saved), to end the command alike."""
+
+  def __init__(self, signal_name: str, where: str = ''):
+    super().__init__(signal_name, where)
+    self.signal_name, self.where = signal_name, where
+
+  def __str__(self):
+    return f'stopped by {self.signal_name}' + (f' ({self.where})' if self.where else '')
+
+
+class _Stops:
+  """The process's handler of SIGTERM and SIGINT while a command runs, and its watchdog."""
+
+  def __init__(self):
+    self.signal = None  # The first stop's signal name.
+    self.cleanups = []  # What the watchdog runs before it ends the process (the lock's release).
+    self.watching = False
+
+  def handler(self, signum, frame):
+    del frame
+    name = signal.Signals(signum).name
+    if self.signal is not None:  # Already stopping: the first raise is unwinding (and the watchdog is on).
+      return
+    self.signal = name
+    raise Interrupted(name)
+
+  def watch(self, read_fd: int) -> None:
+    """Woken by every signal (signal.set_wakeup_fd): when it is one this handler owns and the process is
+    still there GRACE_SECONDS later (the main thread held in native code), ends it with the stop's status."""
+    while True:
+      try:
+        data = os.read(read_fd, 16)
+      except OSError:
+        return
+      if not data:
+        return
+      if not any(signal.getsignal(s) == self.handler for s in data if s in (signal.SIGTERM, signal.SIGINT)):
+        continue  # The training loop's own handler has it: it stops after the step and saves.
+      time.sleep(GRACE_SECONDS)
+      name = self.signal or signal.Signals(data[0]).name
+      os.write(2, (f'stopped by {name}: the main thread did not leave native code (compilation, a device '
+                   f'wait) within {GRACE_SECONDS:g} s, so the process ends now; nothing half-written is used: run '
+                   'the same command again\n').encode())
+      for fn in list(self.cleanups):
+        try:
+          fn()
+        except Exception:  # pylint: disable=broad-except
+          pass
+      os._exit(STOPPED_EXIT_CODE)  # pylint: disable=protected-access
+
+
+_STOPS = _Stops()
+
+
+def stop_on_signals(sigterm: bool = True) -> None:
+  """From now on SIGINT (and SIGTERM, with `sigterm`) outside a training loop raises Interrupted in the main
+  thread; the driver's loop installs its own handler for its steps and puts this one back after. Call from
+  the main thread of a command's process (never from a library: a test process keeps its own handlers).
+  `sigterm` False: after jax.distributed has started, whose preemption notifier owns SIGTERM (a Python
+  handler would replace it)."""
+  signal.signal(signal.SIGINT, _STOPS.handler)
+  if sigterm:
+    signal.signal(signal.SIGTERM, _STOPS.handler)
+  if not _STOPS.watching:
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(write_fd, False)
+    signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+    threading.Thread(target=_STOPS.watch, args=(read_fd,), name='srdd-stop-watchdog', daemon=True).start()
+    _STOPS.watching = True
+
+
+def default_sigterm() -> None:
+  """SIGTERM back to its default, before jax.distributed starts: its notifier then installs its own handler,
+  which a Python one installed earlier would leave confused about who owns the signal."""
+  if callable(signal.getsignal(signal.SIGTERM)):
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def at_forced_exit(fn) -> None:
+  """`fn()` runs (from the watchdog's thread) before the watchdog ends a process that did not stop in
+  time: what must not outlive it, such as the workdir's lock file."""
+  _STOPS.cleanups.append(fn)
+
+
+def stopping() -> str | None:
+  """The signal a stop was asked for by (SIGTERM, SIGINT), None before any."""
+  return _STOPS.signal
+
+
+def stopping_handled() -> bool:
+  """Whether this process stops by `stop_on_signals` (a command's process; not a test's)."""
+  return _STOPS.watching
+
+
+def exit_of(e: BaseException) -> tuple[int, str]:
+  """(exit status, the one line to print) of a command that ended by Interrupted (a stop outside a training
+  loop) or KeyboardInterrupt (the second Ctrl-C the driver's loop turns into one)."""
+  if isinstance(e, KeyboardInterrupt):
+    return ABORTED_EXIT_CODE, ('aborted by a second Ctrl-C: the stop\'s checkpoint was not saved; the run resumes '
+                               'from the one before it when the same command is run again')
+  return STOPPED_EXIT_CODE, (f'{e}: the work completed before it is kept, nothing half-written is used (outputs '
+                             'are put in place whole); run the same command again to continue')

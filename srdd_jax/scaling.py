@@ -8,8 +8,15 @@ runner, what each subcommand does, is srdd_jax/modes/scaling.py).
 """
 from __future__ import annotations
 
-import json
 import sys
+
+if __name__ == '__main__':
+  # A stop while the libraries below load (seconds): status 75 and one line (srdd_jax/parallel/early_stop.py).
+  from srdd_jax.parallel import early_stop  # pylint: disable=ungrouped-imports
+  early_stop.install()
+
+import json  # pylint: disable=wrong-import-position
+import os  # pylint: disable=wrong-import-position
 
 from absl import app
 from absl import flags
@@ -18,8 +25,8 @@ from ml_collections import config_flags
 from srdd_jax import files
 from srdd_jax.config import ConfigError, ints, with_defaults
 from srdd_jax.modes import scaling
-from srdd_jax.parallel import compile_cache, multihost
-from srdd_jax.parallel.workdir import write_json
+from srdd_jax.parallel import compile_cache, multihost, preemption
+from srdd_jax.parallel.workdir import WorkdirLock, write_json
 
 
 def define_flags():
@@ -67,6 +74,29 @@ def _points_from_flags(config) -> list[scaling.Point]:
 
 
 def main(argv):
+  # SIGTERM or Ctrl-C outside a training loop unwinds the command (the lock released) to status 75, as in
+  # srdd_jax.main; a point's training stops after its step and saves, then ends the command alike.
+  preemption.stop_on_signals()
+  try:
+    _main(argv)
+  except (preemption.Interrupted, KeyboardInterrupt) as e:
+    status, line = preemption.exit_of(e)
+    print(line, file=sys.stderr)
+    for stream in (sys.stdout, sys.stderr):
+      stream.flush()
+    os._exit(status)  # pylint: disable=protected-access  # As srdd_jax.main: no teardown of saving threads.
+
+
+def _held(root: str, enabled: bool = True) -> WorkdirLock:
+  """The lock of ROOT (parallel/workdir.py), as srdd_jax.main holds its workdir's: two sweeps writing one
+  root trained the same points at once (issue 47: 61 metric lines for 30 steps, both exit 0)."""
+  files.makedirs(root)
+  lock = WorkdirLock(root, enabled=enabled)
+  preemption.at_forced_exit(lock.release)  # A stop the main thread cannot act on in time.
+  return lock
+
+
+def _main(argv):
   if len(argv) != 2 or argv[1] not in ('plan', 'run', 'fit', 'prepare'):
     raise app.UsageError('usage: python -m srdd_jax.scaling plan|run|fit|prepare --workdir=ROOT [--config=...]')
   cmd, root = argv[1], _WORKDIR.value
@@ -77,7 +107,9 @@ def main(argv):
       print(f'fit --workdir={root}: would read {files.join(root, "plan.json")} and the points\' metrics.jsonl')
       return
     if cmd == 'fit':
-      out = scaling.fit(root)
+      scaling.load_plan(root)  # A root without a plan is refused before it is locked (and so created).
+      with _held(root):
+        out = scaling.fit(root)
       print(scaling.fit_markdown(out))
       print(json.dumps(out['outputs']))
       return
@@ -97,35 +129,44 @@ def main(argv):
     compile_cache.setup(root, config.get('compile_cache', ''))
     if cmd == 'plan':
       mesh = ints(_MESH.value, '--mesh') or None
-      p = scaling.plan(config, spec, overrides, root, points, heldout_examples=_HELDOUT.value,
-                       topology=_TOPOLOGY.value, mesh_shape=mesh, memory=_MEMORY.value, python=_PYTHON.value,
-                       heldout_split=_HELDOUT_SPLIT.value)
-      write_json(files.join(root, 'plan.json'), p)
+      with _held(root):
+        p = scaling.plan(config, spec, overrides, root, points, heldout_examples=_HELDOUT.value,
+                         topology=_TOPOLOGY.value, mesh_shape=mesh, memory=_MEMORY.value, python=_PYTHON.value,
+                         heldout_split=_HELDOUT_SPLIT.value)
+        write_json(files.join(root, 'plan.json'), p)
       print(scaling.plan_table(p))
       print(f'written: {files.join(root, "plan.json")}')
       return
-    multihost.initialize(None, None, None, auto=_MULTIHOST.value)
-    if cmd == 'prepare':
-      scaling.run_points(config, root, points, heldout_examples=_HELDOUT.value, prepare_only=True,
-                         heldout_split=_HELDOUT_SPLIT.value)
-      return
-    fresh = scaling.plan(config, spec, overrides, root, points, heldout_examples=_HELDOUT.value, memory=False,
-                         python=_PYTHON.value, heldout_split=_HELDOUT_SPLIT.value)
-    path = files.join(root, 'plan.json')
-    old = files.read_json(path) if files.isfile(path) else None
-    # A plan of these very points (perhaps with its compiled memory) is kept; another is replaced.
-    stale = old is None or [r['command'] for r in old.get('points', [])] != [r['command'] for r in fresh['points']]
-    if stale and multihost.is_main_process():
-      write_json(path, fresh)
-    done = scaling.run_points(config, root, points, heldout_examples=_HELDOUT.value,
-                              heldout_split=_HELDOUT_SPLIT.value)
-    print(json.dumps({'points': done}, indent=1))
+    # jax.distributed's notifier owns SIGTERM once it has started (parallel/preemption.py).
+    preemption.default_sigterm()
+    several = multihost.initialize(None, None, None, auto=_MULTIHOST.value)
+    preemption.stop_on_signals(sigterm=not several)
+    with _held(root, enabled=multihost.is_main_process()):
+      _run_points(cmd, config, root, points, spec, overrides)
   except ConfigError as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
   finally:
     if cmd != 'fit':
       compile_cache.log()
+
+
+def _run_points(cmd, config, root, points, spec, overrides):
+  if cmd == 'prepare':
+    scaling.run_points(config, root, points, heldout_examples=_HELDOUT.value, prepare_only=True,
+                       heldout_split=_HELDOUT_SPLIT.value)
+    return
+  fresh = scaling.plan(config, spec, overrides, root, points, heldout_examples=_HELDOUT.value, memory=False,
+                       python=_PYTHON.value, heldout_split=_HELDOUT_SPLIT.value)
+  path = files.join(root, 'plan.json')
+  old = files.read_json(path) if files.isfile(path) else None
+  # A plan of these very points (perhaps with its compiled memory) is kept; another is replaced.
+  stale = old is None or [r['command'] for r in old.get('points', [])] != [r['command'] for r in fresh['points']]
+  if stale and multihost.is_main_process():
+    write_json(path, fresh)
+  done = scaling.run_points(config, root, points, heldout_examples=_HELDOUT.value,
+                            heldout_split=_HELDOUT_SPLIT.value)
+  print(json.dumps({'points': done}, indent=1))
 
 
 if __name__ == '__main__':

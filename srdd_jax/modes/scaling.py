@@ -47,8 +47,9 @@ from srdd_jax.convert import params_io
 from srdd_jax.evaluation.plot import Chart
 from srdd_jax.modes import tokenize, train, train_tokenizer
 from srdd_jax.parallel import mesh as pm
+from srdd_jax.parallel import multihost, preemption
 from srdd_jax.parallel.compile import aot_record, aot_train_step, rules_for, topology_devices
-from srdd_jax.parallel.workdir import Units, write_json
+from srdd_jax.parallel.workdir import Units, WorkdirLock, file_identity, write_json
 from srdd_jax.tokenizer.api import Tokenizer, tokenizer_config, unbox
 from srdd_jax.train.optimizer import OptimConfig
 from srdd_jax.train.step import Trainer
@@ -251,20 +252,33 @@ def load_plan(root: str) -> dict:
 
 def run_points(config, root: str, points, *, heldout_examples: int, prepare_only: bool = False,
                heldout_split: str = 'test') -> list[dict]:
-  """The shared stages, then (unless prepare_only) every point in order; finished ones are kept."""
+  """The shared stages, then (unless prepare_only) every point in order; finished ones are kept.
+
+  Each unit records what it was made from in ROOT/inputs.json, as --mode=all's stages and the study's units
+  do (parallel/workdir.Units): the tokenizer, each token cache and each point hold training work, so one
+  made from other inputs (another tokenizer, other settings of the config) is refused with exit status 2
+  naming the change, and so are a point's checkpoints cut short. A training stage stopped by SIGTERM or
+  Ctrl-C (its checkpoint saved) ends the command as every stop does (preemption.Interrupted: status 75)."""
   paths = shared_paths(config, root, _dedupe(p.examples for p in points))
   base = with_defaults(config)
   t_all = time.time()
-  units = Units(root, result='done.json', label='scaling:')
+  units = Units(root, result='done.json', label='scaling:', inputs_file=INPUTS_FILE)
+  data = {k: v for k, v in base.data.to_dict().items() if k != 'token_cache'}
 
-  def tokenizer():
-    s = train_tokenizer.run(base, root)
-    if not s.get('export'):
-      raise SystemExit('scaling: the tokenizer stage stopped before its end; run the same command to resume')
-    return s
   if not paths['tokenizer_given']:
-    units('tokenizer', tokenizer, output=paths['tokenizer'])
+    inputs = {'config.tokenizer': {k: v for k, v in base.tokenizer.to_dict().items() if k != 'checkpoint'},
+              'config.tokenizer_train': base.tokenizer_train.to_dict(), 'config.data': data}
+
+    def tokenizer():
+      s = units.timed('tokenizer/checkpoints', lambda: train_tokenizer.run(base, root), inputs=inputs,
+                      where=files.join(root, train_tokenizer.SUBDIR, 'checkpoints'))
+      if not s.get('export'):
+        raise preemption.Interrupted(s.get('stopped_by') or 'a request',
+                                     f'the tokenizer at step {s.get("end_step")}, its checkpoint saved')
+      return s
+    units('tokenizer', tokenizer, output=paths['tokenizer'], inputs=inputs, redo=False)
   base.tokenizer.checkpoint = paths['tokenizer']
+  tokenizer_identity = params_io.model_identity(paths['tokenizer'])
 
   def cache(out_dir, split, max_examples):
     def fn():
@@ -272,7 +286,11 @@ def run_points(config, root: str, points, *, heldout_examples: int, prepare_only
       c.tokenize.update(out_dir=out_dir, split=split, max_examples=max_examples)
       logging.info('scaling: token cache %s (%s split, %s examples)', out_dir, split, max_examples or 'all')
       return tokenize.run(c, root)
-    units(f'token cache {files.basename(out_dir)}', fn, output=files.join(out_dir, 'manifest.json'))
+    tk = {k: v for k, v in base.tokenize.to_dict().items() if k not in ('out_dir', 'split', 'max_examples')}
+    inputs = {'tokenizer': tokenizer_identity, 'split': split, 'max_examples': max_examples,
+              'patch_nums': list(base.model.patch_nums), 'config.data': data, 'config.tokenize': tk}
+    units(f'token cache {files.basename(out_dir)}', fn, output=files.join(out_dir, 'manifest.json'), inputs=inputs,
+          redo=False)
   for n, d in paths['train_caches'].items():
     if d != base.data.token_cache:  # A cache the config gives is used as it is.
       cache(d, 'train', n)
@@ -282,18 +300,47 @@ def run_points(config, root: str, points, *, heldout_examples: int, prepare_only
   out = []
   for i, p in enumerate(points):
     wd = files.join(root, 'points', p.name)
+    c = point_config(base, root, p, paths, heldout_examples)
+    inputs = point_inputs(c, p, tokenizer_identity)
 
-    def point(p=p, wd=wd):
-      s = train.run(point_config(base, root, p, paths, heldout_examples), wd)
+    def point(p=p, wd=wd, c=c, inputs=inputs):
+      def train_point():
+        # The point's own workdir is held too: a launched run of the same point (launch/) cannot train
+        # it at the same time.
+        with WorkdirLock(wd, enabled=multihost.is_main_process()) as lock:
+          preemption.at_forced_exit(lock.release)
+          return train.run(c, wd)
+      files.makedirs(wd)
+      s = units.timed(f'points/{p.name}/checkpoints', train_point, inputs=inputs,
+                      where=files.join(wd, 'checkpoints'))
       if not s.get('export'):
-        raise SystemExit(f'scaling: point {p.name} stopped at step {s.get("end_step")}; run the same command '
-                         'to resume')
+        raise preemption.Interrupted(s.get('stopped_by') or 'a request',
+                                     f'point {p.name} at step {s.get("end_step")}, its checkpoint saved')
       return {'name': p.name, 'export': s['export']}
     logging.info('scaling: point %s (%d/%d)%s', p.name, i + 1, len(points),
                  f', {time.time() - t_all:.0f}s so far' if i else '')
     # Finished points (their ROOT/points/<name>/done.json) are kept; one cut short resumes from its checkpoint.
-    out.append(units(f'points/{p.name}', point))
+    out.append(units(f'points/{p.name}', point, inputs=inputs, redo=False))
   return out
+
+
+INPUTS_FILE = 'inputs.json'  # ROOT/inputs.json: what each unit of `run_points` was made from.
+# config.train keys that say how a run is logged and saved, not what it trains.
+_BOOKKEEPING = ('log_every', 'checkpoint_every', 'keep_checkpoints', 'sample_every')
+
+
+def point_inputs(c, p: Point, tokenizer: dict) -> dict:
+  """What point `p` (its config `c`, point_config's) is trained from: the point, the tokenizer
+  (params_io.model_identity), its training and held-out token caches (their manifests: path, size and
+  time), and every config setting that changes what it learns or how its loss is measured."""
+  t = c.train.to_dict()
+  return {'point': dataclasses.asdict(p), 'seed': int(c.seed), 'tokenizer': tokenizer,
+          'token_cache': file_identity(files.join(c.data.token_cache, 'manifest.json')),
+          'heldout_cache': file_identity(files.join(c.train.heldout_cache, 'manifest.json')),
+          'config.model': {k: v for k, v in c.model.to_dict().items() if k != 'checkpoint'},
+          'config.train': {k: v for k, v in t.items() if k not in _BOOKKEEPING + ('heldout_cache',)},
+          'config.optim': c.optim.to_dict(),
+          'config.data': {k: v for k, v in c.data.to_dict().items() if k != 'token_cache'}}
 
 
 # --- fit ---------------------------------------------------------------------------------------------

@@ -46,6 +46,10 @@ class VARConfig:
   # Masked resampling `refine` (SPEC §5): a second input stream of the current scale's revealed tokens
   # ([MASK] elsewhere) through a zero-initialised projection; off, the parameters do not exist.
   refine: bool = False
+  # On a CPU, the matmuls' weight gradients and the training attention by hand-written backward passes
+  # (transformer/cpu_kernels.py: autodiff's values, laid out for XLA:CPU); False: autodiff's everywhere.
+  # Other backends always take autodiff's.
+  cpu_kernels: bool = True
 
   def __post_init__(self):
     object.__setattr__(self, 'patch_nums', tuple(int(p) for p in self.patch_nums))

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from srdd_jax.parallel.mesh import constrain
-from srdd_jax.transformer import attention
+from srdd_jax.transformer import attention, cpu_kernels
 from srdd_jax.transformer.config import VARConfig
 
 # Activation layouts by logical axis (mapped to the mesh by the `activation_*` rules while training).
@@ -54,21 +54,22 @@ def layer_norm(x, eps):
 class Dense(nn.Module):
   """x @ kernel + bias with the kernel in (in, out) layout; matmul in `dtype` (accumulated in float32),
   output in `out_dtype` (default `dtype`: like autocast, a bfloat16 model keeps bfloat16 activations,
-  which halves their memory and traffic; the residual stream, norms and softmax stay float32)."""
+  which halves their memory and traffic; the residual stream, norms and softmax stay float32).
+  `cpu_kernels`: on a CPU, the weight gradient of cpu_kernels.matmul (same values, faster layout)."""
   features: int
   names: tuple[str | None, str | None]
   kernel_init: object
   use_bias: bool = True
   dtype: jnp.dtype = jnp.float32
   out_dtype: jnp.dtype | None = None
+  cpu_kernels: bool = True
 
   @nn.compact
   def __call__(self, x):
     out = self.out_dtype or self.dtype
     kernel = self.param('kernel', nn.with_logical_partitioning(self.kernel_init, self.names),
                         (x.shape[-1], self.features), jnp.float32)
-    y = jnp.einsum('...i,io->...o', x.astype(self.dtype), kernel.astype(self.dtype),
-                   preferred_element_type=out)
+    y = cpu_kernels.matmul(x.astype(self.dtype), kernel.astype(self.dtype), jnp.dtype(out), self.cpu_kernels)
     if self.use_bias:
       bias = self.param('bias', nn.with_logical_partitioning(nn.initializers.zeros, self.names[1:]),
                         (self.features,), jnp.float32)
@@ -102,42 +103,62 @@ class SelfAttention(nn.Module):
     b, l, width = x.shape
     h, hd = c.num_heads, c.head_dim
     qkv = Dense(3 * width, ('embed', 'heads'), trunc_normal(c.std), use_bias=False, dtype=dt,
-                name='mat_qkv')(x)
+                cpu_kernels=c.cpu_kernels, name='mat_qkv')(x)
     q_bias = self.param('q_bias', nn.with_logical_partitioning(nn.initializers.zeros, ('heads',)),
                         (width,), jnp.float32)
     v_bias = self.param('v_bias', nn.with_logical_partitioning(nn.initializers.zeros, ('heads',)),
                         (width,), jnp.float32)
     # VAR's bias is cat(q_bias, zero_k_bias, v_bias): keys carry no bias.
-    qkv = qkv + jnp.concatenate([q_bias, jnp.zeros_like(q_bias), v_bias]).astype(qkv.dtype)
-    q, k, v = (constrain(t, _ACT_HEADS) for t in jnp.moveaxis(qkv.reshape(b, l, 3, h, hd), 2, 0))
+    bias = jnp.concatenate([q_bias, jnp.zeros_like(q_bias), v_bias])
     if c.attn_l2_norm:
       s = self.param('scale_mul_1H11',
                      nn.with_logical_partitioning(nn.initializers.constant(math.log(4.0)),
                                                   (None, 'heads', None, None)),
                      (1, h, 1, 1), jnp.float32)
-      scale_mul = jnp.exp(jnp.minimum(s, math.log(100.0))).reshape(1, 1, h, 1)
-      q = _l2_normalize(q) * scale_mul
-      k = _l2_normalize(k)
-      scale = 1.0
+      scale_mul, scale = jnp.exp(jnp.minimum(s, math.log(100.0))).reshape(h), 1.0
     else:
-      scale = 0.25 / math.sqrt(hd)
+      scale_mul, scale = jnp.ones((h,), jnp.float32), 0.25 / math.sqrt(hd)
+    one_scale = mask_kind == 'markov' and begin_ends is not None and len(begin_ends) == 1
+    # The scales present: all of them, or the first few when progressive training cuts the sequence.
+    pn = c.patch_nums if begin_ends is None else c.patch_nums[:len(begin_ends)]
+
+    def whole_sequence(qkv, bias, scale_mul):  # Training: autodiff's path, and every backend's but the CPU's.
+      q, k, v = _split_heads(qkv, bias, scale_mul, c)
+      o = attention.sequence_attention(q, k, v, scale=scale, patch_nums=pn, mask=mask_kind, dtype=dt,
+                                       impl=c.attention)
+      return o.reshape(b, l, width)
+
     if cache is not None:
+      q, k, v = _split_heads(qkv, bias, scale_mul, c)
       end = cache_index + l
       k_cache = jax.lax.dynamic_update_slice_in_dim(cache[0], k.astype(cache[0].dtype), cache_index, 1)
       v_cache = jax.lax.dynamic_update_slice_in_dim(cache[1], v.astype(cache[1].dtype), cache_index, 1)
       o = attention.attend(q, k_cache[:, :end], v_cache[:, :end], scale=scale, dtype=dt, impl=c.attention)
       cache = (k_cache, v_cache)
-    elif mask_kind == 'markov' and begin_ends is not None and len(begin_ends) == 1:  # One scale alone.
-      o = attention.attend(q, k, v, scale=scale, dtype=dt, impl=c.attention)
+    elif one_scale:
+      o = attention.attend(*_split_heads(qkv, bias, scale_mul, c), scale=scale, dtype=dt, impl=c.attention)
+    elif attention.resolve_impl(c.attention, dt) == 'xla':
+      o = cpu_kernels.self_attention(qkv, bias, scale_mul, whole_sequence, heads=h, patch_nums=pn,
+                                     mask=mask_kind, scale=scale, l2_norm=c.attn_l2_norm, dtype=dt,
+                                     cpu_kernels=c.cpu_kernels)
     else:
-      # The scales present: all of them, or the first few when progressive training cuts the sequence.
-      pn = c.patch_nums if begin_ends is None else c.patch_nums[:len(begin_ends)]
-      o = attention.sequence_attention(q, k, v, scale=scale, patch_nums=pn, mask=mask_kind,
-                                       dtype=dt, impl=c.attention)
+      o = whole_sequence(qkv, bias, scale_mul)
     o = o.reshape(b, l, width)
     o = Dense(width, ('heads', 'embed'), trunc_normal(c.std, 1 / math.sqrt(2 * c.depth)), dtype=dt,
-              name='proj')(o)
+              cpu_kernels=c.cpu_kernels, name='proj')(o)
     return o if cache is None else (o, cache)
+
+
+def _split_heads(qkv, bias, scale_mul, c: VARConfig):
+  """q, k, v (B, l, H, D) from the projection (B, l, 3C): bias added (in the compute dtype); with
+  attn_l2_norm, q and k l2-normalised (float32) and q scaled by scale_mul (H,)."""
+  b, l, _ = qkv.shape
+  qkv = qkv + bias.astype(qkv.dtype)
+  q, k, v = (constrain(t, _ACT_HEADS) for t in jnp.moveaxis(qkv.reshape(b, l, 3, c.num_heads, c.head_dim), 2, 0))
+  if c.attn_l2_norm:
+    q = _l2_normalize(q) * scale_mul.reshape(1, 1, -1, 1)
+    k = _l2_normalize(k)
+  return q, k, v
 
 
 def _l2_normalize(x, eps=1e-12):
@@ -154,10 +175,11 @@ class FFN(nn.Module):
   def __call__(self, x):
     c = self.config
     dt = jnp.dtype(c.dtype)
-    h = Dense(c.mlp_dim, ('embed', 'mlp'), trunc_normal(c.std), dtype=dt, name='fc1')(x)
+    h = Dense(c.mlp_dim, ('embed', 'mlp'), trunc_normal(c.std), dtype=dt, cpu_kernels=c.cpu_kernels,
+              name='fc1')(x)
     h = constrain(jax.nn.gelu(h, approximate=True), _ACT_MLP)
     return Dense(c.width, ('mlp', 'embed'), trunc_normal(c.std, 1 / math.sqrt(2 * c.depth)), dtype=dt,
-                 name='fc2')(h)
+                 cpu_kernels=c.cpu_kernels, name='fc2')(h)
 
 
 def _adaln_scales(c: VARConfig, n_out: int):
@@ -188,7 +210,7 @@ class AdaLNSelfAttn(nn.Module):
     else:
       mods = Dense(6 * width, ('embed', 'adaln'),
                    _column_scaled(trunc_normal(c.std), lambda n: _adaln_scales(c, n)),
-                   dtype=jnp.dtype(c.dtype), name='ada_lin_1')(nn.silu(cond))
+                   dtype=jnp.dtype(c.dtype), cpu_kernels=c.cpu_kernels, name='ada_lin_1')(nn.silu(cond))
       mods = mods.reshape(-1, 1, 6, width)
     g1, g2, s1, s2, b1, b2 = (mods[:, :, i] for i in range(6))
     h = SelfAttention(c, name='attn')(layer_norm(x, c.norm_eps) * (1 + s1) + b1, mask_kind, begin_ends,
@@ -277,7 +299,8 @@ class AdaLNBeforeHead(nn.Module):
   @nn.compact
   def __call__(self, x, cond):
     c = self.config
-    mods = Dense(2 * c.width, ('embed', 'adaln'), trunc_normal(c.std, c.init_adaln), name='ada_lin_1')(
+    mods = Dense(2 * c.width, ('embed', 'adaln'), trunc_normal(c.std, c.init_adaln), cpu_kernels=c.cpu_kernels,
+                 name='ada_lin_1')(
         nn.silu(cond)).reshape(-1, 1, 2, c.width)
     return layer_norm(x, c.norm_eps) * (1 + mods[:, :, 0]) + mods[:, :, 1]
 
@@ -287,7 +310,7 @@ def _refine_modules(c: VARConfig):
   projection into the input stream whose kernel and bias start at zero (a checkpoint trained without
   the stream loads unchanged)."""
   embed = Embed(c.vocab_size + 1, c.width, ('vocab', 'embed'), c.std)
-  proj = Dense(c.width, (None, 'embed'), nn.initializers.zeros)
+  proj = Dense(c.width, (None, 'embed'), nn.initializers.zeros, cpu_kernels=c.cpu_kernels)
   return embed, proj
 
 
@@ -307,7 +330,7 @@ class VAR(nn.Module):
   def setup(self):
     c = self.config
     width = c.width
-    self.word_embed = Dense(width, (None, 'embed'), trunc_normal(c.std))
+    self.word_embed = Dense(width, (None, 'embed'), trunc_normal(c.std), cpu_kernels=c.cpu_kernels)
     self.class_emb = Embed(c.num_classes + 1, width, ('classes', 'embed'), c.std)
     self.pos_start = self.param('pos_start', nn.with_logical_partitioning(
         trunc_normal(c.std), (None, None, 'embed')), (1, c.first_l, width), jnp.float32)
@@ -315,7 +338,7 @@ class VAR(nn.Module):
         trunc_normal(c.std), (None, None, 'embed')), (1, c.seq_len, width), jnp.float32)
     self.lvl_embed = Embed(c.num_scales, width, (None, 'embed'), c.std)
     if c.shared_aln:
-      self.shared_ada_lin_1 = Dense(6 * width, ('embed', 'adaln'), trunc_normal(c.std))
+      self.shared_ada_lin_1 = Dense(6 * width, ('embed', 'adaln'), trunc_normal(c.std), cpu_kernels=c.cpu_kernels)
     block = _block_class(c)
     if c.scan_blocks:
       # Parameters stacked on a leading 'layers' axis; every layer draws its own dropout.
@@ -328,7 +351,7 @@ class VAR(nn.Module):
     # The head's matmul in the compute dtype too (a float32 one costs several times a bfloat16 one on
     # accelerators); its logits in float32 for the softmax and the loss.
     self.head = Dense(c.vocab_size, ('embed', 'vocab'), trunc_normal(c.std, c.init_head),
-                      dtype=jnp.dtype(c.dtype), out_dtype=jnp.float32)
+                      dtype=jnp.dtype(c.dtype), out_dtype=jnp.float32, cpu_kernels=c.cpu_kernels)
     if c.refine:
       self.refine_embed, self.refine_proj = _refine_modules(c)
 

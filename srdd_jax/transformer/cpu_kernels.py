@@ -1,0 +1,197 @@
+"""Hand-written backward passes for XLA:CPU: the same values as autodiff, laid out so the CPU moves less.
+
+On a CPU the train step of a small model spends as much time moving activations as multiplying them
+(docs/PERFORMANCE.md, the demo's profile), and two patterns of autodiff's program are the largest movers:
+
+- **Weight gradients** dW = x^T dy contract over the rows of both operands. XLA:CPU then copies dy into a
+  transposed layout and runs its generic dot, at about half the rate of its YNN dots (the MLP's fc2:
+  the (4160, 512) x (4160, 128) gradient). `matmul` instead transposes the narrower of x and dy itself
+  and hands YNN a row-major product, so the copy is of the smaller array and the dot is the fast one.
+- **Attention** from the fused q/k/v projection: autodiff slices q, k and v out of it, transposes each
+  chunk of scales to heads-first for its dots, and in the backward pads every slice's cotangent back to
+  full size and sums them. `self_attention` transposes q, k and v to heads-first once, slices chunks from
+  there, and writes the backward's d(qkv) in one piece; the softmax backward uses rowsum(dO * O) (as
+  FlashAttention does) rather than rowsum(dP * P), a sum over D instead of over the keys.
+
+Both pick their path by the platform the program is lowered for (`jax.lax.platform_dependent`): CPU
+programs get the hand-written backward, every other backend (and a TPU program compiled ahead of time on
+a CPU host) autodiff's. `cpu_kernels=False` (VARConfig.cpu_kernels) takes autodiff's path everywhere;
+tests/test_cpu_kernels.py checks the two against each other.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from srdd_jax.transformer import attention
+
+_NORM_EPS = 1e-12  # F.normalize's eps, as the model's _l2_normalize.
+
+
+# --- matmul ----------------------------------------------------------------------------------------
+
+def _matmul(x, kernel, out_dtype):
+  return jnp.einsum('...i,io->...o', x, kernel, preferred_element_type=out_dtype)
+
+
+def _weight_gradient(x, dy, dtype):
+  """x^T dy over all leading axes, (I, O) in float32, as a row-major product: the narrower of x and dy is
+  transposed here (the barrier keeps XLA from folding the transpose back into the dot's dimension
+  numbers, which sends it to the slow path with a copy of the wider one)."""
+  x2 = x.reshape(-1, x.shape[-1]).astype(dtype)
+  d2 = dy.reshape(-1, dy.shape[-1]).astype(dtype)
+  barrier = jax.lax.optimization_barrier
+  if x2.shape[1] <= d2.shape[1]:
+    return jnp.dot(barrier(x2.T), d2, preferred_element_type=jnp.float32)
+  return barrier(jnp.dot(barrier(d2.T), x2, preferred_element_type=jnp.float32)).T
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _matmul_cpu(x, kernel, out_dtype):
+  return _matmul(x, kernel, out_dtype)
+
+
+def _matmul_cpu_fwd(x, kernel, out_dtype):
+  return _matmul(x, kernel, out_dtype), (x, kernel)
+
+
+def _matmul_cpu_bwd(out_dtype, res, dy):
+  del out_dtype
+  x, kernel = res
+  # In the inputs' dtype with float32 accumulation, like autodiff's transposed dots.
+  dx = jnp.einsum('...o,io->...i', dy.astype(kernel.dtype), kernel, preferred_element_type=jnp.float32)
+  return dx.astype(x.dtype), _weight_gradient(x, dy, kernel.dtype).astype(kernel.dtype)
+
+
+_matmul_cpu.defvjp(_matmul_cpu_fwd, _matmul_cpu_bwd)
+
+
+def matmul(x, kernel, out_dtype, cpu_kernels: bool = True):
+  """x (..., I) @ kernel (I, O), accumulated and returned in `out_dtype`; on a CPU with the weight
+  gradient of `_weight_gradient`."""
+  if not cpu_kernels:
+    return _matmul(x, kernel, out_dtype)
+  return jax.lax.platform_dependent(x, kernel, cpu=functools.partial(_matmul_cpu, out_dtype=out_dtype),
+                                    default=functools.partial(_matmul, out_dtype=out_dtype))
+
+
+# --- attention -------------------------------------------------------------------------------------
+
+def _heads_first(qkv, bias, heads):
+  """(B, L, 3C) + bias -> q, k, v as (B, H, L, D) float32."""
+  b, l, c3 = qkv.shape
+  t = (qkv.astype(jnp.float32) + bias).reshape(b, l, 3, heads, c3 // (3 * heads))
+  return [jnp.transpose(t[:, :, i], (0, 2, 1, 3)) for i in range(3)]
+
+
+def _unit(x):
+  """(x / max(|x|, eps), |x|) over the last axis."""
+  n = jnp.sqrt(jnp.sum(x * x, axis=-1, keepdims=True))
+  return x / jnp.maximum(n, _NORM_EPS), n
+
+
+def _unit_backward(du, u, n):
+  """The cotangent of x from that of u = x / max(|x|, eps)."""
+  along = jnp.where(n > _NORM_EPS, jnp.sum(u * du, axis=-1, keepdims=True), 0.0)
+  return (du - u * along) / jnp.maximum(n, _NORM_EPS)
+
+
+def _concat(parts, axis):
+  return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=axis)
+
+
+def _key_sum(parts, length):
+  """Sum of per-chunk key cotangents [(kb, ke, (B, H, ke - kb, D))] over `length` keys: a concatenation
+  where the chunks' key ranges tile the sequence (markov), else padded sums (causal prefixes)."""
+  ends = [0] + [ke for _, ke, _ in parts]
+  if [kb for kb, _, _ in parts] == ends[:-1] and ends[-1] == length:
+    return _concat([x for _, _, x in parts], 2)
+  total = None
+  for kb, ke, x in parts:
+    x = jnp.pad(x, ((0, 0), (0, 0), (kb, length - ke), (0, 0)))
+    total = x if total is None else total + x
+  return total
+
+
+@functools.lru_cache(maxsize=None)
+def _fused_attention(heads: int, patch_nums: tuple[int, ...], mask: str, scale: float, l2_norm: bool,
+                     dtype: str, qkv_dtype: str, group_min: int):
+  """The custom-vjp attention of one static configuration (qkv, bias, scale_mul) -> (B, L, C)."""
+  dt = jnp.dtype(dtype)
+  parts = attention.chunks(patch_nums, mask, group_min)
+
+  def forward(qkv, bias, scale_mul):
+    b, l, _ = qkv.shape
+    q, k, v = _heads_first(qkv, bias, heads)
+    if l2_norm:
+      uq, nq = _unit(q)
+      uk, nk = _unit(k)
+      q = uq * scale_mul.reshape(1, heads, 1, 1)
+      k = uk
+    else:
+      uq = nq = uk = nk = None
+      q = q * scale
+    q, k, v = q.astype(dt), k.astype(dt), v.astype(dt)
+    outs, probs = [], []
+    for qb, qe, kb, ke, m in parts:
+      logits = jnp.einsum('bhqd,bhkd->bhqk', q[:, :, qb:qe], k[:, :, kb:ke], preferred_element_type=jnp.float32)
+      if m is not None:
+        logits = jnp.where(m, logits, -jnp.inf)
+      p = jax.nn.softmax(logits, axis=-1)
+      probs.append(p)
+      outs.append(jnp.einsum('bhqk,bhkd->bhqd', p.astype(dt), v[:, :, kb:ke], preferred_element_type=jnp.float32))
+    o = _concat(outs, 2)
+    out = jnp.transpose(o, (0, 2, 1, 3)).reshape(b, l, -1)
+    return out, (q, k, v, uq, nq, uk, nk, probs, o, scale_mul)
+
+  @jax.custom_vjp
+  def fused(qkv, bias, scale_mul):
+    return forward(qkv, bias, scale_mul)[0]
+
+  def backward(res, dout):
+    q, k, v, uq, nq, uk, nk, probs, o, scale_mul = res
+    b, l, c = dout.shape
+    do = jnp.transpose(dout.astype(jnp.float32).reshape(b, l, heads, c // heads), (0, 2, 1, 3))
+    do_dt = do.astype(dt)
+    dqs, dks, dvs = [], [], []
+    for (qb, qe, kb, ke, _), p in zip(parts, probs):
+      do_c = do_dt[:, :, qb:qe]
+      rows = jnp.sum(do[:, :, qb:qe] * o[:, :, qb:qe], axis=-1, keepdims=True)  # = rowsum(dP * P).
+      dp = jnp.einsum('bhqd,bhkd->bhqk', do_c, v[:, :, kb:ke], preferred_element_type=jnp.float32)
+      ds = (p * (dp - rows)).astype(dt)  # Masked keys have p = 0, so ds = 0 there.
+      dqs.append(jnp.einsum('bhqk,bhkd->bhqd', ds, k[:, :, kb:ke], preferred_element_type=jnp.float32))
+      dks.append((kb, ke, jnp.einsum('bhqk,bhqd->bhkd', ds, q[:, :, qb:qe], preferred_element_type=jnp.float32)))
+      dvs.append((kb, ke, jnp.einsum('bhqk,bhqd->bhkd', p.astype(dt), do_c, preferred_element_type=jnp.float32)))
+    dq, dk, dv = _concat(dqs, 2), _key_sum(dks, l), _key_sum(dvs, l)
+    if l2_norm:
+      dscale = jnp.sum(dq * uq, axis=(0, 2, 3))
+      dq = _unit_backward(dq * scale_mul.reshape(1, heads, 1, 1), uq, nq)
+      dk = _unit_backward(dk, uk, nk)
+    else:
+      dscale = jnp.zeros_like(scale_mul)
+      dq = dq * scale
+    back = [jnp.transpose(x, (0, 2, 1, 3)) for x in (dq, dk, dv)]  # (B, L, H, D) each.
+    dqkv = jnp.stack(back, axis=2).reshape(b, l, 3 * c)
+    dbias = jnp.concatenate([jnp.sum(x, axis=(0, 1)).reshape(c) for x in back])
+    return dqkv.astype(qkv_dtype), dbias, dscale.astype(scale_mul.dtype)
+
+  def fused_fwd(qkv, bias, scale_mul):
+    return forward(qkv, bias, scale_mul)
+
+  fused.defvjp(fused_fwd, backward)
+  return fused
+
+
+def self_attention(qkv, bias, scale_mul, reference, *, heads: int, patch_nums, mask: str, scale: float,
+                   l2_norm: bool, dtype, cpu_kernels: bool = True, group_min: int = attention.GROUP_MIN):
+  """Training self-attention of the whole sequence from the q/k/v projection (B, L, 3C) (bias (3C,)
+  not yet added): queries scaled by `scale_mul` (H,) after l2 normalisation (`l2_norm`, VAR's
+  attn_l2_norm) or by `scale`, masked by `mask` over `patch_nums`, matmuls in `dtype`; (B, L, C) float32.
+  `reference(qkv, bias, scale_mul)` is the autodiff path, taken off the CPU."""
+  if not cpu_kernels:
+    return reference(qkv, bias, scale_mul)
+  fused = _fused_attention(int(heads), tuple(int(p) for p in patch_nums), mask, float(scale), bool(l2_norm),
+                           jnp.dtype(dtype).name, jnp.dtype(qkv.dtype).name, int(group_min))
+  return jax.lax.platform_dependent(qkv, bias, scale_mul, cpu=fused, default=reference)

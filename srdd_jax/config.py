@@ -22,9 +22,11 @@ Sections, and who reads them:
 """
 from __future__ import annotations
 
+import argparse
 import copy
 import importlib.util
 import math
+import sys
 
 
 class ConfigError(ValueError):
@@ -321,7 +323,34 @@ def ints(value, key: str) -> tuple[int, ...]:
 
 
 def floats(value, key: str) -> tuple[float, ...]:
-  return _numbers(value, key, float, 'numbers')
+  """'0.5,1' (or a sequence) -> (0.5, 1.0); nan or inf is an error naming `key` (it would pass every
+  range check, a comparison with nan being false, and surface later as a wrong key or a NaN result)."""
+  out = _numbers(value, key, float, 'numbers')
+  if not all(math.isfinite(x) for x in out):
+    raise ConfigError(f'{key}={value!r}: every value must be a finite number')
+  return out
+
+
+# The step counters of the training state, the optimiser's schedules and the data order are 32-bit
+# integers on the accelerator: a count above this overflows there (after the model is built and compiled).
+MAX_STEPS = 2**31 - 1
+
+
+def unset_or_at_least(value, key: str, minimum, unset=-1, meaning: str = '') -> None:
+  """A key whose one "unset" value is `unset` (-1): any other value below `minimum` is a typo, never a
+  request for the default."""
+  if value != unset and not value >= minimum:
+    raise ConfigError(f'{key}={value!r}: {unset} {meaning or "leaves it to its default"}; other values must be '
+                      f'>= {minimum}')
+
+
+class ArgumentParser(argparse.ArgumentParser):
+  """argparse for the package's command-line programs: a bad flag or value is one `error:` line on stderr
+  and exit status 2 (argparse's own prints the whole usage first, and names the program, not `error:`)."""
+
+  def error(self, message):
+    print(f'error: {message} (--help lists the flags)', file=sys.stderr)
+    sys.exit(2)
 
 
 # --- recipes (SPEC §8) ---------------------------------------------------------------------------

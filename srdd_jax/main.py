@@ -1,18 +1,23 @@
-"""Entry point: python -m srdd_jax.main --config=configs/<x>.py --workdir=DIR --mode=<mode>.
+"""Entry point: python -m srdd_jax.main --config=configs/<x>.py --workdir=DIR [--mode=<mode>].
 
-Modes: `train_tokenizer` (the VQ-VAE, configs/tokenizer_smoke.py), `tokenize` (a token cache of a data
-set), `train` (the transformer), `distill` (a student on fewer scales, from a trained teacher), `sample`,
-`edit` and `eval` (from trained or converted checkpoints, configs/sample.py), `reconstruct` (tokenizer round trip with PSNR), `all` (every stage of an embedded
-config in order: configs/fashion_mnist.py), `study` (VAR against SDD and SRDD's tools, every arm trained
-and evaluated alike, resumable: configs/ablation.py; `ablation` is its older name). Several processes: --multihost, or --coordinator_address,
---num_processes, --process_id (launch/README.md).
+Modes: `train` (the default: the transformer of the config), `train_tokenizer` (the VQ-VAE,
+configs/tokenizer_smoke.py), `tokenize` (a token cache of a data set), `distill` (a student on fewer scales,
+from a trained teacher), `sample`, `edit` and `eval` (from trained or converted checkpoints,
+configs/sample.py), `reconstruct` (tokenizer round trip with PSNR), `all` (every stage of an embedded config
+in order: configs/fashion_mnist.py), `study` (VAR against SDD and SRDD's tools, every arm trained and
+evaluated alike, resumable: configs/ablation.py; `ablation` is its older name). Several processes:
+--multihost, or --coordinator_address, --num_processes, --process_id (launch/README.md).
 
-Exit status: 0 done; 2 an input that cannot work (a config key, path or value, a full disk: one line on
-stderr says which and what would work, nothing saved was altered); 75 stopped by SIGTERM or Ctrl-C at any
-point, a training stage after saving a checkpoint, any other before its outputs are put in place, the
-workdir's lock released (run the same command again to continue); 130 a second Ctrl-C in a training loop
-(its stop's checkpoint not saved); anything else is a bug. In a Python process, `run(argv)` does the same
-and returns the status (`parse` and `execute` are its two halves).
+Every command is checked before anything is spent, by the one function `--dry_run` runs
+(modes/checks.validate: every key of the mode, the files it reads, the workdir's layout, the backend), so
+a dry run and the real run refuse a bad input with the same line.
+
+Exit status: 0 done; 2 an input that cannot work (a config key, path or value, a full disk, a training
+run that diverged: one line on stderr says which and what would work, nothing saved was altered); 75
+stopped by SIGTERM or Ctrl-C at any point, a training stage after saving a checkpoint, any other before its
+outputs are put in place, the workdir's lock released (run the same command again to continue); 130 a
+second Ctrl-C in a training loop (its stop's checkpoint not saved); anything else is a bug. In a Python
+process, `run(argv)` does the same and returns the status (`parse` and `execute` are its two halves).
 """
 import sys
 
@@ -23,7 +28,6 @@ if __name__ == '__main__':
   early_stop.install()
 
 import dataclasses  # pylint: disable=wrong-import-position
-import difflib  # pylint: disable=wrong-import-position
 import json  # pylint: disable=wrong-import-position
 import logging as std_logging  # pylint: disable=wrong-import-position
 import os  # pylint: disable=wrong-import-position
@@ -35,7 +39,7 @@ from absl import logging
 from ml_collections import config_flags
 
 from srdd_jax import files
-from srdd_jax.config import ConfigError, load_file, with_defaults
+from srdd_jax.config import ConfigError, with_defaults
 from srdd_jax.modes import checks
 from srdd_jax.modes import all as all_stages
 from srdd_jax.modes import distill
@@ -44,7 +48,7 @@ from srdd_jax.modes import eval as evaluation
 from srdd_jax.modes import reconstruct, sample, study, tokenize, train, train_tokenizer
 from srdd_jax.parallel import compile_cache, multihost, preemption
 from srdd_jax.parallel.workdir import WorkdirLock, check_store, storage_fault
-from srdd_jax.train.driver import PREEMPTED_EXIT_CODE
+from srdd_jax.train.driver import PREEMPTED_EXIT_CODE, NonFiniteLoss
 
 # --mode -> its runner: run(config, workdir) -> summary dict.
 MODES = {
@@ -65,6 +69,9 @@ _OVERWRITABLE = ('sample', 'edit', 'eval')
 BAD_INPUT_EXIT_CODE = 2
 
 
+DEFAULT_MODE = 'train'
+
+
 def define_flags(flag_values: flags.FlagValues, sys_argv: list[str] | None = None) -> dict[str, Any]:
   """The command's flags, defined on `flag_values`: absl's global FLAGS for `python -m srdd_jax.main`, a
   fresh FlagValues for each command line `parse` reads in-process. `sys_argv`: the command line the
@@ -74,10 +81,12 @@ def define_flags(flag_values: flags.FlagValues, sys_argv: list[str] | None = Non
       'config': config_flags.DEFINE_config_file('config', None, 'Experiment config file (configs/<x>.py).',
                                                 sys_argv=sys_argv, **fv),
       'workdir': flags.DEFINE_string('workdir', None, 'Directory for outputs, checkpoints and logs.', **fv),
-      'mode': flags.DEFINE_enum('mode', 'reconstruct', ['reconstruct', 'train', 'distill', 'sample', 'edit',
-                                                        'tokenize', 'train_tokenizer', 'eval', 'all', 'study',
-                                                        'ablation'],
-                                'What to run.', **fv),
+      # `train` by default: the command a user types first, --config and --workdir alone, trains the
+      # config's model (it once ran the tokenizer's round trip, `reconstruct`, and trained nothing).
+      'mode': flags.DEFINE_enum('mode', DEFAULT_MODE, ['train', 'reconstruct', 'distill', 'sample', 'edit',
+                                                     'tokenize', 'train_tokenizer', 'eval', 'all', 'study',
+                                                     'ablation'],
+                                f'What to run (default {DEFAULT_MODE}: the transformer of the config).', **fv),
       'multihost': flags.DEFINE_bool('multihost', False, 'Start jax.distributed with the cluster detected by '
                                      'JAX (TPU pods, SLURM, Open MPI).', **fv),
       'coordinator_address': flags.DEFINE_string('coordinator_address', None, 'host:port of process 0, for a '
@@ -118,33 +127,7 @@ class Command:
   process_id: int | None = None
   overwrite: bool = False
   dry_run: bool = False
-
-
-def _diagnose(argv, e: Exception) -> str:
-  """A one-line account of why the command line cannot be parsed, naming the flag or config key."""
-  spec = next((a.split('=', 1)[1] for a in argv if a.startswith('--config=')), None)
-  if spec is not None:
-    path = spec.partition(':')[0]
-    if not files.isfile(path):
-      return f'--config={spec}: no config file {path!r} (the configs are in configs/, e.g. configs/smoke.py)'
-    try:
-      config = load_file(spec)
-    except Exception as load_error:  # pylint: disable=broad-except
-      return f'--config={spec}: the config file cannot be loaded ({type(load_error).__name__}: {load_error})'
-    for a in argv:
-      if not a.startswith('--config.'):
-        continue
-      keys = a[len('--config.'):].split('=', 1)[0].split('.')
-      node, where = config, 'config'
-      for k in keys:
-        if not hasattr(node, 'keys') or k not in node:
-          known = sorted(node.keys()) if hasattr(node, 'keys') else []
-          close = difflib.get_close_matches(k, known, n=1)
-          hint = f' (did you mean {close[0]!r}?)' if close else f'; known: {known}'
-          return f'{a.split("=", 1)[0]}: {where} has no key {k!r}{hint}'
-        node, where = node[k], f'{where}.{k}'
-  first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-  return f'{first.strip(chr(39))} (command line: {" ".join(argv[1:])})'
+  mode_given: bool = True  # False: --mode was left out and `mode` is the default.
 
 
 def _command(holders: dict[str, Any], argv: list[str]) -> Command:
@@ -153,8 +136,14 @@ def _command(holders: dict[str, Any], argv: list[str]) -> Command:
     config = holders['config'].value
     config.keys()
   except Exception as e:  # pylint: disable=broad-except
-    raise BadInput(_diagnose(argv, e)) from None
-  return Command(config=config, **{k: h.value for k, h in holders.items() if k != 'config'})
+    raise BadInput(checks.diagnose(argv, e)) from None
+  return Command(config=config, mode_given=bool(holders['mode'].present),
+                 **{k: h.value for k, h in holders.items() if k != 'config'})
+
+
+def _unexpected(arguments) -> BadInput:
+  return BadInput(f'unexpected argument {arguments[0]!r}: the command takes flags only (--name=value; a value '
+                  'with spaces in quotes); nothing was run')
 
 
 def parse(argv: list[str]) -> Command:
@@ -166,10 +155,22 @@ def parse(argv: list[str]) -> Command:
   try:
     rest = flag_values(list(argv))
   except Exception as e:  # pylint: disable=broad-except
-    raise BadInput(_diagnose(argv, e)) from None
+    raise BadInput(checks.diagnose(argv, e)) from None
   if len(rest) > 1:
-    raise app.UsageError(f'unexpected arguments: {rest[1:]}')
+    raise _unexpected(rest[1:])
   return _command(holders, list(argv))
+
+
+def validated(command: Command):
+  """The command's config resolved (`with_defaults`) and checked by modes/checks.validate, the one
+  validation of every mode: `--dry_run` runs it and stops, the real run runs it before anything is
+  written, so both refuse a bad input with the same line."""
+  try:
+    resolved = with_defaults(command.config)
+    checks.validate(resolved, command.mode, command.workdir)
+  except ConfigError as e:
+    raise BadInput(str(e)) from None
+  return resolved
 
 
 def execute(command: Command) -> int:
@@ -178,12 +179,10 @@ def execute(command: Command) -> int:
   was written."""
   mode, workdir = command.mode, command.workdir
   if command.dry_run:
-    try:
-      resolved = with_defaults(command.config)
-      checks.validate(resolved, mode)  # The values the runner checks first, before anything starts.
-    except ConfigError as e:
-      raise BadInput(str(e)) from None
-    print(f'--mode={mode} --workdir={workdir}\n{resolved}')
+    # What would run, first, whatever the checks find: a command without --mode trains.
+    default = '' if command.mode_given else ' (the default: no --mode was given)'
+    print(f'--mode={mode}{default} --workdir={workdir}', flush=True)
+    print(validated(command))
     return 0
   try:
     check_store(workdir)
@@ -201,6 +200,9 @@ def execute(command: Command) -> int:
     raise BadInput(str(e)) from None
   if own_stops:
     preemption.stop_on_signals(sigterm=not several)
+  # After jax.distributed has started (the backend and the mesh it checks are then the cluster's), before
+  # the workdir is made.
+  validated(command)
   try:
     files.makedirs(workdir)
   except OSError as e:
@@ -216,6 +218,9 @@ def execute(command: Command) -> int:
     raise BadInput(str(e)) from None
   except PermissionError as e:  # A read-only workdir (or a file in it), found when first written.
     raise BadInput(f'cannot write {e.filename!r} ({e.strerror}): give a writable --workdir') from None
+  except NonFiniteLoss as e:  # The last checkpoint is kept; the settings, not the code, must change.
+    raise BadInput(f'{e}: training diverged; lower config.optim.base_lr (or config.tokenizer_train.lr), or '
+                   'raise the clipping (config.optim.clip_norm), and run again') from None
   except Exception as e:  # pylint: disable=broad-except
     fault = storage_fault(e)  # A full disk, a quota: the storage's fault, told in one line.
     if fault is None:
@@ -264,7 +269,7 @@ def _parse_flags(argv):
   try:
     return flags.FLAGS(argv)
   except Exception as e:  # pylint: disable=broad-except
-    sys.exit(_report(BadInput(_diagnose(argv, e))))
+    sys.exit(_report(BadInput(checks.diagnose(argv, e))))
 
 
 class _QuietLibraries(std_logging.Filter):
@@ -289,13 +294,13 @@ def _quiet_unraisable(unraisable):
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   logging.get_absl_handler().addFilter(_QuietLibraries())
   sys.unraisablehook = _quiet_unraisable
   try:
     # SIGTERM or Ctrl-C from here on, outside a training loop, unwinds the run to status 75.
     preemption.stop_on_signals()
+    if len(argv) > 1:
+      raise _unexpected(argv[1:])
     status = execute(_command(_FLAGS, sys.argv))
   except BadInput as e:
     status = _report(e)

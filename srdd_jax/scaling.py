@@ -24,7 +24,7 @@ from ml_collections import config_flags
 
 from srdd_jax import files
 from srdd_jax.config import ConfigError, ints, with_defaults
-from srdd_jax.modes import scaling
+from srdd_jax.modes import checks, scaling
 from srdd_jax.parallel import compile_cache, multihost, preemption
 from srdd_jax.parallel.workdir import WorkdirLock, write_json
 
@@ -65,12 +65,28 @@ def cli_config_overrides(argv) -> list[str]:
 
 
 def _points_from_flags(config) -> list[scaling.Point]:
-  steps = ints(_STEPS.value, '--steps') or (int(config.train.steps),)
-  if not all(steps):
-    raise ConfigError('--steps is empty and config.train.steps is 0: give --steps')
+  steps = ints(_STEPS.value, '--steps')
+  if not steps and int(config.train.steps) < 1:
+    raise ConfigError('--steps is not given and config.train.steps is 0: give --steps')
   return scaling.sweep(ints(_DEPTHS.value, '--depths'),
                        tuple(m.strip() for m in _MASKS.value.split(',') if m.strip()),
-                       steps, ints(_EXAMPLES.value, '--examples') or (0,), _WIDTH_PER_DEPTH.value)
+                       steps or (int(config.train.steps),), ints(_EXAMPLES.value, '--examples') or (0,),
+                       _WIDTH_PER_DEPTH.value)
+
+
+USAGE = 'python -m srdd_jax.scaling plan|run|fit|prepare --workdir=ROOT [--config=...]'
+
+
+def _config():
+  """The --config flag's config with its overrides; the file or an override that cannot be read is a
+  ConfigError naming it (ml_collections reports them only when the config is first read)."""
+  try:
+    config = _CONFIG.value
+    if config is not None:
+      config.keys()
+  except Exception as e:  # pylint: disable=broad-except
+    raise ConfigError(checks.diagnose(sys.argv, e)) from None
+  return config
 
 
 def main(argv):
@@ -79,12 +95,61 @@ def main(argv):
   preemption.stop_on_signals()
   try:
     _main(argv)
+  except ConfigError as e:
+    sys.exit(_fail(str(e)))
   except (preemption.Interrupted, KeyboardInterrupt) as e:
     status, line = preemption.exit_of(e)
     print(line, file=sys.stderr)
     for stream in (sys.stdout, sys.stderr):
       stream.flush()
     os._exit(status)  # pylint: disable=protected-access  # As srdd_jax.main: no teardown of saving threads.
+
+
+def _fail(message: str) -> int:
+  print(f'error: {message}', file=sys.stderr)
+  return 2
+
+
+def _main(argv):
+  if len(argv) != 2 or argv[1] not in ('plan', 'run', 'fit', 'prepare'):
+    given = ' '.join(argv[1:]) or 'none'
+    raise ConfigError(f'subcommand {given!r}: give one of plan, run, fit, prepare ({USAGE})')
+  cmd, root = argv[1], _WORKDIR.value
+  if not root:
+    raise ConfigError(f'--workdir is required ({USAGE})')
+  if cmd == 'fit' and _DRY_RUN.value:
+    print(f'fit --workdir={root}: would read {files.join(root, "plan.json")} and the points\' metrics.jsonl')
+    return
+  if cmd == 'fit':
+    scaling.load_plan(root)  # A root without a plan is refused before it is locked (and so created).
+    with _held(root):
+      out = scaling.fit(root)
+    print(scaling.fit_markdown(out))
+    print(json.dumps(out['outputs']))
+    return
+  config = _config()
+  if config is None:
+    raise ConfigError(f'{cmd} needs --config=configs/<x>.py')
+  config = with_defaults(config)
+  points = _points_from_flags(config)
+  spec = next((a.split('=', 1)[1] for a in sys.argv if a.startswith('--config=')), '')
+  overrides = cli_config_overrides(sys.argv[1:])
+  mesh = ints(_MESH.value, '--mesh') or None
+  # One validation for the dry run and the real run: every flag, the base config and every point's run.
+  scaling.check(config, root, points, heldout_examples=_HELDOUT.value, heldout_split=_HELDOUT_SPLIT.value,
+                topology=_TOPOLOGY.value if cmd == 'plan' else '', mesh_shape=mesh if cmd == 'plan' else None)
+  if _DRY_RUN.value:
+    print(scaling.plan_table(scaling.plan(config, spec, overrides, root, points, heldout_examples=_HELDOUT.value,
+                                          memory=False, python=_PYTHON.value,
+                                          heldout_split=_HELDOUT_SPLIT.value)))
+    print(f'{cmd}: dry run, nothing written or run')
+    return
+  # One cache for the study (ROOT/jax_cache): the points share the sampler, held-out and stage programs.
+  compile_cache.setup(root, config.get('compile_cache', ''))
+  try:
+    _run(cmd, config, root, points, spec, overrides, mesh)
+  finally:
+    compile_cache.log()
 
 
 def _held(root: str, enabled: bool = True) -> WorkdirLock:
@@ -96,59 +161,22 @@ def _held(root: str, enabled: bool = True) -> WorkdirLock:
   return lock
 
 
-def _main(argv):
-  if len(argv) != 2 or argv[1] not in ('plan', 'run', 'fit', 'prepare'):
-    raise app.UsageError('usage: python -m srdd_jax.scaling plan|run|fit|prepare --workdir=ROOT [--config=...]')
-  cmd, root = argv[1], _WORKDIR.value
-  if not root:
-    raise app.UsageError('--workdir is required')
-  try:
-    if cmd == 'fit' and _DRY_RUN.value:
-      print(f'fit --workdir={root}: would read {files.join(root, "plan.json")} and the points\' metrics.jsonl')
-      return
-    if cmd == 'fit':
-      scaling.load_plan(root)  # A root without a plan is refused before it is locked (and so created).
-      with _held(root):
-        out = scaling.fit(root)
-      print(scaling.fit_markdown(out))
-      print(json.dumps(out['outputs']))
-      return
-    if _CONFIG.value is None:
-      raise app.UsageError(f'{cmd} needs --config=configs/<x>.py')
-    config = with_defaults(_CONFIG.value)
-    points = _points_from_flags(config)
-    spec = next((a.split('=', 1)[1] for a in sys.argv if a.startswith('--config=')), '')
-    overrides = cli_config_overrides(sys.argv[1:])
-    if _DRY_RUN.value:
-      print(scaling.plan_table(scaling.plan(config, spec, overrides, root, points, heldout_examples=_HELDOUT.value,
-                                            memory=False, python=_PYTHON.value,
-                                            heldout_split=_HELDOUT_SPLIT.value)))
-      print(f'{cmd}: dry run, nothing written or run')
-      return
-    # One cache for the study (ROOT/jax_cache): the points share the sampler, held-out and stage programs.
-    compile_cache.setup(root, config.get('compile_cache', ''))
-    if cmd == 'plan':
-      mesh = ints(_MESH.value, '--mesh') or None
-      with _held(root):
-        p = scaling.plan(config, spec, overrides, root, points, heldout_examples=_HELDOUT.value,
-                         topology=_TOPOLOGY.value, mesh_shape=mesh, memory=_MEMORY.value, python=_PYTHON.value,
-                         heldout_split=_HELDOUT_SPLIT.value)
-        write_json(files.join(root, 'plan.json'), p)
-      print(scaling.plan_table(p))
-      print(f'written: {files.join(root, "plan.json")}')
-      return
-    # jax.distributed's notifier owns SIGTERM once it has started (parallel/preemption.py).
-    preemption.default_sigterm()
-    several = multihost.initialize(None, None, None, auto=_MULTIHOST.value)
-    preemption.stop_on_signals(sigterm=not several)
-    with _held(root, enabled=multihost.is_main_process()):
-      _run_points(cmd, config, root, points, spec, overrides)
-  except ConfigError as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
-  finally:
-    if cmd != 'fit':
-      compile_cache.log()
+def _run(cmd, config, root, points, spec, overrides, mesh):
+  if cmd == 'plan':
+    with _held(root):
+      p = scaling.plan(config, spec, overrides, root, points, heldout_examples=_HELDOUT.value,
+                       topology=_TOPOLOGY.value, mesh_shape=mesh, memory=_MEMORY.value, python=_PYTHON.value,
+                       heldout_split=_HELDOUT_SPLIT.value)
+      write_json(files.join(root, 'plan.json'), p)
+    print(scaling.plan_table(p))
+    print(f'written: {files.join(root, "plan.json")}')
+    return
+  # jax.distributed's notifier owns SIGTERM once it has started (parallel/preemption.py).
+  preemption.default_sigterm()
+  several = multihost.initialize(None, None, None, auto=_MULTIHOST.value)
+  preemption.stop_on_signals(sigterm=not several)
+  with _held(root, enabled=multihost.is_main_process()):
+    _run_points(cmd, config, root, points, spec, overrides)
 
 
 def _run_points(cmd, config, root, points, spec, overrides):
@@ -169,6 +197,15 @@ def _run_points(cmd, config, root, points, spec, overrides):
   print(json.dumps({'points': done}, indent=1))
 
 
+def _parse_flags(argv):
+  """absl's parse of the command line, with a bad flag, value, --config file or override one `error:` line
+  and exit status 2 (absl printed its FATAL usage text and exited 1)."""
+  try:
+    return flags.FLAGS(argv)
+  except Exception as e:  # pylint: disable=broad-except
+    sys.exit(_fail(checks.diagnose(argv, e)))
+
+
 if __name__ == '__main__':
   define_flags()
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

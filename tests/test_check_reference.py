@@ -22,6 +22,12 @@ def _run(capsys, *args):
   return rc, out, lines
 
 
+def _run_err(capsys, *args):
+  rc = check_reference.main(list(args))
+  captured = capsys.readouterr()
+  return rc, captured.out, captured.err
+
+
 def test_reference_vqvae_file_passes(capsys):
   # The compact file of the repository: test_compact_reference_files_pass below.
   rc, out, lines = _run(capsys, reference_file('vqvae_ch32_256.npz'))
@@ -100,9 +106,10 @@ def test_unsupported_entries_are_not_checked_and_strict_fails(tmp_path, capsys):
 
 def test_unreadable_input_is_a_clear_error(tmp_path, capsys):
   np.savez(tmp_path / 'nometa.npz', x=np.zeros(3))
-  rc, out, _ = _run(capsys, str(tmp_path / 'nometa.npz'), str(tmp_path / 'absent.npz'))
+  rc, _, err = _run_err(capsys, str(tmp_path / 'nometa.npz'), str(tmp_path / 'absent.npz'))
   assert rc == 2
-  assert 'nometa.npz: no `meta` entry' in out and 'absent.npz: no such file' in out
+  errors = [line for line in err.splitlines() if line.startswith('error: ')]
+  assert len(errors) == 2 and 'nometa.npz: no `meta` entry' in errors[0] and 'absent.npz: no such file' in errors[1]
 
 
 def _torch_key(path):
@@ -171,8 +178,8 @@ def test_file_of_another_configuration_128px(tmp_path, capsys):
   # The same file with meta claiming the wrong image size is rejected with the key named.
   meta['image_size'] = 192
   np.savez(path, meta=np.array(json.dumps(meta)), **data)
-  rc, out, _ = _run(capsys, str(path))
-  assert rc == 2 and 'meta image_size=192' in out
+  rc, _, err = _run_err(capsys, str(path))
+  assert rc == 2 and 'meta image_size=192' in err
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -96,7 +96,7 @@ def test_cli_converts_saves_loads_and_never_overwrites(tmp_path, ref_state, caps
   assert meta['num_params'] == 4_612_867 and meta['source_sha256']
   before = sorted(os.listdir(out / 'params'))
   capsys.readouterr()
-  assert convert_var.main(['--vae', src, '--prefix', 'vae/', '--out', str(out)]) == 1
+  assert convert_var.main(['--vae', src, '--prefix', 'vae/', '--out', str(out)]) == 2  # A bad input: exit 2.
   assert 'already holds converted parameters' in capsys.readouterr().err
   assert sorted(os.listdir(out / 'params')) == before
   with pytest.raises(FileNotFoundError, match='holds no converted parameters'):

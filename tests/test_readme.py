@@ -88,6 +88,22 @@ def _check(command: str, tmp: str, capsys=None):
   return r.returncode, r.stderr
 
 
+def _this_host(rc, err: str) -> bool:
+  """Whether a dry run refused a README command only for what this machine lacks, which the one validation
+  checks since issue 47: a file or folder the command names that is not here (the reader's checkpoints and
+  data sets, e.g. ckpt/var_d16 or /data/ffhq), or a batch that does not split over the tests' 8 forced CPU
+  devices (the README's commands are written for one device or the reader's accelerators). Any other
+  refusal (a key, a value) is a failure."""
+  errors = [line for line in err.splitlines() if line.startswith('error: ')]
+  if rc != 2 or len(errors) != 1:
+    return False
+  if 'must be a positive multiple of the data-parallel size 8' in errors[0]:
+    return True
+  missing = re.search(r"does not exist|no such file|no such image file|holds no", errors[0])
+  paths = re.findall(r"'([^']+)'", errors[0])
+  return bool(missing) and any(not os.path.exists(os.path.join(REPO, p)) for p in paths)
+
+
 def test_every_readme_command_is_accepted(tmp_path, capsys):
   """The srdd_jax.main commands and the tools' --help in this process, the first srdd_jax.main command
   also as a process (`python -m srdd_jax.main`, absl's parse of the real command line), and the
@@ -108,7 +124,8 @@ def test_every_readme_command_is_accepted(tmp_path, capsys):
     results = [(c, _check(c, str(tmp_path / 'wd'), capsys)) for c in in_process]
     results += [(c, f.result()) for c, f in zip(processes, futures)]
   assert len(results) == len(commands) + 1
-  failed = [f'{c}\n  rc {r[0]}: {r[1][-600:]}' for c, r in results if r is not None and r[0] != 0]
+  failed = [f'{c}\n  rc {r[0]}: {r[1][-600:]}' for c, r in results
+            if r is not None and r[0] != 0 and not _this_host(*r)]
   assert not failed, '\n'.join(failed)
   assert not os.path.exists(tmp_path / 'wd')  # A dry run writes nothing.
 

@@ -24,13 +24,15 @@ import pytest
 from PIL import Image
 
 from srdd_jax import main
+from srdd_jax.bench import cli as bench_cli
 from srdd_jax.config import ConfigError
 from srdd_jax.data import token_cache
 from srdd_jax.data.source import DataError
-from srdd_jax.modes import sample, tokenize
+from srdd_jax.modes import edit, sample, tokenize
 from srdd_jax.modes import train as train_mode
 from srdd_jax.parallel.workdir import LOCK_NAME, WorkdirLock
 from srdd_jax.parallel.workdir import Outputs as workdir_outputs
+from srdd_jax.tools import check_reference, convert_var
 from srdd_jax.train import driver
 from srdd_jax.train.driver import PREEMPTED_EXIT_CODE
 from tests.conftest import save_tiny_models, smoke_config, xla_flags
@@ -114,6 +116,20 @@ def test_sample_outputs_are_never_replaced_silently(models, tmp_path):
                                                                         'class0002_000001.png']
   with np.load(os.path.join(wd, 'samples', 'samples.npz')) as z:
     assert z['arr_1'].tolist() == [2, 2]
+
+
+def test_a_sampling_batch_above_the_images_is_cut_to_them(models, tmp_path, caplog):
+  """Issue 47: a sampling batch of 1,000,000 for 10 images was padded to 1,000,000 and computed in full
+  (106 GB). A batch above the images it draws is cut to them (rounded up to the 8 devices), with a warning;
+  the samples are the ones that batch gives."""
+  with caplog.at_level('WARNING'):
+    s = sample.run(_sample_config(models, batch_size=4096), str(tmp_path / 'big'))
+  assert 'config.sample.batch_size=4096 is larger than the 4 image(s) to draw: sampling in batches of 8' in caplog.text
+  sample.run(_sample_config(models, batch_size=8), str(tmp_path / 'fit'))
+  with np.load(tmp_path / 'big' / 'samples' / 'samples.npz') as a, np.load(tmp_path / 'fit' / 'samples' /
+                                                                          'samples.npz') as b:
+    np.testing.assert_array_equal(a['arr_0'], b['arr_0'])
+  assert s['num_images'] == 4
 
 
 def _tree(root) -> dict:
@@ -282,7 +298,8 @@ def test_stages_know_their_inputs(tmp_path, monkeypatch, capsys):
   stages = _FakeStages(monkeypatch)
   wd = tmp_path / 'run'
   base = ['srdd_jax.main', '--config=configs/fashion_mnist.py', f'--workdir={wd}', '--mode=all',
-          '--config.tokenizer.checkpoint=', '--config.tokenizer.params_sha256=']  # Its own tokenizer stage too.
+          '--config.tokenizer.checkpoint=', '--config.tokenizer.params_sha256=',  # Its own tokenizer stage too.
+          '--config.sample.batch_size=40']  # A multiple of the 8 devices (the run's validation checks it).
 
   def run(*overrides):
     stages.calls.clear()
@@ -556,6 +573,19 @@ def bad_inputs(models, tmp_path_factory):
   used = root / 'used'
   (used / 'samples').mkdir(parents=True)
   (used / 'samples' / 'samples.npz').write_bytes(b'earlier')
+  # Issue 47's inputs: samples files read loosely, and workdirs with a file where a folder belongs.
+  np.save(root / 'samples.npy', np.zeros((4, 16, 16, 3), np.uint8))
+  np.savez(root / 'no_labels.npz', arr_0=np.zeros((4, 16, 16, 3), np.uint8))
+  np.savez(root / 'float_labels.npz', arr_0=np.zeros((4, 16, 16, 3), np.uint8), arr_1=np.array([0, 1.5, 2, 3.7]))
+  np.savez(root / 'three_labels.npz', arr_0=np.zeros((4, 16, 16, 3), np.uint8), arr_1=np.arange(3))
+  for folder, name, is_dir in (('tokens_file', 'tokens', False), ('stages_dir', 'stages.json', True),
+                               ('proxy_file', 'proxy_classifier', False), ('summary_dir', 'summary.json', True)):
+    (root / folder).mkdir()
+    if is_dir:
+      (root / folder / name).mkdir()
+    else:
+      (root / folder / name).write_text('in the way')
+  Image.fromarray(np.linspace(0, 2, 256, dtype=np.float32).reshape(16, 16), 'F').save(root / 'float_0_2.tif')
   locked = root / 'locked'
   locked.mkdir()
   with WorkdirLock(str(locked)):  # Held by this (living) test process while the cases run.
@@ -565,6 +595,11 @@ def bad_inputs(models, tmp_path_factory):
 SMOKE = ['--config=configs/smoke.py', '--mode=train']
 SAMPLE = ['--config=configs/sample.py', '--config.model.checkpoint={var}', '--config.tokenizer.checkpoint={vae}']
 EDIT = SAMPLE + ['--mode=edit', '--config.edit.image={image}']
+STUDY = ['--config=configs/ablation.py', '--mode=ablation']
+DISTILL = ['--config=configs/smoke.py', '--mode=distill']
+RECONSTRUCT = ['--config=configs/sample.py', '--mode=reconstruct', '--config.tokenizer.checkpoint={vae}']
+FASHION_EVAL = ['--config=configs/fashion_mnist.py', '--mode=eval']
+ALL = ['--config=configs/fashion_mnist.py', '--mode=all', '--config.sample.batch_size=40']  # 8 devices: 40.
 CASES = [
     # (name, arguments, text the one-line message must contain)
     ('unknown key', SMOKE + ['--config.train.stepz=5'], "config.train has no key 'stepz'"),
@@ -574,8 +609,8 @@ CASES = [
     ('checkpoint_every 0', SMOKE + ['--config.train.checkpoint_every=0'], 'config.train.checkpoint_every=0'),
     ('negative batch', SMOKE + ['--config.train.global_batch=-16'], 'config.train.global_batch=-16: must be >= 1'),
     ('negative steps', SMOKE + ['--config.train.steps=-5'], 'config.train.steps=-5: must be >= 0'),
-    ('batch above the data', SMOKE + ['--config.train.global_batch=1000000000'],
-     'config.train.global_batch=1000000000 is larger than the'),
+    ('batch above the data', SMOKE + ['--config.train.global_batch=1024'],
+     'config.train.global_batch=1024 is larger than the'),
     ('tokenizer batch above the data', ['--config=configs/tokenizer_smoke.py', '--mode=train_tokenizer',
                                         '--config.tokenizer_train.global_batch=1000000000'],
      'config.tokenizer_train.global_batch=1000000000 is larger than the'),
@@ -661,6 +696,75 @@ CASES = [
     ('eval random weights', SAMPLE + ['--mode=eval', '--config.eval.metrics=is',
                                       '--config.eval.inception_weights={root}/random.npz'],
      'config.eval.inception_weights'),
+    # Issue 47, cluster 3: values accepted without a word, and modes whose dry run checked nothing; each
+    # now refused by the one validation, in the dry run and before the real run spends anything.
+    ('study cfg_grid nan', STUDY + ['--config.ablation.cfg_grid=0,nan'],
+     "config.ablation.cfg_grid='0,nan': every value must be a finite number"),
+    ('study schedules', STUDY + ['--config.ablation.schedules=bogus'], "config.ablation.schedules='bogus'"),
+    ('distill teacher missing', DISTILL + ['--config.distill.teacher={root}/none'],
+     "config.distill.teacher='{root}/none' does not exist"),
+    ('mr_scales not 0/1', SAMPLE + ['--mode=sample', '--config.sampler.mr_scales=2,2,2,2'],
+     "config.sampler.mr_scales='2,2,2,2': one 0 (off) or 1 (on) per scale"),
+    ('warmup -5', SMOKE + ['--config.optim.warmup_steps=-5'], 'config.optim.warmup_steps=-5: -1 is'),
+    ('weight decay negative', SMOKE + ['--config.optim.weight_decay=-0.1'], 'config.optim.weight_decay=-0.1'),
+    ('edit class_id -3', EDIT + ['--config.edit.box=0,0,8,8', '--config.edit.class_id=-3'],
+     'config.edit.class_id=-3: -1 is unconditional'),
+    ('reconstruct batch 0', RECONSTRUCT + ['--config.reconstruct.batch_size=0'],
+     'config.reconstruct.batch_size=0: must be >= 1'),
+    ('edit box reversed', EDIT + ['--config.edit.box=8,8,0,0'], "config.edit.box='8,8,0,0': x0,y0,x1,y1 with"),
+    ('train steps overflow', SMOKE + ['--config.train.steps=99999999999999'],
+     'config.train.steps=99999999999999: the step counter is a 32-bit integer'),
+    ('eval samples .npy', FASHION_EVAL + ['--config.eval.samples={root}/samples.npy'],
+     "config.eval.samples='{root}/samples.npy': is a single array (.npy)"),
+    ('tokens is a file', ALL + ['--workdir={root}/tokens_file'],
+     '{root}/tokens_file/tokens is a file where this run keeps its token cache'),
+    ('stages.json is a folder', ALL + ['--workdir={root}/stages_dir'],
+     '{root}/stages_dir/stages.json is a folder where this run keeps its record'),
+    ('proxy classifier path is a file', FASHION_EVAL + ['--config.eval.samples={root}/whole.npz',
+                                                         '--workdir={root}/proxy_file'],
+     '{root}/proxy_file/proxy_classifier is a file where this run keeps its proxy classifier cache'),
+    ('base_lr 1e12', SMOKE + ['--config.optim.base_lr=1e12'], 'config.optim.base_lr=1000000000000.0: the peak'),
+    ('weight_decay_end -0.5', SMOKE + ['--config.optim.weight_decay_end=-0.5'],
+     'config.optim.weight_decay_end=-0.5: -1 keeps'),
+    # ... and cases of our own of the same kind.
+    ('disc_lr -5', ['--config=configs/tokenizer_smoke.py', '--mode=train_tokenizer',
+                    '--config.tokenizer_train.disc_lr=-5'], 'config.tokenizer_train.disc_lr=-5.0: -1 is'),
+    ('tokenizer steps overflow', ['--config=configs/tokenizer_smoke.py', '--mode=train_tokenizer',
+                                  '--config.tokenizer_train.steps=4294967296'],
+     'config.tokenizer_train.steps=4294967296: the step counter is a 32-bit integer'),
+    ('drop path -0.5', SMOKE + ['--config.model.drop_path_rate=-0.5'], 'config.model.drop_path_rate=-0.5: -1 is'),
+    ('clip_norm negative', SMOKE + ['--config.optim.clip_norm=-1'], 'config.optim.clip_norm=-1'),
+    ('init_from missing', SMOKE + ['--config.train.init_from={root}/none'],
+     "config.train.init_from='{root}/none' does not exist"),
+    ('heldout cache missing', SMOKE + ['--config.train.heldout_cache={root}/none'],
+     "config.train.heldout_cache='{root}/none' does not exist"),
+    ('distill kl temperature 0', DISTILL + ['--config.distill.teacher={var}', '--config.distill.kl_temperature=0'],
+     'config.distill.kl_temperature=0.0: must be > 0'),
+    ('distill scales not the teacher\'s', DISTILL + ['--config.distill.teacher={var}',
+                                                     '--config.distill.patch_nums=1,2,5'],
+     'config.distill.patch_nums=(1, 2, 5): 5 is not a scale of the teacher'),
+    ('sample batch not divisible', SAMPLE + ['--mode=sample', '--config.sample.batch_size=12'],
+     'config.sample.batch_size=12 must be a positive multiple of the data-parallel size 8'),
+    ('edit low_res above the size', EDIT + ['--config.edit.task=super_res', '--config.edit.low_res=99'],
+     "config.edit.low_res=99: must be at most the model's 16 px"),
+    ('edit box outside the image', EDIT + ['--config.edit.box=0,0,80,8'],
+     'config.edit.box: box (0, 0, 80, 8) must satisfy 0 <= x0 < x1 <= 16'),
+    ('sample tokenizer missing', ['--config=configs/sample.py', '--config.model.checkpoint={var}', '--mode=sample',
+                                  '--config.tokenizer.checkpoint={root}/none'],
+     "config.tokenizer.checkpoint='{root}/none' does not exist"),
+    ('summary.json is a folder', ALL + ['--workdir={root}/summary_dir'],
+     '{root}/summary_dir/summary.json is a folder where this run keeps its summary'),
+    # Issue 47, cluster 4: inputs read strictly.
+    ('eval samples without labels', FASHION_EVAL + ['--config.eval.samples={root}/no_labels.npz'],
+     "config.eval.samples='{root}/no_labels.npz': has no arr_1 (the class labels)"),
+    ('eval float labels', FASHION_EVAL + ['--config.eval.samples={root}/float_labels.npz'],
+     "config.eval.samples='{root}/float_labels.npz': arr_1[1] = 1.5 is not a whole number"),
+    ('stray argument', SMOKE + ['stray'], "unexpected argument 'stray': the command takes flags only"),
+    ('eval labels of another count', FASHION_EVAL + ['--config.eval.samples={root}/three_labels.npz'],
+     'arr_1 holds (3,) labels for 4 images'),
+    ('edit float image outside [0, 1]', EDIT[:-1] + ['--config.edit.image={root}/float_0_2.tif',
+                                                    '--config.edit.box=0,0,8,8'],
+     "config.edit.image='{root}/float_0_2.tif': a float image with values in [0, 2]: only [0, 1]"),
 ]
 
 
@@ -714,26 +818,53 @@ DRY_RUN = ('log_every 0', 'checkpoint_every 0', 'negative batch', 'negative step
            'tokenize batch', 'tokenizer_train key', 'sample class out of range', 'cfg schedule', 'cfg nan', 'cfg inf',
            'temperature nan', 'cfg -5', 'cfg schedule inf', 'top_p 1.5', 'top_k -1', 'temperature 0',
            'mr_scales length', 'decode precision', 'edit box', 'edit box of 3', 'edit low_res', 'edit keep_scales', 'edit num_samples',
-           'eval metric')
+           'eval metric',
+           # Files and paths, checked by the dry run too since issue 47 (one validation for both).
+           'missing data folder', 'missing token cache', 'tokenizer missing', 'tokenizer empty folder',
+           'tokenizer is a transformer', 'checkpoints is a file', 'metrics.jsonl is a folder', 'export is a file',
+           'samples is a file', 'edit missing image', 'edit bad mask file', 'edit mask size',
+           'class_edit without class', 'eval one image', 'eval truncated samples', 'eval no image',
+           # Issue 47's cases and ours.
+           'study cfg_grid nan', 'study schedules', 'distill teacher missing', 'mr_scales not 0/1', 'warmup -5',
+           'weight decay negative', 'edit class_id -3', 'reconstruct batch 0', 'edit box reversed',
+           'train steps overflow', 'eval samples .npy', 'tokens is a file',
+           'stages.json is a folder', 'proxy classifier path is a file', 'base_lr 1e12', 'weight_decay_end -0.5',
+           'disc_lr -5', 'tokenizer steps overflow', 'drop path -0.5', 'clip_norm negative', 'init_from missing',
+           'heldout cache missing', 'distill kl temperature 0', 'distill scales not the teacher\'s',
+           'sample batch not divisible', 'edit low_res above the size', 'edit box outside the image',
+           'sample tokenizer missing', 'summary.json is a folder', 'eval samples without labels',
+           'eval float labels', 'stray argument', 'eval labels of another count', 'edit float image outside [0, 1]')
+
+
+def _error_lines(text: str) -> list[str]:
+  return [line for line in text.splitlines() if line.startswith('error: ')]
 
 
 def test_a_dry_run_refuses_every_bad_value(bad_inputs, capsys):
+  """Each case of DRY_RUN: `--dry_run` refuses it (creating nothing), and the real run refuses it with the
+  same line (issue 47: both run modes/checks.validate, the real run before anything is written)."""
   cases = [c for c in CASES if c[0] in DRY_RUN]
-  assert len(cases) == len(DRY_RUN)
+  assert len(cases) == len(DRY_RUN) >= 80
   problems = []
   for name, args, expected in cases:
     argv = _argv(args + ['--dry_run'], bad_inputs)
-    problems.append(_problem(name, expected, bad_inputs, argv, *_in_process(argv, capsys)))
+    rc, out, err = _in_process(argv, capsys)
+    problems.append(_problem(name, expected, bad_inputs, argv, rc, out, err))
     workdir = next(a.split('=', 1)[1] for a in argv if a.startswith('--workdir='))
-    if os.path.exists(workdir):
+    if os.path.exists(workdir) and not any(a.startswith('--workdir=') for a in args):
       problems.append(f'{name}: --dry_run created {workdir}')
+    real = [a for a in argv if a != '--dry_run']
+    _, _, real_err = _in_process(real, capsys)
+    if _error_lines(real_err) != _error_lines(err):
+      problems.append(f'{name}: the dry run said {_error_lines(err)}, the real run {_error_lines(real_err)}')
   problems = [p for p in problems if p]
   assert not problems, '\n'.join(problems)
 
 
 # Cases also run as `python -m srdd_jax.main` processes: a flag refused by absl's parse of the real
-# command line, a multi-process flag refused at start-up, and a runner's ConfigError.
-END_TO_END = ('unknown key', 'multihost flags', 'tokenizer missing')
+# command line, a multi-process flag refused at start-up, a runner's ConfigError, and a stray argument
+# (absl hands it to main(), which exited 1 with absl's usage text and no `error:` line: issue 47).
+END_TO_END = ('unknown key', 'multihost flags', 'tokenizer missing', 'stray argument')
 
 
 def test_bad_inputs_exit_2_without_a_traceback_in_a_real_process(bad_inputs, capsys):
@@ -759,3 +890,182 @@ def test_bad_inputs_exit_2_without_a_traceback_in_a_real_process(bad_inputs, cap
       problems.append(f'{name}: the process said {r.stderr[-400:]!r}, main.run {err[-400:]!r}')
   problems = [p for p in problems if p]
   assert not problems, '\n'.join(problems)
+
+
+def test_a_backend_that_is_not_there_is_one_line(tmp_path):
+  """Issue 47: JAX_PLATFORMS=cuda on a host without CUDA ended in JAX's bare AssertionError (a traceback,
+  exit 1). Now the dry run and the real run say so in the same one line, exit 2, and create nothing."""
+  env = dict(os.environ, XLA_FLAGS=xla_flags(), JAX_PLATFORMS='cuda')
+  lines = []
+  for extra in (['--dry_run'], []):
+    r = subprocess.run([sys.executable, '-m', 'srdd_jax.main', '--config=configs/smoke.py',
+                        f'--workdir={tmp_path / "run"}', *extra], cwd=REPO, env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 2 and 'Traceback' not in r.stderr + r.stdout, r.stderr[-2000:]
+    lines.append(_error_lines(r.stderr))
+  assert lines[0] == lines[1] and len(lines[0]) == 1, lines
+  assert lines[0][0].startswith("error: JAX_PLATFORMS='cuda': JAX cannot start that backend on this host")
+  assert not (tmp_path / 'run').exists()
+
+
+# --- issue 47: every tool's command line, one `error:` line and exit 2 ----------------------------------
+
+def _tool(main_fn, argv, capsys):
+  """A tool's main(argv) here: (status, stdout, stderr); sys.exit is its status, an exception a traceback."""
+  try:
+    rc = main_fn(argv)
+  except SystemExit as e:
+    rc = e.code
+  except Exception:  # pylint: disable=broad-except
+    rc = f'raised {traceback.format_exc()}'
+  out = capsys.readouterr()
+  return rc, out.out, out.err + (rc if isinstance(rc, str) else '')
+
+
+@pytest.fixture(scope='module')
+def tool_inputs(tmp_path_factory):
+  root = tmp_path_factory.mktemp('tools')
+  (root / 'garbage.json').write_bytes(os.urandom(300))
+  (root / 'list.json').write_text('[1, 2, 3]')
+  (root / 'bad_entry.json').write_text('{"vae_ch160v4096z32": {"a": "not a shape"}}')
+  return {'root': str(root)}
+
+
+TOOL_CASES = [
+    # (name, tool, arguments, text the one-line message must contain); issue 47's first, then ours.
+    ('convert_var missing manifest', 'convert_var', ['--manifest', '{root}/none.json'],
+     '--manifest {root}/none.json: no such file'),
+    ('convert_var garbage manifest', 'convert_var', ['--manifest', '{root}/garbage.json'],
+     '--manifest {root}/garbage.json: not a JSON manifest'),
+    ('convert_var manifest of a list', 'convert_var', ['--manifest', '{root}/list.json'], 'got a list'),
+    ('convert_var manifest entry', 'convert_var', ['--manifest', '{root}/bad_entry.json'],
+     "entry 'vae_ch160v4096z32' must map state dict keys to shapes"),
+    ('convert_var no source', 'convert_var', [], 'one of the arguments --vae --var --manifest is required'),
+    ('convert_var patch_nums', 'convert_var', ['--vae', 'x.npz', '--out', '{root}/o', '--patch_nums', 'a'],
+     "--patch_nums='a': expected comma-separated integers"),
+    ('convert_var missing checkpoint', 'convert_var', ['--vae', '{root}/none.npz', '--out', '{root}/o'], 'none.npz'),
+    ('convert_var bad flag value', 'convert_var', ['--manifest', 'm.json', '--quant_resi', 'x'],
+     "argument --quant_resi: invalid float value: 'x'"),
+    ('check_reference no file', 'check_reference', [], 'the following arguments are required: files'),
+    ('check_reference bad flag', 'check_reference', ['x.npz', '--bogus'], 'unrecognized arguments: --bogus'),
+    ('check_reference absent file', 'check_reference', ['{root}/absent.npz'], '{root}/absent.npz: no such file'),
+    ('bench without --out', 'bench', ['--quick'], 'the following arguments are required: --out'),
+    ('bench bad flag value', 'bench', ['--out', '{root}/b.json', '--width', 'x'],
+     "argument --width: invalid int value: 'x'"),
+    ('bench unknown flag', 'bench', ['--out', '{root}/b.json', '--bogus'], 'unrecognized arguments: --bogus'),
+    ('bench --out in no folder', 'bench', ['--out', '{root}/none/b.json', '--quick'],
+     '--out {root}/none/b.json: the folder {root}/none does not exist'),
+    ('bench topology', 'bench', ['--out', '{root}/b.json', '--aot', 'bogus'], "--aot='bogus': a TPU slice as"),
+    ('bench negative width', 'bench', ['--out', '{root}/b.json', '--width', '-1'], '--width -1: must be >= 0'),
+]
+
+
+def test_tools_exit_2_with_one_line(tool_inputs, capsys):
+  """Issue 47: convert_var's missing or garbage --manifest raised a traceback, its other errors exited 1;
+  argparse printed its usage and `<prog>: error:` (no `error:` line) for a bad flag of any tool."""
+  tools = {'convert_var': convert_var.main, 'check_reference': check_reference.main, 'bench': bench_cli.main}
+  problems = []
+  for name, tool, args, expected in TOOL_CASES:
+    argv = [a.format(**tool_inputs) for a in args]
+    problems.append(_problem(name, expected, tool_inputs, argv, *_tool(tools[tool], argv, capsys)))
+  problems = [p for p in problems if p]
+  assert not problems, '\n'.join(problems)
+
+
+SCALING = ['plan', '--config=configs/fashion_mnist.py', '--depths=2']
+SCALING_CASES = [
+    ('scaling bad key', SCALING + ['--config.train.stepz=3', '--dry_run'],
+     "--config.train.stepz: config.train has no key 'stepz' (did you mean 'steps'?)"),
+    ('scaling missing config file', ['plan', '--config=configs/nope.py', '--depths=2', '--dry_run'],
+     "--config=configs/nope.py: no config file 'configs/nope.py'"),
+    ('scaling bad subcommand', ['bogus'], "subcommand 'bogus': give one of plan, run, fit, prepare"),
+    ('scaling bad flag value', SCALING + ['--width_per_depth=x', '--dry_run'],
+     "flag --width_per_depth=x: invalid literal for int() with base 10: 'x'"),
+    ('scaling steps 0', SCALING + ['--steps=0', '--dry_run'], '--steps=0: every value must be >= 1'),
+    ('scaling bogus topology', SCALING + ['--topology=bogus:1x1', '--memory=false'],
+     "--topology='bogus:1x1': a TPU slice as <generation>:<chips per axis>"),
+    # Ours: an unknown flag, a plan without a config, a bad value of the points' runs, a mesh of 2 sizes.
+    ('scaling unknown flag', SCALING + ['--depthz=3', '--dry_run'], "Unknown command line flag 'depthz'"),
+    ('scaling no config', ['plan', '--depths=2', '--dry_run'], 'plan needs --config=configs/<x>.py'),
+    ('scaling warmup -5', SCALING + ['--config.optim.warmup_steps=-5', '--dry_run'],
+     'config.optim.warmup_steps=-5: -1 is'),
+    ('scaling mesh of 2', SCALING + ['--mesh=1,2', '--memory=false'], '--mesh=1,2: 3 sizes, data,fsdp,tensor'),
+]
+
+
+def test_the_scaling_command_exits_2_with_one_line(tmp_path):
+  """Issue 47: `python -m srdd_jax.scaling` with a bad key, a missing config file, a bad subcommand or flag
+  value raised a traceback or exited 1 without an `error:` line; `--steps=0` said "empty"; a bogus
+  --topology with --memory=false wrote a plan and exited 0. Each is now one line, exit 2, nothing written."""
+  env = dict(os.environ, XLA_FLAGS=xla_flags(), JAX_PLATFORMS='cpu')
+
+  def process(case):
+    argv = case[1] + [f'--workdir={tmp_path / "root"}']
+    r = subprocess.run([sys.executable, '-m', 'srdd_jax.scaling'] + argv, cwd=REPO, env=env, capture_output=True,
+                       text=True, timeout=300)
+    return argv, r
+
+  with concurrent.futures.ThreadPoolExecutor(2) as pool:
+    results = list(pool.map(process, SCALING_CASES))
+  problems = [_problem(name, expected, {}, argv, r.returncode, r.stdout, r.stderr)
+              for (name, _, expected), (argv, r) in zip(SCALING_CASES, results)]
+  problems = [p for p in problems if p]
+  assert not problems, '\n'.join(problems)
+  assert not (tmp_path / 'root').exists()
+
+
+# --- issue 47 line 6: the command a user types first trains ---------------------------------------------
+
+def test_the_default_mode_is_train_and_the_dry_run_says_so_first(tmp_path, capsys):
+  """`python -m srdd_jax.main --config=configs/ffhq.py --workdir=DIR` ran the tokenizer's round trip
+  (--mode=reconstruct) and trained nothing. Now it trains, and its dry run says first that it will."""
+  command = main.parse(['srdd_jax.main', '--config=configs/ffhq.py', f'--workdir={tmp_path}'])
+  assert (command.mode, command.mode_given) == ('train', False)
+  assert main.parse(['srdd_jax.main', '--config=configs/ffhq.py', f'--workdir={tmp_path}',
+                     '--mode=train']).mode_given
+  # The mission's command, dry: whatever the checks say next (here: no FFHQ on this machine), it says
+  # first what it would run.
+  rc = main.run(['srdd_jax.main', '--config=configs/ffhq.py', f'--workdir={tmp_path}/ffhq', '--dry_run'])
+  out, err = capsys.readouterr()
+  assert out.splitlines()[0] == f'--mode=train (the default: no --mode was given) --workdir={tmp_path}/ffhq'
+  assert rc in (0, 2) and 'Traceback' not in err
+  # And the real command, without --mode, trains the config's transformer to an export.
+  wd = tmp_path / 'smoke'
+  assert main.run(['srdd_jax.main', '--config=configs/smoke.py', f'--workdir={wd}', '--config.mesh.data=8',
+                   '--config.train.steps=2', '--config.train.checkpoint_every=5']) == 0
+  assert [json.loads((wd / 'export' / d / 'model.json').read_text())['kind'] for d in os.listdir(wd / 'export')] == [
+      'var']
+  assert json.loads((wd / 'metrics.jsonl').read_text().splitlines()[-1])['step'] == 2
+
+
+# --- issue 47 cluster 4: images of every PIL mode read right, or refused --------------------------------
+
+def test_edit_images_of_every_mode_are_read_right_or_refused(tmp_path):
+  """A float TIFF (mode F, values in [0, 1]) read as black and a 32-bit integer TIFF (mode I) as noise:
+  PIL's convert('RGB') clips both at 255. Every mode is now converted from its own range, or refused
+  with the reason, never read as something else."""
+  ramp = np.linspace(0, 1, 16 * 16).reshape(16, 16)
+  want = np.rint(ramp * 255)
+  images = {
+      'L.png': Image.fromarray(want.astype(np.uint8), 'L'),
+      'I16.png': Image.fromarray((ramp * 65535).round().astype(np.uint16)),  # Opens as I;16.
+      'F.tif': Image.fromarray(ramp.astype(np.float32), 'F'),
+      'I32.tif': Image.fromarray((ramp * (2**31 - 1)).round().astype(np.int32), 'I'),
+      'RGBA.png': Image.fromarray(np.dstack([want.astype(np.uint8)] * 3 + [np.full((16, 16), 7, np.uint8)]), 'RGBA'),
+      'P.png': Image.fromarray(want.astype(np.uint8), 'L').convert('P'),
+      'CMYK.jpg': Image.fromarray(np.dstack([want.astype(np.uint8)] * 3), 'RGB').convert('CMYK'),
+  }
+  for name, im in images.items():
+    im.save(tmp_path / name, **({'quality': 100} if name.endswith('.jpg') else {}))
+    got = np.asarray(edit.open_image(str(tmp_path / name), 'config.edit.image'), np.float64)
+    assert got.shape == (16, 16, 3), name
+    tol = 3 if name.endswith('.jpg') else 1  # JPEG is lossy; the others are exact to the rounding.
+    assert np.abs(got - want[..., None]).max() <= tol, (name, Image.open(tmp_path / name).mode,
+                                                        np.abs(got - want[..., None]).max())
+  # Refused, naming the reason: a float image outside [0, 1], negative 32-bit values.
+  Image.fromarray((ramp * 3 - 1).astype(np.float32), 'F').save(tmp_path / 'F_out.tif')
+  with pytest.raises(ConfigError, match=r"F_out.tif': a float image with values in \[-1, 2\]: only \[0, 1\]"):
+    edit.open_image(str(tmp_path / 'F_out.tif'), 'config.edit.image')
+  Image.fromarray((ramp * 1000 - 500).astype(np.int32), 'I').save(tmp_path / 'I_negative.tif')
+  with pytest.raises(ConfigError, match=r'a signed 32-bit image with negative values \(down to -500\)'):
+    edit.open_image(str(tmp_path / 'I_negative.tif'), 'config.edit.image')

@@ -59,6 +59,7 @@ from srdd_jax.bench.base import T0, fail, gb, log
 from srdd_jax.bench.flags import parse_args
 from srdd_jax.bench.timing import environment, matmul_peak, run_timed
 from srdd_jax.config import ConfigError, ints
+from srdd_jax.parallel.mesh import check_topology_name
 from srdd_jax.transformer.config import VARConfig, preset
 
 SCHEMA = 'srdd_jax.bench/1'
@@ -127,6 +128,14 @@ def main(argv=None):
       fail(f'{flag} {",".join(map(str, values))}: every value must be >= 1')
   if patch_nums and any(b <= a for a, b in zip(patch_nums, patch_nums[1:])):
     fail(f'--patch_nums {args.patch_nums}: the sides must increase strictly')
+  folder = files.dirname(files.absolute(args.out))
+  if not files.isdir(folder):  # Found now, not when the first record is written, minutes in.
+    fail(f'--out {args.out}: the folder {folder} does not exist')
+  if args.aot:
+    try:
+      check_topology_name(args.aot, '--aot')
+    except ConfigError as e:
+      fail(str(e))
   if args.vs_var is not None or args.suite:
     # This process only coordinates: should anything here touch a JAX backend, it must not be the
     # accelerator's (JAX would take most of its memory from the workers).

@@ -1,16 +1,14 @@
-"""The flags of `python -m srdd_jax.bench` and their checks (bad input: argparse's usage and error,
-exit 2). The side by side reads their defaults to hand its own process the flags that differ."""
+"""The flags of `python -m srdd_jax.bench` and their checks (bad input: one `error:` line, exit 2). The side by side reads their defaults to hand its own process the flags that differ."""
 from __future__ import annotations
 
-import argparse
-
+from srdd_jax.config import ArgumentParser
 from srdd_jax.transformer.config import MASKS
 
 DESCRIPTION = 'Throughput and memory of the train step and the sampler, both masks, over depths and batch sizes.'
 
 
 def parse_args(argv=None):
-  ap = argparse.ArgumentParser(prog='python -m srdd_jax.bench', description=DESCRIPTION)
+  ap = ArgumentParser(prog='python -m srdd_jax.bench', description=DESCRIPTION)
   ap.add_argument('--out', required=True, help='JSON file to write (rewritten after every record)')
   ap.add_argument('--quick', action='store_true',
                   help='depth 6, width 384, 6 heads, 256 px, float32, train batch 8, sample batch 32, '
@@ -82,8 +80,9 @@ def parse_args(argv=None):
     v = getattr(args, flag)
     if v is not None and v < 1:
       ap.error(f'--{flag} {v}: must be >= 1')
-  if args.warmup < 0:
-    ap.error(f'--warmup {args.warmup}: must be >= 0')
+  for flag in ('warmup', 'width', 'heads'):
+    if getattr(args, flag) < 0:
+      ap.error(f'--{flag} {getattr(args, flag)}: must be >= 0')
   if args.budget_s <= 0:
     ap.error(f'--budget_s {args.budget_s}: must be > 0')
   if args.tiny and not args.suite:

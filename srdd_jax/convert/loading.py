@@ -77,6 +77,27 @@ def check_tokenizer_of(directory: str, key: str, tok: LoadedTokenizer, what: str
       f'{mine["hash"][:12]}; {tokenizer_difference(recorded, mine)}): use the tokenizer it was {what} with')
 
 
+def check_checkpoint(config, key: str) -> dict:
+  """config.<key>.checkpoint (key 'model': a transformer, 'tokenizer': a VQ-VAE) present and of its kind,
+  no weight read: its model.json. The errors the loaders below give for the same directory."""
+  path = config[key].checkpoint
+  if not path:
+    raise ConfigError(f'config.{key}.checkpoint is empty: give the directory written by '
+                      f'`python -m srdd_jax.tools.convert_var --{"var" if key == "model" else "vae"} ...` '
+                      'or by training')
+  if not files.isdir(path):
+    if key == 'tokenizer':
+      raise ConfigError(
+          f'config.tokenizer.checkpoint={path!r} does not exist; convert VAR\'s tokenizer with '
+          f'`python -m srdd_jax.tools.convert_var --vae vae_ch160v4096z32.pth --out {path}` or '
+          'train one with --mode=train_tokenizer')
+    raise ConfigError(f'config.{key}.checkpoint={path!r} does not exist')
+  try:
+    return params_io.check_model_dir(path, 'var' if key == 'model' else 'vqvae')
+  except (FileNotFoundError, ValueError) as e:
+    raise ConfigError(f'config.{key}.checkpoint: {e}') from e
+
+
 def load_tokenizer(config, *, reference: bool = False) -> LoadedTokenizer:
   """config.tokenizer -> the tokenizer, from (in order) `checkpoint`, `reference_npz` when `reference`
   is allowed and the file exists, or a fresh initialisation when `allow_random` (or `reference`) says
@@ -84,11 +105,7 @@ def load_tokenizer(config, *, reference: bool = False) -> LoadedTokenizer:
   c = with_defaults(config)
   tc = c.tokenizer
   if tc.checkpoint:
-    if not files.isdir(tc.checkpoint):
-      raise ConfigError(
-          f'config.tokenizer.checkpoint={tc.checkpoint!r} does not exist; convert VAR\'s tokenizer with '
-          f'`python -m srdd_jax.tools.convert_var --vae vae_ch160v4096z32.pth --out {tc.checkpoint}` or '
-          'train one with --mode=train_tokenizer')
+    check_checkpoint(c, 'tokenizer')
     try:
       vq, params = params_io.load_vqvae(tc.checkpoint)
     except (FileNotFoundError, ValueError) as e:
@@ -108,8 +125,7 @@ def load_tokenizer(config, *, reference: bool = False) -> LoadedTokenizer:
       images = np.transpose(z['img'], (0, 2, 3, 1)).astype(np.float32) if 'img' in z.files else None
     return LoadedTokenizer(vq, params, f'reference file {tc.reference_npz} (VAR code, random weights)', images)
   if not (tc.allow_random or reference):
-    raise ConfigError('config.tokenizer.checkpoint is empty: give a converted or trained tokenizer '
-                      '(or set config.tokenizer.allow_random=True for a smoke run)')
+    raise ConfigError(_EMPTY_TOKENIZER)
   vq = tokenizer_config(c)
 
   def init():
@@ -121,19 +137,38 @@ def load_tokenizer(config, *, reference: bool = False) -> LoadedTokenizer:
   return tok
 
 
-def tokenizer_for_model(config) -> LoadedTokenizer:
-  """The tokenizer at the scales of config.model.patch_nums (the tokenizer quantizes at whatever
-  scales it is given; the model's schedule must end at its latent side)."""
+_EMPTY_TOKENIZER = ('config.tokenizer.checkpoint is empty: give a converted or trained tokenizer (or set '
+                    'config.tokenizer.allow_random=True for a smoke run)')
+
+
+def tokenizer_architecture(config) -> VQVAEConfig:
+  """The architecture of the tokenizer config.tokenizer names, without its weights: the checkpoint's
+  model.json, or the config's own for a fresh one (allow_random). What a dry run checks against."""
   c = with_defaults(config)
-  tok = load_tokenizer(c)
-  pn = tuple(int(p) for p in c.model.patch_nums)
-  if not pn or pn[-1] != tok.config.latent_side:
-    raise ConfigError(f'config.model.patch_nums={pn} must end at the tokenizer latent side '
-                      f'{tok.config.latent_side}')
+  if c.tokenizer.checkpoint:
+    return VQVAEConfig(**check_checkpoint(c, 'tokenizer')['config'])
+  if not c.tokenizer.allow_random:
+    raise ConfigError(_EMPTY_TOKENIZER)
+  return tokenizer_config(c)
+
+
+def at_model_scales(config, vq: VQVAEConfig) -> VQVAEConfig:
+  """`vq` at the scales of config.model.patch_nums (the tokenizer quantizes at whatever scales it is
+  given; the model's schedule must end at its latent side)."""
+  pn = tuple(int(p) for p in with_defaults(config).model.patch_nums)
+  if not pn or pn[-1] != vq.latent_side:
+    raise ConfigError(f'config.model.patch_nums={pn} must end at the tokenizer latent side {vq.latent_side}')
   try:
-    tok.config = dataclasses.replace(tok.config, patch_nums=pn)
+    return dataclasses.replace(vq, patch_nums=pn)
   except ValueError as e:
     raise ConfigError(f'config.model.patch_nums={pn}: {e}') from e
+
+
+def tokenizer_for_model(config) -> LoadedTokenizer:
+  """The tokenizer at the scales of config.model.patch_nums (`at_model_scales`)."""
+  c = with_defaults(config)
+  tok = load_tokenizer(c)
+  tok.config = at_model_scales(c, tok.config)
   return tok
 
 
@@ -142,13 +177,7 @@ def load_models(config):
   config.tokenizer.checkpoint; config.model.mask / dtype override the checkpoint's when given."""
   c = with_defaults(config)
   for key in ('model', 'tokenizer'):
-    path = c[key].checkpoint
-    if not path:
-      raise ConfigError(f'config.{key}.checkpoint is empty: give the directory written by '
-                        f'`python -m srdd_jax.tools.convert_var --{"var" if key == "model" else "vae"} ...` '
-                        'or by training')
-    if not files.isdir(path):
-      raise ConfigError(f'config.{key}.checkpoint={path!r} does not exist')
+    check_checkpoint(c, key)
   try:
     var_config, var_params = params_io.load_var(c.model.checkpoint)
   except (FileNotFoundError, ValueError) as e:

@@ -127,17 +127,30 @@ def model_identity(directory: str) -> dict:
           'params_files': hashlib.sha256(json.dumps(sorted(listed)).encode()).hexdigest() if listed else None}
 
 
+def check_model_dir(directory: str, kind: str | None = None) -> dict:
+  """The model.json of a model directory `save_params` wrote, its parameters present and of `kind`; no
+  weight is read (what a dry run checks). FileNotFoundError or ValueError saying what is wrong."""
+  directory = files.absolute(directory)
+  mpath = files.join(directory, MODEL_JSON)
+  if not files.isfile(mpath) or not files.isdir(files.join(directory, PARAMS_DIR)):
+    raise FileNotFoundError(f'{directory} holds no converted parameters (expected {MODEL_JSON} and '
+                            f'{PARAMS_DIR}/; create them with `python -m srdd_jax.tools.convert_var`)')
+  try:
+    meta = files.read_json(mpath)
+  except ValueError as e:
+    raise ValueError(f'{mpath} is not readable JSON ({e}); write the model again') from None
+  if not isinstance(meta, dict):
+    raise ValueError(f'{mpath} holds no model description')
+  if kind is not None and meta.get('kind') != kind:
+    raise ValueError(f'{directory} holds a {meta.get("kind")!r} model, not a {kind!r} one')
+  return meta
+
+
 def load_params(directory: str, kind: str | None = None):
   """Returns (model description dict, params as numpy arrays) saved by `save_params`."""
   directory = files.absolute(directory)
-  mpath = files.join(directory, MODEL_JSON)
   ppath = files.join(directory, PARAMS_DIR)
-  if not files.isfile(mpath) or not files.isdir(ppath):
-    raise FileNotFoundError(f'{directory} holds no converted parameters (expected {MODEL_JSON} and '
-                            f'{PARAMS_DIR}/; create them with `python -m srdd_jax.tools.convert_var`)')
-  meta = files.read_json(mpath)
-  if kind is not None and meta.get('kind') != kind:
-    raise ValueError(f'{directory} holds a {meta.get("kind")!r} model, not a {kind!r} one')
+  meta = check_model_dir(directory, kind)
   try:
     # As numpy, whatever devices wrote it: an export saved from a pod's sharded arrays records their
     # topology, and a plain restore on another machine (one GPU, a laptop) refuses it.

@@ -53,13 +53,17 @@ def sampler_config(c, mask: str) -> SamplerConfig:
     sched = floats(sched, 'config.sampler.cfg_schedule')
     if not all(math.isfinite(t) for t in sched):
       raise ConfigError(f'config.sampler.cfg_schedule={v["cfg_schedule"]!r}: every value must be finite')
+  mr_scales = ints(c.mr_scales, 'config.sampler.mr_scales')
+  if any(x not in (0, 1) for x in mr_scales):
+    raise ConfigError(f'config.sampler.mr_scales={c.mr_scales!r}: one 0 (off) or 1 (on) per scale, or \'\' for '
+                      'every scale')
   try:
     return SamplerConfig(cfg=float(v['cfg']), cfg_schedule=sched, temperature=float(c.temperature),
                          top_k=int(c.top_k), top_p=float(c.top_p), min_p=float(c.min_p),
                          greedy=bool(c.greedy),
                          mr_threshold=float(v['mr_threshold']), mr_iterations=int(v['mr_iterations']),
                          mr_mode=str(c.mr_mode),
-                         mr_scales=tuple(bool(x) for x in ints(c.mr_scales, 'config.sampler.mr_scales')) or None)
+                         mr_scales=tuple(bool(x) for x in mr_scales) or None)
   except ValueError as e:
     raise ConfigError(f'config.sampler: {e}') from e
 
@@ -101,6 +105,21 @@ def sampler_from_config(config, models=None):
   return sampler, jax.device_put(var_params, rep), jax.device_put(vae_params, rep)
 
 
+def sampling_batch(batch_size: int, num_images: int, n_par: int, key: str) -> int:
+  """The batch to sample `num_images` with, given the configured `batch_size` (`key`): a positive multiple of
+  the data-parallel size `n_par`, and no larger than the images need (rounded up to that multiple). A
+  larger batch was padded to its size and computed in full (1,000,000 for 10 images asked for 106 GB):
+  it is cut to the need, with a warning; the images are the same draws a batch of that size gives."""
+  if batch_size < 1 or batch_size % n_par:
+    raise ConfigError(f'{key}={batch_size} must be a positive multiple of the data-parallel size {n_par}')
+  need = -(-max(num_images, 1) // n_par) * n_par
+  if batch_size > need:
+    logging.warning('%s=%d is larger than the %d image(s) to draw: sampling in batches of %d', key, batch_size,
+                    num_images, need)
+    return need
+  return batch_size
+
+
 def generate(sampler, var_params, vae_params, labels, batch_size: int, seed: int,
              key: str = 'batch_size', program=None) -> np.ndarray:
   """uint8 NHWC images for `labels`, batch by batch; batch i uses the key batch_rng(seed, i), so no two
@@ -110,6 +129,7 @@ def generate(sampler, var_params, vae_params, labels, batch_size: int, seed: int
   an argument of it, say)."""
   mesh = sampler.mesh
   n_par = pm.data_parallel_size(mesh) if mesh is not None else 1
+  # A batch above the count is allowed here: a study compiles one program for all its calls, small ones too.
   if batch_size < 1 or batch_size % n_par:
     raise ConfigError(f'{key}={batch_size} must be a positive multiple of the data-parallel size {n_par}')
   fn = program or jit_inference(sampler.sample)

@@ -22,13 +22,38 @@ METRICS = ('fid', 'is', 'pr', 'proxy')
 INCEPTION_METRICS = ('fid', 'is', 'pr')
 
 
-def verified_inception(o):
-  """Verified FID Inception params, or a ConfigError before any sampling."""
+def _inception_weights_given(o) -> None:
   if not o['inception_weights']:
     raise ConfigError(
         'config.eval.inception_weights is empty: FID, IS and precision/recall need pytorch-fid\'s '
         'pt_inception-2015-12-05-6726825d.pth (or its .npz from `python -m srdd_jax.tools.convert_inception`). '
         'No FID or IS is computed without them; for offline data sets use config.eval.metrics=proxy')
+
+
+def _reference_given(o) -> bool:
+  needs = [m for m in ('fid', 'pr') if m in o['metrics']]
+  if needs and not o['reference']:
+    raise ConfigError(f'config.eval.reference is empty: {", ".join(needs)} compare with a reference '
+                      '.npz (statistics mu/sigma and/or arr_0 images)')
+  return bool(needs)
+
+
+def check_inputs(o, labels_required: bool) -> int | None:
+  """The files config.eval names, present (and the samples file's header and labels), without reading
+  weights or images: what a dry run checks; the runner then reads and verifies them. Returns the number
+  of images of the samples file (None: no file given)."""
+  if set(o['metrics']) & set(INCEPTION_METRICS):
+    _inception_weights_given(o)
+    if not files.isfile(o['inception_weights']):
+      raise ConfigError(f'config.eval.inception_weights={o["inception_weights"]!r}: no such file')
+  if _reference_given(o) and not files.isfile(o['reference']):
+    raise ConfigError(f'config.eval.reference={o["reference"]!r}: no such file')
+  return check_samples(o['samples'], labels_required) if o['samples'] else None
+
+
+def verified_inception(o):
+  """Verified FID Inception params, or a ConfigError before any sampling."""
+  _inception_weights_given(o)
   try:
     params, info = fid_inception.load_inception(o['inception_weights'])
   except (FileNotFoundError, ValueError) as e:
@@ -40,12 +65,8 @@ def verified_inception(o):
 
 
 def check_reference(o):
-  needs = [m for m in ('fid', 'pr') if m in o['metrics']]
-  if not needs:
+  if not _reference_given(o):
     return None
-  if not o['reference']:
-    raise ConfigError(f'config.eval.reference is empty: {", ".join(needs)} compare with a reference '
-                      '.npz (statistics mu/sigma and/or arr_0 images)')
   try:
     ref = stats.load_reference_batch(o['reference'])
   except (FileNotFoundError, ValueError) as e:
@@ -58,19 +79,88 @@ def check_reference(o):
   return ref
 
 
-def load_samples(path: str):
-  try:
-    with files.np_load(path) as z:
-      images, labels = z['arr_0'], (z['arr_1'] if 'arr_1' in z.files else None)
-  except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:  # Truncated: BadZipFile.
-    raise ConfigError(f'config.eval.samples={path!r}: not a samples .npz with arr_0 '
-                      f'({type(e).__name__}: {e})') from None
-  if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
-    raise ConfigError(f'config.eval.samples={path!r}: arr_0 must be uint8 NHWC RGB, got {images.dtype} '
-                      f'{images.shape}')
+def _samples_error(path: str, why: str) -> ConfigError:
+  return ConfigError(f'config.eval.samples={path!r}: {why}')
+
+
+def _checked_labels(path: str, labels, n: int, required: bool):
+  """arr_1 as int32 class labels, one per image, or None where none are given and none are `required`
+  (the proxy metrics' class consistency compares each sample's label with the classifier's class: scoring
+  missing labels as class 0, or float labels truncated, gave a wrong number without a word)."""
   if labels is None:
-    labels = np.zeros(len(images), np.int32)
-  return images, np.asarray(labels, np.int32)
+    if required:
+      raise _samples_error(path, 'has no arr_1 (the class labels) and the proxy metrics\' class consistency needs '
+                                 'them: save np.savez(path, arr_0=images, arr_1=labels) with integer labels, or '
+                                 'leave proxy out of config.eval.metrics')
+    return None
+  labels = np.asarray(labels)
+  if labels.shape != (n,):
+    raise _samples_error(path, f'arr_1 holds {labels.shape} labels for {n} images; one class label per image')
+  if labels.dtype.kind == 'f':
+    whole = np.isfinite(labels) & (labels == np.round(labels))
+    if not whole.all():
+      i = int(np.flatnonzero(~whole)[0])
+      raise _samples_error(path, f'arr_1[{i}] = {float(labels[i]):g} is not a whole number: class labels are integers')
+  elif labels.dtype.kind not in 'iu':
+    raise _samples_error(path, f'arr_1 holds {labels.dtype} values; class labels are integers')
+  if n and (labels.min() < 0 or labels.max() > np.iinfo(np.int32).max):
+    raise _samples_error(path, f'arr_1 holds labels in [{labels.min()}, {labels.max()}]; class labels are >= 0')
+  return labels.astype(np.int32)
+
+
+def _check_images(path: str, shape, dtype) -> None:
+  if np.dtype(dtype) != np.uint8 or len(shape) != 4 or shape[-1] != 3:
+    raise _samples_error(path, f'arr_0 must be uint8 NHWC RGB, got {np.dtype(dtype)} {tuple(shape)}')
+
+
+def _open_npz(path: str):
+  if not path or not files.isfile(path):
+    raise _samples_error(path, 'no such file')
+  try:
+    return files.np_load(path)
+  except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:  # Truncated: BadZipFile.
+    raise _samples_error(path, f'not a samples .npz with arr_0 ({type(e).__name__}: {e})') from None
+
+
+def _as_npz(path: str, z):
+  if not isinstance(z, np.lib.npyio.NpzFile):  # np.load of an .npy file gives its one array.
+    raise _samples_error(path, 'is a single array (.npy), not a samples .npz: save np.savez(path, arr_0=images, '
+                               'arr_1=labels)')
+  if 'arr_0' not in z.files:
+    z.close()
+    raise _samples_error(path, f'not a samples .npz with arr_0 (it holds {sorted(z.files)})')
+  return z
+
+
+def check_samples(path: str, labels_required: bool) -> int:
+  """The samples file config.eval.samples names, checked as `load_samples` reads it but without reading
+  the images: their header (shape, dtype) and the labels (what a dry run checks). Returns the number of
+  images."""
+  with _as_npz(path, _open_npz(path)) as z:
+    try:
+      with z.zip.open('arr_0.npy') as f:
+        version = np.lib.format.read_magic(f)
+        read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0) else
+                       np.lib.format.read_array_header_2_0)
+        shape, _, dtype = read_header(f)
+      labels = z['arr_1'] if 'arr_1' in z.files else None
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:
+      raise _samples_error(path, f'not a samples .npz with arr_0 ({type(e).__name__}: {e})') from None
+  _check_images(path, shape, dtype)
+  _checked_labels(path, labels, shape[0], labels_required)
+  return int(shape[0])
+
+
+def load_samples(path: str, labels_required: bool = True):
+  """(images uint8 NHWC, int32 labels or None) of a samples .npz (arr_0, arr_1); labels are None only
+  where none are given and none are `labels_required`."""
+  with _as_npz(path, _open_npz(path)) as z:
+    try:
+      images, labels = z['arr_0'], (z['arr_1'] if 'arr_1' in z.files else None)
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+      raise _samples_error(path, f'not a samples .npz with arr_0 ({type(e).__name__}: {e})') from None
+  _check_images(path, images.shape, images.dtype)
+  return images, _checked_labels(path, labels, len(images), labels_required)
 
 
 def inception_metrics(o, params, ref, images) -> dict:

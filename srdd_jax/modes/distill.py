@@ -26,11 +26,12 @@ from srdd_jax.diffusion.grids import SampleGrids
 from srdd_jax.train import distill, driver
 from srdd_jax.train import transformer_setup as setup
 from srdd_jax.train.transformer_task import DistillTask, TransformerTask
+from srdd_jax.transformer.config import VARConfig
 from srdd_jax.transformer.model import blocks_layout
 
 
-def load_teacher(config):
-  """(VARConfig, params) of config.distill.teacher; errors name the key."""
+def teacher_config(config) -> VARConfig:
+  """The VARConfig of config.distill.teacher from its model.json, no weight read; errors name the key."""
   path = config.distill.teacher
   if not path:
     raise ConfigError('config.distill.teacher is empty: give a transformer directory (WORKDIR/export/step_<n> '
@@ -38,12 +39,21 @@ def load_teacher(config):
   if not files.isdir(path):
     raise ConfigError(f'config.distill.teacher={path!r} does not exist')
   try:
-    return params_io.load_var(path)
+    return VARConfig(**params_io.check_model_dir(path, 'var')['config'])
+  except (FileNotFoundError, ValueError, TypeError) as e:
+    raise ConfigError(f'config.distill.teacher: {e}') from e
+
+
+def load_teacher(config):
+  """(VARConfig, params) of config.distill.teacher; errors name the key."""
+  teacher_config(config)
+  try:
+    return params_io.load_var(config.distill.teacher)
   except (FileNotFoundError, ValueError) as e:
     raise ConfigError(f'config.distill.teacher: {e}') from e
 
 
-def _check_cache(directory: str, patch_nums) -> None:
+def check_cache(directory: str, patch_nums) -> None:
   """A cache at another schedule is refused before anything loads, naming the command that writes one."""
   path = files.join(directory, MANIFEST)
   if not files.isfile(path):
@@ -84,7 +94,7 @@ def task(config, workdir: str) -> DistillTask:
   teacher, teacher_params = load_teacher(config)
   pn = distill.student_patch_nums(d.patch_nums, teacher.patch_nums)
   if d.token_cache:
-    _check_cache(d.token_cache, pn)
+    check_cache(d.token_cache, pn)
   config.model.patch_nums = pn  # The tokenizer quantizes, and the data are read, at the student's scales.
   config.model.num_classes = teacher.num_classes
   config.data.token_cache = d.token_cache

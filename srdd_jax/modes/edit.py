@@ -3,6 +3,7 @@ trained or converted model: WORKDIR/edit/<task>/ holds the input and the edits a
 edits as edits.npz and summary.json; that folder is replaced whole once new edits are complete."""
 from __future__ import annotations
 
+import re
 
 import jax
 import jax.numpy as jnp
@@ -10,7 +11,7 @@ import numpy as np
 from PIL import Image
 
 from srdd_jax import files
-from srdd_jax.config import ConfigError, ints, with_defaults
+from srdd_jax.config import ConfigError, ints, unset_or_at_least, with_defaults
 from srdd_jax.data.images import grid, to_uint8
 from srdd_jax.data.preprocess import to_rgb
 from srdd_jax.diffusion import editing
@@ -21,16 +22,61 @@ from srdd_jax.parallel.compile import jit_inference
 from srdd_jax.parallel.workdir import Outputs
 
 
+# TIFF tags: bits per sample, and how a sample is stored (1 unsigned, 2 signed integer, 3 IEEE float).
+_BITS_PER_SAMPLE, _SAMPLE_FORMAT = 258, 339
+
+
+def _full_scale(image: Image.Image, a: np.ndarray) -> float:
+  """The value of white of a 32-bit integer ('I') image: what its file says (a TIFF's bits per sample),
+  else 16 bits (PNG and PNM store 16-bit greyscale in this mode) when every value fits them."""
+  tags = getattr(image, 'tag_v2', None) or {}
+  bits = tags.get(_BITS_PER_SAMPLE)
+  bits = int(bits[0] if isinstance(bits, tuple) else bits) if bits else None
+  fmt = tags.get(_SAMPLE_FORMAT)
+  fmt = int(fmt[0] if isinstance(fmt, tuple) else fmt) if fmt else 1
+  if bits:
+    return float(2 ** (bits - 1 if fmt == 2 else bits) - 1)
+  if a.size and a.max() > 65535:
+    raise ValueError(f'a 32-bit integer image whose file does not say its range, with values up to {a.max()}: '
+                     'save it as an 8- or 16-bit image (or a TIFF, which says its bits per sample)')
+  return 65535.0
+
+
+def to_rgb_any(image: Image.Image) -> Image.Image:
+  """An RGB image of a PIL image of any mode, or ValueError saying why it cannot be converted. The
+  32-bit modes are scaled from their own range: PIL's convert('RGB') clips them at 255, so a float image
+  in [0, 1] turned black and the 32-bit integer one wrapped into noise."""
+  if image.mode == 'F':  # Float samples: [0, 1] is the only range with a meaning (white = 1).
+    a = np.asarray(image, np.float64)
+    if not np.all(np.isfinite(a)) or (a.size and (a.min() < 0 or a.max() > 1)):
+      raise ValueError(f'a float image with values in [{np.nanmin(a):.4g}, {np.nanmax(a):.4g}]: only [0, 1] '
+                       'has a known meaning; save it in [0, 1], or as an 8- or 16-bit image')
+    image = Image.fromarray(np.rint(a * 255).astype(np.uint8), 'L')
+  elif image.mode in ('I', 'I;32', 'I;32S'):
+    a = np.asarray(image, np.int64)
+    full = _full_scale(image, a)
+    if a.size and a.min() < 0:
+      raise ValueError(f'a signed 32-bit image with negative values (down to {a.min()}): save it as an 8- or '
+                       '16-bit image')
+    image = Image.fromarray(np.rint(np.minimum(a / full, 1.0) * 255).astype(np.uint8), 'L')
+  try:
+    # data.preprocess's conversion for the rest: 16-bit greyscale scaled down, not clipped to white.
+    return to_rgb(image)
+  except ValueError as e:  # A mode PIL cannot convert to RGB (LAB, HSV, ...).
+    raise ValueError(f'an image of mode {image.mode!r}, which cannot be converted to RGB ({e})') from None
+
+
 def open_image(path: str, key: str) -> Image.Image:
   """The RGB image at `path`; errors name the config `key`."""
   if not path or not files.isfile(path):
     raise ConfigError(f'{key}={path!r}: no such image file')
   try:
     with files.load_image(path) as f:
-      # data.preprocess's conversion: 16-bit greyscale scaled down, not clipped to white by convert('RGB').
-      return to_rgb(f).copy()
-  except OSError as e:
-    raise ConfigError(f'{key}={path!r}: unreadable image ({e})') from e
+      return to_rgb_any(f).copy()
+  except OSError as e:  # PIL names the file object it read (an address): left out, the line is the same each run.
+    raise ConfigError(f'{key}={path!r}: unreadable image ({re.sub(r" <[^>]*>", "", str(e))})') from e
+  except ValueError as e:
+    raise ConfigError(f'{key}={path!r}: {e}') from e
 
 
 def square(im: Image.Image, size: int) -> np.ndarray:
@@ -51,8 +97,34 @@ def check(e) -> None:
   for key in ('low_res', 'keep_scales'):
     if int(e[key]) < 0:
       raise ConfigError(f'config.edit.{key}={e[key]}: must be >= 0 (0 = derived)')
-  if e.task != 'super_res' and e.box and not e.mask and len(ints(e.box, 'config.edit.box')) != 4:
-    raise ConfigError(f'config.edit.box={e.box!r}: expected x0,y0,x1,y1')
+  if e.task != 'super_res' and e.box and not e.mask:
+    box = ints(e.box, 'config.edit.box')
+    if len(box) != 4:
+      raise ConfigError(f'config.edit.box={e.box!r}: expected x0,y0,x1,y1')
+    x0, y0, x1, y1 = box
+    if not (0 <= x0 < x1 and 0 <= y0 < y1):
+      raise ConfigError(f'config.edit.box={e.box!r}: x0,y0,x1,y1 with 0 <= x0 < x1 and 0 <= y0 < y1 (the '
+                        'corners top left, then bottom right, end-exclusive)')
+  unset_or_at_least(int(e.class_id), 'config.edit.class_id', 0, meaning='is unconditional (the null class)')
+  if e.task == 'class_edit' and int(e.class_id) == -1:
+    raise ConfigError('config.edit.class_id=-1: class_edit needs a class (the class the edits are drawn for)')
+
+
+def check_model(e, num_classes: int, image_size: int) -> None:
+  """config.edit's values against the model: its classes and its image size (the box's bounds)."""
+  if e.task != 'super_res' and not e.box and not e.mask:
+    raise ConfigError(f'config.edit.box or config.edit.mask is required for {e.task}')
+  cls = int(e.class_id)
+  if cls >= num_classes:
+    raise ConfigError(f'config.edit.class_id={cls} is out of range for a model with {num_classes} classes '
+                      f'(0..{num_classes - 1}, or -1 for unconditional)')
+  if e.task != 'super_res' and e.box and not e.mask:
+    try:
+      editing.box_keep_mask(image_size, ints(e.box, 'config.edit.box'), keep_inside=True)
+    except ValueError as err:
+      raise ConfigError(f'config.edit.box: {err}') from err
+  if e.task == 'super_res' and int(e.low_res) > image_size:
+    raise ConfigError(f'config.edit.low_res={e.low_res}: must be at most the model\'s {image_size} px')
 
 
 def check_keep_scales(e, num_scales: int) -> None:
@@ -82,11 +154,8 @@ def run(config, workdir: str, overwrite: bool = False) -> dict:
   n = int(e.num_samples)
   nc = sampler.var_config.num_classes
   cls = int(e.class_id)
-  if e.task == 'class_edit' and not 0 <= cls < nc:
-    raise ConfigError(f'config.edit.class_id={cls}: class_edit needs a class in 0..{nc - 1}')
-  labels = np.full((n,), cls if (e.task == 'class_edit' or 0 <= cls < nc) else nc, np.int32)
-  if cls >= nc:
-    raise ConfigError(f'config.edit.class_id={cls} is out of range for a model with {nc} classes')
+  check_model(e, nc, size)
+  labels = np.full((n,), cls if cls >= 0 else nc, np.int32)  # nc: the null class, unconditional.
   # The inputs work; only now do earlier outputs stand in the way.
   outputs = Outputs(files.join(workdir, 'edit', e.task), f'{e.task} edits', overwrite)
   if multihost.is_main_process():
@@ -96,8 +165,6 @@ def run(config, workdir: str, overwrite: bool = False) -> dict:
   shown = img
   if e.task == 'super_res':
     low = img
-    if int(e.low_res) > size:
-      raise ConfigError(f'config.edit.low_res={e.low_res}: must be at most the model\'s {size} px')
     if int(e.low_res):
       low = np.asarray(jax.image.resize(img, (int(e.low_res), int(e.low_res), 3), 'lanczos3'))
     check_keep_scales(e, sampler.var_config.num_scales)
@@ -112,14 +179,8 @@ def run(config, workdir: str, overwrite: bool = False) -> dict:
     if e.mask:
       m = square(open_image(e.mask, 'config.edit.mask'), size).mean(-1) > 0
       pixel_keep = m.astype(np.float32)
-    elif e.box:
-      box = ints(e.box, 'config.edit.box')
-      try:
-        pixel_keep = editing.box_keep_mask(size, box, keep_inside=e.task != 'inpaint')
-      except ValueError as err:
-        raise ConfigError(f'config.edit.box: {err}') from err
-    else:
-      raise ConfigError('config.edit.box or config.edit.mask is required for ' + e.task)
+    else:  # A box, checked against the model's size by check_model.
+      pixel_keep = editing.box_keep_mask(size, ints(e.box, 'config.edit.box'), keep_inside=e.task != 'inpaint')
     latent = editing.latent_keep_mask(pixel_keep, sampler.tokenizer.config.downsample)
     batch = jnp.asarray(np.repeat(img[None], n, 0))
     _, out, _, _ = jit_inference(editor.edit)(var_params, vae_params, batch,

@@ -23,8 +23,9 @@ from absl import logging
 
 from srdd_jax import files
 from srdd_jax.config import ConfigError, ints, with_defaults
-from srdd_jax.diffusion.generate import generate, sampler_from_config
+from srdd_jax.diffusion.generate import generate, sampler_from_config, sampling_batch
 from srdd_jax.evaluation import protocol
+from srdd_jax.parallel import mesh as pm
 from srdd_jax.parallel import multihost
 from srdd_jax.parallel.workdir import Outputs, file_identity
 
@@ -37,6 +38,36 @@ def options(config) -> dict:
   if bad or not o['metrics']:
     raise ConfigError(f'config.eval.metrics={",".join(o["metrics"])!r}: choose from {protocol.METRICS}')
   return o
+
+
+def check_data(config, o) -> None:
+  if 'proxy' in o['metrics'] and config.data.source == 'synthetic':
+    raise ConfigError('config.data is missing (its source is the default, synthetic): the proxy metrics '
+                      'compare with held-out real images of a data set (its test split); set config.data')
+
+
+def check_count(o, n: int) -> None:
+  if n < 2:
+    where = f'config.eval.samples={o["samples"]!r}' if o['samples'] else 'config.eval.num_per_class x classes'
+    raise ConfigError(f'{where} gives {n} image(s): the metrics compare distributions and need at least 2 (the '
+                      'protocol uses 50 per class)')
+
+
+def labels_required(o) -> bool:
+  """Whether a samples file must carry its labels: the proxy metrics' class consistency compares them."""
+  return 'proxy' in o['metrics']
+
+
+def counts(o, nc: int) -> tuple[tuple[int, ...], int]:
+  """(classes, samples per class) of config.eval for a model of `nc` classes, checked."""
+  classes = ints(o['classes'], 'config.eval.classes') or tuple(range(nc))
+  bad = [k for k in classes if not 0 <= k < nc]
+  if bad:
+    raise ConfigError(f'config.eval.classes: class {bad[0]} is out of range 0..{nc - 1}')
+  per = int(o['num_per_class'])
+  if per < 1:
+    raise ConfigError(f'config.eval.num_per_class={per} must be >= 1')
+  return classes, per
 
 
 def _inside(path: str, folder: str) -> bool:
@@ -54,32 +85,22 @@ def run(config, workdir: str, overwrite: bool = False) -> dict:
   inception_params, inception_info = (protocol.verified_inception(o) if set(o['metrics']) & set(protocol.INCEPTION_METRICS)
                                       else (None, None))
   ref = protocol.check_reference(o)
-  if 'proxy' in o['metrics'] and config.data.source == 'synthetic':
-    raise ConfigError('config.data is missing (its source is the default, synthetic): the proxy metrics '
-                      'compare with held-out real images of a data set (its test split); set config.data')
+  check_data(config, o)
+  bs = int(o['batch_size'])  # The batch sampled with (cut to the images it draws, below).
   if o['samples']:
-    images, labels, sampler = protocol.load_samples(o['samples']) + (None,)
-    classes, per = tuple(sorted(set(labels.tolist()))), None
+    images, labels, sampler = protocol.load_samples(o['samples'], labels_required(o)) + (None,)
+    classes, per = (None if labels is None else tuple(sorted(set(labels.tolist())))), None
   else:
     sampler, var_params, vae_params = sampler_from_config(config)
-    nc = sampler.var_config.num_classes
-    classes = ints(o['classes'], 'config.eval.classes') or tuple(range(nc))
-    bad = [k for k in classes if not 0 <= k < nc]
-    if bad:
-      raise ConfigError(f'config.eval.classes: class {bad[0]} is out of range 0..{nc - 1}')
-    per = int(o['num_per_class'])
-    if per < 1:
-      raise ConfigError(f'config.eval.num_per_class={per} must be >= 1')
+    classes, per = counts(o, sampler.var_config.num_classes)
     labels = np.repeat(np.asarray(classes, np.int32), per)
+    bs = sampling_batch(int(o['batch_size']), len(labels), pm.data_parallel_size(sampler.mesh),
+                        'config.eval.batch_size')
     logging.info('eval: sampling %d images (%d classes x %d) for %s', len(labels), len(classes), per,
                  ', '.join(o['metrics']))
-    images = generate(sampler, var_params, vae_params, labels, int(o['batch_size']), int(config.seed),
-                          key='config.eval.batch_size')
+    images = generate(sampler, var_params, vae_params, labels, bs, int(config.seed), key='config.eval.batch_size')
   t_sample = time.time() - t0
-  if len(images) < 2:
-    where = f'config.eval.samples={o["samples"]!r}' if o['samples'] else 'config.eval.num_per_class x classes'
-    raise ConfigError(f'{where} gives {len(images)} image(s): the metrics compare distributions and need at '
-                      'least 2 (the protocol uses 50 per class)')
+  check_count(o, len(images))
   results: dict = {}
   if inception_params is not None:
     results.update(protocol.inception_metrics(o, inception_params, ref, images))
@@ -87,9 +108,10 @@ def run(config, workdir: str, overwrite: bool = False) -> dict:
     results.update(protocol.proxy_metrics(config, o, images, labels, workdir))
   summary = {
       'metrics': results,
-      'protocol': {'num_samples': int(len(labels)), 'classes': list(classes), 'per_class': per,
+      'protocol': {'num_samples': int(len(images)), 'classes': None if classes is None else list(classes),
+                   'per_class': per,
                    'seed': int(config.seed), 'seeds': f'batch i uses fold_in(PRNGKey({int(config.seed)}), i)',
-                   'batch_size': int(o['batch_size']), 'mask': sampler.mask if sampler else None,
+                   'batch_size': bs, 'mask': sampler.mask if sampler else None,
                    'sampler': dataclasses.asdict(sampler.config) if sampler else None,
                    'samples': o['samples'] or None,
                    # Which file exactly: a later --mode=sample --overwrite replaces it (size, time).

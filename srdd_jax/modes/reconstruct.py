@@ -9,8 +9,8 @@ import numpy as np
 from absl import logging
 
 from srdd_jax import files
-from srdd_jax.config import with_defaults
-from srdd_jax.convert.loading import load_tokenizer
+from srdd_jax.config import ConfigError, with_defaults
+from srdd_jax.convert.loading import check_checkpoint, load_tokenizer
 from srdd_jax.data.images import signed_to_uint8 as to_uint8
 from srdd_jax.parallel import multihost
 from srdd_jax.tokenizer.api import Tokenizer
@@ -38,9 +38,20 @@ def psnr(a, b) -> float:
   return float('inf') if mse == 0 else float(10 * np.log10(255.0 ** 2 / mse))
 
 
+def check(config) -> None:
+  """config.reconstruct's values and the tokenizer it names (before anything is loaded)."""
+  r = config.reconstruct
+  for key in ('num_images', 'batch_size'):
+    if int(r[key]) < 1:
+      raise ConfigError(f'config.reconstruct.{key}={r[key]}: must be >= 1')
+  if config.tokenizer.checkpoint:
+    check_checkpoint(config, 'tokenizer')
+
+
 def run(config, workdir: str) -> dict:
   t0 = time.time()
   config = with_defaults(config)
+  check(config)
   jax.config.update('jax_default_matmul_precision', config.tokenizer.precision)
   tok = load_tokenizer(config, reference=True)
   vq_config, params, source, images = tok.config, tok.params, tok.source, tok.images
@@ -55,7 +66,7 @@ def run(config, workdir: str) -> dict:
   params = jax.device_put(params)
   encode = jax.jit(tok.img_to_idx)
   decode = jax.jit(tok.idx_to_img)
-  bs = max(1, int(config.reconstruct.batch_size))
+  bs = int(config.reconstruct.batch_size)
   recs, all_ids = [], []
   t1 = time.time()
   for i in range(0, len(images), bs):

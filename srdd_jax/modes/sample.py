@@ -12,7 +12,8 @@ from srdd_jax import files
 from srdd_jax.config import ConfigError, ints, with_defaults
 from srdd_jax.convert.params_io import model_identity
 from srdd_jax.data.images import grid
-from srdd_jax.diffusion.generate import generate, sampler_from_config
+from srdd_jax.diffusion.generate import generate, sampler_from_config, sampling_batch
+from srdd_jax.parallel import mesh as pm
 from srdd_jax.parallel import multihost
 from srdd_jax.parallel.workdir import Outputs
 
@@ -37,7 +38,8 @@ def run(config, workdir: str, overwrite: bool = False) -> dict:
   sampler, var_params, vae_params = sampler_from_config(config)
   classes, per = counts(config, sampler.var_config.num_classes)
   labels = np.repeat(np.asarray(classes, np.int32), per)
-  bs = int(config.sample.batch_size)
+  bs = sampling_batch(int(config.sample.batch_size), len(labels), pm.data_parallel_size(sampler.mesh),
+                      'config.sample.batch_size')
   # The inputs are known to work; only now do earlier outputs stand in the way.
   outputs = Outputs(files.join(workdir, 'samples'), 'samples', overwrite)
   if multihost.is_main_process():

@@ -44,8 +44,9 @@ from scipy.optimize import curve_fit
 from srdd_jax import files
 from srdd_jax.config import ConfigError, with_defaults
 from srdd_jax.convert import params_io
+from srdd_jax.data import pipeline
 from srdd_jax.evaluation.plot import Chart
-from srdd_jax.modes import tokenize, train, train_tokenizer
+from srdd_jax.modes import checks, tokenize, train, train_tokenizer
 from srdd_jax.parallel import mesh as pm
 from srdd_jax.parallel import multihost, preemption
 from srdd_jax.parallel.compile import aot_record, aot_train_step, rules_for, topology_devices
@@ -146,6 +147,34 @@ def launch_command(python: str, config_spec: str, cli_overrides, root: str, p: P
           'train.heldout_examples': heldout_examples}
   return ([python, '-m', 'srdd_jax.main', f'--config={config_spec}', f'--workdir={files.join(root, "points", p.name)}',
            '--mode=train', *cli_overrides] + [f'--config.{k}={v}' for k, v in keys.items()])
+
+
+def check(config, root: str, points, *, heldout_examples: int, heldout_split: str, topology: str = '',
+          mesh_shape=None):
+  """Every flag and config value of plan / run / prepare, before anything is compiled, written or run (the
+  dry run runs this and stops): the sweep's own flags, the base config's data and tokenizer training (when
+  the study trains its tokenizer), and the launched training run of every point (its config values, its
+  architecture and, on this host, its mesh)."""
+  if topology:
+    pm.check_topology_name(topology, '--topology')
+  if mesh_shape and len(mesh_shape) != len(pm.MESH_AXES):
+    raise ConfigError(f'--mesh={",".join(map(str, mesh_shape))}: {len(pm.MESH_AXES)} sizes, '
+                      f'{",".join(pm.MESH_AXES)}')
+  if heldout_examples < 0:
+    raise ConfigError(f'--heldout_examples={heldout_examples}: must be >= 0 (0 = all)')
+  if not heldout_split:
+    raise ConfigError('--heldout_split is empty: give the split of the held-out token cache (e.g. test)')
+  checks.backend()
+  if config.data.token_cache:  # A cache the config gives is used as it is.
+    checks.token_cache_present(config.data.token_cache, 'config.data.token_cache')
+  pipeline.check(config.data)
+  if not config.tokenizer.checkpoint:
+    checks.tokenizer_training(config)
+  if mesh_shape:
+    config = apply_overrides(config, {f'mesh.{k}': int(v) for k, v in zip(pm.MESH_AXES, mesh_shape)})
+  paths = shared_paths(config, root, _dedupe(p.examples for p in points))
+  for p in points:
+    checks.transformer_values(point_config(config, root, p, paths, heldout_examples), mesh=not topology)
 
 
 # --- plan --------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ import contextvars
 import dataclasses
 import math
 import os
+import re
 from typing import Mapping, Sequence
 
 import flax.linen as nn
@@ -86,6 +87,17 @@ def resolve_mesh_shape(shape: Mapping[str, int] | Sequence[int], num_devices: in
 def num_slices(devices) -> int:
   """Slices (TPU pods joined by the data-centre network) among `devices`; 1 where there is no such notion."""
   return len({getattr(d, 'slice_index', 0) or 0 for d in devices})
+
+
+# A TPU slice as JAX names it: the generation, then the chips along each axis (v5e:2x2, v5p:2x2x2).
+TOPOLOGY_NAME = re.compile(r'v\d+[a-z]*:\d+(x\d+){1,2}')
+
+
+def check_topology_name(topology: str, flag: str) -> None:
+  """The form of a topology name, checked before libtpu is loaded (it prints its own trace first)."""
+  if not TOPOLOGY_NAME.fullmatch(topology):
+    raise ConfigError(f'{flag}={topology!r}: a TPU slice as <generation>:<chips per axis>, e.g. v5p:2x2x2 or '
+                      'v5e:2x2')
 
 
 def topology_devices(topology: str, flag: str = '--aot', num_slices: int = 1):

@@ -4,17 +4,19 @@
 
 Reads each file's `meta`, runs the port on the file's inputs with the file's weights, compares every
 output it holds against the tolerances of the reference README and prints one line per quantity.
-Exits 1 if a check fails (or, with --strict, if an entry could not be checked), 2 on unreadable input.
+Exits 1 if a check fails (or, with --strict, if an entry could not be checked), 2 on unreadable input or
+a bad flag (an `error:` line on stderr for each).
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import zipfile
+from argparse import RawDescriptionHelpFormatter
 
 import jax
 
 from srdd_jax import files
+from srdd_jax.config import ArgumentParser
 from srdd_jax.tools import reference_common as rc
 from srdd_jax.tools.reference_fid import check_fid_inception
 from srdd_jax.tools.reference_var import check_var
@@ -54,8 +56,7 @@ def _describe(meta: dict) -> str:
 
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = ArgumentParser(description=__doc__.split('\n\n')[0], formatter_class=RawDescriptionHelpFormatter)
   parser.add_argument('files', nargs='+', help='reference .npz files')
   parser.add_argument('--strict', action='store_true',
                       help='also fail when an entry of a file cannot be checked yet')
@@ -69,8 +70,8 @@ def main(argv=None) -> int:
   for path in args.files:
     try:
       meta, results = check_file(path)
-    except rc.ReferenceFormatError as e:
-      print(f'ERROR {e}', flush=True)
+    except rc.ReferenceFormatError as e:  # One line per file, on stderr as every tool's bad input is.
+      print(f'error: {e}', file=sys.stderr, flush=True)
       unreadable += 1
       continue
     print(f'== {path}: {_describe(meta)}', flush=True)

@@ -13,14 +13,15 @@ ratio (VAR's 256 px values by default). `--manifest` checks a key -> shape manif
 """
 from __future__ import annotations
 
-import argparse
+import json
 import sys
 import time
+from argparse import RawDescriptionHelpFormatter
 
 import numpy as np
 
 from srdd_jax import files
-from srdd_jax.config import ConfigError, ints
+from srdd_jax.config import ArgumentParser, ConfigError, ints
 from srdd_jax.convert import params_io
 from srdd_jax.convert import state_dict as sd
 from srdd_jax.convert import var_transformer
@@ -28,9 +29,28 @@ from srdd_jax.convert import var_vqvae
 from srdd_jax.tokenizer.vqvae import VQVAEConfig, count_params
 
 
+def _manifest_shapes(path: str, key: str) -> dict:
+  """{state dict key: shape} of entry `key` of a manifest file; ConfigError saying what is wrong with it."""
+  if not files.isfile(path):
+    raise ConfigError(f'--manifest {path}: no such file')
+  try:
+    manifests = json.loads(files.read_text(path))
+  except (ValueError, UnicodeDecodeError) as e:
+    raise ConfigError(f'--manifest {path}: not a JSON manifest ({type(e).__name__}: {e})') from None
+  if not isinstance(manifests, dict):
+    raise ConfigError(f'--manifest {path}: expected {{name: {{key: shape}}}}, got a {type(manifests).__name__}')
+  if key not in manifests:
+    raise ConfigError(f'{path} has no entry {key!r}; it has {sorted(manifests)}')
+  entry = manifests[key]
+  if not isinstance(entry, dict) or not all(isinstance(v, list) and all(isinstance(n, int) for n in v)
+                                            for v in entry.values()):
+    raise ConfigError(f'--manifest {path}: entry {key!r} must map state dict keys to shapes (lists of integers)')
+  return {k: tuple(v) for k, v in entry.items()}
+
+
 def main(argv=None) -> int:
-  ap = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
-                               formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+  ap = ArgumentParser(description=__doc__.split('\n\n')[0], formatter_class=RawDescriptionHelpFormatter,
+                      epilog=__doc__)
   src = ap.add_mutually_exclusive_group(required=True)
   src.add_argument('--vae', help='VAR VQ-VAE state dict: .pth (needs torch) or .npz')
   src.add_argument('--var', help='VAR transformer state dict: .pth (needs torch) or .npz')
@@ -51,12 +71,11 @@ def main(argv=None) -> int:
     ap.error(str(e))
 
   if args.manifest:
-    manifests = files.read_json(args.manifest)
-    if args.manifest_key not in manifests:
-      print(f'error: {args.manifest} has no entry {args.manifest_key!r}; it has {sorted(manifests)}',
-            file=sys.stderr)
+    try:
+      shapes = _manifest_shapes(args.manifest, args.manifest_key)
+    except ConfigError as e:
+      print(f'error: {e}', file=sys.stderr)
       return 2
-    shapes = {k: tuple(v) for k, v in manifests[args.manifest_key].items()}
     if args.prefix:
       shapes = {k[len(args.prefix):]: v for k, v in shapes.items() if k.startswith(args.prefix)}
     kind = 'var' if args.manifest_key.startswith('var') else 'vqvae'
@@ -71,7 +90,7 @@ def main(argv=None) -> int:
       state = sd.load_state_dict(source, prefix=args.prefix)
     except (FileNotFoundError, ImportError, sd.StateDictMismatch) as e:
       print(f'error: {e}', file=sys.stderr)
-      return 1
+      return 2
     shapes = {k: np.shape(v) for k, v in state.items()}
     print(f'read {len(state)} entries from {source} in {time.time() - t0:.1f}s', flush=True)
 
@@ -90,19 +109,23 @@ def main(argv=None) -> int:
       buffers = var_transformer.VAR_BUFFERS
   except (sd.StateDictMismatch, ValueError) as e:
     print(f'error: {e}', file=sys.stderr)
-    return 1
+    return 2
   print(f'{kind} config: {config}')
   print(f'mapped {len(km.targets)} keys, dropped {len(km.dropped)} buffer(s); {len(shapes)} keys in '
         f'all; {count_params(abstract):,} parameters', flush=True)
   if state is None:
     return 0
-  params = sd.convert_state_dict(state, abstract, drop=buffers, what=f'{kind} state dict')
+  try:
+    params = sd.convert_state_dict(state, abstract, drop=buffers, what=f'{kind} state dict')
+  except (sd.StateDictMismatch, ValueError) as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 2
   try:
     out = params_io.save_params(args.out, params, kind=kind, config=config, source=source,
                                 overwrite=args.overwrite)
   except FileExistsError as e:
     print(f'error: {e}', file=sys.stderr)
-    return 1
+    return 2
   print(f'saved to {out}')
   return 0
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from srdd_jax.config import ConfigError, section
+from srdd_jax.config import MAX_STEPS, ConfigError, section, unset_or_at_least
 from srdd_jax.tokenizer.vqvae import VQVAEConfig
 from srdd_jax.train.discriminator import DiscriminatorConfig
 
@@ -62,9 +62,11 @@ class TrainSettings:
 def train_settings(config) -> TrainSettings:
   """`config.tokenizer_train` with defaults, checked; errors name the key."""
   t = section(config, 'tokenizer_train')
-  if int(t['seed']) < 0:
+  unset_or_at_least(int(t['seed']), 'config.tokenizer_train.seed', 0, meaning='is config.seed')
+  unset_or_at_least(float(t['disc_lr']), 'config.tokenizer_train.disc_lr', 0, meaning='is config.tokenizer_train.lr')
+  if int(t['seed']) == -1:
     t['seed'] = int(config.get('seed', 0) or 0)
-  if float(t['disc_lr']) < 0:
+  if float(t['disc_lr']) == -1:
     t['disc_lr'] = t['lr']
   types = {f.name: f.type for f in dataclasses.fields(TrainSettings)}
   casts = {'int': int, 'float': float, 'str': str, 'bool': bool}
@@ -76,6 +78,10 @@ def train_settings(config) -> TrainSettings:
   for key in ('global_batch', 'steps', 'log_every', 'checkpoint_every', 'keep_checkpoints'):
     if getattr(s, key) < 1:
       bad(key, 'must be >= 1')
+  for key in ('steps', 'warmup_steps', 'gan_start_step', 'dead_code_restart_every', 'eval_every', 'log_every',
+              'checkpoint_every'):
+    if getattr(s, key) > MAX_STEPS:
+      bad(key, f'the step counter is a 32-bit integer; at most {MAX_STEPS}')
   for key in ('warmup_steps', 'gan_start_step', 'dead_code_restart_every', 'eval_every', 'eval_examples',
               'grid_examples'):
     if getattr(s, key) < 0:
@@ -83,6 +89,9 @@ def train_settings(config) -> TrainSettings:
   for key in ('lr', 'disc_lr', 'eps'):
     if not getattr(s, key) > 0:
       bad(key, 'must be > 0')
+  for key in ('lr', 'disc_lr'):
+    if getattr(s, key) > 1:
+      bad(key, 'AdamW moves every weight by about the learning rate per step and training diverges: at most 1')
   for key in ('weight_decay', 'clip_norm', 'beta', 'l1_weight', 'l2_weight', 'vq_weight', 'gan_weight',
               'dead_code_threshold'):
     if not getattr(s, key) >= 0:

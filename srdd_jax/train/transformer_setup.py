@@ -11,7 +11,7 @@ import jax
 from absl import logging
 
 from srdd_jax import files
-from srdd_jax.config import ConfigError
+from srdd_jax.config import MAX_STEPS, ConfigError, unset_or_at_least
 from srdd_jax.convert.loading import LoadedTokenizer, tokenizer_for_model
 from srdd_jax.data import pipeline, token_cache
 from srdd_jax.parallel import mesh as pm
@@ -37,10 +37,37 @@ def check_ranges(config):
       raise ConfigError(f'config.train.{key}={t[key]}: must be >= 0')
   if not 0 <= float(t.ema_decay) < 1:
     raise ConfigError(f'config.train.ema_decay={t.ema_decay}: must be in [0, 1) (0 = no EMA)')
+  # Every count of steps is compared with the step counter, a 32-bit integer on the accelerator.
+  for key in ('steps', 'log_every', 'checkpoint_every', 'sample_every', 'progressive_steps', 'heldout_every',
+              'progressive_warmup_steps'):
+    if int(t[key]) > MAX_STEPS:
+      raise ConfigError(f'config.train.{key}={t[key]}: the step counter is a 32-bit integer; at most {MAX_STEPS}')
+  if int(o.warmup_steps) > MAX_STEPS:
+    raise ConfigError(f'config.optim.warmup_steps={o.warmup_steps}: at most {MAX_STEPS} (a 32-bit step counter)')
+  unset_or_at_least(int(t.progressive_warmup_steps), 'config.train.progressive_warmup_steps', 1,
+                    meaning="is VAR's ramp (a 300th of training)")
   if not float(o.base_lr) > 0:
     raise ConfigError(f'config.optim.base_lr={o.base_lr}: must be > 0')
+  peak = peak_lr_for(int(t.global_batch), float(o.base_lr))
+  if peak > MAX_PEAK_LR:
+    raise ConfigError(f'config.optim.base_lr={o.base_lr}: the peak learning rate would be {peak:.3g} (base_lr x '
+                      f'global_batch {t.global_batch} / 256); AdamW moves every weight by about that much per '
+                      f'step and training diverges: give a peak of at most {MAX_PEAK_LR:g} (VAR: 1e-4 x batch / 256)')
   if not 0 <= float(o.final_fraction) <= 1:
     raise ConfigError(f'config.optim.final_fraction={o.final_fraction}: must be in [0, 1]')
+  unset_or_at_least(int(o.warmup_steps), 'config.optim.warmup_steps', 0, meaning='is VAR\'s (a fiftieth of training)')
+  if not float(o.weight_decay) >= 0:
+    raise ConfigError(f'config.optim.weight_decay={o.weight_decay}: must be >= 0 (0 = none)')
+  unset_or_at_least(float(o.weight_decay_end), 'config.optim.weight_decay_end', 0,
+                    meaning='keeps config.optim.weight_decay constant')
+  if not float(o.clip_norm) >= 0:
+    raise ConfigError(f'config.optim.clip_norm={o.clip_norm}: must be >= 0 (0 = no clipping)')
+
+
+# The largest peak learning rate accepted: AdamW's step moves each weight by about the rate, and the
+# weights start at a scale of 0.02 to 1; a rate of 1 or more destroys them in a step (base_lr=1e12 ended in
+# a non-finite loss after the model was built and compiled).
+MAX_PEAK_LR = 1.0
 
 
 def check_mesh(config, mesh):
@@ -101,6 +128,9 @@ def schedule(config, num_examples: int, num_scales: int) -> tuple[int, OptimConf
   t, o = config.train, config.optim
   gb = int(t.global_batch)
   total = int(t.steps) if int(t.steps) > 0 else math.ceil(float(t.epochs) * num_examples / gb)
+  if total > MAX_STEPS:
+    raise ConfigError(f'config.train.epochs={t.epochs}: {total} steps of {gb} of the {num_examples} examples; '
+                      f'the step counter is a 32-bit integer: at most {MAX_STEPS} steps')
   warmup = int(o.warmup_steps) if int(o.warmup_steps) >= 0 else total // 50
   optim = OptimConfig(peak_lr=peak_lr_for(gb, o.base_lr), weight_decay=o.weight_decay,
                       weight_decay_end=o.weight_decay_end, warmup_steps=warmup, total_steps=total,

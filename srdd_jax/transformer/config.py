@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from srdd_jax.config import PATCH_NUMS_256, PATCH_NUMS_512, ConfigError, with_defaults
+from srdd_jax.config import PATCH_NUMS_256, PATCH_NUMS_512, ConfigError, unset_or_at_least, with_defaults
 
 MASKS = ('causal', 'markov')
 ATTENTION = ('auto', 'xla', 'cudnn', 'splash')  # srdd_jax.transformer.attention's implementations.
@@ -140,6 +140,7 @@ def var_config(config, vocab_size: int, z_channels: int) -> VARConfig:
   """The transformer config.model describes, for a tokenizer of `vocab_size` codes of `z_channels`;
   errors name the config key."""
   m = with_defaults(config).model
+  unset_or_at_least(float(m.drop_path_rate), 'config.model.drop_path_rate', 0, meaning="is VAR's 0.1 x depth / 24")
   sizes = {k: int(v) for k, v in (('depth', m.depth), ('width', m.width), ('num_heads', m.heads)) if int(v)}
   common = dict(num_classes=int(m.num_classes), vocab_size=int(vocab_size), z_channels=int(z_channels),
                 patch_nums=tuple(m.patch_nums), mask=m.mask or 'markov', dtype=m.dtype,

@@ -7,6 +7,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from srdd_jax.convert import var_vqvae
+from srdd_jax.convert.reference import vqvae_config_from_meta
+from srdd_jax.tokenizer import resample
 from srdd_jax.tokenizer.api import Tokenizer, unbox
 from srdd_jax.tokenizer.vqvae import VQVAEConfig
 from srdd_jax.tools import check_reference
@@ -257,3 +260,89 @@ def test_fid_inception_file_of_another_format_passes(tmp_path, capsys):
   np.savez(path, **data)
   rc, out, lines = _run(capsys, str(path))
   assert rc == 1 and lines['pool3'][0] == 'FAIL' and lines['logits'][0] == 'FAIL', out
+
+
+# ---------------------------------------------------------------------------------------------------
+# End to end: a near-tie told from a defect (issue 47 line 7)
+# ---------------------------------------------------------------------------------------------------
+
+def _quantize(tok, params, f, force=None):
+  """Our multi-scale quantization of f, scale by scale (VAR's residual loop), with one id forced: `force`
+  = (scale, flat index, code), as another implementation's rounding would have chosen it. Returns the ids
+  and each scale's inputs (N, Cvae)."""
+  def fn(module, f):
+    q, c = module.quantize, module.config
+    f_rest, ids, inputs = f, [], []
+    for si, pn in enumerate(c.patch_nums):
+      z = (resample.area_resize(f_rest, pn) if si != c.num_scales - 1 else f_rest).reshape(-1, c.z_channels)
+      idx = q.nearest(z)
+      if force is not None and force[0] == si:
+        idx = idx.at[force[1]].set(force[2])
+      idx = idx.reshape(f.shape[0], pn * pn)
+      ids.append(idx)
+      inputs.append(z)
+      f_rest = f_rest - q.scale_residual(idx, si)
+    return ids, inputs
+  return tok.module.apply({'params': params}, f, method=fn)
+
+
+def _flipped_reference(path, out, gap: float) -> tuple[int, int]:
+  """The compact tokenizer file, remade as a reference whose code at scale 2 (3x3), image 0, row 0, col 0
+  is another code than ours: an unused code placed `gap` (relative, in squared distance) farther from that
+  position's input than our nearest one, on the other side of it (so far from our code in the codebook:
+  the images differ). Every later scale follows the flip, as the reference's own loop would. Returns
+  (our code, the reference's)."""
+  with np.load(path) as z:
+    meta = json.loads(str(z['meta']))
+    weights = {k: z[k].astype(np.float32) for k in z.files if k.startswith('vae/')}
+    img = z['img']
+  config = vqvae_config_from_meta(meta, path)
+  tok = Tokenizer(config)
+  x = np.transpose(img, (0, 2, 3, 1)).astype(np.float32)
+  params = var_vqvae.convert_vqvae({k[4:]: v for k, v in weights.items()}, config)
+  f = tok.encode(params, x)
+  ids, inputs = _quantize(tok, params, f)
+  scale, position = 2, 0
+  ours = int(np.asarray(ids[scale]).reshape(-1)[position])
+  used = set(np.concatenate([np.asarray(a).reshape(-1) for a in ids]).tolist())
+  theirs = max(set(range(config.vocab_size)) - used)
+  zp = np.asarray(inputs[scale][position], np.float64)
+  codebook = weights['vae/quantize.embedding.weight'].copy()
+  codebook[theirs] = zp + (zp - codebook[ours]) * np.sqrt(1 + gap)
+  weights['vae/quantize.embedding.weight'] = codebook
+  params = var_vqvae.convert_vqvae({k[4:]: v for k, v in weights.items()}, config)
+  assert int(np.asarray(_quantize(tok, params, f)[0][scale]).reshape(-1)[position]) == ours  # Still ours.
+  ref, _ = _quantize(tok, params, f, force=(scale, position, theirs))
+  rec = tok.idx_to_img(params, ref)
+  nchw = lambda a: np.transpose(np.asarray(a), (0, 3, 1, 2))
+  np.savez(out, meta=np.array(json.dumps(meta)), **weights, img=img, f=nchw(f),
+           **{f'idx_{k}': np.asarray(a) for k, a in enumerate(ref)}, rec=nchw(rec), dec_from_idx=nchw(rec))
+  return ours, theirs
+
+
+def test_end_to_end_a_near_tie_is_told_from_a_defect(tmp_path, capsys):
+  """A reference made by another implementation may pick, at a near-tie, the other of two codes; that flip
+  changes every later scale's residual, and `rec` (image -> image) then differs far beyond its tolerance
+  although both implementations are right (issue 47: 2,239 of 2,240 ids agreed, rel_err 9.4e-2, FAIL).
+  A hand-made near-tie (3e-6 relative) passes, naming the flip, its scale, both distances, and the end-to-end
+  result with the reference's ids; the same flip at a 50% gap, a defect, fails."""
+  path = reference_file('compact_vqvae_32.npz')
+  ours, theirs = _flipped_reference(path, tmp_path / 'tie.npz', 3e-6)
+  rc, out, lines = _run(capsys, str(tmp_path / 'tie.npz'))
+  assert rc == 0, out
+  status, detail = lines['rec']
+  assert status == 'PASS' and 'end to end, a near-tie' in detail, detail
+  rel_err = float(re.match(r'rel_err (\S+) ', detail).group(1))
+  assert rel_err > 1e-2  # The images differ: the old check's FAIL.
+  assert re.search(rf'1 near-tie flip\(s\) \(< 1e-05 relative\), the first at scale 2 \(3x3\) image 0 row 0 col 0: '
+                   rf'ours {ours} at distance (\S+), the reference\'s {theirs} at (\S+), 3\.\de-06 relative', detail)
+  assert re.search(r"with the reference's ids image -> image agrees: rel_err \S+ \(tol 1e-04\)$", detail)
+  assert re.search(r'^\d+/260 ids agree end to end', detail.split('a near-tie: ')[1])
+  assert lines['idx_2'][0] == 'PASS' and 'near-ties' in lines['idx_2'][1]
+  # A defect: the reference's code is 50% farther; the flip is named and the check fails.
+  _flipped_reference(path, tmp_path / 'defect.npz', 0.5)
+  rc, out, lines = _run(capsys, str(tmp_path / 'defect.npz'))
+  assert rc == 1
+  status, detail = lines['rec']
+  assert status == 'FAIL' and 'not all are near-ties: the largest distance gap 5.0e-01 relative' in detail
+  assert f'the first flip: scale 2 (3x3) image 0 row 0 col 0: ours {ours}' in detail

@@ -34,6 +34,55 @@ def _ids_from_reference_f(module, f, ref_ids):
   return ours, d_ours, d_ref
 
 
+def _flips(tok, params, f, ref_ids) -> list[tuple]:
+  """Every id where our nearest code, for the residual `f` leaves after the reference's ids of the earlier
+  scales, is not the reference's: (relative distance gap, scale, flat index, ours, theirs, our distance,
+  theirs), the gap (d_theirs - d_ours) / |d_ours| >= 0 (ours is the nearest)."""
+  ours, d_ours, d_ref = jax.jit(
+      lambda p, f, r: tok.module.apply({'params': p}, f, r, method=_ids_from_reference_f))(params, f, ref_ids)
+  out = []
+  for k in range(tok.config.num_scales):
+    a, b = np.asarray(ours[k]).reshape(-1), np.asarray(ref_ids[k]).reshape(-1)
+    do, dr = np.asarray(d_ours[k], np.float64), np.asarray(d_ref[k], np.float64)
+    for i in np.flatnonzero(a != b):
+      out.append(((dr[i] - do[i]) / max(abs(do[i]), 1e-30), k, int(i), int(a[i]), int(b[i]), do[i], dr[i]))
+  return out
+
+
+def _end_to_end(tok, params, f, ref_ids, rec_ref, result: rc.Result, agree: tuple[int, int]) -> rc.Result:
+  """`rec` (image -> image) failed its tolerance: a near-tie or a defect? A code chosen at a near-tie (the
+  two nearest codebook distances within TIE_REL) may flip between two correct implementations, and the
+  flip changes every later scale's residual, so the images differ far beyond the tolerance (issue 47: 2,239
+  of 2,240 ids agreed, rel_err 9.4e-2). The verdict: every id our quantizer picks differently from the
+  reference's, scale by scale from our own f after the reference's earlier ids, is a near-tie, and with
+  the reference's ids our image -> image agrees; then a PASS that names the flip, else a FAIL."""
+  flips = _flips(tok, params, f, ref_ids)
+  same, total = agree
+  if not flips:
+    return rc.Result(result.name, rc.FAIL, f'{result.detail}; every id agrees with the reference\'s, so no '
+                                            'near-tie explains it')
+  gap, k, i, ours, theirs, d_ours, d_theirs = flips[0]  # The first flip, in scale order: the cause.
+  pn = tok.config.patch_nums[k]
+  image, (row, col) = i // (pn * pn), divmod(i % (pn * pn), pn)
+  where = (f'scale {k} ({pn}x{pn}) image {image} row {row} col {col}: ours {ours} at distance {d_ours:.9g}, the '
+           f'reference\'s {theirs} at {d_theirs:.9g}, {gap:.1e} relative')
+  worst = max(flips)
+  if worst[0] >= rc.TIE_REL:
+    return rc.Result(result.name, rc.FAIL, f'{result.detail}; {len(flips)} id(s) differ from our nearest code '
+                                            f'and not all are near-ties: the largest distance gap {worst[0]:.1e} '
+                                            f'relative (a tie needs < {rc.TIE_REL:.0e}) at scale {worst[1]}; the '
+                                            f'first flip: {where}')
+  with_ref = rc.rel_err(jax.jit(tok.idx_to_img)(params, ref_ids), rec_ref)
+  tie = (f'{same}/{total} ids agree end to end; {len(flips)} near-tie flip(s) (< {rc.TIE_REL:.0e} relative), the '
+         f'first at {where}, which changes every later scale\'s residual')
+  if with_ref > rc.REL_TOL:
+    return rc.Result(result.name, rc.FAIL, f'{result.detail}; {tie}; but with the reference\'s ids image -> '
+                                            f'image still differs: rel_err {with_ref:.2e} (tol {rc.REL_TOL:.0e})')
+  return rc.Result(result.name, rc.PASS, f'{result.detail.replace(" (image -> image)", "")} end to end, a '
+                                         f'near-tie: {tie}; with the reference\'s ids image -> image agrees: '
+                                         f'rel_err {with_ref:.2e} (tol {rc.REL_TOL:.0e})')
+
+
 def check_vqvae(z, meta: dict, path: str) -> list[rc.Result]:
   config = vqvae_config_from_meta(meta, path)
   tok = Tokenizer(config)
@@ -59,14 +108,19 @@ def check_vqvae(z, meta: dict, path: str) -> list[rc.Result]:
     f_ours = jax.jit(tok.encode)(params, img)
     if 'f' in z.files:
       results.append(rc.rel_result('f', f_ours, rc.nchw_to_nhwc(z['f']), how=' (image -> encoder)'))
-    if 'rec' in z.files:
-      used.add('rec')
-      rec = jax.jit(tok.reconstruct)(params, img)
-      results.append(rc.rel_result('rec', rec, rc.nchw_to_nhwc(z['rec']), how=' (image -> image)'))
     if have_ids:
       ids_e2e = jax.jit(tok.img_to_idx)(params, img)
       same = sum(int(np.sum(np.asarray(a) == np.asarray(b))) for a, b in zip(ids_e2e, ref_ids))
       total = sum(int(np.size(b)) for b in ref_ids)
+    if 'rec' in z.files:
+      used.add('rec')
+      rec_ref = rc.nchw_to_nhwc(z['rec'])
+      rec = jax.jit(tok.reconstruct)(params, img)
+      result = rc.rel_result('rec', rec, rec_ref, how=' (image -> image)')
+      if result.status == rc.FAIL and have_ids and np.shape(rec) == np.shape(rec_ref):
+        result = _end_to_end(tok, params, f_ours, ref_ids, rec_ref, result, (same, total))
+      results.append(result)
+    if have_ids:
       results.append(rc.Result('idx (image -> tokens)', rc.INFO,
                                f'{same}/{total} ids identical end to end (informative; the per-scale '
                                'idx_k checks below are the ones from the same f)'))

@@ -183,7 +183,8 @@ class Work:
       return c
     c = config()
     inputs = {'model': dataclasses.asdict(model), 'seed': seed, 'steps': steps, 'half_export_step': half,
-              'tokens': files.absolute(self.caches['train']), 'tokenizer': identity(self.tok),
+              'tokens': files.absolute(self.caches['student_train' if model.teacher else 'train']),
+              'tokenizer': self.identity(self.tok),
               'start': identity(start['export']) if start else None,
               'teacher': identity(teacher['export']) if teacher else None,
               'config.model': {k: v for k, v in c.model.to_dict().items() if k != 'checkpoint'},

@@ -22,8 +22,10 @@ held in native code longer than GRACE_SECONDS.
 """
 from __future__ import annotations
 
+import functools
 import os
 import signal
+import sys
 import threading
 import time
 
@@ -99,16 +101,28 @@ class _Stops:
 
   def __init__(self):
     self.signal = None  # The first stop's signal name.
+    self.in_flight = False  # An Interrupted is on its way up the main thread.
     self.cleanups = []  # What the watchdog runs before it ends the process (the lock's release).
     self.watching = False
 
   def handler(self, signum, frame):
     del frame
-    name = signal.Signals(signum).name
-    if self.signal is not None:  # Already stopping: the first raise is unwinding (and the watchdog is on).
+    if self.in_flight:  # Already stopping: a second signal must not cut the unwinding (a lock's release).
       return
-    self.signal = name
-    raise Interrupted(name)
+    self.signal = self.signal or signal.Signals(signum).name
+    self.in_flight = True
+    raise Interrupted(self.signal)
+
+  def unraisable(self, previous, unraisable):
+    """sys.unraisablehook: an Interrupted raised where no exception can propagate (the handler ran inside a
+    garbage-collection callback, such as JAX's, or a __del__) is lost there, and the run went on to exit 0.
+    The stop is sent again a moment later (from a thread: raised here, or at once, it would be lost again),
+    and the main thread raises it in the code it runs then."""
+    if isinstance(unraisable.exc_value, Interrupted):
+      self.in_flight = False
+      threading.Timer(0.05, os.kill, (os.getpid(), signal.Signals[self.signal])).start()
+      return
+    previous(unraisable)
 
   def watch(self, read_fd: int) -> None:
     """Woken by every signal (signal.set_wakeup_fd): when it is one this handler owns and the process is
@@ -148,6 +162,7 @@ def stop_on_signals(sigterm: bool = True) -> None:
   if sigterm:
     signal.signal(signal.SIGTERM, _STOPS.handler)
   if not _STOPS.watching:
+    sys.unraisablehook = functools.partial(_STOPS.unraisable, sys.unraisablehook)
     read_fd, write_fd = os.pipe()
     os.set_blocking(write_fd, False)
     signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)

@@ -11,6 +11,7 @@ from srdd_jax.config import ConfigError, with_defaults
 from srdd_jax.convert.loading import load_tokenizer
 from srdd_jax.modes import tokenize
 from srdd_jax.modes import train as train_mode
+from srdd_jax.train import transformer_setup
 from srdd_jax.train.driver import NonFiniteLoss
 from tests.conftest import smoke_config
 
@@ -141,10 +142,12 @@ def test_config_errors_name_the_key(tmp_path):
     train_mode.run(c, str(tmp_path / 'c'))
 
 
-def test_non_finite_loss_stops_and_keeps_the_checkpoint(tmp_path):
+def test_non_finite_loss_stops_and_keeps_the_checkpoint(tmp_path, monkeypatch):
   wd = str(tmp_path / 'nan')
   train_mode.run(_config(), wd, stop_after_steps=5)
   c = _config(steps=40)
+  # A rate the up-front check refuses (tests/test_reliability.py): lifted here to reach the loop's own stop.
+  monkeypatch.setattr(transformer_setup, 'MAX_PEAK_LR', float('inf'))
   c.optim.base_lr = 1e30
   with pytest.raises(NonFiniteLoss, match=r'non-finite loss or gradient at step \d+'):
     train_mode.run(c, wd)

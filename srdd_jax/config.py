@@ -115,6 +115,9 @@ DEFAULTS: dict = {
         patch_nums=PATCH_NUMS_256,
         mask='',  # markov | causal; '' = the checkpoint's when sampling, markov when training.
         dtype='bfloat16',  # Compute dtype of the matmuls; parameters stay float32.
+        # A float32 model's matmuls on a CPU: float32 | bfloat16 | auto (bfloat16 where the CPU has
+        # bfloat16 dot instructions); VARConfig.cpu_matmul.
+        cpu_matmul='float32',
         # auto | xla | cudnn | splash; auto = cuDNN on a GPU (16-bit dtype), splash on a TPU, else xla.
         # Name it when compiling ahead of time for another platform than the host's.
         attention='auto',

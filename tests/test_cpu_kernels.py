@@ -1,7 +1,10 @@
 """transformer/cpu_kernels.py: the hand-written backward passes give autodiff's values (the whole model's
 loss and every gradient, both masks, with and without VAR's l2-normalised attention, progressive
-sequences, float32 and bfloat16), and only CPU programs take them."""
+sequences, float32 and bfloat16), only CPU programs take them, and VARConfig.cpu_matmul='bfloat16' rounds
+a float32 model's matmul inputs (within bfloat16's rounding of float32's values) in dots that XLA:CPU
+really runs in bfloat16."""
 import dataclasses
+import re
 
 import flax.linen as nn
 import jax
@@ -87,3 +90,38 @@ def test_only_cpu_programs_take_the_hand_written_backward():
   lowered = {p: grad.trace(x, k).lower(lowering_platforms=(p,)).as_text() for p in ('cpu', 'tpu', 'cuda')}
   assert 'optimization_barrier' in lowered['cpu']  # The weight gradient's transposed operand.
   assert 'optimization_barrier' not in lowered['tpu'] and 'optimization_barrier' not in lowered['cuda']
+
+
+def test_bfloat16_products_of_a_float32_model_stay_within_bfloat16_rounding():
+  c = VARConfig(depth=2, width=64, num_heads=4, vocab_size=32, z_channels=8, patch_nums=PN, mask='markov',
+                num_classes=5, drop_path_rate=0.0, cond_drop_rate=0.0, init_adaln_gamma=0.5)
+  (v_bf, g_bf), _ = _model_value_and_grads(dataclasses.replace(c, cpu_matmul='bfloat16'))
+  (v_32, g_32), _ = _model_value_and_grads(c)
+  assert 0 < abs(float(v_bf) - float(v_32)) < 1e-2 * abs(float(v_32))  # Rounded, so not equal; but close.
+  assert _worst_relative_error(g_bf, g_32) < 5e-2
+
+
+def _dot_operand_dtypes(hlo: str) -> list[tuple[str, str]]:
+  """The operand dtypes of every dot in an optimized HLO module (fused computations included)."""
+  types = dict(re.findall(r'%([\w.\-]+) = (\w+)\[', hlo))
+  return [(types[a], types[b]) for a, b in re.findall(r' dot\(%([\w.\-]+), %([\w.\-]+)\)', hlo)]
+
+
+def test_bfloat16_products_reach_the_cpu_dots():
+  # XLA:CPU runs a bfloat16 dot in float32 (converting both operands) when its operand is a plain 2-D
+  # transpose; the weight gradient's transposed copy goes through 3-D so that it does not.
+  for shape in ((16, 48), (48, 16)):  # x transposed, then dy.
+    k = jax.random.normal(jax.random.PRNGKey(1), shape)
+    x = jax.random.normal(jax.random.PRNGKey(0), (4, 9, shape[0]))
+    loss = lambda x, k: jnp.sum(jnp.sin(cpu_kernels.matmul(x, k, jnp.float32, True, jnp.bfloat16)))
+    hlo = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(x, k).compile().as_text()
+    dtypes = _dot_operand_dtypes(hlo)
+    assert len(dtypes) == 3 and all(d == ('bf16', 'bf16') for d in dtypes), dtypes
+
+
+def test_cpu_matmul_is_checked_and_resolved():
+  with pytest.raises(ValueError, match=r"VARConfig.cpu_matmul='fp8': must be one of"):
+    VARConfig(depth=1, cpu_matmul='fp8')
+  assert cpu_kernels.cpu_matmul_dtype('float32') == jnp.float32
+  assert cpu_kernels.cpu_matmul_dtype('bfloat16') == jnp.bfloat16
+  assert cpu_kernels.cpu_matmul_dtype('auto') == (jnp.bfloat16 if cpu_kernels.native_bfloat16() else jnp.float32)

@@ -184,11 +184,12 @@ def load_models(config):
     raise ConfigError(f'config.model.checkpoint: {e}') from e
   tok = load_tokenizer(c)
   check_tokenizer_of(c.model.checkpoint, 'config.model.checkpoint', tok)
-  # How the blocks run (scanned or not) is the config's choice, whatever layout the weights were saved in.
+  # How the blocks run (scanned or not, the matmuls' dtypes) is the config's choice, whatever the weights
+  # were saved with.
   # config.model.refine adds the (zero-initialised, so inert) refine stream to a checkpoint without it;
   # a checkpoint that has it keeps it.
   var_config = dataclasses.replace(var_config, dtype=c.model.dtype, scan_blocks=bool(c.model.scan),
-                                   attention=c.model.attention,
+                                   attention=c.model.attention, cpu_matmul=c.model.cpu_matmul,
                                    refine=var_config.refine or bool(c.model.refine),
                                    **({'mask': c.model.mask} if c.model.mask else {}))
   try:

@@ -8,6 +8,7 @@ from srdd_jax.config import PATCH_NUMS_256, PATCH_NUMS_512, ConfigError, unset_o
 MASKS = ('causal', 'markov')
 ATTENTION = ('auto', 'xla', 'cudnn', 'splash')  # srdd_jax.transformer.attention's implementations.
 DTYPES = ('float32', 'bfloat16')
+CPU_MATMUL = ('float32', 'bfloat16', 'auto')  # VARConfig.cpu_matmul.
 # What the backward pass keeps of a block: everything ('none'), the outputs of the weight matmuls
 # ('dots': attention scores, norms and activations are recomputed), or only the block input ('full').
 REMAT = ('none', 'dots', 'full')
@@ -50,6 +51,11 @@ class VARConfig:
   # (transformer/cpu_kernels.py: autodiff's values, laid out for XLA:CPU); False: autodiff's everywhere.
   # Other backends always take autodiff's.
   cpu_kernels: bool = True
+  # What a float32 model's matmuls multiply in on a CPU (cpu_kernels.matmul): 'float32'; 'bfloat16' (inputs
+  # rounded to bfloat16, products summed in float32, activations and everything else float32: twice
+  # the matmul rate on CPUs with bfloat16 dot instructions); 'auto' = bfloat16 where this host's CPU has
+  # them (AVX512-BF16 or AMX), else float32. Other backends and bfloat16 models ignore it.
+  cpu_matmul: str = 'float32'
 
   def __post_init__(self):
     object.__setattr__(self, 'patch_nums', tuple(int(p) for p in self.patch_nums))
@@ -78,6 +84,8 @@ class VARConfig:
       bad('attention', f'must be one of {ATTENTION}')
     if self.dtype not in DTYPES:
       bad('dtype', f'must be one of {DTYPES}')
+    if self.cpu_matmul not in CPU_MATMUL:
+      bad('cpu_matmul', f'must be one of {CPU_MATMUL}')
     if self.remat not in REMAT:
       bad('remat', f'must be one of {REMAT}')
     if not self.patch_nums or any(p < 1 for p in self.patch_nums):
@@ -145,7 +153,8 @@ def var_config(config, vocab_size: int, z_channels: int) -> VARConfig:
   common = dict(num_classes=int(m.num_classes), vocab_size=int(vocab_size), z_channels=int(z_channels),
                 patch_nums=tuple(m.patch_nums), mask=m.mask or 'markov', dtype=m.dtype,
                 cond_drop_rate=float(m.cond_drop_rate), drop_path_rate=float(m.drop_path_rate),
-                scan_blocks=bool(m.scan), remat=m.remat, attention=m.attention, refine=bool(m.refine))
+                scan_blocks=bool(m.scan), remat=m.remat, attention=m.attention, refine=bool(m.refine),
+                cpu_matmul=m.cpu_matmul)
   try:
     if m.preset:
       return preset(m.preset, **sizes, **common)

@@ -36,45 +36,79 @@ def _matmul(x, kernel, out_dtype):
   return jnp.einsum('...i,io->...o', x, kernel, preferred_element_type=out_dtype)
 
 
-def _weight_gradient(x, dy, dtype):
-  """x^T dy over all leading axes, (I, O) in float32, as a row-major product: the narrower of x and dy is
-  transposed here (the barrier keeps XLA from folding the transpose back into the dot's dimension
-  numbers, which sends it to the slow path with a copy of the wider one)."""
-  x2 = x.reshape(-1, x.shape[-1]).astype(dtype)
-  d2 = dy.reshape(-1, dy.shape[-1]).astype(dtype)
-  barrier = jax.lax.optimization_barrier
+def _transposed(a):
+  """a (N, M) -> a^T (M, N) as a row-major copy. The barrier keeps XLA from folding the transpose back
+  into the consuming dot's dimension numbers (which sends the dot to its slow path after copying the
+  other, wider operand); the detour through (N, 2, M/2) keeps it from running a bfloat16 dot of a plain
+  2-D transpose in float32 (converting both operands)."""
+  n, m = a.shape
+  if m % 2:
+    return jax.lax.optimization_barrier(a.T)
+  return jax.lax.optimization_barrier(jnp.transpose(a.reshape(n, 2, m // 2), (1, 2, 0))).reshape(m, n)
+
+
+def _weight_gradient(x, dy):
+  """x^T dy over all leading axes, (I, O) in float32, as a row-major product: the narrower of x and dy
+  (both in the compute dtype) is the one transposed."""
+  x2 = x.reshape(-1, x.shape[-1])
+  d2 = dy.reshape(-1, dy.shape[-1])
   if x2.shape[1] <= d2.shape[1]:
-    return jnp.dot(barrier(x2.T), d2, preferred_element_type=jnp.float32)
-  return barrier(jnp.dot(barrier(d2.T), x2, preferred_element_type=jnp.float32)).T
+    return jnp.dot(_transposed(x2), d2, preferred_element_type=jnp.float32)
+  return jax.lax.optimization_barrier(jnp.dot(_transposed(d2), x2, preferred_element_type=jnp.float32)).T
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _matmul_cpu(x, kernel, out_dtype):
-  return _matmul(x, kernel, out_dtype)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _matmul_cpu(x, kernel, out_dtype, compute_dtype):
+  return _matmul(x.astype(compute_dtype), kernel.astype(compute_dtype), jnp.float32).astype(out_dtype)
 
 
-def _matmul_cpu_fwd(x, kernel, out_dtype):
-  return _matmul(x, kernel, out_dtype), (x, kernel)
+def _matmul_cpu_fwd(x, kernel, out_dtype, compute_dtype):
+  xc, kc = x.astype(compute_dtype), kernel.astype(compute_dtype)
+  # Empty arrays carry the inputs' dtypes to the backward, whose cotangents must have them.
+  dtypes = (jnp.zeros((0,), x.dtype), jnp.zeros((0,), kernel.dtype))
+  return _matmul(xc, kc, jnp.float32).astype(out_dtype), (xc, kc, dtypes)
 
 
-def _matmul_cpu_bwd(out_dtype, res, dy):
+def _matmul_cpu_bwd(out_dtype, compute_dtype, res, dy):
   del out_dtype
-  x, kernel = res
-  # In the inputs' dtype with float32 accumulation, like autodiff's transposed dots.
-  dx = jnp.einsum('...o,io->...i', dy.astype(kernel.dtype), kernel, preferred_element_type=jnp.float32)
-  return dx.astype(x.dtype), _weight_gradient(x, dy, kernel.dtype).astype(kernel.dtype)
+  xc, kc, (x_dtype, k_dtype) = res
+  dy = dy.astype(compute_dtype)  # Like autodiff's transposed dots: in the inputs' dtype, float32 sums.
+  dx = jnp.einsum('...o,io->...i', dy, kc, preferred_element_type=jnp.float32)
+  return dx.astype(x_dtype.dtype), _weight_gradient(xc, dy).astype(k_dtype.dtype)
 
 
 _matmul_cpu.defvjp(_matmul_cpu_fwd, _matmul_cpu_bwd)
 
 
-def matmul(x, kernel, out_dtype, cpu_kernels: bool = True):
-  """x (..., I) @ kernel (I, O), accumulated and returned in `out_dtype`; on a CPU with the weight
-  gradient of `_weight_gradient`."""
+@functools.cache
+def native_bfloat16() -> bool:
+  """Whether this host's CPU multiplies bfloat16 natively (AVX512-BF16 or AMX-BF16 in /proc/cpuinfo)."""
+  try:
+    with open('/proc/cpuinfo') as f:  # pylint: disable=unspecified-encoding
+      flags = next((l.split(':', 1)[1].split() for l in f if l.startswith('flags')), [])
+  except OSError:
+    return False
+  return 'avx512_bf16' in flags or 'amx_bf16' in flags
+
+
+def cpu_matmul_dtype(name: str):
+  """The dtype CPU matmuls of a float32 model multiply in: config value 'float32', 'bfloat16', or
+  'auto' (bfloat16 where `native_bfloat16()`, else float32)."""
+  if name == 'auto':
+    name = 'bfloat16' if native_bfloat16() else 'float32'
+  return jnp.dtype(name)
+
+
+def matmul(x, kernel, out_dtype, cpu_kernels: bool = True, cpu_dtype=None):
+  """x (..., I) @ kernel (I, O), accumulated in float32, returned in `out_dtype`. On a CPU: the weight
+  gradient of `_weight_gradient`, and the products in `cpu_dtype` when given (bfloat16: x and the
+  kernel rounded to it, float32 sums; see VARConfig.cpu_matmul) instead of the inputs' dtype."""
   if not cpu_kernels:
     return _matmul(x, kernel, out_dtype)
-  return jax.lax.platform_dependent(x, kernel, cpu=functools.partial(_matmul_cpu, out_dtype=out_dtype),
-                                    default=functools.partial(_matmul, out_dtype=out_dtype))
+  compute = jnp.dtype(cpu_dtype or x.dtype)
+  return jax.lax.platform_dependent(
+      x, kernel, cpu=functools.partial(_matmul_cpu, out_dtype=out_dtype, compute_dtype=compute),
+      default=functools.partial(_matmul, out_dtype=out_dtype))
 
 
 # --- attention -------------------------------------------------------------------------------------

@@ -29,6 +29,11 @@ _REMAT_POLICIES = {
 }
 
 
+def _cpu(c: VARConfig) -> dict:
+  """Dense's CPU switches from the config."""
+  return {'cpu_kernels': c.cpu_kernels, 'cpu_matmul': c.cpu_matmul}
+
+
 def trunc_normal(std: float, scale: float = 1.0):
   """PyTorch's trunc_normal_(std) (cut at +-2 absolute, not +-2 std), times `scale`."""
   def init(key, shape, dtype=jnp.float32):
@@ -55,7 +60,8 @@ class Dense(nn.Module):
   """x @ kernel + bias with the kernel in (in, out) layout; matmul in `dtype` (accumulated in float32),
   output in `out_dtype` (default `dtype`: like autocast, a bfloat16 model keeps bfloat16 activations,
   which halves their memory and traffic; the residual stream, norms and softmax stay float32).
-  `cpu_kernels`: on a CPU, the weight gradient of cpu_kernels.matmul (same values, faster layout)."""
+  `cpu_kernels`, `cpu_matmul`: VARConfig's (on a CPU: cpu_kernels.matmul's weight gradient, and a float32
+  matmul's products in bfloat16 if asked)."""
   features: int
   names: tuple[str | None, str | None]
   kernel_init: object
@@ -63,13 +69,17 @@ class Dense(nn.Module):
   dtype: jnp.dtype = jnp.float32
   out_dtype: jnp.dtype | None = None
   cpu_kernels: bool = True
+  cpu_matmul: str = 'float32'
 
   @nn.compact
   def __call__(self, x):
     out = self.out_dtype or self.dtype
     kernel = self.param('kernel', nn.with_logical_partitioning(self.kernel_init, self.names),
                         (x.shape[-1], self.features), jnp.float32)
-    y = cpu_kernels.matmul(x.astype(self.dtype), kernel.astype(self.dtype), jnp.dtype(out), self.cpu_kernels)
+    # cpu_matmul applies to float32 matmuls; a bfloat16 model's are bfloat16 anyway.
+    cpu_dtype = cpu_kernels.cpu_matmul_dtype(self.cpu_matmul) if jnp.dtype(self.dtype) == jnp.float32 else None
+    y = cpu_kernels.matmul(x.astype(self.dtype), kernel.astype(self.dtype), jnp.dtype(out), self.cpu_kernels,
+                           cpu_dtype)
     if self.use_bias:
       bias = self.param('bias', nn.with_logical_partitioning(nn.initializers.zeros, self.names[1:]),
                         (self.features,), jnp.float32)
@@ -103,7 +113,7 @@ class SelfAttention(nn.Module):
     b, l, width = x.shape
     h, hd = c.num_heads, c.head_dim
     qkv = Dense(3 * width, ('embed', 'heads'), trunc_normal(c.std), use_bias=False, dtype=dt,
-                cpu_kernels=c.cpu_kernels, name='mat_qkv')(x)
+                **_cpu(c), name='mat_qkv')(x)
     q_bias = self.param('q_bias', nn.with_logical_partitioning(nn.initializers.zeros, ('heads',)),
                         (width,), jnp.float32)
     v_bias = self.param('v_bias', nn.with_logical_partitioning(nn.initializers.zeros, ('heads',)),
@@ -145,7 +155,7 @@ class SelfAttention(nn.Module):
       o = whole_sequence(qkv, bias, scale_mul)
     o = o.reshape(b, l, width)
     o = Dense(width, ('heads', 'embed'), trunc_normal(c.std, 1 / math.sqrt(2 * c.depth)), dtype=dt,
-              cpu_kernels=c.cpu_kernels, name='proj')(o)
+              **_cpu(c), name='proj')(o)
     return o if cache is None else (o, cache)
 
 
@@ -175,11 +185,11 @@ class FFN(nn.Module):
   def __call__(self, x):
     c = self.config
     dt = jnp.dtype(c.dtype)
-    h = Dense(c.mlp_dim, ('embed', 'mlp'), trunc_normal(c.std), dtype=dt, cpu_kernels=c.cpu_kernels,
+    h = Dense(c.mlp_dim, ('embed', 'mlp'), trunc_normal(c.std), dtype=dt, **_cpu(c),
               name='fc1')(x)
     h = constrain(jax.nn.gelu(h, approximate=True), _ACT_MLP)
     return Dense(c.width, ('mlp', 'embed'), trunc_normal(c.std, 1 / math.sqrt(2 * c.depth)), dtype=dt,
-                 cpu_kernels=c.cpu_kernels, name='fc2')(h)
+                 **_cpu(c), name='fc2')(h)
 
 
 def _adaln_scales(c: VARConfig, n_out: int):
@@ -210,7 +220,7 @@ class AdaLNSelfAttn(nn.Module):
     else:
       mods = Dense(6 * width, ('embed', 'adaln'),
                    _column_scaled(trunc_normal(c.std), lambda n: _adaln_scales(c, n)),
-                   dtype=jnp.dtype(c.dtype), cpu_kernels=c.cpu_kernels, name='ada_lin_1')(nn.silu(cond))
+                   dtype=jnp.dtype(c.dtype), **_cpu(c), name='ada_lin_1')(nn.silu(cond))
       mods = mods.reshape(-1, 1, 6, width)
     g1, g2, s1, s2, b1, b2 = (mods[:, :, i] for i in range(6))
     h = SelfAttention(c, name='attn')(layer_norm(x, c.norm_eps) * (1 + s1) + b1, mask_kind, begin_ends,
@@ -299,7 +309,7 @@ class AdaLNBeforeHead(nn.Module):
   @nn.compact
   def __call__(self, x, cond):
     c = self.config
-    mods = Dense(2 * c.width, ('embed', 'adaln'), trunc_normal(c.std, c.init_adaln), cpu_kernels=c.cpu_kernels,
+    mods = Dense(2 * c.width, ('embed', 'adaln'), trunc_normal(c.std, c.init_adaln), **_cpu(c),
                  name='ada_lin_1')(
         nn.silu(cond)).reshape(-1, 1, 2, c.width)
     return layer_norm(x, c.norm_eps) * (1 + mods[:, :, 0]) + mods[:, :, 1]
@@ -310,7 +320,7 @@ def _refine_modules(c: VARConfig):
   projection into the input stream whose kernel and bias start at zero (a checkpoint trained without
   the stream loads unchanged)."""
   embed = Embed(c.vocab_size + 1, c.width, ('vocab', 'embed'), c.std)
-  proj = Dense(c.width, (None, 'embed'), nn.initializers.zeros, cpu_kernels=c.cpu_kernels)
+  proj = Dense(c.width, (None, 'embed'), nn.initializers.zeros, **_cpu(c))
   return embed, proj
 
 
@@ -330,7 +340,7 @@ class VAR(nn.Module):
   def setup(self):
     c = self.config
     width = c.width
-    self.word_embed = Dense(width, (None, 'embed'), trunc_normal(c.std), cpu_kernels=c.cpu_kernels)
+    self.word_embed = Dense(width, (None, 'embed'), trunc_normal(c.std), **_cpu(c))
     self.class_emb = Embed(c.num_classes + 1, width, ('classes', 'embed'), c.std)
     self.pos_start = self.param('pos_start', nn.with_logical_partitioning(
         trunc_normal(c.std), (None, None, 'embed')), (1, c.first_l, width), jnp.float32)
@@ -338,7 +348,7 @@ class VAR(nn.Module):
         trunc_normal(c.std), (None, None, 'embed')), (1, c.seq_len, width), jnp.float32)
     self.lvl_embed = Embed(c.num_scales, width, (None, 'embed'), c.std)
     if c.shared_aln:
-      self.shared_ada_lin_1 = Dense(6 * width, ('embed', 'adaln'), trunc_normal(c.std), cpu_kernels=c.cpu_kernels)
+      self.shared_ada_lin_1 = Dense(6 * width, ('embed', 'adaln'), trunc_normal(c.std), **_cpu(c))
     block = _block_class(c)
     if c.scan_blocks:
       # Parameters stacked on a leading 'layers' axis; every layer draws its own dropout.
@@ -351,7 +361,7 @@ class VAR(nn.Module):
     # The head's matmul in the compute dtype too (a float32 one costs several times a bfloat16 one on
     # accelerators); its logits in float32 for the softmax and the loss.
     self.head = Dense(c.vocab_size, ('embed', 'vocab'), trunc_normal(c.std, c.init_head),
-                      dtype=jnp.dtype(c.dtype), out_dtype=jnp.float32, cpu_kernels=c.cpu_kernels)
+                      dtype=jnp.dtype(c.dtype), out_dtype=jnp.float32, **_cpu(c))
     if c.refine:
       self.refine_embed, self.refine_proj = _refine_modules(c)
 

@@ -105,8 +105,9 @@ def test_processes_playing_v5p_32_hosts_train_like_one_process(tmp_path):
   """4 CPU processes of 4 devices ordered as JAX orders v5p-32's chips (each host's rows are 4 scattered
   blocks of 16) against one process of 16 devices in plain order: the same 3 steps. Not bit-identical:
   the gradient's cross-device sum runs in another order (in-process against gloo across processes), so
-  losses agree to float32 reduction order (measured 1.1e-7 relative) and parameters to 3e-7 of each
-  leaf's scale."""
+  losses agree to float32 reduction order (measured 1.1e-7 relative) and parameters to 1% of the steps'
+  summed learning rates (Adam's largest move; measured 3.5e-4 with the suite's XLA flags, where a bias that
+  starts at 0 differs by 2.7e-4 of its own scale)."""
   require_libtpu()
   from srdd_jax.tools import rehearse_pod  # pylint: disable=import-outside-toplevel
   rec = rehearse_pod.rehearse('v5p:2x2x4', 1, str(tmp_path), steps=3, global_batch=32, mesh='-1,-1,1')
@@ -115,7 +116,8 @@ def test_processes_playing_v5p_32_hosts_train_like_one_process(tmp_path):
   assert all(len(spans) == 4 for spans in rec['rows'].values()), rec['rows']  # Scattered: 4 spans each.
   assert rec['steps'] == [1, 2, 3]
   assert rec['loss_max_rel_diff'] < 1e-6 and rec['grad_norm_max_rel_diff'] < 1e-5, rec
-  assert rec['param_worst_rel_diff'] < 1e-4, rec  # Adam divides near-zero gradients' order noise by their size.
+  # Rows on the wrong host would move parameters by whole updates (and the losses above).
+  assert rec['param_max_diff_in_lr_sum'] < 1e-2, rec
 
 
 def test_described_chips_lay_out_as_libtpu_s():

@@ -72,13 +72,18 @@ def compare(one: epath.Path, many: epath.Path, steps: int) -> dict:
   diffs = {k: float(np.max(np.abs(pa[k].astype(np.float64) - pb[k].astype(np.float64)))) for k in pa}
   scale = {k: float(np.max(np.abs(pa[k]))) for k in pa}
   worst = max(diffs, key=lambda k: diffs[k] / max(scale[k], 1e-30))
+  # Adam moves a parameter by at most about the learning rate a step, whatever its gradient's size: a leaf
+  # whose gradient is near zero (a bias that starts at 0) turns reduction-order noise into a fraction of
+  # that move, which is large next to the leaf's own scale but small next to the steps' summed rates.
+  lr_sum = float(sum(r['lr'] for r in a))
   return {'steps': [r['step'] for r in a], 'loss_one': loss_a.tolist(), 'loss_many': loss_b.tolist(),
           'loss_max_rel_diff': float(np.max(np.abs(loss_a - loss_b) / np.abs(loss_a))),
           'grad_norm_max_rel_diff': float(np.max(np.abs(gn_a - gn_b) / np.abs(gn_a))),
           'loss_bit_identical': bool(np.array_equal(loss_a, loss_b)),
           'param_leaves': len(pa), 'param_leaves_bit_identical': sum(np.array_equal(pa[k], pb[k]) for k in pa),
           'param_max_abs_diff': max(diffs.values()), 'param_worst_leaf': worst,
-          'param_worst_rel_diff': diffs[worst] / max(scale[worst], 1e-30)}
+          'param_worst_rel_diff': diffs[worst] / max(scale[worst], 1e-30),
+          'lr_sum': lr_sum, 'param_max_diff_in_lr_sum': max(diffs.values()) / lr_sum}
 
 
 def rehearse(topology: str, slices: int, workdir: str, steps: int, global_batch: int, mesh: str,

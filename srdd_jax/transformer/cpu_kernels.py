@@ -25,6 +25,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from srdd_jax import files
 from srdd_jax.transformer import attention
 
 _NORM_EPS = 1e-12  # F.normalize's eps, as the model's _l2_normalize.
@@ -84,10 +85,10 @@ _matmul_cpu.defvjp(_matmul_cpu_fwd, _matmul_cpu_bwd)
 def native_bfloat16() -> bool:
   """Whether this host's CPU multiplies bfloat16 natively (AVX512-BF16 or AMX-BF16 in /proc/cpuinfo)."""
   try:
-    with open('/proc/cpuinfo') as f:  # pylint: disable=unspecified-encoding
-      flags = next((l.split(':', 1)[1].split() for l in f if l.startswith('flags')), [])
-  except OSError:
+    lines = files.read_text('/proc/cpuinfo').splitlines()
+  except OSError:  # Not Linux: no way to tell here, so the portable float32.
     return False
+  flags = next((l.split(':', 1)[1].split() for l in lines if l.startswith('flags')), [])
   return 'avx512_bf16' in flags or 'amx_bf16' in flags
 
 

@@ -24,6 +24,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from srdd_jax import files
 from srdd_jax.transformer import attention
@@ -112,6 +113,39 @@ def matmul(x, kernel, out_dtype, cpu_kernels: bool = True, cpu_dtype=None):
       default=functools.partial(_matmul, out_dtype=out_dtype))
 
 
+# --- gelu ------------------------------------------------------------------------------------------
+
+_GELU_K = float(np.sqrt(2.0 / np.pi))
+
+
+@jax.custom_vjp
+def _gelu_cpu(x):
+  return jax.nn.gelu(x, approximate=True)
+
+
+def _gelu_cpu_fwd(x):
+  # Only the input is kept: the backward recomputes tanh (cheap next to a pass over the MLP's width),
+  # so the forward is one pass that writes the output alone (in the next matmul's dtype, fused).
+  return jax.nn.gelu(x, approximate=True), x
+
+
+def _gelu_cpu_bwd(x, dy):
+  # d/dx [x (1 + tanh(u)) / 2], u = k (x + 0.044715 x^3).
+  t = jnp.tanh(_GELU_K * (x + 0.044715 * x * x * x))
+  return (dy * (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * _GELU_K * (1.0 + 3 * 0.044715 * x * x)),)
+
+
+_gelu_cpu.defvjp(_gelu_cpu_fwd, _gelu_cpu_bwd)
+
+
+def gelu(x, cpu_kernels: bool = True):
+  """GELU, tanh form (VAR's MLP). On a CPU its backward recomputes tanh from the input instead of
+  autodiff's saved tanh and derivative terms: one pass fewer each way over (B, L, 4C)."""
+  if not cpu_kernels:
+    return jax.nn.gelu(x, approximate=True)
+  return jax.lax.platform_dependent(x, cpu=_gelu_cpu, default=lambda x: jax.nn.gelu(x, approximate=True))
+
+
 # --- attention -------------------------------------------------------------------------------------
 
 def _heads_first(qkv, bias, heads):
@@ -138,16 +172,23 @@ def _concat(parts, axis):
 
 
 def _key_sum(parts, length):
-  """Sum of per-chunk key cotangents [(kb, ke, (B, H, ke - kb, D))] over `length` keys: a concatenation
-  where the chunks' key ranges tile the sequence (markov), else padded sums (causal prefixes)."""
+  """Sum of per-chunk key cotangents [(kb, ke, (B, H, D, ke - kb))] over `length` keys (the last axis): a
+  concatenation where the chunks' key ranges tile the sequence (markov), else padded sums (causal
+  prefixes)."""
   ends = [0] + [ke for _, ke, _ in parts]
   if [kb for kb, _, _ in parts] == ends[:-1] and ends[-1] == length:
-    return _concat([x for _, _, x in parts], 2)
+    return _concat([x for _, _, x in parts], 3)
   total = None
   for kb, ke, x in parts:
-    x = jnp.pad(x, ((0, 0), (0, 0), (kb, length - ke), (0, 0)))
+    x = jnp.pad(x, ((0, 0), (0, 0), (0, 0), (kb, length - ke)))
     total = x if total is None else total + x
   return total
+
+
+def _last_two_swapped(x):
+  """(..., L, D) -> (..., D, L) as a row-major copy (the barrier keeps XLA from folding it back into the
+  consuming dot, as in `_transposed`)."""
+  return jax.lax.optimization_barrier(jnp.swapaxes(x, -1, -2))
 
 
 @functools.lru_cache(maxsize=None)
@@ -190,6 +231,10 @@ def _fused_attention(heads: int, patch_nums: tuple[int, ...], mask: str, scale: 
     b, l, c = dout.shape
     do = jnp.transpose(dout.astype(jnp.float32).reshape(b, l, heads, c // heads), (0, 2, 1, 3))
     do_dt = do.astype(dt)
+    # dK and dV contract over the queries, the first axis of both operands: as written ('bhqk,bhqd->bhkd')
+    # XLA:CPU runs that in its generic dot (7% of the demo's step); with the narrow (L, D) operand
+    # transposed once, (D, Lq) @ (Lq, Lk) is a row-major product, and dK^T, dV^T come out (B, H, D, L).
+    q_t, do_t = _last_two_swapped(q), _last_two_swapped(do_dt)
     dqs, dks, dvs = [], [], []
     for (qb, qe, kb, ke, _), p in zip(parts, probs):
       do_c = do_dt[:, :, qb:qe]
@@ -197,9 +242,11 @@ def _fused_attention(heads: int, patch_nums: tuple[int, ...], mask: str, scale: 
       dp = jnp.einsum('bhqd,bhkd->bhqk', do_c, v[:, :, kb:ke], preferred_element_type=jnp.float32)
       ds = (p * (dp - rows)).astype(dt)  # Masked keys have p = 0, so ds = 0 there.
       dqs.append(jnp.einsum('bhqk,bhkd->bhqd', ds, k[:, :, kb:ke], preferred_element_type=jnp.float32))
-      dks.append((kb, ke, jnp.einsum('bhqk,bhqd->bhkd', ds, q[:, :, qb:qe], preferred_element_type=jnp.float32)))
-      dvs.append((kb, ke, jnp.einsum('bhqk,bhqd->bhkd', p.astype(dt), do_c, preferred_element_type=jnp.float32)))
-    dq, dk, dv = _concat(dqs, 2), _key_sum(dks, l), _key_sum(dvs, l)
+      dks.append((kb, ke, jnp.einsum('bhdq,bhqk->bhdk', q_t[..., qb:qe], ds, preferred_element_type=jnp.float32)))
+      dvs.append((kb, ke, jnp.einsum('bhdq,bhqk->bhdk', do_t[..., qb:qe], p.astype(dt),
+                                     preferred_element_type=jnp.float32)))
+    dq = _concat(dqs, 2)
+    dk, dv = (jnp.swapaxes(_key_sum(x, l), 2, 3) for x in (dks, dvs))
     if l2_norm:
       dscale = jnp.sum(dq * uq, axis=(0, 2, 3))
       dq = _unit_backward(dq * scale_mul.reshape(1, heads, 1, 1), uq, nq)

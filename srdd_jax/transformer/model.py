@@ -187,7 +187,7 @@ class FFN(nn.Module):
     dt = jnp.dtype(c.dtype)
     h = Dense(c.mlp_dim, ('embed', 'mlp'), trunc_normal(c.std), dtype=dt, **_cpu(c),
               name='fc1')(x)
-    h = constrain(jax.nn.gelu(h, approximate=True), _ACT_MLP)
+    h = constrain(cpu_kernels.gelu(h, c.cpu_kernels), _ACT_MLP)
     return Dense(c.width, ('mlp', 'embed'), trunc_normal(c.std, 1 / math.sqrt(2 * c.depth)), dtype=dt,
                  **_cpu(c), name='fc2')(h)
 

@@ -115,9 +115,11 @@ DEFAULTS: dict = {
         patch_nums=PATCH_NUMS_256,
         mask='',  # markov | causal; '' = the checkpoint's when sampling, markov when training.
         dtype='bfloat16',  # Compute dtype of the matmuls; parameters stay float32.
-        # A float32 model's matmuls on a CPU: float32 | bfloat16 | auto (bfloat16 where the CPU has
-        # bfloat16 dot instructions); VARConfig.cpu_matmul.
-        cpu_matmul='float32',
+        # A float32 model's matmuls on a CPU: float32 | bfloat16 | auto (bfloat16 products, float32 sums,
+        # where the CPU has bfloat16 dot instructions); VARConfig.cpu_matmul. auto: the demo's step 1.6x
+        # faster on an AMD EPYC with AVX512-BF16, training curves within seed noise (docs/PERFORMANCE.md).
+        # Parity with the reference is checked in float32 (VARConfig's own default).
+        cpu_matmul='auto',
         # auto | xla | cudnn | splash; auto = cuDNN on a GPU (16-bit dtype), splash on a TPU, else xla.
         # Name it when compiling ahead of time for another platform than the host's.
         attention='auto',

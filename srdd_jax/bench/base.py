@@ -77,4 +77,4 @@ def tokenizer_config(var_config: VARConfig, ch: int) -> VQVAEConfig:
 def model_fields(c: VARConfig, batch: int) -> dict:
   """The model's fields of a record (timed or AOT)."""
   return {'mode': c.mask, 'depth': c.depth, 'width': c.width, 'heads': c.num_heads, 'seq_len': c.seq_len,
-          'batch': batch, 'dtype': c.dtype}
+          'batch': batch, 'dtype': c.dtype, 'cpu_matmul': c.cpu_matmul}

@@ -185,7 +185,7 @@ def main(argv=None):
     ch = args.tokenizer_ch or (32 if args.quick and not accel else 160)
     sizes = (1024, 2048) if not accel else (4096, 8192)
     model = dict(scan_blocks=bool(accel if args.scan is None else args.scan), remat=args.remat or 'none',
-                 attention=args.attention or 'auto')
+                 attention=args.attention or 'auto', cpu_matmul=args.cpu_matmul or 'float32')
     # What the flags resolved to here, so a second implementation can run the same shapes (--vs-var).
     results['resolved'] = {'depths': list(depths), 'batches': list(batches), 'sample_batches': list(sample_batches),
                            'masks': list(args.masks), 'kinds': list(args.kinds), 'dtype': dtype,

@@ -44,6 +44,9 @@ def parse_args(argv=None):
                   help='what the backward recomputes (config.model.remat); default none, dots for --suite')
   ap.add_argument('--attention', default=None, choices=('auto', 'xla', 'cudnn', 'splash'),
                   help='attention implementation; default splash with --aot (the host is no TPU), else auto')
+  ap.add_argument('--cpu_matmul', default=None, choices=('float32', 'bfloat16', 'auto'),
+                  help="timed runs on a CPU: a float32 model's matmul products (VARConfig.cpu_matmul; default "
+                  'float32, the function VAR-PyTorch computes in float32)')
   ap.add_argument('--patch_nums', default=None, help='timed runs: comma-separated scales (default VAR\'s '
                   '256 px: 1,2,3,4,5,6,8,10,13,16); small ones make tiny test models')
   ap.add_argument('--vs-var', dest='vs_var', default=None, metavar='DIR',

@@ -347,7 +347,7 @@ def markdown(data: dict) -> str:
 # --- --vs-var beside bench's own flags -------------------------------------------------------------
 
 BENCH_FLAGS = ('depths', 'width', 'heads', 'batches', 'sample_batches', 'dtype', 'repeats', 'warmup',
-               'tokenizer_ch', 'scan', 'remat', 'attention', 'patch_nums')
+               'tokenizer_ch', 'scan', 'remat', 'attention', 'cpu_matmul', 'patch_nums')
 
 
 def child_argv(args) -> list[str]:

@@ -678,6 +678,11 @@ CASES = [
      'config.edit.keep_scales=99'),
     ('edit num_samples', EDIT + ['--config.edit.num_samples=0', '--config.edit.box=0,0,8,8'],
      'config.edit.num_samples=0'),
+    # One row of grid.png (the input, then the edits) within Pillow's 89478485 pixels: 349525 x 16 x 16 px.
+    ('edit num_samples above the grid', EDIT + ['--config.edit.num_samples=349525', '--config.edit.box=0,0,8,8'],
+     "config.edit.num_samples=349525: at most 349524 for this model's 16 px images"),
+    ('edit num_samples 1e12', EDIT + ['--config.edit.num_samples=1000000000000', '--config.edit.box=0,0,8,8'],
+     'config.edit.num_samples=1000000000000: at most 349524'),
     ('edit missing image', SAMPLE + ['--mode=edit', '--config.edit.image={root}/none.png'], 'config.edit.image'),
     ('edit bad mask file', EDIT + ['--config.edit.mask={root}/random.png'], 'config.edit.mask'),
     ('edit mask size', EDIT + ['--config.edit.mask={root}/wide_mask.png'], '16x8 but config.edit.image is 16x16'),
@@ -833,7 +838,8 @@ DRY_RUN = ('log_every 0', 'checkpoint_every 0', 'negative batch', 'negative step
            'heldout cache missing', 'distill kl temperature 0', 'distill scales not the teacher\'s',
            'sample batch not divisible', 'edit low_res above the size', 'edit box outside the image',
            'sample tokenizer missing', 'summary.json is a folder', 'eval samples without labels',
-           'eval float labels', 'stray argument', 'eval labels of another count', 'edit float image outside [0, 1]')
+           'eval float labels', 'stray argument', 'eval labels of another count', 'edit float image outside [0, 1]',
+           'edit num_samples above the grid', 'edit num_samples 1e12')
 
 
 def _error_lines(text: str) -> list[str]:

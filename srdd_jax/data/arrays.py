@@ -27,7 +27,7 @@ def decode_image(value, what: str):
       return pp.to_rgb(f)
   # Any failure to decode these bytes is a property of the bytes (see folder.py).
   except Exception as e:  # pylint: disable=broad-except
-    raise Unreadable(f'{type(e).__name__}: {e}') from e
+    raise Unreadable(pp.decode_error(e)) from e
 
 
 class ArraySource(ImageSource):

@@ -86,5 +86,5 @@ class FolderSource(ImageSource):
     # Whatever goes wrong while opening or decoding one file is a property of that file's bytes (PIL
     # raises OSError, ValueError, SyntaxError, DecompressionBombError, ... for broken files).
     except Exception as e:  # pylint: disable=broad-except
-      raise Unreadable(f'{type(e).__name__}: {e}') from e
+      raise Unreadable(pp.decode_error(e)) from e
     return image, self.labels[index]

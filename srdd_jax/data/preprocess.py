@@ -8,13 +8,37 @@ decides where randomness comes from; this module draws nothing.
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 from PIL import Image
 
 
+# TIFF tags: bits per sample, and how a sample is stored (1 unsigned, 2 signed integer, 3 IEEE float).
+_BITS_PER_SAMPLE, _SAMPLE_FORMAT = 258, 339
+
+
+def _full_scale(image: Image.Image, a: np.ndarray) -> float:
+  """The value of white of a 32-bit integer ('I') image: what its file says (a TIFF's bits per sample),
+  else 16 bits (PNG and PNM store 16-bit greyscale in this mode) when every value fits them."""
+  tags = getattr(image, 'tag_v2', None) or {}
+  bits = tags.get(_BITS_PER_SAMPLE)
+  bits = int(bits[0] if isinstance(bits, tuple) else bits) if bits else None
+  fmt = tags.get(_SAMPLE_FORMAT)
+  fmt = int(fmt[0] if isinstance(fmt, tuple) else fmt) if fmt else 1
+  if bits:
+    return float(2 ** (bits - 1 if fmt == 2 else bits) - 1)
+  if a.size and a.max() > 65535:
+    raise ValueError(f'a 32-bit integer image whose file does not say its range, with values up to {a.max()}: '
+                     'save it as an 8- or 16-bit image (or a TIFF, which says its bits per sample)')
+  return 65535.0
+
+
 def to_rgb(image: Image.Image | np.ndarray) -> Image.Image:
-  """An RGB PIL image from a PIL image of any mode or a uint8 array (H, W), (H, W, 1), (H, W, 3), (H, W, 4)."""
+  """An RGB PIL image from a PIL image of any mode or a uint8 array (H, W), (H, W, 1), (H, W, 3), (H, W, 4);
+  ValueError saying why for an image that has no meaning as 8-bit RGB. The 16- and 32-bit modes are scaled
+  from their own range: PIL's convert('RGB') clips them at 255, so a float image in [0, 1] turned black, a
+  16-bit one white and a 32-bit integer one wrapped into noise."""
   if isinstance(image, np.ndarray):
     a = image
     if a.ndim == 3 and a.shape[-1] == 1:
@@ -27,12 +51,39 @@ def to_rgb(image: Image.Image | np.ndarray) -> Image.Image:
       image = Image.fromarray(a, 'RGB' if a.shape[-1] == 3 else 'RGBA')
     else:
       raise ValueError(f'expected an image array (H, W[, 1|3|4]), got shape {a.shape}')
-  if image.mode in ('I', 'I;16', 'I;16B', 'I;16L'):
-    # 16-bit greyscale: PIL's convert('RGB') would clip everything above 255 to white.
-    a = np.asarray(image, np.uint32) >> 8
+  if image.mode == 'F':  # Float samples: [0, 1] is the only range with a meaning (white = 1).
+    a = np.asarray(image, np.float64)
+    if not np.all(np.isfinite(a)):  # Named apart: the range of the finite rest could be [0, 1] itself.
+      raise ValueError(f'a float image with {np.count_nonzero(~np.isfinite(a))} NaN or infinite values: save it '
+                       'in [0, 1], or as an 8- or 16-bit image')
+    if a.size and (a.min() < 0 or a.max() > 1):
+      raise ValueError(f'a float image with values in [{a.min():.4g}, {a.max():.4g}]: only [0, 1] has a known '
+                       'meaning; save it in [0, 1], or as an 8- or 16-bit image')
+    image = Image.fromarray(np.rint(a * 255).astype(np.uint8), 'L')
+  elif image.mode.startswith('I'):
+    a = np.asarray(image, np.int64)
+    # Pillow opens a 16-bit PNG as 'I;16' (newer) or 'I' (older, and PNM): the high byte either way, so
+    # the same file gives the same pixels whichever Pillow reads it.
+    full = 65535.0 if image.mode.startswith('I;16') else _full_scale(image, a)
+    if a.size and a.min() < 0:  # Only a 32-bit 'I' image can hold them.
+      raise ValueError(f'a signed 32-bit image with negative values (down to {a.min()}): save it as an 8- or '
+                       '16-bit image')
+    a = a >> 8 if full == 65535 else np.rint(np.minimum(a / full, 1.0) * 255)
     image = Image.fromarray(a.astype(np.uint8), 'L')
-  # VAR's loader is Image.convert('RGB'): alpha is dropped, not composited, and we do the same.
-  return image if image.mode == 'RGB' else image.convert('RGB')
+  if image.mode == 'RGB':
+    return image
+  try:
+    # VAR's loader is Image.convert('RGB'): alpha is dropped, not composited, and we do the same.
+    return image.convert('RGB')
+  except ValueError as e:  # A mode PIL cannot convert to RGB.
+    raise ValueError(f'an image of mode {image.mode!r}, which cannot be converted to RGB ({e})') from None
+
+
+def decode_error(e: Exception) -> str:
+  """What a failed decode says of its file, for the warning that skips it: the exception's type and text,
+  without the address of the file object PIL names (<_io.BytesIO object at 0x...>), so that the same
+  file gives the same line on every run and host."""
+  return f'{type(e).__name__}: {re.sub(r" <[^>]*>", "", str(e))}'
 
 
 def resize_shorter(image: Image.Image, shorter: int) -> Image.Image:

@@ -22,57 +22,14 @@ from srdd_jax.parallel.compile import jit_inference
 from srdd_jax.parallel.workdir import Outputs
 
 
-# TIFF tags: bits per sample, and how a sample is stored (1 unsigned, 2 signed integer, 3 IEEE float).
-_BITS_PER_SAMPLE, _SAMPLE_FORMAT = 258, 339
-
-
-def _full_scale(image: Image.Image, a: np.ndarray) -> float:
-  """The value of white of a 32-bit integer ('I') image: what its file says (a TIFF's bits per sample),
-  else 16 bits (PNG and PNM store 16-bit greyscale in this mode) when every value fits them."""
-  tags = getattr(image, 'tag_v2', None) or {}
-  bits = tags.get(_BITS_PER_SAMPLE)
-  bits = int(bits[0] if isinstance(bits, tuple) else bits) if bits else None
-  fmt = tags.get(_SAMPLE_FORMAT)
-  fmt = int(fmt[0] if isinstance(fmt, tuple) else fmt) if fmt else 1
-  if bits:
-    return float(2 ** (bits - 1 if fmt == 2 else bits) - 1)
-  if a.size and a.max() > 65535:
-    raise ValueError(f'a 32-bit integer image whose file does not say its range, with values up to {a.max()}: '
-                     'save it as an 8- or 16-bit image (or a TIFF, which says its bits per sample)')
-  return 65535.0
-
-
-def to_rgb_any(image: Image.Image) -> Image.Image:
-  """An RGB image of a PIL image of any mode, or ValueError saying why it cannot be converted. The
-  32-bit modes are scaled from their own range: PIL's convert('RGB') clips them at 255, so a float image
-  in [0, 1] turned black and the 32-bit integer one wrapped into noise."""
-  if image.mode == 'F':  # Float samples: [0, 1] is the only range with a meaning (white = 1).
-    a = np.asarray(image, np.float64)
-    if not np.all(np.isfinite(a)) or (a.size and (a.min() < 0 or a.max() > 1)):
-      raise ValueError(f'a float image with values in [{np.nanmin(a):.4g}, {np.nanmax(a):.4g}]: only [0, 1] '
-                       'has a known meaning; save it in [0, 1], or as an 8- or 16-bit image')
-    image = Image.fromarray(np.rint(a * 255).astype(np.uint8), 'L')
-  elif image.mode in ('I', 'I;32', 'I;32S'):
-    a = np.asarray(image, np.int64)
-    full = _full_scale(image, a)
-    if a.size and a.min() < 0:
-      raise ValueError(f'a signed 32-bit image with negative values (down to {a.min()}): save it as an 8- or '
-                       '16-bit image')
-    image = Image.fromarray(np.rint(np.minimum(a / full, 1.0) * 255).astype(np.uint8), 'L')
-  try:
-    # data.preprocess's conversion for the rest: 16-bit greyscale scaled down, not clipped to white.
-    return to_rgb(image)
-  except ValueError as e:  # A mode PIL cannot convert to RGB (LAB, HSV, ...).
-    raise ValueError(f'an image of mode {image.mode!r}, which cannot be converted to RGB ({e})') from None
-
-
 def open_image(path: str, key: str) -> Image.Image:
   """The RGB image at `path`; errors name the config `key`."""
   if not path or not files.isfile(path):
     raise ConfigError(f'{key}={path!r}: no such image file')
   try:
     with files.load_image(path) as f:
-      return to_rgb_any(f).copy()
+      # Every mode converted from its own range, or refused with the reason (ValueError, below).
+      return to_rgb(f).copy()
   except OSError as e:  # PIL names the file object it read (an address): left out, the line is the same each run.
     raise ConfigError(f'{key}={path!r}: unreadable image ({re.sub(r" <[^>]*>", "", str(e))})') from e
   except ValueError as e:
@@ -110,8 +67,24 @@ def check(e) -> None:
     raise ConfigError('config.edit.class_id=-1: class_edit needs a class (the class the edits are drawn for)')
 
 
+# The most pixels grid.png may have: Pillow's default MAX_IMAGE_PIXELS, above which opening it warns of a
+# decompression bomb (and refuses at twice this).
+GRID_PIXELS = 89_478_485
+
+
+def max_edits(image_size: int) -> int:
+  """The most edits of one image: all of them are drawn in one batch and shown, after the input, in one row
+  of grid.png, so the row's pixels bound them (and with them the inputs' batch on the host: 1 GB of float32)."""
+  return GRID_PIXELS // (image_size * image_size) - 1
+
+
 def check_model(e, num_classes: int, image_size: int) -> None:
-  """config.edit's values against the model: its classes and its image size (the box's bounds)."""
+  """config.edit's values against the model: its classes and its image size (the box's bounds, the count
+  of edits one grid holds)."""
+  if int(e.num_samples) > max_edits(image_size):
+    raise ConfigError(f'config.edit.num_samples={e.num_samples}: at most {max_edits(image_size)} for this model\'s '
+                      f'{image_size} px images (the edits are drawn in one batch and shown in one row of grid.png, '
+                      f'which must stay within {GRID_PIXELS} pixels, the most Pillow opens without a warning)')
   if e.task != 'super_res' and not e.box and not e.mask:
     raise ConfigError(f'config.edit.box or config.edit.mask is required for {e.task}')
   cls = int(e.class_id)

@@ -98,7 +98,7 @@ def test_wrong_hash_is_a_clear_error_before_torch(tmp_path, capsys):
     fid_inception.load_inception(fake)
   msg = str(e.value)
   assert str(fake) in msg and digest in msg and fid_inception.FID_WEIGHTS_SHA256 in msg
-  assert convert_inception.main(['--pth', str(fake), '--out', str(tmp_path / 'w.npz')]) == 1
+  assert convert_inception.main(['--pth', str(fake), '--out', str(tmp_path / 'w.npz')]) == 2
   err = capsys.readouterr().err
   assert digest in err and fid_inception.FID_WEIGHTS_SHA256 in err
   assert not (tmp_path / 'w.npz').exists()
@@ -118,7 +118,7 @@ def test_pth_to_npz_and_back(fid_ref, tmp_path, monkeypatch, capsys):
   out = tmp_path / 'fid_weights.npz'
   assert convert_inception.main(['--pth', str(pth), '--out', str(out)]) == 0, capsys.readouterr()
   assert 'checked and wrote 472 weight arrays' in capsys.readouterr().out
-  assert convert_inception.main(['--pth', str(pth), '--out', str(out)]) == 1  # No silent overwrite.
+  assert convert_inception.main(['--pth', str(pth), '--out', str(out)]) == 2  # No silent overwrite.
   assert 'exists' in capsys.readouterr().err
 
   loaded, info = fid_inception.load_inception(out)
@@ -402,9 +402,9 @@ def test_inception_stats_cli_folder_and_refusals(fid_generated, tmp_path, monkey
   # Weights that are not the published ones (the random reference file): refused, nothing written.
   out2 = tmp_path / 'stats2.npz'
   assert inception_stats.main(['--weights', reference_file('fid_inception.npz'), '--images', str(folder),
-                               '--out', str(out2)]) == 1
+                               '--out', str(out2)]) == 2
   assert "meta kind 'fid_inception'" in capsys.readouterr().err and not out2.exists()
   # Images of different sizes in one folder: the file is named.
   Image.fromarray(imgs[0, :64]).save(folder / '999.png')
-  assert inception_stats.main(['--weights', wpath, '--images', str(folder), '--out', str(out2)]) == 1
+  assert inception_stats.main(['--weights', wpath, '--images', str(folder), '--out', str(out2)]) == 2
   assert '999.png: size 128x64' in capsys.readouterr().err

@@ -181,7 +181,7 @@ def test_cli_reads_the_cache_and_reports(trained, capsys):
   assert f'proxy classifier {clf.key} (read from the cache)' in out
   assert f'test accuracy {clf.accuracy:.4f} ({clf.info["test_correct"]}/297' in out
   assert 'fd_cnn_digits_8px' in out and 'FID' not in out
-  assert train_proxy_classifier.main(['--data=mnist', '--image_size=8', f'--out={cache}']) == 1
+  assert train_proxy_classifier.main(['--data=mnist', '--image_size=8', f'--out={cache}']) == 2
   assert 'config.data.source' in capsys.readouterr().err
 
 

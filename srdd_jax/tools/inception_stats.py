@@ -12,6 +12,7 @@ batches, the sampler's npz). The output (`mu`, `sigma`, `meta`) is read by
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import time
 
@@ -20,6 +21,7 @@ import numpy as np
 from srdd_jax import files
 from srdd_jax.evaluation import inception_weights as fid_inception
 from srdd_jax.evaluation import stats
+from srdd_jax.tools.convert_inception import out_problem
 
 _IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.webp', '.bmp')
 
@@ -38,8 +40,15 @@ def folder_chunks(paths: list[str], chunk: int):
   for start in range(0, len(paths), chunk):
     arrays = []
     for f in paths[start:start + chunk]:
-      with files.load_image(f) as im:
-        a = np.asarray(im.convert('RGB'), np.uint8)
+      try:
+        with files.load_image(f) as im:
+          a = np.asarray(im.convert('RGB'), np.uint8)
+      # PIL's errors for broken bytes (OSError, SyntaxError, DecompressionBombError, ...) do not all name
+      # the file; statistics of the rest would be of another set than the one asked for.
+      except Exception as e:  # pylint: disable=broad-except
+        # PIL names the file object it read (an address): left out, the line is the same each run.
+        why = re.sub(r' <[^>]*>', '', str(e))
+        raise ValueError(f'{f}: unreadable image ({type(e).__name__}: {why}); remove or replace it') from None
       if size is None:
         size = a.shape
       elif a.shape != size:
@@ -47,6 +56,18 @@ def folder_chunks(paths: list[str], chunk: int):
                          'resize the images to one size first')
       arrays.append(a)
     yield np.stack(arrays)
+
+
+def _images_npz(path: str) -> np.ndarray:
+  """`arr_0` of the .npz --images names; ValueError naming the file when it is not one (numpy raises
+  BadZipFile, EOFError, pickle errors, ... for bytes that are not an .npz)."""
+  try:
+    return stats.load_reference_batch(path, images=True).images
+  except Exception as e:  # pylint: disable=broad-except
+    if isinstance(e, ValueError) and str(e).startswith(path):  # The file's entries, named already.
+      raise
+    raise ValueError(f'--images={path!r} is neither a folder of images nor a readable .npz '
+                     f'({type(e).__name__}: {e})') from None
 
 
 def main(argv=None) -> int:
@@ -59,28 +80,39 @@ def main(argv=None) -> int:
   ap.add_argument('--overwrite', action='store_true')
   args = ap.parse_args(argv)
 
-  if files.exists(args.out) and not args.overwrite:
-    print(f'error: {args.out} exists; pass --overwrite to replace it', file=sys.stderr)
-    return 1
+  # Everything the arguments alone can show is checked before the weights load and the features are
+  # computed (minutes for a large set): the output, the batch, that the inputs exist.
+  problem = out_problem(args.out, args.overwrite)
+  if not problem and args.batch_size < 1:
+    problem = f'--batch_size={args.batch_size}: must be >= 1'
+  for flag, path in (('--weights', args.weights), ('--images', args.images)):
+    if not problem and not (path and files.exists(path)):  # '' would be the working directory.
+      problem = f'{flag}={path!r}: no such file' + (' or folder' if flag == '--images' else '')
+  if not problem and files.isdir(args.weights):
+    problem = f'--weights={args.weights!r}: a folder, not the weights file'
+  if problem:
+    print(f'error: {problem}', file=sys.stderr)
+    return 2
   t0 = time.time()
   try:
+    # The weights first: a set of images (10 GB for ImageNet's reference batch) is not read for nothing.
     params, info = fid_inception.load_inception(args.weights)
     chunk = 50 * args.batch_size
     if files.isdir(args.images):
       paths = image_files(args.images)
       batches, n = folder_chunks(paths, chunk), len(paths)
     else:
-      images = stats.load_reference_batch(args.images, images=True).images
+      images = _images_npz(args.images)
       batches = (images[i:i + chunk] for i in range(0, len(images), chunk))
       n = len(images)
     print(f'{n} images from {args.images}; weights {args.weights} (SHA-256 {info["sha256"]})', flush=True)
     mu, sigma, count = stats.statistics_from_images(params, batches, batch_size=args.batch_size)
     stats.save_statistics(args.out, mu, sigma, count=count, weights_sha256=info['sha256'],
                           source=files.absolute(args.images), overwrite=args.overwrite)
-  except (FileNotFoundError, ImportError, ValueError) as e:
+  except (OSError, ImportError, ValueError) as e:
     # WeightsHashMismatch is a ValueError that names the file and both digests.
     print(f'error: {e}', file=sys.stderr)
-    return 1
+    return 2
   print(f'wrote mu {mu.shape} and sigma {sigma.shape} of {count} images to {args.out} '
         f'in {time.time() - t0:.1f}s')
   return 0

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -145,6 +146,30 @@ params_io.save_params(sys.argv[1], params, kind='vqvae', config=vq)
 '''
 
 
+def _problem(a) -> str | None:
+  """Why the flags cannot make a rehearsal, or None: found before libtpu loads and both runs start
+  (minutes), not when the record is written at the end."""
+  for flag, least in (('slices', 1), ('steps', 1), ('global_batch', 0)):
+    if getattr(a, flag) < least:
+      return f'--{flag}={getattr(a, flag)}: must be >= {least}' + (' (0: 2 rows per chip)' if least == 0 else '')
+  sizes = a.mesh.split(',')
+  if len(sizes) != 3 or not all(re.fullmatch(r'-?\d+', v.strip()) for v in sizes):
+    return f'--mesh={a.mesh!r}: expected three integers data,fsdp,tensor (-1: the rest of the devices)'
+  root = epath.Path(a.workdir)
+  for p in (root, *root.parents):  # The nearest part of --workdir that exists must be a folder.
+    if p.exists():
+      if not p.is_dir():
+        return f'--workdir={a.workdir!r}: {str(p)!r} is a file, not a folder'
+      break
+  if a.out:
+    out = epath.Path(a.out)
+    if out.is_dir():
+      return f'--out={a.out!r} is a folder; name the JSON file to write'
+    if not out.parent.is_dir():
+      return f'--out={a.out!r}: the folder {str(out.parent)!r} does not exist'
+  return None
+
+
 def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -156,12 +181,21 @@ def main(argv=None) -> int:
   ap.add_argument('--mesh', default='-1,-1,1', help="data,fsdp,tensor (default: the pod presets' mesh)")
   ap.add_argument('--out', default='', help='also write the record (JSON) here')
   a = ap.parse_args(argv)
-  if a.slices < 1 or a.steps < 1 or a.global_batch < 0:
-    print('error: --slices and --steps must be >= 1 and --global_batch >= 0', file=sys.stderr)
+  problem = _problem(a)
+  if problem:
+    print(f'error: {problem}', file=sys.stderr)
     return 2
   try:
-    if not a.global_batch:
-      a.global_batch = 2 * len(pm.topology_devices(a.topology, '--topology', num_slices=a.slices))
+    tpu = pm.topology_devices(a.topology, '--topology', num_slices=a.slices)
+    try:
+      sizes = pm.resolve_mesh_shape([int(v) for v in a.mesh.split(',')], len(tpu), a.slices)
+    except ValueError as e:
+      raise ConfigError(f'--mesh={a.mesh!r}: {e}') from None
+    a.global_batch = a.global_batch or 2 * len(tpu)
+    if a.global_batch % (sizes[0] * sizes[1]):
+      # Both runs would refuse it, each after its start-up: the batch is split over data x fsdp.
+      raise ConfigError(f'--global_batch={a.global_batch}: must be a multiple of the mesh\'s data x fsdp = '
+                        f'{sizes[0] * sizes[1]} ({a.topology}, --mesh={a.mesh})')
     rec = rehearse(a.topology, a.slices, a.workdir, a.steps, a.global_batch, a.mesh)
   except (ConfigError, ValueError) as e:
     print(f'error: {e}', file=sys.stderr)

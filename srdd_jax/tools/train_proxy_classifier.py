@@ -16,6 +16,8 @@ import json
 import sys
 import time
 
+from srdd_jax import files
+from srdd_jax.data import pipeline
 from srdd_jax.data.source import DataError
 from srdd_jax.evaluation import classifier, proxy
 
@@ -33,6 +35,38 @@ def _parse_set(items: list[str]) -> dict:
   return out
 
 
+def _problem(args) -> str | None:
+  """Why the flags cannot give a classifier, or None: found here, before the data is read and a
+  classifier trained (minutes), not by the cache's write at the end."""
+  for flag, least in (('image_size', 1), ('epochs', 1), ('batch_size', 1), ('seed', 0)):
+    if getattr(args, flag) < least:
+      return f'--{flag}={getattr(args, flag)}: must be >= {least}'
+  if args.max_train_examples is not None and args.max_train_examples < 1:
+    return f'--max_train_examples={args.max_train_examples}: must be >= 1 (leave it out for all of them)'
+  if args.resize_ratio is not None and not args.resize_ratio >= 1:  # NaN too.
+    return f'--resize_ratio={args.resize_ratio}: must be >= 1 (the crop is taken from the resized image)'
+  if files.is_remote(args.out):
+    return None
+  folder = args.out.rstrip('/') or '/'
+  while not files.exists(folder) and files.dirname(folder) not in ('', folder):
+    folder = files.dirname(folder)  # The nearest part of --out that exists must be a folder.
+  if files.exists(folder) and not files.isdir(folder):
+    return f'--out={args.out!r}: {folder!r} is a file, not a folder'
+  return None
+
+
+def _check_data(data: dict) -> None:
+  """config.data's keys and values (--data, --set), before any data is read; a value of the wrong type
+  (--set resize_ratio=[1]) fails in float() or int() without the key, so the flags are named here."""
+  try:
+    pipeline.check(data)
+  except DataError:
+    raise
+  except (TypeError, ValueError) as e:
+    raise ValueError(f'--set {" ".join(f"{k}={v!r}" for k, v in data.items() if k != "source")}: a value of '
+                     f'the wrong type for config.data ({type(e).__name__}: {e})') from None
+
+
 def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -48,16 +82,22 @@ def main(argv=None) -> int:
   ap.add_argument('--max_train_examples', type=int, default=None)
   args = ap.parse_args(argv)
 
+  problem = _problem(args)
+  if problem:
+    print(f'error: {problem}', file=sys.stderr)
+    return 2
   t0 = time.time()
   try:
     data = {'source': args.data, **_parse_set(args.set)}
     if args.resize_ratio is not None:
       data['resize_ratio'] = args.resize_ratio
+    _check_data(data)
     clf = classifier.train_or_load(data, args.image_size, args.out, seed=args.seed, epochs=args.epochs,
                                    batch_size=args.batch_size, max_train_examples=args.max_train_examples)
-  except (DataError, ValueError, FileNotFoundError) as e:
+  except (DataError, ValueError, OSError) as e:
+    # DataError names the config.data key (--set KEY=VALUE sets config.data.KEY) and the path.
     print(f'error: {e}', file=sys.stderr)
-    return 1
+    return 2
   info = clf.info
   how = ('read from the cache' if clf.from_cache else
          f'trained: data {info["data_seconds"]:.1f}s, training and test {info["train_seconds"]:.1f}s')

@@ -108,6 +108,20 @@ def test_a_refused_file_in_a_folder_is_named_with_its_reason(tmp_path, caplog):
           '[0, 1] has a known meaning') in caplog.text
 
 
+def test_tiff_and_bmp_files_in_a_folder_are_read(tmp_path):
+  """A folder source listed jpg/jpeg/png/webp only: a float TIFF saved as .tif (0.5 -> 128), a .TIFF and a
+  .bmp in a training folder were skipped without a word (the class folder of only these had no images)."""
+  (tmp_path / 'a').mkdir()
+  Image.fromarray(np.full((SIZE, SIZE), 0.5, np.float32), 'F').save(tmp_path / 'a' / 'half.tif')
+  Image.fromarray(np.full((SIZE, SIZE), 10, np.uint8), 'L').save(tmp_path / 'a' / 'ten.TIFF')
+  Image.fromarray(np.full((SIZE, SIZE, 3), 200, np.uint8)).save(tmp_path / 'a' / 'two_hundred.bmp')
+  s = build_source({'source': 'folder', 'path': str(tmp_path), 'labels': 'subfolder', 'resize_ratio': 1.0}, SIZE,
+                   train=False)
+  assert [p.rsplit('/', 1)[-1] for p in s.paths] == ['half.tif', 'ten.TIFF', 'two_hundred.bmp']
+  # Each uniform, so its mean is its level; decode raises on a file it cannot read.
+  assert [int(s.decode(i, 0, 0, 0)[0].mean()) for i in range(3)] == [128, 10, 200]
+
+
 def test_a_32_bit_image_whose_file_does_not_say_its_range_is_refused():
   """A mode 'I' image with values above 16 bits and no TIFF tags: its white is unknown (taken as 16-bit, >> 8
   then uint8, 2**20 had read as 0)."""

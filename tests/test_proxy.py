@@ -130,6 +130,23 @@ def test_a_cache_entry_that_does_not_match_is_an_error(trained, tmp_path):
     C.train_or_load(DATA, SIZE, str(tmp_path), **KW)
 
 
+@pytest.mark.parametrize('text, what', [('[1, 2]', 'it holds an array, not a JSON object'),
+                                         ('"cnn"', 'it holds a string, not a JSON object'),
+                                         ('{"kind": ', 'not JSON: ')], ids=['array', 'string', 'cut short'])
+def test_a_cache_entry_whose_description_is_not_an_object_is_an_error(tmp_path, text, what):
+  """Valid JSON of another shape was an AttributeError traceback ('list' object has no attribute 'get'),
+  JSON cut short a JSONDecodeError without the file: each is named, as the other broken entries are."""
+  _, key = C.cache_key(C.make_request(DATA, SIZE, **KW))
+  (tmp_path / key).mkdir()
+  (tmp_path / key / C.INFO_FILE).write_text(text)
+  (tmp_path / key / C.PARAMS_FILE).write_bytes(b'')
+  info_path = str(tmp_path / key / C.INFO_FILE)
+  with pytest.raises(C.CacheMismatch) as e:
+    C.train_or_load(DATA, SIZE, str(tmp_path), **KW)
+  assert str(e.value).startswith(f'{info_path} is not a proxy classifier description ({what}')
+  assert f'delete {tmp_path / key} to retrain' in str(e.value)
+
+
 def test_request_names_and_defaults():
   key = C.cache_key(C.make_request({'source': 'digits'}, 8))
   assert key == C.cache_key(C.make_request({'source': 'digits', 'resize_ratio': 1.125, 'flip': True}, 8))

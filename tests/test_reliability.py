@@ -770,6 +770,18 @@ CASES = [
     ('edit float image outside [0, 1]', EDIT[:-1] + ['--config.edit.image={root}/float_0_2.tif',
                                                     '--config.edit.box=0,0,8,8'],
      "config.edit.image='{root}/float_0_2.tif': a float image with values in [0, 2]: only [0, 1]"),
+    # Issue 47, line 3: the samples per class, at least 1 and at most what the host's memory holds (every
+    # image is kept there, twice while joined); 1e12 was a MemoryError after the models loaded.
+    ('sample num_per_class 0', SAMPLE + ['--mode=sample', '--config.sample.num_per_class=0'],
+     'config.sample.num_per_class=0: must be >= 1'),
+    ('sample num_per_class 1e12', SAMPLE + ['--mode=sample', '--config.sample.num_per_class=1000000000000'],
+     'config.sample.num_per_class=1000000000000: at most '),
+    ('eval num_per_class -1', SAMPLE + ['--mode=eval', '--config.eval.num_per_class=-1'],
+     'config.eval.num_per_class=-1 must be >= 1'),
+    ('eval num_per_class 1e12', SAMPLE + ['--mode=eval', '--config.eval.metrics=is',
+                                          '--config.eval.inception_weights={root}/random.npz',
+                                          '--config.eval.num_per_class=1000000000000'],
+     'config.eval.num_per_class=1000000000000: at most '),
 ]
 
 
@@ -839,7 +851,8 @@ DRY_RUN = ('log_every 0', 'checkpoint_every 0', 'negative batch', 'negative step
            'sample batch not divisible', 'edit low_res above the size', 'edit box outside the image',
            'sample tokenizer missing', 'summary.json is a folder', 'eval samples without labels',
            'eval float labels', 'stray argument', 'eval labels of another count', 'edit float image outside [0, 1]',
-           'edit num_samples above the grid', 'edit num_samples 1e12')
+           'edit num_samples above the grid', 'edit num_samples 1e12', 'sample num_per_class 0',
+           'sample num_per_class 1e12', 'eval num_per_class -1', 'eval num_per_class 1e12')
 
 
 def _error_lines(text: str) -> list[str]:

@@ -87,6 +87,9 @@ CASES = [
      'config.data.flipp is not a key of config.data'),
     ('proxy: set a list', 'train_proxy_classifier', PROXY + ['--set', 'resize_ratio=[1]'],
      '--set resize_ratio=[1]: a value of the wrong type'),
+    # The classifier reads its own splits: a split given was dropped without a word (issue 47 line 4).
+    ('proxy: set split', 'train_proxy_classifier', PROXY + ['--set', 'split=validation'],
+     "--set split='validation': the proxy classifier reads its own splits"),
     ('proxy: missing folder', 'train_proxy_classifier',
      ['--data=folder', '--image_size=8', '--set', 'path={root}/none', '--out={root}/proxy'],
      "config.data.path='{root}/none' does not exist"),
@@ -104,13 +107,19 @@ CASES = [
     ('pod: out in a missing folder', 'rehearse_pod', POD + ['--out={root}/none/r.json'],
      "the folder '{root}/none' does not exist"),
     ('pod: out a folder', 'rehearse_pod', POD + ['--out={root}/images'], "--out='{root}/images' is a folder"),
+    # A process per host of every slice: more slices than processes can never be rehearsed (issue 47 line 3).
+    ('pod: slices 1e6', 'rehearse_pod', POD + ['--slices=1000000'], '--slices=1000000: at most 64'),
 ]
-# Cases that describe the TPU slice first (libtpu), then refuse the mesh or the batch on it.
+# Cases that describe the TPU slice first (libtpu), then refuse the mesh, the batch or its count of hosts.
 LIBTPU_CASES = [
     ('pod: mesh the slice does not divide', 'rehearse_pod', POD + ['--mesh=3,-1,1'],
      "--mesh='3,-1,1': mesh shape (3, -1, 1): 8 devices are not divisible by 3"),
     ('pod: batch the mesh does not divide', 'rehearse_pod', POD + ['--global_batch=3'],
      "--global_batch=3: must be a multiple of the mesh's data x fsdp = 8"),
+    ('pod: slices x hosts above the bound', 'rehearse_pod', POD + ['--slices=33'],
+     '--slices=33: 66 hosts (33 slice(s) of v5p:2x2x2); the rehearsal starts a process for each'),
+    ('pod: a slice of more hosts than the bound', 'rehearse_pod', ['--topology=v5p:8x8x8', '--workdir={root}/pod'],
+     '--topology=v5p:8x8x8: 128 hosts (1 slice(s) of v5p:8x8x8)'),
 ]
 
 

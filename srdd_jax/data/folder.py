@@ -1,9 +1,10 @@
 """Image folders: one class per top-level sub-folder (ImageNet, AFHQ) or flat and unlabelled (FFHQ).
 
-Files are found recursively (symbolic links followed), jpg/jpeg/png/webp in any letter case; names that
-start with '.' (macOS '._x.jpg' forks, '.cache' folders) are ignored. The file list is sorted, so indices
-and therefore batches are the same on every host and after a restart. Nothing is decoded at start-up:
-a corrupt file is found when it is first read and handled by the policy of `source.py`.
+Files are found recursively (symbolic links followed), jpg/jpeg/png/webp/tif/tiff/bmp in any letter case
+(a float or 32-bit TIFF is read from its own range: preprocess.to_rgb); names that start with '.' (macOS
+'._x.jpg' forks, '.cache' folders) are ignored. The file list is sorted, so indices and therefore batches
+are the same on every host and after a restart. Nothing is decoded at start-up: a corrupt file is found
+when it is first read and handled by the policy of `source.py`.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from srdd_jax import files
 from srdd_jax.data import preprocess as pp
 from srdd_jax.data.source import DataError, ImageSource, Unreadable
 
-EXTENSIONS = ('.jpg', '.jpeg', '.png', '.webp')
+EXTENSIONS = ('.jpg', '.jpeg', '.png', '.webp', '.tif', '.tiff', '.bmp')
 LABEL_MODES = ('subfolder', 'none')
 
 

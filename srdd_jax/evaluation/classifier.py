@@ -345,7 +345,15 @@ def load(entry_dir: str, request: dict | None = None) -> ProxyClassifier:
     if not files.isfile(path):
       raise FileNotFoundError(f'proxy classifier cache {entry_dir} has no {files.basename(path)}; delete '
                               'the directory to retrain')
-  info = files.read_json(info_path)
+  try:
+    info = files.read_json(info_path)
+  except ValueError as e:  # JSONDecodeError, UnicodeDecodeError: the file's own bytes, not a request.
+    raise CacheMismatch(f'{info_path} is not a proxy classifier description (not JSON: {e}); delete '
+                        f'{entry_dir} to retrain') from None
+  if not isinstance(info, dict):  # Valid JSON of another shape (a list, a number) has no .get.
+    what = {list: 'an array', str: 'a string', bool: 'a boolean', type(None): 'null'}.get(type(info), 'a number')
+    raise CacheMismatch(f'{info_path} is not a proxy classifier description (it holds {what}, not a JSON '
+                        f'object); delete {entry_dir} to retrain')
   if info.get('kind') != KIND:
     raise CacheMismatch(f'{info_path} is not a proxy classifier description (kind={info.get("kind")!r})')
   if request is not None and info.get('request') != request:

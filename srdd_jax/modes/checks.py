@@ -2,12 +2,12 @@
 stops) and by the real run (which then starts), so both refuse a bad input with the same line.
 
 It checks, without loading a model's weights or a data set's images: the backend JAX is asked for; every
-key the mode reads (the checks its runner calls, sentinels exact, counts bounded by what the step counter
-and the samples asked for can hold); the files it reads (checkpoints by their model.json, token caches,
-the samples file's header and labels, the images to edit); and the workdir's layout (no file where the
-run keeps a folder, or the reverse). What needs the data or the weights themselves (a batch larger than
-the data set, a token cache of another tokenizer, damaged weights) is checked by the runner when it reads
-them, before its first step or sample.
+key the mode reads (the checks its runner calls, sentinels exact, counts bounded by what the step counter,
+the samples asked for and the host's memory can hold); the files it reads (checkpoints by their
+model.json, token caches, the samples file's header and labels, the images to edit); and the workdir's
+layout (no file where the run keeps a folder, or the reverse). What needs the data or the weights
+themselves (a batch larger than the data set, a token cache of another tokenizer, damaged weights) is
+checked by the runner when it reads them, before its first step or sample.
 """
 from __future__ import annotations
 
@@ -196,12 +196,37 @@ def _data_parallel(config) -> int:
   return pm.data_parallel_size(pm.mesh_from_config(config))
 
 
+def _host_memory() -> int | None:
+  """This host's physical memory in bytes; None where the system does not say (os.sysconf is POSIX's)."""
+  try:
+    return os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
+  except (AttributeError, ValueError, OSError):
+    return None
+
+
+def samples_fit(key: str, per: int, num_classes: int, image_size: int) -> None:
+  """`per` samples (`key`) of each of `num_classes` classes of `image_size` px within this host's memory.
+  Every process keeps all the images it samples (uint8, gathered from the mesh) until the end, and holds
+  them twice while the batches are joined into one array (--mode=sample's grid is a second copy too): a
+  count past half the memory failed with MemoryError after the models loaded, or after hours of sampling."""
+  memory = _host_memory()
+  if memory is None:  # Nothing to bound by: the run finds out itself.
+    return
+  held = 2 * image_size * image_size * 3  # Bytes of host memory each image takes at the peak.
+  most = memory // (held * max(num_classes, 1))
+  if per > most:
+    raise ConfigError(f'{key}={per}: at most {most} for {num_classes} class(es) of this model\'s {image_size} px '
+                      f'images on this host: the samples are kept in its memory ({memory / 2**30:.1f} GiB), twice '
+                      f'while they are joined ({held} bytes an image)')
+
+
 def sampling(config) -> None:
   model = _model(config)
   sampler_config_for(config.sampler, model)
   classes, per = sample.counts(config, model.num_classes)
   sampling_batch(int(config.sample.batch_size), len(classes) * per, _data_parallel(config), 'config.sample.batch_size')
   _checkpoints(config)
+  samples_fit('config.sample.num_per_class', per, len(classes), tokenizer_architecture(config).image_size)
 
 
 def evaluation_(config) -> None:
@@ -215,6 +240,7 @@ def evaluation_(config) -> None:
   n = protocol.check_inputs(o, evaluation.labels_required(o))
   if not o['samples']:
     _checkpoints(config)
+    samples_fit('config.eval.num_per_class', per, len(classes), tokenizer_architecture(config).image_size)
     n = len(classes) * per
   evaluation.check_count(o, n)
 
@@ -257,6 +283,7 @@ def every_stage(config) -> None:
   sampler_config_for(config.sampler, model)
   classes, per = sample.counts(config, model.num_classes)
   sampling_batch(int(config.sample.batch_size), len(classes) * per, _data_parallel(config), 'config.sample.batch_size')
+  samples_fit('config.sample.num_per_class', per, len(classes), vq.image_size)
   o = evaluation.options(config)
   evaluation.check_data(config, o)
   if set(o['metrics']) & set(protocol.INCEPTION_METRICS) or o['reference']:

@@ -35,6 +35,12 @@ from srdd_jax.parallel import multihost
 
 REPO = epath.Path(__file__).resolve().parent.parent.parent
 SMOKE = ['--config=configs/smoke.py', '--mode=train', '--config.model.depth=1']
+# The most hosts (slices x hosts per slice) a rehearsal plays. Each is a whole JAX process on this one
+# machine that compiles and runs the step itself, so what a count needs is not knowable in advance; the
+# bound is a count a rehearsal is known to be made of: benchmarks/pod_rehearsal.sh's largest slice,
+# v5p-256, is 32 hosts (the records up to v5p-64's 8 took 2 cores and 24 GB), and twice that leaves room
+# for a larger machine. Unbounded, a large --slices started a process for every host of every slice.
+MAX_PROCESSES = 64
 
 
 def host_rows(topology: str, slices: int, mesh_shape, global_batch: int) -> dict:
@@ -152,6 +158,9 @@ def _problem(a) -> str | None:
   for flag, least in (('slices', 1), ('steps', 1), ('global_batch', 0)):
     if getattr(a, flag) < least:
       return f'--{flag}={getattr(a, flag)}: must be >= {least}' + (' (0: 2 rows per chip)' if least == 0 else '')
+  if a.slices > MAX_PROCESSES:  # Every slice has a host at least; before libtpu describes them all.
+    return (f'--slices={a.slices}: at most {MAX_PROCESSES} (the rehearsal starts a process for every host of every '
+            f'slice, at most {MAX_PROCESSES} on one machine)')
   sizes = a.mesh.split(',')
   if len(sizes) != 3 or not all(re.fullmatch(r'-?\d+', v.strip()) for v in sizes):
     return f'--mesh={a.mesh!r}: expected three integers data,fsdp,tensor (-1: the rest of the devices)'
@@ -187,6 +196,11 @@ def main(argv=None) -> int:
     return 2
   try:
     tpu = pm.topology_devices(a.topology, '--topology', num_slices=a.slices)
+    hosts = len({d.process_index for d in tpu})
+    if hosts > MAX_PROCESSES:
+      flag = f'--slices={a.slices}' if a.slices > 1 else f'--topology={a.topology}'
+      raise ConfigError(f'{flag}: {hosts} hosts ({a.slices} slice(s) of {a.topology}); the rehearsal starts a '
+                        f'process for each on this machine, at most {MAX_PROCESSES}')
     try:
       sizes = pm.resolve_mesh_shape([int(v) for v in a.mesh.split(',')], len(tpu), a.slices)
     except ValueError as e:

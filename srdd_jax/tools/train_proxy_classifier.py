@@ -58,6 +58,10 @@ def _problem(args) -> str | None:
 def _check_data(data: dict) -> None:
   """config.data's keys and values (--data, --set), before any data is read; a value of the wrong type
   (--set resize_ratio=[1]) fails in float() or int() without the key, so the flags are named here."""
+  if 'split' in data:  # classifier.load_split replaces it with its own two, so it was dropped without a word.
+    raise ValueError(f'--set split={data["split"]!r}: the proxy classifier reads its own splits (trained on the '
+                     f'source\'s train split, measured on its test split; a folder holds out its last '
+                     f'{classifier.HOLDOUT_FRACTION:.0%}); leave split out')
   try:
     pipeline.check(data)
   except DataError:

@@ -1,8 +1,10 @@
 """The tools' command lines refuse bad input as the main entry point does (issue 47 line 3): exit 2, one
 `error:` line naming the flag or the file, no traceback, nothing started or written. Each case runs the
-real command in its own process; none of them gets as far as reading weights or training."""
+tool's main() in this process (an exception it lets out fails the test), and one case of each tool runs
+as the real command in its own process; none of them gets as far as reading weights or training."""
 from __future__ import annotations
 
+import importlib
 import os
 import subprocess
 import sys
@@ -123,11 +125,11 @@ LIBTPU_CASES = [
 ]
 
 
-def _run(tool: str, argv, root, code=None):
-  """(status, stderr) of `python -m srdd_jax.tools.<tool> argv`, or of `code` run with argv."""
+def _run(tool: str, argv, root):
+  """(status, stderr) of `python -m srdd_jax.tools.<tool> argv`."""
   env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS=xla_flags())
-  head = ['-c', code] if code else ['-m', f'srdd_jax.tools.{tool}']
-  r = subprocess.run([sys.executable, *head, *[a.format(root=root) for a in argv]], cwd=REPO, env=env,
+  r = subprocess.run([sys.executable, '-m', f'srdd_jax.tools.{tool}', *[a.format(root=root) for a in argv]],
+                     cwd=REPO, env=env,
                      capture_output=True, text=True, timeout=300)
   return r.returncode, r.stderr
 
@@ -138,31 +140,48 @@ def _check(name, rc, err, expected):
       f'{name}: rc {rc}\n{err[-1500:]}'
 
 
+def _run_here(tool: str, argv, root, capsys):
+  """(status, stderr) of the tool's main(argv) in this process: an exception it lets out fails the test
+  (what a traceback would be in its own process), and argparse's exit is its status."""
+  module = importlib.import_module(f'srdd_jax.tools.{tool}')
+  capsys.readouterr()
+  try:
+    rc = module.main([a.format(root=root) for a in argv])
+  except SystemExit as e:
+    rc = e.code
+  return rc, capsys.readouterr().err
+
+
 @pytest.mark.parametrize('name, tool, argv, expected', CASES, ids=[c[0] for c in CASES])
-def test_a_bad_command_line_exits_2_naming_the_flag(inputs, name, tool, argv, expected):
+def test_a_bad_command_line_exits_2_naming_the_flag(inputs, name, tool, argv, expected, capsys):
+  """In this process (a second each instead of a Python and JAX start); the test below runs one case of
+  each tool as the real command."""
   before = sorted(os.listdir(inputs))
-  rc, err = _run(tool, argv, inputs)
+  rc, err = _run_here(tool, argv, inputs, capsys)
   _check(name, rc, err, expected.format(root=inputs))
   assert sorted(os.listdir(inputs)) == before, f'{name}: wrote {set(os.listdir(inputs)) - set(before)}'
 
 
+def test_each_tool_refuses_as_its_own_command(inputs):
+  """The first case of each tool as `python -m srdd_jax.tools.<tool>`: exit 2, one error line, no traceback."""
+  firsts = {}
+  for case in CASES:
+    firsts.setdefault(case[1], case)
+  for name, tool, argv, expected in firsts.values():
+    rc, err = _run(tool, argv, inputs)
+    _check(name, rc, err, expected.format(root=inputs))
+
+
 @pytest.mark.parametrize('name, tool, argv, expected', LIBTPU_CASES, ids=[c[0] for c in LIBTPU_CASES])
-def test_a_rehearsal_the_slice_cannot_run_exits_2_before_starting(inputs, name, tool, argv, expected):
+def test_a_rehearsal_the_slice_cannot_run_exits_2_before_starting(inputs, name, tool, argv, expected, capsys):
   require_libtpu()
-  rc, err = _run(tool, argv, inputs)
+  rc, err = _run_here(tool, argv, inputs, capsys)
   _check(name, rc, err, expected.format(root=inputs))
   assert not (inputs / 'pod').exists()
 
 
 # Images that go wrong only once verified weights are loaded: a converted stand-in file whose hash plays
-# the published one (as tests/test_evaluation.py does), in the command's own process.
-_STAND_IN = '''
-import sys
-from srdd_jax.evaluation import inception_weights
-inception_weights.FID_WEIGHTS_SHA256 = '0' * 64
-from srdd_jax.tools import inception_stats
-sys.exit(inception_stats.main(sys.argv[1:]))
-'''
+# the published one (as tests/test_evaluation.py does).
 
 
 @pytest.mark.parametrize('images, expected', [
@@ -171,7 +190,7 @@ sys.exit(inception_stats.main(sys.argv[1:]))
     ('{root}/garbage_images.npz', "--images='{root}/garbage_images.npz' is neither a folder of images nor a "
                                   'readable .npz'),
 ], ids=['an unreadable image in the folder', 'an .npz that is not one'])
-def test_inception_stats_names_the_image_input_it_cannot_read(inputs, images, expected):
+def test_inception_stats_names_the_image_input_it_cannot_read(inputs, images, expected, capsys, monkeypatch):
   """PIL's UnidentifiedImageError (an OSError) escaped as a traceback; numpy's error for bytes that are not
   an .npz did not name the file."""
   weights = inputs / 'stand_in_weights.npz'
@@ -179,7 +198,8 @@ def test_inception_stats_names_the_image_input_it_cannot_read(inputs, images, ex
     with np.load(reference_file('fid_inception.npz')) as z:
       state = {k[len('inception/'):]: z[k] for k in z.files if k.startswith('inception/')}
     inception_weights.save_npz(weights, state, source_sha256='0' * 64)
-  rc, err = _run('', ['--weights', str(weights), '--images', images, '--out', '{root}/s.npz'], inputs,
-                 code=_STAND_IN)
+  monkeypatch.setattr(inception_weights, 'FID_WEIGHTS_SHA256', '0' * 64)
+  rc, err = _run_here('inception_stats', ['--weights', str(weights), '--images', images, '--out', '{root}/s.npz'],
+                      inputs, capsys)
   _check(images, rc, err, expected.format(root=inputs))
   assert not (inputs / 's.npz').exists()

@@ -117,6 +117,8 @@ def _main(argv):
   cmd, root = argv[1], _WORKDIR.value
   if not root:
     raise ConfigError(f'--workdir is required ({USAGE})')
+  # ROOT a folder or one that can be made, before anything (the dry run too): as srdd_jax.main's workdir.
+  checks.workdir_creatable(root)
   if cmd == 'fit' and _DRY_RUN.value:
     print(f'fit --workdir={root}: would read {files.join(root, "plan.json")} and the points\' metrics.jsonl')
     return
@@ -155,7 +157,10 @@ def _main(argv):
 def _held(root: str, enabled: bool = True) -> WorkdirLock:
   """The lock of ROOT (parallel/workdir.py), as srdd_jax.main holds its workdir's: two sweeps writing one
   root trained the same points at once (issue 47: 61 metric lines for 30 steps, both exit 0)."""
-  files.makedirs(root)
+  try:
+    files.makedirs(root)
+  except OSError as e:  # What the check cannot see: a folder it may not write (PermissionError), a full disk.
+    raise ConfigError(f'--workdir={root!r} cannot be created: {e.strerror}') from None
   lock = WorkdirLock(root, enabled=enabled)
   preemption.at_forced_exit(lock.release)  # A stop the main thread cannot act on in time.
   return lock

@@ -578,6 +578,7 @@ def bad_inputs(models, tmp_path_factory):
   np.savez(root / 'no_labels.npz', arr_0=np.zeros((4, 16, 16, 3), np.uint8))
   np.savez(root / 'float_labels.npz', arr_0=np.zeros((4, 16, 16, 3), np.uint8), arr_1=np.array([0, 1.5, 2, 3.7]))
   np.savez(root / 'three_labels.npz', arr_0=np.zeros((4, 16, 16, 3), np.uint8), arr_1=np.arange(3))
+  np.savez(root / 'label_10.npz', arr_0=np.zeros((4, 16, 16, 3), np.uint8), arr_1=np.array([0, 1, 10, 2]))
   for folder, name, is_dir in (('tokens_file', 'tokens', False), ('stages_dir', 'stages.json', True),
                                ('proxy_file', 'proxy_classifier', False), ('summary_dir', 'summary.json', True)):
     (root / folder).mkdir()
@@ -632,7 +633,10 @@ CASES = [
     ('tokenizer empty folder', SMOKE + ['--config.tokenizer.checkpoint={root}/empty_dir'],
      'config.tokenizer.checkpoint'),
     ('tokenizer is a transformer', SMOKE + ['--config.tokenizer.checkpoint={var}'], 'config.tokenizer.checkpoint'),
-    ('workdir under a file', SMOKE + ['--workdir={root}/a_file/run'], '--workdir='),
+    ('workdir under a file', SMOKE + ['--workdir={root}/a_file/run'],
+     "--workdir='{root}/a_file/run' cannot be created: Not a directory ('{root}/a_file' is a file"),
+    ('workdir is a file', SMOKE + ['--workdir={root}/a_file'],
+     "--workdir='{root}/a_file' cannot be created: File exists (a file, not a folder)"),
     ('checkpoints is a file', SMOKE + ['--workdir={root}/ckpt_file'], '{root}/ckpt_file/checkpoints is a file'),
     ('metrics.jsonl is a folder', SMOKE + ['--workdir={root}/metrics_dir'],
      '{root}/metrics_dir/metrics.jsonl is a folder'),
@@ -697,7 +701,9 @@ CASES = [
      'config.eval.samples='),
     ('eval labels out of range', ['--config=configs/fashion_mnist.py', '--mode=eval', '--config.data.source=digits',
                                   '--config.eval.proxy_epochs=1', '--config.eval.proxy_examples=50',
-                                  '--config.eval.samples={root}/labels.npz'], 'config.eval.samples='),
+                                  '--config.eval.samples={root}/labels.npz'],
+     "config.eval.samples='{root}/labels.npz': arr_1[3] = 99 is not a class of config.data, whose proxy "
+     'classifier has 10 classes (0..9)'),
     ('eval random weights', SAMPLE + ['--mode=eval', '--config.eval.metrics=is',
                                       '--config.eval.inception_weights={root}/random.npz'],
      'config.eval.inception_weights'),
@@ -767,6 +773,11 @@ CASES = [
     ('stray argument', SMOKE + ['stray'], "unexpected argument 'stray': the command takes flags only"),
     ('eval labels of another count', FASHION_EVAL + ['--config.eval.samples={root}/three_labels.npz'],
      'arr_1 holds (3,) labels for 4 images'),
+    # Issue 47 line 3: a label of no class of the 10-class classifier was scored as inconsistent (or refused
+    # only after the classifier's training); now refused by the check.
+    ('eval label 10 of 10 classes', FASHION_EVAL + ['--config.eval.samples={root}/label_10.npz'],
+     "config.eval.samples='{root}/label_10.npz': arr_1[2] = 10 is not a class of config.data, whose proxy "
+     'classifier has 10 classes (0..9)'),
     ('edit float image outside [0, 1]', EDIT[:-1] + ['--config.edit.image={root}/float_0_2.tif',
                                                     '--config.edit.box=0,0,8,8'],
      "config.edit.image='{root}/float_0_2.tif': a float image with values in [0, 2]: only [0, 1]"),
@@ -852,7 +863,9 @@ DRY_RUN = ('log_every 0', 'checkpoint_every 0', 'negative batch', 'negative step
            'sample tokenizer missing', 'summary.json is a folder', 'eval samples without labels',
            'eval float labels', 'stray argument', 'eval labels of another count', 'edit float image outside [0, 1]',
            'edit num_samples above the grid', 'edit num_samples 1e12', 'sample num_per_class 0',
-           'sample num_per_class 1e12', 'eval num_per_class -1', 'eval num_per_class 1e12')
+           'sample num_per_class 1e12', 'eval num_per_class -1', 'eval num_per_class 1e12',
+           # Issue 47 line 3: a workdir that is a file, or under one (only the real run's makedirs found it).
+           'workdir is a file', 'workdir under a file', 'eval labels out of range', 'eval label 10 of 10 classes')
 
 
 def _error_lines(text: str) -> list[str]:
@@ -1009,6 +1022,15 @@ SCALING_CASES = [
     ('scaling warmup -5', SCALING + ['--config.optim.warmup_steps=-5', '--dry_run'],
      'config.optim.warmup_steps=-5: -1 is'),
     ('scaling mesh of 2', SCALING + ['--mesh=1,2', '--memory=false'], '--mesh=1,2: 3 sizes, data,fsdp,tensor'),
+    # Issue 47 line 3: ROOT a file, or under one (a FileExistsError traceback, exit 1, from its makedirs); the
+    # case's own --workdir, a file of the repository.
+    ('scaling root a file', SCALING + ['--memory=false', '--workdir=configs/fashion_mnist.py'],
+     "--workdir='configs/fashion_mnist.py' cannot be created: File exists"),
+    ('scaling root under a file', ['run', '--config=configs/fashion_mnist.py', '--depths=2',
+                                   '--workdir=configs/fashion_mnist.py/root'],
+     "--workdir='configs/fashion_mnist.py/root' cannot be created: Not a directory"),
+    ('scaling dry run root a file', SCALING + ['--dry_run', '--workdir=configs/fashion_mnist.py'],
+     "--workdir='configs/fashion_mnist.py' cannot be created: File exists"),
 ]
 
 
@@ -1019,7 +1041,8 @@ def test_the_scaling_command_exits_2_with_one_line(tmp_path):
   env = dict(os.environ, XLA_FLAGS=xla_flags(), JAX_PLATFORMS='cpu')
 
   def process(case):
-    argv = case[1] + [f'--workdir={tmp_path / "root"}']
+    own = any(a.startswith('--workdir=') for a in case[1])
+    argv = case[1] + ([] if own else [f'--workdir={tmp_path / "root"}'])
     r = subprocess.run([sys.executable, '-m', 'srdd_jax.scaling'] + argv, cwd=REPO, env=env, capture_output=True,
                        text=True, timeout=300)
     return argv, r

@@ -38,17 +38,18 @@ def _reference_given(o) -> bool:
   return bool(needs)
 
 
-def check_inputs(o, labels_required: bool) -> int | None:
+def check_inputs(o, labels_required: bool, num_classes: int | None = None) -> int | None:
   """The files config.eval names, present (and the samples file's header and labels), without reading
   weights or images: what a dry run checks; the runner then reads and verifies them. Returns the number
-  of images of the samples file (None: no file given)."""
+  of images of the samples file (None: no file given). num_classes: the proxy classifier's (config.data's)
+  where known, every label below it."""
   if set(o['metrics']) & set(INCEPTION_METRICS):
     _inception_weights_given(o)
     if not files.isfile(o['inception_weights']):
       raise ConfigError(f'config.eval.inception_weights={o["inception_weights"]!r}: no such file')
   if _reference_given(o) and not files.isfile(o['reference']):
     raise ConfigError(f'config.eval.reference={o["reference"]!r}: no such file')
-  return check_samples(o['samples'], labels_required) if o['samples'] else None
+  return check_samples(o['samples'], labels_required, num_classes) if o['samples'] else None
 
 
 def verified_inception(o):
@@ -83,10 +84,11 @@ def _samples_error(path: str, why: str) -> ConfigError:
   return ConfigError(f'config.eval.samples={path!r}: {why}')
 
 
-def _checked_labels(path: str, labels, n: int, required: bool):
+def _checked_labels(path: str, labels, n: int, required: bool, num_classes: int | None = None):
   """arr_1 as int32 class labels, one per image, or None where none are given and none are `required`
   (the proxy metrics' class consistency compares each sample's label with the classifier's class: scoring
-  missing labels as class 0, or float labels truncated, gave a wrong number without a word)."""
+  missing labels as class 0, or float labels truncated, gave a wrong number without a word). num_classes:
+  the classifier's number of classes where known (None: checked by the classifier when it scores them)."""
   if labels is None:
     if required:
       raise _samples_error(path, 'has no arr_1 (the class labels) and the proxy metrics\' class consistency needs '
@@ -105,6 +107,10 @@ def _checked_labels(path: str, labels, n: int, required: bool):
     raise _samples_error(path, f'arr_1 holds {labels.dtype} values; class labels are integers')
   if n and (labels.min() < 0 or labels.max() > np.iinfo(np.int32).max):
     raise _samples_error(path, f'arr_1 holds labels in [{labels.min()}, {labels.max()}]; class labels are >= 0')
+  if n and num_classes is not None and labels.max() >= num_classes:
+    i = int(np.flatnonzero(labels >= num_classes)[0])
+    raise _samples_error(path, f'arr_1[{i}] = {int(labels[i])} is not a class of config.data, whose proxy classifier '
+                               f'has {num_classes} classes (0..{num_classes - 1})')
   return labels.astype(np.int32)
 
 
@@ -132,7 +138,7 @@ def _as_npz(path: str, z):
   return z
 
 
-def check_samples(path: str, labels_required: bool) -> int:
+def check_samples(path: str, labels_required: bool, num_classes: int | None = None) -> int:
   """The samples file config.eval.samples names, checked as `load_samples` reads it but without reading
   the images: their header (shape, dtype) and the labels (what a dry run checks). Returns the number of
   images."""
@@ -147,7 +153,7 @@ def check_samples(path: str, labels_required: bool) -> int:
     except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:
       raise _samples_error(path, f'not a samples .npz with arr_0 ({type(e).__name__}: {e})') from None
   _check_images(path, shape, dtype)
-  _checked_labels(path, labels, shape[0], labels_required)
+  _checked_labels(path, labels, shape[0], labels_required, num_classes)
   return int(shape[0])
 
 

@@ -12,6 +12,7 @@ checked by the runner when it reads them, before its first step or sample.
 from __future__ import annotations
 
 import difflib
+import errno
 import os
 import types
 
@@ -229,6 +230,17 @@ def sampling(config) -> None:
   samples_fit('config.sample.num_per_class', per, len(classes), tokenizer_architecture(config).image_size)
 
 
+# The class counts of config.data's built-in sets, known without reading them (data/pipeline: digits and
+# Fashion-MNIST, IDX or TFDS, 10 classes each); another source's (a folder, a TFDS set) is checked by the
+# proxy classifier when it scores the labels.
+_DATA_CLASSES = {'digits': 10, 'fashion_mnist': 10}
+
+
+def _data_classes(config) -> int | None:
+  """The number of classes of config.data (the proxy classifier's) where known without reading the data."""
+  return _DATA_CLASSES.get(config.data.get('source'))
+
+
 def evaluation_(config) -> None:
   o = evaluation.options(config)
   evaluation.check_data(config, o)
@@ -237,7 +249,8 @@ def evaluation_(config) -> None:
     sampler_config_for(config.sampler, model)
     classes, per = evaluation.counts(o, model.num_classes)
     sampling_batch(int(o['batch_size']), len(classes) * per, _data_parallel(config), 'config.eval.batch_size')
-  n = protocol.check_inputs(o, evaluation.labels_required(o))
+  labels_required = evaluation.labels_required(o)
+  n = protocol.check_inputs(o, labels_required, _data_classes(config) if labels_required else None)
   if not o['samples']:
     _checkpoints(config)
     samples_fit('config.eval.num_per_class', per, len(classes), tokenizer_architecture(config).image_size)
@@ -372,10 +385,30 @@ def _layout(mode: str, config) -> list[tuple[str, bool, str]]:
   }[mode if mode != 'ablation' else 'study']
 
 
+def workdir_creatable(workdir: str, flag: str = '--workdir') -> None:
+  """A local workdir is a folder or can be made one: not an existing file, nor under one (its nearest
+  existing ancestor a file). The line is the one the run's makedirs would end in (os.makedirs' error),
+  found here before anything is spent, so a dry run and the real run say the same. A bucket has no
+  folders to make: not walked (no network)."""
+  if files.is_remote(workdir):
+    return
+  if files.exists(workdir):
+    if not files.isdir(workdir):
+      raise ConfigError(f'{flag}={workdir!r} cannot be created: {os.strerror(errno.EEXIST)} (a file, not a folder)')
+    return
+  ancestor = files.absolute(workdir)
+  while not files.exists(ancestor) and files.dirname(ancestor) != ancestor:
+    ancestor = files.dirname(ancestor)
+  if files.exists(ancestor) and not files.isdir(ancestor):
+    raise ConfigError(f'{flag}={workdir!r} cannot be created: {os.strerror(errno.ENOTDIR)} ({ancestor!r} is a '
+                      'file, not a folder)')
+
+
 def workdir_layout(mode: str, config, workdir: str) -> None:
   """No file where the run keeps a folder, nor the reverse: found here, not by Orbax, a writer or a
   stage after minutes of work. A bucket has no folders (an object and a prefix of the same name live
   side by side): checked for local workdirs only."""
+  workdir_creatable(workdir)
   if files.is_remote(workdir) or not files.isdir(workdir):
     return
   for name, want_dir, what in _layout(mode, config):

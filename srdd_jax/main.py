@@ -281,7 +281,7 @@ def _raised_in_orbax(exc_info) -> bool:
   return False
 
 
-class _QuietLibraries(std_logging.Filter):
+class QuietLibraries(std_logging.Filter):
   """Orbax logs every step of every save at INFO; our progress lines would drown in it. Its errors keep
   their line, not their traceback: a failure reaches the main thread, which reports it once. The same
   failure's write tasks, garbage-collected with their exception unread, make asyncio log "Task exception
@@ -308,7 +308,7 @@ def _quiet_unraisable(unraisable):
 
 
 def main(argv):
-  logging.get_absl_handler().addFilter(_QuietLibraries())
+  logging.get_absl_handler().addFilter(QuietLibraries())
   sys.unraisablehook = _quiet_unraisable
   try:
     # SIGTERM or Ctrl-C from here on, outside a training loop, unwinds the run to status 75.

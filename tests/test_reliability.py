@@ -506,7 +506,7 @@ def test_a_failed_saves_unread_task_exceptions_print_no_traceback():
   exception unread, made asyncio log "Task exception was never retrieved" and the traceback after the
   one error line. The entry point's log filter drops those (the failure is reported once, by the main
   thread), and only those: asyncio's reports of other code keep theirs."""
-  quiet = main._QuietLibraries()  # pylint: disable=protected-access
+  quiet = main.QuietLibraries()
 
   def record(exc_info):
     return std_logging.LogRecord('asyncio', std_logging.ERROR, '/usr/lib/python3.11/asyncio/base_events.py', 1,

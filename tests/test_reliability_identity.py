@@ -169,6 +169,34 @@ def test_exports_record_their_tokenizer_and_are_never_used_with_another(tokenize
     distill.task(c, str(tmp_path / 'student'))
 
 
+def test_plain_training_checkpoints_record_their_inputs(tokenizers, tmp_path, capsys):
+  """Issue 47 line 1: --mode=train's checkpoints recorded nothing, so a resume with another tokenizer or
+  another schedule went on from them unnoticed. WORKDIR/training_inputs.json records what they were made
+  from (one mechanism with --mode=all's stages, parallel/workdir.Units); a resume from other inputs is exit
+  2 naming the change, with nothing written, and settings a resumed run may change (logging, saving, the
+  CPU's matmul precision) are not inputs."""
+  wd = str(tmp_path / 'run')
+  c = _config(tokenizers['vae'])
+  assert train_mode.run(c, wd, stop_after_steps=1)['end_step'] == 1
+  record = json.load(open(os.path.join(wd, 'training_inputs.json')))['checkpoints']
+  ia = load_tokenizer(c).identity()
+  assert record['tokenizer'] == ia['hash'] and record['config.optim']['base_lr'] == c.optim.base_lr
+  assert not {'log_every', 'steps'} & set(record['config.train']) and 'cpu_matmul' not in record['config.model']
+  before = {os.path.join(d, f): os.path.getmtime(os.path.join(d, f)) for d, _, fs in os.walk(wd) for f in fs}
+  cmd = ['srdd_jax.main', '--config=configs/smoke.py', '--mode=train', f'--workdir={wd}',
+         '--config.train.steps=2', '--config.train.checkpoint_every=5']
+  assert main.run(cmd + [f'--config.tokenizer.checkpoint={tokenizers["other"]}']) == 2
+  err = [line for line in capsys.readouterr().err.splitlines() if line.startswith('error: ')]
+  assert len(err) == 1 and "checkpoints was made from other inputs" in err[0], err
+  assert f"tokenizer: '{ia['hash']}' -> '" in err[0], err
+  after = {os.path.join(d, f): os.path.getmtime(os.path.join(d, f)) for d, _, fs in os.walk(wd) for f in fs}
+  assert after == before
+  # Bookkeeping and the CPU's matmul precision may change; the run resumes and finishes.
+  c.train.log_every, c.train.keep_checkpoints, c.model.cpu_matmul = 7, 2, 'float32'
+  s = train_mode.run(c, wd)
+  assert (s['start_step'], s['end_step']) == (1, 2)
+
+
 def test_a_record_of_an_earlier_version_is_upgraded_not_refused(tmp_path):
   """The identities this version records have more keys (model.json's hash, the parameter files): a unit
   an earlier version recorded without them, equal on every key it has, is kept and recorded anew; one

@@ -180,6 +180,29 @@ def test_a_rehearsal_the_slice_cannot_run_exits_2_before_starting(inputs, name, 
   assert not (inputs / 'pod').exists()
 
 
+def test_the_tools_that_write_a_folder_hold_it(tmp_path, capsys):
+  """Issue 47 line 1: train_proxy_classifier's --out and rehearse_pod's --workdir took no lock, so two
+  commands on one folder both trained (or both rehearsed over each other's files). Held by another run,
+  each is exit 2 naming the holder, and nothing is written there."""
+  from srdd_jax.parallel.workdir import WorkdirLock  # pylint: disable=import-outside-toplevel
+  held = [('train_proxy_classifier', ['--data=digits', '--image_size=8', '--out={root}/held'])]
+  try:
+    require_libtpu()
+    held.append(('rehearse_pod', ['--topology=v5p:2x2x2', '--workdir={root}/held']))
+  except pytest.skip.Exception:
+    pass  # Without libtpu the rehearsal cannot describe its slice: the classifier's case alone.
+  (tmp_path / 'held').mkdir(exist_ok=True)
+  with WorkdirLock(str(tmp_path / 'held')):
+    for tool, argv in held:
+      rc, err = _run_here(tool, argv, tmp_path, capsys)
+      _check(tool, rc, err, f"workdir '{tmp_path}/held' is in use by process {os.getpid()}")
+      assert os.listdir(tmp_path / 'held') == ['.srdd.lock'], tool
+  # A refused --out the command created is not left behind, empty.
+  rc, err = _run_here('train_proxy_classifier', ['--data=folder', '--image_size=8', '--set', 'path={root}/none',
+                                                 '--out={root}/made_here'], tmp_path, capsys)
+  assert rc == 2 and not (tmp_path / 'made_here').exists(), err
+
+
 # Images that go wrong only once verified weights are loaded: a converted stand-in file whose hash plays
 # the published one (as tests/test_evaluation.py does).
 

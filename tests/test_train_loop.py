@@ -149,8 +149,15 @@ def test_non_finite_loss_stops_and_keeps_the_checkpoint(tmp_path, monkeypatch):
   # A rate the up-front check refuses (tests/test_reliability.py): lifted here to reach the loop's own stop.
   monkeypatch.setattr(transformer_setup, 'MAX_PEAK_LR', float('inf'))
   c.optim.base_lr = 1e30
+  # The record of what the checkpoints were made from refuses the changed rate and step count ...
+  with pytest.raises(ConfigError, match=r'config.optim.base_lr: 0.01 -> 1e\+30\)'):
+    train_mode.run(c, wd)
+  # ... and without it (a workdir of an earlier version) the loop's own stop is reached.
+  record = os.path.join(wd, 'training_inputs.json')
+  os.remove(record)
   with pytest.raises(NonFiniteLoss, match=r'non-finite loss or gradient at step \d+'):
     train_mode.run(c, wd)
+  os.remove(record)
   assert '5' in os.listdir(os.path.join(wd, 'checkpoints'))
   # A complete checkpoint that does not fit the config is an error, and stays where it is.
   c = _config(steps=10)

@@ -114,8 +114,11 @@ def task(config, workdir: str) -> DistillTask:
   setup.log_run(config, data, total, var_config, mesh)
   logging.info('distill: teacher %s %s -> student %s (%d -> %d tokens), KL weight %g', d.teacher,
                teacher.patch_nums, pn, teacher.seq_len, var_config.seq_len, trainer.kl_weight)
-  return DistillTask(TransformerTask(trainer, tok.params, data, workdir, total_steps=total, grids=grids,
-                                     heldout=heldout, tokenizer=tok.identity(), **setup.loop_settings(config)))
+  out = DistillTask(TransformerTask(trainer, tok.params, data, workdir, total_steps=total, grids=grids,
+                                    heldout=heldout, tokenizer=tok.identity(), **setup.loop_settings(config)))
+  out.inputs = setup.training_inputs(config, tok, ('model', 'train', 'optim', 'data', 'distill'),
+                                     teacher=params_io.model_identity(d.teacher))
+  return out
 
 
 def run(config, workdir: str, stop_after_steps: int | None = None, return_state: bool = False) -> dict:

@@ -38,8 +38,10 @@ def task(config, workdir: str) -> TransformerTask:
   heldout = setup.heldout_set(config, tok, var_config, total)
   setup.log_run(config, data, total, var_config, mesh)
   # A fresh tokenizer is initialised by tokenizer_for_model, once the config is known to work.
-  return TransformerTask(trainer, tok.params, data, workdir, total_steps=total, grids=grids, heldout=heldout,
-                         tokenizer=tok.identity(), **setup.loop_settings(config))
+  out = TransformerTask(trainer, tok.params, data, workdir, total_steps=total, grids=grids, heldout=heldout,
+                        tokenizer=tok.identity(), **setup.loop_settings(config))
+  out.inputs = setup.training_inputs(config, tok, ('model', 'train', 'optim', 'data'))
+  return out
 
 
 def run(config, workdir: str, stop_after_steps: int | None = None, return_state: bool = False) -> dict:

@@ -21,6 +21,7 @@ from srdd_jax.config import ConfigError, with_defaults
 from srdd_jax.data import pipeline
 from srdd_jax.parallel import mesh as pm
 from srdd_jax.parallel import multihost
+from srdd_jax.parallel.workdir import training_inputs
 from srdd_jax.tokenizer.api import tokenizer_config
 from srdd_jax.train import driver
 from srdd_jax.train import tokenizer_settings as settings
@@ -69,7 +70,9 @@ def task(config, workdir: str) -> TokenizerTask:
                  s.steps * s.global_batch / data.num_examples,
                  f'weight {s.gan_weight} from step {s.gan_start_step}' if s.use_gan else 'off',
                  dict(mesh.shape), jax.process_count())
-  return TokenizerTask(trainer, data, held_out, workdir, files.join(workdir, SUBDIR))
+  out = TokenizerTask(trainer, data, held_out, workdir, files.join(workdir, SUBDIR))
+  out.inputs = training_inputs(config, ('tokenizer', 'tokenizer_train', 'data'))
+  return out
 
 
 def run(config, workdir: str, stop_after_steps: int | None = None, return_state: bool = False) -> dict:

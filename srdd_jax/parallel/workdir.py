@@ -506,14 +506,24 @@ class Units:
   def timed(self, name: str, fn, inputs: dict | None = None, where: str = ''):
     """`inputs`: what the unit's saved state (`where`, e.g. its checkpoints) is made from; refused if
     the record says otherwise, recorded before it runs."""
-    inputs = _as_recorded(inputs)
     if inputs is not None:
-      old = self._records().get(name)
-      if old is not None and old != inputs and not recorded_by_an_earlier_version(old, inputs):
-        raise _made_from_other_inputs(where or name, describe_change(old, inputs))
-      if old != inputs:
-        self._record(name, inputs)
+      self.saved_state(name, inputs, where or name)
     return self._run(name, fn)[0]
+
+  def saved_state(self, name: str, inputs: dict, where: str, saved: bool = True) -> None:
+    """Before state that resumes by itself (`where`, e.g. checkpoints) is used: refused with a
+    ConfigError naming the change when the record says it was made from other `inputs`; `inputs`
+    recorded otherwise. `saved` False (no state there yet) records `inputs` whatever the record says."""
+    inputs = _as_recorded(inputs)
+    old = self._records().get(name)
+    if saved and old is not None and old != inputs and not recorded_by_an_earlier_version(old, inputs):
+      raise _made_from_other_inputs(where, describe_change(old, inputs))
+    if saved and old is None:
+      logging.warning('%s %s: %s has no record of its inputs (an earlier version made it); recorded as now',
+                      self.label, name, where)
+    if old != inputs:
+      self._record(name, inputs)
+
 
   def _run(self, name: str, fn):
     t0 = time.time()
@@ -526,3 +536,32 @@ class Units:
     self.seconds[name] = seconds
     logging.info('%s %s done in %.0fs', self.label, name, seconds)
     return out, seconds
+
+
+# Settings a training run resumed from its checkpoints may change: how it is logged, saved, evaluated,
+# laid out or computed, not what it learns; and its length (a finished run continued to more steps, as
+# the driver offers; the schedule follows the new length from the step it resumes at).
+RESUMABLE_CHANGES = {
+    'model': ('checkpoint', 'cpu_matmul', 'attention', 'remat'),
+    'train': ('log_every', 'checkpoint_every', 'keep_checkpoints', 'sample_every', 'heldout_cache',
+              'heldout_every', 'heldout_examples', 'accum_steps', 'steps', 'epochs'),
+    'data': ('token_cache', 'workers'),
+    'tokenizer': ('checkpoint', 'reference_npz', 'params_sha256', 'allow_random', 'precision'),
+    'tokenizer_train': ('log_every', 'checkpoint_every', 'keep_checkpoints', 'eval_every', 'eval_examples',
+                        'eval_path', 'eval_split', 'grid_examples', 'prefetch'),
+    'distill': ('token_cache',),
+}
+TRAINING_INPUTS_FILE = 'training_inputs.json'  # Beside a training run's checkpoints/: what they are made from.
+
+
+def training_inputs(config, sections, **identities) -> dict:
+  """What a training run's checkpoints are made from, for Units.saved_state: the seed, the config's
+  `sections` less RESUMABLE_CHANGES, and the `identities` of the files it reads (tokenizer, token cache,
+  start model, teacher)."""
+  out = {'seed': int(config.seed)}
+  for name in sections:
+    if name in config:
+      keep = RESUMABLE_CHANGES.get(name, ())
+      out[f'config.{name}'] = {k: v for k, v in config[name].to_dict().items() if k not in keep}
+  out.update(identities)
+  return out

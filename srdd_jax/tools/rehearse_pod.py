@@ -32,6 +32,7 @@ from srdd_jax.config import ConfigError
 from srdd_jax.convert import params_io
 from srdd_jax.parallel import mesh as pm
 from srdd_jax.parallel import multihost
+from srdd_jax.parallel.workdir import WorkdirLock
 
 REPO = epath.Path(__file__).resolve().parent.parent.parent
 SMOKE = ['--config=configs/smoke.py', '--mode=train', '--config.model.depth=1']
@@ -210,7 +211,10 @@ def main(argv=None) -> int:
       # Both runs would refuse it, each after its start-up: the batch is split over data x fsdp.
       raise ConfigError(f'--global_batch={a.global_batch}: must be a multiple of the mesh\'s data x fsdp = '
                         f'{sizes[0] * sizes[1]} ({a.topology}, --mesh={a.mesh})')
-    rec = rehearse(a.topology, a.slices, a.workdir, a.steps, a.global_batch, a.mesh)
+    epath.Path(a.workdir).mkdir(parents=True, exist_ok=True)
+    # The rehearsal's root (its layout, tokenizer and both runs' workdirs) is one run's at a time.
+    with WorkdirLock(a.workdir):
+      rec = rehearse(a.topology, a.slices, a.workdir, a.steps, a.global_batch, a.mesh)
   except (ConfigError, ValueError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2

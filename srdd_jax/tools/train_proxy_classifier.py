@@ -20,6 +20,7 @@ from srdd_jax import files
 from srdd_jax.data import pipeline
 from srdd_jax.data.source import DataError
 from srdd_jax.evaluation import classifier, proxy
+from srdd_jax.parallel.workdir import WorkdirLock
 
 
 def _parse_set(items: list[str]) -> dict:
@@ -71,6 +72,21 @@ def _check_data(data: dict) -> None:
                      f'the wrong type for config.data ({type(e).__name__}: {e})') from None
 
 
+def _train_or_load_holding(args, data):
+  """classifier.train_or_load holding --out (a second command on the same cache says who has it instead
+  of training too); a folder this call created is removed again when it fails with nothing in it."""
+  created = not files.exists(args.out)
+  files.makedirs(args.out)
+  try:
+    with WorkdirLock(args.out):
+      return classifier.train_or_load(data, args.image_size, args.out, seed=args.seed, epochs=args.epochs,
+                                      batch_size=args.batch_size, max_train_examples=args.max_train_examples)
+  except BaseException:
+    if created and files.isdir(args.out) and not files.listdir(args.out):
+      files.rmtree(args.out)
+    raise
+
+
 def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -96,8 +112,7 @@ def main(argv=None) -> int:
     if args.resize_ratio is not None:
       data['resize_ratio'] = args.resize_ratio
     _check_data(data)
-    clf = classifier.train_or_load(data, args.image_size, args.out, seed=args.seed, epochs=args.epochs,
-                                   batch_size=args.batch_size, max_train_examples=args.max_train_examples)
+    clf = _train_or_load_holding(args, data)
   except (DataError, ValueError, OSError) as e:
     # DataError names the config.data key (--set KEY=VALUE sets config.data.KEY) and the path.
     print(f'error: {e}', file=sys.stderr)

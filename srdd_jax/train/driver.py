@@ -20,6 +20,7 @@ from absl import logging
 from srdd_jax import files
 from srdd_jax.config import ConfigError
 from srdd_jax.parallel import multihost, preemption
+from srdd_jax.parallel.workdir import TRAINING_INPUTS_FILE, Units
 from srdd_jax.train import events
 from srdd_jax.train.checkpoint import Checkpointer
 
@@ -68,6 +69,9 @@ class Task:
   keep_checkpoints = 3
   eval_every = 0  # Steps between `evaluate` calls (and at the end); 0 = never.
   eval_at_start = False  # Also evaluate before the first step of a fresh run.
+  # What the checkpoints are made from (workdir.training_inputs): recorded in ROOT/training_inputs.json,
+  # and a resume from other inputs refused naming the change. None: not recorded.
+  inputs = None
 
   def abstract_state(self):
     """(abstract state, its shardings), for restoring a checkpoint on any mesh."""
@@ -160,6 +164,13 @@ def run(task: Task, *, stop_after_steps: int | None = None, return_state: bool =
                         'move it away')
   ckpt = Checkpointer(files.join(task.root, 'checkpoints'), max_to_keep=task.keep_checkpoints,
                       save_every=task.checkpoint_every)
+  if task.inputs is not None:
+    try:
+      Units(task.root, label=task.name, inputs_file=TRAINING_INPUTS_FILE).saved_state(
+          'checkpoints', task.inputs, ckpt.directory, saved=ckpt.manager.latest_step() is not None)
+    except ConfigError:
+      ckpt.close()
+      raise
   if preemption.coordinated():
     # The sync counter at the step the restore will give (the newest), during the restore: a notice
     # then names the step after it, not the step after the counter's 0.

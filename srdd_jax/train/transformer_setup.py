@@ -13,9 +13,11 @@ from absl import logging
 from srdd_jax import files
 from srdd_jax.config import MAX_STEPS, ConfigError, unset_or_at_least
 from srdd_jax.convert.loading import LoadedTokenizer, tokenizer_for_model
+from srdd_jax.convert.params_io import model_identity
 from srdd_jax.data import pipeline, token_cache
 from srdd_jax.parallel import mesh as pm
 from srdd_jax.parallel import multihost
+from srdd_jax.parallel.workdir import file_identity, training_inputs as config_inputs
 from srdd_jax.train.optimizer import OptimConfig, peak_lr_for
 from srdd_jax.train.progressive import Progressive
 from srdd_jax.train.refine import check_reveal
@@ -170,6 +172,17 @@ def heldout_set(config, tok: LoadedTokenizer, var_config: VARConfig, total: int)
                                  key='config.train.heldout_cache')
   n = int(t.heldout_examples) or len(cache.ids)
   return cache.ids[:n, 0], cache.labels[:n], int(t.heldout_every) or total
+
+
+def training_inputs(config, tok: LoadedTokenizer, sections, **identities) -> dict:
+  """What a transformer's checkpoints are made from (driver.Task.inputs): the config's `sections` (less
+  what a resumed run may change), the tokenizer (its architecture and weights, not its path), the token
+  cache's manifest, the start model of a fine-tune, and `identities`."""
+  cache = config.data.get('token_cache') or ''
+  return config_inputs(
+      config, sections, tokenizer=tok.identity()['hash'],
+      token_cache=file_identity(files.join(cache, token_cache.MANIFEST)) if cache else None,
+      init_from=model_identity(config.train.init_from) if config.train.init_from else None, **identities)
 
 
 def loop_settings(config) -> dict:

@@ -143,3 +143,17 @@ def test_bytes_that_do_not_decode_are_named_without_an_address(caplog):
     s.batch(0, 0, 2, raw=True)
   assert 'skipping unreadable example[0] (UnidentifiedImageError: cannot identify image file); 1 skipped' in \
       caplog.text
+
+
+def test_inception_stats_reads_the_folders_training_reads(tmp_path):
+  """tools/inception_stats listed .png/.jpg/.jpeg/.webp/.bmp only (a folder of TIFFs had 'no image files')
+  and read every file with PIL's convert('RGB') (a float TIFF in [0, 1] black). It lists what the folder
+  source lists and converts as it does."""
+  from srdd_jax.tools import inception_stats  # pylint: disable=import-outside-toplevel
+  Image.fromarray(np.full((4, 4), 128, np.uint8), 'L').save(tmp_path / 'a.png')
+  Image.fromarray(np.full((4, 4), 0.5, np.float32), 'F').save(tmp_path / 'b.tif')
+  Image.fromarray(np.full((4, 4, 3), 128, np.uint8)).save(tmp_path / 'c.TIFF')
+  paths = inception_stats.image_files(str(tmp_path))
+  assert [p.rsplit('/', 1)[-1] for p in paths] == ['a.png', 'b.tif', 'c.TIFF']
+  (chunk,) = list(inception_stats.folder_chunks(paths, 8))
+  assert chunk.shape == (3, 4, 4, 3) and chunk.dtype == np.uint8 and (chunk == 128).all()

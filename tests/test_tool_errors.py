@@ -226,3 +226,17 @@ def test_inception_stats_names_the_image_input_it_cannot_read(inputs, images, ex
                       inputs, capsys)
   _check(images, rc, err, expected.format(root=inputs))
   assert not (inputs / 's.npz').exists()
+
+
+def test_a_rehearsal_whose_runs_fail_says_so_in_one_line(tmp_path, capsys, monkeypatch):
+  """rehearse_pod's runs failing printed a SystemExit of many lines (both runs' output and the process
+  logs): now one error: line naming the file that holds them, exit 1 (the runs failed; the command line
+  was fine)."""
+  require_libtpu()
+  from srdd_jax.tools import rehearse_pod  # pylint: disable=import-outside-toplevel
+  monkeypatch.setattr(rehearse_pod, 'SMOKE', [*rehearse_pod.SMOKE, '--config.train.bogus_key=1'])
+  rc, err = _run_here('rehearse_pod', ['--topology=v5p:2x2x2', '--workdir={root}/pod'], tmp_path, capsys)
+  errors = [line for line in err.splitlines() if line.startswith('error: ')]
+  assert rc == 1 and len(errors) == 1 and 'Traceback' not in err, err[-2000:]
+  assert f"their output: {tmp_path}/pod/failure.log" in errors[0], errors
+  assert 'bogus_key' in (tmp_path / 'pod' / 'failure.log').read_text()

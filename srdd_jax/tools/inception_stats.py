@@ -19,11 +19,13 @@ import time
 import numpy as np
 
 from srdd_jax import files
+from srdd_jax.data import preprocess
+from srdd_jax.data.folder import EXTENSIONS
 from srdd_jax.evaluation import inception_weights as fid_inception
 from srdd_jax.evaluation import stats
 from srdd_jax.tools.convert_inception import out_problem
 
-_IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.webp', '.bmp')
+_IMAGE_EXTENSIONS = EXTENSIONS  # Those the training folders read, TIFF included.
 
 
 def image_files(folder: str) -> list[str]:
@@ -42,7 +44,7 @@ def folder_chunks(paths: list[str], chunk: int):
     for f in paths[start:start + chunk]:
       try:
         with files.load_image(f) as im:
-          a = np.asarray(im.convert('RGB'), np.uint8)
+          a = np.asarray(preprocess.to_rgb(im), np.uint8)  # Float and 16/32-bit images from their range.
       # PIL's errors for broken bytes (OSError, SyntaxError, DecompressionBombError, ...) do not all name
       # the file; statistics of the rest would be of another set than the one asked for.
       except Exception as e:  # pylint: disable=broad-except

@@ -94,6 +94,10 @@ def compare(one: epath.Path, many: epath.Path, steps: int) -> dict:
           'lr_sum': lr_sum, 'param_max_diff_in_lr_sum': max(diffs.values()) / lr_sum}
 
 
+class RehearsalFailed(RuntimeError):
+  """A run of the rehearsal exited with an error: the rehearsal failed (exit 1), its input was fine."""
+
+
 def rehearse(topology: str, slices: int, workdir: str, steps: int, global_batch: int, mesh: str,
              python: str = sys.executable, extra=()) -> dict:
   root = epath.Path(workdir)
@@ -133,8 +137,12 @@ def rehearse(topology: str, slices: int, workdir: str, steps: int, global_batch:
   if one.returncode or many.returncode:
     logs = ''.join((root / 'logs' / f'process_{i}.log').read_text()[-1500:] for i in range(min(hosts, 2))
                    if (root / 'logs' / f'process_{i}.log').exists())
-    raise SystemExit(f'error: single process exit {one.returncode}, {hosts} processes exit {many.returncode}\n'
-                     f'{out_one[-2000:]}\n{many.stderr[-1000:]}\n{logs}')
+    report = root / 'failure.log'
+    report.write_text(f'single process exit {one.returncode}, {hosts} processes exit {many.returncode}\n'
+                      f'--- single process ---\n{out_one[-4000:]}\n--- launch/local.sh ---\n{many.stderr[-2000:]}\n'
+                      f'--- process logs ---\n{logs}\n')
+    raise RehearsalFailed(f'the rehearsal\'s runs failed (single process exit {one.returncode}, {hosts} processes '
+                          f'exit {many.returncode}); their output: {report}')
   log0 = (root / 'logs' / 'process_0.log').read_text()
   return {'topology': topology, 'slices': slices, 'chips': chips, 'processes': hosts, 'global_batch': global_batch,
           'steps': steps, 'mesh_request': mesh, **rows, 'rehearsed_mesh_logged': pm.ENV_REHEARSE in log0,
@@ -218,6 +226,9 @@ def main(argv=None) -> int:
   except (ConfigError, ValueError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
+  except RehearsalFailed as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 1
   text = json.dumps(rec, indent=1)
   print(text)
   if a.out:

@@ -92,6 +92,8 @@ CASES = [
     # The classifier reads its own splits: a split given was dropped without a word (issue 47 line 4).
     ('proxy: set split', 'train_proxy_classifier', PROXY + ['--set', 'split=validation'],
      "--set split='validation': the proxy classifier reads its own splits"),
+    ('proxy: set random_crop', 'train_proxy_classifier', PROXY + ['--set', 'random_crop=true'],
+     '--set random_crop=True: the proxy classifier reads centre crops'),
     ('proxy: missing folder', 'train_proxy_classifier',
      ['--data=folder', '--image_size=8', '--set', 'path={root}/none', '--out={root}/proxy'],
      "config.data.path='{root}/none' does not exist"),

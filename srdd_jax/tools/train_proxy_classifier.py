@@ -63,6 +63,9 @@ def _check_data(data: dict) -> None:
     raise ValueError(f'--set split={data["split"]!r}: the proxy classifier reads its own splits (trained on the '
                      f'source\'s train split, measured on its test split; a folder holds out its last '
                      f'{classifier.HOLDOUT_FRACTION:.0%}); leave split out')
+  if 'random_crop' in data:  # The classifier reads centre crops whatever it says (classifier.py): refused.
+    raise ValueError(f'--set random_crop={data["random_crop"]!r}: the proxy classifier reads centre crops (random '
+                     'crops would not change it); leave random_crop out')
   try:
     pipeline.check(data)
   except DataError:

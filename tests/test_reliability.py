@@ -822,6 +822,12 @@ CASES = [
                                           '--config.eval.inception_weights={root}/random.npz',
                                           '--config.eval.num_per_class=1000000000000'],
      'config.eval.num_per_class=1000000000000: at most '),
+    # The training grids (train.sample_every > 0) are one batch and one PNG: per class bounded by its pixels
+    # (config.sample.num_per_class=1e6 compiled a sampler for 10 million images).
+    ('train grid num_per_class 1e6', SMOKE + ['--config.train.sample_every=5',
+                                              '--config.sample.num_per_class=1000000'],
+     'config.sample.num_per_class=1000000: at most 87381 for the training grids (config.train.sample_every > 0) '
+     'of 4 class(es) at 16 px'),
 ]
 
 
@@ -894,7 +900,8 @@ DRY_RUN = ('log_every 0', 'checkpoint_every 0', 'negative batch', 'negative step
            'edit num_samples above the grid', 'edit num_samples 1e12', 'sample num_per_class 0',
            'sample num_per_class 1e12', 'eval num_per_class -1', 'eval num_per_class 1e12',
            # Issue 47 line 3: a workdir that is a file, or under one (only the real run's makedirs found it).
-           'workdir is a file', 'workdir under a file', 'eval labels out of range', 'eval label 10 of 10 classes')
+           'workdir is a file', 'workdir under a file', 'eval labels out of range', 'eval label 10 of 10 classes',
+           'train grid num_per_class 1e6')
 
 
 def _error_lines(text: str) -> list[str]:

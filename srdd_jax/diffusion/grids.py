@@ -15,6 +15,28 @@ from srdd_jax.parallel import multihost
 from srdd_jax.parallel.compile import jit_inference
 
 
+# The most pixels a grid PNG may have: Pillow's default MAX_IMAGE_PIXELS, above which opening it warns of a
+# decompression bomb (and refuses at twice this).
+GRID_PIXELS = 89_478_485
+
+
+def grid_labels(config, num_classes: int, image_size: int) -> tuple[list[int], int]:
+  """(classes, samples per class) of the training grids (config.sample.classes, else the first 10 classes;
+  config.sample.num_per_class), checked: every grid is one batch drawn at once and one PNG, so its
+  pixels bound it."""
+  classes = list(ints(config.sample.classes, 'config.sample.classes')) or list(range(min(num_classes, 10)))
+  bad = [k for k in classes if not 0 <= k < num_classes]
+  if bad:
+    raise ConfigError(f'config.sample.classes: class {bad[0]} is out of range 0..{num_classes - 1}')
+  per = max(int(config.sample.num_per_class), 1)
+  most = GRID_PIXELS // (len(classes) * image_size * image_size)
+  if per > most:
+    raise ConfigError(f'config.sample.num_per_class={config.sample.num_per_class}: at most {most} for the '
+                      f'training grids (config.train.sample_every > 0) of {len(classes)} class(es) at {image_size} px: '
+                      f'each grid is drawn in one batch and saved as one PNG of at most {GRID_PIXELS} pixels')
+  return classes, per
+
+
 class SampleGrids:
   """Sample grids of the model being trained: PNG under DIR/samples/ and a TensorBoard image."""
 
@@ -24,12 +46,7 @@ class SampleGrids:
       self.sampler = Sampler(var_config, vq, sc, mesh=mesh, decode_precision=decode_precision(config.sampler))
     except ValueError as e:
       raise ConfigError(f'config.sampler: {e}') from e
-    nc = var_config.num_classes
-    classes = list(ints(config.sample.classes, 'config.sample.classes')) or list(range(min(nc, 10)))
-    bad = [k for k in classes if not 0 <= k < nc]
-    if bad:
-      raise ConfigError(f'config.sample.classes: class {bad[0]} is out of range 0..{nc - 1}')
-    self.per = max(int(config.sample.num_per_class), 1)
+    classes, self.per = grid_labels(config, var_config.num_classes, vq.image_size)
     labels = np.repeat(np.asarray(classes, np.int32), self.per)
     self.n = len(labels)
     pad = -len(labels) % pm.data_parallel_size(mesh)  # Padded to split over the batch axes, trimmed after.

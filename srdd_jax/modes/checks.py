@@ -25,6 +25,7 @@ from srdd_jax.convert.loading import at_model_scales, check_checkpoint, tokenize
 from srdd_jax.data import pipeline
 from srdd_jax.data.token_cache import MANIFEST
 from srdd_jax.diffusion.generate import sampler_config_for, sampling_batch
+from srdd_jax.diffusion.grids import grid_labels
 from srdd_jax.evaluation import protocol
 from srdd_jax.modes import all as all_stages
 from srdd_jax.modes import distill, edit, reconstruct, sample, tokenize, train_tokenizer
@@ -154,7 +155,9 @@ def transformer_values(config, mesh: bool = True) -> None:
 def transformer_training(config) -> None:
   transformer_values(config)
   _run_files(config)
-  at_model_scales(config, tokenizer_architecture(config))
+  vq = at_model_scales(config, tokenizer_architecture(config))
+  if int(config.train.sample_every) > 0:
+    grid_labels(config, int(config.model.num_classes), vq.image_size)
 
 
 def distillation(config) -> None:
@@ -176,6 +179,8 @@ def distillation(config) -> None:
                       f'{vq.vocab_size} of {vq.z_channels}')
   if d.token_cache:
     distill.check_cache(d.token_cache, pn)
+  if int(c.train.sample_every) > 0:
+    grid_labels(c, int(teacher.num_classes), vq.image_size)
 
 
 def _model(config):

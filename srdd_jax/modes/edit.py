@@ -16,6 +16,7 @@ from srdd_jax.data.images import grid, to_uint8
 from srdd_jax.data.preprocess import to_rgb
 from srdd_jax.diffusion import editing
 from srdd_jax.diffusion.generate import sampler_from_config
+from srdd_jax.diffusion.grids import GRID_PIXELS
 from srdd_jax.diffusion.sampler import batch_rng
 from srdd_jax.parallel import multihost
 from srdd_jax.parallel.compile import jit_inference
@@ -67,9 +68,6 @@ def check(e) -> None:
     raise ConfigError('config.edit.class_id=-1: class_edit needs a class (the class the edits are drawn for)')
 
 
-# The most pixels grid.png may have: Pillow's default MAX_IMAGE_PIXELS, above which opening it warns of a
-# decompression bomb (and refuses at twice this).
-GRID_PIXELS = 89_478_485
 
 
 def max_edits(image_size: int) -> int:

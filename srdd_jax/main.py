@@ -189,7 +189,8 @@ def execute(command: Command) -> int:
   except ConfigError as e:
     raise BadInput(str(e)) from None
   # The process's own stop handler (main() installed it; a process that calls `run` keeps its own): its
-  # SIGTERM part gives way while jax.distributed starts, whose notifier then owns SIGTERM.
+  # SIGTERM part gives way while jax.distributed starts, whose notifier's handler is then kept for the
+  # training runs (preemption.sigterm_to_jax) and Python's put back for everything else.
   own_stops = preemption.stopping_handled()
   if own_stops:
     preemption.default_sigterm()
@@ -199,7 +200,9 @@ def execute(command: Command) -> int:
   except ValueError as e:
     raise BadInput(str(e)) from None
   if own_stops:
-    preemption.stop_on_signals(sigterm=not several)
+    if several:  # Its notifier's handler, kept for the training runs (preemption.sigterm_to_jax).
+      preemption.keep_jax_sigterm()
+    preemption.stop_on_signals(sigterm=not several or preemption.jax_sigterm_kept())
   # After jax.distributed has started (the backend and the mesh it checks are then the cluster's), before
   # the workdir is made.
   validated(command)

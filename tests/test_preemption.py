@@ -129,6 +129,45 @@ def test_sigterm_to_one_process_stops_all_at_one_step_and_the_resume_is_exact(tm
     assert np.array_equal(np.asarray(x), np.asarray(y)), jax.tree_util.keystr(path)
 
 
+def test_sigterm_to_every_process_outside_training_is_a_75(tmp_path):
+  """Issue 47 line 2: with several processes SIGTERM was JAX's notifier's alone, which only a training loop
+  asks about: sampling (setup, compilation, evaluation alike) went on until the scheduler's SIGKILL. Now
+  Python's handler has SIGTERM outside the driver's run (JAX's is put back for it: the test above), so a
+  preempted pod's processes, each sent SIGTERM while sampling, stop at once with 75, no lock left and no
+  samples put in place."""
+  from tests.conftest import save_tiny_models  # pylint: disable=import-outside-toplevel
+  var, vae = save_tiny_models(str(tmp_path))
+  wd = tmp_path / 'run'
+  job = subprocess.Popen(
+      ['bash', 'launch/local.sh', '2', '2', str(tmp_path / 'logs'), '--', '--config=configs/sample.py',
+       '--mode=sample', f'--workdir={wd}', f'--config.model.checkpoint={var}', f'--config.tokenizer.checkpoint={vae}',
+       '--config.sample.num_per_class=4000', '--config.sample.batch_size=8'],
+      cwd=REPO, env=dict(os.environ, PYTHON=sys.executable, JAX_PLATFORMS='cpu'), text=True,
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+  logs = [tmp_path / 'logs' / f'process_{i}.log' for i in range(2)]
+  try:
+    t0 = time.time()
+    while not all(p.exists() and 'sampled ' in p.read_text() for p in logs):
+      assert job.poll() is None and time.time() - t0 < 400, job.communicate()[1] + ''.join(
+          p.read_text()[-3000:] for p in logs if p.exists())
+      time.sleep(0.1)
+    for i in range(2):
+      os.kill(_child(job.pid, i), signal.SIGTERM)
+    sent = time.time()
+    err = job.communicate(timeout=120)[1]
+    took = time.time() - sent
+  finally:
+    if job.poll() is None:
+      os.killpg(job.pid, signal.SIGKILL)
+  texts = [p.read_text() for p in logs]
+  assert job.returncode == PREEMPTED_EXIT_CODE, err + ''.join(t[-3000:] for t in texts)
+  assert all(f'process {i} exited with {PREEMPTED_EXIT_CODE}' in err for i in range(2)), err
+  assert took < 30, took  # Without the handler: the whole 40,000 images.
+  for t in texts:
+    assert 'Traceback' not in t and sum(line.startswith('stopped by SIGTERM') for line in t.splitlines()) == 1, t[-3000:]
+  assert not (wd / '.srdd.lock').exists() and not (wd / 'samples' / 'samples.npz').exists()
+
+
 class _Count(driver.Task):
   """A trainer without a model: the state counts steps; `signals` maps a step to the signals this
   process sends itself during it."""

@@ -10,8 +10,10 @@ round trips to the coordinator, happens once, after a notice, while each host is
 question.
 
 A Python SIGTERM handler installed after `jax.distributed.initialize` replaces the C++ one (and
-"restoring" the default afterwards removes it): multi-process runs leave SIGTERM alone and turn a
-Ctrl-C into a SIGTERM of their own process. Steps are absolute training steps, as Orbax's
+Python's signal module cannot give it back): a command keeps the C++ handler's `sigaction` when
+jax.distributed has started (`keep_jax_sigterm`) and puts it back while the driver trains
+(`sigterm_to_jax`); there a Ctrl-C becomes a SIGTERM of its own process. Outside training, Python's
+handler stops the process where it is, as with one process. Steps are absolute training steps, as Orbax's
 `CheckpointManager.should_save` asks them too; see `reached` for the one notice that can be missed.
 
 Outside a training loop (setup, compilation, tokenizing, sampling, evaluation, a study's or a sweep's
@@ -22,6 +24,8 @@ held in native code longer than GRACE_SECONDS.
 """
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import functools
 import os
 import signal
@@ -67,7 +71,62 @@ def notify() -> None:
 
 def python_owns_sigterm() -> bool:
   """Whether Python code has installed a SIGTERM handler, which keeps JAX's notifier from hearing it."""
-  return callable(signal.getsignal(signal.SIGTERM))
+  return callable(signal.getsignal(signal.SIGTERM)) and not _NATIVE['jax_owns']
+
+
+# --- SIGTERM between JAX's notifier (training) and Python (everywhere else) ------------------------------
+
+# JAX's notifier handles SIGTERM in C++; Python's signal module cannot hand such a handler back once its own
+# replaced it (getsignal says None). The C library's sigaction can: the notifier's `struct sigaction`,
+# read right after jax.distributed started, is put back while several processes train, and Python's
+# handler reinstalled after. 256 bytes hold the structure on every Linux (152 on x86-64 and arm64).
+_SIGACTION_BYTES = 256
+_NATIVE = {'sigterm': None, 'jax_owns': False}
+
+
+def _sigaction(signum: int, new=None) -> bytes:
+  libc = ctypes.CDLL(None, use_errno=True)
+  old = ctypes.create_string_buffer(_SIGACTION_BYTES)
+  if libc.sigaction(ctypes.c_int(int(signum)), new, old) != 0:
+    err = ctypes.get_errno()
+    raise OSError(err, f'sigaction({int(signum)}): {os.strerror(err)}')
+  return old.raw
+
+
+def keep_jax_sigterm() -> None:
+  """Call right after jax.distributed has started (its notifier then handles SIGTERM): keeps that handler,
+  so that `sigterm_to_jax` can give SIGTERM back to it after `stop_on_signals` installed Python's."""
+  if callable(signal.getsignal(signal.SIGTERM)):
+    return  # Python's own (a process that calls main.run keeps its handlers): the notifier never had it.
+  action = _sigaction(signal.SIGTERM)
+  # The structure opens with the handler; SIG_DFL (0) or SIG_IGN (1) there: the notifier installed none.
+  if int.from_bytes(action[:ctypes.sizeof(ctypes.c_void_p)], sys.byteorder) not in (0, 1):
+    _NATIVE['sigterm'] = action
+
+
+def jax_sigterm_kept() -> bool:
+  return _NATIVE['sigterm'] is not None
+
+
+@contextlib.contextmanager
+def sigterm_to_jax():
+  """While several processes train (the driver's run): SIGTERM goes to JAX's notifier, so that all of them
+  stop at one agreed step and save together; before and after, this process's Python handler stops it
+  where it is (setup, compilation, sampling, evaluation: exit 75, nothing to agree on). A no-op for one
+  process, or where the notifier's handler was not kept."""
+  saved = _NATIVE['sigterm']
+  if saved is None or not coordinated() or _NATIVE['jax_owns']:
+    yield
+    return
+  python = signal.getsignal(signal.SIGTERM)
+  _sigaction(signal.SIGTERM, ctypes.create_string_buffer(saved, _SIGACTION_BYTES))
+  _NATIVE['jax_owns'] = True
+  try:
+    yield
+  finally:
+    _NATIVE['jax_owns'] = False
+    if python is not None:
+      signal.signal(signal.SIGTERM, python)
 
 
 # --- stops outside a training loop ---------------------------------------------------------------------

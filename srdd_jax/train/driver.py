@@ -150,6 +150,13 @@ def _writer(root: str, main_process: bool):
 
 def run(task: Task, *, stop_after_steps: int | None = None, return_state: bool = False) -> dict:
   """Trains `task` to its total_steps (or stops after `stop_after_steps` steps of this call, saving)."""
+  # With several processes, SIGTERM goes to JAX's notifier for the run (they stop together), and back to
+  # the command's own handler after it.
+  with preemption.sigterm_to_jax():
+    return _run(task, stop_after_steps, return_state)
+
+
+def _run(task: Task, stop_after_steps: int | None, return_state: bool) -> dict:
   t_start = time.time()
   main_process = multihost.is_main_process()
   if main_process:

@@ -346,3 +346,33 @@ def test_end_to_end_a_near_tie_is_told_from_a_defect(tmp_path, capsys):
   status, detail = lines['rec']
   assert status == 'FAIL' and 'not all are near-ties: the largest distance gap 5.0e-01 relative' in detail
   assert f'the first flip: scale 2 (3x3) image 0 row 0 col 0: ours {ours}' in detail
+
+
+def _with(path, out, **arrays):
+  """A copy of the reference file `path` with `arrays` replaced."""
+  with np.load(path) as z:
+    entries = {k: z[k] for k in z.files}
+  entries.update(arrays)
+  np.savez(out, **entries)
+  return str(out)
+
+
+def test_end_to_end_fails_where_no_near_tie_explains_it(tmp_path, capsys):
+  """The verdict's two other branches (issue 47 line 7): an image -> image difference with every id equal
+  to the reference's (no flip to blame), and a near-tie flip after which decoding the reference's own ids
+  still differs from its image: both FAIL, saying which."""
+  path = reference_file('compact_vqvae_32.npz')
+  with np.load(path) as z:
+    rec = z['rec']
+  _with(path, tmp_path / 'off.npz', rec=rec + 0.2)
+  rc, out, lines = _run(capsys, str(tmp_path / 'off.npz'))
+  assert rc == 1 and lines['rec'][0] == 'FAIL', out
+  assert "every id agrees with the reference's, so no near-tie explains it" in lines['rec'][1]
+  _flipped_reference(path, tmp_path / 'tie.npz', 3e-6)
+  with np.load(tmp_path / 'tie.npz') as z:
+    rec = z['rec']
+  _with(tmp_path / 'tie.npz', tmp_path / 'tie_off.npz', rec=rec + 0.2)
+  rc, out, lines = _run(capsys, str(tmp_path / 'tie_off.npz'))
+  assert rc == 1 and lines['rec'][0] == 'FAIL', out
+  assert re.search(r"1 near-tie flip\(s\) .*; but with the reference's ids image -> image still differs: rel_err "
+                   r"\S+ \(tol 1e-04\)$", lines['rec'][1]), lines['rec'][1]

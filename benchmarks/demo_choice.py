@@ -51,7 +51,7 @@ def expected_loss(points: list[dict], steps: float) -> tuple[float, str]:
   """Loss at `steps` from one depth's points, linear in log(steps); and how it was got."""
   pts = sorted(points, key=lambda p: p['steps'])
   if len(pts) == 1:
-    return pts[0]['heldout_loss'], 'one point'
+    return None, 'one point: not estimated'
   lo, hi = (pts[0], pts[1]) if steps <= pts[1]['steps'] else (pts[-2], pts[-1])
   for a, b in zip(pts, pts[1:]):
     if a['steps'] <= steps <= b['steps']:
@@ -90,18 +90,20 @@ def main(argv=None) -> int:
     rows.append({'candidate': name, 'depth': c['depth'], 'width': c['width'], 'heads': c['heads'],
                  'seconds_per_step': c['median_s'], 'steps_in_budget': int(steps), 'expected_heldout_loss': loss,
                  'how': how, 'sweep_points': {p['steps']: p['heldout_loss'] for p in same}})
-  rows.sort(key=lambda r: r['expected_heldout_loss'])
+  rows.sort(key=lambda r: (r['expected_heldout_loss'] is None, r['expected_heldout_loss'] or 0.0))
   out = {'schema': 'srdd_jax.demo_choice/1', 'budget': {'baseline_seconds_per_step': base_s,
                                                         'baseline_steps': a.budget_steps, 'seconds': budget_s},
-         'rates': a.rates, 'sweep': a.sweep, 'rows': rows, 'choice': rows[0] if rows else None}
+         'rates': a.rates, 'sweep': a.sweep, 'rows': rows,
+         'choice': rows[0] if rows and rows[0]['expected_heldout_loss'] is not None else None}
   print(f'budget: {a.budget_steps} steps x {base_s:.4f} s (the baseline, {rates["baseline"].get("revision")}) '
         f'= {budget_s:.0f} s of training')
   print('| candidate | s/step | steps in the budget | expected held-out loss | from the sweep |')
   print('|---|---|---|---|---|')
   for r in rows:
     pts = ', '.join(f'{s}: {l:.4f}' for s, l in sorted(r['sweep_points'].items()))
+    loss = '-' if r['expected_heldout_loss'] is None else f"{r['expected_heldout_loss']:.4f}"
     print(f"| {r['candidate']} | {r['seconds_per_step']:.4f} | {r['steps_in_budget']} | "
-          f"{r['expected_heldout_loss']:.4f} ({r['how']}) | {pts} |")
+          f"{loss} ({r['how']}) | {pts} |")
   if a.out:
     with open(a.out, 'w') as f:
       f.write(json.dumps(out, indent=1) + '\n')

@@ -77,9 +77,10 @@ def python_owns_sigterm() -> bool:
 # --- SIGTERM between JAX's notifier (training) and Python (everywhere else) ------------------------------
 
 # JAX's notifier handles SIGTERM in C++; Python's signal module cannot hand such a handler back once its own
-# replaced it (getsignal says None). The C library's sigaction can: the notifier's `struct sigaction`,
-# read right after jax.distributed started, is put back while several processes train, and Python's
-# handler reinstalled after. 256 bytes hold the structure on every Linux (152 on x86-64 and arm64).
+# replaced it (nor see it: getsignal reports what Python last set, SIG_DFL). The C library's sigaction can:
+# the notifier's `struct sigaction`, read right after jax.distributed started, is put back while several
+# processes train, and Python's handler reinstalled after. 256 bytes hold the structure on every Linux
+# (152 on x86-64 and arm64).
 _SIGACTION_BYTES = 256
 _NATIVE = {'sigterm': None, 'jax_owns': False}
 

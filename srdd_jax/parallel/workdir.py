@@ -524,7 +524,6 @@ class Units:
     if old != inputs:
       self._record(name, inputs)
 
-
   def _run(self, name: str, fn):
     t0 = time.time()
     logging.info('%s %s', self.label, name)

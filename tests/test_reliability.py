@@ -311,7 +311,7 @@ def test_stages_know_their_inputs(tmp_path, monkeypatch, capsys):
     return json.load(open(wd / 'eval' / 'eval.json'))['samples_made_from']
 
   assert run() == (0, ['train_tokenizer', 'tokenize', 'train', 'sample', 'eval'])
-  assert made_from() == {'model': str(wd / 'export' / 'step_4200'), 'cfg': 2.0}
+  assert made_from() == {'model': str(wd / 'export' / 'step_4200'), 'cfg': 1.0}
   # It ends with where the outputs are, the numbers and what they mean (issue 35).
   last = capsys.readouterr().out.rstrip().splitlines()[-4:]
   assert last[0] == f'samples:    {wd}/samples/grid_10x10.png (a row per class), {wd}/samples/samples.npz'

@@ -54,8 +54,9 @@ def get_config(arg=None):
       # float32: XLA:CPU runs this model's step 1.15-1.4x faster than in bfloat16 (docs/RESULTS.md).
       dtype='float32', cond_drop_rate=0.1, drop_path_rate=0.0, checkpoint='',
       scan=False))  # XLA:CPU runs unrolled blocks 15-20% faster than a scan (docs/PERFORMANCE.md).
-  # 4,200 steps: what the faster CPU step buys in the old recipe's 2,800-step training time, measured in one
-  # sitting with 5% to spare (docs/scaling/demo_sweep.md; the sweep's fit chose d4 w128 trained longer).
+  # 4,200 steps: what the faster CPU step buys in the old recipe's 2,800-step training time, by the driver's
+  # rates with 5% to spare; run A-B-A, 2.4% over the old recipe's mean, within the sitting's spread
+  # (docs/PERFORMANCE.md, docs/scaling/demo_sweep.md; the sweep's fit chose d4 w128 trained longer).
   c.train = ml_collections.ConfigDict(dict(
       global_batch=32, steps=4200, epochs=0.0, accum_steps=1, ema_decay=0.999, log_every=50,
       checkpoint_every=500, keep_checkpoints=2, sample_every=0, progressive_start_scales=0,
